@@ -1,0 +1,4 @@
+//! De-identification: the collection key and (with `gpdp collect`) keyed
+//! pseudonyms and generalisation.
+
+pub mod key;

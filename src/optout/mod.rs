@@ -1,0 +1,4 @@
+//! Opt-outs: the rules that decide whose data may leave a practice (Type 1)
+//! and whose data a project may see (National Data Opt-out).
+
+pub mod type1;

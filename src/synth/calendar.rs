@@ -1,0 +1,91 @@
+//! Dates as Arrow `Date32` values (days since 1970-01-01) and a lookup table
+//! that formats them as `YYYY-MM-DD` without allocating: the generator
+//! writes tens of millions of dates, so formatting is a table read.
+
+use chrono::{Datelike, NaiveDate};
+
+/// Days since 1970-01-01, the representation of Arrow's `Date32`.
+pub type Day = i32;
+
+const EPOCH: NaiveDate = match NaiveDate::from_ymd_opt(1970, 1, 1) {
+    Some(d) => d,
+    None => unreachable!(),
+};
+
+pub fn day_of(date: NaiveDate) -> Day {
+    (date - EPOCH).num_days() as Day
+}
+
+pub fn date_of(day: Day) -> NaiveDate {
+    EPOCH + chrono::TimeDelta::days(i64::from(day))
+}
+
+/// The first day of `year`.
+pub fn year_start(year: i32) -> Option<Day> {
+    NaiveDate::from_ymd_opt(year, 1, 1).map(day_of)
+}
+
+/// Whole years from `born` to `on` (a birthday on `on` counts).
+pub fn age_on(born: Day, on: Day) -> i32 {
+    let (b, o) = (date_of(born), date_of(on));
+    let mut age = o.year() - b.year();
+    if (o.month(), o.day()) < (b.month(), b.day()) {
+        age -= 1;
+    }
+    age
+}
+
+/// Preformatted `YYYY-MM-DD` strings for every day in a range.
+pub struct DateTable {
+    first: Day,
+    text: Vec<[u8; 10]>,
+}
+
+impl DateTable {
+    pub fn new(first: Day, last: Day) -> DateTable {
+        let text = (first..=last)
+            .map(|d| {
+                let s = date_of(d).format("%Y-%m-%d").to_string();
+                let mut out = [b'0'; 10];
+                out.copy_from_slice(&s.as_bytes()[..10]);
+                out
+            })
+            .collect();
+        DateTable { first, text }
+    }
+
+    /// The text of `day`; days outside the table are clamped to its ends
+    /// (the generator never asks for one, and a wrong date beats a panic).
+    pub fn get(&self, day: Day) -> &[u8; 10] {
+        let i = (day - self.first).clamp(0, self.text.len() as Day - 1);
+        &self.text[i as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_formats() {
+        let d = NaiveDate::from_ymd_opt(2021, 6, 23).unwrap();
+        let day = day_of(d);
+        assert_eq!(date_of(day), d);
+        let table = DateTable::new(day - 10, day + 10);
+        assert_eq!(table.get(day), b"2021-06-23");
+        assert_eq!(day_of(EPOCH), 0);
+    }
+
+    #[test]
+    fn ages_count_whole_years() {
+        let born = day_of(NaiveDate::from_ymd_opt(2000, 3, 1).unwrap());
+        assert_eq!(
+            age_on(born, day_of(NaiveDate::from_ymd_opt(2020, 2, 29).unwrap())),
+            19
+        );
+        assert_eq!(
+            age_on(born, day_of(NaiveDate::from_ymd_opt(2020, 3, 1).unwrap())),
+            20
+        );
+    }
+}
