@@ -76,8 +76,8 @@ fn optout_multiplier(age: i32, sex: Sex, ethnicity: usize, imd: u8, type1: bool)
     let by_imd = 0.8 + 0.04 * f64::from(imd - 1);
     by_age * by_sex * by_ethnicity * by_imd
 }
-const NDOO_BASE: f64 = 0.052;
-const TYPE1_ANY_BASE: f64 = 0.041;
+const NDOO_BASE: f64 = 0.041;
+const TYPE1_ANY_BASE: f64 = 0.034;
 const NDOO_GIVEN_TYPE1: f64 = 0.35;
 
 /// How a person's Type 1 codes were recorded.

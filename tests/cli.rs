@@ -1,0 +1,57 @@
+//! The command line as a user meets it: help for every command, keygen, demo.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::*;
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [&["--help"][..], &["demo", "--help"], &["synth", "--help"], &["keygen", "--help"]] {
+        let o = run(cmd);
+        assert!(o.status.success(), "{cmd:?}");
+        assert!(stdout(&o).contains("Usage"), "{cmd:?}");
+    }
+    let o = run(&["no-such-command"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("collection.key");
+    let o = run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta = std::fs::metadata(&key).unwrap();
+    assert_eq!(meta.len(), 32);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let before = std::fs::read(&key).unwrap();
+    let o = run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("already exists"));
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    // A second key is different.
+    let other = dir.path().join("other.key");
+    assert!(run(&["keygen", "--out", other.to_str().unwrap()]).status.success());
+    assert_ne!(std::fs::read(&other).unwrap(), before);
+}
+
+#[test]
+fn demo_runs_without_arguments_and_can_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let o = gpdp().arg("demo").current_dir(dir.path()).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains("gpdp-demo/extracts"), "{out}");
+        assert!(dir.path().join("gpdp-demo/extracts/truth/summary.json").exists());
+    }
+    // A directory the demo did not make is never replaced.
+    let foreign = dir.path().join("mine");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("data"), "x").unwrap();
+    let o = gpdp().args(["demo", "--out", "mine"]).current_dir(dir.path()).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(foreign.join("data").exists());
+}

@@ -1,0 +1,130 @@
+//! Helpers shared by the integration tests: run the real `gpdp` binary and
+//! read the CSV files it writes.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn gpdp() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gpdp"))
+}
+
+/// Runs gpdp with `args` and returns its output.
+pub fn run(args: &[&str]) -> Output {
+    gpdp().args(args).output().expect("gpdp runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `gpdp synth` into `dir` and panics with its stderr on failure.
+pub fn synth(dir: &Path, practices: u32, patients: u64, seed: u64) {
+    let o = run(&[
+        "synth",
+        "--out",
+        dir.to_str().unwrap(),
+        "--practices",
+        &practices.to_string(),
+        "--patients",
+        &patients.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    assert!(o.status.success(), "synth failed: {}", stderr(&o));
+}
+
+/// Splits a CSV line, honouring double-quoted fields (no escaped quotes).
+pub fn fields(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut field)),
+            c => field.push(c),
+        }
+    }
+    out.push(field);
+    out
+}
+
+/// A CSV file: its header and rows, each row with its 1-based line number.
+pub struct Csv {
+    pub header: Vec<String>,
+    pub rows: Vec<(usize, Vec<String>)>,
+}
+
+impl Csv {
+    pub fn read(path: &Path) -> Csv {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut lines = text.lines();
+        let header = fields(lines.next().expect("a header line"));
+        let rows = lines.enumerate().map(|(i, l)| (i + 2, fields(l))).collect();
+        Csv { header, rows }
+    }
+
+    pub fn col(&self, name: &str) -> usize {
+        self.header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no column {name} in {:?}", self.header))
+    }
+
+    /// Rows as maps from column name to value (only rows with the right arity).
+    pub fn records(&self) -> Vec<BTreeMap<String, String>> {
+        self.rows
+            .iter()
+            .filter(|(_, r)| r.len() == self.header.len())
+            .map(|(_, r)| self.header.iter().cloned().zip(r.iter().cloned()).collect())
+            .collect()
+    }
+}
+
+/// Independent Modulus 11 check (not the crate's code).
+pub fn nhs_valid(s: &str) -> bool {
+    let d: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
+    if s.len() != 10 || d.len() != 10 {
+        return false;
+    }
+    let sum: u32 = d[..9].iter().zip((2..=10).rev()).map(|(a, w)| a * w).sum();
+    let check = match 11 - sum % 11 {
+        11 => 0,
+        10 => return false,
+        c => c,
+    };
+    check == d[9]
+}
+
+pub fn practice_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(root.join("practices"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Every file under `root` with its bytes, for byte-for-byte comparisons.
+pub fn tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.insert(path.strip_prefix(root).unwrap().to_owned(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
