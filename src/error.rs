@@ -72,6 +72,12 @@ pub fn exit_status_of(err: &anyhow::Error) -> ExitStatus {
             Some(e)
         } else if let Some(e) = cause.downcast_ref::<crate::deid::key::KeyError>() {
             Some(e)
+        } else if let Some(e) = cause.downcast_ref::<crate::collect::CollectError>() {
+            Some(e)
+        } else if let Some(e) = cause.downcast_ref::<crate::store::StoreError>() {
+            Some(e)
+        } else if let Some(e) = cause.downcast_ref::<crate::extract::ExtractError>() {
+            Some(e)
         } else {
             None
         };

@@ -8,20 +8,37 @@
 //! The modules follow the data flow (see `../shared/DESIGN.md`):
 //!
 //! 1. [`synth`] — synthetic GP extracts plus the ground truth to audit against.
-//! 2. [`nhs_number`] — the identifier every extract row carries, and its check.
+//! 2. [`extract`] — the tables of a GP extract and a streaming reader.
 //! 3. [`policy`] — the typed, validated policies from `policies/`.
-//! 4. [`deid`] — the collection key (and, with collection, pseudonyms).
-//! 5. [`optout`] — the Type 1 and National Data Opt-out rules.
-//! 6. [`demo`] — every stage on an embedded default.
+//! 4. [`deid`] — the collection key, keyed pseudonyms, generalisation.
+//! 5. [`collect`] — de-identification on collection, per practice.
+//! 6. [`store`] — Parquet batches, manifest, tombstones, hash-chained audit log.
+//! 7. [`optout`] — the Type 1 and National Data Opt-out rules.
+//! 8. [`demo`] — every stage on an embedded default.
+//!
+//! [`nhs_number`] and [`calendar`] are shared by several stages.
 //!
 //! [`error`] maps every failure to the exit statuses of the interface
 //! contract; [`progress`] draws progress bars on a terminal.
 
 pub mod deid;
+pub mod calendar;
+pub mod collect;
 pub mod demo;
 pub mod error;
+pub mod extract;
 pub mod nhs_number;
 pub mod optout;
 pub mod policy;
 pub mod progress;
+pub mod store;
 pub mod synth;
+
+/// Crash-testing hook: when the environment variable `GPDP_FAILPOINT` names
+/// this point, the process aborts here, as if killed. Tests use it to prove
+/// that a crash at each step of a commit leaves the store as it was.
+pub fn failpoint(name: &str) {
+    if std::env::var_os("GPDP_FAILPOINT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}

@@ -66,6 +66,34 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// De-identify practice extracts on collection into the store (Type 1 at
+    /// source, keyed pseudonyms, generalisation, quarantine, atomic batches).
+    Collect {
+        /// The extract directory (with practices/<ODS>/ and reference/).
+        #[arg(long)]
+        extract: PathBuf,
+        /// The store directory (created if absent).
+        #[arg(long)]
+        store: PathBuf,
+        /// The collection key file (make one with `gpdp keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Collection policy (default: the built-in policies/collection.toml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Collect only this practice (repeatable; default: all).
+        #[arg(long = "practice", value_name = "ODS")]
+        practices: Vec<String>,
+        /// Where to list quarantined rows, practice side (default: EXTRACT/quarantine).
+        #[arg(long)]
+        quarantine: Option<PathBuf>,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print the totals and every receipt as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a new 32-byte collection key (file mode 0600; never overwrites).
     Keygen {
         /// Path of the key file to create.
@@ -148,6 +176,35 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             print_synth(&report);
             Ok(())
         }
+        Command::Collect {
+            extract,
+            store,
+            key,
+            policy,
+            practices,
+            quarantine,
+            threads,
+            json,
+        } => {
+            let opts = gpdp::collect::CollectOptions {
+                extract,
+                store,
+                key,
+                policy: CollectionPolicy::load(policy.as_deref())?,
+                practices,
+                threads: default_threads(threads),
+                quarantine,
+            };
+            let summary = gpdp::collect::run(&opts, progress)?;
+            if json {
+                let receipts: Vec<_> = summary.receipts().collect();
+                let out = serde_json::json!({"totals": gpdp::collect::totals(&summary), "receipts": receipts});
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print_collect(&opts, &summary);
+            }
+            Ok(())
+        }
         Command::Keygen { out } => {
             gpdp::deid::key::generate(&out).with_context(|| "gpdp keygen".to_string())?;
             println!(
@@ -196,4 +253,43 @@ fn print_synth(r: &SynthReport) {
         r.rows_per_second() / 1e6,
         t.bytes as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9)
     );
+}
+
+fn print_collect(opts: &gpdp::collect::CollectOptions, s: &gpdp::collect::CollectSummary) {
+    use gpdp::collect::Outcome;
+    println!("collected {} practices into {} (store generation {})", s.outcomes.len(), opts.store.display(), s.generation);
+    for o in &s.outcomes {
+        match o {
+            Outcome::Unchanged { practice, batch } => println!("  {practice}  batch {batch}  unchanged (this extract is already in the store)"),
+            Outcome::Committed { receipt: r, deleted_elsewhere } => {
+                let mut line = format!(
+                    "  {}  batch {}  {} rows in, {} out; {} patients out, {} withheld (Type 1); {} rows quarantined",
+                    r.practice,
+                    r.batch,
+                    r.rows_in_total(),
+                    r.rows_out_total(),
+                    r.patients_out,
+                    r.type1_excluded_patients,
+                    r.quarantined_total()
+                );
+                if *deleted_elsewhere > 0 {
+                    line.push_str(&format!("; {deleted_elsewhere} patients deleted from other practices' batches"));
+                }
+                println!("{line}");
+            }
+        }
+    }
+    let t = gpdp::collect::totals(s);
+    println!(
+        "  total: {} rows in, {} out in {:.2}s ({:.2} M rows/s); {} patients withheld by Type 1 opt-out; quarantined {}; excluded codes {}",
+        t["rows_in"],
+        t["rows_out"],
+        s.seconds,
+        t["rows_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+        t["type1_excluded_patients"],
+        t["quarantined"],
+        t["excluded_codes"]
+    );
+    let quarantine = opts.quarantine.clone().unwrap_or_else(|| opts.extract.join("quarantine"));
+    println!("  quarantined rows are listed, practice side, in {}/", quarantine.display());
 }

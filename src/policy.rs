@@ -7,9 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::{BTreeMap, HashMap};
+
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::error::{Classify, ExitStatus};
+use crate::extract::{Kind, Table};
 
 /// The policy shipped in `policies/collection.toml`, compiled in so that
 /// `gpdp demo` and `gpdp synth` work from any directory.
@@ -46,17 +50,90 @@ pub struct Type1Codes {
     pub withdrawn: Vec<String>,
 }
 
+/// How a column's values are generalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// A date becomes the first day of its month.
+    Month,
+    /// A date becomes the first day of its year.
+    Year,
+    /// A postcode becomes its LSOA code and IMD decile.
+    Lsoa,
+}
+
+/// What happens to one extract column on collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pseudonymise,
+    Generalise(Rule),
+    Keep,
+    Drop,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+struct RawColumn {
+    action: RawAction,
+    rule: Option<Rule>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawAction {
+    Pseudonymise,
+    Generalise,
+    Keep,
+    Drop,
+}
+
+/// The Parquet codec for the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    None,
+    Snappy,
+    Lz4,
+    Zstd(i32),
+}
+
+impl Codec {
+    fn parse(s: &str) -> Option<Codec> {
+        match s {
+            "none" => Some(Codec::None),
+            "snappy" => Some(Codec::Snappy),
+            "lz4" => Some(Codec::Lz4),
+            "zstd" => Some(Codec::Zstd(1)),
+            _ => {
+                let level = s.strip_prefix("zstd(")?.strip_suffix(')')?.parse().ok()?;
+                (1..=22).contains(&level).then_some(Codec::Zstd(level))
+            }
+        }
+    }
+}
+
+/// A validated collection policy.
 #[derive(Debug, Clone)]
 pub struct CollectionPolicy {
     pub type1: Type1Codes,
+    pub codec: Codec,
+    /// Excluded code → its category (Type 1 codes under "type1_opt_out").
+    pub excluded_codes: HashMap<String, String>,
+    /// Per table, one action per column of `Table::columns()`, in that order.
+    actions: [Vec<Action>; 3],
     /// SHA-256 of the policy text, recorded with every batch it governs.
     pub sha256: String,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawCollection {
     version: u32,
     type1: RawType1,
+    output: Option<RawOutput>,
+    #[serde(default)]
+    exclusions: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    tables: BTreeMap<Spanned<String>, BTreeMap<Spanned<String>, Spanned<RawColumn>>>,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +142,15 @@ struct RawType1 {
     dissent_codes: Vec<String>,
     withdrawn_codes: Vec<String>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    compression: Spanned<String>,
+}
+
+/// The category under which Type 1 code rows are excluded.
+pub const TYPE1_CATEGORY: &str = "type1_opt_out";
 
 impl CollectionPolicy {
     /// Loads `path`, or the compiled-in default when `path` is `None`.
@@ -86,46 +172,141 @@ impl CollectionPolicy {
 
     pub fn parse(text: &str, path: &Path) -> Result<CollectionPolicy, PolicyError> {
         let raw: RawCollection = toml::from_str(text).map_err(|e| syntax_error(e, text, path))?;
+        let line_of = |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
         let invalid = |message: String| PolicyError::Invalid {
             path: path.to_owned(),
             message,
         };
+        let at = |span: std::ops::Range<usize>, message: String| PolicyError::Syntax {
+            path: path.to_owned(),
+            line: line_of(span),
+            message,
+        };
         if raw.version != 1 {
-            return Err(invalid(format!(
-                "unsupported policy version {} (this gpdp reads version 1)",
-                raw.version
-            )));
+            return Err(invalid(format!("unsupported policy version {} (this gpdp reads version 1)", raw.version)));
         }
         let t = raw.type1;
         if t.dissent_codes.is_empty() || t.withdrawn_codes.is_empty() {
-            return Err(invalid(
-                "[type1] needs at least one dissent code and one withdrawn code".into(),
-            ));
+            return Err(invalid("[type1] needs at least one dissent code and one withdrawn code".into()));
         }
-        for code in t.dissent_codes.iter().chain(&t.withdrawn_codes) {
+        let all_codes = t.dissent_codes.iter().chain(&t.withdrawn_codes).chain(raw.exclusions.values().flatten());
+        for code in all_codes {
             if code.is_empty() || !code.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(invalid(format!(
-                    "[type1] code {code:?} is not a SNOMED CT concept id (digits only)"
-                )));
+                return Err(invalid(format!("code {code:?} is not a SNOMED CT / dm+d id (digits only)")));
             }
         }
-        if let Some(both) = t
-            .dissent_codes
-            .iter()
-            .find(|c| t.withdrawn_codes.contains(c))
-        {
-            return Err(invalid(format!(
-                "[type1] code {both} is listed both as dissent and as withdrawn"
-            )));
+        if let Some(both) = t.dissent_codes.iter().find(|c| t.withdrawn_codes.contains(c)) {
+            return Err(invalid(format!("[type1] code {both} is listed both as dissent and as withdrawn")));
         }
+
+        let codec = match raw.output {
+            None => Codec::Zstd(1),
+            Some(o) => Codec::parse(o.compression.get_ref()).ok_or_else(|| {
+                at(
+                    o.compression.span(),
+                    format!(
+                        "[output] compression {:?} is not one of \"zstd(1..22)\", \"lz4\", \"snappy\", \"none\"",
+                        o.compression.get_ref()
+                    ),
+                )
+            })?,
+        };
+
+        let mut excluded_codes = HashMap::new();
+        for (category, codes) in &raw.exclusions {
+            for code in codes {
+                if let Some(other) = excluded_codes.insert(code.clone(), category.clone()) {
+                    if &other != category {
+                        return Err(invalid(format!("[exclusions] code {code} is listed under both {other} and {category}")));
+                    }
+                }
+            }
+        }
+        for code in t.dissent_codes.iter().chain(&t.withdrawn_codes) {
+            excluded_codes.insert(code.clone(), TYPE1_CATEGORY.to_owned());
+        }
+
+        let mut actions: [Vec<Action>; 3] = Default::default();
+        for (name, columns) in &raw.tables {
+            let table = Table::from_name(name.get_ref()).ok_or_else(|| {
+                at(name.span(), format!("[tables.{}] is not an extract table (patients, clinical_events, medications)", name.get_ref()))
+            })?;
+            let specs = table.columns();
+            let mut resolved = vec![None; specs.len()];
+            for (column, raw_col) in columns {
+                let i = specs.iter().position(|c| c.name == column.get_ref()).ok_or_else(|| {
+                    at(
+                        column.span(),
+                        format!(
+                            "[tables.{}] {} is not a column of the {} extract (columns: {})",
+                            table.name(),
+                            column.get_ref(),
+                            table.name(),
+                            specs.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                })?;
+                let action = resolve(specs[i].kind, raw_col.get_ref())
+                    .map_err(|why| at(raw_col.span(), format!("[tables.{}] {}: {why}", table.name(), specs[i].name)))?;
+                resolved[i] = Some(action);
+            }
+            if let Some(missing) = specs.iter().zip(&resolved).find(|(_, a)| a.is_none()) {
+                return Err(at(
+                    name.span(),
+                    format!("[tables.{}] says nothing about column {}; every column needs an action", table.name(), missing.0.name),
+                ));
+            }
+            actions[table as usize] = resolved.into_iter().flatten().collect();
+        }
+        if let Some(t) = Table::ALL.iter().find(|t| actions[**t as usize].is_empty()) {
+            return Err(invalid(format!("no [tables.{}] section: every extract table needs a column policy", t.name())));
+        }
+
         Ok(CollectionPolicy {
             type1: Type1Codes {
                 dissent: t.dissent_codes,
                 withdrawn: t.withdrawn_codes,
             },
+            codec,
+            excluded_codes,
+            actions,
             sha256: sha256_hex(text.as_bytes()),
         })
     }
+
+    /// The action for each column of `table`, in `Table::columns()` order.
+    pub fn actions(&self, table: Table) -> &[Action] {
+        &self.actions[table as usize]
+    }
+}
+
+/// Checks an action against what the column holds. Direct identifiers can
+/// only be dropped; the NHS number only pseudonymised; an exact date of
+/// birth never kept. A policy that asks for less is refused, not obeyed.
+fn resolve(kind: Kind, raw: &RawColumn) -> Result<Action, String> {
+    let action = match (raw.action, raw.rule) {
+        (RawAction::Generalise, Some(rule)) => Action::Generalise(rule),
+        (RawAction::Generalise, None) => return Err("generalise needs a rule (month, year or lsoa)".into()),
+        (_, Some(_)) => return Err("only generalise takes a rule".into()),
+        (RawAction::Pseudonymise, None) => Action::Pseudonymise,
+        (RawAction::Keep, None) => Action::Keep,
+        (RawAction::Drop, None) => Action::Drop,
+    };
+    let allowed = match (kind, action) {
+        (Kind::NhsNumber, Action::Pseudonymise) => true,
+        (Kind::NhsNumber, _) => return Err("the NHS number must be pseudonymised (it links every table)".into()),
+        (_, Action::Pseudonymise) => return Err("only the NHS number can be pseudonymised".into()),
+        (Kind::Name | Kind::FreeText, Action::Drop) => true,
+        (Kind::Name | Kind::FreeText, _) => return Err("a direct identifier can only be dropped".into()),
+        (Kind::Postcode, Action::Drop | Action::Generalise(Rule::Lsoa)) => true,
+        (Kind::Postcode, _) => return Err("a postcode can only be dropped or generalised with rule lsoa".into()),
+        (Kind::BirthDate, Action::Keep) => return Err("an exact date of birth must not leave; generalise it (month or year) or drop it".into()),
+        (Kind::BirthDate | Kind::Date, Action::Generalise(Rule::Month | Rule::Year)) => true,
+        (_, Action::Generalise(_)) => return Err("this rule does not apply to this column".into()),
+        (_, Action::Keep | Action::Drop) => true,
+    };
+    debug_assert!(allowed);
+    Ok(action)
 }
 
 fn syntax_error(e: toml::de::Error, text: &str, path: &Path) -> PolicyError {
@@ -156,6 +337,55 @@ mod tests {
         assert_eq!(p.type1.dissent, ["827241000000103"]);
         assert_eq!(p.type1.withdrawn, ["827261000000102"]);
         assert_eq!(p.sha256.len(), 64);
+    }
+
+    #[test]
+    fn the_shipped_policy_is_fail_closed() {
+        let p = CollectionPolicy::load(None).unwrap();
+        assert_eq!(p.codec, Codec::Zstd(1));
+        let patients = p.actions(Table::Patients);
+        assert_eq!(patients[0], Action::Pseudonymise);
+        assert_eq!(patients[3], Action::Generalise(Rule::Month));
+        assert_eq!(patients[5], Action::Generalise(Rule::Lsoa));
+        assert_eq!(p.actions(Table::ClinicalEvents)[4], Action::Drop);
+        assert_eq!(p.excluded_codes["827241000000103"], TYPE1_CATEGORY);
+        assert_eq!(p.excluded_codes["86406008"], "hiv");
+    }
+
+    /// Changes one line of the shipped policy and returns the error.
+    fn error_after(from: &str, to: &str) -> String {
+        let text = DEFAULT_COLLECTION_POLICY.replacen(from, to, 1);
+        assert_ne!(text, DEFAULT_COLLECTION_POLICY, "{from} not found");
+        CollectionPolicy::parse(&text, Path::new("p.toml")).unwrap_err().to_string()
+    }
+
+    fn line_of(needle: &str) -> usize {
+        DEFAULT_COLLECTION_POLICY[..DEFAULT_COLLECTION_POLICY.find(needle).unwrap()].matches('\n').count() + 1
+    }
+
+    #[test]
+    fn unsafe_or_incomplete_policies_are_refused_with_their_line() {
+        let given = line_of("given_name = ");
+        let err = error_after(r#"given_name = { action = "drop" }"#, r#"given_name = { action = "keep" }"#);
+        assert_eq!(err, format!("p.toml:{given}: [tables.patients] given_name: a direct identifier can only be dropped"));
+        let err = error_after(r#"date_of_birth = { action = "generalise", rule = "month" }"#, r#"date_of_birth = { action = "keep" }"#);
+        assert!(err.contains("exact date of birth must not leave"), "{err}");
+        let err = error_after(r#"nhs_number = { action = "pseudonymise" }"#, r#"nhs_number = { action = "keep" }"#);
+        assert!(err.contains("must be pseudonymised"), "{err}");
+        let err = error_after(r#"free_text = { action = "drop" }"#, r#"free_text = { action = "generalise", rule = "lsoa" }"#);
+        assert!(err.contains("direct identifier"), "{err}");
+        let err = error_after(r#"sex = { action = "keep" }"#, r#"sex = { action = "keep", rule = "month" }"#);
+        assert!(err.contains("only generalise takes a rule"), "{err}");
+        let err = error_after(r#"sex = { action = "keep" }"#, r#"gender = { action = "keep" }"#);
+        assert!(err.contains("gender is not a column"), "{err}");
+        let err = error_after(r#"sex = { action = "keep" }"#, "");
+        assert!(err.contains("says nothing about column sex"), "{err}");
+        let err = error_after(r#"compression = "zstd(1)""#, r#"compression = "gzip""#);
+        assert!(err.starts_with(&format!("p.toml:{}:", line_of("compression = \"zstd"))), "{err}");
+        let err = error_after("[tables.medications]", "[tables.prescriptions]");
+        assert!(err.contains("not an extract table"), "{err}");
+        let err = error_after(r#"sex = { action = "keep" }"#, r#"sex = { action = "share" }"#);
+        assert!(err.contains("unknown variant"), "{err}");
     }
 
     #[test]

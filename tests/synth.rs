@@ -316,7 +316,9 @@ fn bad_arguments_exit_2_and_write_nothing() {
 fn type1_codes_come_from_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("p.toml");
-    std::fs::write(&policy, "version = 1\n[type1]\ndissent_codes = [\"111\"]\nwithdrawn_codes = [\"222\"]\n").unwrap();
+    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/collection.toml")).unwrap();
+    let text = shipped.replace("dissent_codes = [\"827241000000103\"]", "dissent_codes = [\"111\"]").replace("withdrawn_codes = [\"827261000000102\"]", "withdrawn_codes = [\"222\"]");
+    std::fs::write(&policy, text).unwrap();
     let out = dir.path().join("x");
     let o = run(&["synth", "--out", out.to_str().unwrap(), "--patients", "3000", "--practices", "2", "--policy", policy.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));

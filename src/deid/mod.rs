@@ -1,4 +1,6 @@
-//! De-identification: the collection key and (with `gpdp collect`) keyed
-//! pseudonyms and generalisation.
+//! De-identification on collection: the collection key, keyed pseudonyms,
+//! and generalisation of quasi-identifiers.
 
+pub mod generalise;
 pub mod key;
+pub mod pseudonym;

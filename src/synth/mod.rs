@@ -13,7 +13,6 @@
 //! renamed into place at the end: an interrupted run leaves nothing behind
 //! that looks like an extract.
 
-pub mod calendar;
 pub mod codelists;
 pub mod names;
 pub mod person;
@@ -31,7 +30,7 @@ use std::time::{Duration, Instant};
 use chrono::{Datelike, NaiveDate};
 use serde_json::json;
 
-use self::calendar::{DateTable, day_of, year_start};
+use crate::calendar::{DateTable, day_of, year_start};
 use self::codelists::CodeLists;
 use self::person::World;
 use self::population::Layout;

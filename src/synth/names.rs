@@ -56,7 +56,7 @@ pub const GIVEN_MALE: &[&str] = &[
 
 pub const FAMILY: &[&str] = &[
     "Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Johnson", "Davies", "Robinson",
-    "Wright", "Thompson", "Evans", "Walker", "White", "Roberts", "Green", "Hall", "Wood",
+    "Wright", "Thompson", "Evans", "Walker", "Whitfield", "Roberts", "Green", "Hall", "Wood",
     "Jackson", "Clarke", "Patel", "Khan", "Ahmed", "Singh", "Begum", "Hussain", "Ali", "Shah",
     "Okafor", "Mensah", "Nowak", "Kowalski", "Murphy", "Kelly", "O'Brien", "Hughes", "Edwards",
     "Lewis", "Harris", "Martin", "Cooper", "King", "Baker", "Turner", "Hill", "Scott", "Moore",

@@ -11,7 +11,7 @@
 //! **illustrative**, chosen so that opt-out bias is visible and measurable,
 //! not estimates of real behaviour.
 
-use super::calendar::{Day, age_on};
+use crate::calendar::{Day, age_on};
 use super::codelists::{CodeLists, Condition, Medication, Observation};
 use super::names::{FAMILY, GIVEN_FEMALE, GIVEN_MALE};
 use super::population::Layout;

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
-use super::calendar::DateTable;
+use crate::calendar::DateTable;
 use super::person::{
     ClinicalEvent, ETHNICITIES, FreeText, Issue, Kind, Person, Registration, Type1Pattern, World,
     age_band,

@@ -1,4 +1,5 @@
-//! Dates as Arrow `Date32` values (days since 1970-01-01) and a lookup table
+//! Dates as Arrow `Date32` values (days since 1970-01-01): strict parsing of
+//! extract dates, and a lookup table
 //! that formats them as `YYYY-MM-DD` without allocating: the generator
 //! writes tens of millions of dates, so formatting is a table read.
 
@@ -18,6 +19,31 @@ pub fn day_of(date: NaiveDate) -> Day {
 
 pub fn date_of(day: Day) -> NaiveDate {
     EPOCH + chrono::TimeDelta::days(i64::from(day))
+}
+
+/// Parses a strict `YYYY-MM-DD` date (what GP extracts use); anything else,
+/// including impossible dates such as `2021-02-30`, is `None`.
+pub fn parse_date(bytes: &[u8]) -> Option<Day> {
+    if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        bytes[r].iter().try_fold(0u32, |acc, b| b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0')))
+    };
+    let date = NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    Some(day_of(date))
+}
+
+/// The first day of the month that `day` falls in.
+pub fn month_start(day: Day) -> Day {
+    let d = date_of(day);
+    day - (d.day() as Day - 1)
+}
+
+/// The first day of the year that `day` falls in.
+pub fn year_start_of(day: Day) -> Day {
+    let d = date_of(day);
+    day - (d.ordinal() as Day - 1)
 }
 
 /// The first day of `year`.
@@ -74,6 +100,17 @@ mod tests {
         let table = DateTable::new(day - 10, day + 10);
         assert_eq!(table.get(day), b"2021-06-23");
         assert_eq!(day_of(EPOCH), 0);
+    }
+
+    #[test]
+    fn parses_strictly_and_truncates() {
+        let day = parse_date(b"2021-06-23").unwrap();
+        assert_eq!(date_of(day), NaiveDate::from_ymd_opt(2021, 6, 23).unwrap());
+        for bad in [&b"2021-13-45"[..], b"31/12/2020", b"20200101", b"not recorded", b"2021-02-30", b"", b"2021-6-23 "] {
+            assert_eq!(parse_date(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(date_of(month_start(day)), NaiveDate::from_ymd_opt(2021, 6, 1).unwrap());
+        assert_eq!(date_of(year_start_of(day)), NaiveDate::from_ymd_opt(2021, 1, 1).unwrap());
     }
 
     #[test]

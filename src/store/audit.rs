@@ -1,0 +1,211 @@
+//! The hash-chained audit log, `STORE/audit/log.jsonl`.
+//!
+//! One JSON object per line: `{"seq":N,"prev":H(N-1),"entry":{…},"hash":H(N)}`
+//! with `H(N) = SHA-256("{seq}\n{prev}\n{entry}")` over the entry's exact
+//! bytes. Editing any byte of a line breaks its own hash; removing or
+//! reordering lines breaks the chain of `prev`; and every store commit
+//! carries a generation number, so a log cut short after a commit is caught
+//! against the manifest. Appends take an exclusive file lock, so the TRE
+//! (many readers) and collection can write to it concurrently.
+//!
+//! Entries hold counts, rule names and checksums — never an NHS number, a
+//! name, a postcode or a key.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::policy::sha256_hex;
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit log {}: line {line}: {problem}", path.display())]
+    Broken { path: PathBuf, line: u64, problem: String },
+}
+
+#[derive(Deserialize)]
+struct Line<'a> {
+    seq: u64,
+    prev: String,
+    #[serde(borrow)]
+    entry: &'a RawValue,
+    hash: String,
+}
+
+fn line_hash(seq: u64, prev: &str, entry: &str) -> String {
+    sha256_hex(format!("{seq}\n{prev}\n{entry}").as_bytes())
+}
+
+/// What a verified log holds.
+#[derive(Debug, Default, Clone)]
+pub struct Verified {
+    pub lines: u64,
+    pub head: String,
+    /// The highest store generation any entry records.
+    pub last_generation: u64,
+    pub entries: Vec<Value>,
+}
+
+pub struct AuditLog {
+    path: PathBuf,
+}
+
+impl AuditLog {
+    pub fn at(store: &Path) -> AuditLog {
+        AuditLog {
+            path: store.join("audit").join("log.jsonl"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+        move |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Appends entries (each a JSON object), chained to the current last line.
+    pub fn append(&self, entries: &[Value]) -> Result<(), AuditError> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(self.io())?;
+        }
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(&self.path).map_err(self.io())?;
+        file.lock().map_err(self.io())?;
+        let (mut seq, mut prev) = last_line(&mut file).map_err(self.io())?;
+        let mut out = String::new();
+        for entry in entries {
+            seq += 1;
+            let body = serde_json::to_string(entry).unwrap_or_else(|_| "{}".into());
+            let hash = line_hash(seq, &prev, &body);
+            out.push_str(&format!("{{\"seq\":{seq},\"prev\":\"{prev}\",\"entry\":{body},\"hash\":\"{hash}\"}}\n"));
+            prev = hash;
+        }
+        file.write_all(out.as_bytes()).map_err(self.io())?;
+        file.sync_data().map_err(self.io())?;
+        Ok(())
+    }
+
+    /// Checks every line; the first problem names its line number.
+    pub fn verify(&self) -> Result<Verified, AuditError> {
+        let mut v = Verified {
+            head: GENESIS.into(),
+            ..Verified::default()
+        };
+        let file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+            Err(e) => return Err(self.io()(e)),
+        };
+        for (i, text) in BufReader::new(file).lines().enumerate() {
+            let n = i as u64 + 1;
+            let broken = |problem: String| AuditError::Broken {
+                path: self.path.clone(),
+                line: n,
+                problem,
+            };
+            let text = text.map_err(self.io())?;
+            let line: Line = serde_json::from_str(&text).map_err(|e| broken(format!("not a log line ({e})")))?;
+            if line.seq != n {
+                return Err(broken(format!("sequence number {} where {n} was expected (a line was removed or moved)", line.seq)));
+            }
+            if line.prev != v.head {
+                return Err(broken("does not follow the line before it (a line was removed, moved or edited)".into()));
+            }
+            if line_hash(line.seq, &line.prev, line.entry.get()) != line.hash {
+                return Err(broken("its hash does not match its content (the line was edited)".into()));
+            }
+            let entry: Value = serde_json::from_str(line.entry.get()).map_err(|e| broken(e.to_string()))?;
+            if let Some(g) = entry.get("generation").and_then(Value::as_u64) {
+                v.last_generation = v.last_generation.max(g);
+            }
+            v.entries.push(entry);
+            v.head = line.hash;
+            v.lines = n;
+        }
+        Ok(v)
+    }
+}
+
+/// The sequence number and hash of the last line (0 and the genesis hash if empty).
+fn last_line(file: &mut File) -> std::io::Result<(u64, String)> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok((0, GENESIS.into()));
+    }
+    // Read back far enough to hold the last line (entries are small).
+    let mut back = 4096u64.min(len);
+    loop {
+        file.seek(SeekFrom::Start(len - back))?;
+        let mut tail = Vec::with_capacity(back as usize);
+        std::io::Read::by_ref(file).take(back).read_to_end(&mut tail)?;
+        let trimmed = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        if let Some(pos) = trimmed.iter().rposition(|b| *b == b'\n').or((back == len).then_some(usize::MAX)) {
+            let start = if pos == usize::MAX { 0 } else { pos + 1 };
+            let last: Line = serde_json::from_slice(&trimmed[start..]).map_err(std::io::Error::other)?;
+            return Ok((last.seq, last.hash));
+        }
+        back = (back * 4).min(len);
+    }
+}
+
+use std::io::Read as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn any_edit_removal_or_reorder_is_caught_and_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::at(dir.path());
+        for i in 0..5 {
+            log.append(&[json!({"event": "query", "i": i, "generation": i})]).unwrap();
+        }
+        let ok = log.verify().unwrap();
+        assert_eq!((ok.lines, ok.last_generation), (5, 4));
+        let original = std::fs::read_to_string(log.path()).unwrap();
+        let lines: Vec<&str> = original.lines().collect();
+
+        let check = |text: String, line: u64| {
+            std::fs::write(log.path(), text).unwrap();
+            match log.verify() {
+                Err(AuditError::Broken { line: l, .. }) => assert_eq!(l, line),
+                other => panic!("expected a break at line {line}, got {other:?}"),
+            }
+        };
+        check(original.replacen("\"i\":2", "\"i\":7", 1), 3);
+        check(original.replacen("\"i\":4", "\"i\":5", 1), 5);
+        check([lines[0], lines[2], lines[3], lines[4]].join("\n") + "\n", 2);
+        check([lines[1], lines[0], lines[2], lines[3], lines[4]].join("\n") + "\n", 1);
+        // Every single-byte change anywhere in the file is caught.
+        for pos in (0..original.len()).step_by(37) {
+            let mut bytes = original.clone().into_bytes();
+            bytes[pos] = if bytes[pos] == b'7' { b'8' } else { b'7' };
+            if bytes[pos] == original.as_bytes()[pos] {
+                continue;
+            }
+            std::fs::write(log.path(), &bytes).unwrap();
+            assert!(log.verify().is_err(), "byte {pos} edited without detection");
+        }
+        std::fs::write(log.path(), &original).unwrap();
+        log.append(&[json!({"event": "more"})]).unwrap();
+        assert_eq!(log.verify().unwrap().lines, 6);
+    }
+}

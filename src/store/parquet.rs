@@ -1,0 +1,138 @@
+//! Parquet files of the store: how they are written (codec, per-column
+//! settings), read back, and rewritten without deleted patients.
+//!
+//! Pseudonym columns are random bytes: dictionary encoding cannot shrink
+//! them, and min/max statistics would publish two real pseudonyms per row
+//! group in the file footer, so both are off for them.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use arrow::array::{Array, BooleanArray, FixedSizeBinaryArray, RecordBatch, RecordBatchReader};
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::deid::pseudonym::Pseudonym;
+use crate::policy::Codec;
+
+/// Columns that hold pseudonyms.
+pub const PSEUDONYM_COLUMNS: [&str; 2] = ["patient_id", "practice_id"];
+
+pub fn writer_properties(codec: Codec) -> WriterProperties {
+    let compression = match codec {
+        Codec::None => Compression::UNCOMPRESSED,
+        Codec::Snappy => Compression::SNAPPY,
+        Codec::Lz4 => Compression::LZ4_RAW,
+        Codec::Zstd(level) => Compression::ZSTD(ZstdLevel::try_new(level).unwrap_or_default()),
+    };
+    let mut builder = WriterProperties::builder()
+        .set_compression(compression)
+        .set_max_row_group_row_count(Some(256 * 1024))
+        .set_created_by(format!("gpdp {}", env!("CARGO_PKG_VERSION")));
+    for column in PSEUDONYM_COLUMNS {
+        let path = ColumnPath::from(column);
+        builder = builder
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_statistics_enabled(path, EnabledStatistics::None);
+    }
+    builder.build()
+}
+
+/// Streams record batches into a Parquet file; `finish` fsyncs it.
+pub struct Writer {
+    inner: ArrowWriter<File>,
+}
+
+impl Writer {
+    pub fn create(path: &Path, schema: SchemaRef, codec: Codec) -> parquet::errors::Result<Writer> {
+        let file = File::create(path)?;
+        Ok(Writer {
+            inner: ArrowWriter::try_new(file, schema, Some(writer_properties(codec)))?,
+        })
+    }
+
+    pub fn write(&mut self, batch: &RecordBatch) -> parquet::errors::Result<()> {
+        self.inner.write(batch)
+    }
+
+    pub fn finish(self) -> parquet::errors::Result<()> {
+        let mut file = self.inner.into_inner()?;
+        file.flush()?;
+        file.sync_all()?;
+        Ok(())
+    }
+}
+
+/// Every `patient_id` in a file.
+pub fn patient_ids(path: &Path) -> parquet::errors::Result<Vec<Pseudonym>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    let index = builder
+        .schema()
+        .index_of("patient_id")
+        .map_err(|e| parquet::errors::ParquetError::General(e.to_string()))?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
+    let mut out = Vec::new();
+    for batch in builder.with_projection(mask).build()? {
+        let batch = batch?;
+        let ids = pseudonyms(&batch)?;
+        out.extend((0..ids.len()).map(|i| to_pseudonym(ids.value(i))));
+    }
+    Ok(out)
+}
+
+fn pseudonyms(batch: &RecordBatch) -> parquet::errors::Result<&FixedSizeBinaryArray> {
+    batch
+        .column_by_name("patient_id")
+        .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+        .ok_or_else(|| parquet::errors::ParquetError::General("patient_id is not FixedSizeBinary(32)".into()))
+}
+
+fn to_pseudonym(bytes: &[u8]) -> Pseudonym {
+    let mut p = [0u8; 32];
+    p.copy_from_slice(&bytes[..32]);
+    p
+}
+
+/// Rows before and after a rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrite {
+    pub rows_before: u64,
+    pub rows_after: u64,
+}
+
+/// Copies `src` to `dst` without the rows of `remove`, streaming batch by batch.
+pub fn rewrite_without(src: &Path, dst: &Path, remove: &HashSet<Pseudonym>, codec: Codec) -> parquet::errors::Result<Rewrite> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(src)?)?.build()?;
+    let schema: SchemaRef = reader.schema();
+    let mut writer = Writer::create(dst, schema, codec)?;
+    let (mut before, mut after) = (0u64, 0u64);
+    for batch in reader {
+        let batch = batch?;
+        let ids = pseudonyms(&batch)?;
+        let keep: BooleanArray = (0..ids.len()).map(|i| Some(!remove.contains(ids.value(i)))).collect();
+        let kept = arrow::compute::filter_record_batch(&batch, &keep)?;
+        before += batch.num_rows() as u64;
+        after += kept.num_rows() as u64;
+        if kept.num_rows() > 0 {
+            writer.write(&kept)?;
+        }
+    }
+    writer.finish()?;
+    Ok(Rewrite {
+        rows_before: before,
+        rows_after: after,
+    })
+}
+
+/// Number of rows in a file (from its footer).
+pub fn row_count(path: &Path) -> parquet::errors::Result<u64> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    Ok(builder.metadata().file_metadata().num_rows() as u64)
+}
