@@ -19,7 +19,12 @@ fn modulus_11(c: &mut Criterion) {
     let mut group = c.benchmark_group("nhs_number");
     group.throughput(Throughput::Elements(numbers.len() as u64));
     group.bench_function("parse_and_check", |b| {
-        b.iter(|| numbers.iter().filter(|n| NhsNumber::parse(black_box(&n[..])).is_ok()).count())
+        b.iter(|| {
+            numbers
+                .iter()
+                .filter(|n| NhsNumber::parse(black_box(&n[..])).is_ok())
+                .count()
+        })
     });
     group.finish();
 }
@@ -32,7 +37,10 @@ fn generate(c: &mut Criterion) {
     // Rows per run, measured once so throughput is in CSV rows.
     let rows = {
         let opts = options(dir.path().join("probe"), &policy);
-        synth::run(&opts, &Progress::hidden()).expect("synth").tally.total_rows()
+        synth::run(&opts, &Progress::hidden())
+            .expect("synth")
+            .tally
+            .total_rows()
     };
     group.throughput(Throughput::Elements(rows));
     let mut n = 0;

@@ -21,17 +21,54 @@ pub fn date_of(day: Day) -> NaiveDate {
     EPOCH + chrono::TimeDelta::days(i64::from(day))
 }
 
-/// Parses a strict `YYYY-MM-DD` date (what GP extracts use); anything else,
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+/// `days_from_civil`): exact, branch-light, no allocation — it runs for every
+/// date of every extract row.
+pub fn days_from_civil(year: i32, month: u32, day: u32) -> Day {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let m = month as i32;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day as i32 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn days_in_month(year: i32, month: u32) -> u32 {
+    match month {
+        4 | 6 | 9 | 11 => 30,
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        _ => 31,
+    }
+}
+
+/// Parses a strict `YYYY-MM-DD` date into (year, month, day); anything else,
 /// including impossible dates such as `2021-02-30`, is `None`.
-pub fn parse_date(bytes: &[u8]) -> Option<Day> {
+pub fn parse_ymd(bytes: &[u8]) -> Option<(i32, u32, u32)> {
     if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        bytes[r].iter().try_fold(0u32, |acc, b| b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0')))
-    };
-    let date = NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
-    Some(day_of(date))
+    let mut n = [0u32; 8];
+    for (slot, &b) in n
+        .iter_mut()
+        .zip(bytes[..4].iter().chain(&bytes[5..7]).chain(&bytes[8..10]))
+    {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        *slot = u32::from(d);
+    }
+    let year = (n[0] * 1000 + n[1] * 100 + n[2] * 10 + n[3]) as i32;
+    let (month, day) = (n[4] * 10 + n[5], n[6] * 10 + n[7]);
+    ((1..=12).contains(&month) && day >= 1 && day <= days_in_month(year, month))
+        .then_some((year, month, day))
+}
+
+/// Parses a strict `YYYY-MM-DD` date (what GP extracts use).
+pub fn parse_date(bytes: &[u8]) -> Option<Day> {
+    parse_ymd(bytes).map(|(y, m, d)| days_from_civil(y, m, d))
 }
 
 /// The first day of the month that `day` falls in.
@@ -106,11 +143,25 @@ mod tests {
     fn parses_strictly_and_truncates() {
         let day = parse_date(b"2021-06-23").unwrap();
         assert_eq!(date_of(day), NaiveDate::from_ymd_opt(2021, 6, 23).unwrap());
-        for bad in [&b"2021-13-45"[..], b"31/12/2020", b"20200101", b"not recorded", b"2021-02-30", b"", b"2021-6-23 "] {
+        for bad in [
+            &b"2021-13-45"[..],
+            b"31/12/2020",
+            b"20200101",
+            b"not recorded",
+            b"2021-02-30",
+            b"",
+            b"2021-6-23 ",
+        ] {
             assert_eq!(parse_date(bad), None, "{}", String::from_utf8_lossy(bad));
         }
-        assert_eq!(date_of(month_start(day)), NaiveDate::from_ymd_opt(2021, 6, 1).unwrap());
-        assert_eq!(date_of(year_start_of(day)), NaiveDate::from_ymd_opt(2021, 1, 1).unwrap());
+        assert_eq!(
+            date_of(month_start(day)),
+            NaiveDate::from_ymd_opt(2021, 6, 1).unwrap()
+        );
+        assert_eq!(
+            date_of(year_start_of(day)),
+            NaiveDate::from_ymd_opt(2021, 1, 1).unwrap()
+        );
     }
 
     #[test]

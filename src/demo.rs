@@ -1,11 +1,12 @@
 //! `gpdp demo`: every stage of the pipeline on an embedded default, in one
-//! command with no arguments. For now it generates the synthetic population
-//! (stages are added here as they land) and says where everything is.
+//! command with no arguments: synthetic extracts, then collection into a
+//! store (stages are added here as they land), and it says where everything is.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::collect::{self, CollectOptions, CollectSummary};
 use crate::error::BadInput;
 use crate::policy::CollectionPolicy;
 use crate::progress::Progress;
@@ -23,7 +24,10 @@ const MARKER: &str = ".gpdp-demo";
 pub struct DemoOutcome {
     pub dir: PathBuf,
     pub extracts: PathBuf,
+    pub key: PathBuf,
+    pub store: PathBuf,
     pub report: synth::SynthReport,
+    pub collection: CollectSummary,
 }
 
 pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<DemoOutcome> {
@@ -47,7 +51,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         .with_context(|| format!("writing into {}", dir.display()))?;
 
     let extracts = dir.join("extracts");
-    progress.stage("1/1 generating synthetic GP extracts");
+    progress.stage("1/2 generating synthetic GP extracts");
     let report = synth::run(
         &SynthOptions {
             out: extracts.clone(),
@@ -61,9 +65,29 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         },
         progress,
     )?;
+
+    progress.stage("2/2 collecting: de-identification on collection into the store");
+    let key = dir.join("collection.key");
+    crate::deid::key::generate(&key)?;
+    let store = dir.join("store");
+    let collection = collect::run(
+        &CollectOptions {
+            extract: extracts.clone(),
+            store: store.clone(),
+            key: key.clone(),
+            policy: CollectionPolicy::load(None)?,
+            practices: Vec::new(),
+            threads,
+            quarantine: None,
+        },
+        progress,
+    )?;
     Ok(DemoOutcome {
         dir: dir.to_owned(),
         extracts,
+        key,
+        store,
         report,
+        collection,
     })
 }

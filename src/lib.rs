@@ -21,9 +21,10 @@
 //! [`error`] maps every failure to the exit statuses of the interface
 //! contract; [`progress`] draws progress bars on a terminal.
 
-pub mod deid;
+pub mod bench;
 pub mod calendar;
 pub mod collect;
+pub mod deid;
 pub mod demo;
 pub mod error;
 pub mod extract;

@@ -129,25 +129,52 @@ fn default_threads(threads: Option<usize>) -> usize {
 fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
     match command {
         Command::Demo { out, threads } => {
-            let outcome = gpdp::demo::run(&out, default_threads(threads), progress)?;
+            let o = gpdp::demo::run(&out, default_threads(threads), progress)?;
             println!(
-                "gpdp demo: synthetic GP extracts for {} practices",
+                "gpdp demo — every stage on {} synthetic practices",
                 gpdp::demo::DEMO_PRACTICES
             );
-            print_synth(&outcome.report);
+            println!();
+            println!("1. Synthetic GP extracts (identifiable: the practice side)");
+            print_synth(&o.report);
+            println!();
+            println!(
+                "2. Collection: de-identified on collection, Type 1 opt-outs honoured at source"
+            );
+            print_collect_totals(&o.collection);
             println!();
             println!("Outputs:");
             println!(
                 "  extracts (identifiable, practice side)  {}/practices/<ODS>/",
-                outcome.extracts.display()
+                o.extracts.display()
             );
             println!(
                 "  National Data Opt-out list              {}/national/ndoo.csv",
-                outcome.extracts.display()
+                o.extracts.display()
             );
             println!(
                 "  ground truth for audits                 {}/truth/",
-                outcome.extracts.display()
+                o.extracts.display()
+            );
+            println!(
+                "  quarantined rows (practice side)        {}/quarantine/",
+                o.extracts.display()
+            );
+            println!(
+                "  collection key (practice side only)     {}",
+                o.key.display()
+            );
+            println!(
+                "  de-identified store (Parquet)           {}/tables/",
+                o.store.display()
+            );
+            println!(
+                "  receipts, one per practice              {}/receipts/",
+                o.store.display()
+            );
+            println!(
+                "  hash-chained audit log                  {}/audit/log.jsonl",
+                o.store.display()
             );
             Ok(())
         }
@@ -257,11 +284,21 @@ fn print_synth(r: &SynthReport) {
 
 fn print_collect(opts: &gpdp::collect::CollectOptions, s: &gpdp::collect::CollectSummary) {
     use gpdp::collect::Outcome;
-    println!("collected {} practices into {} (store generation {})", s.outcomes.len(), opts.store.display(), s.generation);
+    println!(
+        "collected {} practices into {} (store generation {})",
+        s.outcomes.len(),
+        opts.store.display(),
+        s.generation
+    );
     for o in &s.outcomes {
         match o {
-            Outcome::Unchanged { practice, batch } => println!("  {practice}  batch {batch}  unchanged (this extract is already in the store)"),
-            Outcome::Committed { receipt: r, deleted_elsewhere } => {
+            Outcome::Unchanged { practice, batch } => println!(
+                "  {practice}  batch {batch}  unchanged (this extract is already in the store)"
+            ),
+            Outcome::Committed {
+                receipt: r,
+                deleted_elsewhere,
+            } => {
                 let mut line = format!(
                     "  {}  batch {}  {} rows in, {} out; {} patients out, {} withheld (Type 1); {} rows quarantined",
                     r.practice,
@@ -273,23 +310,57 @@ fn print_collect(opts: &gpdp::collect::CollectOptions, s: &gpdp::collect::Collec
                     r.quarantined_total()
                 );
                 if *deleted_elsewhere > 0 {
-                    line.push_str(&format!("; {deleted_elsewhere} patients deleted from other practices' batches"));
+                    line.push_str(&format!(
+                        "; {deleted_elsewhere} patients deleted from other practices' batches"
+                    ));
                 }
                 println!("{line}");
             }
         }
     }
-    let t = gpdp::collect::totals(s);
+    print_collect_totals(s);
+    let quarantine = opts
+        .quarantine
+        .clone()
+        .unwrap_or_else(|| opts.extract.join("quarantine"));
     println!(
-        "  total: {} rows in, {} out in {:.2}s ({:.2} M rows/s); {} patients withheld by Type 1 opt-out; quarantined {}; excluded codes {}",
-        t["rows_in"],
-        t["rows_out"],
+        "  quarantined rows are listed, practice side, in {}/",
+        quarantine.display()
+    );
+}
+
+fn print_collect_totals(s: &gpdp::collect::CollectSummary) {
+    let t = gpdp::collect::totals(s);
+    let n = |k: &str| t[k].as_u64().unwrap_or(0);
+    let listing = |k: &str| {
+        t[k].as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "  {} rows in, {} out in {:.2}s ({:.2} M rows/s); {} patients out",
+        n("rows_in"),
+        n("rows_out"),
         s.seconds,
         t["rows_per_second"].as_f64().unwrap_or(0.0) / 1e6,
-        t["type1_excluded_patients"],
-        t["quarantined"],
-        t["excluded_codes"]
+        n("patients_out")
     );
-    let quarantine = opts.quarantine.clone().unwrap_or_else(|| opts.extract.join("quarantine"));
-    println!("  quarantined rows are listed, practice side, in {}/", quarantine.display());
+    println!(
+        "  Type 1 opt-out: {} patients withheld at source, {} tombstones sent",
+        n("type1_excluded_patients"),
+        n("tombstones_emitted")
+    );
+    println!(
+        "  quarantined (never left the practice): {}",
+        listing("quarantined")
+    );
+    println!(
+        "  excluded codes (never left the practice): {}",
+        listing("excluded_codes")
+    );
 }

@@ -172,7 +172,9 @@ impl CollectionPolicy {
 
     pub fn parse(text: &str, path: &Path) -> Result<CollectionPolicy, PolicyError> {
         let raw: RawCollection = toml::from_str(text).map_err(|e| syntax_error(e, text, path))?;
-        let line_of = |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+        let line_of = |span: std::ops::Range<usize>| {
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        };
         let invalid = |message: String| PolicyError::Invalid {
             path: path.to_owned(),
             message,
@@ -183,20 +185,37 @@ impl CollectionPolicy {
             message,
         };
         if raw.version != 1 {
-            return Err(invalid(format!("unsupported policy version {} (this gpdp reads version 1)", raw.version)));
+            return Err(invalid(format!(
+                "unsupported policy version {} (this gpdp reads version 1)",
+                raw.version
+            )));
         }
         let t = raw.type1;
         if t.dissent_codes.is_empty() || t.withdrawn_codes.is_empty() {
-            return Err(invalid("[type1] needs at least one dissent code and one withdrawn code".into()));
+            return Err(invalid(
+                "[type1] needs at least one dissent code and one withdrawn code".into(),
+            ));
         }
-        let all_codes = t.dissent_codes.iter().chain(&t.withdrawn_codes).chain(raw.exclusions.values().flatten());
+        let all_codes = t
+            .dissent_codes
+            .iter()
+            .chain(&t.withdrawn_codes)
+            .chain(raw.exclusions.values().flatten());
         for code in all_codes {
             if code.is_empty() || !code.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(invalid(format!("code {code:?} is not a SNOMED CT / dm+d id (digits only)")));
+                return Err(invalid(format!(
+                    "code {code:?} is not a SNOMED CT / dm+d id (digits only)"
+                )));
             }
         }
-        if let Some(both) = t.dissent_codes.iter().find(|c| t.withdrawn_codes.contains(c)) {
-            return Err(invalid(format!("[type1] code {both} is listed both as dissent and as withdrawn")));
+        if let Some(both) = t
+            .dissent_codes
+            .iter()
+            .find(|c| t.withdrawn_codes.contains(c))
+        {
+            return Err(invalid(format!(
+                "[type1] code {both} is listed both as dissent and as withdrawn"
+            )));
         }
 
         let codec = match raw.output {
@@ -217,7 +236,9 @@ impl CollectionPolicy {
             for code in codes {
                 if let Some(other) = excluded_codes.insert(code.clone(), category.clone()) {
                     if &other != category {
-                        return Err(invalid(format!("[exclusions] code {code} is listed under both {other} and {category}")));
+                        return Err(invalid(format!(
+                            "[exclusions] code {code} is listed under both {other} and {category}"
+                        )));
                     }
                 }
             }
@@ -234,32 +255,46 @@ impl CollectionPolicy {
             let specs = table.columns();
             let mut resolved = vec![None; specs.len()];
             for (column, raw_col) in columns {
-                let i = specs.iter().position(|c| c.name == column.get_ref()).ok_or_else(|| {
+                let i = specs
+                    .iter()
+                    .position(|c| c.name == column.get_ref())
+                    .ok_or_else(|| {
+                        at(
+                            column.span(),
+                            format!(
+                                "[tables.{}] {} is not a column of the {} extract (columns: {})",
+                                table.name(),
+                                column.get_ref(),
+                                table.name(),
+                                specs.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+                            ),
+                        )
+                    })?;
+                let action = resolve(specs[i].kind, raw_col.get_ref()).map_err(|why| {
                     at(
-                        column.span(),
-                        format!(
-                            "[tables.{}] {} is not a column of the {} extract (columns: {})",
-                            table.name(),
-                            column.get_ref(),
-                            table.name(),
-                            specs.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
-                        ),
+                        raw_col.span(),
+                        format!("[tables.{}] {}: {why}", table.name(), specs[i].name),
                     )
                 })?;
-                let action = resolve(specs[i].kind, raw_col.get_ref())
-                    .map_err(|why| at(raw_col.span(), format!("[tables.{}] {}: {why}", table.name(), specs[i].name)))?;
                 resolved[i] = Some(action);
             }
             if let Some(missing) = specs.iter().zip(&resolved).find(|(_, a)| a.is_none()) {
                 return Err(at(
                     name.span(),
-                    format!("[tables.{}] says nothing about column {}; every column needs an action", table.name(), missing.0.name),
+                    format!(
+                        "[tables.{}] says nothing about column {}; every column needs an action",
+                        table.name(),
+                        missing.0.name
+                    ),
                 ));
             }
             actions[table as usize] = resolved.into_iter().flatten().collect();
         }
         if let Some(t) = Table::ALL.iter().find(|t| actions[**t as usize].is_empty()) {
-            return Err(invalid(format!("no [tables.{}] section: every extract table needs a column policy", t.name())));
+            return Err(invalid(format!(
+                "no [tables.{}] section: every extract table needs a column policy",
+                t.name()
+            )));
         }
 
         Ok(CollectionPolicy {
@@ -286,7 +321,9 @@ impl CollectionPolicy {
 fn resolve(kind: Kind, raw: &RawColumn) -> Result<Action, String> {
     let action = match (raw.action, raw.rule) {
         (RawAction::Generalise, Some(rule)) => Action::Generalise(rule),
-        (RawAction::Generalise, None) => return Err("generalise needs a rule (month, year or lsoa)".into()),
+        (RawAction::Generalise, None) => {
+            return Err("generalise needs a rule (month, year or lsoa)".into());
+        }
         (_, Some(_)) => return Err("only generalise takes a rule".into()),
         (RawAction::Pseudonymise, None) => Action::Pseudonymise,
         (RawAction::Keep, None) => Action::Keep,
@@ -294,13 +331,24 @@ fn resolve(kind: Kind, raw: &RawColumn) -> Result<Action, String> {
     };
     let allowed = match (kind, action) {
         (Kind::NhsNumber, Action::Pseudonymise) => true,
-        (Kind::NhsNumber, _) => return Err("the NHS number must be pseudonymised (it links every table)".into()),
+        (Kind::NhsNumber, _) => {
+            return Err("the NHS number must be pseudonymised (it links every table)".into());
+        }
         (_, Action::Pseudonymise) => return Err("only the NHS number can be pseudonymised".into()),
         (Kind::Name | Kind::FreeText, Action::Drop) => true,
-        (Kind::Name | Kind::FreeText, _) => return Err("a direct identifier can only be dropped".into()),
+        (Kind::Name | Kind::FreeText, _) => {
+            return Err("a direct identifier can only be dropped".into());
+        }
         (Kind::Postcode, Action::Drop | Action::Generalise(Rule::Lsoa)) => true,
-        (Kind::Postcode, _) => return Err("a postcode can only be dropped or generalised with rule lsoa".into()),
-        (Kind::BirthDate, Action::Keep) => return Err("an exact date of birth must not leave; generalise it (month or year) or drop it".into()),
+        (Kind::Postcode, _) => {
+            return Err("a postcode can only be dropped or generalised with rule lsoa".into());
+        }
+        (Kind::BirthDate, Action::Keep) => {
+            return Err(
+                "an exact date of birth must not leave; generalise it (month or year) or drop it"
+                    .into(),
+            );
+        }
         (Kind::BirthDate | Kind::Date, Action::Generalise(Rule::Month | Rule::Year)) => true,
         (_, Action::Generalise(_)) => return Err("this rule does not apply to this column".into()),
         (_, Action::Keep | Action::Drop) => true,
@@ -356,35 +404,69 @@ mod tests {
     fn error_after(from: &str, to: &str) -> String {
         let text = DEFAULT_COLLECTION_POLICY.replacen(from, to, 1);
         assert_ne!(text, DEFAULT_COLLECTION_POLICY, "{from} not found");
-        CollectionPolicy::parse(&text, Path::new("p.toml")).unwrap_err().to_string()
+        CollectionPolicy::parse(&text, Path::new("p.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     fn line_of(needle: &str) -> usize {
-        DEFAULT_COLLECTION_POLICY[..DEFAULT_COLLECTION_POLICY.find(needle).unwrap()].matches('\n').count() + 1
+        DEFAULT_COLLECTION_POLICY[..DEFAULT_COLLECTION_POLICY.find(needle).unwrap()]
+            .matches('\n')
+            .count()
+            + 1
     }
 
     #[test]
     fn unsafe_or_incomplete_policies_are_refused_with_their_line() {
         let given = line_of("given_name = ");
-        let err = error_after(r#"given_name = { action = "drop" }"#, r#"given_name = { action = "keep" }"#);
-        assert_eq!(err, format!("p.toml:{given}: [tables.patients] given_name: a direct identifier can only be dropped"));
-        let err = error_after(r#"date_of_birth = { action = "generalise", rule = "month" }"#, r#"date_of_birth = { action = "keep" }"#);
+        let err = error_after(
+            r#"given_name = { action = "drop" }"#,
+            r#"given_name = { action = "keep" }"#,
+        );
+        assert_eq!(
+            err,
+            format!(
+                "p.toml:{given}: [tables.patients] given_name: a direct identifier can only be dropped"
+            )
+        );
+        let err = error_after(
+            r#"date_of_birth = { action = "generalise", rule = "month" }"#,
+            r#"date_of_birth = { action = "keep" }"#,
+        );
         assert!(err.contains("exact date of birth must not leave"), "{err}");
-        let err = error_after(r#"nhs_number = { action = "pseudonymise" }"#, r#"nhs_number = { action = "keep" }"#);
+        let err = error_after(
+            r#"nhs_number = { action = "pseudonymise" }"#,
+            r#"nhs_number = { action = "keep" }"#,
+        );
         assert!(err.contains("must be pseudonymised"), "{err}");
-        let err = error_after(r#"free_text = { action = "drop" }"#, r#"free_text = { action = "generalise", rule = "lsoa" }"#);
+        let err = error_after(
+            r#"free_text = { action = "drop" }"#,
+            r#"free_text = { action = "generalise", rule = "lsoa" }"#,
+        );
         assert!(err.contains("direct identifier"), "{err}");
-        let err = error_after(r#"sex = { action = "keep" }"#, r#"sex = { action = "keep", rule = "month" }"#);
+        let err = error_after(
+            r#"sex = { action = "keep" }"#,
+            r#"sex = { action = "keep", rule = "month" }"#,
+        );
         assert!(err.contains("only generalise takes a rule"), "{err}");
-        let err = error_after(r#"sex = { action = "keep" }"#, r#"gender = { action = "keep" }"#);
+        let err = error_after(
+            r#"sex = { action = "keep" }"#,
+            r#"gender = { action = "keep" }"#,
+        );
         assert!(err.contains("gender is not a column"), "{err}");
         let err = error_after(r#"sex = { action = "keep" }"#, "");
         assert!(err.contains("says nothing about column sex"), "{err}");
         let err = error_after(r#"compression = "zstd(1)""#, r#"compression = "gzip""#);
-        assert!(err.starts_with(&format!("p.toml:{}:", line_of("compression = \"zstd"))), "{err}");
+        assert!(
+            err.starts_with(&format!("p.toml:{}:", line_of("compression = \"zstd"))),
+            "{err}"
+        );
         let err = error_after("[tables.medications]", "[tables.prescriptions]");
         assert!(err.contains("not an extract table"), "{err}");
-        let err = error_after(r#"sex = { action = "keep" }"#, r#"sex = { action = "share" }"#);
+        let err = error_after(
+            r#"sex = { action = "keep" }"#,
+            r#"sex = { action = "share" }"#,
+        );
         assert!(err.contains("unknown variant"), "{err}");
     }
 

@@ -8,7 +8,12 @@ use common::*;
 
 #[test]
 fn every_command_has_help() {
-    for cmd in [&["--help"][..], &["demo", "--help"], &["synth", "--help"], &["keygen", "--help"]] {
+    for cmd in [
+        &["--help"][..],
+        &["demo", "--help"],
+        &["synth", "--help"],
+        &["keygen", "--help"],
+    ] {
         let o = run(cmd);
         assert!(o.status.success(), "{cmd:?}");
         assert!(stdout(&o).contains("Usage"), "{cmd:?}");
@@ -33,7 +38,11 @@ fn keygen_writes_a_private_key_and_never_overwrites() {
     assert_eq!(std::fs::read(&key).unwrap(), before);
     // A second key is different.
     let other = dir.path().join("other.key");
-    assert!(run(&["keygen", "--out", other.to_str().unwrap()]).status.success());
+    assert!(
+        run(&["keygen", "--out", other.to_str().unwrap()])
+            .status
+            .success()
+    );
     assert_ne!(std::fs::read(&other).unwrap(), before);
 }
 
@@ -45,13 +54,21 @@ fn demo_runs_without_arguments_and_can_run_again() {
         assert!(o.status.success(), "{}", stderr(&o));
         let out = stdout(&o);
         assert!(out.contains("gpdp-demo/extracts"), "{out}");
-        assert!(dir.path().join("gpdp-demo/extracts/truth/summary.json").exists());
+        assert!(
+            dir.path()
+                .join("gpdp-demo/extracts/truth/summary.json")
+                .exists()
+        );
     }
     // A directory the demo did not make is never replaced.
     let foreign = dir.path().join("mine");
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("data"), "x").unwrap();
-    let o = gpdp().args(["demo", "--out", "mine"]).current_dir(dir.path()).output().unwrap();
+    let o = gpdp()
+        .args(["demo", "--out", "mine"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(foreign.join("data").exists());
 }

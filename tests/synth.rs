@@ -34,7 +34,12 @@ fn bad_rows(root: &Path) -> HashMap<(String, String, usize), String> {
     Csv::read(&root.join("truth/bad_rows.csv"))
         .rows
         .into_iter()
-        .map(|(_, r)| ((r[0].clone(), r[1].clone(), r[2].parse().unwrap()), r[3].clone()))
+        .map(|(_, r)| {
+            (
+                (r[0].clone(), r[1].clone(), r[2].parse().unwrap()),
+                r[3].clone(),
+            )
+        })
         .collect()
 }
 
@@ -42,27 +47,65 @@ fn bad_rows(root: &Path) -> HashMap<(String, String, usize), String> {
 fn writes_every_file_with_the_documented_columns() {
     let root = data();
     let expect = [
-        ("patients.csv", "nhs_number,given_name,family_name,date_of_birth,sex,postcode,ethnicity,registration_start,registration_end,date_of_death"),
-        ("clinical_events.csv", "nhs_number,date,snomedct_code,numeric_value,free_text"),
-        ("medications.csv", "nhs_number,date,dmd_code,quantity,free_text"),
+        (
+            "patients.csv",
+            "nhs_number,given_name,family_name,date_of_birth,sex,postcode,ethnicity,registration_start,registration_end,date_of_death",
+        ),
+        (
+            "clinical_events.csv",
+            "nhs_number,date,snomedct_code,numeric_value,free_text",
+        ),
+        (
+            "medications.csv",
+            "nhs_number,date,dmd_code,quantity,free_text",
+        ),
     ];
     let dirs = practice_dirs(root);
     assert_eq!(dirs.len(), PRACTICES as usize);
     for dir in &dirs {
         let code = dir.file_name().unwrap().to_str().unwrap();
-        assert!(code.len() == 6 && code.as_bytes()[0].is_ascii_uppercase() && code[1..].bytes().all(|b| b.is_ascii_digit()), "ODS-like code {code}");
+        assert!(
+            code.len() == 6
+                && code.as_bytes()[0].is_ascii_uppercase()
+                && code[1..].bytes().all(|b| b.is_ascii_digit()),
+            "ODS-like code {code}"
+        );
         for (file, header) in expect {
-            assert_eq!(Csv::read(&dir.join(file)).header.join(","), header, "{file}");
+            assert_eq!(
+                Csv::read(&dir.join(file)).header.join(","),
+                header,
+                "{file}"
+            );
         }
     }
-    assert_eq!(Csv::read(&root.join("national/ndoo.csv")).header, ["nhs_number"]);
-    assert_eq!(Csv::read(&root.join("reference/postcode_lsoa.csv")).header, ["postcode", "lsoa_code", "imd_decile"]);
+    assert_eq!(
+        Csv::read(&root.join("national/ndoo.csv")).header,
+        ["nhs_number"]
+    );
+    assert_eq!(
+        Csv::read(&root.join("reference/postcode_lsoa.csv")).header,
+        ["postcode", "lsoa_code", "imd_decile"]
+    );
     let truth = Csv::read(&root.join("truth/patients.csv"));
     assert_eq!(
         &truth.header[..10],
-        ["nhs_number", "practice", "registered_at_extract", "type1_at_extract", "ndoo", "deceased", "age_band", "sex", "ethnicity", "imd_decile"]
+        [
+            "nhs_number",
+            "practice",
+            "registered_at_extract",
+            "type1_at_extract",
+            "ndoo",
+            "deceased",
+            "age_band",
+            "sex",
+            "ethnicity",
+            "imd_decile"
+        ]
     );
-    assert_eq!(Csv::read(&root.join("truth/bad_rows.csv")).header, ["practice", "table", "line", "reason"]);
+    assert_eq!(
+        Csv::read(&root.join("truth/bad_rows.csv")).header,
+        ["practice", "table", "line", "reason"]
+    );
 }
 
 /// Every row whose NHS number fails Modulus 11 is in the catalogue, and every
@@ -71,7 +114,11 @@ fn writes_every_file_with_the_documented_columns() {
 fn bad_rows_are_exactly_the_catalogue() {
     let root = data();
     let catalogue = bad_rows(root);
-    assert!(catalogue.len() > 20, "a small share of bad rows exists: {}", catalogue.len());
+    assert!(
+        catalogue.len() > 20,
+        "a small share of bad rows exists: {}",
+        catalogue.len()
+    );
     let mut seen = HashSet::new();
     for dir in practice_dirs(root) {
         let practice = dir.file_name().unwrap().to_str().unwrap().to_owned();
@@ -81,7 +128,9 @@ fn bad_rows_are_exactly_the_catalogue() {
                 let key = (practice.clone(), table.to_owned(), *line);
                 let arity_ok = row.len() == csv.header.len();
                 let nhs_ok = nhs_valid(&row[0]);
-                let date_ok = row.get(date_col).is_some_and(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok());
+                let date_ok = row
+                    .get(date_col)
+                    .is_some_and(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok());
                 let actual = if !arity_ok {
                     Some("wrong_column_count")
                 } else if row[0].is_empty() {
@@ -99,14 +148,20 @@ fn bad_rows_are_exactly_the_catalogue() {
                         assert_eq!(reason, found, "{key:?}");
                         seen.insert(key);
                     }
-                    (listed, found) => panic!("{key:?}: catalogue says {listed:?}, row is {found:?}: {row:?}"),
+                    (listed, found) => {
+                        panic!("{key:?}: catalogue says {listed:?}, row is {found:?}: {row:?}")
+                    }
                 }
             }
         }
     }
     assert_eq!(seen.len(), catalogue.len(), "every catalogued row exists");
     let reasons: BTreeSet<_> = catalogue.values().cloned().collect();
-    assert_eq!(reasons.len(), 4, "all four kinds of bad row occur: {reasons:?}");
+    assert_eq!(
+        reasons.len(),
+        4,
+        "all four kinds of bad row occur: {reasons:?}"
+    );
 }
 
 #[test]
@@ -120,10 +175,16 @@ fn nhs_numbers_are_valid_unique_per_person_and_in_the_999_range() {
     let mut regs: HashMap<String, Vec<(String, String)>> = HashMap::new();
     for dir in practice_dirs(root) {
         let csv = Csv::read(&dir.join("patients.csv"));
-        let bad: HashSet<usize> = bad_rows(root).keys().filter(|k| k.1 == "patients" && dir.ends_with(&k.0)).map(|k| k.2).collect();
+        let bad: HashSet<usize> = bad_rows(root)
+            .keys()
+            .filter(|k| k.1 == "patients" && dir.ends_with(&k.0))
+            .map(|k| k.2)
+            .collect();
         for (line, r) in &csv.rows {
             if !bad.contains(line) {
-                regs.entry(r[0].clone()).or_default().push((r[7].clone(), r[8].clone()));
+                regs.entry(r[0].clone())
+                    .or_default()
+                    .push((r[7].clone(), r[8].clone()));
             }
         }
     }
@@ -131,8 +192,15 @@ fn nhs_numbers_are_valid_unique_per_person_and_in_the_999_range() {
     assert!(movers.len() > 100, "about 8% move: {}", movers.len());
     assert!(regs.values().all(|v| v.len() <= 2));
     for v in movers {
-        let (a, b) = if v[0].0 < v[1].0 { (&v[0], &v[1]) } else { (&v[1], &v[0]) };
-        assert!(!a.1.is_empty() && a.1 < b.0, "non-overlapping registrations: {v:?}");
+        let (a, b) = if v[0].0 < v[1].0 {
+            (&v[0], &v[1])
+        } else {
+            (&v[1], &v[0])
+        };
+        assert!(
+            !a.1.is_empty() && a.1 < b.0,
+            "non-overlapping registrations: {v:?}"
+        );
     }
 }
 
@@ -149,7 +217,10 @@ fn type1_truth_follows_the_latest_code_rule() {
         let practice = dir.file_name().unwrap().to_str().unwrap().to_owned();
         for r in Csv::read(&dir.join("clinical_events.csv")).records() {
             if r["snomedct_code"] == dissent || r["snomedct_code"] == withdrawn {
-                codes.entry((r["nhs_number"].clone(), practice.clone())).or_default().push((r["date"].clone(), r["snomedct_code"] == dissent));
+                codes
+                    .entry((r["nhs_number"].clone(), practice.clone()))
+                    .or_default()
+                    .push((r["date"].clone(), r["snomedct_code"] == dissent));
             }
         }
     }
@@ -162,21 +233,39 @@ fn type1_truth_follows_the_latest_code_rule() {
     for r in truth.records() {
         let key = (r["nhs_number"].clone(), r["practice"].clone());
         let expected = codes.get(&key).is_some_and(rule);
-        assert_eq!(r["type1_at_extract"] == "true", expected, "{key:?}: {:?}", codes.get(&key));
+        assert_eq!(
+            r["type1_at_extract"] == "true",
+            expected,
+            "{key:?}: {:?}",
+            codes.get(&key)
+        );
         out += usize::from(expected);
         if let Some(v) = codes.get(&key) {
             withdrew += usize::from(!expected);
             let last = v.iter().map(|c| &c.0).max().unwrap();
-            ties += usize::from(v.iter().filter(|c| &c.0 == last).map(|c| c.1).collect::<HashSet<_>>().len() == 2);
+            ties += usize::from(
+                v.iter()
+                    .filter(|c| &c.0 == last)
+                    .map(|c| c.1)
+                    .collect::<HashSet<_>>()
+                    .len()
+                    == 2,
+            );
         }
         if r["type1_anywhere"] == "true" && r["type1_at_extract"] == "false" {
             elsewhere += 1;
         }
         *anywhere.entry(r["nhs_number"].clone()).or_default() |= expected;
     }
-    assert!(withdrew > 0 && ties > 0 && elsewhere > 0, "withdrew {withdrew}, ties {ties}, recorded elsewhere {elsewhere}");
+    assert!(
+        withdrew > 0 && ties > 0 && elsewhere > 0,
+        "withdrew {withdrew}, ties {ties}, recorded elsewhere {elsewhere}"
+    );
     let share = anywhere.values().filter(|v| **v).count() as f64 / PATIENTS as f64;
-    assert!((0.015..0.05).contains(&share), "about 3% opted out: {share}");
+    assert!(
+        (0.015..0.05).contains(&share),
+        "about 3% opted out: {share}"
+    );
     let s = summary(root);
     assert_eq!(s["counts"]["type1"]["opted_out_registrations"], out);
 }
@@ -190,25 +279,47 @@ fn summary_matches_the_files() {
     assert_eq!(s["persons"], PATIENTS);
     let ndoo = Csv::read(&root.join("national/ndoo.csv"));
     assert_eq!(s["ndoo"]["persons"], ndoo.rows.len());
-    let ndoo_in_truth: HashSet<_> = truth.records().into_iter().filter(|r| r["ndoo"] == "true").map(|r| r["nhs_number"].clone()).collect();
+    let ndoo_in_truth: HashSet<_> = truth
+        .records()
+        .into_iter()
+        .filter(|r| r["ndoo"] == "true")
+        .map(|r| r["nhs_number"].clone())
+        .collect();
     let ndoo_listed: HashSet<_> = ndoo.rows.iter().map(|(_, r)| r[0].clone()).collect();
     assert_eq!(ndoo_in_truth, ndoo_listed);
     let share = ndoo_listed.len() as f64 / PATIENTS as f64;
-    assert!((0.035..0.07).contains(&share), "about 5% on the NDOO list: {share}");
+    assert!(
+        (0.035..0.07).contains(&share),
+        "about 5% on the NDOO list: {share}"
+    );
 
     let mut rows: BTreeMap<&str, u64> = BTreeMap::new();
     for dir in practice_dirs(root) {
         for table in ["patients", "clinical_events", "medications"] {
-            *rows.entry(table).or_default() += Csv::read(&dir.join(format!("{table}.csv"))).rows.len() as u64;
+            *rows.entry(table).or_default() +=
+                Csv::read(&dir.join(format!("{table}.csv"))).rows.len() as u64;
         }
     }
     for (table, n) in &rows {
         assert_eq!(s["rows"][table], *n, "{table}");
     }
     assert_eq!(s["bad_rows"]["total"], bad_rows(root).len());
-    let registered = truth.records().iter().filter(|r| r["registered_at_extract"] == "true").count();
+    let registered = truth
+        .records()
+        .iter()
+        .filter(|r| r["registered_at_extract"] == "true")
+        .count();
     assert_eq!(s["registered_at_extract"], registered);
-    assert_eq!(s["deaths"], truth.records().iter().filter(|r| r["deceased"] == "true").map(|r| r["nhs_number"].clone()).collect::<HashSet<_>>().len());
+    assert_eq!(
+        s["deaths"],
+        truth
+            .records()
+            .iter()
+            .filter(|r| r["deceased"] == "true")
+            .map(|r| r["nhs_number"].clone())
+            .collect::<HashSet<_>>()
+            .len()
+    );
 }
 
 /// Prevalences near published English figures (adults): wide bands, since
@@ -216,12 +327,26 @@ fn summary_matches_the_files() {
 #[test]
 fn prevalence_is_realistic() {
     let s = &summary(data())["counts"]["conditions"];
-    for (condition, lo, hi) in [("diabetes", 0.045, 0.10), ("hypertension", 0.10, 0.20), ("asthma", 0.04, 0.09), ("depression", 0.09, 0.17), ("copd", 0.008, 0.04)] {
+    for (condition, lo, hi) in [
+        ("diabetes", 0.045, 0.10),
+        ("hypertension", 0.10, 0.20),
+        ("asthma", 0.04, 0.09),
+        ("depression", 0.09, 0.17),
+        ("copd", 0.008, 0.04),
+    ] {
         let share = s[condition]["share_of_adults"].as_f64().unwrap();
         assert!((lo..hi).contains(&share), "{condition}: {share}");
     }
     let sensitive = &summary(data())["counts"]["sensitive_events"];
-    assert!(sensitive.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>() > 10);
+    assert!(
+        sensitive
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>()
+            > 10
+    );
 }
 
 /// Free text mentions names and postcodes (what de-identification must remove),
@@ -230,27 +355,65 @@ fn prevalence_is_realistic() {
 fn free_text_contains_identifiers() {
     let root = data();
     let dir = &practice_dirs(root)[0];
-    let names: HashMap<String, String> = Csv::read(&dir.join("patients.csv")).records().into_iter().map(|r| (r["nhs_number"].clone(), r["family_name"].clone())).collect();
-    let texts: Vec<_> = Csv::read(&dir.join("clinical_events.csv")).records().into_iter().filter(|r| !r["free_text"].is_empty()).collect();
+    let names: HashMap<String, String> = Csv::read(&dir.join("patients.csv"))
+        .records()
+        .into_iter()
+        .map(|r| (r["nhs_number"].clone(), r["family_name"].clone()))
+        .collect();
+    let texts: Vec<_> = Csv::read(&dir.join("clinical_events.csv"))
+        .records()
+        .into_iter()
+        .filter(|r| !r["free_text"].is_empty())
+        .collect();
     assert!(texts.len() > 10);
-    assert!(texts.iter().any(|r| names.get(&r["nhs_number"]).is_some_and(|n| r["free_text"].contains(n.as_str()))));
-    assert!(texts.iter().any(|r| r["free_text"].contains(", ")), "some free text holds commas");
+    assert!(texts.iter().any(|r| {
+        names
+            .get(&r["nhs_number"])
+            .is_some_and(|n| r["free_text"].contains(n.as_str()))
+    }));
+    assert!(
+        texts.iter().any(|r| r["free_text"].contains(", ")),
+        "some free text holds commas"
+    );
 }
 
 #[test]
 fn same_seed_same_bytes_other_seed_other_data_any_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
     synth(&a, 3, 600, 11);
-    let o = run(&["synth", "--out", b.to_str().unwrap(), "--practices", "3", "--patients", "600", "--seed", "11", "--threads", "1"]);
+    let o = run(&[
+        "synth",
+        "--out",
+        b.to_str().unwrap(),
+        "--practices",
+        "3",
+        "--patients",
+        "600",
+        "--seed",
+        "11",
+        "--threads",
+        "1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     synth(&c, 3, 600, 12);
     let (ta, tb, tc) = (tree(&a), tree(&b), tree(&c));
     assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     for (path, bytes) in &ta {
-        assert!(tb[path] == *bytes, "{} differs between runs", path.display());
+        assert!(
+            tb[path] == *bytes,
+            "{} differs between runs",
+            path.display()
+        );
     }
-    assert_ne!(ta[Path::new("truth/patients.csv")], tc[Path::new("truth/patients.csv")]);
+    assert_ne!(
+        ta[Path::new("truth/patients.csv")],
+        tc[Path::new("truth/patients.csv")]
+    );
 }
 
 /// The committed sample in synthetic-data/sample is what this generator
@@ -263,9 +426,16 @@ fn committed_sample_is_reproducible() {
     synth(&out, 3, 300, 2026);
     let committed = tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("synthetic-data/sample"));
     let fresh = tree(&out);
-    assert_eq!(committed.keys().collect::<Vec<_>>(), fresh.keys().collect::<Vec<_>>());
+    assert_eq!(
+        committed.keys().collect::<Vec<_>>(),
+        fresh.keys().collect::<Vec<_>>()
+    );
     for (path, bytes) in &fresh {
-        assert!(committed[path] == *bytes, "{} differs from the committed sample", path.display());
+        assert!(
+            committed[path] == *bytes,
+            "{} differs from the committed sample",
+            path.display()
+        );
     }
 }
 
@@ -276,7 +446,10 @@ fn bad_arguments_exit_2_and_write_nothing() {
     let out_s = out.to_str().unwrap();
     for (args, message) in [
         (vec!["--practices", "0"], "--practices must be at least 1"),
-        (vec!["--practices", "5", "--patients", "3"], "must be at least --practices"),
+        (
+            vec!["--practices", "5", "--patients", "3"],
+            "must be at least --practices",
+        ),
         (vec!["--start-year", "2030"], "--start-year"),
     ] {
         let o = run(&[&["synth", "--out", out_s][..], &args].concat());
@@ -284,7 +457,11 @@ fn bad_arguments_exit_2_and_write_nothing() {
         assert!(stderr(&o).contains(message), "{args:?}: {}", stderr(&o));
         assert!(!out.exists(), "nothing written for {args:?}");
     }
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no staging left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no staging left behind"
+    );
 
     // An --out that already holds data is never touched.
     std::fs::create_dir(&out).unwrap();
@@ -295,13 +472,29 @@ fn bad_arguments_exit_2_and_write_nothing() {
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
 
     // Unwritable destination.
-    let o = run(&["synth", "--out", "/proc/gpdp-cannot-write-here", "--patients", "50"]);
+    let o = run(&[
+        "synth",
+        "--out",
+        "/proc/gpdp-cannot-write-here",
+        "--patients",
+        "50",
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 
     // A bad policy file.
     let policy = dir.path().join("p.toml");
-    std::fs::write(&policy, "version = 1\n[type1]\ndissent_codes = []\nwithdrawn_codes = [\"1\"]\n").unwrap();
-    let o = run(&["synth", "--out", dir.path().join("p").to_str().unwrap(), "--policy", policy.to_str().unwrap()]);
+    std::fs::write(
+        &policy,
+        "version = 1\n[type1]\ndissent_codes = []\nwithdrawn_codes = [\"1\"]\n",
+    )
+    .unwrap();
+    let o = run(&[
+        "synth",
+        "--out",
+        dir.path().join("p").to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("p.toml"), "{}", stderr(&o));
 
@@ -316,11 +509,32 @@ fn bad_arguments_exit_2_and_write_nothing() {
 fn type1_codes_come_from_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("p.toml");
-    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/collection.toml")).unwrap();
-    let text = shipped.replace("dissent_codes = [\"827241000000103\"]", "dissent_codes = [\"111\"]").replace("withdrawn_codes = [\"827261000000102\"]", "withdrawn_codes = [\"222\"]");
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/collection.toml"),
+    )
+    .unwrap();
+    let text = shipped
+        .replace(
+            "dissent_codes = [\"827241000000103\"]",
+            "dissent_codes = [\"111\"]",
+        )
+        .replace(
+            "withdrawn_codes = [\"827261000000102\"]",
+            "withdrawn_codes = [\"222\"]",
+        );
     std::fs::write(&policy, text).unwrap();
     let out = dir.path().join("x");
-    let o = run(&["synth", "--out", out.to_str().unwrap(), "--patients", "3000", "--practices", "2", "--policy", policy.to_str().unwrap()]);
+    let o = run(&[
+        "synth",
+        "--out",
+        out.to_str().unwrap(),
+        "--patients",
+        "3000",
+        "--practices",
+        "2",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let codes: HashSet<String> = practice_dirs(&out)
         .iter()

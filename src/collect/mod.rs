@@ -19,18 +19,19 @@ pub mod receipt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::time::Instant;
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use self::practice::{Context, Staged, batch_id, collect_practice};
+use self::practice::{Context, Exclusions, Inputs, Staged, collect_practice, scan_inputs};
 use self::receipt::Receipt;
 use crate::deid::generalise::{LookupError, PostcodeLookup};
 use crate::deid::key::{CollectionKey, KeyError};
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, hex};
 use crate::error::{Classify, ExitStatus};
 use crate::extract::{ExtractError, PracticeExtract, Table, TableReader};
+use crate::nhs_number::NhsNumber;
 use crate::policy::{Action, CollectionPolicy, Rule};
 use crate::progress::Progress;
 use crate::store::{BatchEntry, Store, StoreError, Tombstone, now_rfc3339};
@@ -112,7 +113,10 @@ pub struct CollectOptions {
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// A new batch was committed.
-    Committed { receipt: Box<Receipt>, deleted_elsewhere: u64 },
+    Committed {
+        receipt: Box<Receipt>,
+        deleted_elsewhere: u64,
+    },
     /// The store already holds this exact extract: nothing changed.
     Unchanged { practice: String, batch: String },
 }
@@ -135,7 +139,9 @@ impl CollectSummary {
 }
 
 fn uses_lsoa(policy: &CollectionPolicy) -> bool {
-    Table::ALL.iter().any(|t| policy.actions(*t).contains(&Action::Generalise(Rule::Lsoa)))
+    Table::ALL
+        .iter()
+        .any(|t| policy.actions(*t).contains(&Action::Generalise(Rule::Lsoa)))
 }
 
 pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary, CollectError> {
@@ -158,7 +164,10 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
     } else {
         (None, String::new())
     };
-    let quarantine_dir = opts.quarantine.clone().unwrap_or_else(|| opts.extract.join("quarantine"));
+    let quarantine_dir = opts
+        .quarantine
+        .clone()
+        .unwrap_or_else(|| opts.extract.join("quarantine"));
 
     std::fs::create_dir_all(&opts.store).map_err(|e| CollectError::io(&opts.store, e))?;
     let mut store = Store::open_for_write(&opts.store, true)?;
@@ -171,65 +180,173 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
             .into());
         }
     }
-    let blocked = store.tombstoned();
-    let current: HashMap<String, BatchEntry> = store.manifest.batches.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let current: HashMap<String, BatchEntry> = store
+        .manifest
+        .batches
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut batch_patients = load_batch_patients(&store)?;
-
     let store_root = store.root().to_owned();
-    let ctx = Context {
+    let excluded = Exclusions::new(&opts.policy);
+    let threads = opts.threads.clamp(1, practices.len());
+
+    // Phase 1 (parallel, cheap): hash every practice's files into its batch
+    // id and find its Type 1 codes. Knowing every dissent of this run up
+    // front lets each batch hold back patients who dissent at *another*
+    // practice at source, instead of rewriting batches after they land.
+    let scan_ctx = Context {
+        excluded: &excluded,
         policy: &opts.policy,
         pseudonymiser: &pseudonymiser,
         key_id: &key_id,
         lookup: lookup.as_ref(),
-        blocked: &blocked,
+        blocked: &HashSet::new(),
         store: &store_root,
         quarantine_dir: &quarantine_dir,
     };
+    let scanned = parallel(&practices, threads, |p| {
+        scan_inputs(&scan_ctx, p, &reference_sha)
+    });
+    let mut inputs = Vec::with_capacity(practices.len());
+    for r in scanned {
+        inputs.push(r?);
+    }
+    let changed: HashSet<&str> = practices
+        .iter()
+        .zip(&inputs)
+        .filter(|(p, i)| current.get(&p.code).is_none_or(|e| e.batch != i.batch))
+        .map(|(p, _)| p.code.as_str())
+        .collect();
+    // Tombstones as they will be once this run's practices are in: those of
+    // practices collected again are replaced by their new dissents.
+    let mut blocked: HashSet<Pseudonym> = store
+        .tombstones
+        .iter()
+        .filter(|t| {
+            t.source
+                .strip_prefix("type1:")
+                .is_none_or(|p| !changed.contains(p))
+        })
+        .map(|t| t.patient_id)
+        .collect();
+    for (p, i) in practices.iter().zip(&inputs) {
+        if changed.contains(p.code.as_str()) {
+            blocked.extend(
+                i.type1
+                    .iter()
+                    .filter(|(_, s)| s.dissents())
+                    .filter_map(|(n, _)| NhsNumber::parse(n).ok())
+                    .map(|n| pseudonymiser.patient(&n)),
+            );
+        }
+    }
+    let blocked_hex: HashSet<String> = blocked.iter().map(|p| hex(p)).collect();
+
+    let ctx = Context {
+        blocked: &blocked,
+        ..scan_ctx
+    };
     let bar = progress.bar(practices.len() as u64, "practices");
+    let mut outcomes = Vec::new();
+    let mut work: Vec<(&PracticeExtract, Inputs)> = Vec::new();
+    for (p, i) in practices.iter().zip(inputs) {
+        // Unchanged: the same extract, and nobody deleted from it has had
+        // their tombstone lifted since (else they must come back).
+        let unchanged = current.get(&p.code).is_some_and(|e| {
+            e.batch == i.batch && e.deleted_patients.iter().all(|d| blocked_hex.contains(d))
+        });
+        if unchanged {
+            outcomes.push(Outcome::Unchanged {
+                practice: p.code.clone(),
+                batch: i.batch,
+            });
+            bar.inc(1);
+        } else {
+            work.push((p, i));
+        }
+    }
+
+    // Phase 2 (parallel): collect each practice; commit each batch (serially)
+    // as soon as it is staged.
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
-    let threads = opts.threads.clamp(1, practices.len());
-    let (tx, rx) = mpsc::channel::<Result<Work, CollectError>>();
-    let mut outcomes = Vec::new();
+    let work: Vec<Mutex<Option<(&PracticeExtract, Inputs)>>> =
+        work.into_iter().map(|w| Mutex::new(Some(w))).collect();
+    let (tx, rx) = mpsc::channel::<Result<Box<Staged>, CollectError>>();
     let mut commit_seconds = 0.0;
     let mut first_error = None;
-
     std::thread::scope(|scope| {
-        for _ in 0..threads {
+        for _ in 0..threads.min(work.len()) {
             let tx = tx.clone();
-            let (ctx, practices, next, stop, current, blocked) = (&ctx, &practices, &next, &stop, &current, &blocked);
-            let reference_sha = reference_sha.as_str();
+            let (ctx, work, next, stop) = (&ctx, &work, &next, &stop);
             scope.spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= practices.len() || stop.load(Ordering::Relaxed) {
+                    if i >= work.len() || stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let result = prepare(ctx, &practices[i], reference_sha, current.get(&practices[i].code), blocked);
-                    if tx.send(result).is_err() {
+                    let Some((practice, inputs)) =
+                        work[i].lock().unwrap_or_else(|e| e.into_inner()).take()
+                    else {
+                        continue;
+                    };
+                    if tx
+                        .send(collect_practice(ctx, practice, inputs).map(Box::new))
+                        .is_err()
+                    {
                         break;
                     }
                 }
             });
         }
         drop(tx);
-        for work in rx {
-            let result = work.and_then(|w| match w {
-                Work::Unchanged { practice, batch } => Ok(Outcome::Unchanged { practice, batch }),
-                Work::Staged(staged) => {
-                    let t = Instant::now();
-                    let r = commit(&mut store, *staged, &mut batch_patients, opts.policy.codec, &key_id);
-                    commit_seconds += t.elapsed().as_secs_f64();
-                    r
-                }
-            });
-            bar.inc(1);
-            match result {
-                Ok(o) => outcomes.push(o),
-                Err(e) => {
+        // Group commit: whatever is staged within a second goes into one
+        // manifest swap (fewer fsyncs and tombstone rewrites on big runs).
+        let mut book = TombstoneBook::new(&store.tombstones);
+        let mut pending: Vec<Staged> = Vec::new();
+        let mut last_commit = Instant::now();
+        loop {
+            let wait = Duration::from_secs(1).saturating_sub(last_commit.elapsed());
+            let (closed, received) = match rx.recv_timeout(wait) {
+                Ok(r) => (false, Some(r)),
+                Err(mpsc::RecvTimeoutError::Timeout) => (false, None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => (true, None),
+            };
+            match received {
+                Some(Ok(s)) if first_error.is_none() => pending.push(*s),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
                     stop.store(true, Ordering::Relaxed);
                     first_error.get_or_insert(e);
                 }
+                None => {}
+            }
+            let due =
+                closed || last_commit.elapsed() >= Duration::from_secs(1) || pending.len() >= 64;
+            if due && !pending.is_empty() && first_error.is_none() {
+                let t = Instant::now();
+                let n = pending.len() as u64;
+                let group = Group {
+                    store: &mut store,
+                    book: &mut book,
+                    batch_patients: &mut batch_patients,
+                    codec: opts.policy.codec,
+                    key_id: &key_id,
+                };
+                match commit_group(group, std::mem::take(&mut pending)) {
+                    Ok(o) => outcomes.extend(o),
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_error.get_or_insert(e);
+                    }
+                }
+                commit_seconds += t.elapsed().as_secs_f64();
+                bar.inc(n);
+                last_commit = Instant::now();
+            }
+            if closed {
+                break;
             }
         }
     });
@@ -248,6 +365,28 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
     })
 }
 
+/// Runs `f` over `items` on `threads` workers, keeping the order.
+fn parallel<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, items.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .filter_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}
+
 fn practice_of(o: &Outcome) -> &str {
     match o {
         Outcome::Committed { receipt, .. } => &receipt.practice,
@@ -255,184 +394,280 @@ fn practice_of(o: &Outcome) -> &str {
     }
 }
 
-enum Work {
-    Staged(Box<Staged>),
-    Unchanged { practice: String, batch: String },
-}
-
-/// Names the batch and, unless the store already holds exactly it, collects it.
-fn prepare(ctx: &Context, practice: &PracticeExtract, reference_sha: &str, current: Option<&BatchEntry>, blocked: &HashSet<Pseudonym>) -> Result<Work, CollectError> {
-    let t = Instant::now();
-    let batch = batch_id(ctx, practice, reference_sha)?;
-    let hash_seconds = t.elapsed().as_secs_f64();
-    if let Some(entry) = current {
-        // A patient deleted from this batch whose tombstone has since been
-        // lifted must come back, so the batch is not a no-op then.
-        let lifted = entry.deleted_patients.iter().any(|p| !blocked.iter().any(|b| hex(b) == *p));
-        if entry.batch == batch && !lifted {
-            return Ok(Work::Unchanged {
-                practice: practice.code.clone(),
-                batch,
-            });
-        }
-    }
-    collect_practice(ctx, practice, batch, hash_seconds).map(|s| Work::Staged(Box::new(s)))
-}
-
 /// Patients of every committed batch, for finding which batches a new
 /// tombstone touches without reading the data files.
 fn load_batch_patients(store: &Store) -> Result<HashMap<String, HashSet<Pseudonym>>, CollectError> {
     let mut out = HashMap::new();
     for (practice, entry) in &store.manifest.batches {
-        let Some(file) = entry.files.get(Table::Patients.name()) else { continue };
+        let Some(file) = entry.files.get(Table::Patients.name()) else {
+            continue;
+        };
         let path = store.path(&file.path);
-        let ids = crate::store::parquet::patient_ids(&path).map_err(|e| CollectError::parquet(&path, e))?;
+        let ids = crate::store::parquet::patient_ids(&path)
+            .map_err(|e| CollectError::parquet(&path, e))?;
         out.insert(practice.clone(), ids.into_iter().collect());
     }
     Ok(out)
 }
 
-/// Commits one staged batch together with the tombstone changes it brings.
-fn commit(store: &mut Store, staged: Staged, batch_patients: &mut HashMap<String, HashSet<Pseudonym>>, codec: crate::policy::Codec, key_id: &str) -> Result<Outcome, CollectError> {
-    let source = format!("type1:{}", staged.practice);
-    let now = now_rfc3339();
-
-    // Tombstones: lift this practice's for patients it now collects (their
-    // dissent here was withdrawn); add one for each patient dissenting here.
-    let mut tombstones = store.tombstones.clone();
-    let before = tombstones.len();
-    tombstones.retain(|t| !(t.source == source && staged.patients.contains(&t.patient_id)));
-    let lifted = before - tombstones.len();
-    let existing: HashSet<(Pseudonym, &str)> = store.tombstones.iter().map(|t| (t.patient_id, t.source.as_str())).collect();
-    let added: Vec<Pseudonym> = staged.dissenters.iter().filter(|p| !existing.contains(&(**p, source.as_str()))).copied().collect();
-    tombstones.extend(added.iter().map(|p| Tombstone {
-        patient_id: *p,
-        source: source.clone(),
-        recorded_at: now.clone(),
-    }));
-    let active: HashSet<Pseudonym> = tombstones.iter().map(|t| t.patient_id).collect();
-
-    let mut next = store.manifest.clone();
-    next.key_id = Some(key_id.to_owned());
-    let mut log: Vec<Value> = Vec::new();
-
-    // This batch: hold back anyone tombstoned since the batch was prepared.
-    let late: HashSet<Pseudonym> = staged.patients.iter().filter(|p| active.contains(*p)).copied().collect();
-    let mut files = BTreeMap::new();
-    let mut deleted_here = staged.withheld.clone();
-    let mut superseded_staging = Vec::new();
-    for (table, relative) in &staged.files {
-        let relative = if late.is_empty() {
-            relative.clone()
-        } else {
-            superseded_staging.push(store.path(relative));
-            rewrite(store, relative, &late, codec)?.0
-        };
-        files.insert(table.name().to_owned(), store.file_entry(relative)?);
-    }
-    deleted_here.extend(late.iter().map(|p| hex(p)));
-    let mut patients = staged.patients.clone();
-    patients.retain(|p| !late.contains(p));
-
-    // Every other batch: delete the patients who dissent here.
-    let added_set: HashSet<Pseudonym> = added.iter().copied().collect();
-    let mut proof = Vec::new();
-    let mut deleted_elsewhere = 0u64;
-    for (practice, entry) in next.batches.iter_mut() {
-        if practice == &staged.practice {
-            continue;
-        }
-        let Some(members) = batch_patients.get_mut(practice) else { continue };
-        let hit: HashSet<Pseudonym> = members.intersection(&added_set).copied().collect();
-        if hit.is_empty() {
-            continue;
-        }
-        deleted_elsewhere += hit.len() as u64;
-        for (table, file) in entry.files.iter_mut() {
-            let (relative, rw) = rewrite(store, &file.path, &hit, codec)?;
-            let new = store.file_entry(relative)?;
-            proof.push(json!({
-                "practice": practice, "table": table,
-                "rows_before": rw.rows_before, "rows_after": rw.rows_after,
-                "sha256_before": file.sha256, "sha256_after": new.sha256,
-            }));
-            *file = new;
-        }
-        entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
-        members.retain(|p| !hit.contains(p));
-    }
-
-    let receipt_rel = format!("receipts/{}.json", staged.batch);
-    let receipt_path = store.path(&receipt_rel);
-    let receipt_json = serde_json::to_string_pretty(&staged.receipt).unwrap_or_default() + "\n";
-    std::fs::write(&receipt_path, receipt_json).map_err(|e| CollectError::io(&receipt_path, e))?;
-
-    if lifted > 0 || !added.is_empty() {
-        next.tombstones = Some(store.write_tombstones(&tombstones, codec)?);
-    }
-    let r = &staged.receipt;
-    log.push(json!({
-        "event": "collect",
-        "time": now,
-        "practice": staged.practice,
-        "batch": staged.batch,
-        "key_id": key_id,
-        "policy_sha256": r.policy_sha256,
-        "rows_in": r.rows_in,
-        "rows_out": files.iter().map(|(t, f)| (t.clone(), json!(f.rows))).collect::<serde_json::Map<_, _>>(),
-        "patients_out": patients.len(),
-        "type1_excluded_patients": r.type1_excluded_patients,
-        "quarantined": r.quarantined,
-        "excluded_codes": r.excluded_codes,
-        "tombstones_added": added.len(),
-        "tombstones_lifted": lifted,
-        "files": files.iter().map(|(t, f)| (t.clone(), json!(f.sha256))).collect::<serde_json::Map<_, _>>(),
-    }));
-    if !proof.is_empty() {
-        log.push(json!({
-            "event": "delete",
-            "time": now,
-            "reason": "type1_dissent",
-            "source": source,
-            "patients": deleted_elsewhere,
-            "proof": proof,
-        }));
-    }
-    next.batches.insert(
-        staged.practice.clone(),
-        BatchEntry {
-            batch: staged.batch.clone(),
-            practice: staged.practice.clone(),
-            policy_sha256: r.policy_sha256.clone(),
-            collected_at: r.finished.clone(),
-            receipt: receipt_rel,
-            files,
-            deleted_patients: deleted_here,
-        },
-    );
-    next.commit_log = log;
-    store.commit(next)?;
-    for path in superseded_staging {
-        std::fs::remove_file(&path).map_err(|e| CollectError::io(&path, e))?;
-    }
-    store.tombstones = tombstones;
-    batch_patients.insert(staged.practice.clone(), patients);
-    Ok(Outcome::Committed {
-        receipt: Box::new(staged.receipt),
-        deleted_elsewhere,
-    })
+/// The tombstones, indexed for the commit path: by (source, patient) in
+/// order, and by patient for "is this patient deleted?".
+pub struct TombstoneBook {
+    entries: BTreeMap<(String, Pseudonym), String>,
+    active: HashMap<Pseudonym, u32, ahash::RandomState>,
 }
 
-/// Rewrites a data file without some patients under a new name for the next
-/// generation; returns the new relative path and the row counts.
-fn rewrite(store: &Store, relative: &str, remove: &HashSet<Pseudonym>, codec: crate::policy::Codec) -> Result<(String, crate::store::parquet::Rewrite), CollectError> {
+impl TombstoneBook {
+    pub fn new(tombstones: &[Tombstone]) -> TombstoneBook {
+        let mut book = TombstoneBook {
+            entries: BTreeMap::new(),
+            active: HashMap::default(),
+        };
+        for t in tombstones {
+            book.insert(&t.source, t.patient_id, t.recorded_at.clone());
+        }
+        book
+    }
+
+    fn insert(&mut self, source: &str, p: Pseudonym, at: String) -> bool {
+        let fresh = self.entries.insert((source.to_owned(), p), at).is_none();
+        if fresh {
+            *self.active.entry(p).or_default() += 1;
+        }
+        fresh
+    }
+
+    /// Removes `source`'s tombstones for these patients; returns how many.
+    pub fn lift(&mut self, source: &str, patients: &HashSet<Pseudonym>) -> usize {
+        let lifted: Vec<Pseudonym> = self
+            .entries
+            .range((source.to_owned(), [0u8; 32])..=(source.to_owned(), [0xffu8; 32]))
+            .map(|((_, p), _)| *p)
+            .filter(|p| patients.contains(p))
+            .collect();
+        for p in &lifted {
+            self.entries.remove(&(source.to_owned(), *p));
+            if let Some(n) = self.active.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.active.remove(p);
+                }
+            }
+        }
+        lifted.len()
+    }
+
+    /// Adds tombstones from `source`; returns the patients newly tombstoned by it.
+    pub fn add(&mut self, source: &str, patients: &[Pseudonym], at: &str) -> Vec<Pseudonym> {
+        patients
+            .iter()
+            .filter(|p| self.insert(source, **p, at.to_owned()))
+            .copied()
+            .collect()
+    }
+
+    pub fn is_active(&self, p: &Pseudonym) -> bool {
+        self.active.contains_key(p)
+    }
+
+    pub fn to_vec(&self) -> Vec<Tombstone> {
+        self.entries
+            .iter()
+            .map(|((source, p), at)| Tombstone {
+                patient_id: *p,
+                source: source.clone(),
+                recorded_at: at.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Batches staged but not yet committed, and what committing them changes.
+pub struct Group<'a> {
+    pub store: &'a mut Store,
+    pub book: &'a mut TombstoneBook,
+    pub batch_patients: &'a mut HashMap<String, HashSet<Pseudonym>>,
+    pub codec: crate::policy::Codec,
+    pub key_id: &'a str,
+}
+
+/// Commits several staged batches with one manifest swap: each batch with
+/// the tombstone changes it brings (lifts, additions, deletions from other
+/// practices' batches), in arrival order.
+pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, CollectError> {
+    let store = g.store;
+    let now = now_rfc3339();
+    let mut next = store.manifest.clone();
+    next.key_id = Some(g.key_id.to_owned());
+    let mut log: Vec<Value> = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut superseded = Vec::new();
+    let mut rewrites = 0usize;
+    let mut tombstones_changed = false;
     let generation = store.manifest.generation + 1;
-    let stem = relative.trim_end_matches(".parquet");
-    let stem = stem.rsplit_once(".g").map_or(stem, |(s, g)| if g.bytes().all(|b| b.is_ascii_digit()) { s } else { stem });
-    let new_rel = format!("{stem}.g{generation}.parquet");
-    let (src, dst) = (store.path(relative), store.path(&new_rel));
-    let rw = crate::store::parquet::rewrite_without(&src, &dst, remove, codec).map_err(|e| CollectError::parquet(&dst, e))?;
-    Ok((new_rel, rw))
+    let mut rewrite = |relative: &str,
+                       table: &str,
+                       remove: &HashSet<Pseudonym>|
+     -> Result<(String, crate::store::parquet::Rewrite), CollectError> {
+        // New, unique names: a file may be rewritten twice in one group.
+        let batch = Path::new(relative)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('.').next())
+            .unwrap_or("batch");
+        rewrites += 1;
+        let new_rel = format!("tables/{table}/{batch}.g{generation}r{rewrites}.parquet");
+        let (src, dst) = (store.path(relative), store.path(&new_rel));
+        let rw = crate::store::parquet::rewrite_without(&src, &dst, remove, g.codec)
+            .map_err(|e| CollectError::parquet(&dst, e))?;
+        Ok((new_rel, rw))
+    };
+
+    for staged in staged {
+        let source = format!("type1:{}", staged.practice);
+        // Tombstones: lift this practice's for patients it now collects (their
+        // dissent here was withdrawn); add one for each patient dissenting here.
+        let lifted = g.book.lift(&source, &staged.patients);
+        let added = g.book.add(&source, &staged.dissenters, &now);
+        tombstones_changed |= lifted > 0 || !added.is_empty();
+
+        // This batch: hold back anyone tombstoned since it was prepared.
+        let late: HashSet<Pseudonym> = staged
+            .patients
+            .iter()
+            .filter(|p| g.book.is_active(p))
+            .copied()
+            .collect();
+        let mut files = BTreeMap::new();
+        for (table, relative) in &staged.files {
+            let relative = if late.is_empty() {
+                relative.clone()
+            } else {
+                superseded.push(store.path(relative));
+                rewrite(relative, table.name(), &late)?.0
+            };
+            files.insert(table.name().to_owned(), store.file_entry(relative)?);
+        }
+        let mut deleted_here = staged.withheld.clone();
+        deleted_here.extend(late.iter().map(|p| hex(p)));
+        let mut patients = staged.patients.clone();
+        patients.retain(|p| !late.contains(p));
+
+        // Every other batch: delete the patients who dissent here.
+        let added_set: HashSet<Pseudonym> = added.iter().copied().collect();
+        let mut proof = Vec::new();
+        let mut deleted_elsewhere = 0u64;
+        for (practice, entry) in next.batches.iter_mut() {
+            if practice == &staged.practice {
+                continue;
+            }
+            let Some(members) = g.batch_patients.get_mut(practice) else {
+                continue;
+            };
+            let hit: HashSet<Pseudonym> = members.intersection(&added_set).copied().collect();
+            if hit.is_empty() {
+                continue;
+            }
+            deleted_elsewhere += hit.len() as u64;
+            for (table, file) in entry.files.iter_mut() {
+                let (relative, rw) = rewrite(&file.path, table, &hit)?;
+                let new = store.file_entry(relative)?;
+                proof.push(json!({
+                    "practice": practice, "table": table,
+                    "rows_before": rw.rows_before, "rows_after": rw.rows_after,
+                    "sha256_before": file.sha256, "sha256_after": new.sha256,
+                }));
+                if !store
+                    .manifest
+                    .batches
+                    .get(practice)
+                    .is_some_and(|b| b.files.values().any(|f| f.path == file.path))
+                {
+                    superseded.push(store.path(&file.path));
+                }
+                *file = new;
+            }
+            entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
+            members.retain(|p| !hit.contains(p));
+        }
+
+        let receipt_rel = format!("receipts/{}.json", staged.batch);
+        let receipt_path = store.path(&receipt_rel);
+        let receipt_json = serde_json::to_string_pretty(&staged.receipt).unwrap_or_default() + "\n";
+        std::fs::write(&receipt_path, receipt_json)
+            .map_err(|e| CollectError::io(&receipt_path, e))?;
+
+        let r = &staged.receipt;
+        log.push(json!({
+            "event": "collect",
+            "time": now,
+            "practice": staged.practice,
+            "batch": staged.batch,
+            "key_id": g.key_id,
+            "policy_sha256": r.policy_sha256,
+            "rows_in": r.rows_in,
+            "rows_out": files.iter().map(|(t, f)| (t.clone(), json!(f.rows))).collect::<serde_json::Map<_, _>>(),
+            "patients_out": patients.len(),
+            "type1_excluded_patients": r.type1_excluded_patients,
+            "quarantined": r.quarantined,
+            "excluded_codes": r.excluded_codes,
+            "tombstones_added": added.len(),
+            "tombstones_lifted": lifted,
+            "files": files.iter().map(|(t, f)| (t.clone(), json!(f.sha256))).collect::<serde_json::Map<_, _>>(),
+        }));
+        if !proof.is_empty() {
+            log.push(json!({
+                "event": "delete",
+                "time": now,
+                "reason": "type1_dissent",
+                "source": source,
+                "patients": deleted_elsewhere,
+                "proof": proof,
+            }));
+        }
+        // A batch staged in this same group and now replaced never reaches a manifest.
+        if let Some(old) = next.batches.get(&staged.practice) {
+            if !store
+                .manifest
+                .batches
+                .get(&staged.practice)
+                .is_some_and(|b| b.batch == old.batch)
+            {
+                superseded.extend(old.files.values().map(|f| store.path(&f.path)));
+            }
+        }
+        next.batches.insert(
+            staged.practice.clone(),
+            BatchEntry {
+                batch: staged.batch.clone(),
+                practice: staged.practice.clone(),
+                policy_sha256: r.policy_sha256.clone(),
+                collected_at: r.finished.clone(),
+                receipt: receipt_rel,
+                files,
+                deleted_patients: deleted_here,
+            },
+        );
+        g.batch_patients.insert(staged.practice.clone(), patients);
+        outcomes.push(Outcome::Committed {
+            receipt: Box::new(staged.receipt),
+            deleted_elsewhere,
+        });
+    }
+
+    let tombstones = g.book.to_vec();
+    if tombstones_changed {
+        next.tombstones = Some(store.write_tombstones(&tombstones, g.codec)?);
+    }
+    next.commit_log = log;
+    store.commit(next)?;
+    for path in superseded {
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| CollectError::io(&path, e))?;
+        }
+    }
+    store.tombstones = tombstones;
+    Ok(outcomes)
 }
 
 /// Totals over the committed receipts, for the command's summary.
@@ -470,4 +705,3 @@ pub fn totals(summary: &CollectSummary) -> Value {
         "store_generation": summary.generation,
     })
 }
-

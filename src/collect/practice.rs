@@ -13,18 +13,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, Date32Builder, FixedSizeBinaryBuilder, Float64Builder, RecordBatch, StringBuilder, UInt8Builder};
+use arrow::array::{
+    ArrayRef, Date32Builder, FixedSizeBinaryBuilder, Float64Builder, RecordBatch, StringBuilder,
+    UInt8Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::CollectError;
 use super::receipt::{Receipt, StageSeconds};
-use crate::calendar::{Day, parse_date};
-use crate::deid::generalise::{PostcodeLookup, generalise_date};
-use crate::deid::pseudonym::{Pseudonym, PseudonymCache, Pseudonymiser, hex};
-use crate::extract::{Kind, PracticeExtract, Table, TableReader, line_of};
+use ahash::RandomState;
+
+use crate::calendar::{Day, parse_date, parse_ymd};
+use crate::deid::generalise::{PostcodeLookup, generalise_ymd};
+use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, hex};
+use crate::extract::{ExtractError, Kind, PracticeExtract, Table, TableReader, line_of};
 use crate::nhs_number::NhsNumber;
 use crate::optout::type1::{Type1Code, Type1State};
-use crate::policy::{Action, CollectionPolicy, Rule};
+use crate::policy::{Action, CollectionPolicy, Rule, Type1Codes};
 use crate::store::parquet::Writer;
 
 /// Rows per Arrow record batch.
@@ -38,6 +43,7 @@ pub struct Context<'a> {
     pub lookup: Option<&'a PostcodeLookup>,
     /// Patients whose tombstones (from any practice) were active when the run began.
     pub blocked: &'a HashSet<Pseudonym>,
+    pub excluded: &'a Exclusions,
     pub store: &'a Path,
     pub quarantine_dir: &'a Path,
 }
@@ -61,11 +67,22 @@ pub struct Staged {
 /// One output column and how it is filled from the extract.
 #[derive(Debug, Clone, Copy)]
 enum Fill {
-    Date { col: usize, rule: Option<Rule>, required: bool },
-    Text { col: usize, required: bool },
-    Number { col: usize },
+    Date {
+        col: usize,
+        rule: Option<Rule>,
+        required: bool,
+    },
+    Text {
+        col: usize,
+        required: bool,
+    },
+    Number {
+        col: usize,
+    },
     /// Postcode to (lsoa_code, imd_decile): two output columns.
-    Area { col: usize },
+    Area {
+        col: usize,
+    },
 }
 
 struct Plan {
@@ -77,14 +94,29 @@ struct Plan {
 }
 
 fn plan(table: Table, policy: &CollectionPolicy) -> Plan {
-    let mut fields = vec![
-        Field::new("patient_id", DataType::FixedSizeBinary(32), false),
-        Field::new("practice_id", DataType::FixedSizeBinary(32), false),
-    ];
+    let mut fields = vec![Field::new(
+        "patient_id",
+        DataType::FixedSizeBinary(32),
+        false,
+    )];
+    // The practice is a property of the registration, so only the patients
+    // table names it (as a pseudonym); events link to it through patient_id.
+    if table == Table::Patients {
+        fields.push(Field::new(
+            "practice_id",
+            DataType::FixedSizeBinary(32),
+            false,
+        ));
+    }
     let mut fills = Vec::new();
     let mut dropped = Vec::new();
     let mut code_col = None;
-    for (i, (col, action)) in table.columns().iter().zip(policy.actions(table)).enumerate() {
+    for (i, (col, action)) in table
+        .columns()
+        .iter()
+        .zip(policy.actions(table))
+        .enumerate()
+    {
         if col.kind == Kind::Code {
             code_col = Some(i);
         }
@@ -92,14 +124,30 @@ fn plan(table: Table, policy: &CollectionPolicy) -> Plan {
             (_, Action::Drop) => dropped.push(col.name.to_owned()),
             (Kind::NhsNumber, _) => {}
             (Kind::BirthDate, Action::Generalise(rule)) => {
-                let name = if rule == Rule::Year { "birth_year" } else { "birth_month" };
+                let name = if rule == Rule::Year {
+                    "birth_year"
+                } else {
+                    "birth_month"
+                };
                 fields.push(Field::new(name, DataType::Date32, !col.required));
-                fills.push(Fill::Date { col: i, rule: Some(rule), required: col.required });
+                fills.push(Fill::Date {
+                    col: i,
+                    rule: Some(rule),
+                    required: col.required,
+                });
             }
             (Kind::Date | Kind::BirthDate, a) => {
                 fields.push(Field::new(col.name, DataType::Date32, !col.required));
-                let rule = if let Action::Generalise(r) = a { Some(r) } else { None };
-                fills.push(Fill::Date { col: i, rule, required: col.required });
+                let rule = if let Action::Generalise(r) = a {
+                    Some(r)
+                } else {
+                    None
+                };
+                fills.push(Fill::Date {
+                    col: i,
+                    rule,
+                    required: col.required,
+                });
             }
             (Kind::Postcode, _) => {
                 fields.push(Field::new("lsoa_code", DataType::Utf8, true));
@@ -112,7 +160,10 @@ fn plan(table: Table, policy: &CollectionPolicy) -> Plan {
             }
             (Kind::Sex | Kind::Category | Kind::Code | Kind::Name | Kind::FreeText, _) => {
                 fields.push(Field::new(col.name, DataType::Utf8, !col.required));
-                fills.push(Fill::Text { col: i, required: col.required });
+                fills.push(Fill::Text {
+                    col: i,
+                    required: col.required,
+                });
             }
         }
     }
@@ -132,7 +183,8 @@ pub fn output_schema(table: Table, policy: &CollectionPolicy) -> SchemaRef {
 /// Arrow builders for one table's output, flushed every [`BATCH_ROWS`] rows.
 struct Builders {
     ids: FixedSizeBinaryBuilder,
-    practice: FixedSizeBinaryBuilder,
+    /// Only for the patients table.
+    practice: Option<FixedSizeBinaryBuilder>,
     cols: Vec<ColBuilder>,
     rows: usize,
 }
@@ -145,27 +197,38 @@ enum ColBuilder {
 }
 
 impl Builders {
-    fn new(plan: &Plan) -> Builders {
+    fn new(plan: &Plan, table: Table) -> Builders {
         let cols = plan
             .fills
             .iter()
             .map(|f| match f {
                 Fill::Date { .. } => ColBuilder::Date(Date32Builder::with_capacity(BATCH_ROWS)),
-                Fill::Text { .. } => ColBuilder::Text(StringBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS * 8)),
-                Fill::Number { .. } => ColBuilder::Number(Float64Builder::with_capacity(BATCH_ROWS)),
-                Fill::Area { .. } => ColBuilder::Area(StringBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS * 9), UInt8Builder::with_capacity(BATCH_ROWS)),
+                Fill::Text { .. } => {
+                    ColBuilder::Text(StringBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS * 8))
+                }
+                Fill::Number { .. } => {
+                    ColBuilder::Number(Float64Builder::with_capacity(BATCH_ROWS))
+                }
+                Fill::Area { .. } => ColBuilder::Area(
+                    StringBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS * 9),
+                    UInt8Builder::with_capacity(BATCH_ROWS),
+                ),
             })
             .collect();
         Builders {
             ids: FixedSizeBinaryBuilder::with_capacity(BATCH_ROWS, 32),
-            practice: FixedSizeBinaryBuilder::with_capacity(BATCH_ROWS, 32),
+            practice: (table == Table::Patients)
+                .then(|| FixedSizeBinaryBuilder::with_capacity(BATCH_ROWS, 32)),
             cols,
             rows: 0,
         }
     }
 
     fn finish(&mut self, schema: &SchemaRef) -> Result<RecordBatch, arrow::error::ArrowError> {
-        let mut arrays: Vec<ArrayRef> = vec![Arc::new(self.ids.finish()), Arc::new(self.practice.finish())];
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(self.ids.finish())];
+        if let Some(p) = &mut self.practice {
+            arrays.push(Arc::new(p.finish()));
+        }
         for c in &mut self.cols {
             match c {
                 ColBuilder::Date(b) => arrays.push(Arc::new(b.finish())),
@@ -195,6 +258,57 @@ enum Value<'l> {
     Area(Option<(&'l str, u8)>),
 }
 
+/// What happens to a patient's rows at this practice.
+#[derive(Clone, Copy)]
+enum Verdict {
+    /// No valid patients row for this number here.
+    Unknown,
+    /// Type 1 dissent in this practice's record: nothing leaves.
+    Dissents,
+    /// Tombstoned by another practice or a later opt-out: held back.
+    Blocked(Pseudonym),
+    Leaves(Pseudonym),
+}
+
+/// The exclusion lists as a fast lookup on the code's digits: a sorted list
+/// searched by binary search (a few dozen codes; faster than hashing).
+pub struct Exclusions {
+    codes: Vec<(u64, usize)>,
+    categories: Vec<String>,
+}
+
+impl Exclusions {
+    pub fn new(policy: &CollectionPolicy) -> Exclusions {
+        let mut categories: Vec<String> = policy.excluded_codes.values().cloned().collect();
+        categories.sort();
+        categories.dedup();
+        let mut codes: Vec<(u64, usize)> = policy
+            .excluded_codes
+            .iter()
+            .filter_map(|(code, cat)| {
+                Some((
+                    code.parse::<u64>().ok()?,
+                    categories.iter().position(|c| c == cat)?,
+                ))
+            })
+            .collect();
+        codes.sort_unstable();
+        Exclusions { codes, categories }
+    }
+
+    /// The exclusion category of a code (digits only, as validated).
+    pub fn category(&self, code: &[u8]) -> Option<&str> {
+        if code.is_empty() || code.len() > 19 {
+            return None;
+        }
+        let n = code.iter().try_fold(0u64, |acc, b| {
+            b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0'))
+        })?;
+        let i = self.codes.binary_search_by_key(&n, |(c, _)| *c).ok()?;
+        Some(self.categories[self.codes[i].1].as_str())
+    }
+}
+
 /// Counters for one practice.
 #[derive(Default)]
 struct Counts {
@@ -204,7 +318,11 @@ struct Counts {
 
 impl Counts {
     fn quarantine(&mut self, table: Table, line: u64, reason: &str) {
-        *self.receipt.quarantined.entry(reason.to_owned()).or_default() += 1;
+        *self
+            .receipt
+            .quarantined
+            .entry(reason.to_owned())
+            .or_default() += 1;
         *self
             .receipt
             .quarantined_by_table
@@ -216,73 +334,205 @@ impl Counts {
     }
 }
 
-/// Hashes the inputs of a practice's collection into its batch id: the
-/// same extract under the same key and policy always gives the same id.
-pub fn batch_id(ctx: &Context, practice: &PracticeExtract, reference_sha: &str) -> Result<String, CollectError> {
-    let mut ctx_hash = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [b"gpdp/v1/batch".as_slice(), ctx.key_id.as_bytes(), ctx.policy.sha256.as_bytes(), practice.code.as_bytes(), reference_sha.as_bytes()] {
-        ctx_hash.update(part);
-        ctx_hash.update(b"\0");
-    }
-    for table in Table::ALL {
-        let path = practice.path(table);
-        let (sha, _) = crate::store::sha256_file(&path).map_err(|e| CollectError::Store(Box::new(e)))?;
-        ctx_hash.update(sha.as_bytes());
-        ctx_hash.update(b"\0");
-    }
-    Ok(hex(&ctx_hash.finish().as_ref()[..16]))
+/// What the first look at a practice's files finds: the batch id and every
+/// patient's Type 1 state.
+pub struct Inputs {
+    pub batch: String,
+    pub type1: HashMap<[u8; 10], Type1State, RandomState>,
+    pub hash_seconds: f64,
+    pub type1_seconds: f64,
 }
 
-/// First pass: every patient's Type 1 state from this practice's clinical events.
+/// Reads a practice's files once as raw bytes: hashes them into the batch id
+/// (the same extract under the same key and policy always gives the same
+/// id) and, in the clinical events, finds the Type 1 codes.
+///
+/// The Type 1 search looks for the code bytes anywhere (memchr's memmem) and
+/// parses only the lines that contain one, so it costs little more than the
+/// hash. A line is a Type 1 row only if its code column holds the code.
 ///
 /// Fail safe: a dissent code whose date cannot be read counts as the latest
 /// code (it cannot be shown to be superseded); a withdrawal with an
 /// unreadable date is ignored (it cannot be shown to be later).
-fn scan_type1(ctx: &Context, practice: &PracticeExtract) -> Result<HashMap<[u8; 10], Type1State>, CollectError> {
-    let table = Table::ClinicalEvents;
-    let mut reader = TableReader::open(&practice.path(table), table)?;
-    let (dissent, withdrawn) = (&ctx.policy.type1.dissent, &ctx.policy.type1.withdrawn);
-    let mut states: HashMap<[u8; 10], Type1State> = HashMap::new();
-    let mut record = csv::ByteRecord::new();
-    while reader.read(&mut record)? {
-        let code = reader.field(&record, 2);
-        let kind = if dissent.iter().any(|c| c.as_bytes() == code) {
-            Type1Code::Dissent
-        } else if withdrawn.iter().any(|c| c.as_bytes() == code) {
-            Type1Code::Withdrawn
+pub fn scan_inputs(
+    ctx: &Context,
+    practice: &PracticeExtract,
+    reference_sha: &str,
+) -> Result<Inputs, CollectError> {
+    let t = Instant::now();
+    let mut batch = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [
+        b"gpdp/v1/batch".as_slice(),
+        ctx.key_id.as_bytes(),
+        ctx.policy.sha256.as_bytes(),
+        practice.code.as_bytes(),
+        reference_sha.as_bytes(),
+    ] {
+        batch.update(part);
+        batch.update(b"\0");
+    }
+    let mut type1 = HashMap::default();
+    let mut type1_seconds = 0.0;
+    for table in Table::ALL {
+        let path = practice.path(table);
+        let started = Instant::now();
+        let sha = if table == Table::ClinicalEvents {
+            let reader = TableReader::open(&path, table)?;
+            let columns = [
+                reader.column_index(0),
+                reader.column_index(1),
+                reader.column_index(2),
+            ];
+            let sha = scan_events(&path, columns, &ctx.policy.type1, &mut type1)?;
+            type1_seconds = started.elapsed().as_secs_f64();
+            sha
         } else {
-            continue;
+            crate::store::sha256_file(&path)
+                .map_err(|e| CollectError::Store(Box::new(e)))?
+                .0
         };
-        let Ok(nhs) = NhsNumber::parse(reader.field(&record, 0)) else {
-            continue;
+        batch.update(sha.as_bytes());
+        batch.update(b"\0");
+    }
+    Ok(Inputs {
+        batch: hex(&batch.finish().as_ref()[..16]),
+        type1,
+        hash_seconds: (t.elapsed().as_secs_f64() - type1_seconds).max(0.0),
+        type1_seconds,
+    })
+}
+
+/// Splits one CSV line into `record`: by commas when it has no quotes (the
+/// usual case), with a full CSV parser otherwise.
+fn split_line(line: &[u8], record: &mut csv::ByteRecord) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if memchr::memchr(b'"', line).is_none() {
+        record.clear();
+        for field in line.split(|b| *b == b',') {
+            record.push_field(field);
+        }
+        return true;
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(line);
+    reader.read_byte_record(record).unwrap_or(false)
+}
+
+/// Hashes the clinical events file and records every Type 1 code in it.
+/// `columns` are the file positions of nhs_number, date and the code.
+fn scan_events(
+    path: &Path,
+    columns: [usize; 3],
+    codes: &Type1Codes,
+    states: &mut HashMap<[u8; 10], Type1State, RandomState>,
+) -> Result<String, CollectError> {
+    use std::io::Read;
+    let read_err = |source| {
+        CollectError::Extract(ExtractError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let finders: Vec<(memchr::memmem::Finder, Type1Code)> = codes
+        .dissent
+        .iter()
+        .map(|c| (c.as_str(), Type1Code::Dissent))
+        .chain(
+            codes
+                .withdrawn
+                .iter()
+                .map(|c| (c.as_str(), Type1Code::Withdrawn)),
+        )
+        .map(|(c, k)| (memchr::memmem::Finder::new(c.as_bytes()).into_owned(), k))
+        .collect();
+    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf: Vec<u8> = Vec::with_capacity(8 << 20);
+    let mut chunk = vec![0u8; 4 << 20];
+    let mut record = csv::ByteRecord::new();
+    loop {
+        let n = file.read(&mut chunk).map_err(read_err)?;
+        sha.update(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..n]);
+        // Scan whole lines only; keep a partial last line for the next read.
+        let complete = if n == 0 {
+            buf.len()
+        } else {
+            memchr::memrchr(b'\n', &buf).map_or(0, |i| i + 1)
         };
-        match (parse_date(reader.field(&record, 1)), kind) {
-            (Some(day), _) => states.entry(*nhs.as_bytes()).or_default().record(day, kind),
-            (None, Type1Code::Dissent) => states.entry(*nhs.as_bytes()).or_default().record(Day::MAX, kind),
-            (None, Type1Code::Withdrawn) => {}
+        for (finder, kind) in &finders {
+            let mut next_line = 0;
+            for hit in finder.find_iter(&buf[..complete]) {
+                if hit < next_line {
+                    continue; // a second hit on a line already read
+                }
+                let start = memchr::memrchr(b'\n', &buf[..hit]).map_or(0, |i| i + 1);
+                let end = memchr::memchr(b'\n', &buf[hit..complete]).map_or(complete, |i| hit + i);
+                next_line = end;
+                let line = &buf[start..end];
+                if !split_line(line, &mut record) || record.get(columns[2]) != Some(finder.needle())
+                {
+                    continue;
+                }
+                let Ok(nhs) = NhsNumber::parse(record.get(columns[0]).unwrap_or_default()) else {
+                    continue;
+                };
+                match (parse_date(record.get(columns[1]).unwrap_or_default()), kind) {
+                    (Some(day), _) => states
+                        .entry(*nhs.as_bytes())
+                        .or_default()
+                        .record(day, *kind),
+                    (None, Type1Code::Dissent) => states
+                        .entry(*nhs.as_bytes())
+                        .or_default()
+                        .record(Day::MAX, *kind),
+                    (None, Type1Code::Withdrawn) => {}
+                }
+            }
+        }
+        buf.drain(..complete);
+        if n == 0 {
+            break;
         }
     }
-    Ok(states)
+    Ok(hex(sha.finish().as_ref()))
 }
 
 /// Collects one practice into staged files under `ctx.store`.
-pub fn collect_practice(ctx: &Context, practice: &PracticeExtract, batch: String, hash_seconds: f64) -> Result<Staged, CollectError> {
+pub fn collect_practice(
+    ctx: &Context,
+    practice: &PracticeExtract,
+    inputs: Inputs,
+) -> Result<Staged, CollectError> {
+    let Inputs {
+        batch,
+        type1,
+        hash_seconds,
+        type1_seconds,
+    } = inputs;
     let started = Instant::now();
     let started_at = crate::store::now_rfc3339();
     let mut counts = Counts::default();
     let mut stages = StageSeconds {
         hash_inputs: hash_seconds,
+        type1: type1_seconds,
         ..StageSeconds::default()
     };
-
-    let t = Instant::now();
-    let type1 = scan_type1(ctx, practice)?;
-    stages.type1 = t.elapsed().as_secs_f64();
-    let dissenting: HashSet<[u8; 10]> = type1.iter().filter(|(_, s)| s.dissents()).map(|(n, _)| *n).collect();
+    let dissenting: HashSet<[u8; 10], RandomState> = type1
+        .iter()
+        .filter(|(_, s)| s.dissents())
+        .map(|(n, _)| *n)
+        .collect();
 
     let practice_id = ctx.pseudonymiser.practice(&practice.code);
-    let mut cache = PseudonymCache::new(1 << 20);
-    let mut known: HashSet<[u8; 10]> = HashSet::new();
+    let mut pseudonyms_computed = 0u64;
+    let mut known: HashSet<[u8; 10], RandomState> = HashSet::default();
+    // Each distinct NHS number is judged (and hashed) once per batch; rows
+    // come grouped by patient, so the last verdict answers most rows
+    // without even a hash-map lookup.
+    let mut verdicts: HashMap<[u8; 10], Verdict, RandomState> = HashMap::default();
     let mut collected: HashSet<Pseudonym> = HashSet::new();
     let mut withheld: HashSet<Pseudonym> = HashSet::new();
     let mut files = Vec::new();
@@ -294,14 +544,22 @@ pub fn collect_practice(ctx: &Context, practice: &PracticeExtract, batch: String
         bytes_in += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let mut reader = TableReader::open(&path, table)?;
         let plan = plan(table, ctx.policy);
-        counts.receipt.dropped_columns.insert(table.name().into(), plan.dropped.clone());
+        let mut last: Option<([u8; 10], Verdict)> = None;
+        counts
+            .receipt
+            .dropped_columns
+            .insert(table.name().into(), plan.dropped.clone());
         if !reader.unknown_columns.is_empty() {
-            counts.receipt.unknown_columns.insert(table.name().into(), reader.unknown_columns.clone());
+            counts
+                .receipt
+                .unknown_columns
+                .insert(table.name().into(), reader.unknown_columns.clone());
         }
         let relative = format!("tables/{}/{batch}.parquet", table.name());
         let tmp = ctx.store.join(format!("{relative}.tmp"));
-        let mut writer = Writer::create(&tmp, plan.schema.clone(), ctx.policy.codec).map_err(|e| CollectError::parquet(&tmp, e))?;
-        let mut builders = Builders::new(&plan);
+        let mut writer = Writer::create(&tmp, plan.schema.clone(), ctx.policy.codec)
+            .map_err(|e| CollectError::parquet(&tmp, e))?;
+        let mut builders = Builders::new(&plan, table);
         let mut record = csv::ByteRecord::new();
         let mut values: Vec<Value> = Vec::with_capacity(plan.fills.len());
         let mut postcode_scratch = Vec::new();
@@ -326,23 +584,39 @@ pub fn collect_practice(ctx: &Context, practice: &PracticeExtract, batch: String
             let mut problem = None;
             for fill in &plan.fills {
                 let v = match *fill {
-                    Fill::Date { col, rule, required } => {
+                    Fill::Date {
+                        col,
+                        rule,
+                        required,
+                    } => {
                         let raw = reader.field(&record, col);
-                        match (raw.is_empty(), parse_date(raw)) {
+                        match (raw.is_empty(), parse_ymd(raw)) {
                             (true, _) if required => Err("missing_value"),
                             (true, _) => Ok(Value::Date(None)),
-                            (false, Some(d)) => Ok(Value::Date(Some(rule.map_or(d, |r| generalise_date(d, r))))),
+                            (false, Some(ymd)) => Ok(Value::Date(Some(generalise_ymd(ymd, rule)))),
                             (false, None) => Err("malformed_date"),
                         }
                     }
-                    Fill::Text { col, required } => match std::str::from_utf8(reader.field(&record, col)) {
-                        Ok("") if required => Err("missing_value"),
-                        Ok("") => Ok(Value::Text(None)),
-                        Ok(s) if Some(col) == plan.code_col && !s.bytes().all(|b| b.is_ascii_digit()) => Err("invalid_code"),
-                        Ok(s) if table.columns()[col].kind == Kind::Sex && !matches!(s, "M" | "F" | "I" | "U") => Err("invalid_value"),
-                        Ok(_) => Ok(Value::Text(Some(col))),
-                        Err(_) => Err("invalid_value"),
-                    },
+                    Fill::Text { col, required } => {
+                        match std::str::from_utf8(reader.field(&record, col)) {
+                            Ok("") if required => Err("missing_value"),
+                            Ok("") => Ok(Value::Text(None)),
+                            Ok(s)
+                                if Some(col) == plan.code_col
+                                    && !s.bytes().all(|b| b.is_ascii_digit()) =>
+                            {
+                                Err("invalid_code")
+                            }
+                            Ok(s)
+                                if table.columns()[col].kind == Kind::Sex
+                                    && !matches!(s, "M" | "F" | "I" | "U") =>
+                            {
+                                Err("invalid_value")
+                            }
+                            Ok(_) => Ok(Value::Text(Some(col))),
+                            Err(_) => Err("invalid_value"),
+                        }
+                    }
                     Fill::Number { col } => {
                         let raw = reader.field(&record, col);
                         if raw.is_empty() {
@@ -379,40 +653,73 @@ pub fn collect_practice(ctx: &Context, practice: &PracticeExtract, batch: String
             }
             if table == Table::Patients {
                 known.insert(*nhs.as_bytes());
-            } else if !known.contains(nhs.as_bytes()) {
+            }
+            let verdict = match last {
+                Some((n, v)) if n == *nhs.as_bytes() => v,
+                _ => {
+                    let v = *verdicts.entry(*nhs.as_bytes()).or_insert_with(|| {
+                        if !known.contains(nhs.as_bytes()) {
+                            Verdict::Unknown
+                        } else if dissenting.contains(nhs.as_bytes()) {
+                            Verdict::Dissents
+                        } else {
+                            let t = Instant::now();
+                            let id = ctx.pseudonymiser.patient(&nhs);
+                            pseudonyms_computed += 1;
+                            stages.pseudonymise += t.elapsed().as_secs_f64();
+                            if ctx.blocked.contains(&id) {
+                                Verdict::Blocked(id)
+                            } else {
+                                Verdict::Leaves(id)
+                            }
+                        }
+                    });
+                    last = Some((*nhs.as_bytes(), v));
+                    v
+                }
+            };
+            let id = match verdict {
                 // No valid registration row for this number at this practice: fail closed.
-                counts.quarantine(table, line, "unknown_patient");
-                continue;
-            }
-            if dissenting.contains(nhs.as_bytes()) {
-                type1_withheld += 1;
-                continue;
-            }
-            let t = Instant::now();
-            let before = cache.hashed;
-            let id = cache.get(ctx.pseudonymiser, &nhs);
-            if cache.hashed != before {
-                stages.pseudonymise += t.elapsed().as_secs_f64();
-            }
-            if ctx.blocked.contains(&id) {
-                withheld.insert(id);
-                counts.receipt.withheld_by_tombstone.rows += 1;
-                continue;
-            }
+                Verdict::Unknown => {
+                    counts.quarantine(table, line, "unknown_patient");
+                    continue;
+                }
+                Verdict::Dissents => {
+                    type1_withheld += 1;
+                    continue;
+                }
+                Verdict::Blocked(id) => {
+                    withheld.insert(id);
+                    counts.receipt.withheld_by_tombstone.rows += 1;
+                    continue;
+                }
+                Verdict::Leaves(id) => id,
+            };
             if let Some(col) = plan.code_col {
-                let code = std::str::from_utf8(reader.field(&record, col)).unwrap_or("");
-                if let Some(category) = ctx.policy.excluded_codes.get(code) {
-                    *counts.receipt.excluded_codes.entry(category.clone()).or_default() += 1;
+                if let Some(category) = ctx.excluded.category(reader.field(&record, col)) {
+                    *counts
+                        .receipt
+                        .excluded_codes
+                        .entry(category.to_owned())
+                        .or_default() += 1;
                     continue;
                 }
             }
 
-            builders.ids.append_value(id).map_err(|e| CollectError::arrow(&tmp, e))?;
-            builders.practice.append_value(practice_id).map_err(|e| CollectError::arrow(&tmp, e))?;
+            builders
+                .ids
+                .append_value(id)
+                .map_err(|e| CollectError::arrow(&tmp, e))?;
+            if let Some(p) = &mut builders.practice {
+                p.append_value(practice_id)
+                    .map_err(|e| CollectError::arrow(&tmp, e))?;
+            }
             for (b, v) in builders.cols.iter_mut().zip(&values) {
                 match (b, v) {
                     (ColBuilder::Date(b), Value::Date(d)) => b.append_option(*d),
-                    (ColBuilder::Text(b), Value::Text(col)) => b.append_option(col.map(|c| std::str::from_utf8(reader.field(&record, c)).unwrap_or_default())),
+                    (ColBuilder::Text(b), Value::Text(col)) => b.append_option(col.map(|c| {
+                        std::str::from_utf8(reader.field(&record, c)).unwrap_or_default()
+                    })),
                     (ColBuilder::Number(b), Value::Number(x)) => b.append_option(*x),
                     (ColBuilder::Area(l, d), Value::Area(a)) => {
                         l.append_option(a.map(|a| a.0));
@@ -428,29 +735,52 @@ pub fn collect_practice(ctx: &Context, practice: &PracticeExtract, batch: String
             }
             if builders.rows == BATCH_ROWS {
                 let t = Instant::now();
-                let rb = builders.finish(&plan.schema).map_err(|e| CollectError::arrow(&tmp, e))?;
-                writer.write(&rb).map_err(|e| CollectError::parquet(&tmp, e))?;
+                let rb = builders
+                    .finish(&plan.schema)
+                    .map_err(|e| CollectError::arrow(&tmp, e))?;
+                writer
+                    .write(&rb)
+                    .map_err(|e| CollectError::parquet(&tmp, e))?;
                 stages.parquet_write += t.elapsed().as_secs_f64();
             }
         }
         let t = Instant::now();
         if builders.rows > 0 {
-            let rb = builders.finish(&plan.schema).map_err(|e| CollectError::arrow(&tmp, e))?;
-            writer.write(&rb).map_err(|e| CollectError::parquet(&tmp, e))?;
+            let rb = builders
+                .finish(&plan.schema)
+                .map_err(|e| CollectError::arrow(&tmp, e))?;
+            writer
+                .write(&rb)
+                .map_err(|e| CollectError::parquet(&tmp, e))?;
         }
-        writer.finish().map_err(|e| CollectError::parquet(&tmp, e))?;
+        writer
+            .finish()
+            .map_err(|e| CollectError::parquet(&tmp, e))?;
         stages.parquet_write += t.elapsed().as_secs_f64();
         let dest = ctx.store.join(&relative);
         std::fs::rename(&tmp, &dest).map_err(|e| CollectError::io(&dest, e))?;
         files.push((table, relative));
         counts.receipt.rows_in.insert(table.name().into(), rows_in);
-        counts.receipt.rows_out.insert(table.name().into(), rows_out);
-        counts.receipt.type1_withheld_rows.insert(table.name().into(), type1_withheld);
+        counts
+            .receipt
+            .rows_out
+            .insert(table.name().into(), rows_out);
+        counts
+            .receipt
+            .type1_withheld_rows
+            .insert(table.name().into(), type1_withheld);
     }
-    stages.read_transform = (transform_started.elapsed().as_secs_f64() - stages.parquet_write - stages.pseudonymise).max(0.0);
+    stages.read_transform =
+        (transform_started.elapsed().as_secs_f64() - stages.parquet_write - stages.pseudonymise)
+            .max(0.0);
 
     let dissenters: Vec<Pseudonym> = {
-        let mut d: Vec<_> = type1.iter().filter(|(_, s)| s.dissents()).filter_map(|(n, _)| NhsNumber::parse(n).ok()).map(|n| ctx.pseudonymiser.patient(&n)).collect();
+        let mut d: Vec<_> = type1
+            .iter()
+            .filter(|(_, s)| s.dissents())
+            .filter_map(|(n, _)| NhsNumber::parse(n).ok())
+            .map(|n| ctx.pseudonymiser.patient(&n))
+            .collect();
         d.sort_unstable();
         d
     };
@@ -465,7 +795,7 @@ pub fn collect_practice(ctx: &Context, practice: &PracticeExtract, batch: String
     r.patients_out = collected.len() as u64;
     r.type1_excluded_patients = known.iter().filter(|n| dissenting.contains(*n)).count() as u64;
     r.withheld_by_tombstone.patients = withheld.len() as u64;
-    r.pseudonyms_computed = cache.hashed + dissenters.len() as u64;
+    r.pseudonyms_computed = pseudonyms_computed + dissenters.len() as u64;
     r.tombstones_emitted = dissenters.len() as u64;
     r.quarantine_file = quarantine_file.display().to_string();
     r.bytes_in = bytes_in;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::calendar::{Day, month_start, year_start_of};
+use crate::calendar::{Day, days_from_civil, month_start, year_start_of};
 use crate::error::{Classify, ExitStatus};
 use crate::policy::Rule;
 
@@ -23,7 +23,11 @@ pub enum LookupError {
         source: csv::Error,
     },
     #[error("{}:{line}: {message}", path.display())]
-    Bad { path: PathBuf, line: u64, message: String },
+    Bad {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
 }
 
 impl Classify for LookupError {
@@ -40,7 +44,17 @@ pub fn generalise_date(day: Day, rule: Rule) -> Day {
     }
 }
 
+/// Applies a date rule to a parsed date (the hot path: no calendar lookups).
+pub fn generalise_ymd((year, month, day): (i32, u32, u32), rule: Option<Rule>) -> Day {
+    match rule {
+        None => days_from_civil(year, month, day),
+        Some(Rule::Year) => days_from_civil(year, 1, 1),
+        Some(Rule::Month | Rule::Lsoa) => days_from_civil(year, month, 1),
+    }
+}
+
 /// Postcode → (LSOA code, IMD decile).
+#[derive(Debug)]
 pub struct PostcodeLookup {
     map: HashMap<Vec<u8>, (u32, u8)>,
     lsoas: Vec<String>,
@@ -49,7 +63,12 @@ pub struct PostcodeLookup {
 /// Upper-case with single spaces removed, so `qb1 2xy` and `QB12XY` match `QB1 2XY`.
 fn normalise(postcode: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    out.extend(postcode.iter().filter(|b| !b.is_ascii_whitespace()).map(u8::to_ascii_uppercase));
+    out.extend(
+        postcode
+            .iter()
+            .filter(|b| !b.is_ascii_whitespace())
+            .map(u8::to_ascii_uppercase),
+    );
 }
 
 impl PostcodeLookup {
@@ -71,7 +90,8 @@ impl PostcodeLookup {
                 line,
                 message: message.to_owned(),
             };
-            let (Some(pc), Some(lsoa), Some(imd)) = (record.get(0), record.get(1), record.get(2)) else {
+            let (Some(pc), Some(lsoa), Some(imd)) = (record.get(0), record.get(1), record.get(2))
+            else {
                 return Err(bad("expected postcode,lsoa_code,imd_decile"));
             };
             let imd: u8 = std::str::from_utf8(imd)
@@ -94,7 +114,9 @@ impl PostcodeLookup {
     /// The LSOA code and IMD decile of a postcode, if known.
     pub fn get(&self, postcode: &[u8], scratch: &mut Vec<u8>) -> Option<(&str, u8)> {
         normalise(postcode, scratch);
-        self.map.get(scratch.as_slice()).map(|(l, imd)| (self.lsoas[*l as usize].as_str(), *imd))
+        self.map
+            .get(scratch.as_slice())
+            .map(|(l, imd)| (self.lsoas[*l as usize].as_str(), *imd))
     }
 }
 
@@ -106,20 +128,39 @@ mod tests {
     #[test]
     fn dates_lose_their_day_or_month() {
         let d = parse_date(b"1987-08-19").unwrap();
-        assert_eq!(date_of(generalise_date(d, Rule::Month)).to_string(), "1987-08-01");
-        assert_eq!(date_of(generalise_date(d, Rule::Year)).to_string(), "1987-01-01");
+        assert_eq!(
+            date_of(generalise_date(d, Rule::Month)).to_string(),
+            "1987-08-01"
+        );
+        assert_eq!(
+            date_of(generalise_date(d, Rule::Year)).to_string(),
+            "1987-01-01"
+        );
     }
 
     #[test]
     fn postcodes_match_loosely_and_unknown_ones_map_to_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pc.csv");
-        std::fs::write(&path, "postcode,lsoa_code,imd_decile\nQB1 2XY,E01900001,3\nQB1 2XZ,E01900001,3\n").unwrap();
+        std::fs::write(
+            &path,
+            "postcode,lsoa_code,imd_decile\nQB1 2XY,E01900001,3\nQB1 2XZ,E01900001,3\n",
+        )
+        .unwrap();
         let lookup = PostcodeLookup::load(&path).unwrap();
         let mut s = Vec::new();
         assert_eq!(lookup.get(b"qb12xy", &mut s), Some(("E01900001", 3)));
         assert_eq!(lookup.get(b"QB1 9AA", &mut s), None);
-        std::fs::write(&path, "postcode,lsoa_code,imd_decile\nQB1 2XY,E01900001,11\n").unwrap();
-        assert!(PostcodeLookup::load(&path).unwrap_err().to_string().contains(":2: imd_decile"));
+        std::fs::write(
+            &path,
+            "postcode,lsoa_code,imd_decile\nQB1 2XY,E01900001,11\n",
+        )
+        .unwrap();
+        assert!(
+            PostcodeLookup::load(&path)
+                .unwrap_err()
+                .to_string()
+                .contains(":2: imd_decile")
+        );
     }
 }

@@ -4,14 +4,12 @@
 //! practice code that happened to share digits could never share a pseudonym,
 //! and a pseudonym of one kind cannot be replayed as another. The HMAC key
 //! state is built once (ring precomputes the padded inner and outer blocks)
-//! and reused for every value; each distinct NHS number is hashed once per
-//! practice batch through [`PseudonymCache`].
+//! and reused for every value; collection hashes each distinct NHS number
+//! once per practice batch.
 //!
 //! Without the key a pseudonym cannot be reversed or recomputed, so the key
 //! never leaves the practice side; the store records only a key id derived
 //! through the same HMAC, from which the key cannot be recovered.
-
-use std::collections::HashMap;
 
 use ring::hmac;
 
@@ -71,38 +69,6 @@ impl Pseudonymiser {
     }
 }
 
-/// Remembers each NHS number's pseudonym within one practice batch, so each
-/// distinct number is hashed once however many rows carry it. Bounded: past
-/// `limit` entries it starts afresh (correctness never depends on the cache).
-pub struct PseudonymCache {
-    map: HashMap<[u8; 10], Pseudonym>,
-    limit: usize,
-    pub hashed: u64,
-}
-
-impl PseudonymCache {
-    pub fn new(limit: usize) -> PseudonymCache {
-        PseudonymCache {
-            map: HashMap::new(),
-            limit,
-            hashed: 0,
-        }
-    }
-
-    pub fn get(&mut self, p: &Pseudonymiser, nhs: &NhsNumber) -> Pseudonym {
-        if let Some(id) = self.map.get(nhs.as_bytes()) {
-            return *id;
-        }
-        if self.map.len() >= self.limit {
-            self.map.clear();
-        }
-        let id = p.patient(nhs);
-        self.hashed += 1;
-        self.map.insert(*nhs.as_bytes(), id);
-        id
-    }
-}
-
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -116,7 +82,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         std::fs::write(&path, [byte; 32]).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         CollectionKey::load(&path).unwrap()
     }
 
@@ -125,7 +92,10 @@ mod tests {
         // HMAC-SHA256 computed independently with the RustCrypto-free ring one-shot API.
         let k = key(7);
         let nhs = NhsNumber::parse(b"9434765919").unwrap();
-        let expected = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]), b"gpdp/v1/nhs_number\x009434765919");
+        let expected = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]),
+            b"gpdp/v1/nhs_number\x009434765919",
+        );
         assert_eq!(Pseudonymiser::new(&k).patient(&nhs), expected.as_ref());
     }
 
@@ -141,15 +111,13 @@ mod tests {
     }
 
     proptest! {
-        /// Stable (same input, same pseudonym, cached or not) and distinct
-        /// (different valid numbers, different pseudonyms).
+        /// Stable (same input, same pseudonym, from any instance) and
+        /// distinct (different valid numbers, different pseudonyms).
         #[test]
         fn stable_and_distinct(a in 0u32..1_000_000_000, b in 0u32..1_000_000_000) {
-            let p = Pseudonymiser::new(&key(9));
-            let mut cache = PseudonymCache::new(4);
+            let (p, again) = (Pseudonymiser::new(&key(9)), Pseudonymiser::new(&key(9)));
             if let (Some(x), Some(y)) = (NhsNumber::from_prefix(a), NhsNumber::from_prefix(b)) {
-                prop_assert_eq!(cache.get(&p, &x), p.patient(&x));
-                prop_assert_eq!(cache.get(&p, &x), p.patient(&x));
+                prop_assert_eq!(p.patient(&x), again.patient(&x));
                 prop_assert_eq!(p.patient(&x) == p.patient(&y), x == y);
             }
         }

@@ -52,7 +52,11 @@ pub struct Column {
 }
 
 const fn col(name: &'static str, kind: Kind, required: bool) -> Column {
-    Column { name, kind, required }
+    Column {
+        name,
+        kind,
+        required,
+    }
 }
 
 const PATIENTS: [Column; 10] = [
@@ -160,7 +164,8 @@ impl PracticeExtract {
 /// optionally only those named.
 pub fn practices(extract: &Path, only: &[String]) -> Result<Vec<PracticeExtract>, ExtractError> {
     let root = extract.join("practices");
-    let entries = std::fs::read_dir(&root).map_err(|_| ExtractError::NoPractices(extract.to_owned()))?;
+    let entries =
+        std::fs::read_dir(&root).map_err(|_| ExtractError::NoPractices(extract.to_owned()))?;
     let mut found: Vec<PracticeExtract> = entries
         .filter_map(Result::ok)
         .filter(|e| e.path().is_dir())
@@ -217,17 +222,27 @@ impl TableReader {
             .iter()
             .map(|h| String::from_utf8_lossy(h).trim().to_owned())
             .collect();
-        let expected = || table.columns().iter().map(|c| c.name).collect::<Vec<_>>().join(",");
+        let expected = || {
+            table
+                .columns()
+                .iter()
+                .map(|c| c.name)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let index = table
             .columns()
             .iter()
             .map(|c| {
-                header.iter().position(|h| h == c.name).ok_or_else(|| ExtractError::MissingColumn {
-                    path: path.to_owned(),
-                    table: table.name(),
-                    column: c.name,
-                    expected: expected(),
-                })
+                header
+                    .iter()
+                    .position(|h| h == c.name)
+                    .ok_or_else(|| ExtractError::MissingColumn {
+                        path: path.to_owned(),
+                        table: table.name(),
+                        column: c.name,
+                        expected: expected(),
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let unknown_columns = header
@@ -246,10 +261,17 @@ impl TableReader {
 
     /// Reads the next row into `record`; `false` at the end of the file.
     pub fn read(&mut self, record: &mut csv::ByteRecord) -> Result<bool, ExtractError> {
-        self.reader.read_byte_record(record).map_err(|e| ExtractError::Csv {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })
+        self.reader
+            .read_byte_record(record)
+            .map_err(|e| ExtractError::Csv {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Where defined column `i` (in `Table::columns()` order) is in the file.
+    pub fn column_index(&self, i: usize) -> usize {
+        self.index[i]
     }
 
     /// The value of defined column `i` (in `Table::columns()` order).

@@ -32,7 +32,11 @@ pub enum AuditError {
         source: std::io::Error,
     },
     #[error("audit log {}: line {line}: {problem}", path.display())]
-    Broken { path: PathBuf, line: u64, problem: String },
+    Broken {
+        path: PathBuf,
+        line: u64,
+        problem: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -85,7 +89,12 @@ impl AuditLog {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(self.io())?;
         }
-        let mut file = OpenOptions::new().create(true).read(true).append(true).open(&self.path).map_err(self.io())?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(self.io())?;
         file.lock().map_err(self.io())?;
         let (mut seq, mut prev) = last_line(&mut file).map_err(self.io())?;
         let mut out = String::new();
@@ -93,7 +102,9 @@ impl AuditLog {
             seq += 1;
             let body = serde_json::to_string(entry).unwrap_or_else(|_| "{}".into());
             let hash = line_hash(seq, &prev, &body);
-            out.push_str(&format!("{{\"seq\":{seq},\"prev\":\"{prev}\",\"entry\":{body},\"hash\":\"{hash}\"}}\n"));
+            out.push_str(&format!(
+                "{{\"seq\":{seq},\"prev\":\"{prev}\",\"entry\":{body},\"hash\":\"{hash}\"}}\n"
+            ));
             prev = hash;
         }
         file.write_all(out.as_bytes()).map_err(self.io())?;
@@ -120,17 +131,27 @@ impl AuditLog {
                 problem,
             };
             let text = text.map_err(self.io())?;
-            let line: Line = serde_json::from_str(&text).map_err(|e| broken(format!("not a log line ({e})")))?;
+            let line: Line =
+                serde_json::from_str(&text).map_err(|e| broken(format!("not a log line ({e})")))?;
             if line.seq != n {
-                return Err(broken(format!("sequence number {} where {n} was expected (a line was removed or moved)", line.seq)));
+                return Err(broken(format!(
+                    "sequence number {} where {n} was expected (a line was removed or moved)",
+                    line.seq
+                )));
             }
             if line.prev != v.head {
-                return Err(broken("does not follow the line before it (a line was removed, moved or edited)".into()));
+                return Err(broken(
+                    "does not follow the line before it (a line was removed, moved or edited)"
+                        .into(),
+                ));
             }
             if line_hash(line.seq, &line.prev, line.entry.get()) != line.hash {
-                return Err(broken("its hash does not match its content (the line was edited)".into()));
+                return Err(broken(
+                    "its hash does not match its content (the line was edited)".into(),
+                ));
             }
-            let entry: Value = serde_json::from_str(line.entry.get()).map_err(|e| broken(e.to_string()))?;
+            let entry: Value =
+                serde_json::from_str(line.entry.get()).map_err(|e| broken(e.to_string()))?;
             if let Some(g) = entry.get("generation").and_then(Value::as_u64) {
                 v.last_generation = v.last_generation.max(g);
             }
@@ -153,11 +174,18 @@ fn last_line(file: &mut File) -> std::io::Result<(u64, String)> {
     loop {
         file.seek(SeekFrom::Start(len - back))?;
         let mut tail = Vec::with_capacity(back as usize);
-        std::io::Read::by_ref(file).take(back).read_to_end(&mut tail)?;
+        std::io::Read::by_ref(file)
+            .take(back)
+            .read_to_end(&mut tail)?;
         let trimmed = tail.strip_suffix(b"\n").unwrap_or(&tail);
-        if let Some(pos) = trimmed.iter().rposition(|b| *b == b'\n').or((back == len).then_some(usize::MAX)) {
+        if let Some(pos) = trimmed
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .or((back == len).then_some(usize::MAX))
+        {
             let start = if pos == usize::MAX { 0 } else { pos + 1 };
-            let last: Line = serde_json::from_slice(&trimmed[start..]).map_err(std::io::Error::other)?;
+            let last: Line =
+                serde_json::from_slice(&trimmed[start..]).map_err(std::io::Error::other)?;
             return Ok((last.seq, last.hash));
         }
         back = (back * 4).min(len);
@@ -176,7 +204,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::at(dir.path());
         for i in 0..5 {
-            log.append(&[json!({"event": "query", "i": i, "generation": i})]).unwrap();
+            log.append(&[json!({"event": "query", "i": i, "generation": i})])
+                .unwrap();
         }
         let ok = log.verify().unwrap();
         assert_eq!((ok.lines, ok.last_generation), (5, 4));
@@ -192,8 +221,14 @@ mod tests {
         };
         check(original.replacen("\"i\":2", "\"i\":7", 1), 3);
         check(original.replacen("\"i\":4", "\"i\":5", 1), 5);
-        check([lines[0], lines[2], lines[3], lines[4]].join("\n") + "\n", 2);
-        check([lines[1], lines[0], lines[2], lines[3], lines[4]].join("\n") + "\n", 1);
+        check(
+            [lines[0], lines[2], lines[3], lines[4]].join("\n") + "\n",
+            2,
+        );
+        check(
+            [lines[1], lines[0], lines[2], lines[3], lines[4]].join("\n") + "\n",
+            1,
+        );
         // Every single-byte change anywhere in the file is caught.
         for pos in (0..original.len()).step_by(37) {
             let mut bytes = original.clone().into_bytes();

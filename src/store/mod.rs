@@ -54,7 +54,9 @@ pub enum StoreError {
     },
     #[error("{}: {message}", path.display())]
     Corrupt { path: PathBuf, message: String },
-    #[error("this store was collected with key id {store}, but the key given has id {given}: pseudonyms would not match")]
+    #[error(
+        "this store was collected with key id {store}, but the key given has id {given}: pseudonyms would not match"
+    )]
     KeyMismatch { store: String, given: String },
     #[error("parquet file {}: {source}", path.display())]
     Parquet {
@@ -82,7 +84,9 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError +
     }
 }
 
-pub(crate) fn pq_err(path: &Path) -> impl FnOnce(::parquet::errors::ParquetError) -> StoreError + '_ {
+pub(crate) fn pq_err(
+    path: &Path,
+) -> impl FnOnce(::parquet::errors::ParquetError) -> StoreError + '_ {
     move |source| StoreError::Parquet {
         path: path.to_owned(),
         source,
@@ -166,7 +170,9 @@ pub fn now_rfc3339() -> String {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// Reads the manifest of a store without taking the writer's lock (readers).
@@ -174,7 +180,9 @@ pub fn read_manifest(root: &Path) -> Result<Manifest, StoreError> {
     let path = root.join("manifest.json");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotAStore(root.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::NotAStore(root.to_owned()));
+        }
         Err(e) => return Err(io_err(&path)(e)),
     };
     serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
@@ -193,7 +201,11 @@ impl Store {
             }
         }
         let tables = Table::ALL.map(|t| format!("tables/{}", t.name()));
-        for dir in ["optouts", "receipts", "audit"].iter().copied().chain(tables.iter().map(String::as_str)) {
+        for dir in ["optouts", "receipts", "audit"]
+            .iter()
+            .copied()
+            .chain(tables.iter().map(String::as_str))
+        {
             let d = root.join(dir);
             std::fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
@@ -266,10 +278,14 @@ impl Store {
             dirs.push(self.root.join("tables").join(t.name()));
         }
         for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for entry in entries.filter_map(Result::ok) {
                 let path = entry.path();
-                let is_link = path.file_name().is_some_and(|n| n == "tombstones.parquet" || n == "ndoo.parquet");
+                let is_link = path
+                    .file_name()
+                    .is_some_and(|n| n == "tombstones.parquet" || n == "ndoo.parquet");
                 if !is_link && !keep.contains(&path) {
                     std::fs::remove_file(&path).map_err(io_err(&path))?;
                 }
@@ -281,10 +297,16 @@ impl Store {
     /// `optouts/tombstones.parquet` (and `ndoo.parquet`) always point at the
     /// current generation's file, for people browsing the store.
     fn link_tombstones(&self) -> Result<(), StoreError> {
-        for (entry, name) in [(&self.manifest.tombstones, "tombstones.parquet"), (&self.manifest.ndoo, "ndoo.parquet")] {
+        for (entry, name) in [
+            (&self.manifest.tombstones, "tombstones.parquet"),
+            (&self.manifest.ndoo, "ndoo.parquet"),
+        ] {
             let link = self.root.join("optouts").join(name);
             let Some(entry) = entry else { continue };
-            let target = Path::new(&entry.path).file_name().map(PathBuf::from).unwrap_or_default();
+            let target = Path::new(&entry.path)
+                .file_name()
+                .map(PathBuf::from)
+                .unwrap_or_default();
             if std::fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
                 continue;
             }
@@ -356,24 +378,37 @@ impl Store {
     }
 
     /// Writes a tombstones file for the next generation and returns its entry.
-    pub fn write_tombstones(&self, tombstones: &[Tombstone], codec: Codec) -> Result<FileEntry, StoreError> {
-        let relative = format!("optouts/tombstones-{:06}.parquet", self.manifest.generation + 1);
+    pub fn write_tombstones(
+        &self,
+        tombstones: &[Tombstone],
+        codec: Codec,
+    ) -> Result<FileEntry, StoreError> {
+        let relative = format!(
+            "optouts/tombstones-{:06}.parquet",
+            self.manifest.generation + 1
+        );
         let path = self.root.join(&relative);
         let schema = Arc::new(Schema::new(vec![
             Field::new("patient_id", DataType::FixedSizeBinary(32), false),
             Field::new("source", DataType::Utf8, false),
             Field::new("recorded_at", DataType::Utf8, false),
         ]));
-        let ids = FixedSizeBinaryArray::try_from_iter(tombstones.iter().map(|t| t.patient_id)).unwrap_or_else(|_| FixedSizeBinaryArray::new_null(32, 0));
+        let ids = FixedSizeBinaryArray::try_from_iter(tombstones.iter().map(|t| t.patient_id))
+            .unwrap_or_else(|_| FixedSizeBinaryArray::new_null(32, 0));
         let columns: Vec<ArrayRef> = vec![
             Arc::new(ids),
-            Arc::new(StringArray::from_iter_values(tombstones.iter().map(|t| t.source.as_str()))),
-            Arc::new(StringArray::from_iter_values(tombstones.iter().map(|t| t.recorded_at.as_str()))),
+            Arc::new(StringArray::from_iter_values(
+                tombstones.iter().map(|t| t.source.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                tombstones.iter().map(|t| t.recorded_at.as_str()),
+            )),
         ];
-        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| StoreError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let batch =
+            RecordBatch::try_new(schema.clone(), columns).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         let mut w = parquet::Writer::create(&path, schema, codec).map_err(pq_err(&path))?;
         if batch.num_rows() > 0 {
             w.write(&batch).map_err(pq_err(&path))?;
@@ -391,7 +426,9 @@ impl Store {
 pub fn read_tombstones(path: &Path) -> Result<Vec<Tombstone>, StoreError> {
     use ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let file = File::open(path).map_err(io_err(path))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()).map_err(pq_err(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(pq_err(path))?;
     let corrupt = |m: &str| StoreError::Corrupt {
         path: path.to_owned(),
         message: m.to_owned(),
@@ -399,9 +436,21 @@ pub fn read_tombstones(path: &Path) -> Result<Vec<Tombstone>, StoreError> {
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| corrupt(&e.to_string()))?;
-        let ids = batch.column(0).as_any().downcast_ref::<FixedSizeBinaryArray>().ok_or_else(|| corrupt("patient_id"))?;
-        let sources = batch.column(1).as_any().downcast_ref::<StringArray>().ok_or_else(|| corrupt("source"))?;
-        let times = batch.column(2).as_any().downcast_ref::<StringArray>().ok_or_else(|| corrupt("recorded_at"))?;
+        let ids = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<FixedSizeBinaryArray>()
+            .ok_or_else(|| corrupt("patient_id"))?;
+        let sources = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| corrupt("source"))?;
+        let times = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| corrupt("recorded_at"))?;
         for i in 0..batch.num_rows() {
             let mut id = [0u8; 32];
             id.copy_from_slice(ids.value(i));

@@ -1,9 +1,10 @@
 //! Parquet files of the store: how they are written (codec, per-column
 //! settings), read back, and rewritten without deleted patients.
 //!
-//! Pseudonym columns are random bytes: dictionary encoding cannot shrink
-//! them, and min/max statistics would publish two real pseudonyms per row
-//! group in the file footer, so both are off for them.
+//! Pseudonym columns are random bytes, but rows come grouped by patient, so
+//! dictionary encoding shrinks them a great deal; min/max statistics would
+//! publish two real pseudonyms per row group in the file footer, so
+//! statistics are off for them.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -16,7 +17,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
 use crate::deid::pseudonym::Pseudonym;
@@ -34,13 +35,14 @@ pub fn writer_properties(codec: Codec) -> WriterProperties {
     };
     let mut builder = WriterProperties::builder()
         .set_compression(compression)
+        // Version 2 pages: with version 1 the writer silently ignores
+        // dictionary encoding for FIXED_LEN_BYTE_ARRAY (arrow-rs #10524).
+        .set_writer_version(WriterVersion::PARQUET_2_0)
         .set_max_row_group_row_count(Some(256 * 1024))
         .set_created_by(format!("gpdp {}", env!("CARGO_PKG_VERSION")));
     for column in PSEUDONYM_COLUMNS {
         let path = ColumnPath::from(column);
-        builder = builder
-            .set_column_dictionary_enabled(path.clone(), false)
-            .set_column_statistics_enabled(path, EnabledStatistics::None);
+        builder = builder.set_column_statistics_enabled(path, EnabledStatistics::None);
     }
     builder.build()
 }
@@ -91,7 +93,9 @@ fn pseudonyms(batch: &RecordBatch) -> parquet::errors::Result<&FixedSizeBinaryAr
     batch
         .column_by_name("patient_id")
         .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
-        .ok_or_else(|| parquet::errors::ParquetError::General("patient_id is not FixedSizeBinary(32)".into()))
+        .ok_or_else(|| {
+            parquet::errors::ParquetError::General("patient_id is not FixedSizeBinary(32)".into())
+        })
 }
 
 fn to_pseudonym(bytes: &[u8]) -> Pseudonym {
@@ -108,7 +112,12 @@ pub struct Rewrite {
 }
 
 /// Copies `src` to `dst` without the rows of `remove`, streaming batch by batch.
-pub fn rewrite_without(src: &Path, dst: &Path, remove: &HashSet<Pseudonym>, codec: Codec) -> parquet::errors::Result<Rewrite> {
+pub fn rewrite_without(
+    src: &Path,
+    dst: &Path,
+    remove: &HashSet<Pseudonym>,
+    codec: Codec,
+) -> parquet::errors::Result<Rewrite> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(src)?)?.build()?;
     let schema: SchemaRef = reader.schema();
     let mut writer = Writer::create(dst, schema, codec)?;
@@ -116,7 +125,9 @@ pub fn rewrite_without(src: &Path, dst: &Path, remove: &HashSet<Pseudonym>, code
     for batch in reader {
         let batch = batch?;
         let ids = pseudonyms(&batch)?;
-        let keep: BooleanArray = (0..ids.len()).map(|i| Some(!remove.contains(ids.value(i)))).collect();
+        let keep: BooleanArray = (0..ids.len())
+            .map(|i| Some(!remove.contains(ids.value(i))))
+            .collect();
         let kept = arrow::compute::filter_record_batch(&batch, &keep)?;
         before += batch.num_rows() as u64;
         after += kept.num_rows() as u64;

@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 use chrono::{Datelike, NaiveDate};
 use serde_json::json;
 
-use crate::calendar::{DateTable, day_of, year_start};
 use self::codelists::CodeLists;
 use self::person::World;
 use self::population::Layout;
 use self::practice::{Scratch, write_practice};
 use self::tally::Tally;
+use crate::calendar::{DateTable, day_of, year_start};
 use crate::error::{Classify, ExitStatus};
 use crate::policy::CollectionPolicy;
 use crate::progress::Progress;

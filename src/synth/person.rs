@@ -11,11 +11,11 @@
 //! **illustrative**, chosen so that opt-out bias is visible and measurable,
 //! not estimates of real behaviour.
 
-use crate::calendar::{Day, age_on};
 use super::codelists::{CodeLists, Condition, Medication, Observation};
 use super::names::{FAMILY, GIVEN_FEMALE, GIVEN_MALE};
 use super::population::Layout;
 use super::rng::{Rng, Stream};
+use crate::calendar::{Day, age_on};
 use crate::nhs_number::NhsNumber;
 use crate::optout::type1::{Type1Code, Type1State};
 

@@ -12,7 +12,6 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
-use crate::calendar::DateTable;
 use super::person::{
     ClinicalEvent, ETHNICITIES, FreeText, Issue, Kind, Person, Registration, Type1Pattern, World,
     age_band,
@@ -20,6 +19,7 @@ use super::person::{
 use super::population::Layout;
 use super::rng::{Rng, Stream};
 use super::tally::{BAD_REASONS, Tally};
+use crate::calendar::DateTable;
 use crate::optout::type1::Type1Code;
 
 /// Share of good rows followed by an injected bad row.

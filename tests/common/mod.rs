@@ -64,7 +64,8 @@ pub struct Csv {
 
 impl Csv {
     pub fn read(path: &Path) -> Csv {
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let mut lines = text.lines();
         let header = fields(lines.next().expect("a header line"));
         let rows = lines.enumerate().map(|(i, l)| (i + 2, fields(l))).collect();
@@ -122,9 +123,103 @@ pub fn tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                out.insert(path.strip_prefix(root).unwrap().to_owned(), std::fs::read(&path).unwrap());
+                out.insert(
+                    path.strip_prefix(root).unwrap().to_owned(),
+                    std::fs::read(&path).unwrap(),
+                );
             }
         }
     }
     out
+}
+
+/// Makes a collection key file (mode 0600) with the given bytes.
+pub fn key_file(dir: &Path, byte: u8) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("key{byte}"));
+    std::fs::write(&path, [byte; 32]).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// The pseudonym of an NHS number, computed here independently of gpdp.
+pub fn pseudonym(key_byte: u8, nhs: &str) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[key_byte; 32]);
+    let mut msg = b"gpdp/v1/nhs_number\0".to_vec();
+    msg.extend_from_slice(nhs.as_bytes());
+    ring::hmac::sign(&key, &msg).as_ref().try_into().unwrap()
+}
+
+pub fn manifest(store: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// Every record batch of `table` in the files the manifest references.
+pub fn read_table(store: &Path, table: &str) -> Vec<arrow::array::RecordBatch> {
+    let m = manifest(store);
+    let mut out = Vec::new();
+    for batch in m["batches"].as_object().unwrap().values() {
+        let path = store.join(batch["files"][table]["path"].as_str().unwrap());
+        let file = std::fs::File::open(&path).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        out.extend(reader.map(|b| b.unwrap()));
+    }
+    out
+}
+
+/// Every value of every column of every batch, as text (binary as hex).
+pub fn all_values(batches: &[arrow::array::RecordBatch]) -> Vec<(String, String)> {
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let mut out = Vec::new();
+    for b in batches {
+        for (field, col) in b.schema().fields().iter().zip(b.columns()) {
+            let f = ArrayFormatter::try_new(col.as_ref(), &FormatOptions::default()).unwrap();
+            for i in 0..col.len() {
+                out.push((field.name().clone(), f.value(i).to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// The `patient_id`s of a set of batches.
+pub fn patient_ids(batches: &[arrow::array::RecordBatch]) -> Vec<[u8; 32]> {
+    use arrow::array::{Array, FixedSizeBinaryArray};
+    let mut out = Vec::new();
+    for b in batches {
+        let ids = b
+            .column_by_name("patient_id")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<FixedSizeBinaryArray>()
+            .unwrap();
+        out.extend((0..ids.len()).map(|i| <[u8; 32]>::try_from(ids.value(i)).unwrap()));
+    }
+    out
+}
+
+/// Rows of a table as sorted text lines: a logical snapshot of the store.
+pub fn table_rows(store: &Path, table: &str) -> Vec<String> {
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let mut rows = Vec::new();
+    for b in read_table(store, table) {
+        let fmts: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()).unwrap())
+            .collect();
+        for i in 0..b.num_rows() {
+            rows.push(
+                fmts.iter()
+                    .map(|f| f.value(i).to_string())
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            );
+        }
+    }
+    rows.sort();
+    rows
 }

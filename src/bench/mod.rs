@@ -1,0 +1,7 @@
+//! Measuring: peers that gpdp's figures are compared with in the same run.
+//!
+//! [`baseline`] is the practical limit for collection: the same extract
+//! converted from CSV to Parquet with the same crates and no
+//! de-identification at all.
+
+pub mod baseline;

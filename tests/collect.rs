@@ -1,0 +1,829 @@
+//! `gpdp collect`, driven through the real binary on `gpdp synth` extracts
+//! and checked against the generator's ground truth: who leaves, what
+//! leaves, what is quarantined, idempotence, replacement, bad input, and
+//! crashes at any moment.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::*;
+
+const KEY: u8 = 42;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    extract: PathBuf,
+    store: PathBuf,
+}
+
+fn collect_args(extract: &Path, store: &Path, key: &Path) -> Vec<String> {
+    [
+        "collect",
+        "--extract",
+        extract.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn collect(extract: &Path, store: &Path, key: &Path) -> std::process::Output {
+    gpdp()
+        .args(collect_args(extract, store, key))
+        .output()
+        .unwrap()
+}
+
+/// One extract collected once, shared by the read-only tests.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let extract = dir.path().join("extract");
+        synth(&extract, 4, 3000, 5);
+        let key = key_file(dir.path(), KEY);
+        let store = dir.path().join("store");
+        let o = collect(&extract, &store, &key);
+        assert!(o.status.success(), "{}", stderr(&o));
+        Fixture {
+            _dir: dir,
+            extract,
+            store,
+        }
+    })
+}
+
+struct Truth {
+    /// nhs -> practices where registered
+    registrations: Vec<(String, String)>,
+    /// persons with a Type 1 dissent in any practice's record
+    dissenting: HashSet<String>,
+}
+
+fn truth(extract: &Path) -> Truth {
+    let csv = Csv::read(&extract.join("truth/patients.csv"));
+    let recs = csv.records();
+    Truth {
+        registrations: recs
+            .iter()
+            .map(|r| (r["nhs_number"].clone(), r["practice"].clone()))
+            .collect(),
+        dissenting: recs
+            .iter()
+            .filter(|r| r["type1_at_extract"] == "true")
+            .map(|r| r["nhs_number"].clone())
+            .collect(),
+    }
+}
+
+fn practice_pseudonym(ods: &str) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[KEY; 32]);
+    ring::hmac::sign(
+        &key,
+        &[b"gpdp/v1/practice\0".as_slice(), ods.as_bytes()].concat(),
+    )
+    .as_ref()
+    .try_into()
+    .unwrap()
+}
+
+/// The store holds exactly the registrations the truth says should leave:
+/// every registration of a person with no Type 1 dissent at any practice
+/// (a dissent at one practice deletes the person's data from all of them).
+#[test]
+fn store_holds_exactly_the_patients_who_should_leave() {
+    let f = fixture();
+    let t = truth(&f.extract);
+    assert!(!t.dissenting.is_empty());
+    let expected: HashSet<([u8; 32], [u8; 32])> = t
+        .registrations
+        .iter()
+        .filter(|(nhs, _)| !t.dissenting.contains(nhs))
+        .map(|(nhs, practice)| (pseudonym(KEY, nhs), practice_pseudonym(practice)))
+        .collect();
+    let batches = read_table(&f.store, "patients");
+    let mut found = HashSet::new();
+    for b in &batches {
+        use arrow::array::{Array, FixedSizeBinaryArray};
+        let ids = b
+            .column_by_name("patient_id")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<FixedSizeBinaryArray>()
+            .unwrap();
+        let practices = b
+            .column_by_name("practice_id")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<FixedSizeBinaryArray>()
+            .unwrap();
+        for i in 0..ids.len() {
+            assert!(
+                found.insert((
+                    <[u8; 32]>::try_from(ids.value(i)).unwrap(),
+                    <[u8; 32]>::try_from(practices.value(i)).unwrap()
+                )),
+                "duplicate registration"
+            );
+        }
+    }
+    assert_eq!(found.len(), expected.len());
+    assert!(
+        found == expected,
+        "the collected registrations differ from the truth"
+    );
+
+    // No Type 1 patient's pseudonym in any data table.
+    let banned: HashSet<[u8; 32]> = t.dissenting.iter().map(|n| pseudonym(KEY, n)).collect();
+    for table in ["patients", "clinical_events", "medications"] {
+        let ids = patient_ids(&read_table(&f.store, table));
+        assert!(!ids.is_empty());
+        assert!(
+            ids.iter().all(|id| !banned.contains(id)),
+            "a Type 1 patient's row is in {table}"
+        );
+    }
+    // Their pseudonyms are in the tombstones, and only theirs.
+    let m = manifest(&f.store);
+    let tomb_path = f.store.join(m["tombstones"]["path"].as_str().unwrap());
+    let file = std::fs::File::open(tomb_path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let tombs: HashSet<[u8; 32]> = patient_ids(&reader.map(|b| b.unwrap()).collect::<Vec<_>>())
+        .into_iter()
+        .collect();
+    assert_eq!(tombs, banned);
+}
+
+/// Row counts per table equal the truth's good rows of patients who leave,
+/// less the codes the policy excludes (sensitive codes and Type 1 codes).
+#[test]
+fn rows_out_match_the_good_rows_of_patients_who_leave() {
+    let f = fixture();
+    let t = truth(&f.extract);
+    let bad: HashSet<(String, String, usize)> = Csv::read(&f.extract.join("truth/bad_rows.csv"))
+        .rows
+        .into_iter()
+        .map(|(_, r)| (r[0].clone(), r[1].clone(), r[2].parse().unwrap()))
+        .collect();
+    let excluded: HashSet<String> = Csv::read(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("synthetic-data/codelists/sensitive.csv"),
+    )
+    .rows
+    .into_iter()
+    .map(|(_, r)| r[1].clone())
+    .chain(["827241000000103".to_owned(), "827261000000102".to_owned()])
+    .collect();
+    let mut expected: BTreeMap<&str, usize> = BTreeMap::new();
+    for dir in practice_dirs(&f.extract) {
+        let practice = dir.file_name().unwrap().to_str().unwrap().to_owned();
+        for (table, code_col) in [
+            ("patients", None),
+            ("clinical_events", Some(2)),
+            ("medications", Some(2)),
+        ] {
+            let csv = Csv::read(&dir.join(format!("{table}.csv")));
+            let n = csv
+                .rows
+                .iter()
+                .filter(|(line, r)| {
+                    !bad.contains(&(practice.clone(), table.to_owned(), *line))
+                        && !t.dissenting.contains(&r[0])
+                })
+                .filter(|(_, r)| code_col.is_none_or(|c| !excluded.contains(&r[c])))
+                .count();
+            *expected.entry(table).or_default() += n;
+        }
+    }
+    for (table, n) in expected {
+        let got: usize = read_table(&f.store, table)
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(got, n, "{table}");
+    }
+}
+
+/// At the source: each practice's receipt counts exactly the good rows of
+/// its patients without a Type 1 dissent *in that practice's record* as
+/// leaving, and the dissenters' rows as withheld — so they never left, rather
+/// than being deleted after arrival.
+#[test]
+fn each_practice_withholds_its_type1_patients_at_source() {
+    let f = fixture();
+    let bad: HashSet<(String, String, usize)> = Csv::read(&f.extract.join("truth/bad_rows.csv"))
+        .rows
+        .into_iter()
+        .map(|(_, r)| (r[0].clone(), r[1].clone(), r[2].parse().unwrap()))
+        .collect();
+    let excluded: HashSet<String> = Csv::read(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("synthetic-data/codelists/sensitive.csv"),
+    )
+    .rows
+    .into_iter()
+    .map(|(_, r)| r[1].clone())
+    .chain(["827241000000103".to_owned(), "827261000000102".to_owned()])
+    .collect();
+    let dissent_here: HashSet<(String, String)> = Csv::read(&f.extract.join("truth/patients.csv"))
+        .records()
+        .into_iter()
+        .filter(|r| r["type1_at_extract"] == "true")
+        .map(|r| (r["nhs_number"].clone(), r["practice"].clone()))
+        .collect();
+    let dissent_anywhere: HashSet<String> = dissent_here.iter().map(|(n, _)| n.clone()).collect();
+    let m = manifest(&f.store);
+    for dir in practice_dirs(&f.extract) {
+        let practice = dir.file_name().unwrap().to_str().unwrap().to_owned();
+        let receipt: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                f.store
+                    .join(m["batches"][&practice]["receipt"].as_str().unwrap()),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let withheld_patients = dissent_here.iter().filter(|(_, p)| *p == practice).count();
+        let mut withheld_elsewhere = 0;
+        assert_eq!(
+            receipt["type1_excluded_patients"], withheld_patients,
+            "{practice}"
+        );
+        for (table, code_col) in [
+            ("patients", None),
+            ("clinical_events", Some(2)),
+            ("medications", Some(2)),
+        ] {
+            let csv = Csv::read(&dir.join(format!("{table}.csv")));
+            let good: Vec<_> = csv
+                .rows
+                .iter()
+                .filter(|(line, _)| !bad.contains(&(practice.clone(), table.to_owned(), *line)))
+                .collect();
+            let (held, left): (Vec<_>, Vec<_>) = good
+                .into_iter()
+                .partition(|(_, r)| dissent_here.contains(&(r[0].clone(), practice.clone())));
+            // Patients who dissent at another practice are held back here too
+            // (their tombstone is known before this batch is written).
+            let (elsewhere, left): (Vec<_>, Vec<_>) = left
+                .into_iter()
+                .partition(|(_, r)| dissent_anywhere.contains(&r[0]));
+            withheld_elsewhere += elsewhere.len();
+            let out = left
+                .iter()
+                .filter(|(_, r)| code_col.is_none_or(|c| !excluded.contains(&r[c])))
+                .count();
+            assert_eq!(
+                receipt["rows_out"][table], out,
+                "{practice} {table} rows out"
+            );
+            assert_eq!(
+                receipt["type1_withheld_rows"][table],
+                held.len(),
+                "{practice} {table} withheld"
+            );
+        }
+        assert_eq!(
+            receipt["withheld_by_tombstone"]["rows"], withheld_elsewhere,
+            "{practice}"
+        );
+    }
+    assert!(
+        total_elsewhere(&f.store) > 0,
+        "some movers dissent at their other practice"
+    );
+}
+
+fn total_elsewhere(store: &Path) -> u64 {
+    let m = manifest(store);
+    m["batches"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|b| {
+            let r: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(store.join(b["receipt"].as_str().unwrap())).unwrap(),
+            )
+            .unwrap();
+            r["withheld_by_tombstone"]["patients"].as_u64().unwrap()
+        })
+        .sum()
+}
+
+/// Reading every value of every Parquet file finds no NHS number, name,
+/// full postcode, free text or exact date of birth from the extract.
+#[test]
+fn no_identifier_reaches_the_store() {
+    let f = fixture();
+    let mut identifiers: HashSet<String> = HashSet::new();
+    let mut dobs: HashMap<[u8; 32], String> = HashMap::new();
+    for dir in practice_dirs(&f.extract) {
+        for r in Csv::read(&dir.join("patients.csv")).records() {
+            for col in ["nhs_number", "given_name", "family_name", "postcode"] {
+                identifiers.insert(r[col].clone());
+            }
+            if !r["date_of_birth"].ends_with("-01") {
+                dobs.insert(pseudonym(KEY, &r["nhs_number"]), r["date_of_birth"].clone());
+            }
+        }
+        for table in ["clinical_events", "medications"] {
+            for r in Csv::read(&dir.join(format!("{table}.csv"))).records() {
+                if !r["free_text"].is_empty() {
+                    identifiers.insert(r["free_text"].clone());
+                }
+            }
+        }
+    }
+    identifiers.remove("");
+    let mut scanned = 0;
+    let mut data_files = Vec::new();
+    for entry in walk(&f.store) {
+        if entry.extension().is_some_and(|e| e == "parquet") {
+            data_files.push(entry);
+        }
+    }
+    assert!(data_files.len() >= 12);
+    for path in data_files {
+        let file = std::fs::File::open(&path).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+        let text_columns: HashSet<String> = batches
+            .first()
+            .map(|b| {
+                b.schema()
+                    .fields()
+                    .iter()
+                    .filter(|f| f.data_type() == &arrow::datatypes::DataType::Utf8)
+                    .map(|f| f.name().clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let long: Vec<&String> = identifiers.iter().filter(|i| i.len() >= 10).collect();
+        for (column, value) in all_values(&batches) {
+            scanned += 1;
+            assert!(
+                !identifiers.contains(&value),
+                "{}: column {column} holds an identifier",
+                path.display()
+            );
+            if text_columns.contains(&column) && value.len() >= 10 {
+                assert!(
+                    !long.iter().any(|i| value.contains(i.as_str())),
+                    "{}: {column} contains an identifier",
+                    path.display()
+                );
+            }
+        }
+        // No patient row carries its patient's exact date of birth anywhere.
+        for b in &batches {
+            if b.column_by_name("birth_month").is_none() {
+                continue;
+            }
+            let ids = patient_ids(std::slice::from_ref(b));
+            let values = all_values(std::slice::from_ref(b));
+            let n = b.num_rows();
+            for (c, _) in b.schema().fields().iter().enumerate() {
+                for (i, id) in ids.iter().enumerate() {
+                    if let Some(dob) = dobs.get(id) {
+                        assert_ne!(
+                            &values[c * n + i].1,
+                            dob,
+                            "exact date of birth in {}",
+                            b.schema().field(c).name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(scanned > 10_000);
+    // The store's text files (manifest, receipts, log) hold no identifiers either.
+    for path in walk(&f.store)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json" || e == "jsonl"))
+    {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for id in identifiers.iter().filter(|i| i.len() >= 6) {
+            assert!(
+                !text.contains(id.as_str()),
+                "{} contains an identifier",
+                path.display()
+            );
+        }
+    }
+    // And the key is in no file of the store.
+    for path in walk(&f.store) {
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            !bytes.windows(32).any(|w| w == [KEY; 32]),
+            "{} contains the key",
+            path.display()
+        );
+    }
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    tree(root).into_keys().map(|p| root.join(p)).collect()
+}
+
+/// Every catalogued bad row is quarantined with its reason, on the practice
+/// side, and counted in the receipt; nothing else is.
+#[test]
+fn bad_rows_are_quarantined_with_their_reason() {
+    let f = fixture();
+    let catalogue: HashSet<(String, String, String, String)> =
+        Csv::read(&f.extract.join("truth/bad_rows.csv"))
+            .rows
+            .into_iter()
+            .map(|(_, r)| (r[0].clone(), r[1].clone(), r[2].clone(), r[3].clone()))
+            .collect();
+    let mut listed = HashSet::new();
+    for dir in practice_dirs(&f.extract) {
+        let practice = dir.file_name().unwrap().to_str().unwrap().to_owned();
+        for (_, r) in Csv::read(&f.extract.join(format!("quarantine/{practice}.csv"))).rows {
+            listed.insert((practice.clone(), r[0].clone(), r[1].clone(), r[2].clone()));
+        }
+    }
+    assert_eq!(listed, catalogue);
+    let m = manifest(&f.store);
+    let mut counted: BTreeMap<String, u64> = BTreeMap::new();
+    for batch in m["batches"].as_object().unwrap().values() {
+        let receipt: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(f.store.join(batch["receipt"].as_str().unwrap())).unwrap(),
+        )
+        .unwrap();
+        for (k, v) in receipt["quarantined"].as_object().unwrap() {
+            *counted.entry(k.clone()).or_default() += v.as_u64().unwrap();
+        }
+        for field in [
+            "practice",
+            "batch",
+            "rows_in",
+            "rows_out",
+            "patients_in",
+            "patients_out",
+            "type1_excluded_patients",
+            "quarantined",
+            "excluded_codes",
+            "started",
+            "finished",
+        ] {
+            assert!(receipt.get(field).is_some(), "receipt lacks {field}");
+        }
+    }
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, _, _, reason) in &catalogue {
+        *expected.entry(reason.clone()).or_default() += 1;
+    }
+    assert_eq!(counted, expected);
+    // Quarantine files stay with the extract, never in the store.
+    assert!(
+        walk(&f.store)
+            .iter()
+            .all(|p| !p.to_string_lossy().contains("quarantine"))
+    );
+}
+
+#[test]
+fn the_audit_log_records_each_batch_and_verifies() {
+    let f = fixture();
+    let log = std::fs::read_to_string(f.store.join("audit/log.jsonl")).unwrap();
+    let collects = log
+        .lines()
+        .filter(|l| l.contains("\"event\":\"collect\""))
+        .count();
+    assert_eq!(collects, 4);
+    let m = manifest(&f.store);
+    // Batches are committed in groups: at least one manifest swap, at most one per practice.
+    assert!((1..=4).contains(&m["generation"].as_u64().unwrap()));
+    assert_eq!(m["key_id"].as_str().unwrap().len(), 16);
+    // Pseudonym columns carry no min/max statistics in the footer.
+    let path =
+        f.store.join(
+            m["batches"].as_object().unwrap().values().next().unwrap()["files"]["clinical_events"]
+                ["path"]
+                .as_str()
+                .unwrap(),
+        );
+    let reader =
+        parquet::file::reader::SerializedFileReader::new(std::fs::File::open(path).unwrap())
+            .unwrap();
+    let meta = parquet::file::reader::FileReader::metadata(&reader);
+    let col = meta.row_group(0).column(0);
+    assert_eq!(col.column_path().string(), "patient_id");
+    assert!(col.statistics().is_none_or(|s| s.min_bytes_opt().is_none()));
+    assert!(
+        col.dictionary_page_offset().is_some(),
+        "patient_id is dictionary-encoded (rows come grouped by patient)"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for (rel, bytes) in tree(from) {
+        let dest = to.join(rel);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(dest, bytes).unwrap();
+    }
+}
+
+fn snapshot(store: &Path) -> Vec<Vec<String>> {
+    ["patients", "clinical_events", "medications"]
+        .iter()
+        .map(|t| table_rows(store, t))
+        .collect()
+}
+
+#[test]
+fn rerunning_is_a_no_op_and_a_newer_extract_replaces_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let extract = dir.path().join("extract");
+    synth(&extract, 3, 600, 9);
+    let key = key_file(dir.path(), KEY);
+    let store = dir.path().join("store");
+    assert!(collect(&extract, &store, &key).status.success());
+    let before = tree(&store);
+    let o = collect(&extract, &store, &key);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).matches("unchanged").count() == 3,
+        "{}",
+        stdout(&o)
+    );
+    let after = tree(&store);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        before
+            .iter()
+            .all(|(k, v)| k.ends_with(".lock") || after[k] == *v),
+        "re-running changed the store"
+    );
+
+    // A newer extract of one practice (its last 100 events gone) replaces its batch.
+    let practice = practice_dirs(&extract)[0].clone();
+    let events = practice.join("clinical_events.csv");
+    let text = std::fs::read_to_string(&events).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&events, lines[..lines.len() - 100].join("\n") + "\n").unwrap();
+    let old_batch =
+        manifest(&store)["batches"][practice.file_name().unwrap().to_str().unwrap()]["batch"]
+            .clone();
+    let o = collect(&extract, &store, &key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).matches("unchanged").count(), 2);
+    let m = manifest(&store);
+    let entry = &m["batches"][practice.file_name().unwrap().to_str().unwrap()];
+    assert_ne!(entry["batch"], old_batch);
+    let old = old_batch.as_str().unwrap();
+    assert!(
+        walk(&store).iter().all(|p| !p
+            .to_string_lossy()
+            .contains(&format!("tables/clinical_events/{old}"))),
+        "the old batch's files are gone"
+    );
+}
+
+/// Bad key, missing files, bad policy: exit 2 with a clear message, and the store is unchanged.
+#[test]
+fn bad_input_exits_2_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let extract = dir.path().join("extract");
+    synth(&extract, 2, 200, 3);
+    let key = key_file(dir.path(), KEY);
+    let store = dir.path().join("store");
+    assert!(collect(&extract, &store, &key).status.success());
+    let before = tree(&store);
+    let unchanged = |label: &str| {
+        let after = tree(&store);
+        assert!(
+            before
+                .iter()
+                .all(|(k, v)| k.ends_with(".lock") || after.get(k) == Some(v))
+                && after.len() == before.len(),
+            "{label} changed the store"
+        );
+    };
+
+    // Wrong key length, key readable by others, a different key.
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, [1u8; 16]).unwrap();
+    std::fs::set_permissions(&short, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let open = dir.path().join("open.key");
+    std::fs::write(&open, [1u8; 32]).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let other = key_file(dir.path(), 7);
+    for (k, message) in [
+        (&short, "exactly 32 bytes"),
+        (&open, "readable by group or others"),
+        (&other, "key id"),
+        (&dir.path().join("nope.key"), "cannot read key file"),
+    ] {
+        let o = collect(&extract, &store, k);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(message), "{}", stderr(&o));
+        assert!(
+            !stderr(&o).contains(&"01".repeat(16)),
+            "the key leaked into an error"
+        );
+        unchanged(message);
+    }
+
+    // Missing extract file; a missing column; an unknown practice.
+    let broken = dir.path().join("broken");
+    copy_dir(&extract, &broken);
+    let p = practice_dirs(&broken)[1].clone();
+    std::fs::remove_file(p.join("medications.csv")).unwrap();
+    let o = collect(&broken, &store, &key);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("medications.csv"), "{}", stderr(&o));
+    unchanged("a missing file");
+    std::fs::write(
+        p.join("medications.csv"),
+        "nhs_number,date,quantity,free_text\n",
+    )
+    .unwrap();
+    let o = collect(&broken, &store, &key);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("no column \"dmd_code\""),
+        "{}",
+        stderr(&o)
+    );
+    unchanged("a missing column");
+    let o = gpdp()
+        .args(collect_args(&extract, &store, &key))
+        .args(["--practice", "Q99999"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    unchanged("an unknown practice");
+
+    // A policy that would let a name through.
+    let policy = dir.path().join("p.toml");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/collection.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        &policy,
+        text.replace(
+            "given_name = { action = \"drop\" }",
+            "given_name = { action = \"keep\" }",
+        ),
+    )
+    .unwrap();
+    let o = gpdp()
+        .args(collect_args(&extract, &store, &key))
+        .args(["--policy", policy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("p.toml:") && stderr(&o).contains("given_name"),
+        "{}",
+        stderr(&o)
+    );
+    unchanged("a bad policy");
+}
+
+/// An unknown column in an extract is dropped and reported, never passed through.
+#[test]
+fn unknown_columns_are_dropped_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let extract = dir.path().join("extract");
+    synth(&extract, 1, 100, 4);
+    let p = &practice_dirs(&extract)[0];
+    let path = p.join("patients.csv");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let widened: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == 0 {
+                format!("{l},telephone")
+            } else {
+                format!("{l},07700900123")
+            }
+        })
+        .collect();
+    std::fs::write(&path, widened.join("\n") + "\n").unwrap();
+    // Bad rows would now have the right width again: drop them for this test.
+    let key = key_file(dir.path(), KEY);
+    let store = dir.path().join("store");
+    let o = gpdp()
+        .args(collect_args(&extract, &store, &key))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        out["receipts"][0]["unknown_columns"]["patients"],
+        serde_json::json!(["telephone"])
+    );
+    assert!(
+        all_values(&read_table(&store, "patients"))
+            .iter()
+            .all(|(c, v)| c != "telephone" && !v.contains("07700900123"))
+    );
+}
+
+/// Killing collection at any moment never leaves partial or duplicated data
+/// visible, and a re-run then gives the same store as an uninterrupted run.
+#[test]
+fn crashes_at_any_moment_leave_the_store_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let extract = dir.path().join("extract");
+    synth(&extract, 4, 1500, 8);
+    let key = key_file(dir.path(), KEY);
+    let clean = dir.path().join("clean");
+    assert!(collect(&extract, &clean, &key).status.success());
+    let expected = snapshot(&clean);
+
+    let check_consistent = |store: &Path| {
+        if !store.join("manifest.json").exists() {
+            return;
+        }
+        let m = manifest(store);
+        for batch in m["batches"].as_object().unwrap().values() {
+            for file in batch["files"].as_object().unwrap().values() {
+                let bytes = std::fs::read(store.join(file["path"].as_str().unwrap()))
+                    .expect("every referenced file exists");
+                assert_eq!(bytes.len() as u64, file["bytes"].as_u64().unwrap());
+            }
+        }
+    };
+
+    // Deterministic crash points inside a commit.
+    for point in ["before-manifest-swap", "after-manifest-swap"] {
+        let store = dir.path().join(format!("fp-{point}"));
+        let o = gpdp()
+            .args(collect_args(&extract, &store, &key))
+            .env("GPDP_FAILPOINT", point)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{point} did not fire");
+        check_consistent(&store);
+        let o = collect(&extract, &store, &key);
+        assert!(o.status.success(), "{point}: {}", stderr(&o));
+        assert_eq!(snapshot(&store), expected, "after a crash at {point}");
+        let log = std::fs::read_to_string(store.join("audit/log.jsonl")).unwrap();
+        if point == "after-manifest-swap" {
+            assert!(
+                log.contains("\"recovered\":true"),
+                "the lost audit entry was recovered"
+            );
+        }
+    }
+
+    // SIGKILL at spread-out moments, several times on the same store.
+    let store = dir.path().join("killed");
+    for i in 0..12u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gpdp"))
+            .args(collect_args(&extract, &store, &key))
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(15 + (i * 37) % 400));
+        let _ = child.kill();
+        let _ = child.wait();
+        check_consistent(&store);
+    }
+    let o = collect(&extract, &store, &key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(snapshot(&store), expected);
+    // Nothing unreferenced is left behind.
+    let m = manifest(&store);
+    let referenced: HashSet<String> = m["batches"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|b| {
+            b["files"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|f| f["path"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    for p in walk(&store.join("tables")) {
+        let rel = p
+            .strip_prefix(&store)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(referenced.contains(&rel), "stray file {rel}");
+    }
+}
