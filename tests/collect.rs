@@ -94,6 +94,25 @@ fn practice_pseudonym(ods: &str) -> [u8; 32] {
     .unwrap()
 }
 
+/// (practice, table, line) of every bad row in the truth's catalogue.
+fn bad_row_lines(extract: &Path) -> HashSet<(String, String, usize)> {
+    Csv::read(&extract.join("truth/bad_rows.csv"))
+        .rows
+        .into_iter()
+        .map(|(_, r)| (r[0].clone(), r[1].clone(), r[2].parse().unwrap()))
+        .collect()
+}
+
+/// The codes the shipped policy excludes: the sensitive list and the Type 1 codes.
+fn excluded_codes() -> HashSet<String> {
+    Csv::read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("synthetic-data/codelists/sensitive.csv"))
+        .rows
+        .into_iter()
+        .map(|(_, r)| r[1].clone())
+        .chain(["827241000000103".to_owned(), "827261000000102".to_owned()])
+        .collect()
+}
+
 /// The store holds exactly the registrations the truth says should leave:
 /// every registration of a person with no Type 1 dissent at any practice
 /// (a dissent at one practice deletes the person's data from all of them).
@@ -170,19 +189,8 @@ fn store_holds_exactly_the_patients_who_should_leave() {
 fn rows_out_match_the_good_rows_of_patients_who_leave() {
     let f = fixture();
     let t = truth(&f.extract);
-    let bad: HashSet<(String, String, usize)> = Csv::read(&f.extract.join("truth/bad_rows.csv"))
-        .rows
-        .into_iter()
-        .map(|(_, r)| (r[0].clone(), r[1].clone(), r[2].parse().unwrap()))
-        .collect();
-    let excluded: HashSet<String> = Csv::read(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("synthetic-data/codelists/sensitive.csv"),
-    )
-    .rows
-    .into_iter()
-    .map(|(_, r)| r[1].clone())
-    .chain(["827241000000103".to_owned(), "827261000000102".to_owned()])
-    .collect();
+    let bad = bad_row_lines(&f.extract);
+    let excluded = excluded_codes();
     let mut expected: BTreeMap<&str, usize> = BTreeMap::new();
     for dir in practice_dirs(&f.extract) {
         let practice = dir.file_name().unwrap().to_str().unwrap().to_owned();
@@ -220,19 +228,8 @@ fn rows_out_match_the_good_rows_of_patients_who_leave() {
 #[test]
 fn each_practice_withholds_its_type1_patients_at_source() {
     let f = fixture();
-    let bad: HashSet<(String, String, usize)> = Csv::read(&f.extract.join("truth/bad_rows.csv"))
-        .rows
-        .into_iter()
-        .map(|(_, r)| (r[0].clone(), r[1].clone(), r[2].parse().unwrap()))
-        .collect();
-    let excluded: HashSet<String> = Csv::read(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("synthetic-data/codelists/sensitive.csv"),
-    )
-    .rows
-    .into_iter()
-    .map(|(_, r)| r[1].clone())
-    .chain(["827241000000103".to_owned(), "827261000000102".to_owned()])
-    .collect();
+    let bad = bad_row_lines(&f.extract);
+    let excluded = excluded_codes();
     let dissent_here: HashSet<(String, String)> = Csv::read(&f.extract.join("truth/patients.csv"))
         .records()
         .into_iter()

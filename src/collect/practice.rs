@@ -224,6 +224,24 @@ impl Builders {
         }
     }
 
+    /// Writes the rows built so far (if any) as one record batch.
+    fn flush(
+        &mut self,
+        schema: &SchemaRef,
+        writer: &mut Writer,
+        path: &Path,
+    ) -> Result<(), CollectError> {
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let batch = self
+            .finish(schema)
+            .map_err(|e| CollectError::arrow(path, e))?;
+        writer
+            .write(&batch)
+            .map_err(|e| CollectError::parquet(path, e))
+    }
+
     fn finish(&mut self, schema: &SchemaRef) -> Result<RecordBatch, arrow::error::ArrowError> {
         let mut arrays: Vec<ArrayRef> = vec![Arc::new(self.ids.finish())];
         if let Some(p) = &mut self.practice {
@@ -735,24 +753,12 @@ pub fn collect_practice(
             }
             if builders.rows == BATCH_ROWS {
                 let t = Instant::now();
-                let rb = builders
-                    .finish(&plan.schema)
-                    .map_err(|e| CollectError::arrow(&tmp, e))?;
-                writer
-                    .write(&rb)
-                    .map_err(|e| CollectError::parquet(&tmp, e))?;
+                builders.flush(&plan.schema, &mut writer, &tmp)?;
                 stages.parquet_write += t.elapsed().as_secs_f64();
             }
         }
         let t = Instant::now();
-        if builders.rows > 0 {
-            let rb = builders
-                .finish(&plan.schema)
-                .map_err(|e| CollectError::arrow(&tmp, e))?;
-            writer
-                .write(&rb)
-                .map_err(|e| CollectError::parquet(&tmp, e))?;
-        }
+        builders.flush(&plan.schema, &mut writer, &tmp)?;
         writer
             .finish()
             .map_err(|e| CollectError::parquet(&tmp, e))?;
