@@ -351,9 +351,10 @@ fn print_collect_totals(s: &gpdp::collect::CollectSummary) {
         n("patients_out")
     );
     println!(
-        "  Type 1 opt-out: {} patients withheld at source, {} tombstones sent",
+        "  Type 1 opt-out: {} registrations withheld at source, {} tombstones sent; {} registrations held back for a dissent recorded at another practice",
         n("type1_excluded_patients"),
-        n("tombstones_emitted")
+        n("tombstones_emitted"),
+        n("withheld_by_tombstone_patients")
     );
     println!(
         "  quarantined (never left the practice): {}",

@@ -676,13 +676,14 @@ pub fn totals(summary: &CollectSummary) -> Value {
     let mut rows_out = 0u64;
     let mut quarantined: BTreeMap<String, u64> = BTreeMap::new();
     let mut excluded: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut patients_out, mut type1, mut tombstones) = (0u64, 0u64, 0u64);
+    let (mut patients_out, mut type1, mut tombstones, mut elsewhere) = (0u64, 0u64, 0u64, 0u64);
     for r in summary.receipts() {
         rows_in += r.rows_in_total();
         rows_out += r.rows_out_total();
         patients_out += r.patients_out;
         type1 += r.type1_excluded_patients;
         tombstones += r.tombstones_emitted;
+        elsewhere += r.withheld_by_tombstone.patients;
         for (k, v) in &r.quarantined {
             *quarantined.entry(k.clone()).or_default() += v;
         }
@@ -698,6 +699,7 @@ pub fn totals(summary: &CollectSummary) -> Value {
         "patients_out": patients_out,
         "type1_excluded_patients": type1,
         "tombstones_emitted": tombstones,
+        "withheld_by_tombstone_patients": elsewhere,
         "quarantined": quarantined,
         "excluded_codes": excluded,
         "seconds": summary.seconds,
