@@ -78,6 +78,10 @@ pub fn exit_status_of(err: &anyhow::Error) -> ExitStatus {
             Some(e)
         } else if let Some(e) = cause.downcast_ref::<crate::extract::ExtractError>() {
             Some(e)
+        } else if let Some(e) = cause.downcast_ref::<crate::optout::ndoo::OptoutError>() {
+            Some(e)
+        } else if let Some(e) = cause.downcast_ref::<crate::tre::TreError>() {
+            Some(e)
         } else {
             None
         };

@@ -34,6 +34,7 @@ pub mod policy;
 pub mod progress;
 pub mod store;
 pub mod synth;
+pub mod tre;
 
 /// Crash-testing hook: when the environment variable `GPDP_FAILPOINT` names
 /// this point, the process aborts here, as if killed. Tests use it to prove

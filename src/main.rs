@@ -94,12 +94,71 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the TRE an aggregate question in SQL; get safe, disclosure-controlled answers.
+    ///
+    /// Views: patients (patient_id, practice_id, age_band, sex, ethnicity,
+    /// lsoa_code, imd_decile, registered, deceased, birth_month,
+    /// registration_start, registration_end, date_of_death), clinical_events
+    /// (patient_id, date, event_year, snomedct_code, numeric_value) and
+    /// medications (patient_id, date, event_year, dmd_code, quantity).
+    Query {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The project the question is asked for.
+        #[arg(long)]
+        project: String,
+        /// The researcher.
+        #[arg(long)]
+        user: String,
+        /// The researcher's token (or set GPDP_TOKEN).
+        #[arg(long, env = "GPDP_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// TRE policy (default: the built-in policies/tre.toml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// The SQL query.
+        sql: String,
+    },
+    /// Opt-out lists: ingest the National Data Opt-out list (pseudonymised).
+    Optout {
+        #[command(subcommand)]
+        command: OptoutCommand,
+    },
     /// Make a new 32-byte collection key (file mode 0600; never overwrites).
     Keygen {
         /// Path of the key file to create.
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum OptoutCommand {
+    /// Pseudonymise the National Data Opt-out list with the collection key and
+    /// store it (only pseudonyms are stored); replaces the previous list.
+    Ingest {
+        /// The NDOO list: a CSV with one column, nhs_number.
+        #[arg(long)]
+        ndoo: PathBuf,
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// Ingest the valid numbers even if some are invalid (they are reported).
+        #[arg(long)]
+        skip_invalid: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -229,6 +288,58 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print_collect(&opts, &summary);
+            }
+            Ok(())
+        }
+        Command::Query {
+            store,
+            project,
+            user,
+            token,
+            policy,
+            format,
+            sql,
+        } => {
+            let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
+            let request = gpdp::tre::Request {
+                store,
+                user,
+                token,
+                project,
+                sql,
+            };
+            let released = gpdp::tre::query_blocking(&policy, &request)?;
+            match format {
+                Format::Table => print!("{}", gpdp::tre::to_table(&released)),
+                Format::Csv => print!("{}", gpdp::tre::to_csv(&released.result)),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&gpdp::tre::to_json(&released))?
+                ),
+            }
+            Ok(())
+        }
+        Command::Optout {
+            command:
+                OptoutCommand::Ingest {
+                    ndoo,
+                    store,
+                    key,
+                    skip_invalid,
+                },
+        } => {
+            let codec = CollectionPolicy::load(None)?.codec;
+            let r = gpdp::optout::ndoo::ingest(&ndoo, &store, &key, skip_invalid, codec)?;
+            if r.unchanged {
+                println!(
+                    "National Data Opt-out list unchanged: {} patients (store generation {})",
+                    r.patients, r.generation
+                );
+            } else {
+                println!(
+                    "ingested the National Data Opt-out list: {} patients ({} lines, {} invalid skipped); store generation {}",
+                    r.patients, r.listed, r.invalid, r.generation
+                );
             }
             Ok(())
         }

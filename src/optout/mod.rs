@@ -1,4 +1,5 @@
 //! Opt-outs: the rules that decide whose data may leave a practice (Type 1)
 //! and whose data a project may see (National Data Opt-out).
 
+pub mod ndoo;
 pub mod type1;

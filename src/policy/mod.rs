@@ -12,12 +12,14 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod tre;
+
 use crate::error::{Classify, ExitStatus};
 use crate::extract::{Kind, Table};
 
 /// The policy shipped in `policies/collection.toml`, compiled in so that
 /// `gpdp demo` and `gpdp synth` work from any directory.
-pub const DEFAULT_COLLECTION_POLICY: &str = include_str!("../policies/collection.toml");
+pub const DEFAULT_COLLECTION_POLICY: &str = include_str!("../../policies/collection.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -357,7 +359,7 @@ fn resolve(kind: Kind, raw: &RawColumn) -> Result<Action, String> {
     Ok(action)
 }
 
-fn syntax_error(e: toml::de::Error, text: &str, path: &Path) -> PolicyError {
+pub(crate) fn syntax_error(e: toml::de::Error, text: &str, path: &Path) -> PolicyError {
     let line = e
         .span()
         .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)

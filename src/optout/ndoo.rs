@@ -1,0 +1,200 @@
+//! The National Data Opt-out list: `gpdp optout ingest`.
+//!
+//! The NDOO is held centrally against NHS numbers and applied **at
+//! dissemination**: collection does not remove these patients (their data
+//! may lawfully be used for purposes the opt-out does not cover), but no
+//! project whose purpose is research or planning without an exemption may
+//! see them. Ingest pseudonymises the list with the collection key, so the
+//! store holds only pseudonyms, which the TRE's views anti-join against.
+//! Opt-out status is never written onto the patient's own record.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, FixedSizeBinaryArray, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
+use serde_json::json;
+
+use crate::deid::key::{CollectionKey, KeyError};
+use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
+use crate::error::{Classify, ExitStatus};
+use crate::nhs_number::NhsNumber;
+use crate::policy::Codec;
+use crate::store::{Store, StoreError, now_rfc3339, pq_err};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptoutError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot read {}: {message}", path.display())]
+    Read { path: PathBuf, message: String },
+    #[error("{}: {count} invalid NHS numbers, nothing was changed (first: {first}); fix the list or pass --skip-invalid", path.display())]
+    InvalidNumbers {
+        path: PathBuf,
+        count: usize,
+        first: String,
+    },
+    #[error("{}: the header must be `nhs_number`", .0.display())]
+    Header(PathBuf),
+}
+
+impl Classify for OptoutError {
+    fn exit_status(&self) -> ExitStatus {
+        match self {
+            OptoutError::Key(e) => e.exit_status(),
+            OptoutError::Store(e) => e.exit_status(),
+            _ => ExitStatus::BadInput,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IngestReport {
+    pub listed: u64,
+    pub invalid: u64,
+    /// Distinct patients on the list (after pseudonymisation).
+    pub patients: u64,
+    pub unchanged: bool,
+    pub generation: u64,
+    pub seconds: f64,
+}
+
+/// Reads an NDOO list (`nhs_number` per line): the valid numbers and the
+/// invalid ones as `(line, reason)`.
+pub fn read_list(path: &Path) -> Result<(Vec<NhsNumber>, Vec<(u64, &'static str)>), OptoutError> {
+    let read = |e: csv::Error| OptoutError::Read {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .map_err(read)?;
+    if reader.byte_headers().map_err(read)?.iter().next() != Some(b"nhs_number".as_slice()) {
+        return Err(OptoutError::Header(path.to_owned()));
+    }
+    let (mut valid, mut invalid) = (Vec::new(), Vec::new());
+    let mut record = csv::ByteRecord::new();
+    while reader.read_byte_record(&mut record).map_err(read)? {
+        let line = record.position().map_or(0, |p| p.line());
+        if record.len() != 1 {
+            invalid.push((line, "wrong_column_count"));
+            continue;
+        }
+        match NhsNumber::parse(record.get(0).unwrap_or_default()) {
+            Ok(n) => valid.push(n),
+            Err(e) => invalid.push((line, e.reason())),
+        }
+    }
+    Ok((valid, invalid))
+}
+
+/// Replaces the store's NDOO set with the pseudonyms of `list`, atomically.
+/// Idempotent: the same list again changes nothing.
+pub fn ingest(
+    list: &Path,
+    store: &Path,
+    key: &Path,
+    skip_invalid: bool,
+    codec: Codec,
+) -> Result<IngestReport, OptoutError> {
+    let started = std::time::Instant::now();
+    let key = CollectionKey::load(key)?;
+    let p = Pseudonymiser::new(&key);
+    let (valid, invalid) = read_list(list)?;
+    if !invalid.is_empty() && !skip_invalid {
+        let first = invalid
+            .iter()
+            .take(5)
+            .map(|(l, r)| format!("line {l}: {r}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(OptoutError::InvalidNumbers {
+            path: list.to_owned(),
+            count: invalid.len(),
+            first,
+        });
+    }
+    let mut store = Store::open_for_write(store, false)?;
+    if let Some(existing) = &store.manifest.key_id {
+        if *existing != p.key_id() {
+            return Err(StoreError::KeyMismatch {
+                store: existing.clone(),
+                given: p.key_id(),
+            }
+            .into());
+        }
+    }
+    let ids: BTreeSet<Pseudonym> = valid.iter().map(|n| p.patient(n)).collect();
+    let entry = write_ndoo(&store, &ids, codec)?;
+    let mut report = IngestReport {
+        listed: (valid.len() + invalid.len()) as u64,
+        invalid: invalid.len() as u64,
+        patients: ids.len() as u64,
+        unchanged: false,
+        generation: store.manifest.generation,
+        seconds: 0.0,
+    };
+    if store
+        .manifest
+        .ndoo
+        .as_ref()
+        .is_some_and(|old| old.sha256 == entry.sha256)
+    {
+        let path = store.path(&entry.path);
+        std::fs::remove_file(&path).map_err(|e| StoreError::Io { path, source: e })?;
+        report.unchanged = true;
+    } else {
+        let mut next = store.manifest.clone();
+        next.key_id = Some(p.key_id());
+        next.commit_log = vec![json!({
+            "event": "ndoo_ingest",
+            "time": now_rfc3339(),
+            "listed": report.listed,
+            "invalid": report.invalid,
+            "patients": report.patients,
+            "sha256": entry.sha256,
+        })];
+        next.ndoo = Some(entry);
+        store.commit(next)?;
+        report.generation = store.manifest.generation;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn write_ndoo(
+    store: &Store,
+    ids: &BTreeSet<Pseudonym>,
+    codec: Codec,
+) -> Result<crate::store::FileEntry, StoreError> {
+    let relative = format!("optouts/ndoo-{:06}.parquet", store.manifest.generation + 1);
+    let path = store.path(&relative);
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "patient_id",
+        DataType::FixedSizeBinary(32),
+        false,
+    )]));
+    let mut w = crate::store::parquet::Writer::create(&path, schema.clone(), codec)
+        .map_err(pq_err(&path))?;
+    if !ids.is_empty() {
+        let array =
+            FixedSizeBinaryArray::try_from_iter(ids.iter()).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(array) as ArrayRef]).map_err(|e| {
+                StoreError::Corrupt {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        w.write(&batch).map_err(pq_err(&path))?;
+    }
+    w.finish().map_err(pq_err(&path))?;
+    store.file_entry(relative)
+}

@@ -1,0 +1,320 @@
+//! The TRE policy (`policies/tre.toml`): projects (safe projects),
+//! researchers and their hashed tokens (safe people), disclosure rules
+//! (safe outputs) and per-query limits (safe settings).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::{PolicyError, sha256_hex, syntax_error};
+
+pub const DEFAULT_TRE_POLICY: &str = include_str!("../../policies/tre.toml");
+
+/// Columns of the TRE views that may ever be group keys.
+pub const GROUPABLE: [&str; 9] = [
+    "age_band",
+    "sex",
+    "ethnicity",
+    "imd_decile",
+    "registered",
+    "deceased",
+    "snomedct_code",
+    "dmd_code",
+    "event_year",
+];
+pub const TABLES: [&str; 3] = ["patients", "clinical_events", "medications"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disclosure {
+    pub name: &'static str,
+    /// Cells with this many distinct patients or fewer are suppressed.
+    pub redact_at_or_below: u64,
+    /// Counts are rounded to the nearest multiple of this.
+    pub round_to: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub id: String,
+    pub title: String,
+    pub purpose: String,
+    /// Whether the National Data Opt-out removes patients from this project's views.
+    pub ndoo_applies: bool,
+    pub exemption: Option<String>,
+    pub tables: Vec<String>,
+    pub group_keys: Vec<String>,
+    pub disclosure: Disclosure,
+}
+
+#[derive(Debug, Clone)]
+pub struct Researcher {
+    pub user: String,
+    pub token_sha256: [u8; 32],
+    pub projects: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrePolicy {
+    pub age_on: chrono::NaiveDate,
+    pub memory_mb: usize,
+    pub timeout_seconds: u64,
+    pub max_rows: usize,
+    pub projects: BTreeMap<String, Project>,
+    pub researchers: Vec<Researcher>,
+    pub sha256: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    version: u32,
+    settings: RawSettings,
+    disclosure: BTreeMap<String, RawDisclosure>,
+    projects: BTreeMap<String, RawProject>,
+    #[serde(default)]
+    researchers: Vec<RawResearcher>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    age_on: String,
+    memory_mb: usize,
+    timeout_seconds: u64,
+    max_rows: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisclosure {
+    redact_at_or_below: u64,
+    round_to: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProject {
+    title: String,
+    purpose: String,
+    ndoo: String,
+    exemption: Option<String>,
+    tables: Vec<String>,
+    group_keys: Vec<String>,
+    disclosure: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResearcher {
+    user: String,
+    token_sha256: String,
+    projects: Vec<String>,
+}
+
+fn leak(s: &str) -> &'static str {
+    // Rule-set names live for the whole process; there are a handful.
+    Box::leak(s.to_owned().into_boxed_str())
+}
+
+impl TrePolicy {
+    pub fn load(path: Option<&Path>) -> Result<TrePolicy, PolicyError> {
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                TrePolicy::parse(&text, path)
+            }
+            None => TrePolicy::parse(
+                DEFAULT_TRE_POLICY,
+                Path::new("policies/tre.toml (built in)"),
+            ),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<TrePolicy, PolicyError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| syntax_error(e, text, path))?;
+        let invalid = |message: String| PolicyError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if raw.version != 1 {
+            return Err(invalid(format!(
+                "unsupported policy version {}",
+                raw.version
+            )));
+        }
+        let age_on = raw.settings.age_on.parse().map_err(|_| {
+            invalid(format!(
+                "[settings] age_on {:?} is not a YYYY-MM-DD date",
+                raw.settings.age_on
+            ))
+        })?;
+        if raw.settings.memory_mb == 0
+            || raw.settings.timeout_seconds == 0
+            || raw.settings.max_rows == 0
+        {
+            return Err(invalid(
+                "[settings] memory_mb, timeout_seconds and max_rows must be positive".into(),
+            ));
+        }
+        let mut rule_sets = BTreeMap::new();
+        for (name, d) in &raw.disclosure {
+            if d.round_to == 0 {
+                return Err(invalid(format!(
+                    "[disclosure.{name}] round_to must be at least 1"
+                )));
+            }
+            rule_sets.insert(
+                name.clone(),
+                Disclosure {
+                    name: leak(name),
+                    redact_at_or_below: d.redact_at_or_below,
+                    round_to: d.round_to,
+                },
+            );
+        }
+        let mut projects = BTreeMap::new();
+        for (id, p) in raw.projects {
+            let at = |m: String| invalid(format!("[projects.{id}] {m}"));
+            let ndoo_applies = match p.ndoo.as_str() {
+                "applies" => true,
+                "exempt" if p.exemption.as_deref().is_some_and(|e| !e.trim().is_empty()) => false,
+                "exempt" => {
+                    return Err(at(
+                        "ndoo = \"exempt\" needs an `exemption` naming its legal basis".into(),
+                    ));
+                }
+                other => {
+                    return Err(at(format!(
+                        "ndoo must be \"applies\" or \"exempt\", not {other:?}"
+                    )));
+                }
+            };
+            if ndoo_applies && p.exemption.is_some() {
+                return Err(at("has an exemption but ndoo = \"applies\"; say ndoo = \"exempt\" or remove the exemption".into()));
+            }
+            if !ndoo_applies
+                && matches!(p.purpose.as_str(), "research" | "planning")
+                && p.exemption.is_none()
+            {
+                return Err(at("the National Data Opt-out applies to research and planning unless an exemption is recorded".into()));
+            }
+            if let Some(t) = p.tables.iter().find(|t| !TABLES.contains(&t.as_str())) {
+                return Err(at(format!(
+                    "table {t:?} is not a TRE view ({})",
+                    TABLES.join(", ")
+                )));
+            }
+            if let Some(k) = p
+                .group_keys
+                .iter()
+                .find(|k| !GROUPABLE.contains(&k.as_str()))
+            {
+                return Err(at(format!(
+                    "group key {k:?} is not groupable (allowed: {})",
+                    GROUPABLE.join(", ")
+                )));
+            }
+            let disclosure = *rule_sets.get(&p.disclosure).ok_or_else(|| {
+                at(format!(
+                    "disclosure {:?} is not a [disclosure.*] rule set",
+                    p.disclosure
+                ))
+            })?;
+            projects.insert(
+                id.clone(),
+                Project {
+                    id,
+                    title: p.title,
+                    purpose: p.purpose,
+                    ndoo_applies,
+                    exemption: p.exemption,
+                    tables: p.tables,
+                    group_keys: p.group_keys,
+                    disclosure,
+                },
+            );
+        }
+        let mut researchers = Vec::new();
+        for r in raw.researchers {
+            let hash = decode_hex32(&r.token_sha256).ok_or_else(|| {
+                invalid(format!(
+                    "researcher {}: token_sha256 must be 64 hex digits",
+                    r.user
+                ))
+            })?;
+            if let Some(p) = r.projects.iter().find(|p| !projects.contains_key(*p)) {
+                return Err(invalid(format!(
+                    "researcher {}: unknown project {p}",
+                    r.user
+                )));
+            }
+            if researchers.iter().any(|x: &Researcher| x.user == r.user) {
+                return Err(invalid(format!("researcher {} is listed twice", r.user)));
+            }
+            researchers.push(Researcher {
+                user: r.user,
+                token_sha256: hash,
+                projects: r.projects,
+            });
+        }
+        Ok(TrePolicy {
+            age_on,
+            memory_mb: raw.settings.memory_mb,
+            timeout_seconds: raw.settings.timeout_seconds,
+            max_rows: raw.settings.max_rows,
+            projects,
+            researchers,
+            sha256: sha256_hex(text.as_bytes()),
+        })
+    }
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_policy_parses() {
+        let p = TrePolicy::load(None).unwrap();
+        assert!(p.projects["demo-research"].ndoo_applies);
+        assert!(!p.projects["demo-planning-exempt"].ndoo_applies);
+        assert_eq!(p.projects["demo-research"].disclosure.redact_at_or_below, 7);
+        assert_eq!(p.researchers[0].user, "alice");
+    }
+
+    #[test]
+    fn unsafe_projects_are_refused() {
+        let exempt_without_basis = DEFAULT_TRE_POLICY.replace(
+            "exemption = \"demo: approval under section 251 of the NHS Act 2006 (illustrative)\"\n",
+            "",
+        );
+        let err = TrePolicy::parse(&exempt_without_basis, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs an `exemption`"), "{err}");
+        let pseudonym_key = DEFAULT_TRE_POLICY.replacen(
+            "group_keys = [\"age_band\"",
+            "group_keys = [\"patient_id\", \"age_band\"",
+            1,
+        );
+        let err = TrePolicy::parse(&pseudonym_key, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"patient_id\" is not groupable"), "{err}");
+    }
+}

@@ -1,0 +1,168 @@
+//! Safe settings: one DataFusion session per request, holding only the
+//! project's views over the store.
+//!
+//! The views are built in a separate, internal context that knows the raw
+//! Parquet tables; only the view plans (which hold their table providers
+//! inside them) are registered in the researcher's session. So the
+//! researcher's catalog has exactly the approved views and nothing else: no
+//! raw tables, no opt-out lists, no table functions, no information_schema.
+//! For projects the National Data Opt-out applies to, the NDOO filter is part
+//! of every view, so no query can get around it; tombstoned patients are
+//! filtered in every view as a second line of defence.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use datafusion::datasource::ViewTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use super::{Refusal, TreError};
+use crate::policy::tre::{Project, TrePolicy};
+use crate::store::Manifest;
+
+/// A researcher's session and the plans of its views (the guard trusts
+/// exactly these subtrees).
+pub struct Session {
+    pub ctx: SessionContext,
+    pub views: HashMap<String, LogicalPlan>,
+}
+
+fn new_context(policy: &TrePolicy) -> Result<SessionContext, TreError> {
+    let config = SessionConfig::new()
+        .with_target_partitions(2)
+        .with_information_schema(false);
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(FairSpillPool::new(policy.memory_mb << 20)))
+        .build_arc()
+        .map_err(TreError::internal)?;
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        // No table functions: generate_series, range and friends are not tables of patients.
+        .with_table_functions(HashMap::new())
+        .build();
+    Ok(SessionContext::new_with_state(state))
+}
+
+async fn listing(
+    ctx: &SessionContext,
+    store: &Path,
+    files: &[String],
+) -> Result<Arc<ListingTable>, TreError> {
+    let urls = files
+        .iter()
+        .map(|f| ListingTableUrl::parse(store.join(f).to_string_lossy()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(TreError::internal)?;
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(ListingOptions::new(Arc::new(ParquetFormat::default())))
+        .infer_schema(&ctx.state())
+        .await
+        .map_err(TreError::internal)?;
+    Ok(Arc::new(
+        ListingTable::try_new(config).map_err(TreError::internal)?,
+    ))
+}
+
+/// The SQL of each view; `{optouts}` becomes the opt-out filter.
+fn view_sql(table: &str, age_on: chrono::NaiveDate) -> String {
+    let on = age_on.format("%Y-%m-%d");
+    match table {
+        "patients" => format!(
+            "SELECT patient_id, practice_id, \
+             CASE WHEN age < 16 THEN '0-15' WHEN age < 30 THEN '16-29' WHEN age < 40 THEN '30-39' \
+                  WHEN age < 50 THEN '40-49' WHEN age < 60 THEN '50-59' WHEN age < 70 THEN '60-69' \
+                  WHEN age < 80 THEN '70-79' ELSE '80+' END AS age_band, \
+             sex, ethnicity, lsoa_code, imd_decile, \
+             registration_end IS NULL AS registered, date_of_death IS NOT NULL AS deceased, \
+             birth_month, registration_start, registration_end, date_of_death \
+             FROM (SELECT *, CAST(((date_part('year', DATE '{on}') * 12 + date_part('month', DATE '{on}')) \
+                   - (date_part('year', birth_month) * 12 + date_part('month', birth_month))) / 12 AS BIGINT) AS age \
+                   FROM raw_patients) p WHERE {{optouts}}"
+        ),
+        "clinical_events" => "SELECT patient_id, date, CAST(date_part('year', date) AS BIGINT) AS event_year, snomedct_code, numeric_value \
+             FROM raw_clinical_events WHERE {optouts}"
+            .to_owned(),
+        _ => "SELECT patient_id, date, CAST(date_part('year', date) AS BIGINT) AS event_year, dmd_code, quantity \
+             FROM raw_medications WHERE {optouts}"
+            .to_owned(),
+    }
+}
+
+/// Builds the session for one request.
+pub async fn open(
+    store: &Path,
+    manifest: &Manifest,
+    policy: &TrePolicy,
+    project: &Project,
+) -> Result<Session, TreError> {
+    if manifest.batches.is_empty() {
+        return Err(TreError::NoData);
+    }
+    let internal = new_context(policy)?;
+    for table in ["patients", "clinical_events", "medications"] {
+        let files: Vec<String> = manifest
+            .batches
+            .values()
+            .filter_map(|b| b.files.get(table).map(|f| f.path.clone()))
+            .collect();
+        internal
+            .register_table(
+                format!("raw_{table}"),
+                listing(&internal, store, &files).await?,
+            )
+            .map_err(TreError::internal)?;
+    }
+    let mut filters = vec!["TRUE".to_owned()];
+    if let Some(t) = &manifest.tombstones {
+        internal
+            .register_table(
+                "raw_tombstones",
+                listing(&internal, store, std::slice::from_ref(&t.path)).await?,
+            )
+            .map_err(TreError::internal)?;
+        filters.push("patient_id NOT IN (SELECT patient_id FROM raw_tombstones)".into());
+    }
+    if project.ndoo_applies {
+        // Fail closed: a project the opt-out applies to sees nothing until the list is in.
+        let ndoo = manifest.ndoo.as_ref().ok_or_else(|| {
+            TreError::Refused(Refusal::new(
+                "ndoo_not_ingested",
+                "the National Data Opt-out applies to this project and no NDOO list has been ingested (gpdp optout ingest)",
+            ))
+        })?;
+        internal
+            .register_table(
+                "raw_ndoo",
+                listing(&internal, store, std::slice::from_ref(&ndoo.path)).await?,
+            )
+            .map_err(TreError::internal)?;
+        filters.push("patient_id NOT IN (SELECT patient_id FROM raw_ndoo)".into());
+    }
+    let optouts = filters.join(" AND ");
+
+    let ctx = new_context(policy)?;
+    let mut views = HashMap::new();
+    for table in &project.tables {
+        let sql = view_sql(table, policy.age_on).replace("{optouts}", &optouts);
+        let plan = internal
+            .sql(&sql)
+            .await
+            .map_err(TreError::internal)?
+            .into_unoptimized_plan();
+        ctx.register_table(table.as_str(), Arc::new(ViewTable::new(plan.clone(), None)))
+            .map_err(TreError::internal)?;
+        views.insert(table.clone(), plan);
+    }
+    Ok(Session { ctx, views })
+}
