@@ -82,6 +82,8 @@ pub fn exit_status_of(err: &anyhow::Error) -> ExitStatus {
             Some(e)
         } else if let Some(e) = cause.downcast_ref::<crate::tre::TreError>() {
             Some(e)
+        } else if let Some(e) = cause.downcast_ref::<crate::audit::AuditFailure>() {
+            Some(e)
         } else {
             None
         };

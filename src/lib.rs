@@ -21,6 +21,7 @@
 //! [`error`] maps every failure to the exit statuses of the interface
 //! contract; [`progress`] draws progress bars on a terminal.
 
+pub mod audit;
 pub mod bench;
 pub mod calendar;
 pub mod collect;

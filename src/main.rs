@@ -128,6 +128,17 @@ enum Command {
         #[command(subcommand)]
         command: OptoutCommand,
     },
+    /// Check a store independently (exit 0 only if every check passes, 3 if one fails).
+    Audit {
+        #[arg(long)]
+        store: PathBuf,
+        /// Verify the hash chain of the audit log against the manifest.
+        #[arg(long)]
+        verify_log: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a new 32-byte collection key (file mode 0600; never overwrites).
     Keygen {
         /// Path of the key file to create.
@@ -339,6 +350,25 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 println!(
                     "ingested the National Data Opt-out list: {} patients ({} lines, {} invalid skipped); store generation {}",
                     r.patients, r.listed, r.invalid, r.generation
+                );
+            }
+            Ok(())
+        }
+        Command::Audit {
+            store,
+            verify_log,
+            json,
+        } => {
+            if !verify_log {
+                return Err(gpdp::error::BadInput("say what to check: --verify-log".into()).into());
+            }
+            let r = gpdp::audit::verify_log(&store)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "audit log intact: {} lines, every store generation up to {} recorded, {} queries ({} refused); head {}",
+                    r.lines, r.generation, r.queries, r.refused, r.head
                 );
             }
             Ok(())

@@ -16,6 +16,7 @@ pub mod sdc;
 pub mod session;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
@@ -198,10 +199,18 @@ async fn answer(
     let manifest = crate::store::read_manifest(&req.store)?;
     let session = session::open(&req.store, &manifest, policy, project).await?;
     let state = session.ctx.state();
-    let plan = state
-        .create_logical_plan(&req.sql)
-        .await
-        .map_err(|e| TreError::Sql(scrub(&e.to_string())))?;
+    let plan = state.create_logical_plan(&req.sql).await.map_err(|e| {
+        let message = scrub(&e.to_string());
+        // Anything outside the project's views is not there for this researcher.
+        if message.contains("not found") && message.contains("table") {
+            TreError::Refused(Refusal::new(
+                "unknown_table",
+                format!("{message} (available: {})", project.tables.join(", ")),
+            ))
+        } else {
+            TreError::Sql(message)
+        }
+    })?;
     *fingerprint = sha256_hex(plan.display_indent().to_string().as_bytes());
     guard::check_statement_kind(&plan)?;
     SQLOptions::new()
@@ -217,6 +226,7 @@ async fn answer(
         })?;
     let checked = guard::check(&plan, &session.views, project)?;
 
+    let output_schema = checked.plan.schema().clone();
     let run = DataFrame::new(state, checked.plan).collect();
     let batches = match tokio::time::timeout(Duration::from_secs(policy.timeout_seconds), run).await
     {
@@ -240,11 +250,12 @@ async fn answer(
         }
         Ok(Ok(b)) => b,
     };
-    let schema = batches.first().map(|b| b.schema());
-    let batch = match schema {
-        Some(s) => arrow::compute::concat_batches(&s, &batches).map_err(TreError::internal)?,
-        None => return Err(TreError::internal("the query produced no schema")),
-    };
+    // An empty result (e.g. HAVING that matches nothing) has no batches: use the plan's schema.
+    let schema = batches.first().map_or_else(
+        || Arc::new(output_schema.as_arrow().clone()),
+        |b| b.schema(),
+    );
+    let batch = arrow::compute::concat_batches(&schema, &batches).map_err(TreError::internal)?;
     if batch.num_rows() > policy.max_rows {
         return Err(Refusal::new(
             "too_many_rows",
