@@ -1,6 +1,7 @@
 //! `gpdp demo`: every stage of the pipeline on an embedded default, in one
-//! command with no arguments: synthetic extracts, then collection into a
-//! store (stages are added here as they land), and it says where everything is.
+//! command with no arguments: synthetic extracts; collection into a store;
+//! the National Data Opt-out list; research questions through the TRE
+//! boundary (with one that it refuses); and it says where everything is.
 
 use std::path::{Path, PathBuf};
 
@@ -28,7 +29,53 @@ pub struct DemoOutcome {
     pub store: PathBuf,
     pub report: synth::SynthReport,
     pub collection: CollectSummary,
+    pub ndoo: crate::optout::ndoo::IngestReport,
+    pub questions: Vec<Question>,
 }
+
+/// One research question asked through the TRE, and its answer.
+pub struct Question {
+    pub title: &'static str,
+    pub project: &'static str,
+    pub sql: String,
+    pub answer: Result<crate::tre::Released, crate::tre::TreError>,
+}
+
+/// Diabetes: any of the three diagnosis codes of synthetic-data/codelists/conditions.csv.
+const DIABETES: &str = "SELECT patient_id FROM clinical_events WHERE snomedct_code IN ('73211009', '46635009', '44054006')";
+
+const QUESTIONS: [(&str, &str, &str); 6] = [
+    (
+        "Diabetes prevalence by age band: all patients, and those with a diabetes code",
+        "demo-research",
+        "SELECT p.age_band, count(DISTINCT p.patient_id) AS patients, count(DISTINCT d.patient_id) AS with_diabetes FROM patients p LEFT JOIN (DIABETES) d ON p.patient_id = d.patient_id GROUP BY p.age_band ORDER BY p.age_band",
+    ),
+    (
+        "Diabetes by deprivation (IMD decile, 1 = most deprived)",
+        "demo-research",
+        "SELECT imd_decile, count(DISTINCT patient_id) AS with_diabetes FROM patients WHERE patient_id IN (DIABETES) GROUP BY imd_decile ORDER BY imd_decile",
+    ),
+    (
+        "HbA1c control: mean HbA1c (mmol/mol) by age band, with the number of tests",
+        "demo-research",
+        "SELECT p.age_band, count(*) AS tests, avg(c.numeric_value) AS mean_hba1c FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id WHERE c.snomedct_code = '999791000000106' GROUP BY p.age_band ORDER BY p.age_band",
+    ),
+    (
+        "The National Data Opt-out at work (1/2): patients a research project can see",
+        "demo-research",
+        "SELECT count(DISTINCT patient_id) AS patients FROM patients",
+    ),
+    (
+        "The National Data Opt-out at work (2/2): patients a planning project with an exemption can see",
+        "demo-planning-exempt",
+        "SELECT count(DISTINCT patient_id) AS patients FROM patients",
+    ),
+    (
+        "A row-level request, which the boundary refuses",
+        "demo-research",
+        "SELECT * FROM patients",
+    ),
+];
 
 pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<DemoOutcome> {
     if dir.exists() {
@@ -51,7 +98,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         .with_context(|| format!("writing into {}", dir.display()))?;
 
     let extracts = dir.join("extracts");
-    progress.stage("1/2 generating synthetic GP extracts");
+    progress.stage("1/4 generating synthetic GP extracts");
     let report = synth::run(
         &SynthOptions {
             out: extracts.clone(),
@@ -66,7 +113,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         progress,
     )?;
 
-    progress.stage("2/2 collecting: de-identification on collection into the store");
+    progress.stage("2/4 collecting: de-identification on collection into the store");
     let key = dir.join("collection.key");
     crate::deid::key::generate(&key)?;
     let store = dir.join("store");
@@ -82,6 +129,39 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         },
         progress,
     )?;
+
+    progress.stage("3/4 ingesting the National Data Opt-out list (pseudonymised)");
+    let policy = CollectionPolicy::load(None)?;
+    let ndoo = crate::optout::ndoo::ingest(
+        &extracts.join("national/ndoo.csv"),
+        &store,
+        &key,
+        false,
+        policy.codec,
+    )?;
+
+    progress.stage("4/4 asking research questions through the TRE boundary");
+    let tre_policy = crate::policy::tre::TrePolicy::load(None)?;
+    let questions = QUESTIONS
+        .iter()
+        .map(|(title, project, sql)| {
+            let sql = sql.replace("DIABETES", DIABETES);
+            let request = crate::tre::Request {
+                store: store.clone(),
+                user: "alice".into(),
+                // The demo researcher of policies/tre.toml (demo credentials only).
+                token: Some("demo-alice-token".into()),
+                project: (*project).into(),
+                sql: sql.clone(),
+            };
+            Question {
+                title,
+                project,
+                sql,
+                answer: crate::tre::query_blocking(&tre_policy, &request),
+            }
+        })
+        .collect();
     Ok(DemoOutcome {
         dir: dir.to_owned(),
         extracts,
@@ -89,5 +169,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         store,
         report,
         collection,
+        ndoo,
+        questions,
     })
 }

@@ -213,6 +213,28 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             );
             print_collect_totals(&o.collection);
             println!();
+            println!(
+                "3. National Data Opt-out list ingested: {} patients, stored only as pseudonyms",
+                o.ndoo.patients
+            );
+            println!();
+            println!(
+                "4. Research questions through the TRE boundary (researcher alice; answers are disclosure-controlled)"
+            );
+            for q in &o.questions {
+                println!();
+                println!("  {} [{}]", q.title, q.project);
+                println!("  SQL: {}", q.sql);
+                match &q.answer {
+                    Ok(r) => {
+                        for line in gpdp::tre::to_table(r).lines() {
+                            println!("    {line}");
+                        }
+                    }
+                    Err(e) => println!("    {e}"),
+                }
+            }
+            println!();
             println!("Outputs:");
             println!(
                 "  extracts (identifiable, practice side)  {}/practices/<ODS>/",
@@ -244,6 +266,12 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             );
             println!(
                 "  hash-chained audit log                  {}/audit/log.jsonl",
+                o.store.display()
+            );
+            println!();
+            println!("Ask your own question (demo credentials):");
+            println!(
+                "  GPDP_TOKEN=demo-alice-token cargo run --release -- query --store {} --project demo-research --user alice \"SELECT sex, count(*) AS n FROM patients GROUP BY sex\"",
                 o.store.display()
             );
             Ok(())
