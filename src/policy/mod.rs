@@ -157,19 +157,9 @@ pub const TYPE1_CATEGORY: &str = "type1_opt_out";
 impl CollectionPolicy {
     /// Loads `path`, or the compiled-in default when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<CollectionPolicy, PolicyError> {
-        match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                CollectionPolicy::parse(&text, path)
-            }
-            None => CollectionPolicy::parse(
-                DEFAULT_COLLECTION_POLICY,
-                Path::new("policies/collection.toml (built in)"),
-            ),
-        }
+        let (text, path) =
+            read_or_default(path, DEFAULT_COLLECTION_POLICY, "policies/collection.toml")?;
+        CollectionPolicy::parse(&text, &path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<CollectionPolicy, PolicyError> {
@@ -357,6 +347,23 @@ fn resolve(kind: Kind, raw: &RawColumn) -> Result<Action, String> {
     };
     debug_assert!(allowed);
     Ok(action)
+}
+
+/// The text of the policy at `path`, or the built-in one (named `name`).
+pub(crate) fn read_or_default(
+    path: Option<&Path>,
+    default: &'static str,
+    name: &str,
+) -> Result<(std::borrow::Cow<'static, str>, PathBuf), PolicyError> {
+    match path {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|text| (text.into(), path.to_owned()))
+            .map_err(|source| PolicyError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        None => Ok((default.into(), PathBuf::from(format!("{name} (built in)")))),
+    }
 }
 
 pub(crate) fn syntax_error(e: toml::de::Error, text: &str, path: &Path) -> PolicyError {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{PolicyError, sha256_hex, syntax_error};
+use super::{PolicyError, read_or_default, sha256_hex, syntax_error};
 
 pub const DEFAULT_TRE_POLICY: &str = include_str!("../../policies/tre.toml");
 
@@ -118,20 +118,10 @@ fn leak(s: &str) -> &'static str {
 }
 
 impl TrePolicy {
+    /// Loads `path`, or the compiled-in default when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<TrePolicy, PolicyError> {
-        match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                TrePolicy::parse(&text, path)
-            }
-            None => TrePolicy::parse(
-                DEFAULT_TRE_POLICY,
-                Path::new("policies/tre.toml (built in)"),
-            ),
-        }
+        let (text, path) = read_or_default(path, DEFAULT_TRE_POLICY, "policies/tre.toml")?;
+        TrePolicy::parse(&text, &path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<TrePolicy, PolicyError> {

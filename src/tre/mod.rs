@@ -30,7 +30,7 @@ use self::sdc::{ColumnKind, Controlled};
 use crate::error::{Classify, ExitStatus};
 use crate::policy::PolicyError;
 use crate::policy::sha256_hex;
-use crate::policy::tre::TrePolicy;
+use crate::policy::tre::{Disclosure, TrePolicy};
 use crate::store::StoreError;
 use crate::store::audit::AuditLog;
 
@@ -126,7 +126,7 @@ pub struct Request {
 pub struct Released {
     pub result: Controlled,
     pub kinds: Vec<ColumnKind>,
-    pub rules: &'static str,
+    pub disclosure: Disclosure,
     pub checksum: String,
     pub fingerprint: String,
     pub seconds: f64,
@@ -152,7 +152,7 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
                 o.insert("outcome".into(), json!("released"));
                 o.insert("rows".into(), json!(r.result.batch.num_rows()));
                 o.insert("suppressed_cells".into(), json!(r.result.suppressed_cells));
-                o.insert("disclosure".into(), json!(r.rules));
+                o.insert("disclosure".into(), json!(r.disclosure.name));
                 o.insert("result_sha256".into(), json!(r.checksum));
             }
             Err(e) => {
@@ -280,7 +280,7 @@ async fn answer(
     Ok(Released {
         result,
         kinds: checked.kinds,
-        rules: project.disclosure.name,
+        disclosure: project.disclosure,
         checksum,
         fingerprint: String::new(),
         seconds: 0.0,
@@ -341,17 +341,20 @@ pub fn to_csv(r: &Controlled) -> String {
     out
 }
 
-/// A human table, then a note on what was suppressed and why.
-pub fn to_table(r: &Released) -> String {
-    let c = &r.result;
-    let f = formatters(c);
-    let names: Vec<String> = c
-        .batch
+fn column_names(c: &Controlled) -> Vec<String> {
+    c.batch
         .schema()
         .fields()
         .iter()
         .map(|f| f.name().clone())
-        .collect();
+        .collect()
+}
+
+/// A human table, then a note on what was suppressed and why.
+pub fn to_table(r: &Released) -> String {
+    let c = &r.result;
+    let f = formatters(c);
+    let names = column_names(c);
     let rows: Vec<Vec<String>> = (0..c.batch.num_rows())
         .map(|row| (0..names.len()).map(|col| cell(c, &f, row, col)).collect())
         .collect();
@@ -388,31 +391,18 @@ pub fn to_table(r: &Released) -> String {
     out.push_str(&format!(
         "({} rows; disclosure control {}: {} cells suppressed; counts rounded to the nearest {})\n",
         c.batch.num_rows(),
-        r.rules,
+        r.disclosure.name,
         c.suppressed_cells,
-        rounding(r)
+        r.disclosure.round_to
     ));
     out
-}
-
-fn rounding(r: &Released) -> &'static str {
-    match r.rules {
-        "opensafely" | "acro" => "5",
-        _ => "multiple set by the project's rule set",
-    }
 }
 
 /// JSON: columns, rows (suppressed statistics as null) and suppression metadata.
 pub fn to_json(r: &Released) -> Value {
     let c = &r.result;
     let f = formatters(c);
-    let names: Vec<String> = c
-        .batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
+    let names = column_names(c);
     let rows: Vec<Value> = (0..c.batch.num_rows())
         .map(|row| {
             let mut o = serde_json::Map::new();
@@ -449,7 +439,9 @@ pub fn to_json(r: &Released) -> Value {
         "columns": names,
         "kinds": r.kinds.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
         "rows": rows,
-        "disclosure": r.rules,
+        "disclosure": r.disclosure.name,
+        "redact_at_or_below": r.disclosure.redact_at_or_below,
+        "round_to": r.disclosure.round_to,
         "suppressed_cells": c.suppressed_cells,
         "suppressed": suppressed,
         "result_sha256": r.checksum,

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# TRE query latency on a 1M-patient store, in one run: through the boundary,
+# directly in DataFusion over the same views, and DuckDB on the same files.
+# Usage: bash benches/tre.sh [PATIENTS] [PRACTICES] [RUNS]   (defaults: 1000000 100 7)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+patients=${1:-1000000}; practices=${2:-100}; runs=${3:-7}
+cargo build --release --quiet --bin gpdp --example tre_bench
+bin=target/release/gpdp
+data="bench-data/synth-${patients}-${practices}"
+store="bench-data/store-${patients}-${practices}"
+if [ ! -f "$data/truth/summary.json" ]; then
+  rm -rf "$data"; mkdir -p bench-data
+  "$bin" synth --quiet --out "$data" --patients "$patients" --practices "$practices" --seed 1 >/dev/null
+fi
+if [ ! -f "$store/manifest.json" ]; then
+  rm -rf "$store" bench-data/bench.key "$data/quarantine"
+  "$bin" keygen --out bench-data/bench.key >/dev/null
+  "$bin" collect --quiet --extract "$data" --store "$store" --key bench-data/bench.key >/dev/null
+  "$bin" optout ingest --ndoo "$data/national/ndoo.csv" --store "$store" --key bench-data/bench.key >/dev/null
+fi
+venv=bench-data/peer-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -c "import duckdb" 2>/dev/null || "$venv/bin/pip" install -q duckdb >/dev/null 2>&1 || true
+target/release/examples/tre_bench "$store" "$runs" > bench-data/tre_gpdp.jsonl
+if "$venv/bin/python" -c "import duckdb" 2>/dev/null; then
+  "$venv/bin/python" benches/peers/tre_duckdb.py "$store" "$runs" > bench-data/tre_duckdb.jsonl
+else
+  : > bench-data/tre_duckdb.jsonl
+fi
+python3 - <<'PY'
+import json
+g = {r["query"]: r for r in map(json.loads, open("bench-data/tre_gpdp.jsonl"))}
+d = {r["query"]: r for r in map(json.loads, open("bench-data/tre_duckdb.jsonl"))}
+print(f"{'query':22} {'boundary p50':>13} {'p95':>7} {'direct p50':>11} {'overhead':>9} {'duckdb p50':>11} {'vs duckdb':>10}")
+for q, r in g.items():
+    dd = d.get(q, {}).get("duckdb_p50_ms")
+    vs = f"{r['boundary_p50_ms'] / dd:9.2f}x" if dd else "        -"
+    print(f"{q:22} {r['boundary_p50_ms']:11.1f}ms {r['boundary_p95_ms']:5.0f}ms {r['direct_p50_ms']:9.1f}ms {100 * r['overhead']:8.0f}% {dd or float('nan'):9.1f}ms {vs}")
+PY
