@@ -34,6 +34,9 @@ g = {r["query"]: r for r in map(json.loads, open("bench-data/tre_gpdp.jsonl"))}
 d = {r["query"]: r for r in map(json.loads, open("bench-data/tre_duckdb.jsonl"))}
 print(f"{'query':22} {'boundary p50':>13} {'p95':>7} {'direct p50':>11} {'overhead':>9} {'duckdb p50':>11} {'vs duckdb':>10}")
 for q, r in g.items():
+    if "error" in r:
+        print(f"{q:22} boundary: {r['error']}")
+        continue
     dd = d.get(q, {}).get("duckdb_p50_ms")
     vs = f"{r['boundary_p50_ms'] / dd:9.2f}x" if dd else "        -"
     print(f"{q:22} {r['boundary_p50_ms']:11.1f}ms {r['boundary_p95_ms']:5.0f}ms {r['direct_p50_ms']:9.1f}ms {100 * r['overhead']:8.0f}% {dd or float('nan'):9.1f}ms {vs}")

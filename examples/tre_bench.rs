@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
             &store, &manifest, &policy, &project,
         ))?
         .ctx;
-    for (name, sql) in QUERIES {
+    'queries: for (name, sql) in QUERIES {
         let mut boundary = Vec::new();
         let mut plain = Vec::new();
         for _ in 0..runs {
@@ -68,7 +68,10 @@ fn main() -> anyhow::Result<()> {
                 project: "demo-research".into(),
                 sql: sql.into(),
             };
-            rt.block_on(gpdp::tre::query(&policy, &request))?;
+            if let Err(e) = rt.block_on(gpdp::tre::query(&policy, &request)) {
+                println!("{{\"query\":\"{name}\",\"error\":{:?}}}", e.to_string());
+                continue 'queries;
+            }
             boundary.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             rt.block_on(async { direct.sql(sql).await?.collect().await })?;
