@@ -121,6 +121,20 @@ fn walk(
                     return Err(Refusal::new("unknown_table", format!("{name} is not one of this project's views ({})", project.tables.join(", "))));
                 }
                 LogicalPlan::Window(_) => return Err(window()),
+                // Disclosure control counts patients on patient_id / patient_key:
+                // no query may give those names to anything but themselves
+                // (e.g. `date AS patient_id` would make one patient's events
+                // look like many patients).
+                LogicalPlan::Projection(p) => {
+                    for e in &p.expr {
+                        check_patient_name(e)?;
+                    }
+                }
+                LogicalPlan::Aggregate(a) => {
+                    for e in a.group_expr.iter().chain(&a.aggr_expr) {
+                        check_patient_name(e)?;
+                    }
+                }
                 LogicalPlan::Join(join) => {
                     // The SQL planner may put ON conditions in `on` or in
                     // `filter`; either way every condition must be
@@ -166,6 +180,26 @@ fn walk(
     match refusal {
         Some(r) => Err(r),
         None => Ok(seen),
+    }
+}
+
+fn check_patient_name(e: &Expr) -> Result<(), Refusal> {
+    let name = match e {
+        Expr::Alias(a) => a.name.clone(),
+        Expr::Column(c) => c.name.clone(),
+        other => other.schema_name().to_string(),
+    };
+    if name != "patient_id" && name != "patient_key" {
+        return Ok(());
+    }
+    match e.clone().unalias() {
+        Expr::Column(c) if c.name == name => Ok(()),
+        _ => Err(Refusal::new(
+            "patient_id_redefined",
+            format!(
+                "{name} may only name the views' own {name} column (disclosure control counts patients by it)"
+            ),
+        )),
     }
 }
 
@@ -351,17 +385,21 @@ fn aggregate(a: &Aggregate, project: &Project) -> Result<(LogicalPlan, Vec<Colum
             }
         }
     }
+    // Count distinct patients on the integer patient_key when the rows carry
+    // it (fast); otherwise on patient_id itself.
     let schema = a.input.schema();
-    let patient = schema
-        .iter()
-        .find(|(_, f)| f.name() == "patient_id")
-        .map(|(q, _)| Column::new(q.cloned(), "patient_id"))
-        .ok_or_else(|| {
-            Refusal::new(
-                "no_patient_count",
-                "the aggregated rows must carry patient_id so that every released cell can be checked against the disclosure threshold",
-            )
-        })?;
+    let find = |name: &str| {
+        schema
+            .iter()
+            .find(|(_, f)| f.name() == name)
+            .map(|(q, _)| Column::new(q.cloned(), name))
+    };
+    let patient = find("patient_key").or_else(|| find("patient_id")).ok_or_else(|| {
+        Refusal::new(
+            "no_patient_count",
+            "the aggregated rows must carry patient_id so that every released cell can be checked against the disclosure threshold",
+        )
+    })?;
     let mut kinds: Vec<ColumnKind> = a.group_expr.iter().map(|_| ColumnKind::Key).collect();
     for e in &a.aggr_expr {
         let mut kind = ColumnKind::Statistic;

@@ -79,7 +79,7 @@ fn view_sql(table: &str, age_on: chrono::NaiveDate) -> String {
     let on = age_on.format("%Y-%m-%d");
     match table {
         "patients" => format!(
-            "SELECT patient_id, practice_id, \
+            "SELECT patient_id, patient_key, practice_id, \
              CASE WHEN age < 16 THEN '0-15' WHEN age < 30 THEN '16-29' WHEN age < 40 THEN '30-39' \
                   WHEN age < 50 THEN '40-49' WHEN age < 60 THEN '50-59' WHEN age < 70 THEN '60-69' \
                   WHEN age < 80 THEN '70-79' ELSE '80+' END AS age_band, \
@@ -90,10 +90,10 @@ fn view_sql(table: &str, age_on: chrono::NaiveDate) -> String {
                    - (date_part('year', birth_month) * 12 + date_part('month', birth_month))) / 12 AS BIGINT) AS age \
                    FROM raw_patients) p WHERE {{optouts}}"
         ),
-        "clinical_events" => "SELECT patient_id, date, CAST(date_part('year', date) AS BIGINT) AS event_year, snomedct_code, numeric_value \
+        "clinical_events" => "SELECT patient_id, patient_key, date, CAST(date_part('year', date) AS BIGINT) AS event_year, snomedct_code, numeric_value \
              FROM raw_clinical_events WHERE {optouts}"
             .to_owned(),
-        _ => "SELECT patient_id, date, CAST(date_part('year', date) AS BIGINT) AS event_year, dmd_code, quantity \
+        _ => "SELECT patient_id, patient_key, date, CAST(date_part('year', date) AS BIGINT) AS event_year, dmd_code, quantity \
              FROM raw_medications WHERE {optouts}"
             .to_owned(),
     }
