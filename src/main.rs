@@ -96,11 +96,11 @@ enum Command {
     },
     /// Ask the TRE an aggregate question in SQL; get safe, disclosure-controlled answers.
     ///
-    /// Views: patients (patient_id, practice_id, age_band, sex, ethnicity,
+    /// Views: patients (patient_id, patient_key, practice_id, age_band, sex, ethnicity,
     /// lsoa_code, imd_decile, registered, deceased, birth_month,
     /// registration_start, registration_end, date_of_death), clinical_events
-    /// (patient_id, date, event_year, snomedct_code, numeric_value) and
-    /// medications (patient_id, date, event_year, dmd_code, quantity).
+    /// (patient_id, patient_key, date, event_year, snomedct_code, numeric_value)
+    /// and medications (patient_id, patient_key, date, event_year, dmd_code, quantity).
     Query {
         /// The store directory.
         #[arg(long)]
