@@ -20,27 +20,6 @@ struct Fixture {
     store: PathBuf,
 }
 
-fn collect_args(extract: &Path, store: &Path, key: &Path) -> Vec<String> {
-    [
-        "collect",
-        "--extract",
-        extract.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-fn collect(extract: &Path, store: &Path, key: &Path) -> std::process::Output {
-    gpdp()
-        .args(collect_args(extract, store, key))
-        .output()
-        .unwrap()
-}
-
 /// One extract collected once, shared by the read-only tests.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
@@ -128,31 +107,17 @@ fn store_holds_exactly_the_patients_who_should_leave() {
         .map(|(nhs, practice)| (pseudonym(KEY, nhs), practice_pseudonym(practice)))
         .collect();
     let batches = read_table(&f.store, "patients");
-    let mut found = HashSet::new();
-    for b in &batches {
-        use arrow::array::{Array, FixedSizeBinaryArray};
-        let ids = b
-            .column_by_name("patient_id")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<FixedSizeBinaryArray>()
-            .unwrap();
-        let practices = b
-            .column_by_name("practice_id")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<FixedSizeBinaryArray>()
-            .unwrap();
-        for i in 0..ids.len() {
-            assert!(
-                found.insert((
-                    <[u8; 32]>::try_from(ids.value(i)).unwrap(),
-                    <[u8; 32]>::try_from(practices.value(i)).unwrap()
-                )),
-                "duplicate registration"
-            );
-        }
-    }
+    let ids = pseudonym_column(&batches, "patient_id");
+    let practices = pseudonym_column(&batches, "practice_id");
+    let found: HashSet<([u8; 32], [u8; 32])> = ids.into_iter().zip(practices).collect();
+    assert_eq!(
+        found.len(),
+        read_table(&f.store, "patients")
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>(),
+        "duplicate registration"
+    );
     assert_eq!(found.len(), expected.len());
     assert!(
         found == expected,

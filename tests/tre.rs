@@ -28,15 +28,7 @@ fn fixture() -> &'static Fixture {
         synth(&extract, 3, 2000, 21);
         let key = key_file(dir.path(), 9);
         let store = dir.path().join("store");
-        let o = run(&[
-            "collect",
-            "--extract",
-            extract.to_str().unwrap(),
-            "--store",
-            store.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-        ]);
+        let o = collect(&extract, &store, &key);
         assert!(o.status.success(), "{}", stderr(&o));
         let o = run(&[
             "optout",

@@ -185,13 +185,13 @@ pub fn all_values(batches: &[arrow::array::RecordBatch]) -> Vec<(String, String)
     out
 }
 
-/// The `patient_id`s of a set of batches.
-pub fn patient_ids(batches: &[arrow::array::RecordBatch]) -> Vec<[u8; 32]> {
+/// The values of a `FixedSizeBinary(32)` column of a set of batches.
+pub fn pseudonym_column(batches: &[arrow::array::RecordBatch], name: &str) -> Vec<[u8; 32]> {
     use arrow::array::{Array, FixedSizeBinaryArray};
     let mut out = Vec::new();
     for b in batches {
         let ids = b
-            .column_by_name("patient_id")
+            .column_by_name(name)
             .unwrap()
             .as_any()
             .downcast_ref::<FixedSizeBinaryArray>()
@@ -199,6 +199,34 @@ pub fn patient_ids(batches: &[arrow::array::RecordBatch]) -> Vec<[u8; 32]> {
         out.extend((0..ids.len()).map(|i| <[u8; 32]>::try_from(ids.value(i)).unwrap()));
     }
     out
+}
+
+/// The `patient_id`s of a set of batches.
+pub fn patient_ids(batches: &[arrow::array::RecordBatch]) -> Vec<[u8; 32]> {
+    pseudonym_column(batches, "patient_id")
+}
+
+/// The arguments of `gpdp collect` for an extract, a store and a key.
+pub fn collect_args(extract: &Path, store: &Path, key: &Path) -> Vec<String> {
+    [
+        "collect",
+        "--extract",
+        extract.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Runs `gpdp collect`.
+pub fn collect(extract: &Path, store: &Path, key: &Path) -> Output {
+    gpdp()
+        .args(collect_args(extract, store, key))
+        .output()
+        .unwrap()
 }
 
 /// Rows of a table as sorted text lines: a logical snapshot of the store.
