@@ -14,29 +14,10 @@ use common::*;
 
 const KEY: u8 = 42;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    extract: PathBuf,
-    store: PathBuf,
-}
-
 /// One extract collected once, shared by the read-only tests.
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let extract = dir.path().join("extract");
-        synth(&extract, 4, 3000, 5);
-        let key = key_file(dir.path(), KEY);
-        let store = dir.path().join("store");
-        let o = collect(&extract, &store, &key);
-        assert!(o.status.success(), "{}", stderr(&o));
-        Fixture {
-            _dir: dir,
-            extract,
-            store,
-        }
-    })
+fn fixture() -> &'static Collected {
+    static F: OnceLock<Collected> = OnceLock::new();
+    F.get_or_init(|| collected(4, 3000, 5, KEY))
 }
 
 struct Truth {

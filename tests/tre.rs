@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use arrow::array::{Array, AsArray};
@@ -14,38 +14,24 @@ use common::*;
 use gpdp::policy::tre::TrePolicy;
 use gpdp::tre::{Request, TreError, query_blocking};
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    extract: PathBuf,
-    store: PathBuf,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
+/// One extract collected once, with the NDOO list ingested.
+fn fixture() -> &'static Collected {
+    static F: OnceLock<Collected> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let extract = dir.path().join("extract");
-        synth(&extract, 3, 2000, 21);
-        let key = key_file(dir.path(), 9);
-        let store = dir.path().join("store");
-        let o = collect(&extract, &store, &key);
-        assert!(o.status.success(), "{}", stderr(&o));
+        let c = collected(3, 2000, 21, 9);
+        let ndoo = c.extract.join("national/ndoo.csv");
         let o = run(&[
             "optout",
             "ingest",
             "--ndoo",
-            extract.join("national/ndoo.csv").to_str().unwrap(),
+            ndoo.to_str().unwrap(),
             "--store",
-            store.to_str().unwrap(),
+            c.store.to_str().unwrap(),
             "--key",
-            key.to_str().unwrap(),
+            c.key.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
-        Fixture {
-            _dir: dir,
-            extract,
-            store,
-        }
+        c
     })
 }
 

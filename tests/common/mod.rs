@@ -251,3 +251,28 @@ pub fn table_rows(store: &Path, table: &str) -> Vec<String> {
     rows.sort();
     rows
 }
+
+/// A generated extract collected into a store, in a temporary directory.
+pub struct Collected {
+    pub _dir: tempfile::TempDir,
+    pub extract: PathBuf,
+    pub store: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Generates an extract and collects it with a key made of `key_byte`.
+pub fn collected(practices: u32, patients: u64, seed: u64, key_byte: u8) -> Collected {
+    let dir = tempfile::tempdir().unwrap();
+    let extract = dir.path().join("extract");
+    synth(&extract, practices, patients, seed);
+    let key = key_file(dir.path(), key_byte);
+    let store = dir.path().join("store");
+    let o = collect(&extract, &store, &key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    Collected {
+        _dir: dir,
+        extract,
+        store,
+        key,
+    }
+}
