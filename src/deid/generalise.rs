@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::calendar::{Day, days_from_civil, month_start, year_start_of};
+use crate::calendar::{Day, days_from_civil};
 use crate::error::{Classify, ExitStatus};
 use crate::policy::Rule;
 
@@ -33,14 +33,6 @@ pub enum LookupError {
 impl Classify for LookupError {
     fn exit_status(&self) -> ExitStatus {
         ExitStatus::BadInput
-    }
-}
-
-/// Applies a date rule.
-pub fn generalise_date(day: Day, rule: Rule) -> Day {
-    match rule {
-        Rule::Year => year_start_of(day),
-        Rule::Month | Rule::Lsoa => month_start(day),
     }
 }
 
@@ -123,7 +115,15 @@ impl PostcodeLookup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calendar::{date_of, parse_date};
+    use crate::calendar::{date_of, month_start, parse_date, year_start_of};
+
+    /// The reference rule, through chrono's calendar: what `generalise_ymd` must agree with.
+    fn generalise_date(day: Day, rule: Rule) -> Day {
+        match rule {
+            Rule::Year => year_start_of(day),
+            Rule::Month | Rule::Lsoa => month_start(day),
+        }
+    }
 
     #[test]
     fn dates_lose_their_day_or_month() {

@@ -378,10 +378,9 @@ pub(crate) fn syntax_error(e: toml::de::Error, text: &str, path: &Path) -> Polic
     }
 }
 
+/// SHA-256 as lowercase hex (ring, the same implementation that hashes files).
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::deid::pseudonym::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 #[cfg(test)]

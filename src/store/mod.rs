@@ -416,11 +416,6 @@ impl Store {
         w.finish().map_err(pq_err(&path))?;
         self.file_entry(relative)
     }
-
-    /// The set of tombstoned pseudonyms.
-    pub fn tombstoned(&self) -> HashSet<Pseudonym> {
-        self.tombstones.iter().map(|t| t.patient_id).collect()
-    }
 }
 
 pub fn read_tombstones(path: &Path) -> Result<Vec<Tombstone>, StoreError> {
