@@ -19,7 +19,7 @@ optouts = []
 for name in ("tombstones", "ndoo"):
     if manifest.get(name):
         con.execute(f"CREATE VIEW raw_{name} AS SELECT * FROM read_parquet('{store}/{manifest[name]['path']}')")
-        optouts.append(f"patient_id NOT IN (SELECT patient_id FROM raw_{name})")
+        optouts.append(f"patient_key NOT IN (SELECT patient_key FROM raw_{name})")
 where = " AND ".join(optouts) or "TRUE"
 con.execute(f"""CREATE VIEW patients AS SELECT patient_id,
     CASE WHEN age < 16 THEN '0-15' WHEN age < 30 THEN '16-29' WHEN age < 40 THEN '30-39' WHEN age < 50 THEN '40-49'

@@ -178,13 +178,6 @@ fn plan(table: Table, policy: &CollectionPolicy) -> Plan {
     }
 }
 
-/// The TRE's counting key of a pseudonym: its first 8 bytes as a number.
-pub fn patient_key(id: &Pseudonym) -> i64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&id[..8]);
-    i64::from_be_bytes(b)
-}
-
 /// The output schema of a table under a policy (for readers and tests).
 pub fn output_schema(table: Table, policy: &CollectionPolicy) -> SchemaRef {
     plan(table, policy).schema
@@ -741,7 +734,9 @@ pub fn collect_practice(
                 .ids
                 .append_value(id)
                 .map_err(|e| CollectError::arrow(&tmp, e))?;
-            builders.keys.append_value(patient_key(&id));
+            builders
+                .keys
+                .append_value(crate::deid::pseudonym::patient_key(&id));
             if let Some(p) = &mut builders.practice {
                 p.append_value(practice_id)
                     .map_err(|e| CollectError::arrow(&tmp, e))?;

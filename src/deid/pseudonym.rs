@@ -69,6 +69,13 @@ impl Pseudonymiser {
     }
 }
 
+/// The TRE's counting key of a pseudonym: its first 8 bytes as a number.
+pub fn patient_key(id: &Pseudonym) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id[..8]);
+    i64::from_be_bytes(b)
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

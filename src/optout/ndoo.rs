@@ -12,12 +12,12 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, FixedSizeBinaryArray, RecordBatch};
+use arrow::array::{ArrayRef, FixedSizeBinaryArray, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
 use serde_json::json;
 
 use crate::deid::key::{CollectionKey, KeyError};
-use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
+use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, patient_key};
 use crate::error::{Classify, ExitStatus};
 use crate::nhs_number::NhsNumber;
 use crate::policy::Codec;
@@ -173,11 +173,12 @@ fn write_ndoo(
 ) -> Result<crate::store::FileEntry, StoreError> {
     let relative = format!("optouts/ndoo-{:06}.parquet", store.manifest.generation + 1);
     let path = store.path(&relative);
-    let schema = Arc::new(Schema::new(vec![Field::new(
-        "patient_id",
-        DataType::FixedSizeBinary(32),
-        false,
-    )]));
+    // patient_key beside the pseudonym: the TRE views filter on the integer
+    // (see tre::session).
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::FixedSizeBinary(32), false),
+        Field::new("patient_key", DataType::Int64, false),
+    ]));
     let mut w = crate::store::parquet::Writer::create(&path, schema.clone(), codec)
         .map_err(pq_err(&path))?;
     if !ids.is_empty() {
@@ -186,12 +187,11 @@ fn write_ndoo(
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-        let batch =
-            RecordBatch::try_new(schema, vec![Arc::new(array) as ArrayRef]).map_err(|e| {
-                StoreError::Corrupt {
-                    path: path.clone(),
-                    message: e.to_string(),
-                }
+        let keys = Int64Array::from_iter_values(ids.iter().map(patient_key));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(array) as ArrayRef, Arc::new(keys)])
+            .map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
             })?;
         w.write(&batch).map_err(pq_err(&path))?;
     }

@@ -31,13 +31,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, FixedSizeBinaryArray, RecordBatch, StringArray};
+use arrow::array::{ArrayRef, FixedSizeBinaryArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use self::audit::{AuditError, AuditLog};
-use crate::deid::pseudonym::{Pseudonym, hex};
+use crate::deid::pseudonym::{Pseudonym, hex, patient_key};
 use crate::error::{Classify, ExitStatus};
 use crate::extract::Table;
 use crate::policy::Codec;
@@ -173,6 +173,11 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
+}
+
+/// Whether `root` holds a store (a committed manifest).
+pub fn is_store(root: &Path) -> bool {
+    root.join("manifest.json").is_file()
 }
 
 /// Reads the manifest of a store without taking the writer's lock (readers).
@@ -390,6 +395,7 @@ impl Store {
         let path = self.root.join(&relative);
         let schema = Arc::new(Schema::new(vec![
             Field::new("patient_id", DataType::FixedSizeBinary(32), false),
+            Field::new("patient_key", DataType::Int64, false),
             Field::new("source", DataType::Utf8, false),
             Field::new("recorded_at", DataType::Utf8, false),
         ]));
@@ -397,6 +403,9 @@ impl Store {
             .unwrap_or_else(|_| FixedSizeBinaryArray::new_null(32, 0));
         let columns: Vec<ArrayRef> = vec![
             Arc::new(ids),
+            Arc::new(Int64Array::from_iter_values(
+                tombstones.iter().map(|t| patient_key(&t.patient_id)),
+            )),
             Arc::new(StringArray::from_iter_values(
                 tombstones.iter().map(|t| t.source.as_str()),
             )),
@@ -432,19 +441,16 @@ pub fn read_tombstones(path: &Path) -> Result<Vec<Tombstone>, StoreError> {
     for batch in reader {
         let batch = batch.map_err(|e| corrupt(&e.to_string()))?;
         let ids = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<FixedSizeBinaryArray>()
+            .column_by_name("patient_id")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
             .ok_or_else(|| corrupt("patient_id"))?;
         let sources = batch
-            .column(1)
-            .as_any()
-            .downcast_ref::<StringArray>()
+            .column_by_name("source")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
             .ok_or_else(|| corrupt("source"))?;
         let times = batch
-            .column(2)
-            .as_any()
-            .downcast_ref::<StringArray>()
+            .column_by_name("recorded_at")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
             .ok_or_else(|| corrupt("recorded_at"))?;
         for i in 0..batch.num_rows() {
             let mut id = [0u8; 32];

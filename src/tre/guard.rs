@@ -17,24 +17,26 @@
 //! - joins only on `patient_id` equality.
 //!
 //! An accepted plan is then rewritten so that every released row carries the
-//! number of distinct patients behind it (`count(DISTINCT patient_id)`), for
-//! disclosure control. Every refusal names its rule.
+//! number of distinct patients behind it, for disclosure control (counted up
+//! to what the threshold needs: see [`super::patients`]). Every refusal names
+//! its rule.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::common::Column;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::functions_aggregate::expr_fn::count_distinct;
 use datafusion::logical_expr::{
     Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, Projection, SubqueryAlias,
 };
 
 use super::Refusal;
+use super::patients::patients_at_least;
 use super::sdc::ColumnKind;
 use crate::policy::tre::Project;
 
-/// The hidden column that carries each row's distinct-patient count.
+/// The hidden column that carries each row's distinct-patient count (capped
+/// at the disclosure threshold + 1).
 pub const PATIENTS: &str = "__gpdp_patients";
 
 const ALLOWED_AGGREGATES: [&str; 10] = [
@@ -385,8 +387,8 @@ fn aggregate(a: &Aggregate, project: &Project) -> Result<(LogicalPlan, Vec<Colum
             }
         }
     }
-    // Count distinct patients on the integer patient_key when the rows carry
-    // it (fast); otherwise on patient_id itself.
+    // Count patients (up to what the threshold needs) on the integer
+    // patient_key when the rows carry it (fast); otherwise on patient_id.
     let schema = a.input.schema();
     let find = |name: &str| {
         schema
@@ -414,7 +416,8 @@ fn aggregate(a: &Aggregate, project: &Project) -> Result<(LogicalPlan, Vec<Colum
         kinds.push(kind);
     }
     let mut aggr = a.aggr_expr.clone();
-    aggr.push(count_distinct(Expr::Column(patient)).alias(PATIENTS));
+    let cap = project.disclosure.redact_at_or_below + 1;
+    aggr.push(patients_at_least(Expr::Column(patient), cap).alias(PATIENTS));
     let rewritten =
         Aggregate::try_new(a.input.clone(), a.group_expr.clone(), aggr).map_err(internal)?;
     Ok((LogicalPlan::Aggregate(rewritten), kinds))
