@@ -65,10 +65,10 @@ fn every_boundary_case_has_its_expected_outcome() {
             panic!("bad case line: {line}")
         };
         cases += 1;
-        let project = if project == "exempt" {
-            "demo-planning-exempt"
-        } else {
-            "demo-research"
+        let project = match project {
+            "exempt" => "demo-planning-exempt",
+            "acro" => "demo-prescribing-acro",
+            _ => "demo-research",
         };
         let got = match ask(project, sql) {
             Ok(r) => {
@@ -337,4 +337,57 @@ fn a_path_that_is_not_a_store_is_a_usage_error_and_gains_nothing() {
         "the query created {}",
         not_a_store.display()
     );
+}
+
+/// A differencing attack: weight one patient so heavily that a sum reveals
+/// them. A threshold-only rule set (OpenSAFELY) releases the sum (the cell
+/// has many patients); the ACRO rule set's dominance checks suppress it and
+/// say which rule did.
+#[test]
+fn dominance_rules_stop_a_sum_that_singles_out_one_patient() {
+    let store = &fixture().store;
+    let keys: Vec<i64> = read_table(store, "patients")
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("patient_key")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
+        })
+        .take(20)
+        .collect();
+    let sql = |k: i64| {
+        format!(
+            "SELECT sex, count(*) AS n, sum(CASE WHEN patient_key = {k} THEN 1000000 ELSE 1 END) AS s \
+             FROM patients GROUP BY sex"
+        )
+    };
+    // A patient the research views include (not NDOO): their sex's sum exceeds a million.
+    let (key, sex) = keys
+        .iter()
+        .find_map(|&k| {
+            let r = ask("demo-research", &sql(k)).unwrap();
+            let b = &r.result.batch;
+            let s = b.column(2).as_primitive::<Int64Type>();
+            (0..b.num_rows())
+                .find(|&i| s.is_valid(i) && s.value(i) > 1_000_000)
+                .map(|i| (k, text(b, 0, i)))
+        })
+        .expect("one of 20 patients is outside the NDOO");
+    let r = ask("demo-prescribing-acro", &sql(key)).unwrap();
+    let b = &r.result.batch;
+    let row = (0..b.num_rows()).find(|&i| text(b, 0, i) == sex).unwrap();
+    assert!(b.column(2).is_null(row), "the dominated sum was released");
+    let reason = r.result.suppressed[row].as_deref().unwrap();
+    assert!(reason.contains("acro: dominance"), "{reason}");
+}
+
+fn text(b: &arrow::array::RecordBatch, col: usize, row: usize) -> String {
+    let f = arrow::util::display::ArrayFormatter::try_new(
+        b.column(col).as_ref(),
+        &arrow::util::display::FormatOptions::default(),
+    )
+    .unwrap();
+    f.value(row).to_string()
 }

@@ -25,13 +25,34 @@ pub const GROUPABLE: [&str; 9] = [
 ];
 pub const TABLES: [&str; 3] = ["patients", "clinical_events", "medications"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Disclosure {
     pub name: &'static str,
     /// Cells with this many distinct patients or fewer are suppressed.
     pub redact_at_or_below: u64,
     /// Counts are rounded to the nearest multiple of this.
     pub round_to: u64,
+    /// N-K dominance for sums and averages: a cell is suppressed when its
+    /// `n` largest contributions make up more than `k` of its total.
+    pub dominance: Option<Dominance>,
+    /// The p% rule for sums and averages: a cell is suppressed when the total
+    /// minus its two largest contributions is less than `p` times the
+    /// largest (the second largest contributor could estimate the largest
+    /// to within p%).
+    pub p_percent: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dominance {
+    pub n: usize,
+    pub k: f64,
+}
+
+impl Disclosure {
+    /// Whether sums and averages need their contributions checked.
+    pub fn checks_contributions(&self) -> bool {
+        self.dominance.is_some() || self.p_percent.is_some()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +111,9 @@ struct RawSettings {
 struct RawDisclosure {
     redact_at_or_below: u64,
     round_to: u64,
+    dominance_n: Option<usize>,
+    dominance_k: Option<f64>,
+    p_percent: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -157,12 +181,28 @@ impl TrePolicy {
                     "[disclosure.{name}] round_to must be at least 1"
                 )));
             }
+            let dominance = match (d.dominance_n, d.dominance_k) {
+                (None, None) => None,
+                (Some(n), Some(k)) if n >= 1 && k > 0.0 && k <= 1.0 => Some(Dominance { n, k }),
+                _ => {
+                    return Err(invalid(format!(
+                        "[disclosure.{name}] dominance_n (at least 1) and dominance_k (in (0, 1]) go together"
+                    )));
+                }
+            };
+            if d.p_percent.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
+                return Err(invalid(format!(
+                    "[disclosure.{name}] p_percent must be a fraction in (0, 1), e.g. 0.1"
+                )));
+            }
             rule_sets.insert(
                 name.clone(),
                 Disclosure {
                     name: leak(name),
                     redact_at_or_below: d.redact_at_or_below,
                     round_to: d.round_to,
+                    dominance,
+                    p_percent: d.p_percent,
                 },
             );
         }

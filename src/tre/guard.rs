@@ -31,13 +31,19 @@ use datafusion::logical_expr::{
 };
 
 use super::Refusal;
+use super::dominance::dominance;
 use super::patients::patients_at_least;
 use super::sdc::ColumnKind;
 use crate::policy::tre::Project;
 
+/// Hidden columns, added by the guard and removed before release, start with this.
+pub const HIDDEN: &str = "__gpdp_";
 /// The hidden column that carries each row's distinct-patient count (capped
 /// at the disclosure threshold + 1).
 pub const PATIENTS: &str = "__gpdp_patients";
+/// The hidden column that carries the dominance rules a row's sums and
+/// averages break (rule sets with dominance checks only).
+pub const DOMINANCE: &str = "__gpdp_dominance";
 
 const ALLOWED_AGGREGATES: [&str; 10] = [
     "count",
@@ -288,10 +294,10 @@ fn rewrite(
             for e in &p.expr {
                 let mut kind = ColumnKind::Key;
                 for c in e.column_refs() {
-                    if c.name == PATIENTS {
+                    if c.name.starts_with(HIDDEN) {
                         return Err(Refusal::new(
                             "reserved_name",
-                            format!("{PATIENTS} is reserved"),
+                            format!("names starting with {HIDDEN} are reserved"),
                         ));
                     }
                     let i = schema.index_of_column(c).map_err(internal)?;
@@ -308,9 +314,13 @@ fn rewrite(
                 }
                 kinds.push(kind);
             }
-            let (qualifier, _) = schema.qualified_field(schema.fields().len() - 1);
             let mut exprs = p.expr.clone();
-            exprs.push(Expr::Column(Column::new(qualifier.cloned(), PATIENTS)));
+            exprs.extend(
+                schema
+                    .iter()
+                    .filter(|(_, f)| f.name().starts_with(HIDDEN))
+                    .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name()))),
+            );
             let projection = Projection::try_new(exprs, Arc::new(input)).map_err(internal)?;
             Ok((LogicalPlan::Projection(projection), kinds))
         }
@@ -418,6 +428,27 @@ fn aggregate(a: &Aggregate, project: &Project) -> Result<(LogicalPlan, Vec<Colum
     let mut aggr = a.aggr_expr.clone();
     let cap = project.disclosure.redact_at_or_below + 1;
     aggr.push(patients_at_least(Expr::Column(patient), cap).alias(PATIENTS));
+    if project.disclosure.checks_contributions() {
+        // Every aggregate of the project gets the column (a constant 0 when
+        // it has no sum or average), so UNION branches keep one shape.
+        let mut summed = Vec::new();
+        for e in &a.aggr_expr {
+            let _ = e.apply(|x| {
+                if let Expr::AggregateFunction(af) = x
+                    && ["sum", "avg", "mean"]
+                        .iter()
+                        .any(|n| af.func.name().eq_ignore_ascii_case(n))
+                {
+                    summed.extend(af.params.args.iter().cloned());
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        }
+        if summed.is_empty() {
+            summed.push(datafusion::prelude::lit(0.0));
+        }
+        aggr.push(dominance(summed, &project.disclosure).alias(DOMINANCE));
+    }
     let rewritten =
         Aggregate::try_new(a.input.clone(), a.group_expr.clone(), aggr).map_err(internal)?;
     Ok((LogicalPlan::Aggregate(rewritten), kinds))

@@ -11,6 +11,7 @@
 //! outcome, rule, suppressed cells and result checksum.
 
 pub mod auth;
+pub mod dominance;
 pub mod guard;
 pub mod patients;
 pub mod sdc;
@@ -195,10 +196,12 @@ async fn answer(
     fingerprint: &mut String,
 ) -> Result<Released, TreError> {
     let project = auth::authorise(policy, &req.user, req.token.as_deref(), &req.project)?;
-    if req.sql.contains(guard::PATIENTS) {
-        return Err(
-            Refusal::new("reserved_name", format!("{} is reserved", guard::PATIENTS)).into(),
-        );
+    if req.sql.contains(guard::HIDDEN) {
+        return Err(Refusal::new(
+            "reserved_name",
+            format!("names starting with {} are reserved", guard::HIDDEN),
+        )
+        .into());
     }
     let manifest = crate::store::read_manifest(&req.store)?;
     let session = session::open(&req.store, &manifest, policy, project).await?;
@@ -271,14 +274,29 @@ async fn answer(
         )
         .into());
     }
-    let hidden = batch.num_columns() - 1;
-    let patients = arrow::compute::cast(batch.column(hidden), &arrow::datatypes::DataType::Int64)
-        .map_err(TreError::internal)?;
-    let patients = patients.as_primitive::<Int64Type>().clone();
+    let hidden = |name: &str| {
+        let column = batch
+            .column_by_name(name)
+            .ok_or_else(|| TreError::Internal(format!("the plan lost {name}")))?;
+        arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)
+            .map(|c| c.as_primitive::<Int64Type>().clone())
+            .map_err(TreError::internal)
+    };
+    let behind = sdc::Behind {
+        patients: hidden(guard::PATIENTS)?,
+        dominance: if project.disclosure.checks_contributions() {
+            Some(hidden(guard::DOMINANCE)?)
+        } else {
+            None
+        },
+    };
+    let visible_columns: Vec<usize> = (0..batch.num_columns())
+        .filter(|&i| !schema.field(i).name().starts_with(guard::HIDDEN))
+        .collect();
     let visible = batch
-        .project(&(0..hidden).collect::<Vec<_>>())
+        .project(&visible_columns)
         .map_err(TreError::internal)?;
-    let result = sdc::control(&visible, &checked.kinds, &patients, &project.disclosure)
+    let result = sdc::control(&visible, &checked.kinds, &behind, &project.disclosure)
         .map_err(TreError::internal)?;
     let checksum = sha256_hex(to_csv(&result).as_bytes());
     Ok(Released {
