@@ -34,6 +34,7 @@ use crate::extract::{ExtractError, PracticeExtract, Table, TableReader};
 use crate::nhs_number::NhsNumber;
 use crate::policy::{Action, CollectionPolicy, Rule};
 use crate::progress::Progress;
+use crate::store::delete::{Deleter, batch_patients};
 use crate::store::{BatchEntry, Store, StoreError, Tombstone, now_rfc3339};
 
 #[derive(Debug, thiserror::Error)]
@@ -186,7 +187,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let mut batch_patients = load_batch_patients(&store)?;
+    let mut batch_patients = batch_patients(&store)?;
     let store_root = store.root().to_owned();
     let excluded = Exclusions::new(&opts.policy);
     let threads = opts.threads.clamp(1, practices.len());
@@ -394,22 +395,6 @@ fn practice_of(o: &Outcome) -> &str {
     }
 }
 
-/// Patients of every committed batch, for finding which batches a new
-/// tombstone touches without reading the data files.
-fn load_batch_patients(store: &Store) -> Result<HashMap<String, HashSet<Pseudonym>>, CollectError> {
-    let mut out = HashMap::new();
-    for (practice, entry) in &store.manifest.batches {
-        let Some(file) = entry.files.get(Table::Patients.name()) else {
-            continue;
-        };
-        let path = store.path(&file.path);
-        let ids = crate::store::parquet::patient_ids(&path)
-            .map_err(|e| CollectError::parquet(&path, e))?;
-        out.insert(practice.clone(), ids.into_iter().collect());
-    }
-    Ok(out)
-}
-
 /// The tombstones, indexed for the commit path: by (source, patient) in
 /// order, and by patient for "is this patient deleted?".
 pub struct TombstoneBook {
@@ -502,27 +487,8 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
     let mut log: Vec<Value> = Vec::new();
     let mut outcomes = Vec::new();
     let mut superseded = Vec::new();
-    let mut rewrites = 0usize;
     let mut tombstones_changed = false;
-    let generation = store.manifest.generation + 1;
-    let mut rewrite = |relative: &str,
-                       table: &str,
-                       remove: &HashSet<Pseudonym>|
-     -> Result<(String, crate::store::parquet::Rewrite), CollectError> {
-        // New, unique names: a file may be rewritten twice in one group.
-        let batch = Path::new(relative)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.split('.').next())
-            .unwrap_or("batch");
-        rewrites += 1;
-        let new_rel = format!("tables/{table}/{batch}.g{generation}r{rewrites}.parquet");
-        let (src, dst) = (store.path(relative), store.path(&new_rel));
-        let rw = crate::store::parquet::rewrite_without(&src, &dst, remove, g.codec)
-            .map_err(|e| CollectError::parquet(&dst, e))?;
-        Ok((new_rel, rw))
-    };
-
+    let mut deleter = Deleter::new(store, g.codec);
     for staged in staged {
         let source = format!("type1:{}", staged.practice);
         // Tombstones: lift this practice's for patients it now collects (their
@@ -544,7 +510,7 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
                 relative.clone()
             } else {
                 superseded.push(store.path(relative));
-                rewrite(relative, table.name(), &late)?.0
+                deleter.rewrite(relative, table.name(), &late)?.0
             };
             files.insert(table.name().to_owned(), store.file_entry(relative)?);
         }
@@ -555,41 +521,25 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
 
         // Every other batch: delete the patients who dissent here.
         let added_set: HashSet<Pseudonym> = added.iter().copied().collect();
-        let mut proof = Vec::new();
-        let mut deleted_elsewhere = 0u64;
-        for (practice, entry) in next.batches.iter_mut() {
-            if practice == &staged.practice {
-                continue;
+        let elsewhere = deleter.delete_from_batches(
+            &mut next,
+            g.batch_patients,
+            &added_set,
+            Some(&staged.practice),
+        )?;
+        // A replaced file that was staged in this same group never reaches a manifest.
+        for relative in &elsewhere.replaced {
+            if !store
+                .manifest
+                .batches
+                .values()
+                .any(|b| b.files.values().any(|f| &f.path == relative))
+            {
+                superseded.push(store.path(relative));
             }
-            let Some(members) = g.batch_patients.get_mut(practice) else {
-                continue;
-            };
-            let hit: HashSet<Pseudonym> = members.intersection(&added_set).copied().collect();
-            if hit.is_empty() {
-                continue;
-            }
-            deleted_elsewhere += hit.len() as u64;
-            for (table, file) in entry.files.iter_mut() {
-                let (relative, rw) = rewrite(&file.path, table, &hit)?;
-                let new = store.file_entry(relative)?;
-                proof.push(json!({
-                    "practice": practice, "table": table,
-                    "rows_before": rw.rows_before, "rows_after": rw.rows_after,
-                    "sha256_before": file.sha256, "sha256_after": new.sha256,
-                }));
-                if !store
-                    .manifest
-                    .batches
-                    .get(practice)
-                    .is_some_and(|b| b.files.values().any(|f| f.path == file.path))
-                {
-                    superseded.push(store.path(&file.path));
-                }
-                *file = new;
-            }
-            entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
-            members.retain(|p| !hit.contains(p));
         }
+        let deleted_elsewhere = elsewhere.patients;
+        let proof = elsewhere.proof;
 
         let receipt_rel = format!("receipts/{}.json", staged.batch);
         let receipt_path = store.path(&receipt_rel);
@@ -655,6 +605,7 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
         });
     }
 
+    drop(deleter);
     let tombstones = g.book.to_vec();
     if tombstones_changed {
         next.tombstones = Some(store.write_tombstones(&tombstones, g.codec)?);

@@ -23,6 +23,7 @@
 //! modified in place.
 
 pub mod audit;
+pub mod delete;
 pub mod parquet;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -1,0 +1,157 @@
+//! Deleting patients from committed batches, with proof.
+//!
+//! Used by collection (a dissent at one practice deletes the patient from
+//! every other practice's batch) and by `gpdp optout apply` (a later Type 1
+//! opt-out). Only batches that hold one of the patients are touched, and of
+//! those only the files that lose rows are replaced: each is copied without
+//! the patients' rows under a new name, and the new name goes into the next
+//! manifest, so nothing changes until that manifest is committed. Every
+//! replaced file yields a proof entry for the audit log: rows and SHA-256
+//! before and after.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use super::parquet::{Rewrite, patient_ids, rewrite_without};
+use super::{Manifest, Store, StoreError, pq_err};
+use crate::deid::pseudonym::{Pseudonym, hex};
+use crate::extract::Table;
+use crate::policy::Codec;
+
+/// The patients of every committed batch, by practice, read from the
+/// batches' `patients` files (every row of a batch belongs to a patient in
+/// it: collection quarantines the rest).
+pub fn batch_patients(store: &Store) -> Result<HashMap<String, HashSet<Pseudonym>>, StoreError> {
+    let mut out = HashMap::new();
+    for (practice, entry) in &store.manifest.batches {
+        let Some(file) = entry.files.get(Table::Patients.name()) else {
+            continue;
+        };
+        let path = store.path(&file.path);
+        let ids = patient_ids(&path).map_err(pq_err(&path))?;
+        out.insert(practice.clone(), ids.into_iter().collect());
+    }
+    Ok(out)
+}
+
+/// What one deletion changed.
+#[derive(Debug, Default)]
+pub struct Deleted {
+    /// Patient-batch pairs removed (a patient in two batches counts twice).
+    pub patients: u64,
+    /// Rows removed, by table.
+    pub rows_removed: BTreeMap<String, u64>,
+    /// One entry per replaced file: practice, table, rows and SHA-256 before and after.
+    pub proof: Vec<Value>,
+    /// Store-relative paths of the files replaced.
+    pub replaced: Vec<String>,
+}
+
+impl Deleted {
+    pub fn absorb(&mut self, other: Deleted) {
+        self.patients += other.patients;
+        for (t, n) in other.rows_removed {
+            *self.rows_removed.entry(t).or_default() += n;
+        }
+        self.proof.extend(other.proof);
+        self.replaced.extend(other.replaced);
+    }
+}
+
+/// Rewrites files for the store's next generation.
+pub struct Deleter<'a> {
+    store: &'a Store,
+    codec: Codec,
+    generation: u64,
+    rewrites: usize,
+}
+
+impl<'a> Deleter<'a> {
+    pub fn new(store: &'a Store, codec: Codec) -> Deleter<'a> {
+        Deleter {
+            store,
+            codec,
+            generation: store.manifest.generation + 1,
+            rewrites: 0,
+        }
+    }
+
+    /// Copies the store file `relative` of `table` without the rows of
+    /// `remove`, under a new, unique name (a file may be rewritten twice
+    /// before one commit); returns that name and the row counts.
+    pub fn rewrite(
+        &mut self,
+        relative: &str,
+        table: &str,
+        remove: &HashSet<Pseudonym>,
+    ) -> Result<(String, Rewrite), StoreError> {
+        let batch = Path::new(relative)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('.').next())
+            .unwrap_or("batch");
+        self.rewrites += 1;
+        let new_rel = format!(
+            "tables/{table}/{batch}.g{}r{}.parquet",
+            self.generation, self.rewrites
+        );
+        let (src, dst) = (self.store.path(relative), self.store.path(&new_rel));
+        let rw = rewrite_without(&src, &dst, remove, self.codec).map_err(pq_err(&dst))?;
+        Ok((new_rel, rw))
+    }
+
+    /// Deletes `remove` from every batch of `next` but `except`'s. `members`
+    /// (the patients of each batch) is kept up to date; each affected
+    /// batch records the pseudonyms deleted from it.
+    pub fn delete_from_batches(
+        &mut self,
+        next: &mut Manifest,
+        members: &mut HashMap<String, HashSet<Pseudonym>>,
+        remove: &HashSet<Pseudonym>,
+        except: Option<&str>,
+    ) -> Result<Deleted, StoreError> {
+        let mut deleted = Deleted::default();
+        if remove.is_empty() {
+            return Ok(deleted);
+        }
+        for (practice, entry) in next.batches.iter_mut() {
+            if except == Some(practice.as_str()) {
+                continue;
+            }
+            let Some(patients) = members.get_mut(practice) else {
+                continue;
+            };
+            let hit: HashSet<Pseudonym> = patients.intersection(remove).copied().collect();
+            if hit.is_empty() {
+                continue;
+            }
+            deleted.patients += hit.len() as u64;
+            for (table, file) in entry.files.iter_mut() {
+                let (relative, rw) = self.rewrite(&file.path, table, &hit)?;
+                if rw.rows_after == rw.rows_before {
+                    // None of them in this file: keep it as it is.
+                    let unused = self.store.path(&relative);
+                    std::fs::remove_file(&unused).map_err(|e| StoreError::Io {
+                        path: unused,
+                        source: e,
+                    })?;
+                    continue;
+                }
+                let new = self.store.file_entry(relative)?;
+                *deleted.rows_removed.entry(table.clone()).or_default() +=
+                    rw.rows_before - rw.rows_after;
+                deleted.proof.push(json!({
+                    "practice": practice, "table": table,
+                    "rows_before": rw.rows_before, "rows_after": rw.rows_after,
+                    "sha256_before": file.sha256, "sha256_after": new.sha256,
+                }));
+                deleted.replaced.push(std::mem::replace(file, new).path);
+            }
+            entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
+            patients.retain(|p| !hit.contains(p));
+        }
+        Ok(deleted)
+    }
+}
