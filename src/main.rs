@@ -163,6 +163,24 @@ enum OptoutCommand {
         #[arg(long)]
         skip_invalid: bool,
     },
+    /// Delete patients who registered a Type 1 opt-out after collection from
+    /// every table of every practice's batch, with proof in the audit log.
+    Apply {
+        /// The requests: a CSV with header `nhs_number` or
+        /// `nhs_number,requested_at` (YYYY-MM-DD or RFC 3339; default: now).
+        #[arg(long = "type1")]
+        type1: PathBuf,
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// Apply the valid lines even if some are invalid (they stay pending).
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -382,6 +400,63 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Optout {
+            command:
+                OptoutCommand::Apply {
+                    type1,
+                    store,
+                    key,
+                    skip_invalid,
+                    json,
+                },
+        } => {
+            let codec = CollectionPolicy::load(None)?.codec;
+            let r = gpdp::optout::apply::apply(&type1, &store, &key, skip_invalid, codec)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            let rows: u64 = r.rows_removed.values().sum();
+            if r.unchanged {
+                println!(
+                    "Type 1 requests already applied: {} patients, nothing to delete (store generation {})",
+                    r.patients, r.generation
+                );
+            } else {
+                println!(
+                    "applied {} Type 1 opt-outs ({} already applied): {} rows of {} registrations deleted from {} practice batches ({} files rewritten); store generation {}",
+                    r.applied,
+                    r.already_applied,
+                    rows,
+                    r.registrations_deleted,
+                    r.batches_rewritten,
+                    r.files_rewritten,
+                    r.generation
+                );
+                for (table, n) in &r.rows_removed {
+                    println!("  {table}: {n} rows removed");
+                }
+            }
+            if let (Some(median), Some(max)) = (r.latency_median_seconds, r.latency_max_seconds) {
+                println!(
+                    "request to deletion: median {}, longest {}",
+                    human_duration(median),
+                    human_duration(max)
+                );
+            }
+            println!(
+                "backlog: {} requests processed, {} pending{}; took {:.2} s",
+                r.requests - r.pending,
+                r.pending,
+                if r.pending > 0 {
+                    " (invalid lines: correct them and run again)"
+                } else {
+                    ""
+                },
+                r.seconds
+            );
+            Ok(())
+        }
         Command::Audit {
             store,
             verify_log,
@@ -412,6 +487,16 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Seconds as the largest sensible unit.
+fn human_duration(seconds: f64) -> String {
+    match seconds {
+        s if s < 120.0 => format!("{s:.1} s"),
+        s if s < 7200.0 => format!("{:.1} min", s / 60.0),
+        s if s < 172_800.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.1} days", s / 86_400.0),
     }
 }
 

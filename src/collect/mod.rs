@@ -34,8 +34,9 @@ use crate::extract::{ExtractError, PracticeExtract, Table, TableReader};
 use crate::nhs_number::NhsNumber;
 use crate::policy::{Action, CollectionPolicy, Rule};
 use crate::progress::Progress;
-use crate::store::delete::{Deleter, batch_patients};
-use crate::store::{BatchEntry, Store, StoreError, Tombstone, now_rfc3339};
+use crate::optout::apply::REQUEST_SOURCE;
+use crate::store::delete::{Deleter, TombstoneBook, batch_patients};
+use crate::store::{BatchEntry, Store, StoreError, now_rfc3339};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
@@ -219,6 +220,9 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
         .filter(|(p, i)| current.get(&p.code).is_none_or(|e| e.batch != i.batch))
         .map(|(p, _)| p.code.as_str())
         .collect();
+    // Opt-outs applied by request (`gpdp optout apply`) end when a practice
+    // collected now records a withdrawal on or after the request's date.
+    let withdrawn = withdrawn_requests(&store, &practices, &inputs, &changed, &pseudonymiser);
     // Tombstones as they will be once this run's practices are in: those of
     // practices collected again are replaced by their new dissents.
     let mut blocked: HashSet<Pseudonym> = store
@@ -229,6 +233,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
                 .strip_prefix("type1:")
                 .is_none_or(|p| !changed.contains(p))
         })
+        .filter(|t| !(t.source == REQUEST_SOURCE && withdrawn.contains(&t.patient_id)))
         .map(|t| t.patient_id)
         .collect();
     for (p, i) in practices.iter().zip(&inputs) {
@@ -331,6 +336,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
                 let group = Group {
                     store: &mut store,
                     book: &mut book,
+                    withdrawn: &withdrawn,
                     batch_patients: &mut batch_patients,
                     codec: opts.policy.codec,
                     key_id: &key_id,
@@ -366,6 +372,45 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
     })
 }
 
+/// Patients with a request tombstone whose opt-out a practice collected in
+/// this run records as withdrawn on or after the request's date.
+fn withdrawn_requests(
+    store: &Store,
+    practices: &[PracticeExtract],
+    inputs: &[Inputs],
+    changed: &HashSet<&str>,
+    pseudonymiser: &Pseudonymiser,
+) -> HashSet<Pseudonym> {
+    let requested: HashMap<Pseudonym, i32> = store
+        .tombstones
+        .iter()
+        .filter(|t| t.source == REQUEST_SOURCE)
+        .filter_map(|t| {
+            let (y, m, d) = crate::calendar::parse_ymd(t.recorded_at.as_bytes().get(..10)?)?;
+            Some((t.patient_id, crate::calendar::days_from_civil(y, m, d)))
+        })
+        .collect();
+    if requested.is_empty() {
+        return HashSet::new();
+    }
+    let mut out = HashSet::new();
+    for (p, i) in practices.iter().zip(inputs) {
+        if !changed.contains(p.code.as_str()) {
+            continue;
+        }
+        for (nhs, state) in &i.type1 {
+            let (Some(day), Ok(n)) = (state.withdrawn_on(), NhsNumber::parse(nhs)) else {
+                continue;
+            };
+            let id = pseudonymiser.patient(&n);
+            if requested.get(&id).is_some_and(|&asked| day >= asked) {
+                out.insert(id);
+            }
+        }
+    }
+    out
+}
+
 /// Runs `f` over `items` on `threads` workers, keeping the order.
 fn parallel<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let next = AtomicUsize::new(0);
@@ -395,82 +440,12 @@ fn practice_of(o: &Outcome) -> &str {
     }
 }
 
-/// The tombstones, indexed for the commit path: by (source, patient) in
-/// order, and by patient for "is this patient deleted?".
-pub struct TombstoneBook {
-    entries: BTreeMap<(String, Pseudonym), String>,
-    active: HashMap<Pseudonym, u32, ahash::RandomState>,
-}
-
-impl TombstoneBook {
-    pub fn new(tombstones: &[Tombstone]) -> TombstoneBook {
-        let mut book = TombstoneBook {
-            entries: BTreeMap::new(),
-            active: HashMap::default(),
-        };
-        for t in tombstones {
-            book.insert(&t.source, t.patient_id, t.recorded_at.clone());
-        }
-        book
-    }
-
-    fn insert(&mut self, source: &str, p: Pseudonym, at: String) -> bool {
-        let fresh = self.entries.insert((source.to_owned(), p), at).is_none();
-        if fresh {
-            *self.active.entry(p).or_default() += 1;
-        }
-        fresh
-    }
-
-    /// Removes `source`'s tombstones for these patients; returns how many.
-    pub fn lift(&mut self, source: &str, patients: &HashSet<Pseudonym>) -> usize {
-        let lifted: Vec<Pseudonym> = self
-            .entries
-            .range((source.to_owned(), [0u8; 32])..=(source.to_owned(), [0xffu8; 32]))
-            .map(|((_, p), _)| *p)
-            .filter(|p| patients.contains(p))
-            .collect();
-        for p in &lifted {
-            self.entries.remove(&(source.to_owned(), *p));
-            if let Some(n) = self.active.get_mut(p) {
-                *n -= 1;
-                if *n == 0 {
-                    self.active.remove(p);
-                }
-            }
-        }
-        lifted.len()
-    }
-
-    /// Adds tombstones from `source`; returns the patients newly tombstoned by it.
-    pub fn add(&mut self, source: &str, patients: &[Pseudonym], at: &str) -> Vec<Pseudonym> {
-        patients
-            .iter()
-            .filter(|p| self.insert(source, **p, at.to_owned()))
-            .copied()
-            .collect()
-    }
-
-    pub fn is_active(&self, p: &Pseudonym) -> bool {
-        self.active.contains_key(p)
-    }
-
-    pub fn to_vec(&self) -> Vec<Tombstone> {
-        self.entries
-            .iter()
-            .map(|((source, p), at)| Tombstone {
-                patient_id: *p,
-                source: source.clone(),
-                recorded_at: at.clone(),
-            })
-            .collect()
-    }
-}
-
 /// Batches staged but not yet committed, and what committing them changes.
 pub struct Group<'a> {
     pub store: &'a mut Store,
     pub book: &'a mut TombstoneBook,
+    /// Patients whose request tombstone ends with this run (withdrawn since).
+    pub withdrawn: &'a HashSet<Pseudonym>,
     pub batch_patients: &'a mut HashMap<String, HashSet<Pseudonym>>,
     pub codec: crate::policy::Codec,
     pub key_id: &'a str,
@@ -493,7 +468,10 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
         let source = format!("type1:{}", staged.practice);
         // Tombstones: lift this practice's for patients it now collects (their
         // dissent here was withdrawn); add one for each patient dissenting here.
-        let lifted = g.book.lift(&source, &staged.patients);
+        let returning: HashSet<Pseudonym> =
+            staged.patients.intersection(g.withdrawn).copied().collect();
+        let lifted =
+            g.book.lift(&source, &staged.patients) + g.book.lift(REQUEST_SOURCE, &returning);
         let added = g.book.add(&source, &staged.dissenters, &now);
         tombstones_changed |= lifted > 0 || !added.is_empty();
 

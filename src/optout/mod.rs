@@ -1,5 +1,6 @@
 //! Opt-outs: the rules that decide whose data may leave a practice (Type 1)
 //! and whose data a project may see (National Data Opt-out).
 
+pub mod apply;
 pub mod ndoo;
 pub mod type1;

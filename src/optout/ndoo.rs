@@ -31,14 +31,14 @@ pub enum OptoutError {
     Store(#[from] StoreError),
     #[error("cannot read {}: {message}", path.display())]
     Read { path: PathBuf, message: String },
-    #[error("{}: {count} invalid NHS numbers, nothing was changed (first: {first}); fix the list or pass --skip-invalid", path.display())]
+    #[error("{}: {count} invalid lines, nothing was changed (first: {first}); fix the list or pass --skip-invalid", path.display())]
     InvalidNumbers {
         path: PathBuf,
         count: usize,
         first: String,
     },
-    #[error("{}: the header must be `nhs_number`", .0.display())]
-    Header(PathBuf),
+    #[error("{}: the header must be `{expected}`", path.display())]
+    Header { path: PathBuf, expected: String },
 }
 
 impl Classify for OptoutError {
@@ -65,6 +65,18 @@ pub struct IngestReport {
 /// Reads an NDOO list (`nhs_number` per line): the valid numbers and the
 /// invalid ones as `(line, reason)`.
 pub fn read_list(path: &Path) -> Result<(Vec<NhsNumber>, Vec<(u64, &'static str)>), OptoutError> {
+    let (valid, invalid) = read_numbers(path, None)?;
+    Ok((valid.into_iter().map(|(_, n, _)| n).collect(), invalid))
+}
+
+/// A list of NHS numbers, one per line under the header `nhs_number`, with
+/// an optional second column `extra`: the valid rows as (line, number,
+/// extra value) and the invalid ones as (line, reason).
+#[allow(clippy::type_complexity)]
+pub fn read_numbers(
+    path: &Path,
+    extra: Option<&str>,
+) -> Result<(Vec<(u64, NhsNumber, Option<String>)>, Vec<(u64, &'static str)>), OptoutError> {
     let read = |e: csv::Error| OptoutError::Read {
         path: path.to_owned(),
         message: e.to_string(),
@@ -73,23 +85,66 @@ pub fn read_list(path: &Path) -> Result<(Vec<NhsNumber>, Vec<(u64, &'static str)
         .flexible(true)
         .from_path(path)
         .map_err(read)?;
-    if reader.byte_headers().map_err(read)?.iter().next() != Some(b"nhs_number".as_slice()) {
-        return Err(OptoutError::Header(path.to_owned()));
-    }
+    let header = reader.byte_headers().map_err(read)?.clone();
+    let columns = match (header.get(0), header.get(1), extra) {
+        (Some(b"nhs_number"), None, _) if header.len() == 1 => 1,
+        (Some(b"nhs_number"), Some(e), Some(x)) if header.len() == 2 && e == x.as_bytes() => 2,
+        _ => {
+            return Err(OptoutError::Header {
+                path: path.to_owned(),
+                expected: match extra {
+                    Some(x) => format!("nhs_number or nhs_number,{x}"),
+                    None => "nhs_number".into(),
+                },
+            });
+        }
+    };
     let (mut valid, mut invalid) = (Vec::new(), Vec::new());
     let mut record = csv::ByteRecord::new();
     while reader.read_byte_record(&mut record).map_err(read)? {
         let line = record.position().map_or(0, |p| p.line());
-        if record.len() != 1 {
+        if record.len() != columns {
             invalid.push((line, "wrong_column_count"));
             continue;
         }
+        let value = record
+            .get(1)
+            .map(|v| String::from_utf8_lossy(v).trim().to_owned());
         match NhsNumber::parse(record.get(0).unwrap_or_default()) {
-            Ok(n) => valid.push(n),
+            Ok(n) => valid.push((line, n, value)),
             Err(e) => invalid.push((line, e.reason())),
         }
     }
     Ok((valid, invalid))
+}
+
+/// Refuses a list with invalid lines, naming the first few (nothing changes).
+pub(crate) fn refuse_invalid(list: &Path, invalid: &[(u64, &str)]) -> Result<(), OptoutError> {
+    if invalid.is_empty() {
+        return Ok(());
+    }
+    let first = invalid
+        .iter()
+        .take(5)
+        .map(|(l, r)| format!("line {l}: {r}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(OptoutError::InvalidNumbers {
+        path: list.to_owned(),
+        count: invalid.len(),
+        first,
+    })
+}
+
+/// A store accepts only the key it was collected with.
+pub(crate) fn check_key(store: &Store, p: &Pseudonymiser) -> Result<(), StoreError> {
+    match &store.manifest.key_id {
+        Some(existing) if *existing != p.key_id() => Err(StoreError::KeyMismatch {
+            store: existing.clone(),
+            given: p.key_id(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Replaces the store's NDOO set with the pseudonyms of `list`, atomically.
@@ -105,29 +160,11 @@ pub fn ingest(
     let key = CollectionKey::load(key)?;
     let p = Pseudonymiser::new(&key);
     let (valid, invalid) = read_list(list)?;
-    if !invalid.is_empty() && !skip_invalid {
-        let first = invalid
-            .iter()
-            .take(5)
-            .map(|(l, r)| format!("line {l}: {r}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(OptoutError::InvalidNumbers {
-            path: list.to_owned(),
-            count: invalid.len(),
-            first,
-        });
+    if !skip_invalid {
+        refuse_invalid(list, &invalid)?;
     }
     let mut store = Store::open_for_write(store, false)?;
-    if let Some(existing) = &store.manifest.key_id {
-        if *existing != p.key_id() {
-            return Err(StoreError::KeyMismatch {
-                store: existing.clone(),
-                given: p.key_id(),
-            }
-            .into());
-        }
-    }
+    check_key(&store, &p)?;
     let ids: BTreeSet<Pseudonym> = valid.iter().map(|n| p.patient(n)).collect();
     let entry = write_ndoo(&store, &ids, codec)?;
     let mut report = IngestReport {

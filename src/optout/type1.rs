@@ -37,6 +37,15 @@ impl Type1State {
         matches!(self.latest, Some((_, true)))
     }
 
+    /// The day of the latest code when it is a withdrawal (the opt-out is
+    /// withdrawn as of that day).
+    pub fn withdrawn_on(&self) -> Option<i32> {
+        match self.latest {
+            Some((day, false)) => Some(day),
+            _ => None,
+        }
+    }
+
     /// True when the patient has any Type 1 code at all.
     pub fn has_codes(&self) -> bool {
         self.latest.is_some()

@@ -10,12 +10,13 @@
 //! before and after.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
 use std::path::Path;
 
 use serde_json::{Value, json};
 
 use super::parquet::{Rewrite, patient_ids, rewrite_without};
-use super::{Manifest, Store, StoreError, pq_err};
+use super::{Manifest, Store, StoreError, Tombstone, pq_err};
 use crate::deid::pseudonym::{Pseudonym, hex};
 use crate::extract::Table;
 use crate::policy::Codec;
@@ -153,5 +154,84 @@ impl<'a> Deleter<'a> {
             patients.retain(|p| !hit.contains(p));
         }
         Ok(deleted)
+    }
+}
+
+/// The tombstones, indexed for the commit path: by (source, patient) in
+/// order, and by patient for "is this patient deleted?".
+pub struct TombstoneBook {
+    entries: BTreeMap<(String, Pseudonym), String>,
+    active: HashMap<Pseudonym, u32, ahash::RandomState>,
+}
+
+impl TombstoneBook {
+    pub fn new(tombstones: &[Tombstone]) -> TombstoneBook {
+        let mut book = TombstoneBook {
+            entries: BTreeMap::new(),
+            active: HashMap::default(),
+        };
+        for t in tombstones {
+            book.insert(&t.source, t.patient_id, t.recorded_at.clone());
+        }
+        book
+    }
+
+    fn insert(&mut self, source: &str, p: Pseudonym, at: String) -> bool {
+        let fresh = self.entries.insert((source.to_owned(), p), at).is_none();
+        if fresh {
+            *self.active.entry(p).or_default() += 1;
+        }
+        fresh
+    }
+
+    /// Removes `source`'s tombstones for these patients; returns how many.
+    pub fn lift(&mut self, source: &str, patients: &HashSet<Pseudonym>) -> usize {
+        let lifted: Vec<Pseudonym> = self
+            .entries
+            .range((source.to_owned(), [0u8; 32])..=(source.to_owned(), [0xffu8; 32]))
+            .map(|((_, p), _)| *p)
+            .filter(|p| patients.contains(p))
+            .collect();
+        for p in &lifted {
+            self.entries.remove(&(source.to_owned(), *p));
+            if let Some(n) = self.active.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.active.remove(p);
+                }
+            }
+        }
+        lifted.len()
+    }
+
+    /// Adds tombstones from `source`; returns the patients newly tombstoned by it.
+    pub fn add(&mut self, source: &str, patients: &[Pseudonym], at: &str) -> Vec<Pseudonym> {
+        patients
+            .iter()
+            .filter(|p| self.insert(source, **p, at.to_owned()))
+            .copied()
+            .collect()
+    }
+
+    /// `source`'s tombstones: patient and when it was recorded.
+    pub fn of_source<'b>(&'b self, source: &str) -> impl Iterator<Item = (Pseudonym, &'b str)> + 'b {
+        self.entries
+            .range((source.to_owned(), [0u8; 32])..=(source.to_owned(), [0xffu8; 32]))
+            .map(|((_, p), at)| (*p, at.as_str()))
+    }
+
+    pub fn is_active(&self, p: &Pseudonym) -> bool {
+        self.active.contains_key(p)
+    }
+
+    pub fn to_vec(&self) -> Vec<Tombstone> {
+        self.entries
+            .iter()
+            .map(|((source, p), at)| Tombstone {
+                patient_id: *p,
+                source: source.clone(),
+                recorded_at: at.clone(),
+            })
+            .collect()
     }
 }
