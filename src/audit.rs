@@ -1,13 +1,26 @@
 //! `gpdp audit`: independent checks an information-governance auditor can
-//! run against a store. For now: the audit log's hash chain, and that every
-//! store generation in the manifest has its commit recorded in the log.
+//! run against a store, each with its figures and a verdict.
+//!
+//! Without the truth: the audit log's hash chain (and that every store
+//! generation has its commit in the log), that every file is the one the
+//! manifest recorded (SHA-256), and that no tombstoned patient has a row in
+//! any file. With the generator's truth and the collection key (to
+//! pseudonymise the truth's NHS numbers the same way): no Type 1 patient
+//! anywhere in the store, exactly the registrations that should have left
+//! each practice, no NDOO patient reachable through the views of any project
+//! the opt-out applies to (built by the TRE's own session code, the same
+//! views researchers query), and quarantine and receipt counts equal to the
+//! truth's.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
 use serde_json::Value;
 
+use crate::deid::key::CollectionKey;
+use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
 use crate::error::{Classify, ExitStatus};
+use crate::nhs_number::NhsNumber;
 use crate::store::StoreError;
 use crate::store::audit::{AuditError, AuditLog};
 
@@ -19,6 +32,8 @@ pub enum AuditFailure {
         "audit log check failed: store generations {0} have no entry in the audit log (the log was cut short)"
     )]
     Missing(String),
+    #[error("audit failed: {0}")]
+    Checks(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -27,7 +42,9 @@ impl Classify for AuditFailure {
     fn exit_status(&self) -> ExitStatus {
         match self {
             AuditFailure::Broken(AuditError::Io { .. }) => ExitStatus::Internal,
-            AuditFailure::Broken(_) | AuditFailure::Missing(_) => ExitStatus::Refused,
+            AuditFailure::Broken(_) | AuditFailure::Missing(_) | AuditFailure::Checks(_) => {
+                ExitStatus::Refused
+            }
             AuditFailure::Store(e) => e.exit_status(),
         }
     }
@@ -75,4 +92,502 @@ pub fn verify_log(store: &Path) -> Result<LogReport, AuditFailure> {
         queries: of("released") + of("refused") + of("error"),
         refused: of("refused"),
     })
+}
+
+/// One check: its name, verdict and figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditReport {
+    pub passed: bool,
+    pub generation: u64,
+    pub checks: Vec<Check>,
+}
+
+/// Where the generator's truth and the collection key are.
+pub struct Truth<'a> {
+    pub dir: &'a Path,
+    pub key: &'a Path,
+}
+
+fn check(name: &'static str, passed: bool, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        passed,
+        detail: detail.into(),
+    }
+}
+
+/// Runs every check the inputs allow.
+pub fn audit(store: &Path, truth: Option<Truth>) -> anyhow::Result<AuditReport> {
+    let manifest = crate::store::read_manifest(store)?;
+    let mut checks = Vec::new();
+    checks.push(match verify_log(store) {
+        Ok(r) => check(
+            "audit_log_intact",
+            true,
+            format!(
+                "{} lines chained; every store generation up to {} recorded; {} queries ({} refused)",
+                r.lines, r.generation, r.queries, r.refused
+            ),
+        ),
+        Err(AuditFailure::Store(e)) => return Err(e.into()),
+        Err(e) => check("audit_log_intact", false, e.to_string()),
+    });
+    checks.push(files_intact(store, &manifest)?);
+    let stored = StoredPatients::read(store, &manifest)?;
+    let tombstoned: HashSet<Pseudonym> = match &manifest.tombstones {
+        Some(t) => crate::store::read_tombstones(&store.join(&t.path))?
+            .into_iter()
+            .map(|t| t.patient_id)
+            .collect(),
+        None => HashSet::new(),
+    };
+    let found = stored.any_of(&tombstoned);
+    checks.push(check(
+        "tombstoned_patients_absent",
+        found.is_empty(),
+        format!(
+            "{} tombstoned patients; {} of them have rows in the store{}",
+            tombstoned.len(),
+            found.len(),
+            stored.describe(&found)
+        ),
+    ));
+    if let Some(truth) = truth {
+        checks.extend(against_truth(
+            store,
+            &manifest,
+            &stored,
+            &tombstoned,
+            &truth,
+        )?);
+    }
+    Ok(AuditReport {
+        passed: checks.iter().all(|c| c.passed),
+        generation: manifest.generation,
+        checks,
+    })
+}
+
+/// Every file the manifest names exists with the recorded SHA-256.
+fn files_intact(store: &Path, manifest: &crate::store::Manifest) -> anyhow::Result<Check> {
+    let mut files: Vec<&crate::store::FileEntry> = manifest
+        .batches
+        .values()
+        .flat_map(|b| b.files.values())
+        .collect();
+    files.extend(manifest.tombstones.iter());
+    files.extend(manifest.ndoo.iter());
+    let mut bad = Vec::new();
+    for f in &files {
+        match crate::store::sha256_file(&store.join(&f.path)) {
+            Ok((sha, _)) if sha == f.sha256 => {}
+            Ok(_) => bad.push(format!("{} (checksum differs)", f.path)),
+            Err(_) => bad.push(format!("{} (missing)", f.path)),
+        }
+    }
+    Ok(check(
+        "files_match_manifest",
+        bad.is_empty(),
+        if bad.is_empty() {
+            format!(
+                "{} files, each with the SHA-256 the manifest recorded",
+                files.len()
+            )
+        } else {
+            format!(
+                "{} of {} files differ: {}",
+                bad.len(),
+                files.len(),
+                bad.join(", ")
+            )
+        },
+    ))
+}
+
+/// The pseudonyms in every table file, by table, and the
+/// (patient, practice) registrations of the patients tables.
+struct StoredPatients {
+    by_table: BTreeMap<String, HashSet<Pseudonym>>,
+    registrations: HashSet<(Pseudonym, Pseudonym)>,
+}
+
+impl StoredPatients {
+    fn read(store: &Path, manifest: &crate::store::Manifest) -> anyhow::Result<StoredPatients> {
+        use arrow::array::{Array, FixedSizeBinaryArray};
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let mut by_table: BTreeMap<String, HashSet<Pseudonym>> = BTreeMap::new();
+        let mut registrations = HashSet::new();
+        for batch in manifest.batches.values() {
+            for (table, file) in &batch.files {
+                let path = store.join(&file.path);
+                let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?
+                    .build()?;
+                let ids = by_table.entry(table.clone()).or_default();
+                for b in reader {
+                    let b = b?;
+                    let col = |name: &str| {
+                        b.column_by_name(name)
+                            .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+                            .cloned()
+                    };
+                    let Some(patients) = col("patient_id") else {
+                        anyhow::bail!("{}: no patient_id column", path.display());
+                    };
+                    let practices = col("practice_id");
+                    for i in 0..patients.len() {
+                        let id = to_pseudonym(patients.value(i));
+                        ids.insert(id);
+                        if let Some(pr) = &practices {
+                            registrations.insert((id, to_pseudonym(pr.value(i))));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(StoredPatients {
+            by_table,
+            registrations,
+        })
+    }
+
+    /// Which of `patients` have a row in any table.
+    fn any_of(&self, patients: &HashSet<Pseudonym>) -> HashSet<Pseudonym> {
+        self.by_table
+            .values()
+            .flat_map(|ids| ids.intersection(patients))
+            .copied()
+            .collect()
+    }
+
+    /// ": N in patients, M in clinical_events…" for the patients found.
+    fn describe(&self, found: &HashSet<Pseudonym>) -> String {
+        if found.is_empty() {
+            return String::new();
+        }
+        let parts: Vec<String> = self
+            .by_table
+            .iter()
+            .map(|(t, ids)| format!("{} in {t}", ids.intersection(found).count()))
+            .collect();
+        format!(" ({})", parts.join(", "))
+    }
+}
+
+fn to_pseudonym(bytes: &[u8]) -> Pseudonym {
+    let mut p = [0u8; 32];
+    p.copy_from_slice(&bytes[..32]);
+    p
+}
+
+/// One row of `truth/patients.csv`.
+struct TruthRow {
+    patient: Pseudonym,
+    practice: String,
+    type1: bool,
+    ndoo: bool,
+}
+
+fn read_truth(dir: &Path, p: &Pseudonymiser) -> anyhow::Result<Vec<TruthRow>> {
+    let path = dir.join("patients.csv");
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| {
+        crate::error::BadInput(format!("cannot read the truth {}: {e}", path.display()))
+    })?;
+    let headers = reader.headers()?.clone();
+    let at = |name: &str| {
+        headers.iter().position(|h| h == name).ok_or_else(|| {
+            crate::error::BadInput(format!("{} has no column {name}", path.display()))
+        })
+    };
+    let (nhs, practice, type1, ndoo) = (
+        at("nhs_number")?,
+        at("practice")?,
+        at("type1_at_extract")?,
+        at("ndoo")?,
+    );
+    let mut rows = Vec::new();
+    for r in reader.records() {
+        let r = r?;
+        let number = NhsNumber::parse(r[nhs].as_bytes()).map_err(|_| {
+            crate::error::BadInput(format!(
+                "{}: invalid NHS number in the truth",
+                path.display()
+            ))
+        })?;
+        rows.push(TruthRow {
+            patient: p.patient(&number),
+            practice: r[practice].to_owned(),
+            type1: &r[type1] == "true",
+            ndoo: &r[ndoo] == "true",
+        });
+    }
+    Ok(rows)
+}
+
+fn against_truth(
+    store: &Path,
+    manifest: &crate::store::Manifest,
+    stored: &StoredPatients,
+    tombstoned: &HashSet<Pseudonym>,
+    truth: &Truth,
+) -> anyhow::Result<Vec<Check>> {
+    let key = CollectionKey::load(truth.key)?;
+    let p = Pseudonymiser::new(&key);
+    if manifest.key_id.as_deref().is_some_and(|k| k != p.key_id()) {
+        return Err(crate::error::BadInput(
+            "the key is not the key this store was collected with".into(),
+        )
+        .into());
+    }
+    let rows = read_truth(truth.dir, &p)?;
+    let collected: BTreeSet<&str> = manifest.batches.keys().map(String::as_str).collect();
+    let mut checks = Vec::new();
+
+    // Type 1: no patient who dissents at a collected practice, anywhere.
+    let type1: HashSet<Pseudonym> = rows
+        .iter()
+        .filter(|r| r.type1 && collected.contains(r.practice.as_str()))
+        .map(|r| r.patient)
+        .collect();
+    let found = stored.any_of(&type1);
+    checks.push(check(
+        "type1_patients_absent",
+        found.is_empty(),
+        format!(
+            "{} patients dissent (Type 1) at the {} collected practices; {} have rows in the store{}",
+            type1.len(),
+            collected.len(),
+            found.len(),
+            stored.describe(&found)
+        ),
+    ));
+
+    // Registrations: exactly those of collected practices whose patient is
+    // neither a Type 1 dissenter nor tombstoned.
+    let expected: HashSet<(Pseudonym, Pseudonym)> = rows
+        .iter()
+        .filter(|r| collected.contains(r.practice.as_str()))
+        .filter(|r| !type1.contains(&r.patient) && !tombstoned.contains(&r.patient))
+        .map(|r| (r.patient, p.practice(&r.practice)))
+        .collect();
+    let missing = expected.difference(&stored.registrations).count();
+    let unexpected = stored.registrations.difference(&expected).count();
+    checks.push(check(
+        "registrations_match_truth",
+        missing == 0 && unexpected == 0,
+        format!(
+            "{} registrations expected, {} stored: {missing} missing, {unexpected} that should not be there",
+            expected.len(),
+            stored.registrations.len()
+        ),
+    ));
+
+    checks.push(ndoo_unreachable(store, manifest, &rows)?);
+    checks.extend(receipts_match_truth(store, manifest, truth.dir, &rows)?);
+    Ok(checks)
+}
+
+/// Through the TRE's own views: no NDOO patient reachable by a project the
+/// opt-out applies to.
+fn ndoo_unreachable(
+    store: &Path,
+    manifest: &crate::store::Manifest,
+    rows: &[TruthRow],
+) -> anyhow::Result<Check> {
+    use arrow::array::{Array, FixedSizeBinaryArray};
+    let ndoo: HashSet<Pseudonym> = rows.iter().filter(|r| r.ndoo).map(|r| r.patient).collect();
+    let policy = crate::policy::tre::TrePolicy::load(None)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut parts = Vec::new();
+    let mut passed = true;
+    for project in policy.projects.values() {
+        let session =
+            match rt.block_on(crate::tre::session::open(store, manifest, &policy, project)) {
+                Ok(s) => s,
+                Err(crate::tre::TreError::Refused(r)) if project.ndoo_applies => {
+                    // Fail closed: no list ingested, so the project sees nothing.
+                    parts.push(format!("{}: nothing reachable ({})", project.id, r.rule));
+                    continue;
+                }
+                Err(e) => return Err(anyhow::anyhow!("opening {}'s views: {e}", project.id)),
+            };
+        let mut reachable = HashSet::new();
+        for table in &project.tables {
+            let sql = format!("SELECT DISTINCT patient_id FROM {table}");
+            let batches = rt.block_on(async { session.ctx.sql(&sql).await?.collect().await })?;
+            for b in &batches {
+                let ids = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<FixedSizeBinaryArray>()
+                    .ok_or_else(|| anyhow::anyhow!("{table}.patient_id is not a pseudonym"))?;
+                for i in 0..ids.len() {
+                    let id = to_pseudonym(ids.value(i));
+                    if ndoo.contains(&id) {
+                        reachable.insert(id);
+                    }
+                }
+            }
+        }
+        if project.ndoo_applies {
+            passed &= reachable.is_empty();
+            parts.push(format!(
+                "{} (NDOO applies): {} NDOO patients reachable",
+                project.id,
+                reachable.len()
+            ));
+        } else {
+            parts.push(format!(
+                "{} (exempt): {} NDOO patients visible, as its exemption allows",
+                project.id,
+                reachable.len()
+            ));
+        }
+    }
+    Ok(check(
+        "ndoo_patients_unreachable",
+        passed,
+        format!("{} patients on the NDOO; {}", ndoo.len(), parts.join("; ")),
+    ))
+}
+
+/// Per collected practice: quarantine counts by reason equal the truth's bad
+/// rows, and the receipt's Type 1 count equals the truth's.
+fn receipts_match_truth(
+    store: &Path,
+    manifest: &crate::store::Manifest,
+    truth_dir: &Path,
+    rows: &[TruthRow],
+) -> anyhow::Result<Vec<Check>> {
+    let path = truth_dir.join("bad_rows.csv");
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| {
+        crate::error::BadInput(format!("cannot read the truth {}: {e}", path.display()))
+    })?;
+    let mut bad: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for r in reader.records() {
+        let r = r?;
+        *bad.entry((r[0].to_owned(), r[3].to_owned())).or_default() += 1;
+    }
+    let (mut quarantine_off, mut type1_off) = (Vec::new(), Vec::new());
+    let (mut quarantined, mut type1_total) = (0u64, 0u64);
+    for (practice, batch) in &manifest.batches {
+        let receipt: Value = serde_json::from_slice(&std::fs::read(store.join(&batch.receipt))?)?;
+        let mut counted: BTreeMap<(String, String), u64> = BTreeMap::new();
+        if let Some(q) = receipt["quarantined"].as_object() {
+            for (reason, n) in q {
+                let n = n.as_u64().unwrap_or(0);
+                if n > 0 {
+                    counted.insert((practice.clone(), reason.clone()), n);
+                    quarantined += n;
+                }
+            }
+        }
+        let expected: BTreeMap<(String, String), u64> = bad
+            .iter()
+            .filter(|((p, _), _)| p == practice)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if counted != expected {
+            quarantine_off.push(practice.clone());
+        }
+        let want = rows
+            .iter()
+            .filter(|r| r.type1 && &r.practice == practice)
+            .count() as u64;
+        let got = receipt["type1_excluded_patients"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
+        type1_total += want;
+        if got != want {
+            type1_off.push(format!(
+                "{practice} ({got} in the receipt, {want} in the truth)"
+            ));
+        }
+    }
+    Ok(vec![
+        check(
+            "quarantine_matches_truth",
+            quarantine_off.is_empty(),
+            if quarantine_off.is_empty() {
+                format!(
+                    "{quarantined} rows quarantined across {} practices, reason by reason as the truth lists them",
+                    manifest.batches.len()
+                )
+            } else {
+                format!(
+                    "quarantine counts differ from the truth at {}",
+                    quarantine_off.join(", ")
+                )
+            },
+        ),
+        check(
+            "receipts_match_truth",
+            type1_off.is_empty(),
+            if type1_off.is_empty() {
+                format!("{type1_total} Type 1 patients withheld at source, as the truth says")
+            } else {
+                format!("Type 1 counts differ: {}", type1_off.join(", "))
+            },
+        ),
+    ])
+}
+
+impl AuditReport {
+    /// `Err` naming the failed checks, if any failed (exit 3).
+    pub fn verdict(&self) -> Result<(), AuditFailure> {
+        let failed: Vec<&str> = self
+            .checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name)
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(AuditFailure::Checks(format!(
+                "{} of {} checks failed: {}",
+                failed.len(),
+                self.checks.len(),
+                failed.join(", ")
+            )))
+        }
+    }
+
+    /// The checks as a table for people.
+    pub fn to_table(&self) -> String {
+        let width = self
+            .checks
+            .iter()
+            .map(|c| c.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let mut out = format!("{:width$}  result  figures\n", "check");
+        for c in &self.checks {
+            out += &format!(
+                "{:width$}  {:6}  {}\n",
+                c.name,
+                if c.passed { "pass" } else { "FAIL" },
+                c.detail
+            );
+        }
+        out += &format!(
+            "verdict: {} (store generation {})\n",
+            if self.passed {
+                "every check passed"
+            } else {
+                "FAILED"
+            },
+            self.generation
+        );
+        out
+    }
 }

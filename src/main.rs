@@ -132,8 +132,14 @@ enum Command {
     Audit {
         #[arg(long)]
         store: PathBuf,
-        /// Verify the hash chain of the audit log against the manifest.
-        #[arg(long)]
+        /// The generator's truth directory (DIR/truth): adds the checks against it.
+        #[arg(long, requires = "key")]
+        truth: Option<PathBuf>,
+        /// The collection key, to pseudonymise the truth's NHS numbers.
+        #[arg(long, requires = "truth")]
+        key: Option<PathBuf>,
+        /// Only verify the hash chain of the audit log against the manifest.
+        #[arg(long, conflicts_with = "truth")]
         verify_log: bool,
         /// Print the result as JSON.
         #[arg(long)]
@@ -459,21 +465,34 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
         }
         Command::Audit {
             store,
+            truth,
+            key,
             verify_log,
             json,
         } => {
-            if !verify_log {
-                return Err(gpdp::error::BadInput("say what to check: --verify-log".into()).into());
+            if verify_log {
+                let r = gpdp::audit::verify_log(&store)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!(
+                        "audit log intact: {} lines, every store generation up to {} recorded, {} queries ({} refused); head {}",
+                        r.lines, r.generation, r.queries, r.refused, r.head
+                    );
+                }
+                return Ok(());
             }
-            let r = gpdp::audit::verify_log(&store)?;
+            let truth = match (&truth, &key) {
+                (Some(dir), Some(key)) => Some(gpdp::audit::Truth { dir, key }),
+                _ => None,
+            };
+            let r = gpdp::audit::audit(&store, truth)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
-                    "audit log intact: {} lines, every store generation up to {} recorded, {} queries ({} refused); head {}",
-                    r.lines, r.generation, r.queries, r.refused, r.head
-                );
+                print!("{}", r.to_table());
             }
+            r.verdict()?;
             Ok(())
         }
         Command::Keygen { out } => {

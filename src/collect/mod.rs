@@ -32,9 +32,9 @@ use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, hex};
 use crate::error::{Classify, ExitStatus};
 use crate::extract::{ExtractError, PracticeExtract, Table, TableReader};
 use crate::nhs_number::NhsNumber;
+use crate::optout::apply::REQUEST_SOURCE;
 use crate::policy::{Action, CollectionPolicy, Rule};
 use crate::progress::Progress;
-use crate::optout::apply::REQUEST_SOURCE;
 use crate::store::delete::{Deleter, TombstoneBook, batch_patients};
 use crate::store::{BatchEntry, Store, StoreError, now_rfc3339};
 

@@ -192,7 +192,9 @@ mod tests {
     fn requested_at_is_a_date_or_a_time_not_in_the_future() {
         let now = "2026-11-23T12:00:00Z".parse::<DateTime<Utc>>().unwrap();
         assert_eq!(
-            parse_requested_at("2026-11-20", now).map(rfc3339).as_deref(),
+            parse_requested_at("2026-11-20", now)
+                .map(rfc3339)
+                .as_deref(),
             Some("2026-11-20T00:00:00.000Z")
         );
         assert!(parse_requested_at("2026-11-23T11:00:00+00:00", now).is_some());

@@ -76,7 +76,13 @@ pub fn read_list(path: &Path) -> Result<(Vec<NhsNumber>, Vec<(u64, &'static str)
 pub fn read_numbers(
     path: &Path,
     extra: Option<&str>,
-) -> Result<(Vec<(u64, NhsNumber, Option<String>)>, Vec<(u64, &'static str)>), OptoutError> {
+) -> Result<
+    (
+        Vec<(u64, NhsNumber, Option<String>)>,
+        Vec<(u64, &'static str)>,
+    ),
+    OptoutError,
+> {
     let read = |e: csv::Error| OptoutError::Read {
         path: path.to_owned(),
         message: e.to_string(),

@@ -214,7 +214,10 @@ impl TombstoneBook {
     }
 
     /// `source`'s tombstones: patient and when it was recorded.
-    pub fn of_source<'b>(&'b self, source: &str) -> impl Iterator<Item = (Pseudonym, &'b str)> + 'b {
+    pub fn of_source<'b>(
+        &'b self,
+        source: &str,
+    ) -> impl Iterator<Item = (Pseudonym, &'b str)> + 'b {
         self.entries
             .range((source.to_owned(), [0u8; 32])..=(source.to_owned(), [0xffu8; 32]))
             .map(|((_, p), at)| (*p, at.as_str()))

@@ -1,0 +1,322 @@
+//! The opt-out lifecycle as a user drives it: `gpdp optout apply` for Type 1
+//! opt-outs registered after collection (movers included), re-applying,
+//! crashing, withdrawing, and `gpdp audit` against the truth.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use common::*;
+
+/// A fresh store: 3 practices, NDOO ingested. Each test gets its own (they
+/// change it).
+fn setup() -> Collected {
+    let c = collected(3, 1500, 31, 5);
+    let o = run(&[
+        "optout",
+        "ingest",
+        "--ndoo",
+        c.extract.join("national/ndoo.csv").to_str().unwrap(),
+        "--store",
+        c.store.to_str().unwrap(),
+        "--key",
+        c.key.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    c
+}
+
+/// Patients with no Type 1 code anywhere: `movers` registered at two
+/// practices, then `others` registered at one.
+fn later_opt_outs(extract: &Path, movers: usize, others: usize) -> Vec<String> {
+    let recs = Csv::read(&extract.join("truth/patients.csv")).records();
+    let mut practices: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &recs {
+        if r["type1_anywhere"] == "false" {
+            *practices.entry(r["nhs_number"].clone()).or_default() += 1;
+        }
+    }
+    let pick = |moved: bool, n: usize| {
+        practices
+            .iter()
+            .filter(|(_, k)| (**k > 1) == moved)
+            .map(|(nhs, _)| nhs.clone())
+            .take(n)
+            .collect::<Vec<_>>()
+    };
+    let mut out = pick(true, movers);
+    assert_eq!(out.len(), movers, "not enough movers in the extract");
+    out.extend(pick(false, others));
+    out
+}
+
+fn write_requests(path: &Path, numbers: &[String], date: &str) {
+    let mut text = "nhs_number,requested_at\n".to_owned();
+    for n in numbers {
+        text += &format!("{n},{date}\n");
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn apply(c: &Collected, list: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "optout",
+        "apply",
+        "--type1",
+        list.to_str().unwrap(),
+        "--store",
+        c.store.to_str().unwrap(),
+        "--key",
+        c.key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn audit(c: &Collected) -> std::process::Output {
+    run(&[
+        "audit",
+        "--store",
+        c.store.to_str().unwrap(),
+        "--truth",
+        c.extract.join("truth").to_str().unwrap(),
+        "--key",
+        c.key.to_str().unwrap(),
+    ])
+}
+
+/// Every pseudonym with a row in any table.
+fn stored_patients(store: &Path) -> HashSet<[u8; 32]> {
+    ["patients", "clinical_events", "medications"]
+        .iter()
+        .flat_map(|t| patient_ids(&read_table(store, t)))
+        .collect()
+}
+
+#[test]
+fn later_opt_outs_are_deleted_everywhere_with_proof_and_the_audit_passes() {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 3, 7);
+    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
+    let before = stored_patients(&c.store);
+    assert!(targets.iter().all(|t| before.contains(t)));
+    // Keep a copy of a file that is about to lose rows (for the tamper check).
+    let m = manifest(&c.store);
+    let events_before: BTreeMap<String, String> = m["batches"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(p, b)| {
+            (
+                p.clone(),
+                b["files"]["clinical_events"]["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let saved = c._dir.path().join("saved-events.parquet");
+    let (practice, old_path) = events_before.iter().next().unwrap();
+    std::fs::copy(c.store.join(old_path), &saved).unwrap();
+
+    let list = c._dir.path().join("type1-requests.csv");
+    write_requests(&list, &numbers, "2026-04-01");
+    let o = apply(&c, &list, &["--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(report["applied"], 10);
+    assert_eq!(report["pending"], 0);
+    // Movers are deleted from both practices.
+    assert_eq!(report["registrations_deleted"], 13, "{report}");
+    assert!(report["latency_max_seconds"].as_f64().unwrap() > 0.0);
+
+    let after = stored_patients(&c.store);
+    assert!(
+        after.is_disjoint(&targets),
+        "a deleted patient still has rows"
+    );
+    assert_eq!(
+        before.len() - after.len(),
+        targets.len(),
+        "others were deleted too"
+    );
+
+    // The proof is in the audit log, with counts, never numbers.
+    let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["entry"]["event"], "delete");
+    assert_eq!(last["entry"]["reason"], "type1_request");
+    for p in last["entry"]["proof"].as_array().unwrap() {
+        assert!(p["rows_after"].as_u64() < p["rows_before"].as_u64());
+        assert_ne!(p["sha256_before"], p["sha256_after"]);
+    }
+    assert!(numbers.iter().all(|n| !log.contains(n.as_str())));
+
+    let o = audit(&c);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("every check passed"));
+
+    // Re-applying changes nothing.
+    let generation = manifest(&c.store)["generation"].clone();
+    let o = apply(&c, &list, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("already applied"), "{}", stdout(&o));
+    assert_eq!(manifest(&c.store)["generation"], generation);
+
+    // Undo the deletion by hand: put the old events file back under the new name.
+    let m = manifest(&c.store);
+    let new_path = m["batches"][practice.as_str()]["files"]["clinical_events"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(&new_path, old_path, "the file was not rewritten");
+    std::fs::copy(&saved, c.store.join(&new_path)).unwrap();
+    let o = audit(&c);
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    let out = stdout(&o);
+    for check in ["files_match_manifest", "tombstoned_patients_absent"] {
+        let line = out.lines().find(|l| l.starts_with(check)).unwrap();
+        assert!(line.contains("FAIL"), "{line}");
+    }
+    assert!(
+        stderr(&o).contains("tombstoned_patients_absent"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn invalid_requests_change_nothing_unless_skipped_and_then_stay_pending() {
+    let c = setup();
+    let mut numbers = later_opt_outs(&c.extract, 1, 2);
+    numbers.push("1234567890".into());
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &numbers, "2026-04-01");
+    let generation = manifest(&c.store)["generation"].clone();
+    let o = apply(&c, &list, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("line 5: invalid_nhs_number"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(manifest(&c.store)["generation"], generation);
+
+    let o = apply(&c, &list, &["--skip-invalid", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (
+            r["requests"].as_u64(),
+            r["applied"].as_u64(),
+            r["pending"].as_u64()
+        ),
+        (Some(4), Some(3), Some(1))
+    );
+
+    // A date in the future, or not a date, is invalid too.
+    write_requests(&list, &numbers[..1], "2999-01-01");
+    let o = apply(&c, &list, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("invalid_requested_at"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_crash_during_apply_leaves_no_half_deleted_state_and_a_rerun_completes() {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 2, 4);
+    let list = c._dir.path().join("requests.csv");
+    for (failpoint, group) in ["before-manifest-swap", "after-manifest-swap"]
+        .into_iter()
+        .zip(numbers.chunks(3))
+    {
+        let targets: HashSet<[u8; 32]> = group.iter().map(|n| pseudonym(5, n)).collect();
+        write_requests(&list, group, "2026-04-01");
+        let before = stored_patients(&c.store);
+        let manifest_before = std::fs::read(c.store.join("manifest.json")).unwrap();
+        let o = gpdp()
+            .env("GPDP_FAILPOINT", failpoint)
+            .args([
+                "optout",
+                "apply",
+                "--type1",
+                list.to_str().unwrap(),
+                "--store",
+                c.store.to_str().unwrap(),
+                "--key",
+                c.key.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "the failpoint {failpoint} did not fire"
+        );
+        let now = stored_patients(&c.store);
+        if failpoint == "before-manifest-swap" {
+            // Nothing visible changed.
+            assert_eq!(
+                std::fs::read(c.store.join("manifest.json")).unwrap(),
+                manifest_before
+            );
+            assert_eq!(now, before);
+        } else {
+            // All of it is visible: never some of it.
+            assert!(now.is_disjoint(&targets));
+        }
+        // Re-running completes (or finds it complete), and the audit passes.
+        let o = apply(&c, &list, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stored_patients(&c.store).is_disjoint(&targets));
+        let o = audit(&c);
+        assert!(
+            o.status.success(),
+            "after {failpoint}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+}
+
+/// A patient whose later opt-out was applied comes back when their practice
+/// records the opt-out withdrawn (on or after the request's date) and is
+/// collected again; a withdrawal dated before the request does not count.
+#[test]
+fn a_withdrawal_recorded_after_the_request_brings_the_patient_back() {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 0, 2);
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &numbers, "2026-02-01");
+    assert!(apply(&c, &list, &[]).status.success());
+    let recs = Csv::read(&c.extract.join("truth/patients.csv")).records();
+    let practice_of =
+        |n: &str| recs.iter().find(|r| r["nhs_number"] == n).unwrap()["practice"].clone();
+    // The first withdraws after the request; the second "withdrew" before it.
+    for (n, date) in [(&numbers[0], "2026-03-01"), (&numbers[1], "2026-01-15")] {
+        let events = c
+            .extract
+            .join(format!("practices/{}/clinical_events.csv", practice_of(n)));
+        let mut text = std::fs::read_to_string(&events).unwrap();
+        text += &format!("{n},{date},827261000000102,,\n");
+        std::fs::write(&events, text).unwrap();
+    }
+    let o = collect(&c.extract, &c.store, &c.key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let now = stored_patients(&c.store);
+    assert!(
+        now.contains(&pseudonym(5, &numbers[0])),
+        "the withdrawn opt-out was not lifted"
+    );
+    assert!(
+        !now.contains(&pseudonym(5, &numbers[1])),
+        "a withdrawal before the request lifted it"
+    );
+    let o = audit(&c);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
