@@ -1,7 +1,9 @@
 //! `gpdp demo`: every stage of the pipeline on an embedded default, in one
 //! command with no arguments: synthetic extracts; collection into a store;
 //! the National Data Opt-out list; research questions through the TRE
-//! boundary (with one that it refuses); and it says where everything is.
+//! boundary (with one that it refuses); Type 1 opt-outs registered after
+//! collection, deleted everywhere; and an audit of the whole store against
+//! the ground truth. It says where everything is.
 
 use std::path::{Path, PathBuf};
 
@@ -31,7 +33,14 @@ pub struct DemoOutcome {
     pub collection: CollectSummary,
     pub ndoo: crate::optout::ndoo::IngestReport,
     pub questions: Vec<Question>,
+    pub requests: PathBuf,
+    pub later: crate::optout::apply::ApplyReport,
+    pub audit: crate::audit::AuditReport,
 }
+
+/// How many later Type 1 opt-outs the demo applies, and how many of them moved practice.
+pub const DEMO_LATER_OPTOUTS: usize = 40;
+const DEMO_LATER_MOVERS: usize = 10;
 
 /// One research question asked through the TRE, and its answer.
 pub struct Question {
@@ -98,7 +107,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         .with_context(|| format!("writing into {}", dir.display()))?;
 
     let extracts = dir.join("extracts");
-    progress.stage("1/4 generating synthetic GP extracts");
+    progress.stage("1/6 generating synthetic GP extracts");
     let report = synth::run(
         &SynthOptions {
             out: extracts.clone(),
@@ -113,7 +122,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         progress,
     )?;
 
-    progress.stage("2/4 collecting: de-identification on collection into the store");
+    progress.stage("2/6 collecting: de-identification on collection into the store");
     let key = dir.join("collection.key");
     crate::deid::key::generate(&key)?;
     let store = dir.join("store");
@@ -130,7 +139,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         progress,
     )?;
 
-    progress.stage("3/4 ingesting the National Data Opt-out list (pseudonymised)");
+    progress.stage("3/6 ingesting the National Data Opt-out list (pseudonymised)");
     let policy = CollectionPolicy::load(None)?;
     let ndoo = crate::optout::ndoo::ingest(
         &extracts.join("national/ndoo.csv"),
@@ -140,7 +149,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         policy.codec,
     )?;
 
-    progress.stage("4/4 asking research questions through the TRE boundary");
+    progress.stage("4/6 asking research questions through the TRE boundary");
     let tre_policy = crate::policy::tre::TrePolicy::load(None)?;
     let questions = QUESTIONS
         .iter()
@@ -162,6 +171,20 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
             }
         })
         .collect();
+
+    progress.stage("5/6 deleting Type 1 opt-outs registered after collection");
+    let requests = dir.join("type1-requests.csv");
+    write_later_optouts(&extracts.join("truth/patients.csv"), &requests)?;
+    let later = crate::optout::apply::apply(&requests, &store, &key, false, policy.codec)?;
+
+    progress.stage("6/6 auditing the store against the ground truth");
+    let audit = crate::audit::audit(
+        &store,
+        Some(crate::audit::Truth {
+            dir: &extracts.join("truth"),
+            key: &key,
+        }),
+    )?;
     Ok(DemoOutcome {
         dir: dir.to_owned(),
         extracts,
@@ -171,5 +194,47 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         collection,
         ndoo,
         questions,
+        requests,
+        later,
+        audit,
     })
+}
+
+/// A request list of patients who opt out (Type 1) after collection: some
+/// who moved practice (their data sits in two batches), the rest not; none
+/// with a Type 1 code already.
+fn write_later_optouts(truth: &Path, out: &Path) -> anyhow::Result<()> {
+    let mut reader =
+        csv::Reader::from_path(truth).with_context(|| format!("reading {}", truth.display()))?;
+    let headers = reader.headers()?.clone();
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("{} has no column {name}", truth.display()))
+    };
+    let (nhs, type1) = (col("nhs_number")?, col("type1_anywhere")?);
+    let mut registrations: std::collections::BTreeMap<String, (usize, bool)> = Default::default();
+    for r in reader.records() {
+        let r = r?;
+        let e = registrations.entry(r[nhs].to_owned()).or_default();
+        e.0 += 1;
+        e.1 |= &r[type1] == "true";
+    }
+    let pick = |moved: bool, n: usize| {
+        registrations
+            .iter()
+            .filter(move |(_, (k, t1))| !t1 && (*k > 1) == moved)
+            .map(|(n, _)| n.clone())
+            .take(n)
+    };
+    let mut text = "nhs_number\n".to_owned();
+    for n in
+        pick(true, DEMO_LATER_MOVERS).chain(pick(false, DEMO_LATER_OPTOUTS - DEMO_LATER_MOVERS))
+    {
+        text += &n;
+        text.push('\n');
+    }
+    std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
 }

@@ -259,6 +259,30 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 }
             }
             println!();
+            let r = &o.later;
+            println!(
+                "5. Type 1 opt-outs registered after collection: {} patients ({} of them moved practice) deleted from every batch",
+                r.applied,
+                r.registrations_deleted.saturating_sub(r.applied)
+            );
+            println!(
+                "   {} rows removed ({}), {} files rewritten in {} practice batches, in {:.2} s; proof of deletion in the audit log",
+                r.rows_removed.values().sum::<u64>(),
+                r.rows_removed
+                    .iter()
+                    .map(|(t, n)| format!("{t} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.files_rewritten,
+                r.batches_rewritten,
+                r.seconds
+            );
+            println!();
+            println!("6. Audit of the store against the ground truth");
+            for line in o.audit.to_table().lines() {
+                println!("   {line}");
+            }
+            println!();
             println!("Outputs:");
             println!(
                 "  extracts (identifiable, practice side)  {}/practices/<ODS>/",
@@ -292,12 +316,23 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 "  hash-chained audit log                  {}/audit/log.jsonl",
                 o.store.display()
             );
+            println!(
+                "  later Type 1 opt-out requests           {}",
+                o.requests.display()
+            );
             println!();
             println!("Ask your own question (demo credentials):");
             println!(
                 "  GPDP_TOKEN=demo-alice-token cargo run --release -- query --store {} --project demo-research --user alice \"SELECT sex, count(*) AS n FROM patients GROUP BY sex\"",
                 o.store.display()
             );
+            println!(
+                "Audit it yourself:\n  cargo run --release -- audit --store {} --truth {}/truth --key {}",
+                o.store.display(),
+                o.extracts.display(),
+                o.key.display()
+            );
+            o.audit.verdict()?;
             Ok(())
         }
         Command::Synth {

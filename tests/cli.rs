@@ -54,6 +54,9 @@ fn demo_runs_without_arguments_and_can_run_again() {
         assert!(o.status.success(), "{}", stderr(&o));
         let out = stdout(&o);
         assert!(out.contains("gpdp-demo/extracts"), "{out}");
+        // It ends with the audit's verdict, every check passing.
+        assert!(out.contains("verdict: every check passed"), "{out}");
+        assert!(!out.contains("FAIL"), "{out}");
         assert!(
             dir.path()
                 .join("gpdp-demo/extracts/truth/summary.json")
