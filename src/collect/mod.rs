@@ -207,7 +207,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
         store: &store_root,
         quarantine_dir: &quarantine_dir,
     };
-    let scanned = parallel(&practices, threads, |p| {
+    let scanned = crate::parallel(&practices, threads, |p| {
         scan_inputs(&scan_ctx, p, &reference_sha)
     });
     let mut inputs = Vec::with_capacity(practices.len());
@@ -409,28 +409,6 @@ fn withdrawn_requests(
         }
     }
     out
-}
-
-/// Runs `f` over `items` on `threads` workers, keeping the order.
-fn parallel<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, items.len().max(1)) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    let r = f(item);
-                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                }
-            });
-        }
-    });
-    results
-        .into_iter()
-        .filter_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
-        .collect()
 }
 
 fn practice_of(o: &Outcome) -> &str {

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::parquet::{Rewrite, patient_ids, rewrite_without};
-use super::{Manifest, Store, StoreError, Tombstone, pq_err};
+use super::{FileEntry, Manifest, Store, StoreError, Tombstone, pq_err};
 use crate::deid::pseudonym::{Pseudonym, hex};
 use crate::extract::Table;
 use crate::policy::Codec;
@@ -88,24 +88,31 @@ impl<'a> Deleter<'a> {
         table: &str,
         remove: &HashSet<Pseudonym>,
     ) -> Result<(String, Rewrite), StoreError> {
+        let new_rel = self.next_name(relative, table);
+        let (src, dst) = (self.store.path(relative), self.store.path(&new_rel));
+        let rw = rewrite_without(&src, &dst, remove, self.codec).map_err(pq_err(&dst))?;
+        Ok((new_rel, rw))
+    }
+
+    /// A new, unique store-relative name for a rewrite of `relative` (a file
+    /// may be rewritten twice before one commit).
+    fn next_name(&mut self, relative: &str, table: &str) -> String {
         let batch = Path::new(relative)
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.split('.').next())
             .unwrap_or("batch");
         self.rewrites += 1;
-        let new_rel = format!(
+        format!(
             "tables/{table}/{batch}.g{}r{}.parquet",
             self.generation, self.rewrites
-        );
-        let (src, dst) = (self.store.path(relative), self.store.path(&new_rel));
-        let rw = rewrite_without(&src, &dst, remove, self.codec).map_err(pq_err(&dst))?;
-        Ok((new_rel, rw))
+        )
     }
 
     /// Deletes `remove` from every batch of `next` but `except`'s. `members`
     /// (the patients of each batch) is kept up to date; each affected
-    /// batch records the pseudonyms deleted from it.
+    /// batch records the pseudonyms deleted from it. The files are rewritten
+    /// in parallel, one per worker.
     pub fn delete_from_batches(
         &mut self,
         next: &mut Manifest,
@@ -117,41 +124,72 @@ impl<'a> Deleter<'a> {
         if remove.is_empty() {
             return Ok(deleted);
         }
-        for (practice, entry) in next.batches.iter_mut() {
+        // Plan: which batches hold which of the patients (from `members`,
+        // without reading the data files), and every file of those batches.
+        let mut hits: BTreeMap<String, HashSet<Pseudonym>> = BTreeMap::new();
+        let mut tasks: Vec<(String, String, String, String)> = Vec::new();
+        for (practice, entry) in &next.batches {
             if except == Some(practice.as_str()) {
                 continue;
             }
-            let Some(patients) = members.get_mut(practice) else {
+            let Some(patients) = members.get(practice) else {
                 continue;
             };
             let hit: HashSet<Pseudonym> = patients.intersection(remove).copied().collect();
             if hit.is_empty() {
                 continue;
             }
-            deleted.patients += hit.len() as u64;
-            for (table, file) in entry.files.iter_mut() {
-                let (relative, rw) = self.rewrite(&file.path, table, &hit)?;
-                if rw.rows_after == rw.rows_before {
-                    // None of them in this file: keep it as it is.
-                    let unused = self.store.path(&relative);
-                    std::fs::remove_file(&unused).map_err(|e| StoreError::Io {
-                        path: unused,
-                        source: e,
-                    })?;
-                    continue;
-                }
-                let new = self.store.file_entry(relative)?;
-                *deleted.rows_removed.entry(table.clone()).or_default() +=
-                    rw.rows_before - rw.rows_after;
-                deleted.proof.push(json!({
-                    "practice": practice, "table": table,
-                    "rows_before": rw.rows_before, "rows_after": rw.rows_after,
-                    "sha256_before": file.sha256, "sha256_after": new.sha256,
-                }));
-                deleted.replaced.push(std::mem::replace(file, new).path);
+            for (table, file) in &entry.files {
+                let new_rel = self.next_name(&file.path, table);
+                tasks.push((practice.clone(), table.clone(), file.path.clone(), new_rel));
             }
-            entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
-            patients.retain(|p| !hit.contains(p));
+            hits.insert(practice.clone(), hit);
+        }
+        // Rewrite, in parallel.
+        let store = self.store;
+        let codec = self.codec;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let results = crate::parallel(&tasks, threads, |(practice, _, src, dst)| {
+            let (src, dst) = (store.path(src), store.path(dst));
+            rewrite_without(&src, &dst, &hits[practice], codec).map_err(pq_err(&dst))
+        });
+        // Apply, in order.
+        for ((practice, table, _, new_rel), result) in tasks.into_iter().zip(results) {
+            let rw = result?;
+            let entry = next.batches.get_mut(&practice).expect("planned from next");
+            let file = entry.files.get_mut(&table).expect("planned from next");
+            if rw.rows_after == rw.rows_before {
+                // None of them in this file: keep it as it is.
+                let unused = store.path(&new_rel);
+                std::fs::remove_file(&unused).map_err(|e| StoreError::Io {
+                    path: unused,
+                    source: e,
+                })?;
+                continue;
+            }
+            *deleted.rows_removed.entry(table.clone()).or_default() +=
+                rw.rows_before - rw.rows_after;
+            deleted.proof.push(json!({
+                "practice": practice, "table": table,
+                "rows_before": rw.rows_before, "rows_after": rw.rows_after,
+                "sha256_before": file.sha256, "sha256_after": rw.sha256,
+            }));
+            let new = FileEntry {
+                path: new_rel,
+                rows: rw.rows_after,
+                bytes: rw.bytes,
+                sha256: rw.sha256,
+            };
+            deleted.replaced.push(std::mem::replace(file, new).path);
+        }
+        for (practice, hit) in hits {
+            deleted.patients += hit.len() as u64;
+            if let Some(entry) = next.batches.get_mut(&practice) {
+                entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
+            }
+            if let Some(patients) = members.get_mut(&practice) {
+                patients.retain(|p| !hit.contains(p));
+            }
         }
         Ok(deleted)
     }

@@ -47,14 +47,39 @@ pub fn writer_properties(codec: Codec) -> WriterProperties {
     builder.build()
 }
 
-/// Streams record batches into a Parquet file; `finish` fsyncs it.
+/// Streams record batches into a Parquet file; `finish` fsyncs it and
+/// returns the file's SHA-256 and size, computed as the bytes were written
+/// (no second read).
 pub struct Writer {
-    inner: ArrowWriter<File>,
+    inner: ArrowWriter<Hashing>,
+}
+
+/// A file that hashes what is written to it.
+struct Hashing {
+    file: File,
+    digest: ring::digest::Context,
+    bytes: u64,
+}
+
+impl Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.digest.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 impl Writer {
     pub fn create(path: &Path, schema: SchemaRef, codec: Codec) -> parquet::errors::Result<Writer> {
-        let file = File::create(path)?;
+        let file = Hashing {
+            file: File::create(path)?,
+            digest: ring::digest::Context::new(&ring::digest::SHA256),
+            bytes: 0,
+        };
         Ok(Writer {
             inner: ArrowWriter::try_new(file, schema, Some(writer_properties(codec)))?,
         })
@@ -64,11 +89,15 @@ impl Writer {
         self.inner.write(batch)
     }
 
-    pub fn finish(self) -> parquet::errors::Result<()> {
-        let mut file = self.inner.into_inner()?;
-        file.flush()?;
-        file.sync_all()?;
-        Ok(())
+    /// Closes and fsyncs the file; returns its SHA-256 (hex) and size in bytes.
+    pub fn finish(self) -> parquet::errors::Result<(String, u64)> {
+        let mut out = self.inner.into_inner()?;
+        out.flush()?;
+        out.file.sync_all()?;
+        Ok((
+            crate::deid::pseudonym::hex(out.digest.finish().as_ref()),
+            out.bytes,
+        ))
     }
 }
 
@@ -98,17 +127,23 @@ fn pseudonyms(batch: &RecordBatch) -> parquet::errors::Result<&FixedSizeBinaryAr
         })
 }
 
+fn prefix(id: &[u8]) -> u64 {
+    u64::from_le_bytes(id[..8].try_into().expect("a pseudonym has 32 bytes"))
+}
+
 fn to_pseudonym(bytes: &[u8]) -> Pseudonym {
     let mut p = [0u8; 32];
     p.copy_from_slice(&bytes[..32]);
     p
 }
 
-/// Rows before and after a rewrite.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Rows before and after a rewrite, and the new file's SHA-256 and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewrite {
     pub rows_before: u64,
     pub rows_after: u64,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 /// Copies `src` to `dst` without the rows of `remove`, streaming batch by batch.
@@ -122,23 +157,34 @@ pub fn rewrite_without(
     let schema: SchemaRef = reader.schema();
     let mut writer = Writer::create(dst, schema, codec)?;
     let (mut before, mut after) = (0u64, 0u64);
+    // Rows are checked on the pseudonym's first 8 bytes with a fast hash,
+    // and only a match is compared in full: most rows cost one lookup.
+    let prefixes: HashSet<u64, ahash::RandomState> = remove.iter().map(|p| prefix(p)).collect();
     for batch in reader {
         let batch = batch?;
         let ids = pseudonyms(&batch)?;
-        let keep: BooleanArray = (0..ids.len())
-            .map(|i| Some(!remove.contains(ids.value(i))))
-            .collect();
-        let kept = arrow::compute::filter_record_batch(&batch, &keep)?;
+        let hit = |i: usize| {
+            let id = ids.value(i);
+            prefixes.contains(&prefix(id)) && remove.contains(id)
+        };
+        let kept = if (0..ids.len()).any(hit) {
+            let keep: BooleanArray = (0..ids.len()).map(|i| Some(!hit(i))).collect();
+            arrow::compute::filter_record_batch(&batch, &keep)?
+        } else {
+            batch.clone()
+        };
         before += batch.num_rows() as u64;
         after += kept.num_rows() as u64;
         if kept.num_rows() > 0 {
             writer.write(&kept)?;
         }
     }
-    writer.finish()?;
+    let (sha256, bytes) = writer.finish()?;
     Ok(Rewrite {
         rows_before: before,
         rows_after: after,
+        sha256,
+        bytes,
     })
 }
 

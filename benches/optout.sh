@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Deletion on a later Type 1 opt-out against a full re-collection, in one run
+# on the same 1M-patient extract and store:
+#   (a) gpdp collect of the whole extract into a new store (what deleting by
+#       re-collecting would cost)
+#   (b) gpdp optout apply of 1,000 patients spread at random over the whole
+#       population (100 of them movers, whose data sits in two practices'
+#       batches): nearly every practice's batch holds one of them, so this is
+#       the worst case for "rewrite only the affected files"
+#   (c) gpdp optout apply of 1,000 patients from 5 practices (opt-outs that
+#       cluster, e.g. after a local campaign), on a fresh copy of the store
+# Reports the times, the ratios, files rewritten and peak memory.
+#
+# Usage: bash benches/optout.sh [PATIENTS] [PRACTICES] [OPTOUTS]   (defaults: 1000000 100 1000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+patients=${1:-1000000}; practices=${2:-100}; optouts=${3:-1000}
+cargo build --release --quiet --bin gpdp
+bin=target/release/gpdp
+data="bench-data/synth-${patients}-${practices}"
+if [ ! -f "$data/truth/summary.json" ]; then
+  rm -rf "$data"; mkdir -p bench-data
+  "$bin" synth --quiet --out "$data" --patients "$patients" --practices "$practices" --seed 1 >/dev/null
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$bin" keygen --out "$work/key" >/dev/null
+rm -rf "$data/quarantine"
+/usr/bin/time -f "%e %M" -o "$work/collect.time" \
+  "$bin" collect --quiet --extract "$data" --store "$work/store" --key "$work/key" >/dev/null
+python3 - "$data/truth/patients.csv" "$optouts" "$work" <<'PY'
+import csv, sys, collections, random
+rows = list(csv.DictReader(open(sys.argv[1])))
+n, work = int(sys.argv[2]), sys.argv[3]
+regs = collections.Counter(r["nhs_number"] for r in rows)
+t1 = {r["nhs_number"] for r in rows if r["type1_anywhere"] == "true"}
+movers = [k for k, c in regs.items() if c > 1 and k not in t1][: n // 10]
+single = [r for r in rows if regs[r["nhs_number"]] == 1 and r["nhs_number"] not in t1]
+# Spread: at random over the whole population.
+spread = movers + random.Random(1).sample([r["nhs_number"] for r in single], n - len(movers))
+# Clustered: from the first 5 practices only.
+first = sorted({r["practice"] for r in rows})[:5]
+clustered = random.Random(1).sample([r["nhs_number"] for r in single if r["practice"] in first], n)
+for name, numbers in (("spread", spread), ("clustered", clustered)):
+    with open(f"{work}/{name}.csv", "w") as f:
+        f.write("nhs_number\n" + "\n".join(numbers) + "\n")
+PY
+cp -r "$work/store" "$work/store-clustered"
+/usr/bin/time -f "%e %M" -o "$work/spread.time" \
+  "$bin" optout apply --type1 "$work/spread.csv" --store "$work/store" --key "$work/key" --json > "$work/spread.json"
+/usr/bin/time -f "%e %M" -o "$work/clustered.time" \
+  "$bin" optout apply --type1 "$work/clustered.csv" --store "$work/store-clustered" --key "$work/key" --json > "$work/clustered.json"
+python3 - "$work" "$optouts" <<'PY'
+import json, sys
+work, n = sys.argv[1], int(sys.argv[2])
+c_s, c_kb = open(f"{work}/collect.time").read().split()
+print(f"{"run":60} {'wall s':>7} {'peak':>8} {'vs re-collection':>17}  rewritten")
+print(f"{"full re-collection":60} {float(c_s):7.2f} {int(c_kb) // 1024:5d} MiB {1:16.2f}x")
+for name in ("spread", "clustered"):
+    a_s, a_kb = open(f"{work}/{name}.time").read().split()
+    r = json.load(open(f"{work}/{name}.json"))
+    label = f"optout apply, {n} patients {name} ({r['registrations_deleted']} registrations)"
+    print(f"{label:60} {float(a_s):7.2f} {int(a_kb) // 1024:5d} MiB {float(a_s) / float(c_s):16.2f}x  "
+          f"{r['files_rewritten']} files in {r['batches_rewritten']} batches, {sum(r['rows_removed'].values())} rows removed")
+PY
