@@ -54,8 +54,8 @@ python3 - "$work" "$optouts" <<'PY'
 import json, sys
 work, n = sys.argv[1], int(sys.argv[2])
 c_s, c_kb = open(f"{work}/collect.time").read().split()
-print(f"{"run":60} {'wall s':>7} {'peak':>8} {'vs re-collection':>17}  rewritten")
-print(f"{"full re-collection":60} {float(c_s):7.2f} {int(c_kb) // 1024:5d} MiB {1:16.2f}x")
+print(f"{'run':60} {'wall s':>7} {'peak':>8} {'vs re-collection':>17}  rewritten")
+print(f"{'full re-collection':60} {float(c_s):7.2f} {int(c_kb) // 1024:5d} MiB {1:16.2f}x")
 for name in ("spread", "clustered"):
     a_s, a_kb = open(f"{work}/{name}.time").read().split()
     r = json.load(open(f"{work}/{name}.json"))
