@@ -320,3 +320,52 @@ fn a_withdrawal_recorded_after_the_request_brings_the_patient_back() {
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
+
+/// SIGKILL at spread-out moments: after every kill the patients are either
+/// all still there or all gone (never some of them), every referenced file
+/// exists, and a final run completes the deletion.
+#[test]
+fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 5, 45);
+    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &numbers, "2026-04-01");
+    for i in 0..10u64 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpdp"))
+            .args([
+                "optout",
+                "apply",
+                "--type1",
+                list.to_str().unwrap(),
+                "--store",
+                c.store.to_str().unwrap(),
+                "--key",
+                c.key.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(3 + (i * 17) % 120));
+        let _ = child.kill();
+        let _ = child.wait();
+        let now = stored_patients(&c.store);
+        let left = targets.intersection(&now).count();
+        assert!(
+            left == 0 || left == targets.len(),
+            "a half-applied deletion is visible: {left} of {} left",
+            targets.len()
+        );
+        let m = manifest(&c.store);
+        for batch in m["batches"].as_object().unwrap().values() {
+            for file in batch["files"].as_object().unwrap().values() {
+                assert!(c.store.join(file["path"].as_str().unwrap()).exists());
+            }
+        }
+    }
+    let o = apply(&c, &list, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stored_patients(&c.store).is_disjoint(&targets));
+    let o = audit(&c);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
