@@ -43,17 +43,6 @@ fn truth(extract: &Path) -> Truth {
     }
 }
 
-fn practice_pseudonym(ods: &str) -> [u8; 32] {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[KEY; 32]);
-    ring::hmac::sign(
-        &key,
-        &[b"gpdp/v1/practice\0".as_slice(), ods.as_bytes()].concat(),
-    )
-    .as_ref()
-    .try_into()
-    .unwrap()
-}
-
 /// (practice, table, line) of every bad row in the truth's catalogue.
 fn bad_row_lines(extract: &Path) -> HashSet<(String, String, usize)> {
     Csv::read(&extract.join("truth/bad_rows.csv"))
@@ -85,7 +74,7 @@ fn store_holds_exactly_the_patients_who_should_leave() {
         .registrations
         .iter()
         .filter(|(nhs, _)| !t.dissenting.contains(nhs))
-        .map(|(nhs, practice)| (pseudonym(KEY, nhs), practice_pseudonym(practice)))
+        .map(|(nhs, practice)| (pseudonym(KEY, nhs), practice_pseudonym(KEY, practice)))
         .collect();
     let batches = read_table(&f.store, "patients");
     let ids = pseudonym_column(&batches, "patient_id");

@@ -296,17 +296,6 @@ impl World {
         }
     }
 
-    fn practice_pseudonym(ods: &str) -> [u8; 32] {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[KEY; 32]);
-        ring::hmac::sign(
-            &key,
-            &[b"gpdp/v1/practice\0".as_slice(), ods.as_bytes()].concat(),
-        )
-        .as_ref()
-        .try_into()
-        .unwrap()
-    }
-
     /// The store against the model; `Err` says what differs.
     fn check(&self, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         let store = self.store();
@@ -321,7 +310,7 @@ impl World {
             .iter()
             .flat_map(|(x, ps)| {
                 ps.iter()
-                    .map(move |&p| (id(p), Self::practice_pseudonym(PRACTICES[*x])))
+                    .map(move |&p| (id(p), practice_pseudonym(KEY, PRACTICES[*x])))
             })
             .collect();
         if found != expected {
@@ -330,7 +319,7 @@ impl World {
                     .map(|(p, x)| {
                         let p = (0..8).find(|&i| id(i) == *p).unwrap();
                         let x = (0..3)
-                            .find(|&i| Self::practice_pseudonym(PRACTICES[i]) == *x)
+                            .find(|&i| practice_pseudonym(KEY, PRACTICES[i]) == *x)
                             .unwrap();
                         format!("patient {p}@{}", PRACTICES[x])
                     })

@@ -59,19 +59,20 @@ fn write_requests(path: &Path, numbers: &[String], date: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// `gpdp optout apply` of `list` on the test's store, ready to run.
+fn apply_command(c: &Collected, list: &Path) -> std::process::Command {
+    let mut cmd = gpdp();
+    cmd.args(["optout", "apply", "--type1"])
+        .arg(list)
+        .arg("--store")
+        .arg(&c.store)
+        .arg("--key")
+        .arg(&c.key);
+    cmd
+}
+
 fn apply(c: &Collected, list: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "optout",
-        "apply",
-        "--type1",
-        list.to_str().unwrap(),
-        "--store",
-        c.store.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    run(&args)
+    apply_command(c, list).args(extra).output().unwrap()
 }
 
 fn audit(c: &Collected) -> std::process::Output {
@@ -240,18 +241,8 @@ fn a_crash_during_apply_leaves_no_half_deleted_state_and_a_rerun_completes() {
         write_requests(&list, group, "2026-04-01");
         let before = stored_patients(&c.store);
         let manifest_before = std::fs::read(c.store.join("manifest.json")).unwrap();
-        let o = gpdp()
+        let o = apply_command(&c, &list)
             .env("GPDP_FAILPOINT", failpoint)
-            .args([
-                "optout",
-                "apply",
-                "--type1",
-                list.to_str().unwrap(),
-                "--store",
-                c.store.to_str().unwrap(),
-                "--key",
-                c.key.to_str().unwrap(),
-            ])
             .output()
             .unwrap();
         assert!(
@@ -332,17 +323,7 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
     let list = c._dir.path().join("requests.csv");
     write_requests(&list, &numbers, "2026-04-01");
     for i in 0..10u64 {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpdp"))
-            .args([
-                "optout",
-                "apply",
-                "--type1",
-                list.to_str().unwrap(),
-                "--store",
-                c.store.to_str().unwrap(),
-                "--key",
-                c.key.to_str().unwrap(),
-            ])
+        let mut child = apply_command(&c, &list)
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();

@@ -561,7 +561,6 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
         });
     }
 
-    drop(deleter);
     let tombstones = g.book.to_vec();
     if tombstones_changed {
         next.tombstones = Some(store.write_tombstones(&tombstones, g.codec)?);

@@ -128,7 +128,6 @@ pub fn apply(
     next.key_id = Some(p.key_id());
     let mut deleter = Deleter::new(&store, codec);
     let deleted = deleter.delete_from_batches(&mut next, &mut members, &remove, None)?;
-    drop(deleter);
 
     let mut report = ApplyReport {
         requests: lines,

@@ -64,10 +64,13 @@ pub struct IngestReport {
 
 /// Reads an NDOO list (`nhs_number` per line): the valid numbers and the
 /// invalid ones as `(line, reason)`.
-pub fn read_list(path: &Path) -> Result<(Vec<NhsNumber>, Vec<(u64, &'static str)>), OptoutError> {
+pub fn read_list(path: &Path) -> Result<(Vec<NhsNumber>, Invalid), OptoutError> {
     let (valid, invalid) = read_numbers(path, None)?;
     Ok((valid.into_iter().map(|(_, n, _)| n).collect(), invalid))
 }
+
+/// The invalid lines of a list: (line, reason).
+pub type Invalid = Vec<(u64, &'static str)>;
 
 /// A list of NHS numbers, one per line under the header `nhs_number`, with
 /// an optional second column `extra`: the valid rows as (line, number,

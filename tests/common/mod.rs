@@ -150,6 +150,19 @@ pub fn pseudonym(key_byte: u8, nhs: &str) -> [u8; 32] {
     ring::hmac::sign(&key, &msg).as_ref().try_into().unwrap()
 }
 
+/// The practice pseudonym of `ods` under the key of 32 bytes `key_byte`,
+/// computed independently of gpdp.
+pub fn practice_pseudonym(key_byte: u8, ods: &str) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[key_byte; 32]);
+    ring::hmac::sign(
+        &key,
+        &[b"gpdp/v1/practice\0".as_slice(), ods.as_bytes()].concat(),
+    )
+    .as_ref()
+    .try_into()
+    .unwrap()
+}
+
 pub fn manifest(store: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap()
 }
