@@ -3,7 +3,8 @@
 //! the National Data Opt-out list; research questions through the TRE
 //! boundary (with one that it refuses); Type 1 opt-outs registered after
 //! collection, deleted everywhere; and an audit of the whole store against
-//! the ground truth. It says where everything is.
+//! the ground truth; then the report (`report/report.html` and `.json`). It
+//! says where everything is.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,8 @@ pub struct DemoOutcome {
     pub requests: PathBuf,
     pub later: crate::optout::apply::ApplyReport,
     pub audit: crate::audit::AuditReport,
+    /// `report.html` (beside it, `report.json`).
+    pub report_page: PathBuf,
 }
 
 /// How many later Type 1 opt-outs the demo applies, and how many of them moved practice.
@@ -107,7 +110,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         .with_context(|| format!("writing into {}", dir.display()))?;
 
     let extracts = dir.join("extracts");
-    progress.stage("1/6 generating synthetic GP extracts");
+    progress.stage("1/7 generating synthetic GP extracts");
     let report = synth::run(
         &SynthOptions {
             out: extracts.clone(),
@@ -122,7 +125,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         progress,
     )?;
 
-    progress.stage("2/6 collecting: de-identification on collection into the store");
+    progress.stage("2/7 collecting: de-identification on collection into the store");
     let key = dir.join("collection.key");
     crate::deid::key::generate(&key)?;
     let store = dir.join("store");
@@ -139,7 +142,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         progress,
     )?;
 
-    progress.stage("3/6 ingesting the National Data Opt-out list (pseudonymised)");
+    progress.stage("3/7 ingesting the National Data Opt-out list (pseudonymised)");
     let policy = CollectionPolicy::load(None)?;
     let ndoo = crate::optout::ndoo::ingest(
         &extracts.join("national/ndoo.csv"),
@@ -149,7 +152,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         policy.codec,
     )?;
 
-    progress.stage("4/6 asking research questions through the TRE boundary");
+    progress.stage("4/7 asking research questions through the TRE boundary");
     let tre_policy = crate::policy::tre::TrePolicy::load(None)?;
     let questions = QUESTIONS
         .iter()
@@ -172,12 +175,12 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         })
         .collect();
 
-    progress.stage("5/6 deleting Type 1 opt-outs registered after collection");
+    progress.stage("5/7 deleting Type 1 opt-outs registered after collection");
     let requests = dir.join("type1-requests.csv");
     write_later_optouts(&extracts.join("truth/patients.csv"), &requests)?;
     let later = crate::optout::apply::apply(&requests, &store, &key, false, policy.codec)?;
 
-    progress.stage("6/6 auditing the store against the ground truth");
+    progress.stage("6/7 auditing the store against the ground truth");
     let audit = crate::audit::audit(
         &store,
         Some(crate::audit::Truth {
@@ -185,7 +188,18 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
             key: &key,
         }),
     )?;
+
+    progress.stage("7/7 writing the report");
+    let built = crate::report::build(
+        &store,
+        Some(crate::report::TruthInput {
+            dir: &extracts.join("truth"),
+            key: Some(&key),
+        }),
+    )?;
+    let (_, page) = crate::report::write(&built, &dir.join("report"))?;
     Ok(DemoOutcome {
+        report_page: page,
         dir: dir.to_owned(),
         extracts,
         key,

@@ -33,6 +33,7 @@ pub mod nhs_number;
 pub mod optout;
 pub mod policy;
 pub mod progress;
+pub mod report;
 pub mod store;
 pub mod synth;
 pub mod tre;

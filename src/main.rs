@@ -145,6 +145,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the evidence as report.html (charts, offline) and report.json.
+    Report {
+        #[arg(long)]
+        store: PathBuf,
+        /// The generator's truth directory (DIR/truth): compare with the full population.
+        #[arg(long)]
+        truth: Option<PathBuf>,
+        /// The collection key: with --truth, the report includes the full audit.
+        #[arg(long, requires = "truth")]
+        key: Option<PathBuf>,
+        /// Where to write report.html and report.json.
+        #[arg(long, default_value = "gpdp-report")]
+        out: PathBuf,
+    },
     /// Make a new 32-byte collection key (file mode 0600; never overwrites).
     Keygen {
         /// Path of the key file to create.
@@ -319,6 +333,10 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             println!(
                 "  later Type 1 opt-out requests           {}",
                 o.requests.display()
+            );
+            println!(
+                "  the report (open it in a browser)       {}",
+                o.report_page.display()
             );
             println!();
             println!("Ask your own question (demo credentials):");
@@ -528,6 +546,31 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 print!("{}", r.to_table());
             }
             r.verdict()?;
+            Ok(())
+        }
+        Command::Report {
+            store,
+            truth,
+            key,
+            out,
+        } => {
+            let input = truth.as_deref().map(|dir| gpdp::report::TruthInput {
+                dir,
+                key: key.as_deref(),
+            });
+            let r = gpdp::report::build(&store, input)?;
+            let (json, html) = gpdp::report::write(&r, &out)?;
+            println!(
+                "wrote {} and {} ({:.2} s); audit: {}",
+                html.display(),
+                json.display(),
+                r.seconds,
+                if r.optouts.audit.passed {
+                    "every check passed"
+                } else {
+                    "FAILED"
+                }
+            );
             Ok(())
         }
         Command::Keygen { out } => {

@@ -1,0 +1,445 @@
+//! The report as one self-contained HTML page: inline CSS, SVG charts drawn
+//! with plotters, no scripts and nothing fetched, so it reads offline and
+//! prints. Every number comes from the [`Report`] that is also written as
+//! `report.json`.
+
+use std::fmt::Write as _;
+
+use plotters::prelude::*;
+
+use super::Report;
+use crate::audit::Check;
+
+/// One bar chart as an SVG element. `percent` formats the axis as 0–100%.
+fn bar_chart(
+    title: &str,
+    labels: &[String],
+    values: &[f64],
+    y_desc: &str,
+    reference: Option<f64>,
+) -> anyhow::Result<String> {
+    let mut svg = String::new();
+    let width = (140 + 90 * labels.len() as u32).clamp(420, 900);
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, 300)).into_drawing_area();
+        root.fill(&WHITE).map_err(chart_err)?;
+        let top = values
+            .iter()
+            .copied()
+            .chain(reference)
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.15;
+        let n = labels.len().max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
+            .map_err(chart_err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .y_desc(y_desc)
+            .y_label_formatter(&|y| format_axis(*y))
+            .label_style(("sans-serif", 11))
+            .draw()
+            .map_err(chart_err)?;
+        chart
+            .draw_series(
+                Histogram::vertical(&chart)
+                    .style(RGBColor(46, 111, 142).filled())
+                    .margin(8)
+                    .data(values.iter().enumerate().map(|(i, v)| (i, *v))),
+            )
+            .map_err(chart_err)?;
+        if let Some(r) = reference {
+            chart
+                .draw_series(LineSeries::new(
+                    [(SegmentValue::Exact(0), r), (SegmentValue::Last, r)],
+                    RGBColor(200, 80, 40).stroke_width(2),
+                ))
+                .map_err(chart_err)?;
+        }
+        root.present().map_err(chart_err)?;
+    }
+    Ok(svg)
+}
+
+fn chart_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing a chart: {e:?}")
+}
+
+fn format_axis(y: f64) -> String {
+    if y.abs() >= 1e6 {
+        format!("{:.1}M", y / 1e6)
+    } else if y.abs() >= 1e4 {
+        format!("{:.0}k", y / 1e3)
+    } else if y.fract() == 0.0 {
+        format!("{y:.0}")
+    } else {
+        format!("{y:.1}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+fn checks_table(checks: &[Check]) -> String {
+    let mut t = String::from("<table><tr><th>check</th><th>result</th><th>figures</th></tr>");
+    for c in checks {
+        let _ = write!(
+            t,
+            "<tr><td><code>{}</code></td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            esc(c.name),
+            if c.passed { "pass" } else { "fail" },
+            if c.passed { "pass" } else { "FAIL" },
+            esc(&c.detail)
+        );
+    }
+    t + "</table>"
+}
+
+fn kv_table(rows: &[(&str, String)]) -> String {
+    let mut t = String::from("<table>");
+    for (k, v) in rows {
+        let _ = write!(t, "<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(v));
+    }
+    t + "</table>"
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2a33;line-height:1.45}\
+h1{font-size:1.6em}h2{border-bottom:2px solid #2e6f8e;padding-bottom:.2em;margin-top:2em}\
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em}td,th{border:1px solid #c9d4da;padding:.3em .6em;text-align:left;vertical-align:top}\
+th{background:#eef3f6}.pass{color:#1f7a3a;font-weight:600}.fail{color:#b3261e;font-weight:700}\
+.verdict{font-size:1.15em;padding:.6em 1em;border-radius:6px;display:inline-block}.ok{background:#e3f4e8}.bad{background:#fbe4e2}\
+svg{max-width:100%;height:auto;display:block;margin:.6em 0}.note{color:#56656f;font-size:.9em}\
+@media print{h2{page-break-after:avoid}svg{page-break-inside:avoid}}";
+
+/// The whole page.
+pub fn render(r: &Report) -> anyhow::Result<String> {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gpdp report</title><style>{STYLE}</style></head><body>"
+    );
+    let audit = &r.optouts.audit;
+    let _ = write!(
+        h,
+        "<h1>gpdp: the evidence, measured</h1><p class=\"note\">Store <code>{}</code>, generation {}, report made {} in {:.2} s. Every figure here is also in <code>report.json</code> (schema {}).</p>\
+         <p class=\"verdict {}\">Audit: {}</p>",
+        esc(&r.store),
+        r.generation,
+        esc(&r.generated_at),
+        r.seconds,
+        r.schema,
+        if audit.passed { "ok" } else { "bad" },
+        if audit.passed {
+            format!("all {} checks passed", audit.checks.len())
+        } else {
+            format!(
+                "FAILED: {}",
+                audit
+                    .checks
+                    .iter()
+                    .filter(|c| !c.passed)
+                    .map(|c| c.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+
+    // 1. De-identification on collection.
+    let c = &r.collection;
+    let _ = write!(
+        h,
+        "<h2>1. De-identification on collection</h2>{}",
+        kv_table(&[
+            ("practices collected", c.practices.to_string()),
+            (
+                "rows in (identifiable, practice side)",
+                c.rows_in.to_string()
+            ),
+            ("rows stored (de-identified)", c.rows_out.to_string()),
+            ("patients stored", c.patients_out.to_string()),
+            (
+                "rows quarantined (never left the practice)",
+                c.quarantined.values().sum::<u64>().to_string()
+            ),
+            (
+                "rows dropped for excluded codes",
+                c.excluded_codes.values().sum::<u64>().to_string()
+            ),
+            ("collection policy SHA-256", c.policy_sha256.join(", ")),
+        ])
+    );
+    let labels: Vec<String> = c.quarantined.keys().cloned().collect();
+    let values: Vec<f64> = c.quarantined.values().map(|v| *v as f64).collect();
+    h += &bar_chart(
+        "Rows quarantined, by reason",
+        &labels,
+        &values,
+        "rows",
+        None,
+    )?;
+    let labels: Vec<String> = c.excluded_codes.keys().cloned().collect();
+    let values: Vec<f64> = c.excluded_codes.values().map(|v| *v as f64).collect();
+    if !labels.is_empty() {
+        h += &bar_chart(
+            "Rows dropped for excluded codes, by category",
+            &labels,
+            &values,
+            "rows",
+            None,
+        )?;
+    }
+    h += "<p>What the policy does with every column";
+    if !c.policy_is_builtin {
+        h += " (the built-in policy's actions; the batches were collected under the policy hashes above)";
+    }
+    h += ":</p><table><tr><th>table</th><th>column</th><th>action</th></tr>";
+    for col in &c.columns {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+            esc(&col.table),
+            esc(&col.column),
+            esc(&col.action)
+        );
+    }
+    h += "</table><p>Checks that no direct identifier reached the store:</p>";
+    h += &checks_table(&c.identifier_checks);
+
+    // 2. Opt-outs.
+    let o = &r.optouts;
+    let _ = write!(
+        h,
+        "<h2>2. Opt-outs</h2>{}",
+        kv_table(&[
+            (
+                "Type 1: patients withheld at source",
+                o.type1_at_source.to_string()
+            ),
+            (
+                "tombstones in force",
+                o.tombstones
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            (
+                "later Type 1 opt-outs deleted (optout apply)",
+                format!(
+                    "{} patients, {} rows, in {} runs",
+                    o.later.patients_deleted, o.later.rows_removed, o.later.runs
+                )
+            ),
+            ("backlog: requests pending", o.later.pending.to_string()),
+            (
+                "request to deletion (last run median / longest)",
+                match (
+                    o.later.latency_median_seconds_last_run,
+                    o.later.latency_max_seconds
+                ) {
+                    (Some(m), Some(x)) => format!("{m:.1} s / {x:.1} s"),
+                    _ => "no later opt-outs yet".into(),
+                },
+            ),
+            (
+                "National Data Opt-out list",
+                o.ndoo_listed.map_or(
+                    "not ingested: projects it applies to see nobody".into(),
+                    |n| format!("{n} patients")
+                ),
+            ),
+        ])
+    );
+    let labels: Vec<String> = o.projects.iter().map(|p| p.project.clone()).collect();
+    let values: Vec<f64> = o
+        .projects
+        .iter()
+        .map(|p| p.registered_patients.unwrap_or(0) as f64)
+        .collect();
+    h += &bar_chart(
+        "Registered patients each project's views show (the NDOO filter at work)",
+        &labels,
+        &values,
+        "patients",
+        None,
+    )?;
+    h += "<p>The audit:</p>";
+    h += &checks_table(&audit.checks);
+
+    // 3. Representativeness.
+    let rep = &r.representativeness;
+    let _ = write!(
+        h,
+        "<h2>3. Representativeness of the research population</h2><p>The research population (registered patients in <code>{}</code>'s views: after Type 1, the NDOO and later opt-outs) against {}: {} of {} retained ({}). A bar below the line is a group that opt-outs left under-represented.</p>",
+        esc(&rep.research_project),
+        esc(&rep.baseline),
+        rep.research,
+        rep.population,
+        pct(rep.retained_share)
+    );
+    for d in &rep.dimensions {
+        let labels: Vec<String> = d.groups.iter().map(|g| g.value.clone()).collect();
+        let values: Vec<f64> = d.groups.iter().map(|g| 100.0 * g.retained_share).collect();
+        h += &bar_chart(
+            &format!(
+                "Share retained by {} (line: overall {})",
+                d.name,
+                pct(rep.retained_share)
+            ),
+            &labels,
+            &values,
+            "% retained",
+            Some(100.0 * rep.retained_share),
+        )?;
+        h += "<table><tr><th>group</th><th>population</th><th>research</th><th>retained</th><th>difference</th></tr>";
+        for g in &d.groups {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:+.1} pp</td></tr>",
+                esc(&g.value),
+                g.population,
+                g.research,
+                pct(g.retained_share),
+                g.difference_pp
+            );
+        }
+        h += "</table>";
+    }
+
+    // 4. Re-identification risk.
+    let k = &r.reidentification;
+    let _ = write!(
+        h,
+        "<h2>4. Re-identification risk of the stored quasi-identifiers</h2><p>Quasi-identifiers: <code>{}</code>, one record per stored patient and profile (a patient who moved area has two).</p>{}",
+        k.quasi_identifiers.join(", "),
+        kv_table(&[
+            ("records", k.records.to_string()),
+            ("equivalence classes", k.classes.to_string()),
+            ("k-anonymity (smallest class)", k.k_anonymity.to_string()),
+            (
+                "records in classes smaller than 5",
+                pct(k.share_in_classes_below_5)
+            ),
+            (
+                "records in classes smaller than 10",
+                pct(k.share_in_classes_below_10)
+            ),
+            ("unique records", pct(k.share_unique)),
+        ])
+    );
+    let order = ["1", "2-4", "5-9", "10-19", "20+"];
+    let labels: Vec<String> = order.iter().map(|s| s.to_string()).collect();
+    let values: Vec<f64> = order
+        .iter()
+        .map(|b| {
+            let n = k.records_by_class_size.get(*b).copied().unwrap_or(0);
+            if k.records == 0 {
+                0.0
+            } else {
+                100.0 * n as f64 / k.records as f64
+            }
+        })
+        .collect();
+    h += &bar_chart(
+        "Records by the size of their equivalence class",
+        &labels,
+        &values,
+        "% of records",
+        None,
+    )?;
+    h += "<p class=\"note\">These records never leave the TRE: researchers get aggregates only, with disclosure control. The figures say how much the boundary has to protect.</p>";
+
+    // 5. The TRE.
+    let t = &r.tre;
+    let _ = write!(
+        h,
+        "<h2>5. The Trusted Research Environment</h2>{}",
+        kv_table(&[
+            ("queries", t.queries.to_string()),
+            ("released", t.released.to_string()),
+            (
+                "refused",
+                t.refused_by_rule.values().sum::<u64>().to_string()
+            ),
+            ("failed", t.errors.to_string()),
+            (
+                "cells suppressed by disclosure control",
+                t.cells_suppressed.to_string()
+            ),
+            (
+                "audit chain",
+                format!(
+                    "{}: {}",
+                    if t.chain_intact { "intact" } else { "BROKEN" },
+                    t.chain
+                )
+            ),
+        ])
+    );
+    let mut labels = vec!["released".to_owned(), "failed".to_owned()];
+    let mut values = vec![t.released as f64, t.errors as f64];
+    for (rule, n) in &t.refused_by_rule {
+        labels.push(format!("refused: {rule}"));
+        values.push(*n as f64);
+    }
+    h += &bar_chart(
+        "Queries by outcome (refusals by rule)",
+        &labels,
+        &values,
+        "queries",
+        None,
+    )?;
+    h += "<table><tr><th>project</th><th>purpose</th><th>National Data Opt-out</th><th>disclosure rules</th></tr>";
+    for p in &t.projects {
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code><br>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&p.id),
+            esc(&p.title),
+            esc(&p.purpose),
+            esc(&p.ndoo),
+            esc(&p.disclosure)
+        );
+    }
+    h += "</table>";
+
+    // 6. Throughput and timeliness.
+    let tp = &r.throughput;
+    let _ = write!(
+        h,
+        "<h2>6. Throughput and timeliness</h2>{}</body></html>\n",
+        kv_table(&[
+            ("rows collected (current batches)", tp.rows_in.to_string()),
+            (
+                "extract size",
+                format!("{:.1} MB", tp.bytes_in as f64 / 1e6)
+            ),
+            (
+                "extract to research-ready data",
+                format!("{:.2} s", tp.extract_to_research_ready_seconds)
+            ),
+            ("rows per second", format!("{:.0}", tp.rows_per_second)),
+        ])
+    );
+    Ok(h)
+}
