@@ -34,6 +34,7 @@ pub mod optout;
 pub mod policy;
 pub mod progress;
 pub mod report;
+pub mod serve;
 pub mod store;
 pub mod synth;
 pub mod tre;

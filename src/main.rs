@@ -145,6 +145,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the TRE boundary over Arrow Flight SQL (ADBC, JDBC clients).
+    Serve {
+        #[arg(long)]
+        store: PathBuf,
+        /// The TRE policy (default: the built-in policies/tre.toml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Address to listen on: loopback only unless --allow-remote.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: std::net::SocketAddr,
+        /// Listen on a non-loopback address. Refused: this build has no TLS,
+        /// and tokens must not cross a network in clear text.
+        #[arg(long)]
+        allow_remote: bool,
+    },
     /// Write the evidence as report.html (charts, offline) and report.json.
     Report {
         #[arg(long)]
@@ -546,6 +561,37 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 print!("{}", r.to_table());
             }
             r.verdict()?;
+            Ok(())
+        }
+        Command::Serve {
+            store,
+            policy,
+            listen,
+            allow_remote,
+        } => {
+            if !gpdp::serve::is_loopback(&listen) {
+                let why = if allow_remote {
+                    "--allow-remote needs TLS, which this build does not include: serve on loopback and reach it through an SSH tunnel or a TLS-terminating proxy"
+                } else {
+                    "gpdp serve listens on loopback only (127.0.0.1 or ::1); a non-loopback address needs --allow-remote with TLS"
+                };
+                return Err(gpdp::error::BadInput(format!("{listen}: {why}")).into());
+            }
+            let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(gpdp::serve::serve(
+                store.clone(),
+                policy,
+                listen,
+                |addr| {
+                    println!(
+                        "gpdp serve: the TRE of {} over Arrow Flight SQL at grpc://{addr} (Ctrl-C to stop)",
+                        store.display()
+                    );
+                },
+                gpdp::serve::shutdown_signal(),
+            ))?;
+            println!("gpdp serve: stopped; in-flight queries finished and were audited");
             Ok(())
         }
         Command::Report {

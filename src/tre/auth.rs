@@ -44,6 +44,24 @@ pub fn authorise<'p>(
     Ok(project_def)
 }
 
+/// The researcher a token belongs to (for bearer tokens sent without a user
+/// name). Every researcher's hash is compared, in constant time, whatever
+/// matches.
+pub fn researcher_of_token<'p>(policy: &'p TrePolicy, token: &str) -> Option<&'p str> {
+    if token.is_empty() {
+        return None;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut found = None;
+    for r in &policy.researchers {
+        let matches: bool = digest.as_ref().ct_eq(&r.token_sha256).into();
+        if matches && found.is_none() {
+            found = Some(r.user.as_str());
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

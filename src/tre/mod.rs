@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::Int64Type;
+use arrow::datatypes::{Field, Int64Type, Schema, SchemaRef};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::dataframe::DataFrame;
 use datafusion::prelude::SQLOptions;
@@ -148,35 +148,7 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
         "plan_fingerprint": fingerprint,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    if let Some(o) = entry.as_object_mut() {
-        match &outcome {
-            Ok(r) => {
-                o.insert("outcome".into(), json!("released"));
-                o.insert("rows".into(), json!(r.result.batch.num_rows()));
-                o.insert("suppressed_cells".into(), json!(r.result.suppressed_cells));
-                o.insert("disclosure".into(), json!(r.disclosure.name));
-                o.insert("result_sha256".into(), json!(r.checksum));
-            }
-            Err(e) => {
-                o.insert(
-                    "outcome".into(),
-                    json!(if e.rule().is_some() {
-                        "refused"
-                    } else {
-                        "error"
-                    }),
-                );
-                o.insert("rule".into(), json!(e.rule()));
-                o.insert(
-                    "reason".into(),
-                    json!(match e {
-                        TreError::Internal(detail) => detail.clone(),
-                        other => other.to_string(),
-                    }),
-                );
-            }
-        }
-    }
+    record_outcome(&mut entry, outcome.as_ref().map(Some));
     // A path that is not a store has no log to write to, and must not gain one.
     if crate::store::is_store(&req.store) {
         AuditLog::at(&req.store)
@@ -190,11 +162,59 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
     })
 }
 
-async fn answer(
+/// Adds the outcome to an audit entry: `released` with the result's figures
+/// (`Some`), `described` (`None`), or `refused` / `error` with the rule and
+/// reason.
+fn record_outcome(entry: &mut Value, outcome: Result<Option<&Released>, &TreError>) {
+    let Some(o) = entry.as_object_mut() else {
+        return;
+    };
+    match outcome {
+        Ok(Some(r)) => {
+            o.insert("outcome".into(), json!("released"));
+            o.insert("rows".into(), json!(r.result.batch.num_rows()));
+            o.insert("suppressed_cells".into(), json!(r.result.suppressed_cells));
+            o.insert("disclosure".into(), json!(r.disclosure.name));
+            o.insert("result_sha256".into(), json!(r.checksum));
+        }
+        Ok(None) => {
+            o.insert("outcome".into(), json!("described"));
+        }
+        Err(e) => {
+            o.insert(
+                "outcome".into(),
+                json!(if e.rule().is_some() {
+                    "refused"
+                } else {
+                    "error"
+                }),
+            );
+            o.insert("rule".into(), json!(e.rule()));
+            o.insert(
+                "reason".into(),
+                json!(match e {
+                    TreError::Internal(detail) => detail.clone(),
+                    other => other.to_string(),
+                }),
+            );
+        }
+    }
+}
+
+/// A request that passed authentication and the plan guard, ready to run.
+struct Guarded {
+    state: datafusion::execution::SessionState,
+    checked: guard::Checked,
+    disclosure: Disclosure,
+}
+
+/// Authentication, the project's session, planning and the plan guard: every
+/// path (running, describing, preparing) goes through here.
+async fn guarded(
     policy: &TrePolicy,
     req: &Request,
     fingerprint: &mut String,
-) -> Result<Released, TreError> {
+) -> Result<Guarded, TreError> {
     let project = auth::authorise(policy, &req.user, req.token.as_deref(), &req.project)?;
     if req.sql.contains(guard::HIDDEN) {
         return Err(Refusal::new(
@@ -232,7 +252,68 @@ async fn answer(
             )
         })?;
     let checked = guard::check(&plan, &session.views, project)?;
+    Ok(Guarded {
+        state,
+        checked,
+        disclosure: project.disclosure,
+    })
+}
 
+/// The schema a query's released result will have (hidden columns removed;
+/// counts as Int64 and statistics nullable, as disclosure control makes
+/// them), without running it. The same guard as [`query`] decides, and the
+/// request is audited (`event: describe`).
+pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, TreError> {
+    let started = Instant::now();
+    let mut fingerprint = String::new();
+    let outcome = guarded(policy, req, &mut fingerprint)
+        .await
+        .map(|g| released_schema(&g.checked));
+    let mut entry = json!({
+        "event": "describe",
+        "time": crate::store::now_rfc3339(),
+        "user": req.user,
+        "project": req.project,
+        "sql": req.sql,
+        "plan_fingerprint": fingerprint,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    record_outcome(&mut entry, outcome.as_ref().map(|_| None));
+    if crate::store::is_store(&req.store) {
+        AuditLog::at(&req.store)
+            .append(&[entry])
+            .map_err(StoreError::from)?;
+    }
+    outcome
+}
+
+fn released_schema(checked: &guard::Checked) -> SchemaRef {
+    let fields: Vec<Field> = checked
+        .plan
+        .schema()
+        .fields()
+        .iter()
+        .filter(|f| !f.name().starts_with(guard::HIDDEN))
+        .zip(&checked.kinds)
+        .map(|(f, kind)| match kind {
+            ColumnKind::Key => f.as_ref().clone(),
+            ColumnKind::Count => Field::new(f.name(), arrow::datatypes::DataType::Int64, true),
+            ColumnKind::Statistic => f.as_ref().clone().with_nullable(true),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+async fn answer(
+    policy: &TrePolicy,
+    req: &Request,
+    fingerprint: &mut String,
+) -> Result<Released, TreError> {
+    let Guarded {
+        state,
+        checked,
+        disclosure,
+    } = guarded(policy, req, fingerprint).await?;
     let output_schema = checked.plan.schema().clone();
     let run = DataFrame::new(state, checked.plan).collect();
     let batches = match tokio::time::timeout(Duration::from_secs(policy.timeout_seconds), run).await
@@ -284,7 +365,7 @@ async fn answer(
     };
     let behind = sdc::Behind {
         patients: hidden(guard::PATIENTS)?,
-        dominance: if project.disclosure.checks_contributions() {
+        dominance: if disclosure.checks_contributions() {
             Some(hidden(guard::DOMINANCE)?)
         } else {
             None
@@ -296,13 +377,13 @@ async fn answer(
     let visible = batch
         .project(&visible_columns)
         .map_err(TreError::internal)?;
-    let result = sdc::control(&visible, &checked.kinds, &behind, &project.disclosure)
-        .map_err(TreError::internal)?;
+    let result =
+        sdc::control(&visible, &checked.kinds, &behind, &disclosure).map_err(TreError::internal)?;
     let checksum = sha256_hex(to_csv(&result).as_bytes());
     Ok(Released {
         result,
         kinds: checked.kinds,
-        disclosure: project.disclosure,
+        disclosure: disclosure,
         checksum,
         fingerprint: String::new(),
         seconds: 0.0,
