@@ -3,7 +3,8 @@
 //! the National Data Opt-out list; research questions through the TRE
 //! boundary (with one that it refuses); Type 1 opt-outs registered after
 //! collection, deleted everywhere; and an audit of the whole store against
-//! the ground truth; then the report (`report/report.html` and `.json`). It
+//! the ground truth; one question over Arrow Flight SQL through `gpdp serve`
+//! started for the purpose; then the report (`report/report.html` and `.json`). It
 //! says where everything is.
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,53 @@ pub struct DemoOutcome {
     pub audit: crate::audit::AuditReport,
     /// `report.html` (beside it, `report.json`).
     pub report_page: PathBuf,
+    pub flight: FlightAnswer,
+}
+
+/// One question asked over Arrow Flight SQL, as a researcher's tool would.
+pub struct FlightAnswer {
+    pub addr: std::net::SocketAddr,
+    pub sql: &'static str,
+    pub batches: Vec<arrow::array::RecordBatch>,
+}
+
+const FLIGHT_SQL: &str = "SELECT age_band, count(*) AS patients FROM patients WHERE registered GROUP BY age_band ORDER BY age_band";
+
+/// Starts `gpdp serve` on a free loopback port, asks one question with the
+/// Rust Flight SQL client (handshake as alice@demo-research), and stops it.
+fn ask_over_flight(store: &Path) -> anyhow::Result<FlightAnswer> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::serve::serve(
+            store.to_owned(),
+            crate::policy::tre::TrePolicy::load(None)?,
+            "127.0.0.1:0".parse()?,
+            move |addr| {
+                let _ = addr_tx.send(addr);
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let addr = addr_rx.await?;
+        // The demo researcher of policies/tre.toml (demo credentials only).
+        let mut client =
+            crate::serve::connect(addr, "alice", "demo-research", "demo-alice-token").await?;
+        let batches = crate::serve::fetch(&mut client, FLIGHT_SQL).await;
+        drop(client);
+        let _ = stop_tx.send(());
+        server.await??;
+        Ok(FlightAnswer {
+            addr,
+            sql: FLIGHT_SQL,
+            batches: batches?,
+        })
+    })
 }
 
 /// How many later Type 1 opt-outs the demo applies, and how many of them moved practice.
@@ -110,7 +158,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         .with_context(|| format!("writing into {}", dir.display()))?;
 
     let extracts = dir.join("extracts");
-    progress.stage("1/7 generating synthetic GP extracts");
+    progress.stage("1/8 generating synthetic GP extracts");
     let report = synth::run(
         &SynthOptions {
             out: extracts.clone(),
@@ -125,7 +173,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         progress,
     )?;
 
-    progress.stage("2/7 collecting: de-identification on collection into the store");
+    progress.stage("2/8 collecting: de-identification on collection into the store");
     let key = dir.join("collection.key");
     crate::deid::key::generate(&key)?;
     let store = dir.join("store");
@@ -142,7 +190,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         progress,
     )?;
 
-    progress.stage("3/7 ingesting the National Data Opt-out list (pseudonymised)");
+    progress.stage("3/8 ingesting the National Data Opt-out list (pseudonymised)");
     let policy = CollectionPolicy::load(None)?;
     let ndoo = crate::optout::ndoo::ingest(
         &extracts.join("national/ndoo.csv"),
@@ -152,7 +200,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         policy.codec,
     )?;
 
-    progress.stage("4/7 asking research questions through the TRE boundary");
+    progress.stage("4/8 asking research questions through the TRE boundary");
     let tre_policy = crate::policy::tre::TrePolicy::load(None)?;
     let questions = QUESTIONS
         .iter()
@@ -175,12 +223,12 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         })
         .collect();
 
-    progress.stage("5/7 deleting Type 1 opt-outs registered after collection");
+    progress.stage("5/8 deleting Type 1 opt-outs registered after collection");
     let requests = dir.join("type1-requests.csv");
     write_later_optouts(&extracts.join("truth/patients.csv"), &requests)?;
     let later = crate::optout::apply::apply(&requests, &store, &key, false, policy.codec)?;
 
-    progress.stage("6/7 auditing the store against the ground truth");
+    progress.stage("6/8 auditing the store against the ground truth");
     let audit = crate::audit::audit(
         &store,
         Some(crate::audit::Truth {
@@ -189,7 +237,10 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         }),
     )?;
 
-    progress.stage("7/7 writing the report");
+    progress.stage("7/8 the TRE as a service: one question over Arrow Flight SQL");
+    let flight = ask_over_flight(&store)?;
+
+    progress.stage("8/8 writing the report");
     let built = crate::report::build(
         &store,
         Some(crate::report::TruthInput {
@@ -199,6 +250,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     )?;
     let (_, page) = crate::report::write(&built, &dir.join("report"))?;
     Ok(DemoOutcome {
+        flight,
         report_page: page,
         dir: dir.to_owned(),
         extracts,

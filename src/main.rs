@@ -312,6 +312,15 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 println!("   {line}");
             }
             println!();
+            println!(
+                "7. The TRE as a service: gpdp serve at grpc://{} (Arrow Flight SQL), researcher alice with the Rust Flight SQL client",
+                o.flight.addr
+            );
+            println!("  SQL: {}", o.flight.sql);
+            for line in gpdp::tre::batches_to_table(&o.flight.batches).lines() {
+                println!("    {line}");
+            }
+            println!();
             println!("Outputs:");
             println!(
                 "  extracts (identifiable, practice side)  {}/practices/<ODS>/",

@@ -72,13 +72,16 @@ struct Caller {
     project: String,
 }
 
+/// A prepared statement: its SQL and the SHA-256 of its owner's identity.
+type Prepared = (String, [u8; 32]);
+
 pub struct TreFlightService {
     store: PathBuf,
     policy: Arc<TrePolicy>,
     /// SHA-256 of a session token → the caller it stands for.
     sessions: Mutex<HashMap<[u8; 32], Caller>>,
-    /// Prepared statement handle → (SQL, SHA-256 of the owner's identity).
-    prepared: Mutex<HashMap<Vec<u8>, (String, [u8; 32])>>,
+    /// Prepared statement handle → the statement and who may use it.
+    prepared: Mutex<HashMap<Vec<u8>, Prepared>>,
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {

@@ -251,13 +251,19 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
             .unwrap();
         let mut anonymous = arrow_flight::sql::client::FlightSqlServiceClient::new(channel.clone());
         let e = anonymous.execute(SAFE.into(), None).await.unwrap_err();
-        assert!(e.to_string().contains("refused by rule authentication"), "{e}");
+        assert!(
+            e.to_string().contains("refused by rule authentication"),
+            "{e}"
+        );
         let mut wrong = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
         let e = wrong
             .handshake("alice@demo-research", "not-the-token")
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("refused by rule authentication"), "{e}");
+        assert!(
+            e.to_string().contains("refused by rule authentication"),
+            "{e}"
+        );
         // A valid researcher, but not approved for the project.
         assert!(
             gpdp::serve::connect(server.addr, "bob", "demo-research", "demo-bob-token")

@@ -425,9 +425,9 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
 
     // 6. Throughput and timeliness.
     let tp = &r.throughput;
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<h2>6. Throughput and timeliness</h2>{}</body></html>\n",
+        "<h2>6. Throughput and timeliness</h2>{}</body></html>",
         kv_table(&[
             ("rows collected (current batches)", tp.rows_in.to_string()),
             (

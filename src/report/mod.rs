@@ -630,14 +630,11 @@ fn representativeness(
             population.insert(d.to_owned(), view_groups(&s, d, rt)?);
         }
     }
-    match &research_session {
-        Ok(s) => {
-            for d in DIMENSIONS {
-                research_counts.insert(d.to_owned(), view_groups(s, d, rt)?);
-            }
+    // Without an NDOO list the research views refuse: nobody is retained (fail closed).
+    if let Ok(s) = &research_session {
+        for d in DIMENSIONS {
+            research_counts.insert(d.to_owned(), view_groups(s, d, rt)?);
         }
-        // No NDOO list yet: the research views show nobody (fail closed).
-        Err(_) => {}
     }
     let total = |m: &BTreeMap<String, BTreeMap<String, u64>>| -> u64 {
         m.get("sex").map_or(0, |g| g.values().sum())
@@ -673,7 +670,7 @@ fn representativeness(
                     }
                 })
                 .collect();
-            groups.sort_by(|a, b| natural(&a.value).cmp(&natural(&b.value)));
+            groups.sort_by_key(|g| natural(&g.value));
             Dimension {
                 name: (*d).to_owned(),
                 groups,

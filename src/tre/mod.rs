@@ -383,7 +383,7 @@ async fn answer(
     Ok(Released {
         result,
         kinds: checked.kinds,
-        disclosure: disclosure,
+        disclosure,
         checksum,
         fingerprint: String::new(),
         seconds: 0.0,
@@ -461,6 +461,56 @@ pub fn to_table(r: &Released) -> String {
     let rows: Vec<Vec<String>> = (0..c.batch.num_rows())
         .map(|row| (0..names.len()).map(|col| cell(c, &f, row, col)).collect())
         .collect();
+    let mut out = grid(&names, &rows);
+    out.push_str(&format!(
+        "({} rows; disclosure control {}: {} cells suppressed; counts rounded to the nearest {})\n",
+        c.batch.num_rows(),
+        r.disclosure.name,
+        c.suppressed_cells,
+        r.disclosure.round_to
+    ));
+    out
+}
+
+/// Record batches as received by a client (nulls as `null`), as a table.
+pub fn batches_to_table(batches: &[arrow::array::RecordBatch]) -> String {
+    let Some(first) = batches.first() else {
+        return "(no rows)\n".into();
+    };
+    let names: Vec<String> = first
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let mut rows = Vec::new();
+    for b in batches {
+        let f: Vec<_> = b
+            .columns()
+            .iter()
+            .filter_map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()).ok())
+            .collect();
+        for row in 0..b.num_rows() {
+            rows.push(
+                b.columns()
+                    .iter()
+                    .zip(&f)
+                    .map(|(c, f)| {
+                        if c.is_null(row) {
+                            "null".to_owned()
+                        } else {
+                            f.value(row).to_string()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    grid(&names, &rows) + &format!("({} rows)\n", rows.len())
+}
+
+/// Right-aligned columns under a header and a rule.
+fn grid(names: &[String], rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..names.len())
         .map(|i| {
             rows.iter()
@@ -478,7 +528,7 @@ pub fn to_table(r: &Released) -> String {
             .collect::<Vec<_>>()
             .join("  ")
     };
-    let mut out = line(&names) + "\n";
+    let mut out = line(names) + "\n";
     out.push_str(
         &widths
             .iter()
@@ -487,17 +537,10 @@ pub fn to_table(r: &Released) -> String {
             .join("  "),
     );
     out.push('\n');
-    for r in &rows {
+    for r in rows {
         out.push_str(&line(r));
         out.push('\n');
     }
-    out.push_str(&format!(
-        "({} rows; disclosure control {}: {} cells suppressed; counts rounded to the nearest {})\n",
-        c.batch.num_rows(),
-        r.disclosure.name,
-        c.suppressed_cells,
-        r.disclosure.round_to
-    ));
     out
 }
 
