@@ -437,7 +437,7 @@ impl FlightSqlService for TreFlightService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.caller(request.metadata())?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         Self::info(&schema, query, request.into_inner())
     }
 
