@@ -30,12 +30,13 @@ use arrow::datatypes::Schema;
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
-    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas, CommandGetTables,
-    CommandPreparedStatementQuery, CommandStatementQuery, CommandStatementSubstraitPlan,
-    ProstMessageExt, SqlInfo, TicketStatementQuery,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTables, CommandPreparedStatementQuery, CommandStatementQuery,
+    CommandStatementSubstraitPlan, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{
     FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage,
@@ -499,7 +500,43 @@ impl FlightSqlService for TreFlightService {
         stream_batch(builder.schema(), builder.build())
     }
 
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(request.metadata())?;
+        let schema = query.clone().into_builder(sql_info()?).schema();
+        Self::info(&schema, query, request.into_inner())
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.caller(request.metadata())?;
+        let builder = query.into_builder(sql_info()?);
+        stream_batch(builder.schema(), builder.build())
+    }
+
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// What the server tells clients about itself (GetSqlInfo): its name and
+/// version, and that it is read-only.
+fn sql_info() -> Result<&'static SqlInfoData, Status> {
+    static INFO: std::sync::OnceLock<Option<SqlInfoData>> = std::sync::OnceLock::new();
+    INFO.get_or_init(|| {
+        let mut b = SqlInfoDataBuilder::new();
+        b.append(SqlInfo::FlightSqlServerName, "gpdp TRE");
+        b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+        b.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+        b.append(SqlInfo::FlightSqlServerReadOnly, true);
+        b.build().ok()
+    })
+    .as_ref()
+    .ok_or_else(|| Status::internal("server information"))
 }
 
 /// One batch as a Flight data stream.

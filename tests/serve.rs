@@ -242,6 +242,17 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
                 .unwrap();
         let names: Vec<String> = batch_rows(&batches).iter().map(|r| r[2].clone()).collect();
         assert_eq!(names, ["clinical_events", "medications", "patients"]);
+        // Server information, for JDBC tools: read-only.
+        let info = client
+            .get_sql_info(vec![arrow_flight::sql::SqlInfo::FlightSqlServerReadOnly])
+            .await
+            .unwrap();
+        let ticket = info.endpoint[0].ticket.clone().unwrap();
+        let batches: Vec<arrow::array::RecordBatch> =
+            futures::TryStreamExt::try_collect(client.do_get(ticket).await.unwrap())
+                .await
+                .unwrap();
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
 
         // Without a handshake, or with a wrong token: Unauthenticated.
         let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
