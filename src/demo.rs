@@ -66,6 +66,7 @@ fn ask_over_flight(store: &Path) -> anyhow::Result<FlightAnswer> {
             store.to_owned(),
             crate::policy::tre::TrePolicy::load(None)?,
             "127.0.0.1:0".parse()?,
+            None,
             move |addr| {
                 let _ = addr_tx.send(addr);
             },

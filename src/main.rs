@@ -155,10 +155,16 @@ enum Command {
         /// Address to listen on: loopback only unless --allow-remote.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: std::net::SocketAddr,
-        /// Listen on a non-loopback address. Refused: this build has no TLS,
-        /// and tokens must not cross a network in clear text.
+        /// Listen on a non-loopback address (needs --tls-cert and --tls-key:
+        /// tokens must not cross a network in clear text).
         #[arg(long)]
         allow_remote: bool,
+        /// TLS certificate chain (PEM).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Write the evidence as report.html (charts, offline) and report.json.
     Report {
@@ -577,24 +583,32 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             policy,
             listen,
             allow_remote,
+            tls_cert,
+            tls_key,
         } => {
-            if !gpdp::serve::is_loopback(&listen) {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(gpdp::serve::Tls { cert, key }),
+                _ => None,
+            };
+            if !gpdp::serve::is_loopback(&listen) && !(allow_remote && tls.is_some()) {
                 let why = if allow_remote {
-                    "--allow-remote needs TLS, which this build does not include: serve on loopback and reach it through an SSH tunnel or a TLS-terminating proxy"
+                    "--allow-remote needs TLS (--tls-cert and --tls-key): tokens must not cross a network in clear text"
                 } else {
-                    "gpdp serve listens on loopback only (127.0.0.1 or ::1); a non-loopback address needs --allow-remote with TLS"
+                    "gpdp serve listens on loopback only (127.0.0.1 or ::1); another address needs --allow-remote with TLS (--tls-cert and --tls-key)"
                 };
                 return Err(gpdp::error::BadInput(format!("{listen}: {why}")).into());
             }
+            let scheme = if tls.is_some() { "grpc+tls" } else { "grpc" };
             let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(gpdp::serve::serve(
                 store.clone(),
                 policy,
                 listen,
+                tls,
                 |addr| {
                     println!(
-                        "gpdp serve: the TRE of {} over Arrow Flight SQL at grpc://{addr} (Ctrl-C to stop)",
+                        "gpdp serve: the TRE of {} over Arrow Flight SQL at {scheme}://{addr} (Ctrl-C to stop)",
                         store.display()
                     );
                 },

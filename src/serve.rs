@@ -16,7 +16,9 @@
 //!   in the `x-gpdp-project` header.
 //!
 //! Tokens are compared as SHA-256 digests in constant time; session tokens
-//! are random, kept only in memory and looked up by their digest. Catalog
+//! are random, kept only in memory and looked up by their digest. The
+//! service listens on loopback; another address needs `--allow-remote` and
+//! TLS (`--tls-cert`, `--tls-key`), so tokens never cross a network in clear. Catalog
 //! requests list only the project's views. Substrait plans, updates and
 //! transactions are refused. Results stream as Arrow record batches.
 
@@ -558,22 +560,40 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
+/// A certificate chain and private key (PEM) to serve TLS with.
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// Serves until `shutdown` completes; in-flight requests finish first.
 /// `ready` gets the bound address (the port may have been 0).
 pub async fn serve(
     store: PathBuf,
     policy: TrePolicy,
     listen: SocketAddr,
+    tls: Option<Tls>,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     crate::store::read_manifest(&store)?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| crate::error::BadInput(format!("cannot read {}: {e}", p.display())))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| crate::error::BadInput(format!("TLS certificate or key: {e}")))?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| crate::error::BadInput(format!("cannot listen on {listen}: {e}")))?;
     ready(listener.local_addr()?);
     let service = TreFlightService::new(store, policy);
-    tonic::transport::Server::builder()
+    server
         .add_service(FlightServiceServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -40,6 +40,10 @@ struct Server {
 
 impl Server {
     fn start(store: &std::path::Path) -> Server {
+        Server::start_with(store, &[])
+    }
+
+    fn start_with(store: &std::path::Path, extra: &[&str]) -> Server {
         let mut child = gpdp()
             .args([
                 "serve",
@@ -48,6 +52,7 @@ impl Server {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -56,7 +61,7 @@ impl Server {
             .read_line(&mut line)
             .unwrap();
         let addr = line
-            .split("grpc://")
+            .split("://")
             .nth(1)
             .and_then(|a| a.split_whitespace().next())
             .unwrap_or_else(|| panic!("no address in {line:?}"))
@@ -432,4 +437,71 @@ fn sixteen_clients_times_fifty_queries() {
         "--verify-log",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// With a certificate the service speaks TLS (and only TLS); a non-loopback
+/// address is refused without TLS.
+#[test]
+fn tls_and_remote_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fixture().store.to_str().unwrap();
+    for args in [
+        vec!["serve", "--store", store, "--listen", "0.0.0.0:0"],
+        vec![
+            "serve",
+            "--store",
+            store,
+            "--listen",
+            "0.0.0.0:0",
+            "--allow-remote",
+        ],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
+    }
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let server = Server::start_with(
+        &fixture().store,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let port = server.addr.port();
+    runtime().block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                certified.cert.pem(),
+            ))
+            .domain_name("localhost");
+        let channel = tonic::transport::Channel::from_shared(format!("https://localhost:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+        client
+            .handshake("alice@demo-research", "demo-alice-token")
+            .await
+            .unwrap();
+        let batches = gpdp::serve::fetch(&mut client, SAFE).await.unwrap();
+        assert_eq!(batch_rows(&batches), cli_rows(SAFE));
+        // Clear text is not answered.
+        assert!(
+            gpdp::serve::connect(server.addr, "alice", "demo-research", "demo-alice-token")
+                .await
+                .is_err()
+        );
+    });
+    let (status, _) = server.stop();
+    assert!(status.success());
 }
