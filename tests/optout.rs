@@ -12,19 +12,7 @@ use common::*;
 /// A fresh store: 3 practices, NDOO ingested. Each test gets its own (they
 /// change it).
 fn setup() -> Collected {
-    let c = collected(3, 1500, 31, 5);
-    let o = run(&[
-        "optout",
-        "ingest",
-        "--ndoo",
-        c.extract.join("national/ndoo.csv").to_str().unwrap(),
-        "--store",
-        c.store.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    c
+    collected_with_ndoo(3, 1500, 31, 5)
 }
 
 /// Patients with no Type 1 code anywhere: `movers` registered at two

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use arrow::array::AsArray;
 use common::*;
@@ -19,18 +17,7 @@ struct Made {
 }
 
 fn made() -> Made {
-    let c = collected(3, 1200, 17, 7);
-    let o = run(&[
-        "optout",
-        "ingest",
-        "--ndoo",
-        c.extract.join("national/ndoo.csv").to_str().unwrap(),
-        "--store",
-        c.store.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let c = collected_with_ndoo(3, 1200, 17, 7);
     let out = c._dir.path().join("report");
     let o = run(&[
         "report",

@@ -16,21 +16,7 @@ use common::*;
 /// starts its own server on it).
 fn fixture() -> &'static Collected {
     static F: OnceLock<Collected> = OnceLock::new();
-    F.get_or_init(|| {
-        let c = collected(2, 600, 23, 9);
-        let o = run(&[
-            "optout",
-            "ingest",
-            "--ndoo",
-            c.extract.join("national/ndoo.csv").to_str().unwrap(),
-            "--store",
-            c.store.to_str().unwrap(),
-            "--key",
-            c.key.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        c
-    })
+    F.get_or_init(|| collected_with_ndoo(2, 600, 23, 9))
 }
 
 struct Server {
@@ -299,13 +285,7 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
         !log.contains("not-the-token"),
         "a credential reached the audit log"
     );
-    let o = run(&[
-        "audit",
-        "--store",
-        fixture().store.to_str().unwrap(),
-        "--verify-log",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_log_verifies(&fixture().store);
 }
 
 /// Python's ADBC Flight SQL driver, as a researcher's notebook uses it. Needs
@@ -430,13 +410,7 @@ fn sixteen_clients_times_fifty_queries() {
     drop(clients);
     let (status, _) = server.stop();
     assert!(status.success());
-    let o = run(&[
-        "audit",
-        "--store",
-        fixture().store.to_str().unwrap(),
-        "--verify-log",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_log_verifies(&fixture().store);
 }
 
 /// With a certificate the service speaks TLS (and only TLS); a non-loopback

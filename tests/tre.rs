@@ -17,22 +17,7 @@ use gpdp::tre::{Request, TreError, query_blocking};
 /// One extract collected once, with the NDOO list ingested.
 fn fixture() -> &'static Collected {
     static F: OnceLock<Collected> = OnceLock::new();
-    F.get_or_init(|| {
-        let c = collected(3, 2000, 21, 9);
-        let ndoo = c.extract.join("national/ndoo.csv");
-        let o = run(&[
-            "optout",
-            "ingest",
-            "--ndoo",
-            ndoo.to_str().unwrap(),
-            "--store",
-            c.store.to_str().unwrap(),
-            "--key",
-            c.key.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        c
-    })
+    F.get_or_init(|| collected_with_ndoo(3, 2000, 21, 9))
 }
 
 fn ask(project: &str, sql: &str) -> Result<gpdp::tre::Released, TreError> {

@@ -289,3 +289,26 @@ pub fn collected(practices: u32, patients: u64, seed: u64, key_byte: u8) -> Coll
         key,
     }
 }
+
+/// [`collected`], then the extract's NDOO list ingested.
+pub fn collected_with_ndoo(practices: u32, patients: u64, seed: u64, key_byte: u8) -> Collected {
+    let c = collected(practices, patients, seed, key_byte);
+    let o = run(&[
+        "optout",
+        "ingest",
+        "--ndoo",
+        c.extract.join("national/ndoo.csv").to_str().unwrap(),
+        "--store",
+        c.store.to_str().unwrap(),
+        "--key",
+        c.key.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    c
+}
+
+/// `gpdp audit --verify-log` passes on `store`.
+pub fn assert_log_verifies(store: &Path) {
+    let o = run(&["audit", "--store", store.to_str().unwrap(), "--verify-log"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
