@@ -145,6 +145,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark collection (with its plain CSV→Parquet peer) and TRE queries on this machine.
+    Bench {
+        /// Patients at scale 1.
+        #[arg(long, default_value_t = 200_000)]
+        patients: u64,
+        /// Practices at scale 1.
+        #[arg(long, default_value_t = 20)]
+        practices: u32,
+        /// Scales to run, e.g. 1,2,4 (patients and practices both grow).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        scale: Vec<u32>,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// TRE runs per query on the last scale (0 skips the TRE).
+        #[arg(long, default_value_t = 5)]
+        tre_runs: usize,
+        /// Where generated populations are cached and scratch stores live.
+        #[arg(long, default_value = "bench-data")]
+        data: PathBuf,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the TRE boundary over Arrow Flight SQL (ADBC, JDBC clients).
     Serve {
         #[arg(long)]
@@ -576,6 +600,39 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 print!("{}", r.to_table());
             }
             r.verdict()?;
+            Ok(())
+        }
+        Command::Bench {
+            patients,
+            practices,
+            scale,
+            threads,
+            tre_runs,
+            data,
+            json,
+        } => {
+            if patients == 0 || practices == 0 || scale.contains(&0) {
+                return Err(gpdp::error::BadInput(
+                    "--patients, --practices and every --scale must be at least 1".into(),
+                )
+                .into());
+            }
+            let r = gpdp::bench::run::run(
+                &gpdp::bench::run::BenchOptions {
+                    patients,
+                    practices,
+                    scales: scale,
+                    threads: default_threads(threads),
+                    data,
+                    tre_runs,
+                },
+                progress,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.to_table());
+            }
             Ok(())
         }
         Command::Serve {

@@ -1,0 +1,330 @@
+//! `gpdp bench`: how fast de-identification on collection runs on this
+//! machine, where the time goes, and how it grows — with its peer measured
+//! in the same run.
+//!
+//! For each scale it generates a synthetic population (or reuses one cached
+//! under `--data` by its parameters), collects it into a scratch store and
+//! measures wall time, CPU time and peak memory; converts the same extract
+//! with the [`super::baseline`] peer (plain CSV → Parquet, same crates, no
+//! de-identification) and reports the ratio; and sums the receipts' per-stage
+//! times. On the last scale it also measures TRE query latency through the
+//! boundary and directly ([`super::tre`]).
+//!
+//! CPU time comes from `/proc/self/stat` (user + system, 100 ticks a
+//! second); peak memory from `VmHWM` in `/proc/self/status`, reset before
+//! each measurement through `/proc/self/clear_refs` (Linux).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::collect::{self, CollectOptions};
+use crate::policy::CollectionPolicy;
+use crate::progress::Progress;
+
+pub struct BenchOptions {
+    pub patients: u64,
+    pub practices: u32,
+    pub scales: Vec<u32>,
+    pub threads: usize,
+    /// Where generated populations are cached and scratch stores live.
+    pub data: PathBuf,
+    /// TRE runs per query (0: skip the TRE).
+    pub tre_runs: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub threads: usize,
+    pub runs: Vec<ScaleRun>,
+    pub tre: Vec<super::tre::QueryLatency>,
+    /// Whether peak memory could be reset between measurements (else it is
+    /// the process's peak so far).
+    pub peak_memory_per_run: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleRun {
+    pub scale: u32,
+    pub patients: u64,
+    pub practices: u32,
+    pub collect: Measured,
+    pub baseline: Measured,
+    /// gpdp rows/s ÷ baseline rows/s.
+    pub ratio_to_baseline: f64,
+    /// Seconds per stage, summed over practices (worker time, not wall time).
+    pub stage_seconds: BTreeMap<String, f64>,
+    /// Each stage's share of the summed stage time.
+    pub stage_shares: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Measured {
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub bytes_in: u64,
+    pub wall_seconds: f64,
+    pub cpu_seconds: f64,
+    pub rows_per_second: f64,
+    pub mb_per_second: f64,
+    pub peak_memory_mib: f64,
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces): utime is
+            // the 12th, stime the 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn peak_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Runs `f`, measuring wall time, CPU time and peak memory.
+fn measured<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Measured)> {
+    reset_peak();
+    let (cpu, t) = (cpu_seconds(), Instant::now());
+    let value = f()?;
+    let m = Measured {
+        wall_seconds: t.elapsed().as_secs_f64(),
+        cpu_seconds: cpu_seconds() - cpu,
+        peak_memory_mib: peak_mib(),
+        ..Measured::default()
+    };
+    Ok((value, m))
+}
+
+fn rates(mut m: Measured) -> Measured {
+    let s = m.wall_seconds.max(1e-9);
+    m.rows_per_second = m.rows_in as f64 / s;
+    m.mb_per_second = m.bytes_in as f64 / 1e6 / s;
+    m
+}
+
+/// The population for these parameters, generated once and cached.
+fn population(
+    opts: &BenchOptions,
+    patients: u64,
+    practices: u32,
+    progress: &Progress,
+) -> anyhow::Result<PathBuf> {
+    let dir = opts
+        .data
+        .join(format!("synth-{patients}-{practices}-seed1"));
+    if dir.join("truth/summary.json").is_file() {
+        return Ok(dir);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    progress.stage(&format!(
+        "generating {patients} patients in {practices} practices (cached in {})",
+        dir.display()
+    ));
+    crate::synth::run(
+        &crate::synth::SynthOptions {
+            out: dir.clone(),
+            practices,
+            patients,
+            seed: 1,
+            start_year: crate::synth::DEFAULT_START_YEAR,
+            extract_date: crate::synth::DEFAULT_EXTRACT_DATE.parse()?,
+            threads: opts.threads,
+            policy: CollectionPolicy::load(None)?,
+        },
+        progress,
+    )?;
+    Ok(dir)
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchReport> {
+    std::fs::create_dir_all(&opts.data)?;
+    let scratch = opts.data.join("bench-scratch");
+    let mut runs = Vec::new();
+    let mut tre = Vec::new();
+    let peak_memory_per_run = reset_peak();
+    for (i, &scale) in opts.scales.iter().enumerate() {
+        let (patients, practices) = (opts.patients * scale as u64, opts.practices * scale);
+        let extract = population(opts, patients, practices, progress)?;
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch)?;
+        }
+        std::fs::create_dir_all(&scratch)?;
+        let key = scratch.join("bench.key");
+        crate::deid::key::generate(&key)?;
+        let store = scratch.join("store");
+
+        progress.stage(&format!("scale {scale}: collecting {patients} patients"));
+        let (summary, m) = measured(|| {
+            Ok(collect::run(
+                &CollectOptions {
+                    extract: extract.clone(),
+                    store: store.clone(),
+                    key: key.clone(),
+                    policy: CollectionPolicy::load(None)?,
+                    practices: Vec::new(),
+                    threads: opts.threads,
+                    quarantine: Some(scratch.join("quarantine")),
+                },
+                progress,
+            )?)
+        })?;
+        let receipts: Vec<_> = summary.receipts().collect();
+        let mut stage_seconds = BTreeMap::new();
+        for r in &receipts {
+            let s = &r.stage_seconds;
+            for (name, v) in [
+                ("hash_inputs", s.hash_inputs),
+                ("type1", s.type1),
+                ("read_parse_generalise", s.read_transform),
+                ("pseudonymise", s.pseudonymise),
+                ("parquet_write", s.parquet_write),
+            ] {
+                *stage_seconds.entry(name.to_owned()).or_insert(0.0) += v;
+            }
+        }
+        stage_seconds.insert("commit".into(), summary.commit_seconds);
+        let total: f64 = stage_seconds.values().sum::<f64>().max(1e-9);
+        let stage_shares = stage_seconds
+            .iter()
+            .map(|(k, v)| (k.clone(), v / total))
+            .collect();
+        let collect = rates(Measured {
+            rows_in: receipts.iter().map(|r| r.rows_in_total()).sum(),
+            rows_out: receipts.iter().map(|r| r.rows_out_total()).sum(),
+            bytes_in: receipts.iter().map(|r| r.bytes_in).sum(),
+            ..m
+        });
+
+        progress.stage(&format!(
+            "scale {scale}: the baseline (plain CSV to Parquet)"
+        ));
+        let (b, m) = measured(|| {
+            super::baseline::csv_to_parquet(
+                &extract,
+                &scratch.join("baseline"),
+                opts.threads,
+                CollectionPolicy::load(None)?.codec,
+            )
+        })?;
+        let baseline = rates(Measured {
+            rows_in: b.rows,
+            rows_out: b.rows,
+            bytes_in: b.bytes,
+            ..m
+        });
+
+        if i + 1 == opts.scales.len() && opts.tre_runs > 0 {
+            progress.stage("TRE query latency: through the boundary and directly");
+            crate::optout::ndoo::ingest(
+                &extract.join("national/ndoo.csv"),
+                &store,
+                &key,
+                false,
+                CollectionPolicy::load(None)?.codec,
+            )?;
+            tre = super::tre::measure(&store, opts.tre_runs)?;
+        }
+        runs.push(ScaleRun {
+            scale,
+            patients,
+            practices,
+            ratio_to_baseline: collect.rows_per_second / baseline.rows_per_second.max(1e-9),
+            collect,
+            baseline,
+            stage_seconds,
+            stage_shares,
+        });
+        std::fs::remove_dir_all(&scratch)?;
+    }
+    Ok(BenchReport {
+        threads: opts.threads,
+        runs,
+        tre,
+        peak_memory_per_run,
+    })
+}
+
+impl BenchReport {
+    /// The figures as tables for people.
+    pub fn to_table(&self) -> String {
+        let mut out = format!("gpdp bench ({} threads)\n\n", self.threads);
+        out += "scale  patients  run       rows in   rows out  wall s   cpu s   M rows/s   MB/s  peak MiB\n";
+        for r in &self.runs {
+            for (name, m) in [("gpdp", &r.collect), ("baseline", &r.baseline)] {
+                out += &format!(
+                    "{:>5}  {:>8}  {:<8} {:>9} {:>10} {:>7.2} {:>7.2} {:>10.2} {:>6.0} {:>9.0}\n",
+                    r.scale,
+                    r.patients,
+                    name,
+                    m.rows_in,
+                    m.rows_out,
+                    m.wall_seconds,
+                    m.cpu_seconds,
+                    m.rows_per_second / 1e6,
+                    m.mb_per_second,
+                    m.peak_memory_mib
+                );
+            }
+            out += &format!(
+                "       gpdp runs at {:.2}× the baseline's speed; stages: {}\n",
+                r.ratio_to_baseline,
+                r.stage_shares
+                    .iter()
+                    .map(|(k, v)| format!("{k} {:.0}%", 100.0 * v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if self.runs.len() > 1 {
+            let (first, last) = (&self.runs[0], &self.runs[self.runs.len() - 1]);
+            out += &format!(
+                "\nscaling ×{}: time ×{:.2}, peak memory ×{:.2}\n",
+                last.scale / first.scale.max(1),
+                last.collect.wall_seconds / first.collect.wall_seconds.max(1e-9),
+                last.collect.peak_memory_mib / first.collect.peak_memory_mib.max(1e-9)
+            );
+        }
+        if !self.tre.is_empty() {
+            out += "\nTRE latency          boundary p50    p95   direct p50    p95  overhead\n";
+            for q in &self.tre {
+                out += &format!(
+                    "{:<20} {:>10.1}ms {:>6.0}ms {:>9.1}ms {:>6.0}ms {:>8.0}%\n",
+                    q.query,
+                    q.boundary_p50_ms,
+                    q.boundary_p95_ms,
+                    q.direct_p50_ms,
+                    q.direct_p95_ms,
+                    100.0 * q.overhead
+                );
+            }
+        }
+        if !self.peak_memory_per_run {
+            out += "\n(peak memory could not be reset between runs: figures are the process's peak so far)\n";
+        }
+        out
+    }
+}

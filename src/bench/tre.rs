@@ -1,0 +1,90 @@
+//! TRE query latency: typical research queries through the boundary
+//! (`tre::query`: authentication, a fresh session, plan guard, disclosure
+//! control, audit) against the same SQL run directly in DataFusion over the
+//! same views, in one run. Used by `gpdp bench` and `examples/tre_bench.rs`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::policy::tre::TrePolicy;
+
+/// The queries: (name, SQL) over the demo-research project's views.
+pub const QUERIES: [(&str, &str); 4] = [
+    (
+        "patients_by_sex_age",
+        "SELECT sex, age_band, count(*) AS n FROM patients GROUP BY sex, age_band",
+    ),
+    (
+        "diabetes_by_imd",
+        "SELECT imd_decile, count(DISTINCT patient_id) AS n FROM patients WHERE patient_id IN (SELECT patient_id FROM clinical_events WHERE snomedct_code IN ('73211009', '46635009', '44054006')) GROUP BY imd_decile",
+    ),
+    (
+        "hba1c_by_age",
+        "SELECT p.age_band, count(*) AS tests, avg(c.numeric_value) AS mean FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id WHERE c.snomedct_code = '999791000000106' GROUP BY p.age_band",
+    ),
+    (
+        "events_by_year",
+        "SELECT event_year, count(*) AS n FROM clinical_events GROUP BY event_year",
+    ),
+];
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueryLatency {
+    pub query: &'static str,
+    pub boundary_p50_ms: f64,
+    pub boundary_p95_ms: f64,
+    pub direct_p50_ms: f64,
+    pub direct_p95_ms: f64,
+    /// boundary p50 / direct p50 − 1.
+    pub overhead: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Runs every query `runs` times both ways (the store must have its NDOO list).
+pub fn measure(store: &Path, runs: usize) -> anyhow::Result<Vec<QueryLatency>> {
+    let policy = TrePolicy::load(None)?;
+    let project = policy.projects["demo-research"].clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .enable_all()
+        .build()?;
+    let manifest = crate::store::read_manifest(store)?;
+    let direct = rt
+        .block_on(crate::tre::session::open(
+            store, &manifest, &policy, &project,
+        ))?
+        .ctx;
+    let mut out = Vec::new();
+    for (name, sql) in QUERIES {
+        let (mut boundary, mut plain) = (Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            let t = Instant::now();
+            let request = crate::tre::Request {
+                store: store.to_owned(),
+                user: "alice".into(),
+                token: Some("demo-alice-token".into()),
+                project: "demo-research".into(),
+                sql: sql.into(),
+            };
+            rt.block_on(crate::tre::query(&policy, &request))?;
+            boundary.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            rt.block_on(async { direct.sql(sql).await?.collect().await })?;
+            plain.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        boundary.sort_by(f64::total_cmp);
+        plain.sort_by(f64::total_cmp);
+        out.push(QueryLatency {
+            query: name,
+            boundary_p50_ms: percentile(&boundary, 0.5),
+            boundary_p95_ms: percentile(&boundary, 0.95),
+            direct_p50_ms: percentile(&plain, 0.5),
+            direct_p95_ms: percentile(&plain, 0.95),
+            overhead: percentile(&boundary, 0.5) / percentile(&plain, 0.5) - 1.0,
+        });
+    }
+    Ok(out)
+}

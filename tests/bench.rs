@@ -1,0 +1,79 @@
+//! `gpdp bench` on a tiny population: the JSON parses and its figures are
+//! honest — rows in and out equal the receipts of an ordinary collection of
+//! the same (cached) extract, and the baseline read the same rows.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn bench_figures_equal_the_receipts_of_the_same_collection() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bench-data");
+    let o = run(&[
+        "bench",
+        "--patients",
+        "400",
+        "--practices",
+        "2",
+        "--tre-runs",
+        "1",
+        "--json",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let run0 = &r["runs"][0];
+
+    // The same extract, collected the ordinary way.
+    let extract = data.join("synth-400-2-seed1");
+    assert!(
+        extract.join("truth/summary.json").exists(),
+        "the population is cached"
+    );
+    let store = dir.path().join("store");
+    let key = key_file(dir.path(), 3);
+    let o = collect(&extract, &store, &key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (mut rows_in, mut rows_out) = (0u64, 0u64);
+    for batch in manifest(&store)["batches"].as_object().unwrap().values() {
+        let receipt: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(store.join(batch["receipt"].as_str().unwrap())).unwrap(),
+        )
+        .unwrap();
+        rows_in += receipt["rows_in"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>();
+        rows_out += receipt["rows_out"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>();
+    }
+    assert_eq!(run0["collect"]["rows_in"], rows_in);
+    assert_eq!(run0["collect"]["rows_out"], rows_out);
+    assert_eq!(
+        run0["baseline"]["rows_in"], rows_in,
+        "the baseline read the same rows"
+    );
+    let shares: f64 = run0["stage_shares"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!((shares - 1.0).abs() < 1e-9, "{shares}");
+    for m in ["collect", "baseline"] {
+        for f in ["wall_seconds", "rows_per_second", "peak_memory_mib"] {
+            assert!(run0[m][f].as_f64().unwrap() > 0.0, "{m}.{f}");
+        }
+    }
+    assert_eq!(r["tre"].as_array().unwrap().len(), 4);
+    // The scratch store is gone; the cache stays.
+    assert!(!data.join("bench-scratch").exists());
+}
