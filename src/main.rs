@@ -168,6 +168,9 @@ enum Command {
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
+        /// Also write bench.json and bench.html (charts of the scaling curve) here.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Serve the TRE boundary over Arrow Flight SQL (ADBC, JDBC clients).
     Serve {
@@ -610,6 +613,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             tre_runs,
             data,
             json,
+            out,
         } => {
             if patients == 0 || practices == 0 || scale.contains(&0) {
                 return Err(gpdp::error::BadInput(
@@ -632,6 +636,12 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", r.to_table());
+            }
+            if let Some(out) = out {
+                let page = r.write(&out)?;
+                if !json {
+                    println!("\ncharts: {}", page.display());
+                }
             }
             Ok(())
         }

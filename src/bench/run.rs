@@ -98,7 +98,21 @@ fn peak_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// Gives freed heap back to the system, then resets the high-water mark,
+/// so that a run's peak is its own and not memory the allocator kept from
+/// an earlier run.
 fn reset_peak() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim only releases free memory; it takes no
+        // pointers and is safe to call at any time.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
@@ -269,6 +283,57 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
 }
 
 impl BenchReport {
+    /// Writes `bench.json` and `bench.html` (the scaling curve as SVG
+    /// charts, readable offline) into `out`; returns the page's path.
+    pub fn write(&self, out: &std::path::Path) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(out)?;
+        std::fs::write(
+            out.join("bench.json"),
+            serde_json::to_string_pretty(self)? + "\n",
+        )?;
+        let labels: Vec<String> = self
+            .runs
+            .iter()
+            .flat_map(|r| {
+                [
+                    format!("×{} gpdp", r.scale),
+                    format!("×{} baseline", r.scale),
+                ]
+            })
+            .collect();
+        let series = |f: &dyn Fn(&Measured) -> f64| -> Vec<f64> {
+            self.runs
+                .iter()
+                .flat_map(|r| [f(&r.collect), f(&r.baseline)])
+                .collect()
+        };
+        let mut page = String::from(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gpdp bench</title></head><body style=\"font-family:sans-serif;max-width:960px;margin:2em auto\"><h1>gpdp bench</h1>",
+        );
+        for (title, unit, values) in [
+            ("Wall time by scale", "seconds", series(&|m| m.wall_seconds)),
+            (
+                "Throughput by scale",
+                "M rows/s",
+                series(&|m| m.rows_per_second / 1e6),
+            ),
+            (
+                "Peak memory by scale",
+                "MiB",
+                series(&|m| m.peak_memory_mib),
+            ),
+        ] {
+            page += &crate::report::html::bar_chart(title, &labels, &values, unit, None)?;
+        }
+        page += &format!(
+            "<pre>{}</pre></body></html>\n",
+            self.to_table().replace('<', "&lt;")
+        );
+        let path = out.join("bench.html");
+        std::fs::write(&path, page)?;
+        Ok(path)
+    }
+
     /// The figures as tables for people.
     pub fn to_table(&self) -> String {
         let mut out = format!("gpdp bench ({} threads)\n\n", self.threads);

@@ -10,8 +10,8 @@ use plotters::prelude::*;
 use super::Report;
 use crate::audit::Check;
 
-/// One bar chart as an SVG element. `percent` formats the axis as 0–100%.
-fn bar_chart(
+/// One bar chart as an SVG element, with an optional horizontal reference line.
+pub(crate) fn bar_chart(
     title: &str,
     labels: &[String],
     values: &[f64],
