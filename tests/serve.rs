@@ -1,5 +1,5 @@
 //! `gpdp serve` driven as researchers' tools drive it: the Rust Flight SQL
-//! client and (through `scripts/test`) Python's ADBC driver, against the
+//! client and (through the README's test command) Python's ADBC driver, against the
 //! real binary on a generated store, compared with `gpdp query`; then a
 //! bounded load test.
 
@@ -289,12 +289,12 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
 }
 
 /// Python's ADBC Flight SQL driver, as a researcher's notebook uses it. Needs
-/// the client installed: `bash scripts/test` does it and runs this test.
+/// the client installed: the README's test command installs it and runs this test.
 #[test]
-#[ignore = "needs the Python ADBC client: run `bash scripts/test`"]
+#[ignore = "needs the Python ADBC client: run the README's test command"]
 fn the_python_adbc_client_gets_the_same_answers_and_the_same_refusals() {
     let python = std::env::var("GPDP_PYTHON")
-        .expect("GPDP_PYTHON: the Python with adbc-driver-flightsql (bash scripts/test sets it)");
+        .expect("GPDP_PYTHON: the Python with adbc-driver-flightsql (the README's test command sets it)");
     let server = Server::start(&fixture().store);
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/adbc_client.py");
