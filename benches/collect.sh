@@ -13,11 +13,8 @@ practices=${2:-100}
 threads=$(nproc)
 cargo build --release --quiet --bin gpdp --example csv_to_parquet
 bin=target/release/gpdp
-data="bench-data/synth-${patients}-${practices}"
-if [ ! -f "$data/truth/summary.json" ]; then
-  rm -rf "$data"; mkdir -p bench-data
-  "$bin" synth --quiet --out "$data" --patients "$patients" --practices "$practices" --seed 1 >/dev/null
-fi
+. benches/population.sh
+data=$(population "$patients" "$practices")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$bin" keygen --out "$work/key" >/dev/null

@@ -17,11 +17,8 @@ cd "$(dirname "$0")/.."
 patients=${1:-1000000}; practices=${2:-100}; optouts=${3:-1000}
 cargo build --release --quiet --bin gpdp
 bin=target/release/gpdp
-data="bench-data/synth-${patients}-${practices}"
-if [ ! -f "$data/truth/summary.json" ]; then
-  rm -rf "$data"; mkdir -p bench-data
-  "$bin" synth --quiet --out "$data" --patients "$patients" --practices "$practices" --seed 1 >/dev/null
-fi
+. benches/population.sh
+data=$(population "$patients" "$practices")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$bin" keygen --out "$work/key" >/dev/null

@@ -7,12 +7,9 @@ cd "$(dirname "$0")/.."
 patients=${1:-1000000}; practices=${2:-100}; runs=${3:-7}
 cargo build --release --quiet --bin gpdp --example tre_bench
 bin=target/release/gpdp
-data="bench-data/synth-${patients}-${practices}"
+. benches/population.sh
+data=$(population "$patients" "$practices")
 store="bench-data/store-${patients}-${practices}"
-if [ ! -f "$data/truth/summary.json" ]; then
-  rm -rf "$data"; mkdir -p bench-data
-  "$bin" synth --quiet --out "$data" --patients "$patients" --practices "$practices" --seed 1 >/dev/null
-fi
 if [ ! -f "$store/manifest.json" ]; then
   rm -rf "$store" bench-data/bench.key "$data/quarantine"
   "$bin" keygen --out bench-data/bench.key >/dev/null

@@ -293,8 +293,9 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
 #[test]
 #[ignore = "needs the Python ADBC client: run the README's test command"]
 fn the_python_adbc_client_gets_the_same_answers_and_the_same_refusals() {
-    let python = std::env::var("GPDP_PYTHON")
-        .expect("GPDP_PYTHON: the Python with adbc-driver-flightsql (the README's test command sets it)");
+    let python = std::env::var("GPDP_PYTHON").expect(
+        "GPDP_PYTHON: the Python with adbc-driver-flightsql (the README's test command sets it)",
+    );
     let server = Server::start(&fixture().store);
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/adbc_client.py");

@@ -139,22 +139,13 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
     let started = Instant::now();
     let mut fingerprint = String::new();
     let outcome = answer(policy, req, &mut fingerprint).await;
-    let mut entry = json!({
-        "event": "query",
-        "time": crate::store::now_rfc3339(),
-        "user": req.user,
-        "project": req.project,
-        "sql": req.sql,
-        "plan_fingerprint": fingerprint,
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    record_outcome(&mut entry, outcome.as_ref().map(Some));
-    // A path that is not a store has no log to write to, and must not gain one.
-    if crate::store::is_store(&req.store) {
-        AuditLog::at(&req.store)
-            .append(&[entry])
-            .map_err(StoreError::from)?;
-    }
+    audit(
+        "query",
+        req,
+        &fingerprint,
+        started,
+        outcome.as_ref().map(Some),
+    )?;
     outcome.map(|mut r| {
         r.fingerprint = fingerprint;
         r.seconds = started.elapsed().as_secs_f64();
@@ -162,12 +153,31 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
     })
 }
 
-/// Adds the outcome to an audit entry: `released` with the result's figures
+/// Appends one request to the store's audit log: who asked what, the plan
+/// fingerprint, and the outcome: `released` with the result's figures
 /// (`Some`), `described` (`None`), or `refused` / `error` with the rule and
-/// reason.
-fn record_outcome(entry: &mut Value, outcome: Result<Option<&Released>, &TreError>) {
+/// reason. A path that is not a store has no log and must not gain one.
+fn audit(
+    event: &str,
+    req: &Request,
+    fingerprint: &str,
+    started: Instant,
+    outcome: Result<Option<&Released>, &TreError>,
+) -> Result<(), TreError> {
+    if !crate::store::is_store(&req.store) {
+        return Ok(());
+    }
+    let mut entry = json!({
+        "event": event,
+        "time": crate::store::now_rfc3339(),
+        "user": req.user,
+        "project": req.project,
+        "sql": req.sql,
+        "plan_fingerprint": fingerprint,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
     let Some(o) = entry.as_object_mut() else {
-        return;
+        return Ok(());
     };
     match outcome {
         Ok(Some(r)) => {
@@ -199,6 +209,10 @@ fn record_outcome(entry: &mut Value, outcome: Result<Option<&Released>, &TreErro
             );
         }
     }
+    AuditLog::at(&req.store)
+        .append(&[entry])
+        .map_err(StoreError::from)?;
+    Ok(())
 }
 
 /// A request that passed authentication and the plan guard, ready to run.
@@ -269,21 +283,13 @@ pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, Tr
     let outcome = guarded(policy, req, &mut fingerprint)
         .await
         .map(|g| released_schema(&g.checked));
-    let mut entry = json!({
-        "event": "describe",
-        "time": crate::store::now_rfc3339(),
-        "user": req.user,
-        "project": req.project,
-        "sql": req.sql,
-        "plan_fingerprint": fingerprint,
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    record_outcome(&mut entry, outcome.as_ref().map(|_| None));
-    if crate::store::is_store(&req.store) {
-        AuditLog::at(&req.store)
-            .append(&[entry])
-            .map_err(StoreError::from)?;
-    }
+    audit(
+        "describe",
+        req,
+        &fingerprint,
+        started,
+        outcome.as_ref().map(|_| None),
+    )?;
     outcome
 }
 
