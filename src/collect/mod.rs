@@ -35,7 +35,7 @@ use crate::nhs_number::NhsNumber;
 use crate::optout::apply::REQUEST_SOURCE;
 use crate::policy::{Action, CollectionPolicy, Rule};
 use crate::progress::Progress;
-use crate::store::delete::{Deleter, TombstoneBook, batch_patients};
+use crate::store::delete::{BatchMembers, Deleter, TombstoneBook};
 use crate::store::{BatchEntry, Store, StoreError, now_rfc3339};
 
 #[derive(Debug, thiserror::Error)]
@@ -188,7 +188,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let mut batch_patients = batch_patients(&store)?;
+    let mut members = BatchMembers::load(&store)?;
     let store_root = store.root().to_owned();
     let excluded = Exclusions::new(&opts.policy);
     let threads = opts.threads.clamp(1, practices.len());
@@ -337,7 +337,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
                     store: &mut store,
                     book: &mut book,
                     withdrawn: &withdrawn,
-                    batch_patients: &mut batch_patients,
+                    members: &mut members,
                     codec: opts.policy.codec,
                     key_id: &key_id,
                 };
@@ -424,7 +424,8 @@ pub struct Group<'a> {
     pub book: &'a mut TombstoneBook,
     /// Patients whose request tombstone ends with this run (withdrawn since).
     pub withdrawn: &'a HashSet<Pseudonym>,
-    pub batch_patients: &'a mut HashMap<String, HashSet<Pseudonym>>,
+    /// The patients of every batch in the store as it will be once committed.
+    pub members: &'a mut BatchMembers,
     pub codec: crate::policy::Codec,
     pub key_id: &'a str,
 }
@@ -472,14 +473,13 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
         }
         let mut deleted_here = staged.withheld.clone();
         deleted_here.extend(late.iter().map(|p| hex(p)));
-        let mut patients = staged.patients.clone();
-        patients.retain(|p| !late.contains(p));
+        let patients_out = staged.patients.len() - late.len();
 
         // Every other batch: delete the patients who dissent here.
         let added_set: HashSet<Pseudonym> = added.iter().copied().collect();
         let elsewhere = deleter.delete_from_batches(
             &mut next,
-            g.batch_patients,
+            g.members,
             &added_set,
             Some(&staged.practice),
         )?;
@@ -513,7 +513,7 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
             "policy_sha256": r.policy_sha256,
             "rows_in": r.rows_in,
             "rows_out": files.iter().map(|(t, f)| (t.clone(), json!(f.rows))).collect::<serde_json::Map<_, _>>(),
-            "patients_out": patients.len(),
+            "patients_out": patients_out,
             "type1_excluded_patients": r.type1_excluded_patients,
             "quarantined": r.quarantined,
             "excluded_codes": r.excluded_codes,
@@ -554,7 +554,10 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
                 deleted_patients: deleted_here,
             },
         );
-        g.batch_patients.insert(staged.practice.clone(), patients);
+        g.members.set(
+            &staged.practice,
+            staged.patients.iter().filter(|p| !late.contains(*p)),
+        );
         outcomes.push(Outcome::Committed {
             receipt: Box::new(staged.receipt),
             deleted_elsewhere,

@@ -28,7 +28,7 @@ use super::ndoo::{OptoutError, check_key, read_numbers, refuse_invalid};
 use crate::deid::key::CollectionKey;
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
 use crate::policy::Codec;
-use crate::store::delete::{Deleter, TombstoneBook, batch_patients};
+use crate::store::delete::{BatchMembers, Deleter, TombstoneBook};
 use crate::store::{Store, now_rfc3339};
 
 /// The tombstone source of opt-outs applied with `gpdp optout apply`.
@@ -123,7 +123,7 @@ pub fn apply(
         added.extend(book.add(REQUEST_SOURCE, &[*patient], &rfc3339(*at)));
     }
     let remove: HashSet<Pseudonym> = requested.keys().copied().collect();
-    let mut members = batch_patients(&store)?;
+    let mut members = BatchMembers::load(&store)?;
     let mut next = store.manifest.clone();
     next.key_id = Some(p.key_id());
     let mut deleter = Deleter::new(&store, codec);

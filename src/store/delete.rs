@@ -17,24 +17,70 @@ use serde_json::{Value, json};
 
 use super::parquet::{Rewrite, patient_ids, rewrite_without};
 use super::{FileEntry, Manifest, Store, StoreError, Tombstone, pq_err};
-use crate::deid::pseudonym::{Pseudonym, hex};
+use crate::deid::pseudonym::{Pseudonym, hex, patient_key};
 use crate::extract::Table;
 use crate::policy::Codec;
 
-/// The patients of every committed batch, by practice, read from the
-/// batches' `patients` files (every row of a batch belongs to a patient in
-/// it: collection quarantines the rest).
-pub fn batch_patients(store: &Store) -> Result<HashMap<String, HashSet<Pseudonym>>, StoreError> {
-    let mut out = HashMap::new();
-    for (practice, entry) in &store.manifest.batches {
-        let Some(file) = entry.files.get(Table::Patients.name()) else {
-            continue;
-        };
-        let path = store.path(&file.path);
-        let ids = patient_ids(&path).map_err(pq_err(&path))?;
-        out.insert(practice.clone(), ids.into_iter().collect());
+/// The patients of every committed batch, by practice, as sorted
+/// [`patient_key`]s: 8 bytes a patient rather than a set of 32-byte
+/// pseudonyms, so that what collection keeps across practices stays small.
+///
+/// It answers "which of these patients does this batch hold?" without
+/// reading the data files. Two patients can share a key only by a 64-bit
+/// prefix collision; then a batch is wrongly taken to hold a patient, its
+/// files are rewritten, found to lose no rows, and kept as they were
+/// ([`Deleter::delete_from_batches`]): a collision costs work, never a
+/// missed deletion.
+#[derive(Debug, Default)]
+pub struct BatchMembers {
+    by_practice: HashMap<String, Vec<i64>>,
+}
+
+impl BatchMembers {
+    /// Reads the members of every committed batch from its `patients` file
+    /// (every row of a batch belongs to a patient in it: collection
+    /// quarantines the rest).
+    pub fn load(store: &Store) -> Result<BatchMembers, StoreError> {
+        let mut members = BatchMembers::default();
+        for (practice, entry) in &store.manifest.batches {
+            let Some(file) = entry.files.get(Table::Patients.name()) else {
+                continue;
+            };
+            let path = store.path(&file.path);
+            let ids = patient_ids(&path).map_err(pq_err(&path))?;
+            members.set(practice, &ids);
+        }
+        Ok(members)
     }
-    Ok(out)
+
+    /// Records `patients` as the members of `practice`'s batch.
+    pub fn set<'p>(&mut self, practice: &str, patients: impl IntoIterator<Item = &'p Pseudonym>) {
+        let mut keys: Vec<i64> = patients.into_iter().map(patient_key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys.shrink_to_fit();
+        self.by_practice.insert(practice.to_owned(), keys);
+    }
+
+    /// Those of `patients` that `practice`'s batch holds.
+    fn held(&self, practice: &str, patients: &HashSet<Pseudonym>) -> HashSet<Pseudonym> {
+        let Some(keys) = self.by_practice.get(practice) else {
+            return HashSet::new();
+        };
+        patients
+            .iter()
+            .filter(|p| keys.binary_search(&patient_key(p)).is_ok())
+            .copied()
+            .collect()
+    }
+
+    /// Forgets `patients` as members of `practice`'s batch.
+    fn remove(&mut self, practice: &str, patients: &HashSet<Pseudonym>) {
+        if let Some(keys) = self.by_practice.get_mut(practice) {
+            let gone: HashSet<i64> = patients.iter().map(patient_key).collect();
+            keys.retain(|k| !gone.contains(k));
+        }
+    }
 }
 
 /// What one deletion changed.
@@ -116,7 +162,7 @@ impl<'a> Deleter<'a> {
     pub fn delete_from_batches(
         &mut self,
         next: &mut Manifest,
-        members: &mut HashMap<String, HashSet<Pseudonym>>,
+        members: &mut BatchMembers,
         remove: &HashSet<Pseudonym>,
         except: Option<&str>,
     ) -> Result<Deleted, StoreError> {
@@ -132,10 +178,7 @@ impl<'a> Deleter<'a> {
             if except == Some(practice.as_str()) {
                 continue;
             }
-            let Some(patients) = members.get(practice) else {
-                continue;
-            };
-            let hit: HashSet<Pseudonym> = patients.intersection(remove).copied().collect();
+            let hit = members.held(practice, remove);
             if hit.is_empty() {
                 continue;
             }
@@ -187,9 +230,7 @@ impl<'a> Deleter<'a> {
             if let Some(entry) = next.batches.get_mut(&practice) {
                 entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
             }
-            if let Some(patients) = members.get_mut(&practice) {
-                patients.retain(|p| !hit.contains(p));
-            }
+            members.remove(&practice, &hit);
         }
         Ok(deleted)
     }
