@@ -156,9 +156,11 @@ enum Command {
         /// Scales to run, e.g. 1,2,4 (patients and practices both grow).
         #[arg(long, value_delimiter = ',', default_value = "1")]
         scale: Vec<u32>,
-        /// Worker threads (default: every core).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// Worker thread counts, e.g. 1,2: the largest runs every scale, the
+        /// others the first scale once more, to show scaling across cores
+        /// (default: 1 and every core).
+        #[arg(long, value_delimiter = ',')]
+        threads: Vec<usize>,
         /// TRE runs per query on the last scale (0 skips the TRE).
         #[arg(long, default_value_t = 5)]
         tre_runs: usize,
@@ -615,18 +617,26 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             json,
             out,
         } => {
-            if patients == 0 || practices == 0 || scale.contains(&0) {
+            if patients == 0 || practices == 0 || scale.contains(&0) || threads.contains(&0) {
                 return Err(gpdp::error::BadInput(
-                    "--patients, --practices and every --scale must be at least 1".into(),
+                    "--patients, --practices and every --scale and --threads must be at least 1"
+                        .into(),
                 )
                 .into());
             }
+            let mut threads = if threads.is_empty() {
+                vec![1, default_threads(None)]
+            } else {
+                threads
+            };
+            threads.sort_unstable();
+            threads.dedup();
             let r = gpdp::bench::run::run(
                 &gpdp::bench::run::BenchOptions {
                     patients,
                     practices,
                     scales: scale,
-                    threads: default_threads(threads),
+                    threads,
                     data,
                     tre_runs,
                 },

@@ -1,6 +1,7 @@
 //! `gpdp bench` on a tiny population: the JSON parses and its figures are
 //! honest — rows in and out equal the receipts of an ordinary collection of
-//! the same (cached) extract, and the baseline read the same rows.
+//! the same (cached) extract, at every thread count, and the baseline read
+//! the same rows.
 
 mod common;
 
@@ -18,6 +19,8 @@ fn bench_figures_equal_the_receipts_of_the_same_collection() {
         "2",
         "--tre-runs",
         "1",
+        "--threads",
+        "2,1",
         "--json",
         "--data",
         data.to_str().unwrap(),
@@ -68,6 +71,29 @@ fn bench_figures_equal_the_receipts_of_the_same_collection() {
         .map(|v| v.as_f64().unwrap())
         .sum();
     assert!((shares - 1.0).abs() < 1e-9, "{shares}");
+    let stages: Vec<&String> = run0["stage_seconds"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        stages,
+        [
+            "commit",
+            "hash_inputs",
+            "parquet_write",
+            "pseudonymise",
+            "read_parse",
+            "type1",
+            "validate_generalise"
+        ]
+    );
+    // Every thread count collected the same rows; the scale runs used the most.
+    assert_eq!(r["threads"], 2);
+    let sweep = r["thread_scaling"].as_array().unwrap();
+    assert_eq!(sweep.len(), 2);
+    for (run, threads) in sweep.iter().zip([1, 2]) {
+        assert_eq!(run["threads"], threads);
+        assert_eq!(run["collect"]["rows_in"], rows_in);
+        assert_eq!(run["collect"]["rows_out"], rows_out);
+    }
+    assert_eq!(sweep[0]["speedup"], 1.0);
     for m in ["collect", "baseline"] {
         for f in ["wall_seconds", "rows_per_second", "peak_memory_mib"] {
             assert!(run0[m][f].as_f64().unwrap() > 0.0, "{m}.{f}");

@@ -15,12 +15,12 @@
 //! each measurement through `/proc/self/clear_refs` (Linux).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::collect::{self, CollectOptions};
+use crate::collect::{self, CollectOptions, CollectSummary};
 use crate::policy::CollectionPolicy;
 use crate::progress::Progress;
 
@@ -28,7 +28,9 @@ pub struct BenchOptions {
     pub patients: u64,
     pub practices: u32,
     pub scales: Vec<u32>,
-    pub threads: usize,
+    /// Thread counts: the largest runs every scale; each of the others
+    /// collects the first scale once more, for the thread scaling.
+    pub threads: Vec<usize>,
     /// Where generated populations are cached and scratch stores live.
     pub data: PathBuf,
     /// TRE runs per query (0: skip the TRE).
@@ -37,8 +39,11 @@ pub struct BenchOptions {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// Worker threads of the scale runs.
     pub threads: usize,
     pub runs: Vec<ScaleRun>,
+    /// Collection of the first scale at each `--threads` count, fewest first.
+    pub thread_scaling: Vec<ThreadRun>,
     pub tre: Vec<super::tre::QueryLatency>,
     /// Whether peak memory could be reset between measurements (else it is
     /// the process's peak so far).
@@ -58,6 +63,14 @@ pub struct ScaleRun {
     pub stage_seconds: BTreeMap<String, f64>,
     /// Each stage's share of the summed stage time.
     pub stage_shares: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThreadRun {
+    pub threads: usize,
+    pub collect: Measured,
+    /// rows/s ÷ rows/s with the fewest threads.
+    pub speedup: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -165,7 +178,7 @@ fn population(
             seed: 1,
             start_year: crate::synth::DEFAULT_START_YEAR,
             extract_date: crate::synth::DEFAULT_EXTRACT_DATE.parse()?,
-            threads: opts.threads,
+            threads: opts.most_threads(),
             policy: CollectionPolicy::load(None)?,
         },
         progress,
@@ -173,65 +186,120 @@ fn population(
     Ok(dir)
 }
 
+/// Collects `extract` into a fresh store under `scratch` with `threads`
+/// workers, measured; returns the summary, the figures (with the receipts'
+/// row and byte counts) and the store's path.
+fn measure_collection(
+    extract: &Path,
+    scratch: &Path,
+    threads: usize,
+    progress: &Progress,
+) -> anyhow::Result<(CollectSummary, Measured, PathBuf)> {
+    if scratch.exists() {
+        std::fs::remove_dir_all(scratch)?;
+    }
+    std::fs::create_dir_all(scratch)?;
+    let key = scratch.join("bench.key");
+    crate::deid::key::generate(&key)?;
+    let store = scratch.join("store");
+    let options = CollectOptions {
+        extract: extract.to_owned(),
+        store: store.clone(),
+        key,
+        policy: CollectionPolicy::load(None)?,
+        practices: Vec::new(),
+        threads,
+        quarantine: Some(scratch.join("quarantine")),
+    };
+    let (summary, m) = measured(|| Ok(collect::run(&options, progress)?))?;
+    let receipts: Vec<_> = summary.receipts().collect();
+    let m = rates(Measured {
+        rows_in: receipts.iter().map(|r| r.rows_in_total()).sum(),
+        rows_out: receipts.iter().map(|r| r.rows_out_total()).sum(),
+        bytes_in: receipts.iter().map(|r| r.bytes_in).sum(),
+        ..m
+    });
+    Ok((summary, m, store))
+}
+
+/// Seconds per stage summed over the receipts, with the commit's, and each
+/// stage's share of their total.
+fn stages(summary: &CollectSummary) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
+    let mut seconds = BTreeMap::new();
+    for r in summary.receipts() {
+        let s = &r.stage_seconds;
+        for (name, v) in [
+            ("hash_inputs", s.hash_inputs),
+            ("type1", s.type1),
+            ("read_parse", s.read_parse),
+            ("validate_generalise", s.validate_generalise),
+            ("pseudonymise", s.pseudonymise),
+            ("parquet_write", s.parquet_write),
+        ] {
+            *seconds.entry(name.to_owned()).or_insert(0.0) += v;
+        }
+    }
+    seconds.insert("commit".into(), summary.commit_seconds);
+    let total: f64 = seconds.values().sum::<f64>().max(1e-9);
+    let shares = seconds
+        .iter()
+        .map(|(k, v)| (k.clone(), v / total))
+        .collect();
+    (seconds, shares)
+}
+
+impl BenchOptions {
+    /// The thread count of the scale runs.
+    pub fn most_threads(&self) -> usize {
+        self.threads.iter().copied().max().unwrap_or(1)
+    }
+}
+
 /// Runs the benchmark.
 pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchReport> {
     std::fs::create_dir_all(&opts.data)?;
     let scratch = opts.data.join("bench-scratch");
+    let threads = opts.most_threads();
     let mut runs = Vec::new();
+    let mut thread_scaling = Vec::new();
     let mut tre = Vec::new();
     let peak_memory_per_run = reset_peak();
     for (i, &scale) in opts.scales.iter().enumerate() {
         let (patients, practices) = (opts.patients * scale as u64, opts.practices * scale);
         let extract = population(opts, patients, practices, progress)?;
-        if scratch.exists() {
-            std::fs::remove_dir_all(&scratch)?;
-        }
-        std::fs::create_dir_all(&scratch)?;
-        let key = scratch.join("bench.key");
-        crate::deid::key::generate(&key)?;
-        let store = scratch.join("store");
 
-        progress.stage(&format!("scale {scale}: collecting {patients} patients"));
-        let (summary, m) = measured(|| {
-            Ok(collect::run(
-                &CollectOptions {
-                    extract: extract.clone(),
-                    store: store.clone(),
-                    key: key.clone(),
-                    policy: CollectionPolicy::load(None)?,
-                    practices: Vec::new(),
-                    threads: opts.threads,
-                    quarantine: Some(scratch.join("quarantine")),
-                },
-                progress,
-            )?)
-        })?;
-        let receipts: Vec<_> = summary.receipts().collect();
-        let mut stage_seconds = BTreeMap::new();
-        for r in &receipts {
-            let s = &r.stage_seconds;
-            for (name, v) in [
-                ("hash_inputs", s.hash_inputs),
-                ("type1", s.type1),
-                ("read_parse_generalise", s.read_transform),
-                ("pseudonymise", s.pseudonymise),
-                ("parquet_write", s.parquet_write),
-            ] {
-                *stage_seconds.entry(name.to_owned()).or_insert(0.0) += v;
+        // On the first scale, the other thread counts first (each run
+        // replaces the scratch store, and the last scale's is queried).
+        if i == 0 {
+            for &t in opts.threads.iter().filter(|&&t| t != threads) {
+                progress.stage(&format!(
+                    "scale {scale}: collecting {patients} patients with {t} threads"
+                ));
+                let m = measure_collection(&extract, &scratch, t, progress)?.1;
+                thread_scaling.push(ThreadRun {
+                    threads: t,
+                    collect: m,
+                    speedup: 0.0,
+                });
             }
         }
-        stage_seconds.insert("commit".into(), summary.commit_seconds);
-        let total: f64 = stage_seconds.values().sum::<f64>().max(1e-9);
-        let stage_shares = stage_seconds
-            .iter()
-            .map(|(k, v)| (k.clone(), v / total))
-            .collect();
-        let collect = rates(Measured {
-            rows_in: receipts.iter().map(|r| r.rows_in_total()).sum(),
-            rows_out: receipts.iter().map(|r| r.rows_out_total()).sum(),
-            bytes_in: receipts.iter().map(|r| r.bytes_in).sum(),
-            ..m
-        });
+        progress.stage(&format!(
+            "scale {scale}: collecting {patients} patients with {threads} threads"
+        ));
+        let (summary, collect, store) = measure_collection(&extract, &scratch, threads, progress)?;
+        let (stage_seconds, stage_shares) = stages(&summary);
+        if i == 0 {
+            thread_scaling.push(ThreadRun {
+                threads,
+                collect: collect.clone(),
+                speedup: 0.0,
+            });
+            thread_scaling.sort_by_key(|r| r.threads);
+            let base = thread_scaling[0].collect.rows_per_second.max(1e-9);
+            for r in &mut thread_scaling {
+                r.speedup = r.collect.rows_per_second / base;
+            }
+        }
 
         progress.stage(&format!(
             "scale {scale}: the baseline (plain CSV to Parquet)"
@@ -240,7 +308,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
             super::baseline::csv_to_parquet(
                 &extract,
                 &scratch.join("baseline"),
-                opts.threads,
+                threads,
                 CollectionPolicy::load(None)?.codec,
             )
         })?;
@@ -256,7 +324,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
             crate::optout::ndoo::ingest(
                 &extract.join("national/ndoo.csv"),
                 &store,
-                &key,
+                &scratch.join("bench.key"),
                 false,
                 CollectionPolicy::load(None)?.codec,
             )?;
@@ -275,8 +343,9 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
         std::fs::remove_dir_all(&scratch)?;
     }
     Ok(BenchReport {
-        threads: opts.threads,
+        threads,
         runs,
+        thread_scaling,
         tre,
         peak_memory_per_run,
     })
@@ -372,6 +441,19 @@ impl BenchReport {
                 last.collect.wall_seconds / first.collect.wall_seconds.max(1e-9),
                 last.collect.peak_memory_mib / first.collect.peak_memory_mib.max(1e-9)
             );
+        }
+        if self.thread_scaling.len() > 1 {
+            out += "\nthreads  wall s   cpu s  M rows/s  speedup\n";
+            for r in &self.thread_scaling {
+                out += &format!(
+                    "{:>7} {:>7.2} {:>7.2} {:>9.2} {:>7.2}×\n",
+                    r.threads,
+                    r.collect.wall_seconds,
+                    r.collect.cpu_seconds,
+                    r.collect.rows_per_second / 1e6,
+                    r.speedup
+                );
+            }
         }
         if !self.tre.is_empty() {
             out += "\nTRE latency          boundary p50    p95   direct p50    p95  overhead\n";

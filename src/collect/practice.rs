@@ -35,6 +35,9 @@ use crate::store::parquet::Writer;
 /// Rows per Arrow record batch.
 pub const BATCH_ROWS: usize = 64 * 1024;
 
+/// CSV records read at a time (see the stage timers in [`collect_practice`]).
+const CHUNK_ROWS: usize = 1024;
+
 /// Everything shared by the practices of one run.
 pub struct Context<'a> {
     pub policy: &'a CollectionPolicy,
@@ -561,7 +564,7 @@ pub fn collect_practice(
     let mut withheld: HashSet<Pseudonym> = HashSet::new();
     let mut files = Vec::new();
     let mut bytes_in = 0u64;
-    let transform_started = Instant::now();
+    let mut chunk = vec![csv::ByteRecord::new(); CHUNK_ROWS];
 
     for table in Table::ALL {
         let path = practice.path(table);
@@ -584,187 +587,206 @@ pub fn collect_practice(
         let mut writer = Writer::create(&tmp, plan.schema.clone(), ctx.policy.codec)
             .map_err(|e| CollectError::parquet(&tmp, e))?;
         let mut builders = Builders::new(&plan, table);
-        let mut record = csv::ByteRecord::new();
         let mut values: Vec<Value> = Vec::with_capacity(plan.fills.len());
         let mut postcode_scratch = Vec::new();
         let (mut rows_in, mut rows_out, mut type1_withheld) = (0u64, 0u64, 0u64);
 
-        while reader.read(&mut record)? {
-            rows_in += 1;
-            let line = line_of(&record);
-            if record.len() != reader.arity {
-                counts.quarantine(table, line, "wrong_column_count");
-                continue;
+        // Records are read a chunk at a time, so that reading and parsing CSV
+        // is timed apart from what is done with the rows, at two clock reads
+        // a chunk.
+        loop {
+            let t = Instant::now();
+            let mut n = 0;
+            while n < chunk.len() && reader.read(&mut chunk[n])? {
+                n += 1;
             }
-            let nhs = match NhsNumber::parse(reader.field(&record, 0)) {
-                Ok(n) => n,
-                Err(e) => {
-                    counts.quarantine(table, line, e.reason());
+            stages.read_parse += t.elapsed().as_secs_f64();
+            if n == 0 {
+                break;
+            }
+            let t = Instant::now();
+            let timed_apart = stages.pseudonymise + stages.parquet_write;
+            for record in &chunk[..n] {
+                rows_in += 1;
+                let line = line_of(record);
+                if record.len() != reader.arity {
+                    counts.quarantine(table, line, "wrong_column_count");
                     continue;
                 }
-            };
-            // Validate every value that would leave before anything else.
-            values.clear();
-            let mut problem = None;
-            for fill in &plan.fills {
-                let v = match *fill {
-                    Fill::Date {
-                        col,
-                        rule,
-                        required,
-                    } => {
-                        let raw = reader.field(&record, col);
-                        match (raw.is_empty(), parse_ymd(raw)) {
-                            (true, _) if required => Err("missing_value"),
-                            (true, _) => Ok(Value::Date(None)),
-                            (false, Some(ymd)) => Ok(Value::Date(Some(generalise_ymd(ymd, rule)))),
-                            (false, None) => Err("malformed_date"),
-                        }
-                    }
-                    Fill::Text { col, required } => {
-                        match std::str::from_utf8(reader.field(&record, col)) {
-                            Ok("") if required => Err("missing_value"),
-                            Ok("") => Ok(Value::Text(None)),
-                            Ok(s)
-                                if Some(col) == plan.code_col
-                                    && !s.bytes().all(|b| b.is_ascii_digit()) =>
-                            {
-                                Err("invalid_code")
-                            }
-                            Ok(s)
-                                if table.columns()[col].kind == Kind::Sex
-                                    && !matches!(s, "M" | "F" | "I" | "U") =>
-                            {
-                                Err("invalid_value")
-                            }
-                            Ok(_) => Ok(Value::Text(Some(col))),
-                            Err(_) => Err("invalid_value"),
-                        }
-                    }
-                    Fill::Number { col } => {
-                        let raw = reader.field(&record, col);
-                        if raw.is_empty() {
-                            Ok(Value::Number(None))
-                        } else {
-                            std::str::from_utf8(raw)
-                                .ok()
-                                .and_then(|s| s.parse::<f64>().ok())
-                                .filter(|x| x.is_finite())
-                                .map(|x| Value::Number(Some(x)))
-                                .ok_or("invalid_number")
-                        }
-                    }
-                    Fill::Area { col } => {
-                        let raw = reader.field(&record, col);
-                        let area = ctx.lookup.and_then(|l| l.get(raw, &mut postcode_scratch));
-                        if area.is_none() && !raw.is_empty() {
-                            counts.receipt.unmatched_postcodes += 1;
-                        }
-                        Ok(Value::Area(area))
+                let nhs = match NhsNumber::parse(reader.field(record, 0)) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        counts.quarantine(table, line, e.reason());
+                        continue;
                     }
                 };
-                match v {
-                    Ok(v) => values.push(v),
-                    Err(reason) => {
-                        problem = Some(reason);
-                        break;
-                    }
-                }
-            }
-            if let Some(reason) = problem {
-                counts.quarantine(table, line, reason);
-                continue;
-            }
-            if table == Table::Patients {
-                known.insert(*nhs.as_bytes());
-            }
-            let verdict = match last {
-                Some((n, v)) if n == *nhs.as_bytes() => v,
-                _ => {
-                    let v = *verdicts.entry(*nhs.as_bytes()).or_insert_with(|| {
-                        if !known.contains(nhs.as_bytes()) {
-                            Verdict::Unknown
-                        } else if dissenting.contains(nhs.as_bytes()) {
-                            Verdict::Dissents
-                        } else {
-                            let t = Instant::now();
-                            let id = ctx.pseudonymiser.patient(&nhs);
-                            pseudonyms_computed += 1;
-                            stages.pseudonymise += t.elapsed().as_secs_f64();
-                            if ctx.blocked.contains(&id) {
-                                Verdict::Blocked(id)
-                            } else {
-                                Verdict::Leaves(id)
+                // Validate every value that would leave before anything else.
+                values.clear();
+                let mut problem = None;
+                for fill in &plan.fills {
+                    let v = match *fill {
+                        Fill::Date {
+                            col,
+                            rule,
+                            required,
+                        } => {
+                            let raw = reader.field(record, col);
+                            match (raw.is_empty(), parse_ymd(raw)) {
+                                (true, _) if required => Err("missing_value"),
+                                (true, _) => Ok(Value::Date(None)),
+                                (false, Some(ymd)) => {
+                                    Ok(Value::Date(Some(generalise_ymd(ymd, rule))))
+                                }
+                                (false, None) => Err("malformed_date"),
                             }
                         }
-                    });
-                    last = Some((*nhs.as_bytes(), v));
-                    v
-                }
-            };
-            let id = match verdict {
-                // No valid registration row for this number at this practice: fail closed.
-                Verdict::Unknown => {
-                    counts.quarantine(table, line, "unknown_patient");
-                    continue;
-                }
-                Verdict::Dissents => {
-                    type1_withheld += 1;
-                    continue;
-                }
-                Verdict::Blocked(id) => {
-                    withheld.insert(id);
-                    counts.receipt.withheld_by_tombstone.rows += 1;
-                    continue;
-                }
-                Verdict::Leaves(id) => id,
-            };
-            if let Some(col) = plan.code_col {
-                if let Some(category) = ctx.excluded.category(reader.field(&record, col)) {
-                    *counts
-                        .receipt
-                        .excluded_codes
-                        .entry(category.to_owned())
-                        .or_default() += 1;
-                    continue;
-                }
-            }
-
-            builders
-                .ids
-                .append_value(id)
-                .map_err(|e| CollectError::arrow(&tmp, e))?;
-            builders
-                .keys
-                .append_value(crate::deid::pseudonym::patient_key(&id));
-            if let Some(p) = &mut builders.practice {
-                p.append_value(practice_id)
-                    .map_err(|e| CollectError::arrow(&tmp, e))?;
-            }
-            for (b, v) in builders.cols.iter_mut().zip(&values) {
-                match (b, v) {
-                    (ColBuilder::Date(b), Value::Date(d)) => b.append_option(*d),
-                    (ColBuilder::Text(b), Value::Text(col)) => b.append_option(col.map(|c| {
-                        std::str::from_utf8(reader.field(&record, c)).unwrap_or_default()
-                    })),
-                    (ColBuilder::Number(b), Value::Number(x)) => b.append_option(*x),
-                    (ColBuilder::Area(l, d), Value::Area(a)) => {
-                        l.append_option(a.map(|a| a.0));
-                        d.append_option(a.map(|a| a.1));
+                        Fill::Text { col, required } => {
+                            match std::str::from_utf8(reader.field(record, col)) {
+                                Ok("") if required => Err("missing_value"),
+                                Ok("") => Ok(Value::Text(None)),
+                                Ok(s)
+                                    if Some(col) == plan.code_col
+                                        && !s.bytes().all(|b| b.is_ascii_digit()) =>
+                                {
+                                    Err("invalid_code")
+                                }
+                                Ok(s)
+                                    if table.columns()[col].kind == Kind::Sex
+                                        && !matches!(s, "M" | "F" | "I" | "U") =>
+                                {
+                                    Err("invalid_value")
+                                }
+                                Ok(_) => Ok(Value::Text(Some(col))),
+                                Err(_) => Err("invalid_value"),
+                            }
+                        }
+                        Fill::Number { col } => {
+                            let raw = reader.field(record, col);
+                            if raw.is_empty() {
+                                Ok(Value::Number(None))
+                            } else {
+                                std::str::from_utf8(raw)
+                                    .ok()
+                                    .and_then(|s| s.parse::<f64>().ok())
+                                    .filter(|x| x.is_finite())
+                                    .map(|x| Value::Number(Some(x)))
+                                    .ok_or("invalid_number")
+                            }
+                        }
+                        Fill::Area { col } => {
+                            let raw = reader.field(record, col);
+                            let area = ctx.lookup.and_then(|l| l.get(raw, &mut postcode_scratch));
+                            if area.is_none() && !raw.is_empty() {
+                                counts.receipt.unmatched_postcodes += 1;
+                            }
+                            Ok(Value::Area(area))
+                        }
+                    };
+                    match v {
+                        Ok(v) => values.push(v),
+                        Err(reason) => {
+                            problem = Some(reason);
+                            break;
+                        }
                     }
-                    _ => unreachable!("builders follow the plan"),
+                }
+                if let Some(reason) = problem {
+                    counts.quarantine(table, line, reason);
+                    continue;
+                }
+                if table == Table::Patients {
+                    known.insert(*nhs.as_bytes());
+                }
+                let verdict = match last {
+                    Some((n, v)) if n == *nhs.as_bytes() => v,
+                    _ => {
+                        let v = *verdicts.entry(*nhs.as_bytes()).or_insert_with(|| {
+                            if !known.contains(nhs.as_bytes()) {
+                                Verdict::Unknown
+                            } else if dissenting.contains(nhs.as_bytes()) {
+                                Verdict::Dissents
+                            } else {
+                                let t = Instant::now();
+                                let id = ctx.pseudonymiser.patient(&nhs);
+                                pseudonyms_computed += 1;
+                                stages.pseudonymise += t.elapsed().as_secs_f64();
+                                if ctx.blocked.contains(&id) {
+                                    Verdict::Blocked(id)
+                                } else {
+                                    Verdict::Leaves(id)
+                                }
+                            }
+                        });
+                        last = Some((*nhs.as_bytes(), v));
+                        v
+                    }
+                };
+                let id = match verdict {
+                    // No valid registration row for this number at this practice: fail closed.
+                    Verdict::Unknown => {
+                        counts.quarantine(table, line, "unknown_patient");
+                        continue;
+                    }
+                    Verdict::Dissents => {
+                        type1_withheld += 1;
+                        continue;
+                    }
+                    Verdict::Blocked(id) => {
+                        withheld.insert(id);
+                        counts.receipt.withheld_by_tombstone.rows += 1;
+                        continue;
+                    }
+                    Verdict::Leaves(id) => id,
+                };
+                if let Some(col) = plan.code_col {
+                    if let Some(category) = ctx.excluded.category(reader.field(record, col)) {
+                        *counts
+                            .receipt
+                            .excluded_codes
+                            .entry(category.to_owned())
+                            .or_default() += 1;
+                        continue;
+                    }
+                }
+
+                builders
+                    .ids
+                    .append_value(id)
+                    .map_err(|e| CollectError::arrow(&tmp, e))?;
+                builders
+                    .keys
+                    .append_value(crate::deid::pseudonym::patient_key(&id));
+                if let Some(p) = &mut builders.practice {
+                    p.append_value(practice_id)
+                        .map_err(|e| CollectError::arrow(&tmp, e))?;
+                }
+                for (b, v) in builders.cols.iter_mut().zip(&values) {
+                    match (b, v) {
+                        (ColBuilder::Date(b), Value::Date(d)) => b.append_option(*d),
+                        (ColBuilder::Text(b), Value::Text(col)) => b.append_option(col.map(|c| {
+                            std::str::from_utf8(reader.field(record, c)).unwrap_or_default()
+                        })),
+                        (ColBuilder::Number(b), Value::Number(x)) => b.append_option(*x),
+                        (ColBuilder::Area(l, d), Value::Area(a)) => {
+                            l.append_option(a.map(|a| a.0));
+                            d.append_option(a.map(|a| a.1));
+                        }
+                        _ => unreachable!("builders follow the plan"),
+                    }
+                }
+                builders.rows += 1;
+                rows_out += 1;
+                if table == Table::Patients {
+                    collected.insert(id);
+                }
+                if builders.rows == BATCH_ROWS {
+                    let t = Instant::now();
+                    builders.flush(&plan.schema, &mut writer, &tmp)?;
+                    stages.parquet_write += t.elapsed().as_secs_f64();
                 }
             }
-            builders.rows += 1;
-            rows_out += 1;
-            if table == Table::Patients {
-                collected.insert(id);
-            }
-            if builders.rows == BATCH_ROWS {
-                let t = Instant::now();
-                builders.flush(&plan.schema, &mut writer, &tmp)?;
-                stages.parquet_write += t.elapsed().as_secs_f64();
-            }
+            stages.validate_generalise += t.elapsed().as_secs_f64()
+                - (stages.pseudonymise + stages.parquet_write - timed_apart);
         }
         let t = Instant::now();
         builders.flush(&plan.schema, &mut writer, &tmp)?;
@@ -785,9 +807,6 @@ pub fn collect_practice(
             .type1_withheld_rows
             .insert(table.name().into(), type1_withheld);
     }
-    stages.read_transform =
-        (transform_started.elapsed().as_secs_f64() - stages.parquet_write - stages.pseudonymise)
-            .max(0.0);
 
     let dissenters: Vec<Pseudonym> = {
         let mut d: Vec<_> = type1

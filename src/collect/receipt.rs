@@ -8,13 +8,17 @@ use serde::{Deserialize, Serialize};
 
 /// Time spent in each stage of one practice's collection, in seconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StageSeconds {
     /// Hashing the input files to name the batch.
     pub hash_inputs: f64,
     /// The first pass over clinical events for Type 1 codes.
     pub type1: f64,
-    /// Reading and parsing CSV, validating rows, generalising, building Arrow arrays.
-    pub read_transform: f64,
+    /// Reading CSV records and splitting them into fields.
+    pub read_parse: f64,
+    /// Validating values, generalising dates and postcodes, applying the
+    /// exclusions and building Arrow arrays.
+    pub validate_generalise: f64,
     /// Computing HMAC pseudonyms (cache misses only).
     pub pseudonymise: f64,
     /// Encoding and writing Parquet.
