@@ -18,7 +18,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::deid::key::CollectionKey;
-use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
+use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, from_slice};
 use crate::error::{Classify, ExitStatus};
 use crate::nhs_number::NhsNumber;
 use crate::store::StoreError;
@@ -242,10 +242,10 @@ impl StoredPatients {
                     };
                     let practices = col("practice_id");
                     for i in 0..patients.len() {
-                        let id = to_pseudonym(patients.value(i));
+                        let id = from_slice(patients.value(i));
                         ids.insert(id);
                         if let Some(pr) = &practices {
-                            registrations.insert((id, to_pseudonym(pr.value(i))));
+                            registrations.insert((id, from_slice(pr.value(i))));
                         }
                     }
                 }
@@ -278,12 +278,6 @@ impl StoredPatients {
             .collect();
         format!(" ({})", parts.join(", "))
     }
-}
-
-fn to_pseudonym(bytes: &[u8]) -> Pseudonym {
-    let mut p = [0u8; 32];
-    p.copy_from_slice(&bytes[..32]);
-    p
 }
 
 /// One row of `truth/patients.csv`.
@@ -430,7 +424,7 @@ fn ndoo_unreachable(
                     .downcast_ref::<FixedSizeBinaryArray>()
                     .ok_or_else(|| anyhow::anyhow!("{table}.patient_id is not a pseudonym"))?;
                 for i in 0..ids.len() {
-                    let id = to_pseudonym(ids.value(i));
+                    let id = from_slice(ids.value(i));
                     if ndoo.contains(&id) {
                         reachable.insert(id);
                     }

@@ -14,6 +14,7 @@ use anyhow::Context;
 use crate::collect::{self, CollectOptions, CollectSummary};
 use crate::error::BadInput;
 use crate::policy::CollectionPolicy;
+use crate::policy::tre::TrePolicy;
 use crate::progress::Progress;
 use crate::synth::{self, SynthOptions};
 
@@ -54,7 +55,7 @@ const FLIGHT_SQL: &str = "SELECT age_band, count(*) AS patients FROM patients WH
 
 /// Starts `gpdp serve` on a free loopback port, asks one question with the
 /// Rust Flight SQL client (handshake as alice@demo-research), and stops it.
-fn ask_over_flight(store: &Path) -> anyhow::Result<FlightAnswer> {
+fn ask_over_flight(store: &Path, policy: &TrePolicy) -> anyhow::Result<FlightAnswer> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -64,7 +65,7 @@ fn ask_over_flight(store: &Path) -> anyhow::Result<FlightAnswer> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(crate::serve::serve(
             store.to_owned(),
-            crate::policy::tre::TrePolicy::load(None)?,
+            policy.clone(),
             "127.0.0.1:0".parse()?,
             None,
             move |addr| {
@@ -160,6 +161,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
 
     let extracts = dir.join("extracts");
     progress.stage("1/8 generating synthetic GP extracts");
+    let policy = CollectionPolicy::load(None)?;
     let report = synth::run(
         &SynthOptions {
             out: extracts.clone(),
@@ -169,7 +171,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
             start_year: synth::DEFAULT_START_YEAR,
             extract_date: synth::DEFAULT_EXTRACT_DATE.parse()?,
             threads,
-            policy: CollectionPolicy::load(None)?,
+            policy: policy.clone(),
         },
         progress,
     )?;
@@ -183,7 +185,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
             extract: extracts.clone(),
             store: store.clone(),
             key: key.clone(),
-            policy: CollectionPolicy::load(None)?,
+            policy: policy.clone(),
             practices: Vec::new(),
             threads,
             quarantine: None,
@@ -192,7 +194,6 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     )?;
 
     progress.stage("3/8 ingesting the National Data Opt-out list (pseudonymised)");
-    let policy = CollectionPolicy::load(None)?;
     let ndoo = crate::optout::ndoo::ingest(
         &extracts.join("national/ndoo.csv"),
         &store,
@@ -202,7 +203,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     )?;
 
     progress.stage("4/8 asking research questions through the TRE boundary");
-    let tre_policy = crate::policy::tre::TrePolicy::load(None)?;
+    let tre_policy = TrePolicy::load(None)?;
     let questions = QUESTIONS
         .iter()
         .map(|(title, project, sql)| {
@@ -239,7 +240,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     )?;
 
     progress.stage("7/8 the TRE as a service: one question over Arrow Flight SQL");
-    let flight = ask_over_flight(&store)?;
+    let flight = ask_over_flight(&store, &tre_policy)?;
 
     progress.stage("8/8 writing the report");
     let built = crate::report::build(

@@ -153,6 +153,7 @@ fn rates(mut m: Measured) -> Measured {
 /// The population for these parameters, generated once and cached.
 fn population(
     opts: &BenchOptions,
+    policy: &CollectionPolicy,
     patients: u64,
     practices: u32,
     progress: &Progress,
@@ -179,7 +180,7 @@ fn population(
             start_year: crate::synth::DEFAULT_START_YEAR,
             extract_date: crate::synth::DEFAULT_EXTRACT_DATE.parse()?,
             threads: opts.most_threads(),
-            policy: CollectionPolicy::load(None)?,
+            policy: policy.clone(),
         },
         progress,
     )?;
@@ -190,6 +191,7 @@ fn population(
 /// workers, measured; returns the summary, the figures (with the receipts'
 /// row and byte counts) and the store's path.
 fn measure_collection(
+    policy: &CollectionPolicy,
     extract: &Path,
     scratch: &Path,
     threads: usize,
@@ -206,7 +208,7 @@ fn measure_collection(
         extract: extract.to_owned(),
         store: store.clone(),
         key,
-        policy: CollectionPolicy::load(None)?,
+        policy: policy.clone(),
         practices: Vec::new(),
         threads,
         quarantine: Some(scratch.join("quarantine")),
@@ -259,6 +261,7 @@ impl BenchOptions {
 pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchReport> {
     std::fs::create_dir_all(&opts.data)?;
     let scratch = opts.data.join("bench-scratch");
+    let policy = CollectionPolicy::load(None)?;
     let threads = opts.most_threads();
     let mut runs = Vec::new();
     let mut thread_scaling = Vec::new();
@@ -266,7 +269,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
     let peak_memory_per_run = reset_peak();
     for (i, &scale) in opts.scales.iter().enumerate() {
         let (patients, practices) = (opts.patients * scale as u64, opts.practices * scale);
-        let extract = population(opts, patients, practices, progress)?;
+        let extract = population(opts, &policy, patients, practices, progress)?;
 
         // On the first scale, the other thread counts first (each run
         // replaces the scratch store, and the last scale's is queried).
@@ -275,7 +278,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
                 progress.stage(&format!(
                     "scale {scale}: collecting {patients} patients with {t} threads"
                 ));
-                let m = measure_collection(&extract, &scratch, t, progress)?.1;
+                let m = measure_collection(&policy, &extract, &scratch, t, progress)?.1;
                 thread_scaling.push(ThreadRun {
                     threads: t,
                     collect: m,
@@ -286,7 +289,8 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
         progress.stage(&format!(
             "scale {scale}: collecting {patients} patients with {threads} threads"
         ));
-        let (summary, collect, store) = measure_collection(&extract, &scratch, threads, progress)?;
+        let (summary, collect, store) =
+            measure_collection(&policy, &extract, &scratch, threads, progress)?;
         let (stage_seconds, stage_shares) = stages(&summary);
         if i == 0 {
             thread_scaling.push(ThreadRun {
@@ -309,7 +313,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
                 &extract,
                 &scratch.join("baseline"),
                 threads,
-                CollectionPolicy::load(None)?.codec,
+                policy.codec,
             )
         })?;
         let baseline = rates(Measured {
@@ -326,7 +330,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
                 &store,
                 &scratch.join("bench.key"),
                 false,
-                CollectionPolicy::load(None)?.codec,
+                policy.codec,
             )?;
             tre = super::tre::measure(&store, opts.tre_runs)?;
         }

@@ -69,6 +69,14 @@ impl Pseudonymiser {
     }
 }
 
+/// A pseudonym from the first 32 bytes of `bytes` (a `FixedSizeBinary(32)`
+/// value read back from the store).
+pub fn from_slice(bytes: &[u8]) -> Pseudonym {
+    let mut p = [0u8; 32];
+    p.copy_from_slice(&bytes[..32]);
+    p
+}
+
 /// The TRE's counting key of a pseudonym: its first 8 bytes as a number.
 pub fn patient_key(id: &Pseudonym) -> i64 {
     let mut b = [0u8; 8];

@@ -214,6 +214,7 @@ pub fn build(store: &Path, truth: Option<TruthInput>) -> anyhow::Result<Report> 
             .as_ref()
             .and_then(|t| t.key.map(|key| crate::audit::Truth { dir: t.dir, key })),
     )?;
+    let tre = tre(&log, &policy, &audit);
     let collection = collection(store, &manifest, &receipts, &rt)?;
     let optouts = optouts(store, &manifest, &receipts, &log, &policy, &rt, audit)?;
     let representativeness = representativeness(
@@ -224,7 +225,6 @@ pub fn build(store: &Path, truth: Option<TruthInput>) -> anyhow::Result<Report> 
         &rt,
     )?;
     let reidentification = risk(store, &manifest, &rt)?;
-    let tre = tre(store, &log, &policy);
     let throughput = throughput(&receipts, &log, &manifest);
     Ok(Report {
         schema: "gpdp-report/1",
@@ -748,17 +748,21 @@ fn risk(store: &Path, manifest: &Manifest, rt: &tokio::runtime::Runtime) -> anyh
     })
 }
 
-fn tre(store: &Path, log: &[Value], policy: &TrePolicy) -> Tre {
+fn tre(log: &[Value], policy: &TrePolicy, audit: &crate::audit::AuditReport) -> Tre {
     let queries: Vec<&Value> = log.iter().filter(|e| e["event"] == "query").collect();
     let mut refused_by_rule = BTreeMap::new();
     for q in queries.iter().filter(|q| q["outcome"] == "refused") {
         let rule = q["rule"].as_str().unwrap_or("unknown").to_owned();
         *refused_by_rule.entry(rule).or_insert(0u64) += 1;
     }
-    let (chain_intact, chain) = match crate::audit::verify_log(store) {
-        Ok(r) => (true, format!("{} lines chained; head {}", r.lines, r.head)),
-        Err(e) => (false, e.to_string()),
-    };
+    // The audit has verified the chain already.
+    let (chain_intact, chain) = audit
+        .checks
+        .iter()
+        .find(|c| c.name == "audit_log_intact")
+        .map_or((false, "not checked".to_owned()), |c| {
+            (c.passed, c.detail.clone())
+        });
     Tre {
         projects: policy
             .projects

@@ -20,7 +20,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
-use crate::deid::pseudonym::Pseudonym;
+use crate::deid::pseudonym::{Pseudonym, from_slice};
 use crate::policy::Codec;
 
 /// Columns that hold pseudonyms.
@@ -113,7 +113,7 @@ pub fn patient_ids(path: &Path) -> parquet::errors::Result<Vec<Pseudonym>> {
     for batch in builder.with_projection(mask).build()? {
         let batch = batch?;
         let ids = pseudonyms(&batch)?;
-        out.extend((0..ids.len()).map(|i| to_pseudonym(ids.value(i))));
+        out.extend((0..ids.len()).map(|i| from_slice(ids.value(i))));
     }
     Ok(out)
 }
@@ -129,12 +129,6 @@ fn pseudonyms(batch: &RecordBatch) -> parquet::errors::Result<&FixedSizeBinaryAr
 
 fn prefix(id: &[u8]) -> u64 {
     u64::from_le_bytes(id[..8].try_into().expect("a pseudonym has 32 bytes"))
-}
-
-fn to_pseudonym(bytes: &[u8]) -> Pseudonym {
-    let mut p = [0u8; 32];
-    p.copy_from_slice(&bytes[..32]);
-    p
 }
 
 /// Rows before and after a rewrite, and the new file's SHA-256 and size.
