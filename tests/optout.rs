@@ -64,15 +64,7 @@ fn apply(c: &Collected, list: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 fn audit(c: &Collected) -> std::process::Output {
-    run(&[
-        "audit",
-        "--store",
-        c.store.to_str().unwrap(),
-        "--truth",
-        c.extract.join("truth").to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-    ])
+    gpdp().arg("audit").args(c.truth_args()).output().unwrap()
 }
 
 /// Every pseudonym with a row in any table.

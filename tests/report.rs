@@ -19,17 +19,12 @@ struct Made {
 fn made() -> Made {
     let c = collected_with_ndoo(3, 1200, 17, 7);
     let out = c._dir.path().join("report");
-    let o = run(&[
-        "report",
-        "--store",
-        c.store.to_str().unwrap(),
-        "--truth",
-        c.extract.join("truth").to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = gpdp()
+        .arg("report")
+        .args(c.truth_args())
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let json = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();

@@ -100,20 +100,7 @@ fn text(v: &serde_json::Value) -> String {
 
 /// `gpdp query --format json` rows, as text in column order.
 fn cli_rows(sql: &str) -> Vec<Vec<String>> {
-    let o = run(&[
-        "query",
-        "--store",
-        fixture().store.to_str().unwrap(),
-        "--project",
-        "demo-research",
-        "--user",
-        "alice",
-        "--token",
-        "demo-alice-token",
-        "--format",
-        "json",
-        sql,
-    ]);
+    let o = query_as_alice(&fixture().store, &["--format", "json", sql]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let columns: Vec<String> = v["columns"]

@@ -303,18 +303,10 @@ fn an_edited_audit_log_fails_verification_naming_the_line() {
 fn a_path_that_is_not_a_store_is_a_usage_error_and_gains_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let not_a_store = dir.path().join("elsewhere");
-    let o = run(&[
-        "query",
-        "--store",
-        not_a_store.to_str().unwrap(),
-        "--project",
-        "demo-research",
-        "--user",
-        "alice",
-        "--token",
-        "demo-alice-token",
-        "SELECT sex, count(*) FROM patients GROUP BY sex",
-    ]);
+    let o = query_as_alice(
+        &not_a_store,
+        &["SELECT sex, count(*) FROM patients GROUP BY sex"],
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("not a gpdp store"), "{}", stderr(&o));
     assert!(

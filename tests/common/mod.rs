@@ -273,6 +273,40 @@ pub struct Collected {
     pub key: PathBuf,
 }
 
+impl Collected {
+    /// `--store S --truth T --key K`, for the commands that check against the truth.
+    pub fn truth_args(&self) -> Vec<String> {
+        [
+            "--store",
+            self.store.to_str().unwrap(),
+            "--truth",
+            self.extract.join("truth").to_str().unwrap(),
+            "--key",
+            self.key.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
+/// `gpdp query --store STORE` as alice in demo-research, with `rest`
+/// (options, then the SQL).
+pub fn query_as_alice(store: &Path, rest: &[&str]) -> Output {
+    let mut args = vec![
+        "query",
+        "--store",
+        store.to_str().unwrap(),
+        "--project",
+        "demo-research",
+        "--user",
+        "alice",
+        "--token",
+        "demo-alice-token",
+    ];
+    args.extend(rest);
+    run(&args)
+}
+
 /// Generates an extract and collects it with a key made of `key_byte`.
 pub fn collected(practices: u32, patients: u64, seed: u64, key_byte: u8) -> Collected {
     let dir = tempfile::tempdir().unwrap();
