@@ -188,7 +188,6 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let mut members = BatchMembers::load(&store)?;
     let store_root = store.root().to_owned();
     let excluded = Exclusions::new(&opts.policy);
     let threads = opts.threads.clamp(1, practices.len());
@@ -248,6 +247,9 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
         }
     }
     let blocked_hex: HashSet<String> = blocked.iter().map(|p| hex(p)).collect();
+    // Who is in the batches this run does not collect again: this run's
+    // dissenters are deleted from those (the rest hold them back at source).
+    let mut members = BatchMembers::load(&store, |practice| !changed.contains(practice))?;
 
     let ctx = Context {
         blocked: &blocked,
@@ -424,7 +426,7 @@ pub struct Group<'a> {
     pub book: &'a mut TombstoneBook,
     /// Patients whose request tombstone ends with this run (withdrawn since).
     pub withdrawn: &'a HashSet<Pseudonym>,
-    /// The patients of every batch in the store as it will be once committed.
+    /// The patients of the committed batches this run does not collect again.
     pub members: &'a mut BatchMembers,
     pub codec: crate::policy::Codec,
     pub key_id: &'a str,
@@ -447,10 +449,10 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
         let source = format!("type1:{}", staged.practice);
         // Tombstones: lift this practice's for patients it now collects (their
         // dissent here was withdrawn); add one for each patient dissenting here.
-        let returning: HashSet<Pseudonym> =
-            staged.patients.intersection(g.withdrawn).copied().collect();
-        let lifted =
-            g.book.lift(&source, &staged.patients) + g.book.lift(REQUEST_SOURCE, &returning);
+        let here = |p: &Pseudonym| staged.patients.binary_search(p).is_ok();
+        let lifted = g.book.lift(&source, here)
+            + g.book
+                .lift(REQUEST_SOURCE, |p| here(p) && g.withdrawn.contains(p));
         let added = g.book.add(&source, &staged.dissenters, &now);
         tombstones_changed |= lifted > 0 || !added.is_empty();
 
@@ -554,10 +556,10 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
                 deleted_patients: deleted_here,
             },
         );
-        g.members.set(
-            &staged.practice,
-            staged.patients.iter().filter(|p| !late.contains(*p)),
-        );
+        // The new batch holds none of this run's dissenters (they were
+        // held back at source: `blocked`), and only they are deleted from
+        // other batches during the run, so no deletion needs to look at it.
+        g.members.forget(&staged.practice);
         outcomes.push(Outcome::Committed {
             receipt: Box::new(staged.receipt),
             deleted_elsewhere,

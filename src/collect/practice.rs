@@ -36,7 +36,7 @@ use crate::store::parquet::Writer;
 pub const BATCH_ROWS: usize = 64 * 1024;
 
 /// CSV records read at a time (see the stage timers in [`collect_practice`]).
-const CHUNK_ROWS: usize = 1024;
+const CHUNK_ROWS: usize = 128;
 
 /// Everything shared by the practices of one run.
 pub struct Context<'a> {
@@ -59,8 +59,9 @@ pub struct Staged {
     /// Relative paths of the written files, per table.
     pub files: Vec<(Table, String)>,
     pub receipt: Receipt,
-    /// Pseudonyms of the patients in this batch.
-    pub patients: HashSet<Pseudonym>,
+    /// Pseudonyms of the patients in this batch, sorted (a batch may wait
+    /// for its commit behind others: this is its compact form).
+    pub patients: Vec<Pseudonym>,
     /// Pseudonyms of patients who dissent here (sent as tombstones).
     pub dissenters: Vec<Pseudonym>,
     /// Patients held back by another practice's tombstone (hex).
@@ -837,12 +838,14 @@ pub fn collect_practice(
     r.finished = crate::store::now_rfc3339();
     r.seconds = started.elapsed().as_secs_f64() + hash_seconds;
     r.stage_seconds = stages;
+    let mut patients: Vec<Pseudonym> = collected.into_iter().collect();
+    patients.sort_unstable();
     Ok(Staged {
         practice: practice.code.clone(),
         batch,
         files,
         receipt: counts.receipt,
-        patients: collected,
+        patients,
         dissenters,
         withheld: withheld.iter().map(|p| hex(p)).collect(),
     })

@@ -21,9 +21,10 @@ use crate::deid::pseudonym::{Pseudonym, hex, patient_key};
 use crate::extract::Table;
 use crate::policy::Codec;
 
-/// The patients of every committed batch, by practice, as sorted
+/// The patients of committed batches, by practice, as sorted
 /// [`patient_key`]s: 8 bytes a patient rather than a set of 32-byte
-/// pseudonyms, so that what collection keeps across practices stays small.
+/// pseudonyms. Collection loads only the batches it does not collect again
+/// (a fresh store: none), so its memory does not grow with the store.
 ///
 /// It answers "which of these patients does this batch hold?" without
 /// reading the data files. Two patients can share a key only by a 64-bit
@@ -37,12 +38,15 @@ pub struct BatchMembers {
 }
 
 impl BatchMembers {
-    /// Reads the members of every committed batch from its `patients` file
-    /// (every row of a batch belongs to a patient in it: collection
-    /// quarantines the rest).
-    pub fn load(store: &Store) -> Result<BatchMembers, StoreError> {
+    /// Reads the members of the committed batches of the practices `wanted`
+    /// picks from their `patients` files (every row of a batch belongs to a
+    /// patient in it: collection quarantines the rest).
+    pub fn load(store: &Store, wanted: impl Fn(&str) -> bool) -> Result<BatchMembers, StoreError> {
         let mut members = BatchMembers::default();
         for (practice, entry) in &store.manifest.batches {
+            if !wanted(practice) {
+                continue;
+            }
             let Some(file) = entry.files.get(Table::Patients.name()) else {
                 continue;
             };
@@ -54,12 +58,17 @@ impl BatchMembers {
     }
 
     /// Records `patients` as the members of `practice`'s batch.
-    pub fn set<'p>(&mut self, practice: &str, patients: impl IntoIterator<Item = &'p Pseudonym>) {
+    fn set<'p>(&mut self, practice: &str, patients: impl IntoIterator<Item = &'p Pseudonym>) {
         let mut keys: Vec<i64> = patients.into_iter().map(patient_key).collect();
         keys.sort_unstable();
         keys.dedup();
         keys.shrink_to_fit();
         self.by_practice.insert(practice.to_owned(), keys);
+    }
+
+    /// Stops tracking `practice`'s batch: no deletion will look at it.
+    pub fn forget(&mut self, practice: &str) {
+        self.by_practice.remove(practice);
     }
 
     /// Those of `patients` that `practice`'s batch holds.
@@ -263,13 +272,13 @@ impl TombstoneBook {
         fresh
     }
 
-    /// Removes `source`'s tombstones for these patients; returns how many.
-    pub fn lift(&mut self, source: &str, patients: &HashSet<Pseudonym>) -> usize {
+    /// Removes `source`'s tombstones for the patients `lifted` picks; returns how many.
+    pub fn lift(&mut self, source: &str, lifted: impl Fn(&Pseudonym) -> bool) -> usize {
         let lifted: Vec<Pseudonym> = self
             .entries
             .range((source.to_owned(), [0u8; 32])..=(source.to_owned(), [0xffu8; 32]))
             .map(|((_, p), _)| *p)
-            .filter(|p| patients.contains(p))
+            .filter(|p| lifted(p))
             .collect();
         for p in &lifted {
             self.entries.remove(&(source.to_owned(), *p));
