@@ -398,6 +398,25 @@ impl BenchReport {
         ] {
             page += &crate::report::html::bar_chart(title, &labels, &values, unit, None)?;
         }
+        if self.thread_scaling.len() > 1 {
+            let labels: Vec<String> = self
+                .thread_scaling
+                .iter()
+                .map(|r| format!("{} threads", r.threads))
+                .collect();
+            let values: Vec<f64> = self
+                .thread_scaling
+                .iter()
+                .map(|r| r.collect.rows_per_second / 1e6)
+                .collect();
+            page += &crate::report::html::bar_chart(
+                "Collection throughput by thread count (scale 1)",
+                &labels,
+                &values,
+                "M rows/s",
+                None,
+            )?;
+        }
         page += &format!(
             "<pre>{}</pre></body></html>\n",
             self.to_table().replace('<', "&lt;")
