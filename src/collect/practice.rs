@@ -275,13 +275,11 @@ impl Builders {
 
 /// A validated value waiting to be appended (all of a row's values are
 /// checked before any is appended, so a bad row never half-enters a batch).
-/// Text values are re-read from the record when appended (they were checked
-/// to be UTF-8 here), so this holds no borrow of the record.
+/// Text borrows the record it was checked in (checked once, as UTF-8).
 #[derive(Clone, Copy)]
 enum Value<'l> {
     Date(Option<Day>),
-    /// The extract column holding the text, if present.
-    Text(Option<usize>),
+    Text(Option<&'l str>),
     Number(Option<f64>),
     Area(Option<(&'l str, u8)>),
 }
@@ -588,8 +586,8 @@ pub fn collect_practice(
         let mut writer = Writer::create(&tmp, plan.schema.clone(), ctx.policy.codec)
             .map_err(|e| CollectError::parquet(&tmp, e))?;
         let mut builders = Builders::new(&plan, table);
-        let mut values: Vec<Value> = Vec::with_capacity(plan.fills.len());
         let mut postcode_scratch = Vec::new();
+        let mut last_nhs: Option<NhsNumber> = None;
         let (mut rows_in, mut rows_out, mut type1_withheld) = (0u64, 0u64, 0u64);
 
         // Records are read a chunk at a time, so that reading and parsing CSV
@@ -607,6 +605,7 @@ pub fn collect_practice(
             }
             let t = Instant::now();
             let timed_apart = stages.pseudonymise + stages.parquet_write;
+            let mut values: Vec<Value> = Vec::with_capacity(plan.fills.len());
             for record in &chunk[..n] {
                 rows_in += 1;
                 let line = line_of(record);
@@ -614,12 +613,19 @@ pub fn collect_practice(
                     counts.quarantine(table, line, "wrong_column_count");
                     continue;
                 }
-                let nhs = match NhsNumber::parse(reader.field(record, 0)) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        counts.quarantine(table, line, e.reason());
-                        continue;
-                    }
+                // Rows come grouped by patient: a number equal to the last
+                // valid one is that valid number (a valid number is exactly
+                // its ten digits), so it is not checked again.
+                let raw = reader.field(record, 0);
+                let nhs = match last_nhs {
+                    Some(n) if n.as_bytes() == raw => n,
+                    _ => match NhsNumber::parse(raw) {
+                        Ok(n) => *last_nhs.insert(n),
+                        Err(e) => {
+                            counts.quarantine(table, line, e.reason());
+                            continue;
+                        }
+                    },
                 };
                 // Validate every value that would leave before anything else.
                 values.clear();
@@ -657,7 +663,7 @@ pub fn collect_practice(
                                 {
                                     Err("invalid_value")
                                 }
-                                Ok(_) => Ok(Value::Text(Some(col))),
+                                Ok(s) => Ok(Value::Text(Some(s))),
                                 Err(_) => Err("invalid_value"),
                             }
                         }
@@ -764,9 +770,7 @@ pub fn collect_practice(
                 for (b, v) in builders.cols.iter_mut().zip(&values) {
                     match (b, v) {
                         (ColBuilder::Date(b), Value::Date(d)) => b.append_option(*d),
-                        (ColBuilder::Text(b), Value::Text(col)) => b.append_option(col.map(|c| {
-                            std::str::from_utf8(reader.field(record, c)).unwrap_or_default()
-                        })),
+                        (ColBuilder::Text(b), Value::Text(s)) => b.append_option(*s),
                         (ColBuilder::Number(b), Value::Number(x)) => b.append_option(*x),
                         (ColBuilder::Area(l, d), Value::Area(a)) => {
                             l.append_option(a.map(|a| a.0));
