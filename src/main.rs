@@ -667,7 +667,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 (Some(cert), Some(key)) => Some(gpdp::serve::Tls { cert, key }),
                 _ => None,
             };
-            if !gpdp::serve::is_loopback(&listen) && !(allow_remote && tls.is_some()) {
+            if !gpdp::serve::is_loopback(&listen) && (!allow_remote || tls.is_none()) {
                 let why = if allow_remote {
                     "--allow-remote needs TLS (--tls-cert and --tls-key): tokens must not cross a network in clear text"
                 } else {

@@ -173,14 +173,14 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
 
     std::fs::create_dir_all(&opts.store).map_err(|e| CollectError::io(&opts.store, e))?;
     let mut store = Store::open_for_write(&opts.store, true)?;
-    if let Some(existing) = &store.manifest.key_id {
-        if existing != &key_id {
-            return Err(StoreError::KeyMismatch {
-                store: existing.clone(),
-                given: key_id,
-            }
-            .into());
+    if let Some(existing) = &store.manifest.key_id
+        && existing != &key_id
+    {
+        return Err(StoreError::KeyMismatch {
+            store: existing.clone(),
+            given: key_id,
         }
+        .into());
     }
     let current: HashMap<String, BatchEntry> = store
         .manifest
@@ -534,15 +534,14 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
             }));
         }
         // A batch staged in this same group and now replaced never reaches a manifest.
-        if let Some(old) = next.batches.get(&staged.practice) {
-            if !store
+        if let Some(old) = next.batches.get(&staged.practice)
+            && store
                 .manifest
                 .batches
                 .get(&staged.practice)
-                .is_some_and(|b| b.batch == old.batch)
-            {
-                superseded.extend(old.files.values().map(|f| store.path(&f.path)));
-            }
+                .is_none_or(|b| b.batch != old.batch)
+        {
+            superseded.extend(old.files.values().map(|f| store.path(&f.path)));
         }
         next.batches.insert(
             staged.practice.clone(),

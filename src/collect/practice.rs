@@ -745,15 +745,15 @@ pub fn collect_practice(
                     }
                     Verdict::Leaves(id) => id,
                 };
-                if let Some(col) = plan.code_col {
-                    if let Some(category) = ctx.excluded.category(reader.field(record, col)) {
-                        *counts
-                            .receipt
-                            .excluded_codes
-                            .entry(category.to_owned())
-                            .or_default() += 1;
-                        continue;
-                    }
+                if let Some(col) = plan.code_col
+                    && let Some(category) = ctx.excluded.category(reader.field(record, col))
+                {
+                    *counts
+                        .receipt
+                        .excluded_codes
+                        .entry(category.to_owned())
+                        .or_default() += 1;
+                    continue;
                 }
 
                 builders

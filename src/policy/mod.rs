@@ -226,12 +226,12 @@ impl CollectionPolicy {
         let mut excluded_codes = HashMap::new();
         for (category, codes) in &raw.exclusions {
             for code in codes {
-                if let Some(other) = excluded_codes.insert(code.clone(), category.clone()) {
-                    if &other != category {
-                        return Err(invalid(format!(
-                            "[exclusions] code {code} is listed under both {other} and {category}"
-                        )));
-                    }
+                if let Some(other) = excluded_codes.insert(code.clone(), category.clone())
+                    && &other != category
+                {
+                    return Err(invalid(format!(
+                        "[exclusions] code {code} is listed under both {other} and {category}"
+                    )));
                 }
             }
         }

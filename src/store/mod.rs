@@ -201,10 +201,8 @@ impl Store {
     /// Opens (creating if `create`) a store for writing: takes the lock,
     /// finishes an interrupted commit's log, removes unreferenced files.
     pub fn open_for_write(root: &Path, create: bool) -> Result<Store, StoreError> {
-        if !root.join("manifest.json").exists() {
-            if !create {
-                return Err(StoreError::NotAStore(root.to_owned()));
-            }
+        if !create && !root.join("manifest.json").exists() {
+            return Err(StoreError::NotAStore(root.to_owned()));
         }
         let tables = Table::ALL.map(|t| format!("tables/{}", t.name()));
         for dir in ["optouts", "receipts", "audit"]

@@ -778,7 +778,7 @@ fn relative_name(rng: &mut Rng) -> &'static str {
     } else {
         GIVEN_MALE
     };
-    *rng.pick(names)
+    rng.pick::<&str>(names)
 }
 
 fn rng_day(rng: &mut Rng, from: Day, to: Day) -> Day {

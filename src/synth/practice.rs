@@ -94,7 +94,7 @@ impl Fields {
         out.clear();
         let n = self.ends.len();
         let (count, extra) = match bad {
-            Some((3, _)) if n > 2 && self.bytes.len() % 2 == 0 => (n - 1, false),
+            Some((3, _)) if n > 2 && self.bytes.len().is_multiple_of(2) => (n - 1, false),
             Some((3, _)) => (n, true),
             _ => (n, false),
         };
@@ -194,7 +194,7 @@ pub fn write_practice(
         emit(world, dates, &person, 0, &mut out, scratch)?;
         recycle(person, scratch);
         done += 1;
-        if done % 1024 == 0 {
+        if done.is_multiple_of(1024) {
             progress(1024);
         }
     }

@@ -378,7 +378,7 @@ fn rewrite(
 fn aggregate(a: &Aggregate, project: &Project) -> Result<(LogicalPlan, Vec<ColumnKind>), Refusal> {
     for g in &a.group_expr {
         match g {
-            Expr::Column(c) if project.group_keys.iter().any(|k| *k == c.name) => {}
+            Expr::Column(c) if project.group_keys.contains(&c.name) => {}
             Expr::GroupingSet(_) => {
                 return Err(Refusal::new(
                     "grouping_sets",
