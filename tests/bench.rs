@@ -64,6 +64,13 @@ fn bench_figures_equal_the_receipts_of_the_same_collection() {
         run0["baseline"]["rows_in"], rows_in,
         "the baseline read the same rows"
     );
+    let extract_bytes: u64 = std::fs::read_dir(extract.join("practices"))
+        .unwrap()
+        .flat_map(|practice| std::fs::read_dir(practice.unwrap().path()).unwrap())
+        .map(|file| file.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(run0["collect"]["bytes_in"], extract_bytes);
+    assert_eq!(run0["baseline"]["bytes_in"], extract_bytes);
     let shares: f64 = run0["stage_shares"]
         .as_object()
         .unwrap()

@@ -448,15 +448,16 @@ impl BenchReport {
     /// The figures as tables for people.
     pub fn to_table(&self) -> String {
         let mut out = format!("gpdp bench ({} threads)\n\n", self.threads);
-        out += "scale  patients  run       rows in   rows out  wall s   cpu s   M rows/s   MB/s  peak MiB\n";
+        out += "scale  patients  run       rows in  MB in   rows out  wall s   cpu s   M rows/s   MB/s  peak MiB\n";
         for r in &self.runs {
             for (name, m) in [("gpdp", &r.collect), ("baseline", &r.baseline)] {
                 out += &format!(
-                    "{:>5}  {:>8}  {:<8} {:>9} {:>10} {:>7.2} {:>7.2} {:>10.2} {:>6.0} {:>9.0}\n",
+                    "{:>5}  {:>8}  {:<8} {:>9} {:>6.0} {:>10} {:>7.2} {:>7.2} {:>10.2} {:>6.0} {:>9.0}\n",
                     r.scale,
                     r.patients,
                     name,
                     m.rows_in,
+                    m.bytes_in as f64 / 1e6,
                     m.rows_out,
                     m.wall_seconds,
                     m.cpu_seconds,
