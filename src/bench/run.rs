@@ -10,8 +10,8 @@
 //! times. On the last scale it also measures TRE query latency through the
 //! boundary and directly ([`super::tre`]).
 //!
-//! Each scale's extract is read once before anything is measured, so that
-//! every run reads it from the page cache.
+//! Each scale's practice files and reference are read once before anything
+//! is measured, so that every run reads them from the page cache.
 //!
 //! CPU time comes from `/proc/self/stat` (user + system, 100 ticks a
 //! second); peak memory from `VmHWM` in `/proc/self/status`, reset before
@@ -190,7 +190,7 @@ fn population(
     Ok(dir)
 }
 
-/// Reads every file of the extract once, unmeasured, so that gpdp and the
+/// Reads every file under `dir` once, unmeasured, so that gpdp and the
 /// baseline both read it from memory: on a cold cache whichever ran first
 /// would pay for the disk, and the ratio would measure that.
 fn warm_page_cache(dir: &Path) -> anyhow::Result<()> {
@@ -205,26 +205,40 @@ fn warm_page_cache(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Collection runs at each thread count, with speed-ups over the fewest.
+fn thread_scaling(mut runs: Vec<(usize, Measured)>) -> Vec<ThreadRun> {
+    runs.sort_by_key(|(threads, _)| *threads);
+    let base = runs
+        .first()
+        .map_or(1e-9, |(_, m)| m.rows_per_second.max(1e-9));
+    runs.into_iter()
+        .map(|(threads, collect)| ThreadRun {
+            threads,
+            speedup: collect.rows_per_second / base,
+            collect,
+        })
+        .collect()
+}
+
 /// Collects `extract` into a fresh store under `scratch` with `threads`
 /// workers, measured; returns the summary, the figures (with the receipts'
-/// row and byte counts) and the store's path.
+/// row and byte counts) and the options used (the store and key).
 fn measure_collection(
     policy: &CollectionPolicy,
     extract: &Path,
     scratch: &Path,
     threads: usize,
     progress: &Progress,
-) -> anyhow::Result<(CollectSummary, Measured, PathBuf)> {
+) -> anyhow::Result<(CollectSummary, Measured, CollectOptions)> {
     if scratch.exists() {
         std::fs::remove_dir_all(scratch)?;
     }
     std::fs::create_dir_all(scratch)?;
     let key = scratch.join("bench.key");
     crate::deid::key::generate(&key)?;
-    let store = scratch.join("store");
     let options = CollectOptions {
         extract: extract.to_owned(),
-        store: store.clone(),
+        store: scratch.join("store"),
         key,
         policy: policy.clone(),
         practices: Vec::new(),
@@ -239,7 +253,7 @@ fn measure_collection(
         bytes_in: receipts.iter().map(|r| r.bytes_in).sum(),
         ..m
     });
-    Ok((summary, m, store))
+    Ok((summary, m, options))
 }
 
 /// Seconds per stage summed over the receipts, with the commit's, and each
@@ -288,40 +302,31 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
     for (i, &scale) in opts.scales.iter().enumerate() {
         let (patients, practices) = (opts.patients * scale as u64, opts.practices * scale);
         let extract = population(opts, &policy, patients, practices, progress)?;
-        warm_page_cache(&extract)?;
+        // What collection and the baseline read.
+        warm_page_cache(&extract.join("practices"))?;
+        warm_page_cache(&extract.join("reference"))?;
 
         // On the first scale, the other thread counts first (each run
         // replaces the scratch store, and the last scale's is queried).
+        let mut sweep = Vec::new();
         if i == 0 {
             for &t in opts.threads.iter().filter(|&&t| t != threads) {
                 progress.stage(&format!(
                     "scale {scale}: collecting {patients} patients with {t} threads"
                 ));
                 let m = measure_collection(&policy, &extract, &scratch, t, progress)?.1;
-                thread_scaling.push(ThreadRun {
-                    threads: t,
-                    collect: m,
-                    speedup: 0.0,
-                });
+                sweep.push((t, m));
             }
         }
         progress.stage(&format!(
             "scale {scale}: collecting {patients} patients with {threads} threads"
         ));
-        let (summary, collect, store) =
+        let (summary, collect, collected) =
             measure_collection(&policy, &extract, &scratch, threads, progress)?;
         let (stage_seconds, stage_shares) = stages(&summary);
         if i == 0 {
-            thread_scaling.push(ThreadRun {
-                threads,
-                collect: collect.clone(),
-                speedup: 0.0,
-            });
-            thread_scaling.sort_by_key(|r| r.threads);
-            let base = thread_scaling[0].collect.rows_per_second.max(1e-9);
-            for r in &mut thread_scaling {
-                r.speedup = r.collect.rows_per_second / base;
-            }
+            sweep.push((threads, collect.clone()));
+            thread_scaling = self::thread_scaling(sweep);
         }
 
         progress.stage(&format!(
@@ -346,12 +351,12 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
             progress.stage("TRE query latency: through the boundary and directly");
             crate::optout::ndoo::ingest(
                 &extract.join("national/ndoo.csv"),
-                &store,
-                &scratch.join("bench.key"),
+                &collected.store,
+                &collected.key,
                 false,
                 policy.codec,
             )?;
-            tre = super::tre::measure(&store, opts.tre_runs)?;
+            tre = super::tre::measure(&collected.store, opts.tre_runs)?;
         }
         runs.push(ScaleRun {
             scale,
