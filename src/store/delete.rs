@@ -52,18 +52,12 @@ impl BatchMembers {
             };
             let path = store.path(&file.path);
             let ids = patient_ids(&path).map_err(pq_err(&path))?;
-            members.set(practice, &ids);
+            let mut keys: Vec<i64> = ids.iter().map(patient_key).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            members.by_practice.insert(practice.clone(), keys);
         }
         Ok(members)
-    }
-
-    /// Records `patients` as the members of `practice`'s batch.
-    fn set<'p>(&mut self, practice: &str, patients: impl IntoIterator<Item = &'p Pseudonym>) {
-        let mut keys: Vec<i64> = patients.into_iter().map(patient_key).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        keys.shrink_to_fit();
-        self.by_practice.insert(practice.to_owned(), keys);
     }
 
     /// Stops tracking `practice`'s batch: no deletion will look at it.
