@@ -103,16 +103,17 @@ fn random_token() -> Result<String, Status> {
     Ok(crate::deid::pseudonym::hex(&bytes))
 }
 
-/// A TRE error as a Flight status: refusals carry their rule and reason;
+/// A TRE error as a Flight status: refusals carry their rule (and
+/// construct) and reason; failures while running carry one fixed message;
 /// internal errors say only where the operator can look.
 fn status(e: TreError) -> Status {
     match e {
         TreError::Refused(r) if r.rule == "authentication" => {
-            Status::unauthenticated(format!("refused by rule {}: {}", r.rule, r.reason))
+            Status::unauthenticated(r.to_string())
         }
-        TreError::Refused(r) => {
-            Status::permission_denied(format!("refused by rule {}: {}", r.rule, r.reason))
-        }
+        TreError::Refused(r) => Status::permission_denied(r.to_string()),
+        // One fixed message for every failure while running (see tre::EXECUTION_FAILED).
+        e @ TreError::Failed(_) => Status::aborted(e.to_string()),
         TreError::Sql(m) => Status::invalid_argument(m),
         TreError::Internal(_) | TreError::Store(_) => Status::internal(
             "internal error while running the query (the TRE operator can find it in the audit log)",

@@ -23,6 +23,76 @@ pub const GROUPABLE: [&str; 9] = [
     "dmd_code",
     "event_year",
 ];
+/// Columns of the TRE views that a predicate may ever test (WHERE, FILTER,
+/// cohort subqueries): the groupable columns, event dates and the values.
+pub const FILTERABLE: [&str; 12] = [
+    "age_band",
+    "sex",
+    "ethnicity",
+    "imd_decile",
+    "registered",
+    "deceased",
+    "snomedct_code",
+    "dmd_code",
+    "event_year",
+    "date",
+    "numeric_value",
+    "quantity",
+];
+/// Columns of the TRE views whose values may be summed or averaged.
+pub const VALUE_COLUMNS: [&str; 2] = ["numeric_value", "quantity"];
+/// Columns no allow-list may ever name: identities, the practice, small
+/// areas, exact birth months and registration or death dates. They exist in
+/// the views only so that the views match the store; the grammar makes them
+/// unusable (`patient_id` only in joins and cohorts).
+pub const NEVER: [&str; 8] = [
+    "patient_id",
+    "patient_key",
+    "practice_id",
+    "lsoa_code",
+    "birth_month",
+    "registration_start",
+    "registration_end",
+    "date_of_death",
+];
+/// The columns each view has, for checking allow-lists against the tables.
+pub fn view_columns(table: &str) -> &'static [&'static str] {
+    match table {
+        "patients" => &[
+            "patient_id",
+            "patient_key",
+            "practice_id",
+            "age_band",
+            "sex",
+            "ethnicity",
+            "lsoa_code",
+            "imd_decile",
+            "registered",
+            "deceased",
+            "birth_month",
+            "registration_start",
+            "registration_end",
+            "date_of_death",
+        ],
+        "clinical_events" => &[
+            "patient_id",
+            "patient_key",
+            "date",
+            "event_year",
+            "snomedct_code",
+            "numeric_value",
+        ],
+        "medications" => &[
+            "patient_id",
+            "patient_key",
+            "date",
+            "event_year",
+            "dmd_code",
+            "quantity",
+        ],
+        _ => &[],
+    }
+}
 pub const TABLES: [&str; 3] = ["patients", "clinical_events", "medications"];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,7 +134,12 @@ pub struct Project {
     pub ndoo_applies: bool,
     pub exemption: Option<String>,
     pub tables: Vec<String>,
+    /// View columns a released result may be grouped by.
     pub group_keys: Vec<String>,
+    /// View columns predicates may test (WHERE, FILTER, cohort subqueries).
+    pub filter_columns: Vec<String>,
+    /// View columns that may be summed, averaged or counted.
+    pub value_columns: Vec<String>,
     pub disclosure: Disclosure,
 }
 
@@ -125,6 +200,8 @@ struct RawProject {
     exemption: Option<String>,
     tables: Vec<String>,
     group_keys: Vec<String>,
+    filter_columns: Option<Vec<String>>,
+    value_columns: Option<Vec<String>>,
     disclosure: String,
 }
 
@@ -238,15 +315,52 @@ impl TrePolicy {
                     TABLES.join(", ")
                 )));
             }
-            if let Some(k) = p
-                .group_keys
-                .iter()
-                .find(|k| !GROUPABLE.contains(&k.as_str()))
-            {
-                return Err(at(format!(
-                    "group key {k:?} is not groupable (allowed: {})",
-                    GROUPABLE.join(", ")
-                )));
+            let in_tables = |c: &str| p.tables.iter().any(|t| view_columns(t).contains(&c));
+            // Defaults (DESIGN §5.2): filters on the group keys, codes, event
+            // years and dates and the values; values: those of the tables.
+            let value_columns = p.value_columns.clone().unwrap_or_else(|| {
+                VALUE_COLUMNS
+                    .iter()
+                    .filter(|c| in_tables(c))
+                    .map(|c| (*c).to_owned())
+                    .collect()
+            });
+            let filter_columns = p.filter_columns.clone().unwrap_or_else(|| {
+                let mut f: Vec<String> = p.group_keys.clone();
+                for c in ["snomedct_code", "dmd_code", "event_year", "date"]
+                    .iter()
+                    .chain(&VALUE_COLUMNS)
+                {
+                    if in_tables(c) && !f.iter().any(|x| x == c) {
+                        f.push((*c).to_owned());
+                    }
+                }
+                f
+            });
+            for (list, name, universe) in [
+                (&p.group_keys, "group key", &GROUPABLE[..]),
+                (&filter_columns, "filter column", &FILTERABLE[..]),
+                (&value_columns, "value column", &VALUE_COLUMNS[..]),
+            ] {
+                for c in list {
+                    if NEVER.contains(&c.as_str()) {
+                        return Err(at(format!(
+                            "{name} {c:?} may never be released or tested: it identifies a patient, a practice, a small area or an exact date"
+                        )));
+                    }
+                    if !universe.contains(&c.as_str()) {
+                        return Err(at(format!(
+                            "{name} {c:?} is not allowed (allowed: {})",
+                            universe.join(", ")
+                        )));
+                    }
+                    if !in_tables(c) {
+                        return Err(at(format!(
+                            "{name} {c:?} is not a column of the project's tables ({})",
+                            p.tables.join(", ")
+                        )));
+                    }
+                }
             }
             let disclosure = *rule_sets.get(&p.disclosure).ok_or_else(|| {
                 at(format!(
@@ -264,6 +378,8 @@ impl TrePolicy {
                     exemption: p.exemption,
                     tables: p.tables,
                     group_keys: p.group_keys,
+                    filter_columns,
+                    value_columns,
                     disclosure,
                 },
             );
@@ -345,6 +461,29 @@ mod tests {
         let err = TrePolicy::parse(&pseudonym_key, Path::new("t.toml"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("\"patient_id\" is not groupable"), "{err}");
+        assert!(
+            err.contains("\"patient_id\" may never be released"),
+            "{err}"
+        );
+        let lsoa_filter = DEFAULT_TRE_POLICY.replacen(
+            "disclosure = \"opensafely\"",
+            "filter_columns = [\"sex\", \"lsoa_code\"]\ndisclosure = \"opensafely\"",
+            1,
+        );
+        let err = TrePolicy::parse(&lsoa_filter, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"lsoa_code\" may never be released"), "{err}");
+    }
+
+    #[test]
+    fn filter_and_value_columns_default_to_the_tables() {
+        let p = TrePolicy::load(None).unwrap();
+        let research = &p.projects["demo-research"];
+        for c in ["sex", "snomedct_code", "date", "numeric_value", "quantity"] {
+            assert!(research.filter_columns.iter().any(|f| f == c), "{c}");
+        }
+        assert_eq!(research.value_columns, ["numeric_value", "quantity"]);
+        assert!(!research.filter_columns.iter().any(|f| f == "birth_month"));
     }
 }

@@ -383,8 +383,12 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
             ),
             ("failed", t.errors.to_string()),
             (
-                "cells suppressed by disclosure control",
+                "statistics redacted by disclosure control",
                 t.cells_suppressed.to_string()
+            ),
+            (
+                "rows withheld (every statistic redacted; not shown to researchers)",
+                t.rows_withheld.to_string()
             ),
             (
                 "audit chain",

@@ -16,7 +16,7 @@
 //! difference from the overall share), `reidentification` (k-anonymity over
 //! the stored quasi-identifiers, shares of records in small classes, the
 //! class-size distribution), `tre` (projects, queries by outcome and rule,
-//! cells suppressed, chain status) and `throughput` (rows per second and time
+//! statistics redacted and rows withheld, chain status) and `throughput` (rows per second and time
 //! from extract to research-ready data).
 
 pub mod html;
@@ -162,7 +162,11 @@ pub struct Tre {
     pub released: u64,
     pub refused_by_rule: BTreeMap<String, u64>,
     pub errors: u64,
+    /// Statistics redacted in released rows.
     pub cells_suppressed: u64,
+    /// Rows withheld because all their statistics were redacted (never
+    /// shown to the researcher; the audit log records them).
+    pub rows_withheld: u64,
     pub chain_intact: bool,
     pub chain: String,
 }
@@ -784,11 +788,23 @@ fn tre(log: &[Value], policy: &TrePolicy, audit: &crate::audit::AuditReport) -> 
             .iter()
             .filter(|q| q["outcome"] == "released")
             .count() as u64,
-        errors: queries.iter().filter(|q| q["outcome"] == "error").count() as u64,
+        errors: queries
+            .iter()
+            .filter(|q| q["outcome"] == "error" || q["outcome"] == "failed")
+            .count() as u64,
         refused_by_rule,
+        // `suppressed_cells` is what logs written before per-statistic control called it.
         cells_suppressed: queries
             .iter()
-            .filter_map(|q| q["suppressed_cells"].as_u64())
+            .filter_map(|q| {
+                q["redacted_cells"]
+                    .as_u64()
+                    .or_else(|| q["suppressed_cells"].as_u64())
+            })
+            .sum(),
+        rows_withheld: queries
+            .iter()
+            .filter_map(|q| q["withheld_rows"].as_u64())
             .sum(),
         chain_intact,
         chain,

@@ -1,31 +1,37 @@
 //! The Trusted Research Environment boundary: `gpdp query` (and, with
 //! `gpdp serve`, Arrow Flight SQL) — the Five Safes as code.
 //!
-//! A request passes, in order: [`auth`] (safe people, safe projects), a
+//! A request passes, in order: [`auth`] (safe people, safe projects); a
 //! per-request [`session`] holding only the project's views with the opt-out
-//! filters inside them (safe settings), the [`guard`] over the logical plan
-//! (safe outputs, before anything runs), execution under memory and time
-//! limits, and [`sdc`] on every released cell (safe outputs, after). Every
-//! request — released, refused or failed — is appended to the store's
-//! hash-chained audit log with its user, project, SQL, plan fingerprint,
-//! outcome, rule, suppressed cells and result checksum.
+//! filters inside them (safe settings); DataFusion's SQL planner, which
+//! resolves names against those views; the [`grammar`], which accepts only
+//! plans in the allow-list of DESIGN §5.2 and reads them as a typed
+//! [`grammar::Release`] (safe outputs, before anything runs); [`compile`],
+//! which builds the only plan that runs from that release, with every
+//! statistic's contributing patients beside it; execution under memory and
+//! time limits; and [`sdc`], disclosure control per statistic (safe
+//! outputs, after). Every request — released, refused or failed — is
+//! appended to the store's hash-chained audit log with its user, project,
+//! SQL, plan fingerprint, outcome, rule and, for the operator only, the
+//! rows withheld and why.
 
 pub mod auth;
+pub mod compile;
 pub mod dominance;
-pub mod guard;
+pub mod grammar;
 pub mod patients;
 pub mod sdc;
 pub mod session;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{Field, Int64Type, Schema, SchemaRef};
+use arrow::array::Array;
+use arrow::datatypes::SchemaRef;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::dataframe::DataFrame;
 use datafusion::prelude::SQLOptions;
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use self::sdc::{ColumnKind, Controlled};
@@ -36,11 +42,14 @@ use crate::policy::tre::{Disclosure, TrePolicy};
 use crate::store::StoreError;
 use crate::store::audit::AuditLog;
 
-/// A refusal by policy: not an error of the program. It names the rule.
+/// A refusal by policy: not an error of the program. It names the rule
+/// (and, for queries outside the grammar, the construct).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refused by rule {rule}: {reason}")]
+#[error("refused by rule {rule}{}: {reason}", construct.map(|c| format!(" ({c})")).unwrap_or_default())]
 pub struct Refusal {
     pub rule: &'static str,
+    /// For `outside_grammar`: the construct that is not in the grammar.
+    pub construct: Option<&'static str>,
     pub reason: String,
 }
 
@@ -48,17 +57,32 @@ impl Refusal {
     pub fn new(rule: &'static str, reason: impl Into<String>) -> Refusal {
         Refusal {
             rule,
+            construct: None,
+            reason: reason.into(),
+        }
+    }
+
+    /// A query that is not in the grammar of released queries (DESIGN §5.2).
+    pub fn outside_grammar(construct: &'static str, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            rule: "outside_grammar",
+            construct: Some(construct),
             reason: reason.into(),
         }
     }
 }
+
+/// What a researcher is told about any failure while a query runs: one
+/// fixed message, whatever happened (memory, time, anything else), so that a
+/// failure cannot tell them about the data. The detail goes to the audit log.
+pub const EXECUTION_FAILED: &str = "the query could not be completed within this TRE's limits; nothing was released (the TRE operator can see why in the audit log)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreError {
     #[error(transparent)]
     Refused(Refusal),
     /// The SQL does not parse or plan; the message is DataFusion's, with any
-    /// file path removed.
+    /// file path removed. Planning sees only the views' schemas, never data.
     #[error("query error: {0}")]
     Sql(String),
     #[error("the store holds no collected data yet (run gpdp collect first)")]
@@ -67,6 +91,10 @@ pub enum TreError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// A failure while the query ran. The researcher sees only
+    /// [`EXECUTION_FAILED`]; the detail is for the audit log.
+    #[error("refused by rule execution_failed: {EXECUTION_FAILED}")]
+    Failed(String),
     /// Details stay in the operator's log; the researcher sees only this.
     #[error(
         "internal error while running the query (the TRE operator can find it in the audit log)"
@@ -79,9 +107,10 @@ impl TreError {
         TreError::Internal(e.to_string())
     }
 
-    fn rule(&self) -> Option<&'static str> {
+    pub fn rule(&self) -> Option<&'static str> {
         match self {
             TreError::Refused(r) => Some(r.rule),
+            TreError::Failed(_) => Some("execution_failed"),
             _ => None,
         }
     }
@@ -96,7 +125,7 @@ impl From<Refusal> for TreError {
 impl Classify for TreError {
     fn exit_status(&self) -> ExitStatus {
         match self {
-            TreError::Refused(_) => ExitStatus::Refused,
+            TreError::Refused(_) | TreError::Failed(_) => ExitStatus::Refused,
             TreError::Sql(_) | TreError::NoData | TreError::Policy(_) => ExitStatus::BadInput,
             TreError::Store(e) => e.exit_status(),
             TreError::Internal(_) => ExitStatus::Internal,
@@ -127,11 +156,16 @@ pub struct Request {
 #[derive(Debug, Clone)]
 pub struct Released {
     pub result: Controlled,
-    pub kinds: Vec<ColumnKind>,
     pub disclosure: Disclosure,
     pub checksum: String,
     pub fingerprint: String,
     pub seconds: f64,
+}
+
+impl Released {
+    pub fn kinds(&self) -> &[ColumnKind] {
+        &self.result.kinds
+    }
 }
 
 /// Answers one request through the whole boundary and audits it.
@@ -155,8 +189,9 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
 
 /// Appends one request to the store's audit log: who asked what, the plan
 /// fingerprint, and the outcome: `released` with the result's figures
-/// (`Some`), `described` (`None`), or `refused` / `error` with the rule and
-/// reason. A path that is not a store has no log and must not gain one.
+/// (`Some`) — including, for the operator, the rows withheld —, `described`
+/// (`None`), or `refused` / `failed` / `error` with the rule and reason. A
+/// path that is not a store has no log and must not gain one.
 fn audit(
     event: &str,
     req: &Request,
@@ -181,9 +216,16 @@ fn audit(
     };
     match outcome {
         Ok(Some(r)) => {
+            let c = &r.result;
             o.insert("outcome".into(), json!("released"));
-            o.insert("rows".into(), json!(r.result.batch.num_rows()));
-            o.insert("suppressed_cells".into(), json!(r.result.suppressed_cells));
+            o.insert("rows".into(), json!(c.batch.num_rows()));
+            o.insert("redacted_cells".into(), json!(c.redacted_cells));
+            o.insert("withheld_rows".into(), json!(c.operator.withheld_rows));
+            o.insert("groups".into(), json!(c.operator.groups));
+            o.insert(
+                "redacted_by_reason".into(),
+                json!(c.operator.redacted_by_reason),
+            );
             o.insert("disclosure".into(), json!(r.disclosure.name));
             o.insert("result_sha256".into(), json!(r.checksum));
         }
@@ -191,19 +233,22 @@ fn audit(
             o.insert("outcome".into(), json!("described"));
         }
         Err(e) => {
-            o.insert(
-                "outcome".into(),
-                json!(if e.rule().is_some() {
-                    "refused"
-                } else {
-                    "error"
-                }),
-            );
+            let outcome = match e {
+                TreError::Refused(_) => "refused",
+                TreError::Failed(_) => "failed",
+                _ => "error",
+            };
+            o.insert("outcome".into(), json!(outcome));
             o.insert("rule".into(), json!(e.rule()));
+            if let TreError::Refused(r) = e
+                && let Some(c) = r.construct
+            {
+                o.insert("construct".into(), json!(c));
+            }
             o.insert(
                 "reason".into(),
                 json!(match e {
-                    TreError::Internal(detail) => detail.clone(),
+                    TreError::Internal(detail) | TreError::Failed(detail) => detail.clone(),
                     other => other.to_string(),
                 }),
             );
@@ -215,25 +260,26 @@ fn audit(
     Ok(())
 }
 
-/// A request that passed authentication and the plan guard, ready to run.
+/// A request that passed authentication and the grammar, ready to run.
 struct Guarded {
     state: datafusion::execution::SessionState,
-    checked: guard::Checked,
+    release: grammar::Release,
     disclosure: Disclosure,
 }
 
-/// Authentication, the project's session, planning and the plan guard: every
-/// path (running, describing, preparing) goes through here.
+/// Authentication, the project's session, planning and the grammar: every
+/// path (running, describing, preparing) goes through here, and nothing of
+/// the request has run when it returns.
 async fn guarded(
     policy: &TrePolicy,
     req: &Request,
     fingerprint: &mut String,
 ) -> Result<Guarded, TreError> {
     let project = auth::authorise(policy, &req.user, req.token.as_deref(), &req.project)?;
-    if req.sql.contains(guard::HIDDEN) {
+    if req.sql.to_ascii_lowercase().contains(grammar::HIDDEN) {
         return Err(Refusal::new(
             "reserved_name",
-            format!("names starting with {} are reserved", guard::HIDDEN),
+            format!("names starting with {} are reserved", grammar::HIDDEN),
         )
         .into());
     }
@@ -253,7 +299,7 @@ async fn guarded(
         }
     })?;
     *fingerprint = sha256_hex(plan.display_indent().to_string().as_bytes());
-    guard::check_statement_kind(&plan)?;
+    grammar::statement_kind(&plan)?;
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -265,24 +311,29 @@ async fn guarded(
                 "only SELECT queries are allowed (no DDL, DML or statements)",
             )
         })?;
-    let checked = guard::check(&plan, &session.views, project)?;
+    let release = grammar::release(
+        &plan,
+        &grammar::Scope {
+            project,
+            views: &session.views,
+        },
+    )?;
     Ok(Guarded {
         state,
-        checked,
+        release,
         disclosure: project.disclosure,
     })
 }
 
-/// The schema a query's released result will have (hidden columns removed;
-/// counts as Int64 and statistics nullable, as disclosure control makes
-/// them), without running it. The same guard as [`query`] decides, and the
-/// request is audited (`event: describe`).
+/// The schema a query's released result will have, without running it.
+/// The same grammar as [`query`] decides, and the request is audited
+/// (`event: describe`).
 pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, TreError> {
     let started = Instant::now();
     let mut fingerprint = String::new();
     let outcome = guarded(policy, req, &mut fingerprint)
         .await
-        .map(|g| released_schema(&g.checked));
+        .map(|g| sdc::released_schema(&g.release).0);
     audit(
         "describe",
         req,
@@ -293,23 +344,6 @@ pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, Tr
     outcome
 }
 
-fn released_schema(checked: &guard::Checked) -> SchemaRef {
-    let fields: Vec<Field> = checked
-        .plan
-        .schema()
-        .fields()
-        .iter()
-        .filter(|f| !f.name().starts_with(guard::HIDDEN))
-        .zip(&checked.kinds)
-        .map(|(f, kind)| match kind {
-            ColumnKind::Key => f.as_ref().clone(),
-            ColumnKind::Count => Field::new(f.name(), arrow::datatypes::DataType::Int64, true),
-            ColumnKind::Statistic => f.as_ref().clone().with_nullable(true),
-        })
-        .collect();
-    Arc::new(Schema::new(fields))
-}
-
 async fn answer(
     policy: &TrePolicy,
     req: &Request,
@@ -317,78 +351,49 @@ async fn answer(
 ) -> Result<Released, TreError> {
     let Guarded {
         state,
-        checked,
+        release,
         disclosure,
     } = guarded(policy, req, fingerprint).await?;
-    let output_schema = checked.plan.schema().clone();
-    let run = DataFrame::new(state, checked.plan).collect();
-    let batches = match tokio::time::timeout(Duration::from_secs(policy.timeout_seconds), run).await
+    let compiled = compile::compile(&release, &disclosure).map_err(TreError::internal)?;
+    let mut control = sdc::Control::new(&release, &compiled.parts, &disclosure);
+    let run = async {
+        let mut stream = DataFrame::new(state, compiled.plan.clone())
+            .execute_stream()
+            .await?;
+        while let Some(batch) = stream.next().await {
+            control.push(&batch?)?;
+        }
+        Ok::<_, datafusion::error::DataFusionError>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(policy.timeout_seconds), run).await {
+        Err(_) => {
+            return Err(TreError::Failed(format!(
+                "time limit: ran longer than {} s",
+                policy.timeout_seconds
+            )));
+        }
+        Ok(Err(e)) => return Err(TreError::Failed(e.to_string())),
+        Ok(Ok(())) => {}
+    }
+    let result = match control
+        .finish(policy.max_rows)
+        .map_err(TreError::internal)?
     {
+        Ok(r) => r,
         Err(_) => {
             return Err(Refusal::new(
-                "time_limit",
-                format!("the query ran longer than {} s", policy.timeout_seconds),
+                "too_many_rows",
+                format!(
+                    "more than {} rows would be released; narrow the query or add ORDER BY … LIMIT",
+                    policy.max_rows
+                ),
             )
             .into());
         }
-        Ok(Err(e)) => {
-            let text = e.to_string();
-            if text.contains("Resources exhausted") {
-                return Err(Refusal::new(
-                    "memory_limit",
-                    format!("the query needed more than {} MiB", policy.memory_mb),
-                )
-                .into());
-            }
-            return Err(TreError::Internal(text));
-        }
-        Ok(Ok(b)) => b,
     };
-    // An empty result (e.g. HAVING that matches nothing) has no batches: use the plan's schema.
-    let schema = batches.first().map_or_else(
-        || Arc::new(output_schema.as_arrow().clone()),
-        |b| b.schema(),
-    );
-    let batch = arrow::compute::concat_batches(&schema, &batches).map_err(TreError::internal)?;
-    if batch.num_rows() > policy.max_rows {
-        return Err(Refusal::new(
-            "too_many_rows",
-            format!(
-                "{} rows; at most {} may be released",
-                batch.num_rows(),
-                policy.max_rows
-            ),
-        )
-        .into());
-    }
-    let hidden = |name: &str| {
-        let column = batch
-            .column_by_name(name)
-            .ok_or_else(|| TreError::Internal(format!("the plan lost {name}")))?;
-        arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)
-            .map(|c| c.as_primitive::<Int64Type>().clone())
-            .map_err(TreError::internal)
-    };
-    let behind = sdc::Behind {
-        patients: hidden(guard::PATIENTS)?,
-        dominance: if disclosure.checks_contributions() {
-            Some(hidden(guard::DOMINANCE)?)
-        } else {
-            None
-        },
-    };
-    let visible_columns: Vec<usize> = (0..batch.num_columns())
-        .filter(|&i| !schema.field(i).name().starts_with(guard::HIDDEN))
-        .collect();
-    let visible = batch
-        .project(&visible_columns)
-        .map_err(TreError::internal)?;
-    let result =
-        sdc::control(&visible, &checked.kinds, &behind, &disclosure).map_err(TreError::internal)?;
     let checksum = sha256_hex(to_csv(&result).as_bytes());
     Ok(Released {
         result,
-        kinds: checked.kinds,
         disclosure,
         checksum,
         fingerprint: String::new(),
@@ -396,10 +401,9 @@ async fn answer(
     })
 }
 
-/// Text of one released cell; suppressed statistics read `[REDACTED]`.
+/// Text of one released cell; redacted statistics read `[REDACTED]`.
 fn cell(r: &Controlled, formatters: &[ArrayFormatter], row: usize, col: usize) -> String {
-    let column = r.batch.column(col);
-    if column.is_null(row) && r.suppressed[row].is_some() {
+    if r.batch.column(col).is_null(row) && r.kinds[col] != ColumnKind::Key {
         "[REDACTED]".into()
     } else {
         formatters[col].value(row).to_string()
@@ -415,7 +419,7 @@ fn formatters(r: &Controlled) -> Vec<ArrayFormatter<'_>> {
         .collect()
 }
 
-/// CSV with a final `suppressed` column giving the reason, if any.
+/// CSV; redacted statistics read `[REDACTED]`.
 pub fn to_csv(r: &Controlled) -> String {
     let f = formatters(r);
     let schema = r.batch.schema();
@@ -423,15 +427,13 @@ pub fn to_csv(r: &Controlled) -> String {
         .fields()
         .iter()
         .map(|f| f.name().as_str())
-        .chain(["suppressed"])
         .collect::<Vec<_>>()
         .join(",")
         + "\n";
     for row in 0..r.batch.num_rows() {
-        let mut cells: Vec<String> = (0..r.batch.num_columns())
+        let cells: Vec<String> = (0..r.batch.num_columns())
             .map(|c| cell(r, &f, row, c))
             .collect();
-        cells.push(r.suppressed[row].clone().unwrap_or_default());
         out.push_str(
             &cells
                 .iter()
@@ -459,7 +461,7 @@ fn column_names(c: &Controlled) -> Vec<String> {
         .collect()
 }
 
-/// A human table, then a note on what was suppressed and why.
+/// A human table, then the rule set that controlled it.
 pub fn to_table(r: &Released) -> String {
     let c = &r.result;
     let f = formatters(c);
@@ -469,11 +471,9 @@ pub fn to_table(r: &Released) -> String {
         .collect();
     let mut out = grid(&names, &rows);
     out.push_str(&format!(
-        "({} rows; disclosure control {}: {} cells suppressed; counts rounded to the nearest {})\n",
+        "({} rows; {})\n",
         c.batch.num_rows(),
-        r.disclosure.name,
-        c.suppressed_cells,
-        r.disclosure.round_to
+        sdc::describe(&r.disclosure)
     ));
     out
 }
@@ -550,7 +550,7 @@ fn grid(names: &[String], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// JSON: columns, rows (suppressed statistics as null) and suppression metadata.
+/// JSON: columns, rows (redacted statistics as null) and the rule set.
 pub fn to_json(r: &Released) -> Value {
     let c = &r.result;
     let f = formatters(c);
@@ -564,7 +564,7 @@ pub fn to_json(r: &Released) -> Value {
                     Value::Null
                 } else {
                     let text = f[i].value(row).to_string();
-                    match r.kinds.get(i) {
+                    match c.kinds.get(i) {
                         Some(ColumnKind::Count) => text
                             .parse::<i64>()
                             .map(Value::from)
@@ -581,21 +581,15 @@ pub fn to_json(r: &Released) -> Value {
             Value::Object(o)
         })
         .collect();
-    let suppressed: Vec<Value> = c
-        .suppressed
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.as_ref().map(|s| json!({"row": i, "reason": s})))
-        .collect();
     json!({
         "columns": names,
-        "kinds": r.kinds.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
+        "kinds": c.kinds.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
         "rows": rows,
         "disclosure": r.disclosure.name,
+        "disclosure_rules": sdc::describe(&r.disclosure),
         "redact_at_or_below": r.disclosure.redact_at_or_below,
         "round_to": r.disclosure.round_to,
-        "suppressed_cells": c.suppressed_cells,
-        "suppressed": suppressed,
+        "redacted_cells": c.redacted_cells,
         "result_sha256": r.checksum,
         "plan_fingerprint": r.fingerprint,
     })

@@ -1,140 +1,378 @@
-//! Safe outputs: statistical disclosure control on every released cell.
+//! Safe outputs, after running: statistical disclosure control, per
+//! statistic.
 //!
-//! Each result row (cell) carries the number of distinct patients behind it,
-//! computed alongside the query (never guessed from the values). A cell
-//! describing `redact_at_or_below` patients or fewer is suppressed: every
-//! statistic in it (counts, sums, averages) is withheld and the row says why;
-//! the group keys stay, so a reader can see that the cell exists. Counts in
-//! released cells are rounded to the nearest `round_to` (OpenSAFELY: redact
-//! ≤ 7, round to 5). Rule sets with dominance checks (ACRO) also suppress a
-//! row whose sums or averages break the N-K or p% rule
-//! ([`super::dominance`]). Each suppression names its rule.
+//! Every statistic of every cell arrives with its own parts (counts, sums)
+//! and the number of distinct patients who contribute to *it* (see
+//! [`super::compile`]). A statistic is released only if:
+//! - more than `redact_at_or_below` patients contribute (0 contributors is
+//!   redacted too, so "none" and "few" look alike);
+//! - under rule sets that check dominance, its per-patient contributions
+//!   pass the N-K and p% rules and no value is negative (ACRO's "review").
+//!
+//! Counts are then rounded to the nearest `round_to`; means and variances
+//! are derived from the controlled parts. A redacted statistic is null
+//! (`[REDACTED]` in text). A row whose statistics are all redacted is
+//! **withheld**: it is not in the result, and nothing the researcher sees
+//! counts withheld rows (the audit log does). ORDER BY and LIMIT apply to
+//! the released rows only, so neither can reveal a withheld one, and the
+//! row limit counts released rows.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, new_null_array};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Float64Builder, Int64Array, Int64Builder, RecordBatch,
+    UInt32Array,
+};
+use arrow::compute::{SortColumn, SortOptions, concat_batches, lexsort_to_indices, take};
+use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef};
+use arrow::error::ArrowError;
 
+use super::compile::Parts;
 use super::dominance;
+use super::grammar::{Item, Release, StatKind};
 use crate::policy::tre::Disclosure;
 
-/// What an output column is, as the plan guard determined it.
+/// What a released column is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColumnKind {
     /// A group key: released as is.
     Key,
-    /// A count of rows or patients: rounded.
+    /// A count of rows, values or patients: rounded.
     Count,
-    /// Any other aggregate or derived statistic: released as is unless suppressed.
+    /// A sum, mean, variance or standard deviation.
     Statistic,
 }
 
-/// The released result and what was held back.
+/// Why a statistic was redacted (for the audit log only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Why {
+    Threshold,
+    Dominance,
+    PPercent,
+    Negative,
+}
+
+impl Why {
+    pub fn name(self) -> &'static str {
+        match self {
+            Why::Threshold => "threshold",
+            Why::Dominance => "dominance",
+            Why::PPercent => "p_percent",
+            Why::Negative => "negative_values",
+        }
+    }
+}
+
+/// The released result.
 #[derive(Debug, Clone)]
 pub struct Controlled {
     pub batch: RecordBatch,
-    /// Per row: `Some(reason)` if the row's statistics were suppressed.
-    pub suppressed: Vec<Option<String>>,
-    pub suppressed_cells: usize,
+    pub kinds: Vec<ColumnKind>,
+    /// Redacted statistics in the released rows (visible as nulls).
+    pub redacted_cells: usize,
+    /// What the operator's audit log records and the researcher never sees.
+    pub operator: OperatorOnly,
 }
 
-/// What stands behind each result row, computed alongside the query.
-pub struct Behind {
-    /// Distinct patients (capped just above the threshold).
-    pub patients: Int64Array,
-    /// The dominance rules the row's sums and averages break (bit mask of
-    /// [`dominance::NK`] and [`dominance::P_PERCENT`]), when the rule set
-    /// checks them.
-    pub dominance: Option<Int64Array>,
+/// Figures about withheld rows and redaction reasons: for the audit log only.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorOnly {
+    pub withheld_rows: usize,
+    pub redacted_by_reason: BTreeMap<&'static str, usize>,
+    pub groups: usize,
 }
 
-/// Why row `i` may not be released, if it may not.
-fn reason(i: usize, behind: &Behind, rules: &Disclosure) -> Option<String> {
-    let patients = &behind.patients;
-    let n = if patients.is_null(i) {
-        0
-    } else {
-        patients.value(i).max(0) as u64
-    };
-    if n <= rules.redact_at_or_below {
-        return Some(format!(
-            "{}: {} distinct patients or fewer (threshold {})",
-            rules.name, rules.redact_at_or_below, rules.redact_at_or_below
-        ));
+/// The schema and column kinds of a release's result, known before running.
+pub fn released_schema(release: &Release) -> (SchemaRef, Vec<ColumnKind>) {
+    let mut fields = Vec::with_capacity(release.outputs.len());
+    let mut kinds = Vec::with_capacity(release.outputs.len());
+    for o in &release.outputs {
+        match o.item {
+            Item::Key(k) => {
+                let f = &release.keys[k].field;
+                fields.push(Field::new(&o.name, f.data_type().clone(), f.is_nullable()));
+                kinds.push(ColumnKind::Key);
+            }
+            Item::Statistic(s) if release.statistics[s].kind.is_count() => {
+                fields.push(Field::new(&o.name, DataType::Int64, true));
+                kinds.push(ColumnKind::Count);
+            }
+            Item::Statistic(_) => {
+                fields.push(Field::new(&o.name, DataType::Float64, true));
+                kinds.push(ColumnKind::Statistic);
+            }
+        }
     }
-    // A missing mask is treated as every rule broken: fail closed.
-    let mask = behind
-        .dominance
-        .as_ref()
-        .map(|d| if d.is_null(i) { -1 } else { d.value(i) as i32 });
-    match (mask, rules.dominance, rules.p_percent) {
-        (Some(m), Some(d), _) if m & dominance::NK != 0 => Some(format!(
-            "{}: dominance: the {} largest contributions exceed {}% of a sum or average",
-            rules.name,
-            d.n,
-            d.k * 100.0
-        )),
-        (Some(m), _, Some(p)) if m & dominance::P_PERCENT != 0 => Some(format!(
-            "{}: p% rule: a sum or average could be estimated to within {}% of its largest contribution",
-            rules.name,
-            p * 100.0
-        )),
+    (Arc::new(Schema::new(fields)), kinds)
+}
+
+/// One statistic's controlled values over a batch of cells.
+enum Values {
+    Counts(Int64Array),
+    Reals(Float64Array),
+}
+
+/// Disclosure control, fed one compiled batch at a time.
+pub struct Control<'a> {
+    release: &'a Release,
+    parts: &'a [Parts],
+    rules: &'a Disclosure,
+    schema: SchemaRef,
+    kinds: Vec<ColumnKind>,
+    released: Vec<RecordBatch>,
+    operator: OperatorOnly,
+}
+
+impl<'a> Control<'a> {
+    pub fn new(release: &'a Release, parts: &'a [Parts], rules: &'a Disclosure) -> Control<'a> {
+        let (schema, kinds) = released_schema(release);
+        Control {
+            release,
+            parts,
+            rules,
+            schema,
+            kinds,
+            released: Vec::new(),
+            operator: OperatorOnly::default(),
+        }
+    }
+
+    /// Controls one batch of the compiled plan's output (keys, then parts).
+    pub fn push(&mut self, batch: &RecordBatch) -> Result<(), ArrowError> {
+        let rows = batch.num_rows();
+        self.operator.groups += rows;
+        let values: Vec<Values> = self
+            .release
+            .statistics
+            .iter()
+            .zip(self.parts)
+            .map(|(s, p)| self.statistic(batch, s.kind, p))
+            .collect::<Result<_, _>>()?;
+        let released_statistics: Vec<usize> = self
+            .release
+            .outputs
+            .iter()
+            .filter_map(|o| match o.item {
+                Item::Statistic(s) => Some(s),
+                Item::Key(_) => None,
+            })
+            .collect();
+        let is_valid = |v: &Values, i: usize| match v {
+            Values::Counts(a) => a.is_valid(i),
+            Values::Reals(a) => a.is_valid(i),
+        };
+        let keep: Vec<u32> = (0..rows)
+            .filter(|&i| released_statistics.iter().any(|&s| is_valid(&values[s], i)))
+            .map(|i| i as u32)
+            .collect();
+        self.operator.withheld_rows += rows - keep.len();
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let keep = UInt32Array::from(keep);
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.release.outputs.len());
+        for o in &self.release.outputs {
+            let column: ArrayRef = match o.item {
+                Item::Key(k) => take(batch.column(k).as_ref(), &keep, None)?,
+                Item::Statistic(s) => match &values[s] {
+                    Values::Counts(a) => take(a, &keep, None)?,
+                    Values::Reals(a) => take(a, &keep, None)?,
+                },
+            };
+            columns.push(column);
+        }
+        // Keys keep their type; a dictionary or view type may differ from
+        // the declared one only in encoding, which the cast settles.
+        let columns = columns
+            .into_iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    arrow::compute::cast(&c, f.data_type())
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.released
+            .push(RecordBatch::try_new(self.schema.clone(), columns)?);
+        Ok(())
+    }
+
+    /// The controlled values of one statistic: null where redacted.
+    fn statistic(
+        &mut self,
+        batch: &RecordBatch,
+        kind: StatKind,
+        p: &Parts,
+    ) -> Result<Values, ArrowError> {
+        let int = |i: usize| -> Result<Int64Array, ArrowError> {
+            Ok(arrow::compute::cast(batch.column(i), &DataType::Int64)?
+                .as_primitive::<Int64Type>()
+                .clone())
+        };
+        let real = |i: usize| -> Result<Float64Array, ArrowError> {
+            Ok(arrow::compute::cast(batch.column(i), &DataType::Float64)?
+                .as_primitive::<Float64Type>()
+                .clone())
+        };
+        let count = int(p.count)?;
+        let contributors = int(p.contributors)?;
+        let mask = p
+            .dominance
+            .map(|i| {
+                Ok::<_, ArrowError>(
+                    arrow::compute::cast(batch.column(i), &DataType::Int32)?
+                        .as_primitive::<Int32Type>()
+                        .clone(),
+                )
+            })
+            .transpose()?;
+        let minimum = p.minimum.map(real).transpose()?;
+        let total = p.sum.map(real).transpose()?;
+        let squares = p.squares.map(real).transpose()?;
+        let rows = batch.num_rows();
+        let mut why: Vec<Option<Why>> = Vec::with_capacity(rows);
+        for i in 0..rows {
+            let n = if contributors.is_valid(i) {
+                contributors.value(i)
+            } else {
+                0
+            };
+            let reason = if n <= self.rules.redact_at_or_below as i64 {
+                Some(Why::Threshold)
+            } else if minimum
+                .as_ref()
+                .is_some_and(|m| m.is_valid(i) && m.value(i) < 0.0)
+            {
+                Some(Why::Negative)
+            } else {
+                // A missing mask where one is expected breaks every rule: fail closed.
+                match mask
+                    .as_ref()
+                    .map(|m| if m.is_valid(i) { m.value(i) } else { -1 })
+                {
+                    Some(m) if m & dominance::NK != 0 => Some(Why::Dominance),
+                    Some(m) if m & dominance::P_PERCENT != 0 => Some(Why::PPercent),
+                    _ => None,
+                }
+            };
+            if let Some(w) = reason {
+                *self
+                    .operator
+                    .redacted_by_reason
+                    .entry(w.name())
+                    .or_default() += 1;
+            }
+            why.push(reason);
+        }
+        let get = |a: &Option<Float64Array>, i: usize| {
+            a.as_ref().filter(|a| a.is_valid(i)).map(|a| a.value(i))
+        };
+        Ok(match kind {
+            StatKind::Rows | StatKind::Patients | StatKind::Values => {
+                let mut b = Int64Builder::with_capacity(rows);
+                for (i, w) in why.iter().enumerate() {
+                    b.append_option(
+                        (w.is_none() && count.is_valid(i))
+                            .then(|| round(count.value(i), self.rules.round_to)),
+                    );
+                }
+                Values::Counts(b.finish())
+            }
+            _ => {
+                let mut b = Float64Builder::with_capacity(rows);
+                for (i, w) in why.iter().enumerate() {
+                    let n = if count.is_valid(i) { count.value(i) } else { 0 };
+                    let value = match (w, get(&total, i)) {
+                        (None, Some(s)) => derive(kind, n, s, get(&squares, i)),
+                        _ => None,
+                    };
+                    b.append_option(value);
+                }
+                Values::Reals(b.finish())
+            }
+        })
+    }
+
+    /// The released result: released rows in order, within the limit.
+    pub fn finish(self, max_rows: usize) -> Result<Result<Controlled, usize>, ArrowError> {
+        let batch = concat_batches(&self.schema, &self.released)?;
+        let batch = order(&batch, self.release)?;
+        let limit = self.release.limit.unwrap_or(usize::MAX);
+        let batch = batch.slice(0, batch.num_rows().min(limit));
+        if batch.num_rows() > max_rows {
+            return Ok(Err(batch.num_rows()));
+        }
+        let redacted_cells = batch
+            .columns()
+            .iter()
+            .zip(&self.kinds)
+            .filter(|(_, k)| **k != ColumnKind::Key)
+            .map(|(c, _)| c.null_count())
+            .sum();
+        Ok(Ok(Controlled {
+            batch,
+            kinds: self.kinds,
+            redacted_cells,
+            operator: self.operator,
+        }))
+    }
+}
+
+/// A sum, mean, variance or standard deviation from its parts.
+fn derive(kind: StatKind, n: i64, sum: f64, squares: Option<f64>) -> Option<f64> {
+    let n_f = n as f64;
+    match kind {
+        StatKind::Sum => Some(sum),
+        StatKind::Mean if n > 0 => Some(sum / n_f),
+        StatKind::Variance | StatKind::StdDev if n > 1 => {
+            let mean = sum / n_f;
+            let var = ((squares? - n_f * mean * mean) / (n_f - 1.0)).max(0.0);
+            Some(if kind == StatKind::StdDev {
+                var.sqrt()
+            } else {
+                var
+            })
+        }
         _ => None,
     }
 }
 
-/// Applies the rule set to a result whose rows have `behind` behind them.
-pub fn control(
-    batch: &RecordBatch,
-    kinds: &[ColumnKind],
-    behind: &Behind,
-    rules: &Disclosure,
-) -> Result<Controlled, arrow::error::ArrowError> {
-    let rows = batch.num_rows();
-    let suppressed: Vec<Option<String>> = (0..rows).map(|i| reason(i, behind, rules)).collect();
-    let mut fields = Vec::with_capacity(kinds.len());
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(kinds.len());
-    for ((field, column), kind) in batch
-        .schema()
-        .fields()
+/// Sorts released rows by the query's ORDER BY, then by the group keys (so
+/// the order never depends on how the engine happened to emit groups).
+fn order(batch: &RecordBatch, release: &Release) -> Result<RecordBatch, ArrowError> {
+    if batch.num_rows() < 2 {
+        return Ok(batch.clone());
+    }
+    let mut columns: Vec<SortColumn> = release
+        .order
         .iter()
-        .zip(batch.columns())
-        .zip(kinds)
-    {
-        match kind {
-            ColumnKind::Key => {
-                fields.push(field.as_ref().clone());
-                columns.push(column.clone());
-            }
-            ColumnKind::Count => {
-                let as_int = cast(column, &DataType::Int64)?;
-                let values = as_int.as_primitive::<Int64Type>();
-                let rounded: Int64Array = (0..rows)
-                    .map(|i| {
-                        (suppressed[i].is_none() && values.is_valid(i))
-                            .then(|| round(values.value(i), rules.round_to))
-                    })
-                    .collect();
-                fields.push(Field::new(field.name(), DataType::Int64, true));
-                columns.push(Arc::new(rounded));
-            }
-            ColumnKind::Statistic => {
-                let keep: arrow::array::BooleanArray =
-                    (0..rows).map(|i| Some(suppressed[i].is_none())).collect();
-                let nulls = new_null_array(column.data_type(), rows);
-                let masked = arrow::compute::kernels::zip::zip(&keep, column, &nulls)?;
-                fields.push(Field::new(field.name(), field.data_type().clone(), true));
-                columns.push(masked);
-            }
+        .map(|o| SortColumn {
+            values: batch.column(o.output).clone(),
+            options: Some(SortOptions {
+                descending: o.descending,
+                nulls_first: o.nulls_first,
+            }),
+        })
+        .collect();
+    for (i, o) in release.outputs.iter().enumerate() {
+        if matches!(o.item, Item::Key(_)) && !release.order.iter().any(|x| x.output == i) {
+            columns.push(SortColumn {
+                values: batch.column(i).clone(),
+                options: Some(SortOptions {
+                    descending: false,
+                    nulls_first: false,
+                }),
+            });
         }
     }
-    let suppressed_cells = suppressed.iter().filter(|s| s.is_some()).count();
-    Ok(Controlled {
-        batch: RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?,
-        suppressed,
-        suppressed_cells,
-    })
+    if columns.is_empty() {
+        return Ok(batch.clone());
+    }
+    let indices = lexsort_to_indices(&columns, None)?;
+    arrow::compute::take_record_batch(batch, &indices)
 }
 
 /// Nearest multiple of `base` (halves round up); 0 stays 0.
@@ -143,113 +381,64 @@ pub fn round(x: i64, base: u64) -> i64 {
     ((x + b / 2).div_euclid(b)) * b
 }
 
+/// The rule set in words, as the researcher sees it under every result.
+pub fn describe(rules: &Disclosure) -> String {
+    let mut s = format!(
+        "disclosure control {}: statistics of {} or fewer patients are [REDACTED]",
+        rules.name, rules.redact_at_or_below
+    );
+    if let Some(d) = rules.dominance {
+        s.push_str(&format!(
+            ", as are those where {} patients make up more than {}% of the total",
+            d.n,
+            d.k * 100.0
+        ));
+    }
+    if let Some(p) = rules.p_percent {
+        s.push_str(&format!(
+            ", fail the p% rule ({}%) or hold negative values",
+            p * 100.0
+        ));
+    }
+    s.push_str(&format!(
+        "; rows with nothing releasable are left out; counts rounded to the nearest {}",
+        rules.round_to
+    ));
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Float64Array, StringArray};
     use proptest::prelude::*;
 
-    const OS: Disclosure = Disclosure {
-        name: "opensafely",
-        redact_at_or_below: 7,
-        round_to: 5,
-        dominance: None,
-        p_percent: None,
-    };
-
     #[test]
-    fn small_cells_are_suppressed_and_counts_rounded() {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("sex", DataType::Utf8, false),
-            Field::new("n", DataType::Int64, false),
-            Field::new("mean", DataType::Float64, false),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(StringArray::from(vec!["F", "M", "I"])),
-                Arc::new(Int64Array::from(vec![1234, 8, 3])),
-                Arc::new(Float64Array::from(vec![55.5, 60.1, 70.0])),
-            ],
-        )
-        .unwrap();
-        let behind = Behind {
-            patients: Int64Array::from(vec![1000, 8, 3]),
-            dominance: None,
-        };
-        let c = control(
-            &batch,
-            &[ColumnKind::Key, ColumnKind::Count, ColumnKind::Statistic],
-            &behind,
-            &OS,
-        )
-        .unwrap();
-        let n = c.batch.column(1).as_primitive::<Int64Type>();
-        assert_eq!((n.value(0), n.value(1)), (1235, 10));
-        assert!(n.is_null(2) && c.batch.column(2).is_null(2));
-        assert_eq!(c.batch.column(0).as_string::<i32>().value(2), "I");
-        assert_eq!(c.suppressed_cells, 1);
+    fn rounding_is_to_the_nearest_base() {
+        assert_eq!(round(0, 5), 0);
+        assert_eq!(round(2, 5), 0);
+        assert_eq!(round(3, 5), 5);
+        assert_eq!(round(1234, 5), 1235);
+        assert_eq!(round(8, 5), 10);
     }
 
     #[test]
-    fn dominated_cells_are_suppressed_naming_the_rule() {
-        let acro = Disclosure {
-            name: "acro",
-            redact_at_or_below: 9,
-            round_to: 5,
-            dominance: Some(crate::policy::tre::Dominance { n: 2, k: 0.9 }),
-            p_percent: Some(0.1),
-        };
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            "total",
-            DataType::Float64,
-            true,
-        )]));
-        let batch = RecordBatch::try_new(
-            schema,
-            vec![Arc::new(Float64Array::from(vec![10.0, 20.0, 30.0, 40.0]))],
-        )
-        .unwrap();
-        let behind = Behind {
-            patients: Int64Array::from(vec![50, 50, 50, 50]),
-            dominance: Some(Int64Array::from(vec![
-                Some(0),
-                Some(dominance::NK as i64),
-                Some(dominance::P_PERCENT as i64),
-                None,
-            ])),
-        };
-        let c = control(&batch, &[ColumnKind::Statistic], &behind, &acro).unwrap();
-        assert_eq!(c.suppressed[0], None);
-        assert!(
-            c.suppressed[1]
-                .as_deref()
-                .unwrap()
-                .contains("dominance: the 2 largest")
-        );
-        assert!(c.suppressed[2].as_deref().unwrap().contains("p% rule"));
-        assert!(c.suppressed[3].is_some(), "a missing mask fails closed");
-        assert_eq!(c.suppressed_cells, 3);
+    fn parts_give_means_and_variances() {
+        // 1, 2, 3, 4: sum 10, squares 30, mean 2.5, sample variance 5/3.
+        assert_eq!(derive(StatKind::Mean, 4, 10.0, None), Some(2.5));
+        let v = derive(StatKind::Variance, 4, 10.0, Some(30.0)).unwrap();
+        assert!((v - 5.0 / 3.0).abs() < 1e-12);
+        let s = derive(StatKind::StdDev, 4, 10.0, Some(30.0)).unwrap();
+        assert!((s - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(derive(StatKind::Variance, 1, 10.0, Some(100.0)), None);
     }
 
     proptest! {
-        /// A released count is never from a cell of 1..=7 patients, and is a multiple of 5.
+        /// Rounded counts are multiples of the base and within half a base.
         #[test]
-        fn released_counts_are_safe(counts in prop::collection::vec((0i64..200, 0i64..200), 1..40)) {
-            let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-            let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(counts.iter().map(|c| c.0).collect::<Vec<_>>()))]).unwrap();
-            let behind = Behind {
-                patients: Int64Array::from(counts.iter().map(|c| c.1).collect::<Vec<_>>()),
-                dominance: None,
-            };
-            let c = control(&batch, &[ColumnKind::Count], &behind, &OS).unwrap();
-            let n = c.batch.column(0).as_primitive::<Int64Type>();
-            for (i, (_, p)) in counts.iter().enumerate() {
-                if n.is_valid(i) {
-                    prop_assert!(*p > 7);
-                    prop_assert_eq!(n.value(i) % 5, 0);
-                }
-            }
+        fn rounded_counts_are_close_multiples(x in 0i64..1_000_000, base in 1u64..20) {
+            let r = round(x, base);
+            prop_assert_eq!(r % base as i64, 0);
+            prop_assert!((r - x).abs() <= base as i64 / 2 + 1);
         }
     }
 }

@@ -1,0 +1,434 @@
+//! From a [`Release`] to the plan that runs: the only plan that ever runs
+//! in a researcher's session is built here, from the parts the grammar
+//! accepted, in standard DataFusion expressions and two named aggregates
+//! (`gpdp_patients`, `gpdp_dominance`) — so that it can also run on Ballista.
+//!
+//! Every source carries one hidden column, the row's patient (`patient_key`
+//! of the left-most view: every row of a source belongs to exactly one
+//! patient, because views are joined only on `patient_id`). Each statistic
+//! is computed as its *parts* — counts, sums, sums of squares — next to the
+//! number of distinct patients who contribute to it (its own, under its
+//! own FILTER and non-null column), so disclosure control decides per
+//! statistic ([`super::sdc`]). Means and variances are derived from the
+//! parts in Rust after control, never inside SQL.
+//!
+//! Two shapes:
+//! - **per cell** (threshold-only rule sets): one aggregate; contributors are
+//!   counted up to the threshold + 1 only ([`super::patients`]), which costs
+//!   one comparison per row once a cell has enough patients;
+//! - **per patient** (rule sets that check dominance): an inner aggregate by
+//!   group keys and patient gives each patient's contribution to each
+//!   statistic, and the outer aggregate sums them, counts contributors
+//!   exactly and runs the N-K and p% checks over patients, not records.
+//!
+//! Cohort subqueries keep only non-null patients, so `NOT IN` never meets a
+//! NULL (which would empty the whole result: an oracle).
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::{Column, DFSchemaRef, ExprSchema, Result};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, min, sum};
+use datafusion::logical_expr::expr::InList;
+use datafusion::logical_expr::logical_plan::{Filter, Projection, SubqueryAlias};
+use datafusion::logical_expr::{
+    Between, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, binary_expr, cast,
+    in_subquery, not_in_subquery,
+};
+use datafusion::prelude::lit;
+
+use super::dominance::dominance;
+use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind};
+use super::patients::patients_at_least;
+use crate::policy::tre::Disclosure;
+
+/// The hidden column that carries each row's patient.
+pub const PATIENT: &str = "__gpdp_patient";
+
+/// Where the parts of one statistic are in the compiled plan's output.
+#[derive(Debug, Clone, Default)]
+pub struct Parts {
+    /// Count statistics: the count. Others: the number of non-null values. Int64.
+    pub count: usize,
+    /// Sum of the values (Float64), for sums, means and variances.
+    pub sum: Option<usize>,
+    /// Sum of the squared values (Float64), for variances.
+    pub squares: Option<usize>,
+    /// Distinct contributing patients (Int64; capped at threshold + 1 in
+    /// the per-cell shape).
+    pub contributors: usize,
+    /// The dominance rules broken, as a bit mask (Int32), per-patient shape only.
+    pub dominance: Option<usize>,
+    /// The smallest value (Float64), per-patient shape only: a negative
+    /// value sends the cell to review.
+    pub minimum: Option<usize>,
+}
+
+/// The compiled plan: group keys first, then every statistic's parts.
+pub struct Compiled {
+    pub plan: LogicalPlan,
+    pub parts: Vec<Parts>,
+}
+
+/// Builds the plan for `release` under `rules`.
+pub fn compile(release: &Release, rules: &Disclosure) -> Result<Compiled> {
+    let input = source(&release.source)?;
+    if rules.checks_contributions() {
+        per_patient(release, input, rules)
+    } else {
+        per_cell(release, input, rules)
+    }
+}
+
+/// The aggregate expressions of one aggregate, named in order.
+#[derive(Default)]
+struct Outputs {
+    offset: usize,
+    exprs: Vec<Expr>,
+}
+
+impl Outputs {
+    fn new(offset: usize) -> Outputs {
+        Outputs {
+            offset,
+            exprs: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, e: Expr) -> usize {
+        let i = self.offset + self.exprs.len();
+        self.exprs.push(e.alias(format!("__gpdp_{i}")));
+        i
+    }
+
+    /// The output an identical expression already has, if any.
+    fn find(&self, e: &Expr) -> Option<usize> {
+        self.exprs
+            .iter()
+            .position(|x| matches!(x, Expr::Alias(a) if a.expr.as_ref() == e))
+            .map(|k| self.offset + k)
+    }
+}
+
+fn filtered(aggregate: Expr, filter: Option<&Expr>) -> Result<Expr> {
+    match filter {
+        Some(f) => aggregate.filter(f.clone()).build(),
+        None => Ok(aggregate),
+    }
+}
+
+fn and(a: Option<Expr>, b: Option<Expr>) -> Option<Expr> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.and(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `column IS NOT NULL` when the column can be null.
+fn present(column: &Column, schema: &DFSchemaRef) -> Result<Option<Expr>> {
+    let field = schema.field_from_column(column)?;
+    Ok(field
+        .is_nullable()
+        .then(|| Expr::Column(column.clone()).is_not_null()))
+}
+
+fn as_f64(column: &Column) -> Expr {
+    cast(Expr::Column(column.clone()), DataType::Float64)
+}
+
+fn hidden_patient(schema: &DFSchemaRef) -> Result<Column> {
+    let (q, f) = schema.qualified_field_with_unqualified_name(PATIENT)?;
+    Ok(Column::new(q.cloned(), f.name()))
+}
+
+fn group_exprs(release: &Release) -> Vec<Expr> {
+    release
+        .keys
+        .iter()
+        .map(|k| Expr::Column(k.column.clone()))
+        .collect()
+}
+
+fn per_cell(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Result<Compiled> {
+    let schema = input.schema().clone();
+    let patient = Expr::Column(hidden_patient(&schema)?);
+    let cap = rules.redact_at_or_below + 1;
+    let mut out = Outputs::new(release.keys.len());
+    let mut parts = Vec::with_capacity(release.statistics.len());
+    for s in &release.statistics {
+        let f = s.filter.as_ref().map(predicate).transpose()?;
+        let column = s.column.as_ref();
+        let nonnull = column.map(|c| present(c, &schema)).transpose()?.flatten();
+        let contributing = and(f.clone(), nonnull);
+        let contributors = |out: &mut Outputs| -> Result<usize> {
+            let e = filtered(
+                patients_at_least(patient.clone(), cap),
+                contributing.as_ref(),
+            )?;
+            Ok(out.find(&e).unwrap_or_else(|| out.push(e)))
+        };
+        let p = match (s.kind, column) {
+            (StatKind::Rows, _) => {
+                let count = out.push(filtered(count(lit(1i64)), f.as_ref())?);
+                Parts {
+                    count,
+                    contributors: contributors(&mut out)?,
+                    ..Parts::default()
+                }
+            }
+            (StatKind::Patients, Some(_)) => {
+                let count = out.push(filtered(
+                    count_distinct(patient.clone()),
+                    contributing.as_ref(),
+                )?);
+                Parts {
+                    count,
+                    contributors: count,
+                    ..Parts::default()
+                }
+            }
+            (StatKind::Values, Some(c)) => {
+                let count = out.push(filtered(count(Expr::Column(c.clone())), f.as_ref())?);
+                Parts {
+                    count,
+                    contributors: contributors(&mut out)?,
+                    ..Parts::default()
+                }
+            }
+            (kind, Some(c)) => {
+                let count = out.push(filtered(count(Expr::Column(c.clone())), f.as_ref())?);
+                let total = out.push(filtered(sum(as_f64(c)), f.as_ref())?);
+                let squares = matches!(kind, StatKind::Variance | StatKind::StdDev)
+                    .then(|| filtered(sum(as_f64(c) * as_f64(c)), f.as_ref()).map(|e| out.push(e)))
+                    .transpose()?;
+                Parts {
+                    count,
+                    sum: Some(total),
+                    squares,
+                    contributors: contributors(&mut out)?,
+                    ..Parts::default()
+                }
+            }
+            (_, None) => {
+                return Err(datafusion::error::DataFusionError::Internal(
+                    "a statistic over a column without its column".into(),
+                ));
+            }
+        };
+        parts.push(p);
+    }
+    let plan = LogicalPlanBuilder::from(input)
+        .aggregate(group_exprs(release), out.exprs)?
+        .build()?;
+    Ok(Compiled { plan, parts })
+}
+
+fn per_patient(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Result<Compiled> {
+    let schema = input.schema().clone();
+    let patient = Expr::Column(hidden_patient(&schema)?);
+    let keys = release.keys.len();
+    // Inner: each patient's part of each statistic, per cell.
+    let mut inner = Outputs::new(keys + 1);
+    let mut inner_parts = Vec::with_capacity(release.statistics.len());
+    for s in &release.statistics {
+        let f = s.filter.as_ref().map(predicate).transpose()?;
+        let rows = match s.column.as_ref() {
+            None => count(lit(1i64)),
+            Some(c) => count(Expr::Column(c.clone())),
+        };
+        let n = inner.push(filtered(rows, f.as_ref())?);
+        let (mut total, mut squares, mut minimum) = (None, None, None);
+        if let (false, Some(c)) = (s.kind.is_count(), s.column.as_ref()) {
+            total = Some(inner.push(filtered(sum(as_f64(c)), f.as_ref())?));
+            minimum = Some(inner.push(filtered(min(as_f64(c)), f.as_ref())?));
+            if matches!(s.kind, StatKind::Variance | StatKind::StdDev) {
+                squares = Some(inner.push(filtered(sum(as_f64(c) * as_f64(c)), f.as_ref())?));
+            }
+        }
+        inner_parts.push((n, total, squares, minimum));
+    }
+    let mut group = group_exprs(release);
+    group.push(patient);
+    let inner_plan = LogicalPlanBuilder::from(input)
+        .aggregate(group, inner.exprs)?
+        .build()?;
+    let inner_schema = inner_plan.schema().clone();
+    let at = |i: usize| {
+        let (q, f) = inner_schema.qualified_field(i);
+        Expr::Column(Column::new(q.cloned(), f.name()))
+    };
+    // Outer: per cell, over patients.
+    let mut out = Outputs::new(keys);
+    let mut parts = Vec::with_capacity(release.statistics.len());
+    for (s, &(n, total, squares, minimum)) in release.statistics.iter().zip(&inner_parts) {
+        let contributes = at(n).gt(lit(0i64));
+        let patients = out.push(count(lit(1i64)).filter(contributes.clone()).build()?);
+        let p = if s.kind == StatKind::Patients {
+            Parts {
+                count: patients,
+                contributors: patients,
+                ..Parts::default()
+            }
+        } else {
+            let count = out.push(sum(at(n)));
+            // A patient's contribution: their number of rows for counts,
+            // their sum for sums and means.
+            let contribution = total.map_or_else(|| at(n), at);
+            let mask = out.push(
+                dominance(vec![contribution], rules)
+                    .filter(contributes)
+                    .build()?,
+            );
+            Parts {
+                count,
+                sum: total.map(|t| out.push(sum(at(t)))),
+                squares: squares.map(|q| out.push(sum(at(q)))),
+                contributors: patients,
+                dominance: Some(mask),
+                minimum: minimum.map(|m| out.push(min(at(m)))),
+            }
+        };
+        parts.push(p);
+    }
+    let group: Vec<Expr> = (0..keys).map(at).collect();
+    let plan = LogicalPlanBuilder::from(inner_plan)
+        .aggregate(group, out.exprs)?
+        .build()?;
+    Ok(Compiled { plan, parts })
+}
+
+/// A source with the hidden patient column appended.
+fn source(s: &Source) -> Result<LogicalPlan> {
+    match &s.node {
+        SourceNode::View { plan, .. } => {
+            let scan = plan.clone();
+            let schema = scan.schema().clone();
+            let mut exprs: Vec<Expr> = schema.columns().into_iter().map(Expr::Column).collect();
+            let (q, f) = schema.qualified_field_with_unqualified_name("patient_key")?;
+            exprs.push(Expr::Column(Column::new(q.cloned(), f.name())).alias(PATIENT));
+            Ok(LogicalPlan::Projection(Projection::try_new(
+                exprs,
+                Arc::new(scan),
+            )?))
+        }
+        SourceNode::Alias { alias, input } => Ok(LogicalPlan::SubqueryAlias(
+            SubqueryAlias::try_new(Arc::new(source(input)?), alias.clone())?,
+        )),
+        SourceNode::Select { columns, input } => {
+            let input = source(input)?;
+            let patient = hidden_patient(input.schema())?;
+            let mut exprs = Vec::with_capacity(columns.len() + 1);
+            for (i, (c, _)) in columns.iter().enumerate() {
+                // The same qualified name as in the researcher's plan, so
+                // that the columns above resolve as they did there.
+                let (q, f) = s.schema.qualified_field(i);
+                exprs.push(Expr::Column(c.clone()).alias_qualified(q.cloned(), f.name()));
+            }
+            exprs.push(Expr::Column(patient).alias(PATIENT));
+            Ok(LogicalPlan::Projection(Projection::try_new(
+                exprs,
+                Arc::new(input),
+            )?))
+        }
+        // The hidden patient is a function of the patient_id DISTINCT keeps,
+        // so it does not change which rows are distinct.
+        SourceNode::Distinct(input) => LogicalPlanBuilder::from(source(input)?).distinct()?.build(),
+        SourceNode::Filter {
+            predicate: p,
+            input,
+        } => Ok(LogicalPlan::Filter(Filter::try_new(
+            predicate(p)?,
+            Arc::new(source(input)?),
+        )?)),
+        SourceNode::Join {
+            left,
+            right,
+            kind,
+            on,
+        } => {
+            let right = without_hidden(source(right)?)?;
+            let join_type = match kind {
+                JoinKind::Inner => JoinType::Inner,
+                JoinKind::Left => JoinType::Left,
+            };
+            LogicalPlanBuilder::from(source(left)?)
+                .join(
+                    right,
+                    join_type,
+                    (vec![on.0.clone()], vec![on.1.clone()]),
+                    None,
+                )?
+                .build()
+        }
+    }
+}
+
+/// The right side of a join loses its hidden patient: the row's patient is the left side's.
+fn without_hidden(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let exprs: Vec<Expr> = plan
+        .schema()
+        .iter()
+        .filter(|(_, f)| f.name() != PATIENT)
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+        .collect();
+    Ok(LogicalPlan::Projection(Projection::try_new(
+        exprs,
+        Arc::new(plan),
+    )?))
+}
+
+fn predicate(p: &Predicate) -> Result<Expr> {
+    Ok(match p {
+        Predicate::And(a, b) => predicate(a)?.and(predicate(b)?),
+        Predicate::Or(a, b) => predicate(a)?.or(predicate(b)?),
+        Predicate::Not(a) => Expr::Not(Box::new(predicate(a)?)),
+        Predicate::Compare { column, op, value } => {
+            binary_expr(Expr::Column(column.clone()), *op, lit(value.clone()))
+        }
+        Predicate::InList {
+            column,
+            values,
+            negated,
+        } => Expr::InList(InList::new(
+            Box::new(Expr::Column(column.clone())),
+            values.iter().cloned().map(lit).collect(),
+            *negated,
+        )),
+        Predicate::Between {
+            column,
+            low,
+            high,
+            negated,
+        } => Expr::Between(Between::new(
+            Box::new(Expr::Column(column.clone())),
+            *negated,
+            Box::new(lit(low.clone())),
+            Box::new(lit(high.clone())),
+        )),
+        Predicate::IsNull { column, negated } => {
+            let c = Expr::Column(column.clone());
+            if *negated {
+                c.is_not_null()
+            } else {
+                c.is_null()
+            }
+        }
+        Predicate::Cohort {
+            column,
+            negated,
+            cohort,
+            member,
+        } => {
+            let members = LogicalPlanBuilder::from(source(cohort)?)
+                .filter(Expr::Column(member.clone()).is_not_null())?
+                .project(vec![Expr::Column(member.clone())])?
+                .build()?;
+            let c = Expr::Column(column.clone());
+            if *negated {
+                not_in_subquery(c, Arc::new(members))
+            } else {
+                in_subquery(c, Arc::new(members))
+            }
+        }
+    })
+}
