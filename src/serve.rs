@@ -114,7 +114,7 @@ fn status(e: TreError) -> Status {
         TreError::Refused(r) => Status::permission_denied(r.to_string()),
         // One fixed message for every failure while running (see tre::EXECUTION_FAILED).
         e @ TreError::Failed(_) => Status::aborted(e.to_string()),
-        TreError::Sql(m) => Status::invalid_argument(m),
+        e @ TreError::Sql(_) => Status::invalid_argument(e.to_string()),
         TreError::Internal(_) | TreError::Store(_) => Status::internal(
             "internal error while running the query (the TRE operator can find it in the audit log)",
         ),

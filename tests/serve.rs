@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -17,77 +15,6 @@ use common::*;
 fn fixture() -> &'static Collected {
     static F: OnceLock<Collected> = OnceLock::new();
     F.get_or_init(|| collected_with_ndoo(2, 600, 23, 9))
-}
-
-struct Server {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Server {
-    fn start(store: &std::path::Path) -> Server {
-        Server::start_with(store, &[])
-    }
-
-    fn start_with(store: &std::path::Path, extra: &[&str]) -> Server {
-        let mut child = gpdp()
-            .args([
-                "serve",
-                "--store",
-                store.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .split("://")
-            .nth(1)
-            .and_then(|a| a.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .parse()
-            .unwrap();
-        Server { child, addr }
-    }
-
-    /// SIGTERM, then the exit status and the rest of stdout.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let pid = self.child.id().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let status = self.child.wait().unwrap();
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut rest);
-        (status, rest)
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A JSON value as the text a table shows ("null" for null).

@@ -71,7 +71,20 @@ pub struct Source {
     /// The field that is the patient_id of the row's own patient (the left
     /// side's, through joins), if the source still has it.
     pub root: Option<usize>,
+    /// Whether the source has (at most a few) rows per patient: the
+    /// `patients` view (one row per registration) or a DISTINCT of patient
+    /// ids. Joins need one such side, so that no query multiplies one
+    /// patient's rows by their own rows (a fan-out whose cost — time,
+    /// memory, failure — would depend on one person's record).
+    pub per_patient: bool,
+    /// How many views this source joins (at most [`MAX_JOINED`]).
+    pub joined: usize,
 }
+
+/// The most views one source may join: with one row per patient on one
+/// side of every join, a patient's rows are multiplied at most by their
+/// registrations to this power.
+pub const MAX_JOINED: usize = 4;
 
 #[derive(Debug, Clone)]
 pub enum SourceNode {
@@ -800,6 +813,8 @@ fn source(plan: &LogicalPlan, scope: &Scope) -> Result<Source, Refusal> {
             Ok(Source {
                 lineage: input.lineage.clone(),
                 root: input.root,
+                per_patient: input.per_patient,
+                joined: input.joined,
                 schema,
                 node: SourceNode::Alias {
                     alias: a.alias.clone(),
@@ -817,6 +832,8 @@ fn source(plan: &LogicalPlan, scope: &Scope) -> Result<Source, Refusal> {
             Ok(Source {
                 lineage: input.lineage.clone(),
                 root: input.root,
+                per_patient: input.per_patient,
+                joined: input.joined,
                 schema,
                 node: SourceNode::Filter {
                     predicate,
@@ -861,6 +878,8 @@ fn view(a: &SubqueryAlias, name: &str, scope: &Scope) -> Result<Source, Refusal>
         schema,
         lineage,
         root,
+        per_patient: name == "patients",
+        joined: 1,
     })
 }
 
@@ -897,6 +916,8 @@ fn select(exprs: &[Expr], input: Source, schema: DFSchemaRef) -> Result<Source, 
         columns.push((c.clone(), schema.field(k).name().clone()));
     }
     Ok(Source {
+        per_patient: input.per_patient,
+        joined: input.joined,
         node: SourceNode::Select {
             columns,
             input: Box::new(input),
@@ -917,6 +938,8 @@ fn distinct(input: Source, schema: DFSchemaRef) -> Result<Source, Refusal> {
     Ok(Source {
         lineage: input.lineage.clone(),
         root: input.root,
+        per_patient: input.per_patient || input.lineage.iter().all(|l| l.column == PATIENT_ID),
+        joined: input.joined,
         schema,
         node: SourceNode::Distinct(Box::new(input)),
     })
@@ -975,9 +998,26 @@ fn join(j: &datafusion::logical_expr::Join, scope: &Scope) -> Result<Source, Ref
     } else {
         return Err(join_condition());
     };
+    if !left.per_patient && !right.per_patient {
+        return Err(outside(
+            "fan_out_join",
+            "a table of events may be joined only to one row per patient: patients, or (SELECT DISTINCT patient_id FROM … WHERE …); or use a cohort, patient_id IN (SELECT patient_id FROM … WHERE …)",
+        ));
+    }
+    let joined = left.joined + right.joined;
+    if joined > MAX_JOINED {
+        return Err(outside(
+            "too_many_joins",
+            format!(
+                "a query may join at most {MAX_JOINED} views; use cohorts (IN / EXISTS) for the rest"
+            ),
+        ));
+    }
     let mut lineage = left.lineage.clone();
     lineage.extend(right.lineage.iter().cloned());
     Ok(Source {
+        per_patient: left.per_patient && right.per_patient,
+        joined,
         root: left.root,
         schema: j.schema.clone(),
         lineage,
@@ -1184,6 +1224,8 @@ fn exists(
         Some(condition) => Source {
             lineage: inner.lineage.clone(),
             root: inner.root,
+            per_patient: inner.per_patient,
+            joined: inner.joined,
             schema: inner.schema.clone(),
             node: SourceNode::Filter {
                 predicate: predicate(&condition, &inner, scope, Cohorts::Allowed)?,

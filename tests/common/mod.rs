@@ -4,8 +4,9 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 pub fn gpdp() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gpdp"))
@@ -345,4 +346,76 @@ pub fn collected_with_ndoo(practices: u32, patients: u64, seed: u64, key_byte: u
 pub fn assert_log_verifies(store: &Path) {
     let o = run(&["audit", "--store", store.to_str().unwrap(), "--verify-log"]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `gpdp serve` on a loopback port of its own, stopped when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Server {
+    pub fn start(store: &std::path::Path) -> Server {
+        Server::start_with(store, &[])
+    }
+
+    pub fn start_with(store: &std::path::Path, extra: &[&str]) -> Server {
+        let mut child = gpdp()
+            .args([
+                "serve",
+                "--store",
+                store.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split("://")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .parse()
+            .unwrap();
+        Server { child, addr }
+    }
+
+    /// SIGTERM, then the exit status and the rest of stdout.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = self.child.wait().unwrap();
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut rest);
+        (status, rest)
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,806 @@
+//! The attack suite: an approved researcher who knows a target's sex, age
+//! band and area deprivation (as a neighbour might) tries to extract that
+//! person's records through the TRE boundary — and a check, against the
+//! truth, that nothing leaked.
+//!
+//! Attacks are data: `tests/attacks/*.attacks`, one family per file, read
+//! and run by this one harness (add a file or an attack and it runs):
+//!
+//! ```text
+//! attack NAME                 # one attack: a sequence of queries
+//! why TEXT                    # what it tries and what it would learn
+//! projects research acro      # the projects (rule sets) it runs in; default both
+//! ask SQL                     # {t.NAME} is a fact about the target (below)
+//! expect refused RULE[/CONSTRUCT] | released | withheld | answered
+//! ```
+//!
+//! `GPDP_ATTACKS=lineage,oracles cargo test --test attacks` runs only those
+//! families. `released` means at least one row comes back, `withheld` that the query
+//! runs and no row comes back, `answered` either.
+//!
+//! **How "learned nothing" is checked, against the truth.** World A is a
+//! collected store. For each target — a patient the truth says research
+//! projects can see, with HbA1c results and prescriptions, one of at most 5
+//! patients of their sex, age band and IMD decile — world B is the same
+//! store after the target's Type 1 opt-out deleted them (`gpdp optout
+//! apply`). Every ask must get **the identical answer in both worlds**: an
+//! answer that depends on whether the target is there (or on anything in
+//! their record) is a leak, whatever the query looks like. Attacks are
+//! written so that any cell that includes the target describes few patients
+//! (so no rule set may release it), and large cells leave the target out by
+//! a known attribute (`{t.other_sex}`): then only a leak can tell the worlds
+//! apart. On top of that, no released cell may hold an identifier
+//! (pseudonym, patient key, NHS number, LSOA, postcode, practice code).
+//!
+//! **Every path.** Each ask runs through `gpdp query` (the binary) and
+//! through `gpdp serve` over Arrow Flight SQL as a statement
+//! (`GetFlightInfo` then `DoGet`), as a prepared statement, and as a ticket
+//! that carries the SQL straight to `DoGet`; all must agree, and a
+//! statement's advertised schema must be the one the data comes in.
+//!
+//! Facts about the target (`{t.NAME}`): `sex`, `other_sex`, `age_band`,
+//! `imd_decile`, `ethnicity`, `qi` (`sex = … AND age_band = … AND
+//! imd_decile = …`; `qi_p` the same on alias `p`), `code` (their rarest SNOMED code), `absent_code` (a
+//! common code they do not have), `hba1c_date`, `hba1c_year`,
+//! `hba1c_value`, `dmd_code`, `med_date`, `pseudonym` (hex), `patient_key`,
+//! `nhs_number`, `lsoa`, `birth_month`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type};
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::sql::{ProstMessageExt, TicketStatementQuery};
+use common::*;
+use futures::TryStreamExt;
+use prost::Message;
+use tonic::transport::Channel;
+
+const KEY_BYTE: u8 = 7;
+const TARGETS: usize = 2;
+const HBA1C: &str = "999791000000106";
+
+fn project_id(short: &str) -> &'static str {
+    match short {
+        "research" => "demo-research",
+        "acro" => "demo-prescribing-acro",
+        "exempt" => "demo-planning-exempt",
+        other => panic!("unknown project {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Attack files
+
+#[derive(Debug, Clone)]
+enum Expect {
+    Refused(String),
+    Released,
+    Withheld,
+    Answered,
+}
+
+#[derive(Debug, Clone)]
+struct Ask {
+    sql: String,
+    expect: Expect,
+    line: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Attack {
+    file: String,
+    name: String,
+    projects: Vec<String>,
+    asks: Vec<Ask>,
+}
+
+fn parse(file: &Path) -> Vec<Attack> {
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut attacks: Vec<Attack> = Vec::new();
+    let mut pending: Option<(String, usize)> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        let at = format!("{name}:{}", i + 1);
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let rest = rest.trim();
+        if word == "attack" {
+            assert!(pending.is_none(), "{at}: an ask without expect before it");
+            attacks.push(Attack {
+                file: name.clone(),
+                name: rest.to_owned(),
+                projects: vec!["research".into(), "acro".into()],
+                asks: Vec::new(),
+            });
+            continue;
+        }
+        let attack = attacks
+            .last_mut()
+            .unwrap_or_else(|| panic!("{at}: {word} before any attack"));
+        match word {
+            "why" => {}
+            "projects" => attack.projects = rest.split_whitespace().map(String::from).collect(),
+            "ask" => {
+                assert!(pending.is_none(), "{at}: two asks without an expect");
+                pending = Some((rest.to_owned(), i + 1));
+            }
+            "expect" => {
+                let (sql, line) = pending
+                    .take()
+                    .unwrap_or_else(|| panic!("{at}: expect without an ask"));
+                let mut w = rest.split_whitespace();
+                let expect = match (w.next(), w.next()) {
+                    (Some("refused"), Some(rule)) => Expect::Refused(rule.to_owned()),
+                    (Some("released"), None) => Expect::Released,
+                    (Some("withheld"), None) => Expect::Withheld,
+                    (Some("answered"), None) => Expect::Answered,
+                    _ => panic!("{at}: expect refused RULE | released | withheld | answered"),
+                };
+                attack.asks.push(Ask { sql, expect, line });
+            }
+            other => panic!("{at}: unknown directive {other}"),
+        }
+    }
+    assert!(pending.is_none(), "{name}: the last ask has no expect");
+    for a in &attacks {
+        assert!(!a.asks.is_empty(), "{name}: attack {} asks nothing", a.name);
+    }
+    attacks
+}
+
+// ---------------------------------------------------------------------------
+// The worlds and the targets
+
+struct Target {
+    facts: BTreeMap<&'static str, String>,
+}
+
+impl Target {
+    fn render(&self, template: &str, at: &str) -> String {
+        let mut out = String::new();
+        let mut rest = template;
+        while let Some(start) = rest.find("{t.") {
+            out.push_str(&rest[..start]);
+            let end = rest[start..]
+                .find('}')
+                .unwrap_or_else(|| panic!("{at}: unclosed {{t."));
+            let name = &rest[start + 3..start + end];
+            out.push_str(
+                self.facts
+                    .get(name)
+                    .unwrap_or_else(|| panic!("{at}: no fact {{t.{name}}}")),
+            );
+            rest = &rest[start + end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+struct Worlds {
+    a: Collected,
+    /// One store per target: world A without that target.
+    b: Vec<PathBuf>,
+    targets: Vec<Target>,
+    identifiers: Identifiers,
+    _dir: tempfile::TempDir,
+}
+
+/// Runs SQL directly over a project's views (no boundary): the test's own
+/// reading of the store, used only to choose targets.
+fn direct(store: &Path, project: &str, sql: &str) -> Vec<RecordBatch> {
+    let policy = gpdp::policy::tre::TrePolicy::load(None).unwrap();
+    let project = policy.projects[project].clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let manifest = gpdp::store::read_manifest(store).unwrap();
+        let session = gpdp::tre::session::open(store, &manifest, &policy, &project)
+            .await
+            .unwrap();
+        session.ctx.sql(sql).await.unwrap().collect().await.unwrap()
+    })
+}
+
+fn cell(b: &RecordBatch, col: &str, row: usize) -> String {
+    let c = b.column_by_name(col).unwrap();
+    if c.is_null(row) {
+        return "NULL".into();
+    }
+    if let DataType::FixedSizeBinary(_) = c.data_type() {
+        return gpdp::deid::pseudonym::hex(c.as_fixed_size_binary().value(row));
+    }
+    let f = arrow::util::display::ArrayFormatter::try_new(
+        c.as_ref(),
+        &arrow::util::display::FormatOptions::default(),
+    )
+    .unwrap();
+    f.value(row).to_string()
+}
+
+fn rows(batches: &[RecordBatch], cols: &[&str]) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        for i in 0..b.num_rows() {
+            out.push(cols.iter().map(|c| cell(b, c, i)).collect());
+        }
+    }
+    out
+}
+
+fn build_worlds() -> Worlds {
+    let a = collected_with_ndoo(3, 2000, 31, KEY_BYTE);
+    // Targets: visible to research projects (the NDOO applies there),
+    // registered at one practice only, with HbA1c results and
+    // prescriptions, and one of at most 5 such patients of their sex, age
+    // band and IMD decile.
+    let candidates = rows(
+        &direct(
+            &a.store,
+            "demo-research",
+            "WITH cell AS (SELECT sex, age_band, imd_decile, count(DISTINCT patient_id) AS n FROM patients GROUP BY sex, age_band, imd_decile), \
+             one AS (SELECT patient_id FROM patients GROUP BY patient_id HAVING count(*) = 1) \
+             SELECT p.patient_id, p.patient_key, p.sex, p.age_band, p.imd_decile, p.ethnicity, p.lsoa_code, p.birth_month \
+             FROM patients p JOIN cell c ON p.sex = c.sex AND p.age_band = c.age_band AND p.imd_decile = c.imd_decile \
+             WHERE c.n <= 5 AND p.registered AND NOT p.deceased AND p.patient_id IN (SELECT patient_id FROM one) \
+             AND p.patient_id IN (SELECT patient_id FROM clinical_events WHERE snomedct_code = '999791000000106' AND numeric_value IS NOT NULL) \
+             AND p.patient_id IN (SELECT patient_id FROM medications) ORDER BY p.patient_key",
+        ),
+        &[
+            "patient_id",
+            "patient_key",
+            "sex",
+            "age_band",
+            "imd_decile",
+            "ethnicity",
+            "lsoa_code",
+            "birth_month",
+        ],
+    );
+    assert!(
+        candidates.len() >= TARGETS,
+        "the test population has {} possible targets",
+        candidates.len()
+    );
+    let truth = Csv::read(&a.extract.join("truth/patients.csv")).records();
+    let dir = tempfile::tempdir().unwrap();
+    let mut targets = Vec::new();
+    let mut b = Vec::new();
+    for c in candidates.iter().take(TARGETS) {
+        let nhs = truth
+            .iter()
+            .map(|r| &r["nhs_number"])
+            .find(|n| gpdp::deid::pseudonym::hex(&pseudonym(KEY_BYTE, n)) == c[0])
+            .expect("the target is in the truth")
+            .clone();
+        let key = &c[1];
+        let codes = rows(
+            &direct(
+                &a.store,
+                "demo-research",
+                &format!(
+                    "SELECT e.snomedct_code, count(DISTINCT a.patient_id) AS n FROM clinical_events e JOIN clinical_events a ON e.snomedct_code = a.snomedct_code \
+                     WHERE e.patient_key = {key} GROUP BY e.snomedct_code ORDER BY n, e.snomedct_code"
+                ),
+            ),
+            &["snomedct_code"],
+        );
+        let absent = ["59621000", "195967001", "13645005", "35489007", "73211009"]
+            .into_iter()
+            .find(|code| !codes.iter().any(|c| c[0] == *code))
+            .expect("the target lacks some common condition");
+        let hba1c = rows(
+            &direct(
+                &a.store,
+                "demo-research",
+                &format!(
+                    "SELECT date, event_year, numeric_value FROM clinical_events WHERE patient_key = {key} AND snomedct_code = '{HBA1C}' AND numeric_value IS NOT NULL ORDER BY date"
+                ),
+            ),
+            &["date", "event_year", "numeric_value"],
+        );
+        let meds = rows(
+            &direct(
+                &a.store,
+                "demo-research",
+                &format!(
+                    "SELECT date, dmd_code FROM medications WHERE patient_key = {key} ORDER BY date"
+                ),
+            ),
+            &["date", "dmd_code"],
+        );
+        let (sex, age_band, imd) = (c[2].clone(), c[3].clone(), c[4].clone());
+        let mut facts = BTreeMap::new();
+        facts.insert(
+            "qi",
+            format!("sex = '{sex}' AND age_band = '{age_band}' AND imd_decile = {imd}"),
+        );
+        facts.insert(
+            "qi_p",
+            format!("p.sex = '{sex}' AND p.age_band = '{age_band}' AND p.imd_decile = {imd}"),
+        );
+        facts.insert("other_sex", if sex == "F" { "M" } else { "F" }.to_owned());
+        facts.insert("sex", sex);
+        facts.insert("age_band", age_band);
+        facts.insert("imd_decile", imd);
+        facts.insert("ethnicity", c[5].clone());
+        facts.insert("lsoa", c[6].clone());
+        facts.insert("birth_month", c[7].clone());
+        facts.insert("pseudonym", c[0].clone());
+        facts.insert("patient_key", key.clone());
+        facts.insert("nhs_number", nhs.clone());
+        facts.insert("code", codes[0][0].clone());
+        facts.insert("absent_code", absent.to_owned());
+        facts.insert("hba1c_date", hba1c[0][0].clone());
+        facts.insert("hba1c_year", hba1c[0][1].clone());
+        facts.insert("hba1c_value", hba1c[0][2].clone());
+        facts.insert("med_date", meds[0][0].clone());
+        facts.insert("dmd_code", meds[0][1].clone());
+        targets.push(Target { facts });
+
+        // World B: the same store after the target's Type 1 opt-out.
+        let store = dir.path().join(format!("without-{}", targets.len()));
+        copy_tree(&a.store, &store);
+        let requests = dir.path().join(format!("type1-{}.csv", targets.len()));
+        std::fs::write(&requests, format!("nhs_number\n{nhs}\n")).unwrap();
+        let o = run(&[
+            "optout",
+            "apply",
+            "--type1",
+            requests.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--key",
+            a.key.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        b.push(store);
+    }
+    let identifiers = Identifiers::of(&a);
+    Worlds {
+        a,
+        b,
+        targets,
+        identifiers,
+        _dir: dir,
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for (rel, bytes) in tree(from) {
+        let path = to.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Identifiers that must never appear in a released cell
+
+struct Identifiers {
+    exact: HashSet<String>,
+    /// Lengths of the long identifiers, searched for inside cells too.
+    lengths: Vec<usize>,
+}
+
+impl Identifiers {
+    fn of(a: &Collected) -> Identifiers {
+        let mut exact = HashSet::new();
+        for table in ["patients", "clinical_events", "medications"] {
+            for b in read_table(&a.store, table) {
+                for col in ["patient_id", "patient_key", "practice_id"] {
+                    if b.column_by_name(col).is_some() {
+                        for i in 0..b.num_rows() {
+                            exact.insert(cell(&b, col, i));
+                        }
+                    }
+                }
+            }
+        }
+        for r in Csv::read(&a.extract.join("truth/patients.csv")).records() {
+            exact.insert(r["nhs_number"].clone());
+            exact.insert(r["lsoa_code"].clone());
+            exact.insert(r["practice"].clone());
+        }
+        for r in Csv::read(&a.extract.join("reference/postcode_lsoa.csv")).records() {
+            exact.insert(r["postcode"].clone());
+        }
+        let mut lengths: Vec<usize> = exact.iter().map(String::len).filter(|&l| l >= 10).collect();
+        lengths.sort();
+        lengths.dedup();
+        Identifiers { exact, lengths }
+    }
+
+    fn find_in(&self, text: &str) -> Option<String> {
+        if self.exact.contains(text) {
+            return Some(text.to_owned());
+        }
+        let chars: Vec<char> = text.chars().collect();
+        for &l in &self.lengths {
+            for w in chars.windows(l) {
+                let s: String = w.iter().collect();
+                if self.exact.contains(&s) {
+                    return Some(s);
+                }
+            }
+        }
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Outcomes, whatever the path
+
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    Released {
+        columns: Vec<String>,
+        rows: Vec<Vec<String>>,
+    },
+    Refused(String),
+    /// SQL that does not plan (exit 2 / InvalidArgument).
+    Error,
+    /// Anything else (an internal error, a panic, a status without a rule):
+    /// never what an attack expects.
+    Unexpected(String),
+}
+
+impl Outcome {
+    fn matches(&self, expect: &Expect) -> bool {
+        match (self, expect) {
+            (Outcome::Refused(got), Expect::Refused(want)) => {
+                got == want || got.split('/').next() == Some(want.as_str())
+            }
+            (Outcome::Released { rows, .. }, Expect::Released) => !rows.is_empty(),
+            (Outcome::Released { rows, .. }, Expect::Withheld) => rows.is_empty(),
+            (Outcome::Released { .. }, Expect::Answered) => true,
+            _ => false,
+        }
+    }
+
+    fn cells(&self) -> impl Iterator<Item = &String> {
+        let (columns, rows): (&[String], &[Vec<String>]) = match self {
+            Outcome::Released { columns, rows } => (columns, rows),
+            _ => (&[], &[]),
+        };
+        columns.iter().chain(rows.iter().flatten())
+    }
+}
+
+/// The rule (and construct) a refusal names: `refused by rule R (C): …` → `R/C`.
+fn refusal(message: &str) -> Option<String> {
+    let at = message.find("refused by rule ")? + "refused by rule ".len();
+    let rest = &message[at..];
+    let head = &rest[..rest.find(':')?];
+    Some(match head.split_once(" (") {
+        Some((rule, construct)) => format!("{rule}/{}", construct.trim_end_matches(')')),
+        None => head.to_owned(),
+    })
+}
+
+fn json_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| format!("{}", n.as_f64().unwrap())),
+        other => other.to_string(),
+    }
+}
+
+fn via_cli(store: &Path, project: &str, sql: &str) -> Outcome {
+    let o = run(&[
+        "query",
+        "--store",
+        store.to_str().unwrap(),
+        "--project",
+        project,
+        "--user",
+        "alice",
+        "--token",
+        "demo-alice-token",
+        "--format",
+        "json",
+        sql,
+    ]);
+    match o.status.code() {
+        Some(0) => {
+            let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+            let columns: Vec<String> = v["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(json_text)
+                .collect();
+            let rows = v["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| columns.iter().map(|c| json_text(&r[c])).collect())
+                .collect();
+            Outcome::Released { columns, rows }
+        }
+        Some(3) => refusal(&stderr(&o)).map_or_else(
+            || Outcome::Unexpected(format!("exit 3 without a rule: {}", stderr(&o))),
+            Outcome::Refused,
+        ),
+        Some(2) => Outcome::Error,
+        _ => Outcome::Unexpected(format!("gpdp query: {}", stderr(&o))),
+    }
+}
+
+fn batch_text(batches: &[RecordBatch], schema: &arrow::datatypes::Schema) -> Outcome {
+    let columns = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let mut rows = Vec::new();
+    for b in batches {
+        for i in 0..b.num_rows() {
+            rows.push(
+                b.columns()
+                    .iter()
+                    .map(|c| {
+                        if c.is_null(i) {
+                            "null".to_owned()
+                        } else if c.data_type() == &DataType::Float64 {
+                            format!("{}", c.as_primitive::<Float64Type>().value(i))
+                        } else {
+                            arrow::util::display::ArrayFormatter::try_new(
+                                c.as_ref(),
+                                &arrow::util::display::FormatOptions::default(),
+                            )
+                            .unwrap()
+                            .value(i)
+                            .to_string()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Outcome::Released { columns, rows }
+}
+
+fn flight_error(e: impl std::fmt::Display) -> Outcome {
+    let text = e.to_string();
+    match refusal(&text) {
+        Some(rule) => Outcome::Refused(rule),
+        None if text.contains("query error") => Outcome::Error,
+        None => Outcome::Unexpected(format!("Flight SQL: {text}")),
+    }
+}
+
+type Client = FlightSqlServiceClient<Channel>;
+
+async fn fetch(client: &mut Client, ticket: arrow_flight::Ticket) -> Result<Outcome, Outcome> {
+    let mut stream = client.do_get(ticket).await.map_err(flight_error)?;
+    let mut batches = Vec::new();
+    while let Some(b) = stream.try_next().await.map_err(flight_error)? {
+        batches.push(b);
+    }
+    match stream.schema() {
+        Some(schema) => Ok(batch_text(&batches, schema)),
+        None => Err(Outcome::Unexpected(
+            "a Flight stream without a schema".into(),
+        )),
+    }
+}
+
+/// A statement: `GetFlightInfo` (whose schema must be the data's), then `DoGet`.
+async fn via_statement(client: &mut Client, sql: &str) -> Outcome {
+    let info = match client.execute(sql.to_owned(), None).await {
+        Ok(info) => info,
+        Err(e) => return flight_error(e),
+    };
+    let Ok(advertised) = info.clone().try_decode_schema() else {
+        return Outcome::Unexpected("GetFlightInfo without a schema".into());
+    };
+    let Some(ticket) = info.endpoint.first().and_then(|e| e.ticket.clone()) else {
+        return Outcome::Unexpected("GetFlightInfo without a ticket".into());
+    };
+    let out = fetch(client, ticket).await.unwrap_or_else(|e| e);
+    if let Outcome::Released { columns, .. } = &out {
+        let names: Vec<&String> = advertised.fields().iter().map(|f| f.name()).collect();
+        assert_eq!(
+            names,
+            columns.iter().collect::<Vec<_>>(),
+            "{sql}: schema-only answer differs"
+        );
+    }
+    out
+}
+
+async fn via_prepared(client: &mut Client, sql: &str) -> Outcome {
+    let mut prepared = match client.prepare(sql.to_owned(), None).await {
+        Ok(p) => p,
+        Err(e) => return flight_error(e),
+    };
+    let info = match prepared.execute().await {
+        Ok(i) => i,
+        Err(e) => return flight_error(e),
+    };
+    let Some(ticket) = info.endpoint.first().and_then(|e| e.ticket.clone()) else {
+        return Outcome::Unexpected("a prepared statement without a ticket".into());
+    };
+    let out = fetch(client, ticket).await.unwrap_or_else(|e| e);
+    let _ = prepared.close().await;
+    out
+}
+
+/// A ticket forged to carry the SQL to `DoGet`, skipping `GetFlightInfo`.
+async fn via_ticket(client: &mut Client, sql: &str) -> Outcome {
+    let ticket = TicketStatementQuery {
+        statement_handle: sql.as_bytes().to_vec().into(),
+    };
+    let ticket = arrow_flight::Ticket::new(ticket.as_any().encode_to_vec());
+    fetch(client, ticket).await.unwrap_or_else(|e| e)
+}
+
+// ---------------------------------------------------------------------------
+// Running attacks
+
+struct Servers {
+    a: Server,
+    b: Vec<Server>,
+}
+
+fn check_attack(
+    w: &Worlds,
+    servers: &Servers,
+    rt: &tokio::runtime::Runtime,
+    attack: &Attack,
+    failures: &Mutex<Vec<String>>,
+) {
+    let fail = |msg: String| failures.lock().unwrap().push(msg);
+    for project in &attack.projects {
+        let project = project_id(project);
+        let connect = |addr| {
+            rt.block_on(gpdp::serve::connect(
+                addr,
+                "alice",
+                project,
+                "demo-alice-token",
+            ))
+            .unwrap()
+        };
+        let mut in_a = connect(servers.a.addr);
+        for (t, target) in w.targets.iter().enumerate() {
+            let mut in_b = connect(servers.b[t].addr);
+            for ask in &attack.asks {
+                let at = format!(
+                    "{} line {} [{} {project}, target {}]",
+                    attack.file,
+                    ask.line,
+                    attack.name,
+                    t + 1
+                );
+                let sql = target.render(&ask.sql, &at);
+                let a = via_cli(&w.a.store, project, &sql);
+                let b = via_cli(&w.b[t], project, &sql);
+                if !a.matches(&ask.expect) {
+                    fail(format!(
+                        "{at}: expected {:?}, got {a:?}\n    {sql}",
+                        ask.expect
+                    ));
+                }
+                if a != b {
+                    fail(format!(
+                        "{at}: LEAK — the answer depends on the target\n    {sql}\n    with target:    {a:?}\n    without target: {b:?}"
+                    ));
+                }
+                for o in [&a, &b] {
+                    if let Some(id) = o.cells().find_map(|c| w.identifiers.find_in(c)) {
+                        fail(format!("{at}: LEAK — identifier {id} released\n    {sql}"));
+                    }
+                }
+                let mut paths = vec![
+                    (
+                        "flight statement, with target",
+                        rt.block_on(via_statement(&mut in_a, &sql)),
+                        &a,
+                    ),
+                    (
+                        "flight statement, without target",
+                        rt.block_on(via_statement(&mut in_b, &sql)),
+                        &b,
+                    ),
+                ];
+                if t == 0 {
+                    paths.push((
+                        "flight prepared statement",
+                        rt.block_on(via_prepared(&mut in_a, &sql)),
+                        &a,
+                    ));
+                    paths.push((
+                        "flight ticket",
+                        rt.block_on(via_ticket(&mut in_a, &sql)),
+                        &a,
+                    ));
+                }
+                for (path, got, want) in paths {
+                    if &got != want {
+                        fail(format!(
+                            "{at}: {path} differs from gpdp query\n    {sql}\n    flight: {got:?}\n    query:  {want:?}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every attack of every file under tests/attacks, in every project it
+/// names, for every target, through every path.
+#[test]
+fn no_attack_learns_anything_about_its_target() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/attacks");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "attacks"))
+        .collect();
+    files.sort();
+    // GPDP_ATTACKS=lineage,oracles runs only those families (while writing one).
+    let only = std::env::var("GPDP_ATTACKS").ok();
+    if let Some(only) = &only {
+        files.retain(|f| {
+            let stem = f.file_stem().unwrap().to_string_lossy();
+            only.split(',').any(|o| o == stem)
+        });
+    }
+    let attacks: Vec<Attack> = files.iter().flat_map(|f| parse(f)).collect();
+    let asks: usize = attacks.iter().map(|a| a.asks.len()).sum();
+    if only.is_none() {
+        assert!(files.len() >= 7, "attack families: {}", files.len());
+        assert!(attacks.len() >= 60, "attacks: {}", attacks.len());
+    }
+
+    let w = build_worlds();
+    let servers = Servers {
+        a: Server::start(&w.a.store),
+        b: w.b.iter().map(|s| Server::start(s)).collect(),
+    };
+    let failures = Mutex::new(Vec::new());
+    let next = Mutex::new(attacks.iter());
+    // Two workers: the queries themselves run in gpdp processes.
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                loop {
+                    let Some(attack) = next.lock().unwrap().next() else {
+                        break;
+                    };
+                    check_attack(&w, &servers, &rt, attack, &failures);
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    println!(
+        "{} attacks ({asks} queries) in {} families, {} targets, through gpdp query and Flight SQL",
+        attacks.len(),
+        files.len(),
+        w.targets.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
