@@ -34,6 +34,21 @@ pub fn days_from_civil(year: i32, month: u32, day: u32) -> Day {
     era * 146_097 + doe - 719_468
 }
 
+/// The (year, month, day) of a day (Howard Hinnant's `civil_from_days`,
+/// the inverse of [`days_from_civil`]): integer arithmetic only, for the
+/// TRE views, which derive years and ages for every row they read.
+pub fn civil_from_days(day: Day) -> (i32, u32, u32) {
+    let z = day + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i32::from(m <= 2), m, d)
+}
+
 fn days_in_month(year: i32, month: u32) -> u32 {
     match month {
         4 | 6 | 9 | 11 => 30,
@@ -162,6 +177,16 @@ mod tests {
             date_of(year_start_of(day)),
             NaiveDate::from_ymd_opt(2021, 1, 1).unwrap()
         );
+    }
+
+    #[test]
+    fn civil_from_days_inverts_days_from_civil() {
+        for day in (-800_000..800_000).step_by(37) {
+            let (y, m, d) = civil_from_days(day);
+            assert_eq!(days_from_civil(y, m, d), day);
+            let date = date_of(day);
+            assert_eq!((y, m, d), (date.year(), date.month(), date.day()));
+        }
     }
 
     #[test]

@@ -23,24 +23,18 @@ pub const GROUPABLE: [&str; 9] = [
     "dmd_code",
     "event_year",
 ];
-/// Columns of the TRE views that a predicate may ever test (WHERE, FILTER,
-/// cohort subqueries): the groupable columns, event dates and the values.
-pub const FILTERABLE: [&str; 12] = [
-    "age_band",
-    "sex",
-    "ethnicity",
-    "imd_decile",
-    "registered",
-    "deceased",
-    "snomedct_code",
-    "dmd_code",
-    "event_year",
-    "date",
-    "numeric_value",
-    "quantity",
-];
 /// Columns of the TRE views whose values may be summed or averaged.
 pub const VALUE_COLUMNS: [&str; 2] = ["numeric_value", "quantity"];
+/// Columns of the TRE views that a predicate may ever test (WHERE, FILTER,
+/// cohort subqueries): the groupable ones, event dates and the values.
+pub fn filterable() -> Vec<&'static str> {
+    GROUPABLE
+        .iter()
+        .chain(&["date"])
+        .chain(&VALUE_COLUMNS)
+        .copied()
+        .collect()
+}
 /// Columns no allow-list may ever name: identities, the practice, small
 /// areas, exact birth months and registration or death dates. They exist in
 /// the views only so that the views match the store; the grammar makes them
@@ -337,9 +331,10 @@ impl TrePolicy {
                 }
                 f
             });
+            let filterable = filterable();
             for (list, name, universe) in [
                 (&p.group_keys, "group key", &GROUPABLE[..]),
-                (&filter_columns, "filter column", &FILTERABLE[..]),
+                (&filter_columns, "filter column", &filterable[..]),
                 (&value_columns, "value column", &VALUE_COLUMNS[..]),
             ] {
                 for c in list {

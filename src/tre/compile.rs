@@ -22,7 +22,11 @@
 //!   exactly and runs the N-K and p% checks over patients, not records.
 //!
 //! Cohort subqueries keep only non-null patients, so `NOT IN` never meets a
-//! NULL (which would empty the whole result: an oracle).
+//! NULL (which would empty the whole result: an oracle). A cohort that links
+//! the rows' own patients is matched on the integer patient keys both sides
+//! carry (1.5× faster than on 32-byte pseudonyms); two patients sharing a
+//! 64-bit key (about one pair in 10⁴ among 60 million) would only blur a
+//! statistic, never a patient count behind it.
 
 use std::sync::Arc;
 
@@ -336,52 +340,88 @@ fn source(s: &Source) -> Result<LogicalPlan> {
         SourceNode::Filter {
             predicate: p,
             input,
-        } => Ok(LogicalPlan::Filter(Filter::try_new(
-            predicate(p)?,
-            Arc::new(source(input)?),
-        )?)),
+        } => {
+            let input = source(input)?;
+            Ok(LogicalPlan::Filter(Filter::try_new(
+                predicate_in(p, Some(input.schema()))?,
+                Arc::new(input),
+            )?))
+        }
         SourceNode::Join {
             left,
             right,
             kind,
             on,
+            rows_own,
         } => {
-            let right = without_hidden(source(right)?)?;
             let join_type = match kind {
                 JoinKind::Inner => JoinType::Inner,
                 JoinKind::Left => JoinType::Left,
             };
-            LogicalPlanBuilder::from(source(left)?)
+            let left = source(left)?;
+            let right = source(right)?;
+            if !rows_own {
+                return LogicalPlanBuilder::from(left)
+                    .join(
+                        without_hidden(right, None)?,
+                        join_type,
+                        (vec![on.0.clone()], vec![on.1.clone()]),
+                        None,
+                    )?
+                    .build();
+            }
+            // Both sides are their rows' own patients: join on the integer
+            // keys (as for cohorts), then drop the right side's.
+            let left_key = hidden_patient(left.schema())?;
+            let joined = LogicalPlanBuilder::from(left)
                 .join(
-                    right,
+                    without_hidden(right, Some(JOINED))?,
                     join_type,
-                    (vec![on.0.clone()], vec![on.1.clone()]),
+                    (vec![left_key], vec![Column::from_name(JOINED)]),
                     None,
                 )?
-                .build()
+                .build()?;
+            without_hidden(joined, None)
         }
     }
 }
 
-/// The right side of a join loses its hidden patient: the row's patient is the left side's.
-fn without_hidden(plan: LogicalPlan) -> Result<LogicalPlan> {
-    let exprs: Vec<Expr> = plan
-        .schema()
+/// The right side's patient key while it is being joined.
+const JOINED: &str = "__gpdp_joined";
+
+/// Drops the right side's hidden patient before a join (the row's patient
+/// is the left side's) or, with `rename`, keeps it under that name to join
+/// on; called again after such a join, it drops the renamed key and keeps
+/// the left side's.
+fn without_hidden(plan: LogicalPlan, rename: Option<&str>) -> Result<LogicalPlan> {
+    let schema = plan.schema().clone();
+    let joined_on_keys = schema.iter().any(|(_, f)| f.name() == JOINED);
+    let mut exprs: Vec<Expr> = schema
         .iter()
-        .filter(|(_, f)| f.name() != PATIENT)
+        .filter(|(_, f)| f.name() != JOINED && (joined_on_keys || f.name() != PATIENT))
         .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
         .collect();
+    if let Some(name) = rename {
+        exprs.push(Expr::Column(hidden_patient(&schema)?).alias(name));
+    }
     Ok(LogicalPlan::Projection(Projection::try_new(
         exprs,
         Arc::new(plan),
     )?))
 }
 
+/// A predicate of FILTER (WHERE …), which holds no cohort.
 fn predicate(p: &Predicate) -> Result<Expr> {
+    predicate_in(p, None)
+}
+
+/// A predicate over a source whose compiled schema is `over` (for cohorts).
+fn predicate_in(p: &Predicate, over: Option<&DFSchemaRef>) -> Result<Expr> {
+    let recurse = |x: &Predicate| predicate_in(x, over);
     Ok(match p {
-        Predicate::And(a, b) => predicate(a)?.and(predicate(b)?),
-        Predicate::Or(a, b) => predicate(a)?.or(predicate(b)?),
-        Predicate::Not(a) => Expr::Not(Box::new(predicate(a)?)),
+        Predicate::And(a, b) => recurse(a)?.and(recurse(b)?),
+        Predicate::Or(a, b) => recurse(a)?.or(recurse(b)?),
+        Predicate::Not(a) => Expr::Not(Box::new(recurse(a)?)),
         Predicate::Compare { column, op, value } => {
             binary_expr(Expr::Column(column.clone()), *op, lit(value.clone()))
         }
@@ -418,12 +458,22 @@ fn predicate(p: &Predicate) -> Result<Expr> {
             negated,
             cohort,
             member,
+            rows_own,
         } => {
-            let members = LogicalPlanBuilder::from(source(cohort)?)
-                .filter(Expr::Column(member.clone()).is_not_null())?
-                .project(vec![Expr::Column(member.clone())])?
+            let cohort = source(cohort)?;
+            let (c, member) = match over {
+                Some(outer) if *rows_own => (
+                    Expr::Column(hidden_patient(outer)?),
+                    Expr::Column(hidden_patient(cohort.schema())?),
+                ),
+                _ => (Expr::Column(column.clone()), Expr::Column(member.clone())),
+            };
+            // Its own name, so that the decorrelated join does not meet the
+            // outer side's hidden column twice.
+            let members = LogicalPlanBuilder::from(cohort)
+                .filter(member.clone().is_not_null())?
+                .project(vec![member.alias("__gpdp_member")])?
                 .build()?;
-            let c = Expr::Column(column.clone());
             if *negated {
                 not_in_subquery(c, Arc::new(members))
             } else {

@@ -111,6 +111,8 @@ pub enum SourceNode {
         right: Box<Source>,
         kind: JoinKind,
         on: (Column, Column),
+        /// Both sides of `on` are their side's own row patient.
+        rows_own: bool,
     },
 }
 
@@ -146,12 +148,15 @@ pub enum Predicate {
         negated: bool,
     },
     /// `column [NOT] IN (SELECT member FROM cohort)`: `column` and `member`
-    /// are both patient ids.
+    /// are both patient ids. `rows_own` when each is its source's own row
+    /// patient (the usual case), so the compiled plan can match the integer
+    /// patient keys it carries instead of 32-byte pseudonyms.
     Cohort {
         column: Column,
         negated: bool,
         cohort: Box<Source>,
         member: Column,
+        rows_own: bool,
     },
 }
 
@@ -998,6 +1003,8 @@ fn join(j: &datafusion::logical_expr::Join, scope: &Scope) -> Result<Source, Ref
     } else {
         return Err(join_condition());
     };
+    let rows_own = left.root == Some(index_of(&left.schema, &on.0)?)
+        && right.root == Some(index_of(&right.schema, &on.1)?);
     if !left.per_patient && !right.per_patient {
         return Err(outside(
             "fan_out_join",
@@ -1026,6 +1033,7 @@ fn join(j: &datafusion::logical_expr::Join, scope: &Scope) -> Result<Source, Ref
             right: Box::new(right),
             kind,
             on,
+            rows_own,
         },
     })
 }
@@ -1144,11 +1152,14 @@ fn predicate(
             }
             let (q, f) = cohort.schema.qualified_field(0);
             let member = Column::new(q.cloned(), f.name());
+            let rows_own =
+                source.root == Some(index_of(&source.schema, c)?) && cohort.root == Some(0);
             Ok(Predicate::Cohort {
                 column: c.clone(),
                 negated: *negated,
                 cohort: Box::new(cohort),
                 member,
+                rows_own,
             })
         }
         Expr::Exists(Exists { subquery, negated }) if cohorts == Cohorts::Allowed => {
@@ -1219,6 +1230,8 @@ fn exists(
     let Some((member, column)) = link else {
         return Err(not_cohort());
     };
+    let rows_own = outer.root == Some(index_of(&outer.schema, &column)?)
+        && inner.root == Some(index_of(&inner.schema, &member)?);
     let cohort = match rest.into_iter().reduce(|a, b| a.and(b)) {
         None => inner,
         Some(condition) => Source {
@@ -1238,6 +1251,7 @@ fn exists(
         negated,
         cohort: Box::new(cohort),
         member,
+        rows_own,
     })
 }
 

@@ -22,6 +22,7 @@ pub mod grammar;
 pub mod patients;
 pub mod sdc;
 pub mod session;
+pub mod views;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -94,42 +94,55 @@ async fn listing(
     ))
 }
 
-/// The opt-out filter against one list. On `patient_key` (the pseudonym's
+/// The column to match an opt-out list on: `patient_key` (the pseudonym's
 /// first 64 bits: an integer anti-join, several times cheaper than one on
 /// 32-byte pseudonyms) when the list carries it. Two patients sharing a key
 /// would only remove an extra patient, never keep an opted-out one. Lists
 /// written before the key column existed are matched on `patient_id`.
-fn not_in(list: &str, table: &ListingTable) -> String {
-    let column = if table.schema().column_with_name("patient_key").is_some() {
+fn match_column(table: &ListingTable) -> &'static str {
+    if table.schema().column_with_name("patient_key").is_some() {
         "patient_key"
     } else {
         "patient_id"
-    };
-    format!("{column} NOT IN (SELECT {column} FROM {list})")
+    }
 }
 
-/// The SQL of each view; `{optouts}` becomes the opt-out filter.
-fn view_sql(table: &str, age_on: chrono::NaiveDate) -> String {
-    let on = age_on.format("%Y-%m-%d");
+/// The opt-out filter: one anti-join per match column against every list
+/// (tombstones and, where it applies, the NDOO) at once.
+fn not_in(lists: &[(&str, &'static str)]) -> String {
+    let mut filters = vec!["TRUE".to_owned()];
+    for column in ["patient_key", "patient_id"] {
+        let selects: Vec<String> = lists
+            .iter()
+            .filter(|(_, c)| *c == column)
+            .map(|(list, _)| format!("SELECT {column} FROM {list}"))
+            .collect();
+        if !selects.is_empty() {
+            filters.push(format!("{column} NOT IN ({})", selects.join(" UNION ALL ")));
+        }
+    }
+    filters.join(" AND ")
+}
+
+/// The SQL of each view; `{optouts}` becomes the opt-out filter. The
+/// derived columns come from [`super::views`].
+fn view_sql(table: &str) -> &'static str {
     match table {
-        "patients" => format!(
-            "SELECT patient_id, patient_key, practice_id, \
-             CASE WHEN age < 16 THEN '0-15' WHEN age < 30 THEN '16-29' WHEN age < 40 THEN '30-39' \
-                  WHEN age < 50 THEN '40-49' WHEN age < 60 THEN '50-59' WHEN age < 70 THEN '60-69' \
-                  WHEN age < 80 THEN '70-79' ELSE '80+' END AS age_band, \
+        "patients" => {
+            "SELECT patient_id, patient_key, practice_id, gpdp_age_band(birth_month) AS age_band, \
              sex, ethnicity, lsoa_code, imd_decile, \
              registration_end IS NULL AS registered, date_of_death IS NOT NULL AS deceased, \
              birth_month, registration_start, registration_end, date_of_death \
-             FROM (SELECT *, CAST(((date_part('year', DATE '{on}') * 12 + date_part('month', DATE '{on}')) \
-                   - (date_part('year', birth_month) * 12 + date_part('month', birth_month))) / 12 AS BIGINT) AS age \
-                   FROM raw_patients) p WHERE {{optouts}}"
-        ),
-        "clinical_events" => "SELECT patient_id, patient_key, date, CAST(date_part('year', date) AS BIGINT) AS event_year, snomedct_code, numeric_value \
+             FROM raw_patients WHERE {optouts}"
+        }
+        "clinical_events" => {
+            "SELECT patient_id, patient_key, date, gpdp_year(date) AS event_year, snomedct_code, numeric_value \
              FROM raw_clinical_events WHERE {optouts}"
-            .to_owned(),
-        _ => "SELECT patient_id, patient_key, date, CAST(date_part('year', date) AS BIGINT) AS event_year, dmd_code, quantity \
+        }
+        _ => {
+            "SELECT patient_id, patient_key, date, gpdp_year(date) AS event_year, dmd_code, quantity \
              FROM raw_medications WHERE {optouts}"
-            .to_owned(),
+        }
     }
 }
 
@@ -157,10 +170,14 @@ pub async fn open(
             )
             .map_err(TreError::internal)?;
     }
-    let mut filters = vec!["TRUE".to_owned()];
+    internal.register_udf(super::views::year());
+    internal.register_udf(super::views::age_band(crate::calendar::day_of(
+        policy.age_on,
+    )));
+    let mut lists = Vec::new();
     if let Some(t) = &manifest.tombstones {
         let table = listing(&internal, store, std::slice::from_ref(&t.path)).await?;
-        filters.push(not_in("raw_tombstones", &table));
+        lists.push(("raw_tombstones", match_column(&table)));
         internal
             .register_table("raw_tombstones", table)
             .map_err(TreError::internal)?;
@@ -174,17 +191,17 @@ pub async fn open(
             ))
         })?;
         let table = listing(&internal, store, std::slice::from_ref(&ndoo.path)).await?;
-        filters.push(not_in("raw_ndoo", &table));
+        lists.push(("raw_ndoo", match_column(&table)));
         internal
             .register_table("raw_ndoo", table)
             .map_err(TreError::internal)?;
     }
-    let optouts = filters.join(" AND ");
+    let optouts = not_in(&lists);
 
     let ctx = new_context(policy)?;
     let mut views = HashMap::new();
     for table in &project.tables {
-        let sql = view_sql(table, policy.age_on).replace("{optouts}", &optouts);
+        let sql = view_sql(table).replace("{optouts}", &optouts);
         let plan = internal
             .sql(&sql)
             .await

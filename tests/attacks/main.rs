@@ -11,12 +11,13 @@
 //! why TEXT                    # what it tries and what it would learn
 //! projects research acro      # the projects (rule sets) it runs in; default both
 //! ask SQL                     # {t.NAME} is a fact about the target (below)
-//! expect refused RULE[/CONSTRUCT] | released | withheld | answered
+//! expect refused RULE[/CONSTRUCT] | released | withheld | answered | error
 //! ```
 //!
 //! `GPDP_ATTACKS=lineage,oracles cargo test --test attacks` runs only those
 //! families. `released` means at least one row comes back, `withheld` that the query
-//! runs and no row comes back, `answered` either.
+//! runs and no row comes back, `answered` either, `error` that the SQL
+//! does not plan.
 //!
 //! **How "learned nothing" is checked, against the truth.** World A is a
 //! collected store. For each target — a patient the truth says research
@@ -83,6 +84,8 @@ enum Expect {
     Released,
     Withheld,
     Answered,
+    /// The SQL does not plan (exit 2): refused before any data is read.
+    Error,
 }
 
 #[derive(Debug, Clone)]
@@ -143,7 +146,10 @@ fn parse(file: &Path) -> Vec<Attack> {
                     (Some("released"), None) => Expect::Released,
                     (Some("withheld"), None) => Expect::Withheld,
                     (Some("answered"), None) => Expect::Answered,
-                    _ => panic!("{at}: expect refused RULE | released | withheld | answered"),
+                    (Some("error"), None) => Expect::Error,
+                    _ => {
+                        panic!("{at}: expect refused RULE | released | withheld | answered | error")
+                    }
                 };
                 attack.asks.push(Ask { sql, expect, line });
             }
@@ -465,6 +471,7 @@ impl Outcome {
             (Outcome::Released { rows, .. }, Expect::Released) => !rows.is_empty(),
             (Outcome::Released { rows, .. }, Expect::Withheld) => rows.is_empty(),
             (Outcome::Released { .. }, Expect::Answered) => true,
+            (Outcome::Error, Expect::Error) => true,
             _ => false,
         }
     }
