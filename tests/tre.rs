@@ -12,6 +12,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use common::*;
 use gpdp::policy::tre::TrePolicy;
+use gpdp::tre::sdc::ColumnKind;
 use gpdp::tre::{Request, TreError, query_blocking};
 
 /// One extract collected once, with the NDOO list ingested.
@@ -414,6 +415,129 @@ fn acro_sums_pass_dominance_over_patients_checked_against_the_store() {
         .count();
     let shown = (0..b.num_rows()).filter(|&i| totals.is_valid(i)).count();
     assert!(shown + dominated <= per.len());
+}
+
+/// Legitimate questions answer with the truth: every released count is the
+/// true count (the same SQL run directly over the project's views) rounded,
+/// every released mean is the true mean, nothing is invented, and patient
+/// counts above the threshold are never lost. (A compiler that turned
+/// `count(DISTINCT ..) FILTER (..)` into a count of rows passed every
+/// privacy check and released numbers 10% too high.)
+#[test]
+fn released_statistics_are_the_truth_rounded() {
+    // (sql, statistics that count distinct patients)
+    let panel: &[(&str, &[usize])] = &[
+        (
+            "SELECT p.age_band, count(DISTINCT d.patient_id) AS n FROM patients p \
+             LEFT JOIN (SELECT patient_id FROM clinical_events WHERE snomedct_code IN ('44054006', '46635009', '73211009')) d \
+             ON p.patient_id = d.patient_id GROUP BY p.age_band",
+            &[1],
+        ),
+        (
+            "SELECT imd_decile, count(*) AS n, count(DISTINCT patient_id) AS people FROM patients \
+             WHERE patient_id IN (SELECT patient_id FROM clinical_events WHERE snomedct_code IN ('44054006', '46635009', '73211009')) \
+             GROUP BY imd_decile",
+            &[2],
+        ),
+        (
+            "SELECT age_band, count(DISTINCT patient_id) FILTER (WHERE sex = 'F') AS women, \
+             count(DISTINCT patient_id) AS everyone FROM patients GROUP BY age_band",
+            &[1, 2],
+        ),
+        (
+            "SELECT p.age_band, count(*) AS tests, avg(c.numeric_value) AS mean, \
+             count(c.numeric_value) FILTER (WHERE c.numeric_value > 48) AS high \
+             FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id \
+             WHERE c.snomedct_code = '999791000000106' GROUP BY p.age_band",
+            &[],
+        ),
+        (
+            "SELECT event_year, count(*) AS n, count(DISTINCT patient_id) AS people FROM clinical_events \
+             WHERE event_year >= 2015 GROUP BY event_year",
+            &[2],
+        ),
+    ];
+    let policy = TrePolicy::load(None).unwrap();
+    let project = &policy.projects["demo-research"];
+    let store = &fixture().store;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let manifest = gpdp::store::read_manifest(store).unwrap();
+    let ctx = runtime
+        .block_on(gpdp::tre::session::open(store, &manifest, &policy, project))
+        .unwrap()
+        .ctx;
+    for &(sql, patient_counts) in panel {
+        let released = ask("demo-research", sql).unwrap();
+        let rules = &released.disclosure;
+        let truth = runtime
+            .block_on(async { ctx.sql(sql).await?.collect().await })
+            .unwrap();
+        let truth = arrow::compute::concat_batches(&truth[0].schema(), &truth).unwrap();
+        let b = &released.result.batch;
+        let kinds = released.kinds();
+        let keys = kinds.iter().take_while(|k| **k == ColumnKind::Key).count();
+        let row_key = |b: &arrow::array::RecordBatch, i: usize| -> String {
+            (0..keys)
+                .map(|c| text(b, c, i))
+                .collect::<Vec<_>>()
+                .join("|")
+        };
+        let truth_rows: HashMap<String, usize> = (0..truth.num_rows())
+            .map(|i| (row_key(&truth, i), i))
+            .collect();
+        let released_rows: HashMap<String, usize> =
+            (0..b.num_rows()).map(|i| (row_key(b, i), i)).collect();
+        for key in released_rows.keys() {
+            assert!(truth_rows.contains_key(key), "{sql}: invented row {key}");
+        }
+        let mut shown = 0;
+        for (key, &t) in &truth_rows {
+            let r = released_rows.get(key).copied();
+            for (c, kind) in kinds.iter().enumerate().skip(keys) {
+                let cell = r.filter(|&r| b.column(c).is_valid(r));
+                match kind {
+                    ColumnKind::Count => {
+                        let want = truth.column(c).as_primitive::<Int64Type>().value(t);
+                        let small = want <= rules.redact_at_or_below as i64;
+                        match cell {
+                            Some(r) => {
+                                shown += 1;
+                                let got = b.column(c).as_primitive::<Int64Type>().value(r);
+                                assert!(!small, "{sql}: {key} col {c}: {want} released");
+                                assert_eq!(
+                                    got,
+                                    gpdp::tre::sdc::round(want, rules.round_to),
+                                    "{sql}: {key} col {c}: truth {want}"
+                                );
+                            }
+                            None => assert!(
+                                small || !patient_counts.contains(&c),
+                                "{sql}: {key} col {c}: {want} patients lost"
+                            ),
+                        }
+                    }
+                    ColumnKind::Statistic => {
+                        if let Some(r) = cell {
+                            let want = truth
+                                .column(c)
+                                .as_primitive::<arrow::datatypes::Float64Type>()
+                                .value(t);
+                            let got = b
+                                .column(c)
+                                .as_primitive::<arrow::datatypes::Float64Type>()
+                                .value(r);
+                            assert!(
+                                (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                                "{sql}: {key} col {c}: {got} vs {want}"
+                            );
+                        }
+                    }
+                    ColumnKind::Key => unreachable!("keys come first"),
+                }
+            }
+        }
+        assert!(shown > 3, "{sql}: too little released to check");
+    }
 }
 
 fn ndoo_keys(store: &Path) -> std::collections::HashSet<i64> {

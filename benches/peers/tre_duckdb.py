@@ -25,7 +25,7 @@ con.execute(f"""CREATE VIEW patients AS SELECT patient_id,
     CASE WHEN age < 16 THEN '0-15' WHEN age < 30 THEN '16-29' WHEN age < 40 THEN '30-39' WHEN age < 50 THEN '40-49'
          WHEN age < 60 THEN '50-59' WHEN age < 70 THEN '60-69' WHEN age < 80 THEN '70-79' ELSE '80+' END AS age_band,
     sex, ethnicity, imd_decile
-    FROM (SELECT *, CAST(((2026 * 12 + 3) - (year(birth_month) * 12 + month(birth_month))) / 12 AS BIGINT) AS age
+    FROM (SELECT *, CAST(((2026 * 12 + 3) - (year(birth_month) * 12 + month(birth_month))) // 12 AS BIGINT) AS age
           FROM read_parquet({files('patients')})) WHERE {where}""")
 con.execute(f"""CREATE VIEW clinical_events AS SELECT patient_id, date, year(date) AS event_year, snomedct_code, numeric_value
     FROM read_parquet({files('clinical_events')}) WHERE {where}""")

@@ -36,8 +36,8 @@ use datafusion::functions_aggregate::expr_fn::{count, count_distinct, min, sum};
 use datafusion::logical_expr::expr::InList;
 use datafusion::logical_expr::logical_plan::{Filter, Projection, SubqueryAlias};
 use datafusion::logical_expr::{
-    Between, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, binary_expr, cast,
-    in_subquery, not_in_subquery,
+    Between, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, binary_expr, cast, in_subquery,
+    not_in_subquery,
 };
 use datafusion::prelude::lit;
 
@@ -114,10 +114,22 @@ impl Outputs {
     }
 }
 
+/// `aggregate FILTER (WHERE filter)`, keeping everything else about the
+/// aggregate. (DataFusion's `ExprFunctionExt::filter(..).build()` rebuilds
+/// the call and resets `DISTINCT`, which turned `count(DISTINCT patient)
+/// FILTER (..)` into a count of rows.)
 fn filtered(aggregate: Expr, filter: Option<&Expr>) -> Result<Expr> {
-    match filter {
-        Some(f) => aggregate.filter(f.clone()).build(),
-        None => Ok(aggregate),
+    let Some(f) = filter else {
+        return Ok(aggregate);
+    };
+    match aggregate {
+        Expr::AggregateFunction(mut call) => {
+            call.params.filter = Some(Box::new(f.clone()));
+            Ok(Expr::AggregateFunction(call))
+        }
+        other => Err(datafusion::error::DataFusionError::Internal(format!(
+            "a filter on something that is not an aggregate: {other}"
+        ))),
     }
 }
 
@@ -266,7 +278,7 @@ fn per_patient(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Res
     let mut parts = Vec::with_capacity(release.statistics.len());
     for (s, &(n, total, squares, minimum)) in release.statistics.iter().zip(&inner_parts) {
         let contributes = at(n).gt(lit(0i64));
-        let patients = out.push(count(lit(1i64)).filter(contributes.clone()).build()?);
+        let patients = out.push(filtered(count(lit(1i64)), Some(&contributes))?);
         let p = if s.kind == StatKind::Patients {
             Parts {
                 count: patients,
@@ -278,11 +290,10 @@ fn per_patient(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Res
             // A patient's contribution: their number of rows for counts,
             // their sum for sums and means.
             let contribution = total.map_or_else(|| at(n), at);
-            let mask = out.push(
-                dominance(vec![contribution], rules)
-                    .filter(contributes)
-                    .build()?,
-            );
+            let mask = out.push(filtered(
+                dominance(vec![contribution], rules),
+                Some(&contributes),
+            )?);
             Parts {
                 count,
                 sum: total.map(|t| out.push(sum(at(t)))),
