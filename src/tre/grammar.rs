@@ -1258,13 +1258,20 @@ fn exists(
 fn patient_column(source: &Source, c: &Column) -> Result<(), Refusal> {
     match lineage(source, c)? {
         (_, l) if l.column == PATIENT_ID => Ok(()),
-        (_, l) => Err(outside(
-            "cohort",
-            format!(
-                "{c} is {}.{}; cohorts and EXISTS link patient_id to patient_id",
-                l.view, l.column
-            ),
-        )),
+        (_, l) => {
+            let traced = format!("{}.{}", l.view, l.column);
+            let what = if c.flat_name() == traced {
+                traced
+            } else {
+                format!("{c} (which is {traced})")
+            };
+            Err(outside(
+                "cohort",
+                format!(
+                    "{what} is not patient_id; cohorts and EXISTS link patient_id to patient_id"
+                ),
+            ))
+        }
     }
 }
 
