@@ -56,10 +56,7 @@ const FLIGHT_SQL: &str = "SELECT age_band, count(*) AS patients FROM patients WH
 /// Starts `gpdp serve` on a free loopback port, asks one question with the
 /// Rust Flight SQL client (handshake as alice@demo-research), and stops it.
 fn ask_over_flight(store: &Path, policy: &TrePolicy) -> anyhow::Result<FlightAnswer> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = crate::tre::runtime(Some(2))?;
     rt.block_on(async {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

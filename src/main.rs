@@ -1,7 +1,7 @@
 //! The `gpdp` command line: parse arguments, call one handler per command,
 //! map errors to the exit statuses of the interface contract.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -121,7 +121,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
         /// The SQL query.
-        sql: String,
+        #[arg(required_unless_present = "sql_file", conflicts_with = "sql_file")]
+        sql: Option<String>,
+        /// Read the SQL from FILE instead (`-`: standard input) — for long
+        /// codelists: a shell passes at most 128 KiB in one argument.
+        #[arg(long, value_name = "FILE")]
+        sql_file: Option<PathBuf>,
     },
     /// Opt-out lists: ingest the National Data Opt-out list (pseudonymised).
     Optout {
@@ -474,7 +479,13 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             policy,
             format,
             sql,
+            sql_file,
         } => {
+            let sql = match (sql, sql_file) {
+                (Some(sql), _) => sql,
+                (None, Some(file)) => read_sql(&file)?,
+                (None, None) => unreachable!("clap requires SQL or --sql-file"),
+            };
             let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
             let request = gpdp::tre::Request {
                 store,
@@ -677,7 +688,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             }
             let scheme = if tls.is_some() { "grpc+tls" } else { "grpc" };
             let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
-            let rt = tokio::runtime::Runtime::new()?;
+            let rt = gpdp::tre::runtime(None)?;
             rt.block_on(gpdp::serve::serve(
                 store.clone(),
                 policy,
@@ -861,4 +872,14 @@ fn print_collect_totals(s: &gpdp::collect::CollectSummary) {
         "  excluded codes (never left the practice): {}",
         listing("excluded_codes")
     );
+}
+
+/// The SQL of `gpdp query --sql-file` (`-`: standard input).
+fn read_sql(file: &Path) -> anyhow::Result<String> {
+    let read = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    };
+    read.map_err(|e| gpdp::error::BadInput(format!("{}: {e}", file.display())).into())
 }

@@ -271,12 +271,18 @@ struct Guarded {
 /// Authentication, the project's session, planning and the grammar: every
 /// path (running, describing, preparing) goes through here, and nothing of
 /// the request has run when it returns.
+/// The longest SQL text a researcher may send: room for a codelist of
+/// about 10,000 codes in `IN (…)`, and a bound on how large a tree the
+/// parser builds before the grammar sees it.
+pub const MAX_SQL_BYTES: usize = 256 * 1024;
+
 async fn guarded(
     policy: &TrePolicy,
     req: &Request,
     fingerprint: &mut String,
 ) -> Result<Guarded, TreError> {
     let project = auth::authorise(policy, &req.user, req.token.as_deref(), &req.project)?;
+    grammar::text_bounds(&req.sql, MAX_SQL_BYTES)?;
     if req.sql.to_ascii_lowercase().contains(grammar::HIDDEN) {
         return Err(Refusal::new(
             "reserved_name",
@@ -299,6 +305,7 @@ async fn guarded(
             TreError::Sql(message)
         }
     })?;
+    grammar::expression_depth(&plan)?;
     *fingerprint = sha256_hex(plan.display_indent().to_string().as_bytes());
     grammar::statement_kind(&plan)?;
     SQLOptions::new()
@@ -596,12 +603,27 @@ pub fn to_json(r: &Released) -> Value {
     })
 }
 
-/// Runs a request on a fresh runtime (for the command line).
+/// The stack of every thread that plans and runs TRE queries. SQL
+/// planning recurses over the query's expressions; [`grammar::text_bounds`]
+/// bounds their depth, and this leaves a wide margin over it (the memory is
+/// reserved, and used only as deep as a query goes).
+pub const THREAD_STACK: usize = 16 * 1024 * 1024;
+
+/// A runtime for the TRE: its worker threads have [`THREAD_STACK`].
+pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.thread_stack_size(THREAD_STACK).enable_all().build()
+}
+
+/// Runs a request on a fresh runtime (for the command line), on one of its
+/// worker threads rather than the caller's (whose stack may be small).
 pub fn query_blocking(policy: &TrePolicy, req: &Request) -> Result<Released, TreError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(TreError::internal)?;
-    runtime.block_on(query(policy, req))
+    let runtime = runtime(Some(2)).map_err(TreError::internal)?;
+    let (policy, req) = (policy.clone(), req.clone());
+    runtime
+        .block_on(runtime.spawn(async move { query(&policy, &req).await }))
+        .map_err(TreError::internal)?
 }

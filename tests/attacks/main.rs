@@ -10,7 +10,8 @@
 //! attack NAME                 # one attack: a sequence of queries
 //! why TEXT                    # what it tries and what it would learn
 //! projects research acro      # the projects (rule sets) it runs in; default both
-//! ask SQL                     # {t.NAME} is a fact about the target (below)
+//! ask SQL                     # {t.NAME} is a fact about the target (below);
+//!                             # {repeat N}TEXT{/repeat} is TEXT N times
 //! expect refused RULE[/CONSTRUCT] | released | withheld | answered | error
 //! ```
 //!
@@ -172,8 +173,9 @@ struct Target {
 
 impl Target {
     fn render(&self, template: &str, at: &str) -> String {
+        let repeated = repeat(template, at);
         let mut out = String::new();
-        let mut rest = template;
+        let mut rest = repeated.as_str();
         while let Some(start) = rest.find("{t.") {
             out.push_str(&rest[..start]);
             let end = rest[start..]
@@ -190,6 +192,31 @@ impl Target {
         out.push_str(rest);
         out
     }
+}
+
+/// Expands `{repeat N}TEXT{/repeat}` to TEXT N times (for queries too long
+/// to write out: deep expressions, long lists).
+fn repeat(template: &str, at: &str) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{repeat ") {
+        out.push_str(&rest[..start]);
+        let open = rest[start..]
+            .find('}')
+            .unwrap_or_else(|| panic!("{at}: unclosed {{repeat"));
+        let n: usize = rest[start + 8..start + open]
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{at}: {{repeat N}} needs a number"));
+        let body = &rest[start + open + 1..];
+        let end = body
+            .find("{/repeat}")
+            .unwrap_or_else(|| panic!("{at}: {{repeat}} without {{/repeat}}"));
+        out.push_str(&body[..end].repeat(n));
+        rest = &body[end + "{/repeat}".len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 struct Worlds {
@@ -509,7 +536,7 @@ fn json_text(v: &serde_json::Value) -> String {
 }
 
 fn via_cli(store: &Path, project: &str, sql: &str) -> Outcome {
-    let o = run(&[
+    let mut args = vec![
         "query",
         "--store",
         store.to_str().unwrap(),
@@ -521,8 +548,29 @@ fn via_cli(store: &Path, project: &str, sql: &str) -> Outcome {
         "demo-alice-token",
         "--format",
         "json",
-        sql,
-    ]);
+    ];
+    // A shell argument holds at most 128 KiB: longer SQL goes on stdin.
+    let o = if sql.len() < 64 * 1024 {
+        args.push(sql);
+        run(&args)
+    } else {
+        use std::io::Write;
+        args.extend(["--sql-file", "-"]);
+        let mut child = gpdp()
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
     match o.status.code() {
         Some(0) => {
             let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
