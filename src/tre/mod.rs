@@ -16,10 +16,12 @@
 //! rows withheld and why.
 
 pub mod auth;
+pub mod ckm;
 pub mod compile;
 pub mod dominance;
 pub mod grammar;
 pub mod patients;
+pub mod ptable;
 pub mod sdc;
 pub mod session;
 pub mod views;

@@ -1,0 +1,181 @@
+//! The cell key method's keys (ONS Census 2021; ABS TableBuilder): a
+//! record key per patient, and a cell key per statistic.
+//!
+//! A **record key** is a 32-bit number fixed for each patient by a secret
+//! only the TRE holds — the perturbation key, a 32-byte file from `gpdp
+//! keygen` that is never the collection key (the store's key id tells them
+//! apart, and the same file is refused). The **cell key** of a statistic is
+//! the wrapping sum of the record keys of its distinct contributors: the
+//! same patients give the same key in every query, session and project;
+//! one patient more gives a key unrelated to the last. The perturbation is
+//! then looked up by (count, cell key) in the [`super::ptable`].
+//!
+//! Record keys are SipHash-2-4 of the patient's integer key under 128 bits
+//! derived from the perturbation key by HMAC-SHA256 (DESIGN §5.4 asks for
+//! HMAC-SHA256 of patient_id itself; SipHash is a keyed PRF too, and is
+//! computed once per patient and cell, where HMAC cost 0.4 µs — more than
+//! the whole query on large tables). Cell keys, record keys and
+//! perturbations are never released or logged.
+
+use std::hash::Hasher;
+use std::path::Path;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, AsArray, Int64Array};
+use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::common::Result;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use ring::hmac;
+use siphasher::sip::SipHasher24;
+
+use crate::deid::key::{CollectionKey, KeyError};
+use crate::deid::pseudonym::Pseudonymiser;
+
+const RECORD_KEY_DOMAIN: &[u8] = b"gpdp/v1/ckm-record-keys\0";
+
+/// The TRE's record-key function. `Debug` never shows the key.
+#[derive(Clone)]
+pub struct RecordKeys {
+    k0: u64,
+    k1: u64,
+}
+
+impl std::fmt::Debug for RecordKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordKeys(<secret>)")
+    }
+}
+
+/// Why the perturbation key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PerturbationKeyError {
+    #[error("perturbation key: {0}")]
+    Key(#[from] KeyError),
+    #[error(
+        "{} is the store's collection key; the cell key method needs its own key, held by the TRE (make one with `gpdp keygen`)",
+        .0
+    )]
+    IsCollectionKey(String),
+}
+
+impl RecordKeys {
+    /// Loads the perturbation key file (32 bytes, mode 0600, as `gpdp
+    /// keygen` writes), refusing the store's collection key.
+    pub fn load(path: &Path, collection_key_id: &str) -> Result<RecordKeys, PerturbationKeyError> {
+        let key = CollectionKey::load(path)?;
+        if Pseudonymiser::new(&key).key_id() == collection_key_id {
+            return Err(PerturbationKeyError::IsCollectionKey(
+                path.display().to_string(),
+            ));
+        }
+        Ok(RecordKeys::from_bytes(key.bytes()))
+    }
+
+    pub fn from_bytes(key: &[u8]) -> RecordKeys {
+        let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), RECORD_KEY_DOMAIN);
+        let d = derived.as_ref();
+        RecordKeys {
+            k0: u64::from_le_bytes(d[0..8].try_into().expect("8 bytes")),
+            k1: u64::from_le_bytes(d[8..16].try_into().expect("8 bytes")),
+        }
+    }
+
+    /// A patient's record key.
+    pub fn record_key(&self, patient_key: i64) -> u32 {
+        let mut h = SipHasher24::new_with_keys(self.k0, self.k1);
+        h.write(&patient_key.to_le_bytes());
+        h.finish() as u32
+    }
+
+    /// `gpdp_record_key(patient_key)`: the record key as an Int64 (summed
+    /// in the plan; [`cell_key`] folds the sum to 32 bits).
+    pub fn udf(&self) -> ScalarUDF {
+        ScalarUDF::new_from_impl(RecordKeyUdf {
+            keys: Arc::new(self.clone()),
+            signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
+        })
+    }
+}
+
+/// The cell key from the plan's sum of record keys: the wrapping 32-bit sum.
+pub fn cell_key(sum_of_record_keys: i64) -> u32 {
+    sum_of_record_keys as u64 as u32
+}
+
+#[derive(Debug)]
+struct RecordKeyUdf {
+    keys: Arc<RecordKeys>,
+    signature: Signature,
+}
+
+impl PartialEq for RecordKeyUdf {
+    fn eq(&self, other: &Self) -> bool {
+        (self.keys.k0, self.keys.k1) == (other.keys.k0, other.keys.k1)
+    }
+}
+
+impl Eq for RecordKeyUdf {}
+
+impl std::hash::Hash for RecordKeyUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Not the key: equal functions hash alike, which is all that is needed.
+        "gpdp_record_key".hash(state);
+    }
+}
+
+impl ScalarUDFImpl for RecordKeyUdf {
+    fn name(&self) -> &str {
+        "gpdp_record_key"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let keys = arrays[0].as_primitive::<Int64Type>();
+        let out: Int64Array = keys
+            .iter()
+            .map(|k| k.map(|k| i64::from(self.keys.record_key(k))))
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_depend_on_the_key_and_spread_evenly() {
+        let a = RecordKeys::from_bytes(&[1; 32]);
+        let b = RecordKeys::from_bytes(&[2; 32]);
+        assert_eq!(a.record_key(42), a.record_key(42));
+        assert_ne!(a.record_key(42), b.record_key(42));
+        // Cell keys of 1..=n patients: the top bit is set about half the time.
+        let mut sum = 0i64;
+        let mut high = 0;
+        for p in 0..10_000i64 {
+            sum += i64::from(a.record_key(p * 7919));
+            high += (cell_key(sum) >> 31) as usize;
+        }
+        assert!((4_700..5_300).contains(&high), "{high}");
+    }
+
+    #[test]
+    fn the_collection_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        crate::deid::key::generate(&path).unwrap();
+        let id = Pseudonymiser::new(&CollectionKey::load(&path).unwrap()).key_id();
+        assert!(matches!(
+            RecordKeys::load(&path, &id),
+            Err(PerturbationKeyError::IsCollectionKey(_))
+        ));
+        assert!(RecordKeys::load(&path, "0000000000000000").is_ok());
+    }
+}
