@@ -117,6 +117,10 @@ enum Command {
         /// TRE policy (default: the built-in policies/tre.toml).
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// The TRE's perturbation key for projects under the cell key method
+        /// (`gpdp keygen`; never the collection key).
+        #[arg(long, env = "GPDP_PERTURBATION_KEY", value_name = "KEYFILE")]
+        perturbation_key: Option<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -186,6 +190,10 @@ enum Command {
         /// The TRE policy (default: the built-in policies/tre.toml).
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// The TRE's perturbation key for projects under the cell key method
+        /// (`gpdp keygen`; never the collection key).
+        #[arg(long, env = "GPDP_PERTURBATION_KEY", value_name = "KEYFILE")]
+        perturbation_key: Option<PathBuf>,
         /// Address to listen on: loopback only unless --allow-remote.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: std::net::SocketAddr,
@@ -480,13 +488,14 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             format,
             sql,
             sql_file,
+            perturbation_key,
         } => {
             let sql = match (sql, sql_file) {
                 (Some(sql), _) => sql,
                 (None, Some(file)) => read_sql(&file)?,
                 (None, None) => unreachable!("clap requires SQL or --sql-file"),
             };
-            let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
+            let policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
             let request = gpdp::tre::Request {
                 store,
                 user,
@@ -669,6 +678,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
         Command::Serve {
             store,
             policy,
+            perturbation_key,
             listen,
             allow_remote,
             tls_cert,
@@ -687,7 +697,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 return Err(gpdp::error::BadInput(format!("{listen}: {why}")).into());
             }
             let scheme = if tls.is_some() { "grpc+tls" } else { "grpc" };
-            let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
+            let policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
             let rt = gpdp::tre::runtime(None)?;
             rt.block_on(gpdp::serve::serve(
                 store.clone(),
@@ -882,4 +892,22 @@ fn read_sql(file: &Path) -> anyhow::Result<String> {
         std::fs::read_to_string(file)
     };
     read.map_err(|e| gpdp::error::BadInput(format!("{}: {e}", file.display())).into())
+}
+
+/// The TRE policy, with the perturbation key's record keys when one is given
+/// (checked against the store's collection key id).
+fn tre_policy(
+    policy: Option<&Path>,
+    store: &Path,
+    perturbation_key: Option<&Path>,
+) -> anyhow::Result<gpdp::policy::tre::TrePolicy> {
+    let mut policy = gpdp::policy::tre::TrePolicy::load(policy)?;
+    if let Some(path) = perturbation_key {
+        let manifest = gpdp::store::read_manifest(store)?;
+        policy.record_keys = Some(
+            gpdp::tre::ckm::RecordKeys::load(path, manifest.key_id.as_deref().unwrap_or(""))
+                .map_err(|e| gpdp::error::BadInput(e.to_string()))?,
+        );
+    }
+    Ok(policy)
 }

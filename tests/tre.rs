@@ -540,6 +540,94 @@ fn released_statistics_are_the_truth_rounded() {
     }
 }
 
+/// The cell key method: counts within ±D of the truth, never small, the
+/// same answer every time for the same key, different under another key;
+/// refused without the key and for sums.
+#[test]
+fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
+    use gpdp::tre::ckm::RecordKeys;
+    let sql = "SELECT age_band, sex, imd_decile, count(DISTINCT patient_id) AS n, count(*) AS rows \
+               FROM patients GROUP BY age_band, sex, imd_decile";
+    let store = &fixture().store;
+    let request = |sql: &str| Request {
+        store: store.clone(),
+        user: "alice".into(),
+        token: Some("demo-alice-token".into()),
+        project: "demo-ckm".into(),
+        sql: sql.into(),
+    };
+    let without = TrePolicy::load(None).unwrap();
+    match query_blocking(&without, &request(sql)) {
+        Err(TreError::Refused(r)) => assert_eq!(r.rule, "no_perturbation_key"),
+        other => panic!("{other:?}"),
+    }
+    let with = |byte: u8| {
+        let mut p = TrePolicy::load(None).unwrap();
+        p.record_keys = Some(RecordKeys::from_bytes(&[byte; 32]));
+        p
+    };
+    let (one, other) = (with(7), with(8));
+    match query_blocking(
+        &one,
+        &request(
+            "SELECT sex, sum(numeric_value) FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id GROUP BY sex",
+        ),
+    ) {
+        Err(TreError::Refused(r)) => assert_eq!(r.rule, "statistic_not_available"),
+        other => panic!("{other:?}"),
+    }
+    let a = query_blocking(&one, &request(sql)).unwrap();
+    let again = query_blocking(&one, &request(sql)).unwrap();
+    let b = query_blocking(&other, &request(sql)).unwrap();
+    assert_eq!(a.result.batch, again.result.batch, "same key, same answer");
+    assert_ne!(
+        a.result.batch, b.result.batch,
+        "the noise depends on the key"
+    );
+    // Against the same SQL run directly.
+    let policy = &one;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let manifest = gpdp::store::read_manifest(store).unwrap();
+    let ctx = runtime
+        .block_on(gpdp::tre::session::open(
+            store,
+            &manifest,
+            policy,
+            &policy.projects["demo-ckm"],
+        ))
+        .unwrap()
+        .ctx;
+    let truth = runtime
+        .block_on(async { ctx.sql(sql).await?.collect().await })
+        .unwrap();
+    let truth = arrow::compute::concat_batches(&truth[0].schema(), &truth).unwrap();
+    let key = |b: &arrow::array::RecordBatch, i: usize| {
+        (0..3).map(|c| text(b, c, i)).collect::<Vec<_>>().join("|")
+    };
+    let truth_at: HashMap<String, usize> =
+        (0..truth.num_rows()).map(|i| (key(&truth, i), i)).collect();
+    let rb = &a.result.batch;
+    let (mut moved, mut checked) = (0, 0);
+    for i in 0..rb.num_rows() {
+        let t = truth_at[&key(rb, i)];
+        for c in [3, 4] {
+            let col = rb.column(c).as_primitive::<Int64Type>();
+            if col.is_null(i) {
+                continue;
+            }
+            let got = col.value(i);
+            let want = truth.column(c).as_primitive::<Int64Type>().value(t);
+            assert!((got - want).abs() <= 5, "{}: {got} vs {want}", key(rb, i));
+            assert!(got > 7, "{}: {got} released", key(rb, i));
+            checked += 1;
+            moved += usize::from(got != want);
+        }
+    }
+    assert!(checked > 50, "{checked}");
+    // V = 3 over -5..=5: P(v = 0) is 0.23 for large counts.
+    assert!(moved * 2 > checked, "{moved} of {checked} moved");
+}
+
 fn ndoo_keys(store: &Path) -> std::collections::HashSet<i64> {
     let m = manifest(store);
     let path = store.join(m["ndoo"]["path"].as_str().unwrap());

@@ -104,6 +104,9 @@ pub struct Disclosure {
     /// largest (the second largest contributor could estimate the largest
     /// to within p%).
     pub p_percent: Option<f64>,
+    /// The cell key method: counts are perturbed from this table's
+    /// parameters, by each statistic's cell key, before the threshold.
+    pub ckm: Option<crate::tre::ptable::Params>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -146,6 +149,10 @@ pub struct Researcher {
 
 #[derive(Debug, Clone)]
 pub struct TrePolicy {
+    /// The TRE's record-key function for the cell key method, from the
+    /// perturbation key the operator passes (`--perturbation-key`); never
+    /// from the policy file. Projects under `ckm` are refused without it.
+    pub record_keys: Option<crate::tre::ckm::RecordKeys>,
     pub age_on: chrono::NaiveDate,
     pub memory_mb: usize,
     pub timeout_seconds: u64,
@@ -183,6 +190,11 @@ struct RawDisclosure {
     dominance_n: Option<usize>,
     dominance_k: Option<f64>,
     p_percent: Option<f64>,
+    /// "threshold" (default) or "ckm".
+    method: Option<String>,
+    max_perturbation: Option<u32>,
+    variance: Option<f64>,
+    small_values: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -266,6 +278,39 @@ impl TrePolicy {
                     "[disclosure.{name}] p_percent must be a fraction in (0, 1), e.g. 0.1"
                 )));
             }
+            let ckm = match d.method.as_deref().unwrap_or("threshold") {
+                "threshold" => {
+                    if d.max_perturbation.is_some()
+                        || d.variance.is_some()
+                        || d.small_values.is_some()
+                    {
+                        return Err(invalid(format!(
+                            "[disclosure.{name}] max_perturbation, variance and small_values need method = \"ckm\""
+                        )));
+                    }
+                    None
+                }
+                "ckm" => {
+                    let params = crate::tre::ptable::Params {
+                        max_perturbation: d.max_perturbation.unwrap_or(5),
+                        variance: d.variance.unwrap_or(3.0),
+                        small_values: d.small_values.unwrap_or(4),
+                    };
+                    crate::tre::ptable::PTable::new(params)
+                        .map_err(|e| invalid(format!("[disclosure.{name}] {e}")))?;
+                    if d.round_to != 1 || dominance.is_some() || d.p_percent.is_some() {
+                        return Err(invalid(format!(
+                            "[disclosure.{name}] method = \"ckm\" perturbs counts instead of rounding them and does not release sums yet: set round_to = 1 and no dominance or p% rule"
+                        )));
+                    }
+                    Some(params)
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "[disclosure.{name}] method must be \"threshold\" or \"ckm\", not {other:?}"
+                    )));
+                }
+            };
             rule_sets.insert(
                 name.clone(),
                 Disclosure {
@@ -274,6 +319,7 @@ impl TrePolicy {
                     round_to: d.round_to,
                     dominance,
                     p_percent: d.p_percent,
+                    ckm,
                 },
             );
         }
@@ -403,6 +449,7 @@ impl TrePolicy {
             });
         }
         Ok(TrePolicy {
+            record_keys: None,
             age_on,
             memory_mb: raw.settings.memory_mb,
             timeout_seconds: raw.settings.timeout_seconds,

@@ -41,6 +41,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::lit;
 
+use super::ckm::RecordKeys;
 use super::dominance::dominance;
 use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind};
 use super::patients::patients_at_least;
@@ -66,6 +67,9 @@ pub struct Parts {
     /// The smallest value (Float64), per-patient shape only: a negative
     /// value sends the cell to review.
     pub minimum: Option<usize>,
+    /// The sum of the contributors' record keys (Int64), under the cell key
+    /// method only ([`super::ckm::cell_key`] folds it).
+    pub cell_key: Option<usize>,
 }
 
 /// The compiled plan: group keys first, then every statistic's parts.
@@ -74,13 +78,21 @@ pub struct Compiled {
     pub parts: Vec<Parts>,
 }
 
-/// Builds the plan for `release` under `rules`.
-pub fn compile(release: &Release, rules: &Disclosure) -> Result<Compiled> {
+/// Builds the plan for `release` under `rules`; the cell key method needs
+/// the TRE's record keys.
+pub fn compile(
+    release: &Release,
+    rules: &Disclosure,
+    keys: Option<&RecordKeys>,
+) -> Result<Compiled> {
     let input = source(&release.source)?;
-    if rules.checks_contributions() {
-        per_patient(release, input, rules)
-    } else {
-        per_cell(release, input, rules)
+    match (rules.ckm, keys) {
+        (Some(_), Some(keys)) => per_patient(release, input, rules, Some(keys)),
+        (Some(_), None) => Err(datafusion::error::DataFusionError::Internal(
+            "the cell key method without record keys".into(),
+        )),
+        (None, _) if rules.checks_contributions() => per_patient(release, input, rules, None),
+        (None, _) => per_cell(release, input, rules),
     }
 }
 
@@ -239,7 +251,13 @@ fn per_cell(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Result
     Ok(Compiled { plan, parts })
 }
 
-fn per_patient(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Result<Compiled> {
+fn per_patient(
+    release: &Release,
+    input: LogicalPlan,
+    rules: &Disclosure,
+    record_keys: Option<&RecordKeys>,
+) -> Result<Compiled> {
+    let record_key = record_keys.map(|k| Arc::new(k.udf()));
     let schema = input.schema().clone();
     let patient = Expr::Column(hidden_patient(&schema)?);
     let keys = release.keys.len();
@@ -279,10 +297,30 @@ fn per_patient(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Res
     for (s, &(n, total, squares, minimum)) in release.statistics.iter().zip(&inner_parts) {
         let contributes = at(n).gt(lit(0i64));
         let patients = out.push(filtered(count(lit(1i64)), Some(&contributes))?);
+        // The cell key: the record keys of this statistic's own contributors
+        // (one inner row per patient, so each counts once).
+        let cell_key = record_key
+            .as_ref()
+            .map(|udf| -> Result<usize> {
+                let e = filtered(sum(udf.call(vec![at(keys)])), Some(&contributes))?;
+                Ok(out.find(&e).unwrap_or_else(|| out.push(e)))
+            })
+            .transpose()?;
         let p = if s.kind == StatKind::Patients {
             Parts {
                 count: patients,
                 contributors: patients,
+                cell_key,
+                ..Parts::default()
+            }
+        } else if !rules.checks_contributions() {
+            Parts {
+                count: out.push(sum(at(n))),
+                sum: total.map(|t| out.push(sum(at(t)))),
+                squares: squares.map(|q| out.push(sum(at(q)))),
+                contributors: patients,
+                minimum: minimum.map(|m| out.push(min(at(m)))),
+                cell_key,
                 ..Parts::default()
             }
         } else {
@@ -301,6 +339,7 @@ fn per_patient(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Res
                 contributors: patients,
                 dominance: Some(mask),
                 minimum: minimum.map(|m| out.push(min(at(m)))),
+                cell_key,
             }
         };
         parts.push(p);

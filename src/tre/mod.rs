@@ -285,6 +285,16 @@ async fn guarded(
 ) -> Result<Guarded, TreError> {
     let project = auth::authorise(policy, &req.user, req.token.as_deref(), &req.project)?;
     grammar::text_bounds(&req.sql, MAX_SQL_BYTES)?;
+    if project.disclosure.ckm.is_some() && policy.record_keys.is_none() {
+        return Err(Refusal::new(
+            "no_perturbation_key",
+            format!(
+                "project {} uses the cell key method ({}), and this TRE was started without its perturbation key (--perturbation-key); nothing is released without it",
+                req.project, project.disclosure.name
+            ),
+        )
+        .into());
+    }
     if req.sql.to_ascii_lowercase().contains(grammar::HIDDEN) {
         return Err(Refusal::new(
             "reserved_name",
@@ -328,6 +338,16 @@ async fn guarded(
             views: &session.views,
         },
     )?;
+    if project.disclosure.ckm.is_some() && release.statistics.iter().any(|s| !s.kind.is_count()) {
+        return Err(Refusal::new(
+            "statistic_not_available",
+            format!(
+                "sums, means and variances are not released under the cell key method ({}) yet: it perturbs counts; ask for counts",
+                project.disclosure.name
+            ),
+        )
+        .into());
+    }
     Ok(Guarded {
         state,
         release,
@@ -364,7 +384,8 @@ async fn answer(
         release,
         disclosure,
     } = guarded(policy, req, fingerprint).await?;
-    let compiled = compile::compile(&release, &disclosure).map_err(TreError::internal)?;
+    let compiled = compile::compile(&release, &disclosure, policy.record_keys.as_ref())
+        .map_err(TreError::internal)?;
     let mut control = sdc::Control::new(&release, &compiled.parts, &disclosure);
     let run = async {
         let mut stream = DataFrame::new(state, compiled.plan.clone())

@@ -240,7 +240,10 @@ mod tests {
     fn stats(row: &[(i64, f64)]) -> (f64, f64, f64) {
         let total: f64 = row.iter().map(|(_, p)| p).sum();
         let mean: f64 = row.iter().map(|(v, p)| *v as f64 * p).sum();
-        let var: f64 = row.iter().map(|(v, p)| (*v as f64 - mean).powi(2) * p).sum();
+        let var: f64 = row
+            .iter()
+            .map(|(v, p)| (*v as f64 - mean).powi(2) * p)
+            .sum();
         (total, mean, var)
     }
 

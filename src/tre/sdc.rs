@@ -31,6 +31,7 @@ use arrow::error::ArrowError;
 use super::compile::Parts;
 use super::dominance;
 use super::grammar::{Item, Release, StatKind};
+use super::ptable::PTable;
 use crate::policy::tre::Disclosure;
 
 /// What a released column is.
@@ -118,6 +119,7 @@ pub struct Control<'a> {
     release: &'a Release,
     parts: &'a [Parts],
     rules: &'a Disclosure,
+    ptable: Option<PTable>,
     schema: SchemaRef,
     kinds: Vec<ColumnKind>,
     released: Vec<RecordBatch>,
@@ -131,6 +133,10 @@ impl<'a> Control<'a> {
             release,
             parts,
             rules,
+            // The policy built this table when it was loaded.
+            ptable: rules
+                .ckm
+                .map(|p| PTable::new(p).expect("the policy validated its ptable")),
             schema,
             kinds,
             released: Vec::new(),
@@ -233,13 +239,28 @@ impl<'a> Control<'a> {
         let total = p.sum.map(real).transpose()?;
         let squares = p.squares.map(real).transpose()?;
         let rows = batch.num_rows();
+        // Under the cell key method every count is perturbed by the cell's
+        // key, the number of contributors too, before the threshold: what
+        // decides and what is released are both noisy. No key (a cell key
+        // expected but missing) fails closed: redacted.
+        let cell_keys = p.cell_key.map(int).transpose()?;
+        let noisy = |x: i64, i: usize| -> Option<i64> {
+            match (&self.ptable, &cell_keys) {
+                (None, _) => Some(x),
+                (Some(t), Some(k)) if k.is_valid(i) => {
+                    Some(t.perturb(x, super::ckm::cell_key(k.value(i))))
+                }
+                (Some(_), _) => None,
+            }
+        };
         let mut why: Vec<Option<Why>> = Vec::with_capacity(rows);
         for i in 0..rows {
-            let n = if contributors.is_valid(i) {
+            let exact = if contributors.is_valid(i) {
                 contributors.value(i)
             } else {
                 0
             };
+            let n = noisy(exact, i).unwrap_or(0);
             let reason = if n <= self.rules.redact_at_or_below as i64 {
                 Some(Why::Threshold)
             } else if minimum
@@ -276,7 +297,9 @@ impl<'a> Control<'a> {
                 for (i, w) in why.iter().enumerate() {
                     b.append_option(
                         (w.is_none() && count.is_valid(i))
-                            .then(|| round(count.value(i), self.rules.round_to)),
+                            .then(|| noisy(count.value(i), i))
+                            .flatten()
+                            .map(|c| round(c, self.rules.round_to)),
                     );
                 }
                 Values::Counts(b.finish())
@@ -383,6 +406,12 @@ pub fn round(x: i64, base: u64) -> i64 {
 
 /// The rule set in words, as the researcher sees it under every result.
 pub fn describe(rules: &Disclosure) -> String {
+    if let Some(p) = rules.ckm {
+        return format!(
+            "disclosure control {}: counts carry cell-key noise (at most ±{}, the same for the same patients every time; none released in 1..{}), then statistics of {} or fewer patients are [REDACTED]; rows with nothing releasable are left out",
+            rules.name, p.max_perturbation, p.small_values, rules.redact_at_or_below
+        );
+    }
     let mut s = format!(
         "disclosure control {}: statistics of {} or fewer patients are [REDACTED]",
         rules.name, rules.redact_at_or_below
