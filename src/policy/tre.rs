@@ -145,6 +145,10 @@ pub struct Researcher {
     pub user: String,
     pub token_sha256: [u8; 32],
     pub projects: Vec<String>,
+    /// Why this researcher may use a project the National Data Opt-out
+    /// applies to *and* one exempt from it (comparing the two answers
+    /// person by person tells who opted out); required for that pairing.
+    pub cross_ndoo_reason: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -217,6 +221,7 @@ struct RawResearcher {
     user: String,
     token_sha256: String,
     projects: Vec<String>,
+    cross_ndoo_reason: Option<String>,
 }
 
 fn leak(s: &str) -> &'static str {
@@ -442,10 +447,26 @@ impl TrePolicy {
             if researchers.iter().any(|x: &Researcher| x.user == r.user) {
                 return Err(invalid(format!("researcher {} is listed twice", r.user)));
             }
+            let kind = |applies: bool| {
+                r.projects
+                    .iter()
+                    .find(|p| projects[*p].ndoo_applies == applies)
+            };
+            let reason = r
+                .cross_ndoo_reason
+                .as_ref()
+                .filter(|why| !why.trim().is_empty());
+            if let (Some(applies), Some(exempt), None) = (kind(true), kind(false), reason) {
+                return Err(invalid(format!(
+                    "researcher {}: approved for {applies} (National Data Opt-out applies) and {exempt} (exempt from it): the same question in both tells who opted out; record why this is needed as cross_ndoo_reason = \"…\", or approve one kind only",
+                    r.user
+                )));
+            }
             researchers.push(Researcher {
                 user: r.user,
                 token_sha256: hash,
                 projects: r.projects,
+                cross_ndoo_reason: r.cross_ndoo_reason,
             });
         }
         Ok(TrePolicy {
@@ -516,6 +537,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"lsoa_code\" may never be released"), "{err}");
+    }
+
+    #[test]
+    fn ndoo_and_exempt_projects_together_need_a_recorded_reason() {
+        let start = DEFAULT_TRE_POLICY.find("cross_ndoo_reason").unwrap();
+        let end = start + DEFAULT_TRE_POLICY[start..].find('\n').unwrap();
+        let without = format!(
+            "{}{}",
+            &DEFAULT_TRE_POLICY[..start],
+            &DEFAULT_TRE_POLICY[end..]
+        );
+        let err = TrePolicy::parse(&without, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("researcher alice") && err.contains("cross_ndoo_reason"),
+            "{err}"
+        );
+        let blank = DEFAULT_TRE_POLICY.replacen(
+            &DEFAULT_TRE_POLICY[start..end],
+            "cross_ndoo_reason = \"  \"",
+            1,
+        );
+        assert!(TrePolicy::parse(&blank, Path::new("t.toml")).is_err());
+        // One kind only needs no reason.
+        let one_kind = without.replacen("\"demo-planning-exempt\", ", "", 1);
+        TrePolicy::parse(&one_kind, Path::new("t.toml")).unwrap();
+    }
+
+    #[test]
+    fn ckm_parameters_are_validated() {
+        let p = TrePolicy::load(None).unwrap();
+        assert!(p.projects["demo-ckm"].disclosure.ckm.is_some());
+        for (from, to, says) in [
+            (
+                "small_values = 4",
+                "small_values = 5",
+                "must exceed small_values",
+            ),
+            ("variance = 3.0", "variance = 30.0", "variance must be"),
+            (
+                "method = \"ckm\"\nmax",
+                "method = \"noise\"\nmax",
+                "method must be",
+            ),
+        ] {
+            let bad = DEFAULT_TRE_POLICY.replacen(from, to, 1);
+            let err = TrePolicy::parse(&bad, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{from}: {err}");
+        }
     }
 
     #[test]
