@@ -460,19 +460,10 @@ fn released_statistics_are_the_truth_rounded() {
     let policy = TrePolicy::load(None).unwrap();
     let project = &policy.projects["demo-research"];
     let store = &fixture().store;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let manifest = gpdp::store::read_manifest(store).unwrap();
-    let ctx = runtime
-        .block_on(gpdp::tre::session::open(store, &manifest, &policy, project))
-        .unwrap()
-        .ctx;
     for &(sql, patient_counts) in panel {
         let released = ask("demo-research", sql).unwrap();
         let rules = &released.disclosure;
-        let truth = runtime
-            .block_on(async { ctx.sql(sql).await?.collect().await })
-            .unwrap();
-        let truth = arrow::compute::concat_batches(&truth[0].schema(), &truth).unwrap();
+        let truth = direct(store, &policy, project, sql);
         let b = &released.result.batch;
         let kinds = released.kinds();
         let keys = kinds.iter().take_while(|k| **k == ColumnKind::Key).count();
@@ -586,21 +577,7 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
     );
     // Against the same SQL run directly.
     let policy = &one;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let manifest = gpdp::store::read_manifest(store).unwrap();
-    let ctx = runtime
-        .block_on(gpdp::tre::session::open(
-            store,
-            &manifest,
-            policy,
-            &policy.projects["demo-ckm"],
-        ))
-        .unwrap()
-        .ctx;
-    let truth = runtime
-        .block_on(async { ctx.sql(sql).await?.collect().await })
-        .unwrap();
-    let truth = arrow::compute::concat_batches(&truth[0].schema(), &truth).unwrap();
+    let truth = direct(store, policy, &policy.projects["demo-ckm"], sql);
     let key = |b: &arrow::array::RecordBatch, i: usize| {
         (0..3).map(|c| text(b, c, i)).collect::<Vec<_>>().join("|")
     };
@@ -626,6 +603,28 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
     assert!(checked > 50, "{checked}");
     // V = 3 over -5..=5: P(v = 0) is 0.23 for large counts.
     assert!(moved * 2 > checked, "{moved} of {checked} moved");
+}
+
+/// The same SQL run directly over a project's views, without the boundary:
+/// the truth the boundary's answers are checked against.
+fn direct(
+    store: &Path,
+    policy: &TrePolicy,
+    project: &gpdp::policy::tre::Project,
+    sql: &str,
+) -> arrow::array::RecordBatch {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let manifest = gpdp::store::read_manifest(store).unwrap();
+    let batches = runtime
+        .block_on(async {
+            let ctx = gpdp::tre::session::open(store, &manifest, policy, project)
+                .await
+                .unwrap()
+                .ctx;
+            ctx.sql(sql).await?.collect().await
+        })
+        .unwrap();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
 fn ndoo_keys(store: &Path) -> std::collections::HashSet<i64> {
