@@ -313,31 +313,24 @@ fn per_patient(
                 cell_key,
                 ..Parts::default()
             }
-        } else if !rules.checks_contributions() {
-            Parts {
-                count: out.push(sum(at(n))),
-                sum: total.map(|t| out.push(sum(at(t)))),
-                squares: squares.map(|q| out.push(sum(at(q)))),
-                contributors: patients,
-                minimum: minimum.map(|m| out.push(min(at(m)))),
-                cell_key,
-                ..Parts::default()
-            }
         } else {
             let count = out.push(sum(at(n)));
             // A patient's contribution: their number of rows for counts,
             // their sum for sums and means.
             let contribution = total.map_or_else(|| at(n), at);
-            let mask = out.push(filtered(
-                dominance(vec![contribution], rules),
-                Some(&contributes),
-            )?);
+            let mask = rules
+                .checks_contributions()
+                .then(|| {
+                    filtered(dominance(vec![contribution], rules), Some(&contributes))
+                        .map(|e| out.push(e))
+                })
+                .transpose()?;
             Parts {
                 count,
                 sum: total.map(|t| out.push(sum(at(t)))),
                 squares: squares.map(|q| out.push(sum(at(q)))),
                 contributors: patients,
-                dominance: Some(mask),
+                dominance: mask,
                 minimum: minimum.map(|m| out.push(min(at(m)))),
                 cell_key,
             }

@@ -270,14 +270,14 @@ struct Guarded {
     disclosure: Disclosure,
 }
 
-/// Authentication, the project's session, planning and the grammar: every
-/// path (running, describing, preparing) goes through here, and nothing of
-/// the request has run when it returns.
 /// The longest SQL text a researcher may send: room for a codelist of
 /// about 10,000 codes in `IN (…)`, and a bound on how large a tree the
 /// parser builds before the grammar sees it.
 pub const MAX_SQL_BYTES: usize = 256 * 1024;
 
+/// Authentication, the project's session, planning and the grammar: every
+/// path (running, describing, preparing) goes through here, and nothing of
+/// the request has run when it returns.
 async fn guarded(
     policy: &TrePolicy,
     req: &Request,

@@ -41,9 +41,8 @@ pub fn year() -> ScalarUDF {
 /// `gpdp_age_band(birth_month)`: the age band on `age_on`, counting whole
 /// years between months (a birth month is the first of its month).
 pub fn age_band(age_on: Day) -> ScalarUDF {
-    let (y, m, _) = civil_from_days(age_on);
     ScalarUDF::new_from_impl(AgeBand {
-        on_months: y * 12 + m as i32,
+        on_months: months(age_on),
         signature: Signature::exact(vec![DataType::Date32], Volatility::Immutable),
     })
 }
@@ -62,29 +61,24 @@ fn table() -> &'static Months {
     TABLE.get_or_init(|| {
         let first = crate::calendar::days_from_civil(1800, 1, 1);
         let last = crate::calendar::days_from_civil(2199, 12, 31);
-        let months = (first..=last)
-            .map(|d| {
-                let (y, m, _) = civil_from_days(d);
-                y * 12 + m as i32
-            })
-            .collect();
+        let months = (first..=last).map(civil_months).collect();
         Months { first, months }
     })
 }
 
-/// `year * 12 + month` of a day.
+/// `year * 12 + month` of a day, computed.
+fn civil_months(day: Day) -> i32 {
+    let (y, m, _) = civil_from_days(day);
+    y * 12 + m as i32
+}
+
+/// `year * 12 + month` of a day, looked up where the table has it.
 fn months(day: Day) -> i32 {
     let t = table();
-    match usize::try_from(day.wrapping_sub(t.first))
+    usize::try_from(day.wrapping_sub(t.first))
         .ok()
         .and_then(|i| t.months.get(i))
-    {
-        Some(&m) => m,
-        None => {
-            let (y, m, _) = civil_from_days(day);
-            y * 12 + m as i32
-        }
-    }
+        .map_or_else(|| civil_months(day), |&m| m)
 }
 
 /// The calendar year of a day (`months` counts January as 1).
