@@ -4,7 +4,7 @@
 //!
 //! Usage: cargo run --release --example tre_bench -- STORE [RUNS] [PROJECT]
 //! (PROJECT: a project of the shipped policy, default demo-research;
-//! `demo-ckm` measures the cell key method)
+//! `demo-planning-exempt` measures the cell key method)
 //! Prints one JSON object per query.
 
 fn main() -> anyhow::Result<()> {

@@ -21,8 +21,19 @@ fn fixture() -> &'static Collected {
     F.get_or_init(|| collected_with_ndoo(3, 2000, 21, 9))
 }
 
+/// The shipped policy, with a perturbation key for the cell key method and
+/// a privacy budget no test here runs out of.
+fn test_policy() -> TrePolicy {
+    let mut policy = TrePolicy::load(None).unwrap();
+    policy.record_keys = Some(gpdp::tre::ckm::RecordKeys::from_bytes(&[3; 32]));
+    for r in &mut policy.researchers {
+        r.rho_budget = 1e9;
+    }
+    policy
+}
+
 fn ask(project: &str, sql: &str) -> Result<gpdp::tre::Released, TreError> {
-    let policy = TrePolicy::load(None).unwrap();
+    let policy = test_policy();
     query_blocking(
         &policy,
         &Request {
@@ -55,13 +66,14 @@ fn every_boundary_case_has_its_expected_outcome() {
         let project = match project {
             "exempt" => "demo-planning-exempt",
             "acro" => "demo-prescribing-acro",
-            _ => "demo-research",
+            "dp" => "demo-research",
+            _ => "demo-opensafely",
         };
         let got = match ask(project, sql) {
             Ok(r) => {
-                // Every released count is a multiple of 5.
+                // Every released count is a multiple of 5 (where counts are rounded).
                 for (i, kind) in r.kinds().iter().enumerate() {
-                    if *kind == gpdp::tre::sdc::ColumnKind::Count {
+                    if *kind == gpdp::tre::sdc::ColumnKind::Count && r.disclosure.round_to == 5 {
                         let c = r.result.batch.column(i).as_primitive::<Int64Type>();
                         for v in c.iter().flatten() {
                             if v % 5 != 0 {
@@ -126,7 +138,7 @@ fn ndoo_patients_are_removed_for_research_only() {
         }
     }
     let round = |n: usize| gpdp::tre::sdc::round(n as i64, 5);
-    for (project, with_ndoo) in [("demo-research", false), ("demo-planning-exempt", true)] {
+    for (project, with_ndoo) in [("demo-opensafely", false), ("demo-planning-exempt", true)] {
         let r = ask(
             project,
             "SELECT sex, count(DISTINCT patient_id) AS n FROM patients GROUP BY sex ORDER BY sex",
@@ -137,12 +149,21 @@ fn ndoo_patients_are_removed_for_research_only() {
         let sexes = sexes.as_string::<i32>();
         let counts = b.column(1).as_primitive::<Int64Type>();
         for i in 0..b.num_rows() {
-            let want = round(expected[&(with_ndoo, sexes.value(i).to_owned())].len());
-            assert_eq!(counts.value(i), want, "{project} sex {}", sexes.value(i));
+            let exact = expected[&(with_ndoo, sexes.value(i).to_owned())].len();
+            let got = counts.value(i);
+            // The exempt project is under the cell key method: within ±5.
+            if r.disclosure.ckm.is_some() {
+                assert!(
+                    (got - exact as i64).abs() <= 5,
+                    "{project}: {got} vs {exact}"
+                );
+            } else {
+                assert_eq!(got, round(exact), "{project} sex {}", sexes.value(i));
+            }
         }
     }
     let research = ask(
-        "demo-research",
+        "demo-opensafely",
         "SELECT count(DISTINCT patient_id) FROM patients",
     )
     .unwrap();
@@ -170,7 +191,7 @@ fn ndoo_patients_are_removed_for_research_only() {
 /// on its own, and rows with nothing releasable are withheld without a trace.
 #[test]
 fn small_statistics_are_redacted_and_empty_rows_withheld() {
-    let r = ask("demo-research", "SELECT age_band, sex, ethnicity, imd_decile, count(*) AS n FROM patients GROUP BY age_band, sex, ethnicity, imd_decile").unwrap();
+    let r = ask("demo-opensafely", "SELECT age_band, sex, ethnicity, imd_decile, count(*) AS n FROM patients GROUP BY age_band, sex, ethnicity, imd_decile").unwrap();
     let c = &r.result;
     assert!(
         c.operator.withheld_rows > 0,
@@ -183,7 +204,7 @@ fn small_statistics_are_redacted_and_empty_rows_withheld() {
     // Two statistics with different contributors: the second is redacted
     // on its own where few patients contribute to it.
     let r = ask(
-        "demo-research",
+        "demo-opensafely",
         "SELECT age_band, count(*) AS n, count(*) FILTER (WHERE ethnicity = 'Other') AS other FROM patients GROUP BY age_band",
     )
     .unwrap();
@@ -228,7 +249,7 @@ fn the_command_line_refuses_with_exit_3_and_logs_everything() {
     let ok = query(
         "alice",
         Some("demo-alice-token"),
-        "demo-research",
+        "demo-opensafely",
         "SELECT sex, count(*) AS n FROM patients GROUP BY sex",
     );
     assert!(ok.status.success(), "{}", stderr(&ok));
@@ -237,21 +258,21 @@ fn the_command_line_refuses_with_exit_3_and_logs_everything() {
         (
             "alice",
             Some("wrong-token"),
-            "demo-research",
+            "demo-opensafely",
             "SELECT count(*) FROM patients",
             "authentication",
         ),
         (
             "alice",
             None,
-            "demo-research",
+            "demo-opensafely",
             "SELECT count(*) FROM patients",
             "authentication",
         ),
         (
             "bob",
             Some("demo-bob-token"),
-            "demo-research",
+            "demo-opensafely",
             "SELECT count(*) FROM patients",
             "safe_people",
         ),
@@ -265,7 +286,7 @@ fn the_command_line_refuses_with_exit_3_and_logs_everything() {
         (
             "alice",
             Some("demo-alice-token"),
-            "demo-research",
+            "demo-opensafely",
             "SELECT * FROM patients",
             "outside_grammar (not_an_aggregate)",
         ),
@@ -458,10 +479,10 @@ fn released_statistics_are_the_truth_rounded() {
         ),
     ];
     let policy = TrePolicy::load(None).unwrap();
-    let project = &policy.projects["demo-research"];
+    let project = &policy.projects["demo-opensafely"];
     let store = &fixture().store;
     for &(sql, patient_counts) in panel {
-        let released = ask("demo-research", sql).unwrap();
+        let released = ask("demo-opensafely", sql).unwrap();
         let rules = &released.disclosure;
         let truth = direct(store, &policy, project, sql);
         let b = &released.result.batch;
@@ -544,7 +565,7 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
         store: store.clone(),
         user: "alice".into(),
         token: Some("demo-alice-token".into()),
-        project: "demo-ckm".into(),
+        project: "demo-planning-exempt".into(),
         sql: sql.into(),
     };
     let without = TrePolicy::load(None).unwrap();
@@ -577,7 +598,7 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
     );
     // Against the same SQL run directly.
     let policy = &one;
-    let truth = direct(store, policy, &policy.projects["demo-ckm"], sql);
+    let truth = direct(store, policy, &policy.projects["demo-planning-exempt"], sql);
     let key = |b: &arrow::array::RecordBatch, i: usize| {
         (0..3).map(|c| text(b, c, i)).collect::<Vec<_>>().join("|")
     };
@@ -653,4 +674,138 @@ fn text(b: &arrow::array::RecordBatch, col: usize, row: usize) -> String {
     )
     .unwrap();
     f.value(row).to_string()
+}
+
+/// Differential privacy: every cell of the keys' public domains is
+/// released, each count within a few σ of the truth (σ as the answer
+/// states it), every answer drawn afresh, and the charge recorded.
+#[test]
+fn dp_releases_every_domain_cell_near_the_truth_with_its_noise() {
+    let policy = test_policy();
+    let store = &fixture().store;
+    let project = &policy.projects["demo-research"];
+    let sql = "SELECT sex, age_band, count(DISTINCT patient_id) AS n, count(*) AS rows \
+               FROM patients GROUP BY sex, age_band";
+    let a = ask("demo-research", sql).unwrap();
+    let b = ask("demo-research", sql).unwrap();
+    let privacy = a.privacy.as_ref().expect("a dp answer states its noise");
+    let rb = &a.result.batch;
+    assert_eq!(rb.num_rows(), 2 * 8, "every sex × age band, zeros included");
+    assert_ne!(rb, &b.result.batch, "fresh noise for every answer");
+    let truth = direct(store, &policy, project, sql);
+    let key =
+        |b: &arrow::array::RecordBatch, i: usize| format!("{}|{}", text(b, 0, i), text(b, 1, i));
+    let truth_at: HashMap<String, usize> =
+        (0..truth.num_rows()).map(|i| (key(&truth, i), i)).collect();
+    for (c, noise) in [2, 3].into_iter().zip(&privacy.columns[2..]) {
+        let sigma = noise.unwrap().sigma;
+        // One patient per cell (keys of the patient), 1 row or up to
+        // max_rows of them: σ = √1 · bound / √(2ρ).
+        let bound = if c == 2 { 1.0 } else { 5.0 };
+        assert!(
+            (sigma - bound / (2.0f64 * 0.02).sqrt()).abs() < 1e-6,
+            "σ {sigma}"
+        );
+        for i in 0..rb.num_rows() {
+            let want = truth_at
+                .get(&key(rb, i))
+                .map_or(0, |&t| truth.column(c).as_primitive::<Int64Type>().value(t));
+            let col = rb.column(c).as_primitive::<Int64Type>();
+            if col.is_valid(i) {
+                // 5σ: a false alarm about once in 3.5 million cells.
+                let got = col.value(i);
+                assert!(
+                    ((got - want) as f64).abs() <= 5.0 * sigma,
+                    "{}: {got} vs {want}",
+                    key(rb, i)
+                );
+                assert!(got > 7, "the threshold applies to the noisy count");
+            } else {
+                assert!(
+                    (want as f64) < 7.0 + 5.0 * sigma,
+                    "{}: {want} redacted",
+                    key(rb, i)
+                );
+            }
+        }
+    }
+    let json = gpdp::tre::to_json(&a);
+    assert_eq!(json["privacy"]["rho_charged"].as_f64(), Some(0.04));
+    assert!(
+        json["privacy"]["noise"][0]["ci95_half_width"]
+            .as_f64()
+            .unwrap()
+            > 9.0
+    );
+    assert!(gpdp::tre::to_table(&a).contains("(95%"));
+    // A year with no events at all is still a row.
+    let years = ask(
+        "demo-research",
+        "SELECT event_year, count(DISTINCT patient_id) AS n FROM clinical_events GROUP BY event_year",
+    )
+    .unwrap();
+    assert_eq!(years.result.batch.num_rows(), 2026 - 2000 + 1);
+    let log = std::fs::read_to_string(store.join("audit/log.jsonl")).unwrap();
+    assert!(log.contains("\"event\":\"privacy_charge\""));
+    assert!(log.contains("\"rho_charged\":0.04"));
+}
+
+/// The budget is per researcher per store, across projects; a query that
+/// would overspend is refused before it runs and costs nothing, as do
+/// queries refused for any other reason.
+#[test]
+fn dp_budget_runs_out_and_refusals_cost_nothing() {
+    let c = collected_with_ndoo(1, 300, 5, 4);
+    let mut policy = TrePolicy::load(None).unwrap();
+    policy.researchers[0].rho_budget = 0.05;
+    let asking = |sql: &str| {
+        query_blocking(
+            &policy,
+            &Request {
+                store: c.store.clone(),
+                user: "alice".into(),
+                token: Some("demo-alice-token".into()),
+                project: "demo-research".into(),
+                sql: sql.into(),
+            },
+        )
+    };
+    let refused = |r: Result<gpdp::tre::Released, TreError>| match r {
+        Err(TreError::Refused(r)) => r.rule,
+        other => panic!("{other:?}"),
+    };
+    let one = "SELECT sex, count(DISTINCT patient_id) FROM patients GROUP BY sex";
+    assert_eq!(refused(asking("SELECT * FROM patients")), "outside_grammar");
+    assert_eq!(
+        refused(asking("SELECT stddev(numeric_value) FROM clinical_events")),
+        "statistic_not_available"
+    );
+    let first = asking(one).unwrap();
+    assert_eq!(first.privacy.unwrap().ledger.spent, 0.02);
+    // Two statistics (0.04) would pass 0.05: refused, nothing charged.
+    assert_eq!(
+        refused(asking(
+            "SELECT sex, count(*), count(DISTINCT patient_id) FROM patients GROUP BY sex"
+        )),
+        "budget_exhausted"
+    );
+    let second = asking(one).unwrap();
+    assert!((second.privacy.unwrap().ledger.spent - 0.04).abs() < 1e-12);
+    assert_eq!(refused(asking(one)), "budget_exhausted");
+    let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+    assert_eq!(log.matches("\"event\":\"privacy_charge\"").count(), 2);
+    // Other projects' rule sets do not touch the budget.
+    let mut other = Request {
+        store: c.store.clone(),
+        user: "alice".into(),
+        token: Some("demo-alice-token".into()),
+        project: "demo-opensafely".into(),
+        sql: one.into(),
+    };
+    query_blocking(&policy, &other).unwrap();
+    other.project = "demo-research".into();
+    assert_eq!(refused(query_blocking(&policy, &other)), "budget_exhausted");
+    // The refusal says what is left, and nothing else.
+    let message = query_blocking(&policy, &other).unwrap_err().to_string();
+    assert!(message.contains("0.0100 left"), "{message}");
 }

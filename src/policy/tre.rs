@@ -107,6 +107,37 @@ pub struct Disclosure {
     /// The cell key method: counts are perturbed from this table's
     /// parameters, by each statistic's cell key, before the threshold.
     pub ckm: Option<crate::tre::ptable::Params>,
+    /// Differential privacy: contribution bounds, value bounds and the
+    /// privacy cost of each statistic ([`crate::tre::dp`]).
+    pub dp: Option<DpParams>,
+}
+
+/// The `dp` rule set's parameters (zero-concentrated DP, the patient as
+/// the privacy unit).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpParams {
+    /// ρ charged for each released statistic (a sum or mean spends half on
+    /// its sum and half on its count).
+    pub rho_per_statistic: f64,
+    /// The most cells of one release a patient may count in.
+    pub max_groups: u32,
+    /// The most rows of one patient a cell counts (counts of rows and values, sums).
+    pub max_rows: u32,
+    /// δ for stating ρ as (ε, δ).
+    pub delta: f64,
+    /// Clamping bounds per value column, in [`VALUE_COLUMNS`] order; sums
+    /// and means of a column without bounds are not released.
+    pub bounds: [Option<(f64, f64)>; VALUE_COLUMNS.len()],
+}
+
+impl DpParams {
+    /// The clamping bounds of a value column.
+    pub fn bounds_of(&self, column: &str) -> Option<(f64, f64)> {
+        VALUE_COLUMNS
+            .iter()
+            .position(|c| *c == column)
+            .and_then(|i| self.bounds[i])
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -149,6 +180,9 @@ pub struct Researcher {
     /// applies to *and* one exempt from it (comparing the two answers
     /// person by person tells who opted out); required for that pairing.
     pub cross_ndoo_reason: Option<String>,
+    /// Privacy budget ρ (zCDP) for `dp` projects, per store, shared by all
+    /// of this researcher's projects; 0 when the policy gives none.
+    pub rho_budget: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -163,7 +197,17 @@ pub struct TrePolicy {
     pub max_rows: usize,
     pub projects: BTreeMap<String, Project>,
     pub researchers: Vec<Researcher>,
+    /// The public domain of each group key (`[domains]`), as text: under
+    /// `dp` every cell of the domains' product is released, zeros
+    /// included, and a key without a domain is refused.
+    pub domains: BTreeMap<String, Vec<String>>,
     pub sha256: String,
+}
+
+impl TrePolicy {
+    pub fn researcher(&self, user: &str) -> Option<&Researcher> {
+        self.researchers.iter().find(|r| r.user == user)
+    }
 }
 
 #[derive(Deserialize)]
@@ -175,6 +219,16 @@ struct Raw {
     projects: BTreeMap<String, RawProject>,
     #[serde(default)]
     researchers: Vec<RawResearcher>,
+    #[serde(default)]
+    domains: BTreeMap<String, RawDomain>,
+}
+
+/// A group key's public domain: its values, or a range of integers.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDomain {
+    Values(Vec<toml::Value>),
+    Range { from: i64, to: i64 },
 }
 
 #[derive(Deserialize)]
@@ -199,6 +253,11 @@ struct RawDisclosure {
     max_perturbation: Option<u32>,
     variance: Option<f64>,
     small_values: Option<u32>,
+    rho_per_statistic: Option<f64>,
+    max_groups: Option<u32>,
+    max_rows: Option<u32>,
+    delta: Option<f64>,
+    value_bounds: Option<BTreeMap<String, [f64; 2]>>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +281,7 @@ struct RawResearcher {
     token_sha256: String,
     projects: Vec<String>,
     cross_ndoo_reason: Option<String>,
+    rho_budget: Option<f64>,
 }
 
 fn leak(s: &str) -> &'static str {
@@ -283,18 +343,34 @@ impl TrePolicy {
                     "[disclosure.{name}] p_percent must be a fraction in (0, 1), e.g. 0.1"
                 )));
             }
-            let ckm = match d.method.as_deref().unwrap_or("threshold") {
-                "threshold" => {
-                    if d.max_perturbation.is_some()
-                        || d.variance.is_some()
-                        || d.small_values.is_some()
-                    {
-                        return Err(invalid(format!(
-                            "[disclosure.{name}] max_perturbation, variance and small_values need method = \"ckm\""
-                        )));
-                    }
-                    None
-                }
+            let method = d.method.as_deref().unwrap_or("threshold");
+            let ckm_keys =
+                d.max_perturbation.is_some() || d.variance.is_some() || d.small_values.is_some();
+            let dp_keys = d.rho_per_statistic.is_some()
+                || d.max_groups.is_some()
+                || d.max_rows.is_some()
+                || d.delta.is_some()
+                || d.value_bounds.is_some();
+            if ckm_keys && method != "ckm" {
+                return Err(invalid(format!(
+                    "[disclosure.{name}] max_perturbation, variance and small_values need method = \"ckm\""
+                )));
+            }
+            if dp_keys && method != "dp" {
+                return Err(invalid(format!(
+                    "[disclosure.{name}] rho_per_statistic, max_groups, max_rows, delta and value_bounds need method = \"dp\""
+                )));
+            }
+            if method != "threshold"
+                && (d.round_to != 1 || dominance.is_some() || d.p_percent.is_some())
+            {
+                return Err(invalid(format!(
+                    "[disclosure.{name}] method = \"{method}\" adds noise instead of rounding and checks no dominance: set round_to = 1 and no dominance or p% rule"
+                )));
+            }
+            let (mut ckm, mut dp) = (None, None);
+            match method {
+                "threshold" => {}
                 "ckm" => {
                     let params = crate::tre::ptable::Params {
                         max_perturbation: d.max_perturbation.unwrap_or(5),
@@ -303,19 +379,19 @@ impl TrePolicy {
                     };
                     crate::tre::ptable::PTable::new(params)
                         .map_err(|e| invalid(format!("[disclosure.{name}] {e}")))?;
-                    if d.round_to != 1 || dominance.is_some() || d.p_percent.is_some() {
-                        return Err(invalid(format!(
-                            "[disclosure.{name}] method = \"ckm\" perturbs counts instead of rounding them and does not release sums yet: set round_to = 1 and no dominance or p% rule"
-                        )));
-                    }
-                    Some(params)
+                    ckm = Some(params);
+                }
+                "dp" => {
+                    dp = Some(
+                        dp_params(d).map_err(|m| invalid(format!("[disclosure.{name}] {m}")))?,
+                    )
                 }
                 other => {
                     return Err(invalid(format!(
-                        "[disclosure.{name}] method must be \"threshold\" or \"ckm\", not {other:?}"
+                        "[disclosure.{name}] method must be \"threshold\", \"ckm\" or \"dp\", not {other:?}"
                     )));
                 }
-            };
+            }
             rule_sets.insert(
                 name.clone(),
                 Disclosure {
@@ -325,6 +401,7 @@ impl TrePolicy {
                     dominance,
                     p_percent: d.p_percent,
                     ckm,
+                    dp,
                 },
             );
         }
@@ -462,12 +539,31 @@ impl TrePolicy {
                     r.user
                 )));
             }
+            let rho_budget = r.rho_budget.unwrap_or(0.0);
+            if !(rho_budget.is_finite() && rho_budget >= 0.0) {
+                return Err(invalid(format!(
+                    "researcher {}: rho_budget must be a number ≥ 0",
+                    r.user
+                )));
+            }
             researchers.push(Researcher {
                 user: r.user,
                 token_sha256: hash,
                 projects: r.projects,
                 cross_ndoo_reason: r.cross_ndoo_reason,
+                rho_budget,
             });
+        }
+        let mut domains = BTreeMap::new();
+        for (key, d) in raw.domains {
+            if !GROUPABLE.contains(&key.as_str()) {
+                return Err(invalid(format!(
+                    "[domains] {key:?} is not a group key (group keys: {})",
+                    GROUPABLE.join(", ")
+                )));
+            }
+            let values = domain_values(d).map_err(|m| invalid(format!("[domains] {key}: {m}")))?;
+            domains.insert(key, values);
         }
         Ok(TrePolicy {
             record_keys: None,
@@ -477,9 +573,91 @@ impl TrePolicy {
             max_rows: raw.settings.max_rows,
             projects,
             researchers,
+            domains,
             sha256: sha256_hex(text.as_bytes()),
         })
     }
+}
+
+/// The largest public domain of one key (a codelist of a few thousand
+/// codes fits; a domain is released cell by cell).
+const MAX_DOMAIN: usize = 10_000;
+
+fn domain_values(d: RawDomain) -> Result<Vec<String>, String> {
+    let values: Vec<String> = match d {
+        RawDomain::Range { from, to } => {
+            if to < from || (to - from) as u64 >= MAX_DOMAIN as u64 {
+                return Err(format!(
+                    "the range {from}..={to} must be non-empty and hold at most {MAX_DOMAIN} values"
+                ));
+            }
+            (from..=to).map(|v| v.to_string()).collect()
+        }
+        RawDomain::Values(v) => v
+            .into_iter()
+            .map(|v| match v {
+                toml::Value::String(s) => Ok(s),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Boolean(b) => Ok(b.to_string()),
+                other => Err(format!(
+                    "values must be strings, integers or booleans, not {other}"
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let distinct: std::collections::BTreeSet<&String> = values.iter().collect();
+    if values.is_empty() || values.len() > MAX_DOMAIN || distinct.len() != values.len() {
+        return Err(format!(
+            "a domain lists 1 to {MAX_DOMAIN} distinct values ({} given, {} distinct)",
+            values.len(),
+            distinct.len()
+        ));
+    }
+    Ok(values)
+}
+
+/// The `dp` rule set's parameters, checked.
+fn dp_params(d: &RawDisclosure) -> Result<DpParams, String> {
+    let rho = d.rho_per_statistic.ok_or(
+        "method = \"dp\" needs rho_per_statistic (the zCDP cost of one statistic, e.g. 0.01)",
+    )?;
+    if !(rho > 0.0 && rho <= 10.0) {
+        return Err(format!("rho_per_statistic must be in (0, 10], not {rho}"));
+    }
+    let max_groups = d.max_groups.unwrap_or(8);
+    let max_rows = d.max_rows.unwrap_or(5);
+    if max_groups == 0 || max_rows == 0 || max_groups > 1_000 || max_rows > 1_000 {
+        return Err("max_groups and max_rows must be in 1..=1000".into());
+    }
+    let delta = d.delta.unwrap_or(1e-6);
+    if !(delta > 0.0 && delta < 1e-3) {
+        return Err(format!("delta must be in (0, 0.001), not {delta}"));
+    }
+    let mut bounds = [None; VALUE_COLUMNS.len()];
+    for (column, [lo, hi]) in d.value_bounds.clone().unwrap_or_default() {
+        let i = VALUE_COLUMNS
+            .iter()
+            .position(|c| *c == column)
+            .ok_or_else(|| {
+                format!(
+                    "value_bounds: {column:?} is not a value column ({})",
+                    VALUE_COLUMNS.join(", ")
+                )
+            })?;
+        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            return Err(format!(
+                "value_bounds.{column}: [{lo}, {hi}] is not an interval"
+            ));
+        }
+        bounds[i] = Some((lo, hi));
+    }
+    Ok(DpParams {
+        rho_per_statistic: rho,
+        max_groups,
+        max_rows,
+        delta,
+        bounds,
+    })
 }
 
 fn decode_hex32(s: &str) -> Option<[u8; 32]> {
@@ -569,7 +747,7 @@ mod tests {
     #[test]
     fn ckm_parameters_are_validated() {
         let p = TrePolicy::load(None).unwrap();
-        assert!(p.projects["demo-ckm"].disclosure.ckm.is_some());
+        assert!(p.projects["demo-planning-exempt"].disclosure.ckm.is_some());
         for (from, to, says) in [
             (
                 "small_values = 4",

@@ -96,7 +96,54 @@ impl AuditLog {
             .open(&self.path)
             .map_err(self.io())?;
         file.lock().map_err(self.io())?;
-        let (mut seq, mut prev) = last_line(&mut file).map_err(self.io())?;
+        self.write_locked(&mut file, entries)
+    }
+
+    /// Appends what `decide` returns from the entries already in the log,
+    /// under the same exclusive lock: a decision that depends on the log
+    /// (a privacy-budget charge) cannot race another process's. `decide`
+    /// may refuse (`Err`), and then nothing is written.
+    pub fn append_checked<E>(
+        &self,
+        decide: impl FnOnce(&mut dyn Iterator<Item = Value>) -> Result<Vec<Value>, E>,
+    ) -> Result<Result<(), E>, AuditError> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(self.io())?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(self.io())?;
+        file.lock().map_err(self.io())?;
+        file.seek(SeekFrom::Start(0)).map_err(self.io())?;
+        let entries = {
+            let mut reader = BufReader::new(&file);
+            // A line that cannot be read is `null`, for `decide` to refuse
+            // on: a ledger must not skip what it cannot read.
+            let mut entries = reader.by_ref().lines().map(|text| {
+                text.ok()
+                    .and_then(|t| {
+                        serde_json::from_str::<Line>(&t)
+                            .ok()
+                            .and_then(|l| serde_json::from_str::<Value>(l.entry.get()).ok())
+                    })
+                    .unwrap_or(Value::Null)
+            });
+            decide(&mut entries)
+        };
+        let entries = match entries {
+            Ok(e) => e,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        self.write_locked(&mut file, &entries)?;
+        Ok(Ok(()))
+    }
+
+    /// Writes entries chained to the last line of a file this process holds locked.
+    fn write_locked(&self, file: &mut File, entries: &[Value]) -> Result<(), AuditError> {
+        let (mut seq, mut prev) = last_line(file).map_err(self.io())?;
         let mut out = String::new();
         for entry in entries {
             seq += 1;

@@ -31,18 +31,20 @@
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::{Column, DFSchemaRef, ExprSchema, Result};
+use datafusion::common::{Column, DFSchemaRef, ExprSchema, Result, ScalarValue};
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct, min, sum};
+use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::InList;
 use datafusion::logical_expr::logical_plan::{Filter, Projection, SubqueryAlias};
 use datafusion::logical_expr::{
-    Between, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, binary_expr, cast, in_subquery,
-    not_in_subquery,
+    Between, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, binary_expr, cast,
+    in_subquery, not_in_subquery, when,
 };
 use datafusion::prelude::lit;
 
 use super::ckm::RecordKeys;
 use super::dominance::dominance;
+use super::dp::{Plan as DpPlan, cell_rank};
 use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind};
 use super::patients::patients_at_least;
 use crate::policy::tre::Disclosure;
@@ -79,13 +81,22 @@ pub struct Compiled {
 }
 
 /// Builds the plan for `release` under `rules`; the cell key method needs
-/// the TRE's record keys.
+/// the TRE's record keys, differential privacy its noise plan.
 pub fn compile(
     release: &Release,
     rules: &Disclosure,
     keys: Option<&RecordKeys>,
+    dp: Option<&DpPlan>,
 ) -> Result<Compiled> {
     let input = source(&release.source)?;
+    if rules.dp.is_some() {
+        return match dp {
+            Some(plan) => bounded(release, input, plan),
+            None => Err(datafusion::error::DataFusionError::Internal(
+                "differential privacy without its noise plan".into(),
+            )),
+        };
+    }
     match (rules.ckm, keys) {
         (Some(_), Some(keys)) => per_patient(release, input, rules, Some(keys)),
         (Some(_), None) => Err(datafusion::error::DataFusionError::Internal(
@@ -343,6 +354,105 @@ fn per_patient(
         .build()?;
     Ok(Compiled { plan, parts })
 }
+
+/// The `dp` shape: only rows inside the keys' public domains; per cell
+/// and patient, each statistic's rows and clamped sum; at most `groups`
+/// cells per patient (a fixed hash of patient and cell chooses which,
+/// `ROW_NUMBER` keeps them); then per cell, each patient's rows capped at
+/// `max_rows` and their sum scaled to the capped rows (their own mean
+/// times the rows kept), so one patient moves a cell by a bounded amount.
+fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compiled> {
+    let keys = release.keys.len();
+    let mut inside = Vec::with_capacity(keys);
+    for (k, domain) in release.keys.iter().zip(&plan.domains) {
+        let values = domain
+            .iter()
+            .map(|v| ScalarValue::try_from_string(v.clone(), k.field.data_type()).map(lit))
+            .collect::<Result<Vec<_>>>()?;
+        inside.push(Expr::Column(k.column.clone()).in_list(values, false));
+    }
+    let input = match inside.into_iter().reduce(Expr::and) {
+        Some(f) => LogicalPlanBuilder::from(input).filter(f)?.build()?,
+        None => input,
+    };
+    let schema = input.schema().clone();
+    let patient = Expr::Column(hidden_patient(&schema)?);
+    let mut inner = Outputs::new(keys + 1);
+    let mut inner_parts = Vec::with_capacity(release.statistics.len());
+    for (s, bounds) in release.statistics.iter().zip(&plan.bounds) {
+        let f = s.filter.as_ref().map(predicate).transpose()?;
+        let rows = match s.column.as_ref() {
+            None => count(lit(1i64)),
+            Some(c) => count(Expr::Column(c.clone())),
+        };
+        let n = inner.push(filtered(rows, f.as_ref())?);
+        let total = match (bounds, s.column.as_ref()) {
+            (Some((lo, hi)), Some(c)) => {
+                let v = as_f64(c);
+                let clamped = when(v.clone().lt(lit(*lo)), lit(*lo))
+                    .when(v.clone().gt(lit(*hi)), lit(*hi))
+                    .otherwise(v)?;
+                Some(inner.push(filtered(sum(clamped), f.as_ref())?))
+            }
+            _ => None,
+        };
+        inner_parts.push((n, total));
+    }
+    let mut group = group_exprs(release);
+    group.push(patient);
+    let mut builder = LogicalPlanBuilder::from(input).aggregate(group, inner.exprs)?;
+    let inner_schema = builder.schema().clone();
+    let at = |i: usize| {
+        let (q, f) = inner_schema.qualified_field(i);
+        Expr::Column(Column::new(q.cloned(), f.name()))
+    };
+    if plan.bound_groups {
+        let mut by: Vec<Expr> = vec![at(keys)];
+        by.extend((0..keys).map(at));
+        let rank = row_number()
+            .partition_by(vec![at(keys)])
+            .order_by(vec![Arc::new(cell_rank()).call(by).sort(true, false)])
+            .build()?
+            .alias(RANK);
+        builder = builder
+            .window(vec![rank])?
+            .filter(Expr::Column(Column::from_name(RANK)).lt_eq(lit(u64::from(plan.groups))))?;
+    }
+    let max_rows = i64::from(plan.params.max_rows);
+    let mut out = Outputs::new(keys);
+    let mut parts = Vec::with_capacity(release.statistics.len());
+    for (s, &(n, total)) in release.statistics.iter().zip(&inner_parts) {
+        let contributes = at(n).gt(lit(0i64));
+        let capped = when(at(n).gt(lit(max_rows)), lit(max_rows)).otherwise(at(n))?;
+        let count_part = if s.kind == StatKind::Patients {
+            filtered(count(lit(1i64)), Some(&contributes))?
+        } else {
+            sum(capped.clone())
+        };
+        let count = out
+            .find(&count_part)
+            .unwrap_or_else(|| out.push(count_part));
+        let sum_part = total
+            .map(|t| {
+                let scaled =
+                    at(t) / cast(at(n), DataType::Float64) * cast(capped, DataType::Float64);
+                filtered(sum(scaled), Some(&contributes)).map(|e| out.push(e))
+            })
+            .transpose()?;
+        parts.push(Parts {
+            count,
+            sum: sum_part,
+            contributors: count,
+            ..Parts::default()
+        });
+    }
+    let group: Vec<Expr> = (0..keys).map(at).collect();
+    let plan = builder.aggregate(group, out.exprs)?.build()?;
+    Ok(Compiled { plan, parts })
+}
+
+/// The rank of a patient's cell while the `dp` shape keeps the first few.
+const RANK: &str = "__gpdp_rank";
 
 /// A source with the hidden patient column appended.
 fn source(s: &Source) -> Result<LogicalPlan> {

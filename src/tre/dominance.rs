@@ -255,6 +255,7 @@ mod tests {
             dominance: Some(crate::policy::tre::Dominance { n: 2, k: 0.9 }),
             p_percent: Some(0.1),
             ckm: None,
+            dp: None,
         };
         // Group 0: one dominant record among many; group 1: even.
         let mut g = vec![0i64; 30];

@@ -735,6 +735,11 @@ fn index_of(schema: &DFSchemaRef, c: &Column) -> Result<usize, Refusal> {
     })
 }
 
+/// The view column a column of a release's source is.
+pub fn lineage_of(source: &Source, c: &Column) -> Result<Lineage, Refusal> {
+    lineage(source, c).map(|(_, l)| l.clone())
+}
+
 /// The view column a column reference is, in `source`.
 fn lineage<'s>(source: &'s Source, c: &Column) -> Result<(usize, &'s Lineage), Refusal> {
     let i = index_of(&source.schema, c)?;

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod ckm;
 pub mod compile;
 pub mod dominance;
+pub mod dp;
 pub mod grammar;
 pub mod patients;
 pub mod ptable;
@@ -160,6 +161,8 @@ pub struct Request {
 pub struct Released {
     pub result: Controlled,
     pub disclosure: Disclosure,
+    /// Under `dp`: each statistic's noise and the researcher's budget.
+    pub privacy: Option<dp::Report>,
     pub checksum: String,
     pub fingerprint: String,
     pub seconds: f64,
@@ -230,6 +233,9 @@ fn audit(
                 json!(c.operator.redacted_by_reason),
             );
             o.insert("disclosure".into(), json!(r.disclosure.name));
+            if let Some(p) = &r.privacy {
+                o.insert("rho_charged".into(), json!(p.ledger.charged));
+            }
             o.insert("result_sha256".into(), json!(r.checksum));
         }
         Ok(None) => {
@@ -268,6 +274,8 @@ struct Guarded {
     state: datafusion::execution::SessionState,
     release: grammar::Release,
     disclosure: Disclosure,
+    /// Under `dp`: the noise plan, fixed before anything runs.
+    dp: Option<dp::Plan>,
 }
 
 /// The longest SQL text a researcher may send: room for a codelist of
@@ -348,10 +356,17 @@ async fn guarded(
         )
         .into());
     }
+    let dp = project
+        .disclosure
+        .dp
+        .as_ref()
+        .map(|params| dp::plan(&release, params, policy))
+        .transpose()?;
     Ok(Guarded {
         state,
         release,
         disclosure: project.disclosure,
+        dp,
     })
 }
 
@@ -383,16 +398,47 @@ async fn answer(
         state,
         release,
         disclosure,
+        dp,
     } = guarded(policy, req, fingerprint).await?;
-    let compiled = compile::compile(&release, &disclosure, policy.record_keys.as_ref())
-        .map_err(TreError::internal)?;
+    let compiled = compile::compile(
+        &release,
+        &disclosure,
+        policy.record_keys.as_ref(),
+        dp.as_ref(),
+    )
+    .map_err(TreError::internal)?;
+    // Under `dp` the budget is charged before anything runs; a refusal
+    // costs nothing.
+    let ledger = match &dp {
+        Some(plan) => {
+            let budget = policy.researcher(&req.user).map_or(0.0, |r| r.rho_budget);
+            Some(
+                dp::charge(
+                    &req.store,
+                    &req.user,
+                    &req.project,
+                    budget,
+                    plan.rho,
+                    fingerprint,
+                )
+                .map_err(StoreError::from)??,
+            )
+        }
+        None => None,
+    };
     let mut control = sdc::Control::new(&release, &compiled.parts, &disclosure);
+    let mut raw = Vec::new();
     let run = async {
         let mut stream = DataFrame::new(state, compiled.plan.clone())
             .execute_stream()
             .await?;
         while let Some(batch) = stream.next().await {
-            control.push(&batch?)?;
+            let batch = batch?;
+            if dp.is_some() {
+                raw.push(batch);
+            } else {
+                control.push(&batch)?;
+            }
         }
         Ok::<_, datafusion::error::DataFusionError>(())
     };
@@ -405,6 +451,20 @@ async fn answer(
         }
         Ok(Err(e)) => return Err(TreError::Failed(e.to_string())),
         Ok(Ok(())) => {}
+    }
+    if let (Some(plan), Some(ledger)) = (&dp, ledger) {
+        let (result, report) =
+            dp::control(&release, &compiled.parts, &disclosure, plan, &raw, ledger)
+                .map_err(TreError::internal)?;
+        let checksum = sha256_hex(to_csv(&result).as_bytes());
+        return Ok(Released {
+            result,
+            disclosure,
+            privacy: Some(report),
+            checksum,
+            fingerprint: String::new(),
+            seconds: 0.0,
+        });
     }
     let result = match control
         .finish(policy.max_rows)
@@ -426,6 +486,7 @@ async fn answer(
     Ok(Released {
         result,
         disclosure,
+        privacy: None,
         checksum,
         fingerprint: String::new(),
         seconds: 0.0,
@@ -506,6 +567,9 @@ pub fn to_table(r: &Released) -> String {
         c.batch.num_rows(),
         sdc::describe(&r.disclosure)
     ));
+    if let Some(p) = &r.privacy {
+        out.push_str(&format!("(noise: {})\n", p.describe(&names)));
+    }
     out
 }
 
@@ -612,7 +676,9 @@ pub fn to_json(r: &Released) -> Value {
             Value::Object(o)
         })
         .collect();
+    let privacy = r.privacy.as_ref().map(|p| p.to_json(&names));
     json!({
+        "privacy": privacy,
         "columns": names,
         "kinds": c.kinds.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
         "rows": rows,

@@ -366,7 +366,7 @@ fn derive(kind: StatKind, n: i64, sum: f64, squares: Option<f64>) -> Option<f64>
 
 /// Sorts released rows by the query's ORDER BY, then by the group keys (so
 /// the order never depends on how the engine happened to emit groups).
-fn order(batch: &RecordBatch, release: &Release) -> Result<RecordBatch, ArrowError> {
+pub(crate) fn order(batch: &RecordBatch, release: &Release) -> Result<RecordBatch, ArrowError> {
     if batch.num_rows() < 2 {
         return Ok(batch.clone());
     }
@@ -407,6 +407,12 @@ pub fn round(x: i64, base: u64) -> i64 {
 
 /// The rule set in words, as the researcher sees it under every result.
 pub fn describe(rules: &Disclosure) -> String {
+    if let Some(p) = rules.dp {
+        return format!(
+            "disclosure control {}: differential privacy (zCDP, the patient as the unit): every cell of the group keys' public domains, zeros included, with discrete Gaussian noise; each patient counts in at most {} cells and with at most {} rows per cell, values clamped to public bounds; then statistics whose noisy count is {} or less are [REDACTED]",
+            rules.name, p.max_groups, p.max_rows, rules.redact_at_or_below
+        );
+    }
     if let Some(p) = rules.ckm {
         return format!(
             "disclosure control {}: counts carry cell-key noise (at most ±{}, the same for the same patients every time; none released in 1..{}), then statistics of {} or fewer patients are [REDACTED]; rows with nothing releasable are left out",

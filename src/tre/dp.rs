@@ -1,0 +1,641 @@
+//! Differential privacy for `dp` projects (DESIGN §5.4): zero-concentrated
+//! DP (zCDP) with the patient as the privacy unit.
+//!
+//! Before anything runs, [`plan`] fixes what a release costs and how noisy
+//! it is, from the release's shape and the policy alone (never from data):
+//! - **contribution bounds** — each patient counts in at most `groups`
+//!   cells (1 when every group key is a patient attribute, else the rule
+//!   set's `max_groups`, never more than the cells there are) and with at
+//!   most `max_rows` rows per cell; values are clamped to the column's
+//!   `value_bounds`. [`super::compile`] enforces them in the plan;
+//! - **sensitivity** — one patient changes each cell's count by at most
+//!   1 (patients) or `max_rows` (rows, values), a sum by at most
+//!   `max_rows · max(|lo|, |hi|)` (+1 for rounding the sum to an integer),
+//!   in at most `groups` cells: L2 sensitivity `Δ = √groups · bound`;
+//! - **noise** — the discrete Gaussian with `σ = Δ / √(2ρ)` is ρ-zCDP
+//!   (Canonne, Kamath & Steinke 2020); every statistic costs
+//!   `rho_per_statistic` (a sum or mean: half on its sum, half on its
+//!   count) and costs add up (zCDP composes by addition);
+//! - **public domains** — group keys need a domain in the policy; the
+//!   plan keeps only rows inside it and [`control`] releases every cell of
+//!   the domains' product, zeros included, so which rows appear reveals
+//!   nothing.
+//!
+//! The **ledger** is the store's hash-chained audit log: [`charge`] adds a
+//! `privacy_charge` line for the researcher under the log's lock, before
+//! the query runs, and refuses (`budget_exhausted`, nothing charged) when
+//! the researcher's spending across all projects on this store would pass
+//! their `rho_budget`.
+//!
+//! Noise is drawn in Rust after the aggregate with OpenDP's exact sampler
+//! (`sample_discrete_gaussian`, rational arithmetic, no floating point);
+//! its random bits come from `rand`'s thread generator (ChaCha, seeded
+//! from the operating system). Thresholds then apply to the noisy counts:
+//! disclosure control on top of DP, as post-processing.
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array,
+};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use arrow::error::ArrowError;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use dashu::rational::RBig;
+use datafusion::common::Result;
+use datafusion::common::hash_utils::create_hashes_with_hasher;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use serde_json::{Value, json};
+use siphasher::sip::SipHasher13;
+
+use super::Refusal;
+use super::compile::Parts;
+use super::grammar::{Item, Release, StatKind};
+use super::sdc::{ColumnKind, Controlled, OperatorOnly, released_schema};
+use crate::policy::tre::{Disclosure, DpParams, TrePolicy};
+use crate::store::audit::AuditLog;
+
+/// The two-sided 95% quantile of the normal distribution; the discrete
+/// Gaussian's intervals are at least as tight for σ ≥ 1.
+pub const Z95: f64 = 1.959_963_984_540_054;
+
+/// One statistic's noise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Noise {
+    /// σ of the count part (the released value of a count).
+    pub count_sigma: f64,
+    /// σ of the sum part (sums and means).
+    pub sum_sigma: Option<f64>,
+    /// ρ this statistic costs.
+    pub rho: f64,
+}
+
+/// What a release costs and how it is bounded, fixed before it runs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub params: DpParams,
+    /// The most cells of this release one patient counts in.
+    pub groups: u32,
+    /// Whether the compiled plan must enforce `groups` (a patient could
+    /// otherwise reach more cells).
+    pub bound_groups: bool,
+    /// Each group key's public domain, in key order.
+    pub domains: Vec<Vec<String>>,
+    /// The number of cells released: the product of the domains' sizes.
+    pub cells: usize,
+    /// Per statistic, in release order.
+    pub statistics: Vec<Noise>,
+    /// ρ of the whole release.
+    pub rho: f64,
+    /// Per statistic with a value column: its clamping bounds.
+    pub bounds: Vec<Option<(f64, f64)>>,
+}
+
+/// The noise plan of `release` under `params`, or the rule that refuses it.
+pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<Plan, Refusal> {
+    let mut domains = Vec::with_capacity(release.keys.len());
+    let mut cells: usize = 1;
+    for k in &release.keys {
+        let d = policy.domains.get(&k.lineage.column).ok_or_else(|| {
+            Refusal::new(
+                "no_public_domain",
+                format!(
+                    "group key {} has no public domain in this TRE's policy ([domains]); under differential privacy every group key needs one",
+                    k.lineage.column
+                ),
+            )
+        })?;
+        cells = cells.saturating_mul(d.len());
+        domains.push(d.clone());
+    }
+    if cells > policy.max_rows {
+        return Err(Refusal::new(
+            "too_many_rows",
+            format!(
+                "these group keys' public domains have {cells} cells, and every cell is released under differential privacy; at most {} rows may be: group by fewer keys",
+                policy.max_rows
+            ),
+        ));
+    }
+    // A patient is in one cell when every key is one of their own
+    // attributes (the patients view); the plan enforces it all the same,
+    // because a patient registered twice has two rows there.
+    let patient_level = release.keys.iter().all(|k| k.lineage.view == "patients");
+    let groups = if patient_level { 1 } else { params.max_groups }
+        .min(u32::try_from(cells).unwrap_or(u32::MAX))
+        .max(1);
+    let bound_groups = patient_level || (groups as usize) < cells;
+    let root_groups = f64::from(groups).sqrt();
+    let sigma = |bound: f64, rho: f64| {
+        // Rounded up a little, so that the float never promises more than ρ.
+        root_groups * bound / (2.0 * rho).sqrt() * (1.0 + 1e-9)
+    };
+    let rho = params.rho_per_statistic;
+    let max_rows = f64::from(params.max_rows);
+    let mut statistics = Vec::with_capacity(release.statistics.len());
+    let mut bounds = Vec::with_capacity(release.statistics.len());
+    for s in &release.statistics {
+        let column = s
+            .column
+            .as_ref()
+            .map(|c| super::grammar::lineage_of(&release.source, c))
+            .transpose()?;
+        let noise = match s.kind {
+            StatKind::Patients => Noise {
+                count_sigma: sigma(1.0, rho),
+                sum_sigma: None,
+                rho,
+            },
+            StatKind::Rows | StatKind::Values => Noise {
+                count_sigma: sigma(max_rows, rho),
+                sum_sigma: None,
+                rho,
+            },
+            StatKind::Sum | StatKind::Mean => {
+                let name = column.as_ref().map(|l| l.column.as_str()).unwrap_or("");
+                let (lo, hi) = params.bounds_of(name).ok_or_else(|| {
+                    Refusal::new(
+                        "statistic_not_available",
+                        format!(
+                            "sums and means of {name} are not released under differential privacy: the policy gives it no value_bounds"
+                        ),
+                    )
+                })?;
+                bounds.push(Some((lo, hi)));
+                Noise {
+                    count_sigma: sigma(max_rows, rho / 2.0),
+                    sum_sigma: Some(sigma(max_rows * lo.abs().max(hi.abs()) + 1.0, rho / 2.0)),
+                    rho,
+                }
+            }
+            StatKind::Variance | StatKind::StdDev => {
+                return Err(Refusal::new(
+                    "statistic_not_available",
+                    "variances and standard deviations are not released under differential privacy; ask for sums and counts",
+                ));
+            }
+        };
+        if !matches!(s.kind, StatKind::Sum | StatKind::Mean) {
+            bounds.push(None);
+        }
+        statistics.push(noise);
+    }
+    Ok(Plan {
+        params: *params,
+        groups,
+        bound_groups,
+        domains,
+        cells,
+        rho: statistics.iter().map(|n| n.rho).sum(),
+        statistics,
+        bounds,
+    })
+}
+
+/// ρ as (ε, δ)-DP: ε = ρ + 2√(ρ ln(1/δ)) (Bun & Steinke 2016).
+pub fn epsilon(rho: f64, delta: f64) -> f64 {
+    rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt()
+}
+
+/// A researcher's budget after a charge.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ledger {
+    pub budget: f64,
+    pub charged: f64,
+    pub spent: f64,
+}
+
+impl Ledger {
+    pub fn remaining(&self) -> f64 {
+        (self.budget - self.spent).max(0.0)
+    }
+}
+
+/// ρ a researcher has spent on a store, from its audit log's entries.
+/// `None` when a line cannot be read (the caller fails closed).
+pub fn spent<'a>(entries: impl Iterator<Item = &'a Value>, user: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for e in entries {
+        if e.is_null() {
+            return None;
+        }
+        if e.get("event").and_then(Value::as_str) == Some("privacy_charge")
+            && e.get("user").and_then(Value::as_str) == Some(user)
+        {
+            total += e.get("rho").and_then(Value::as_f64)?;
+        }
+    }
+    Some(total)
+}
+
+/// Charges `rho` to `user`'s budget on `store` before a query runs, in the
+/// audit log, or refuses with `budget_exhausted` and charges nothing.
+pub fn charge(
+    store: &std::path::Path,
+    user: &str,
+    project: &str,
+    budget: f64,
+    rho: f64,
+    plan_fingerprint: &str,
+) -> Result<Result<Ledger, Refusal>, crate::store::audit::AuditError> {
+    let mut ledger = None;
+    let outcome = AuditLog::at(store).append_checked(|entries| {
+        let entries: Vec<Value> = entries.collect();
+        let before = spent(entries.iter(), user).ok_or_else(|| {
+            Refusal::new(
+                "budget_exhausted",
+                "the privacy ledger (the store's audit log) cannot be read, so no budget can be charged; the TRE operator must repair the log",
+            )
+        })?;
+        if before + rho > budget * (1.0 + 1e-12) {
+            return Err(Refusal::new(
+                "budget_exhausted",
+                format!(
+                    "this query costs ρ = {rho:.4}; {user} has spent {before:.4} of a budget of {budget:.4} on this store (all projects), {:.4} left; nothing was run or charged",
+                    (budget - before).max(0.0)
+                ),
+            ));
+        }
+        ledger = Some(Ledger {
+            budget,
+            charged: rho,
+            spent: before + rho,
+        });
+        Ok(vec![json!({
+            "event": "privacy_charge",
+            "time": crate::store::now_rfc3339(),
+            "user": user,
+            "project": project,
+            "rho": rho,
+            "spent": before + rho,
+            "budget": budget,
+            "plan_fingerprint": plan_fingerprint,
+        })])
+    })?;
+    Ok(outcome.map(|()| ledger.expect("a charge without a ledger")))
+}
+
+/// One draw of the discrete Gaussian with scale σ, exactly.
+pub fn discrete_gaussian(sigma: f64) -> Result<i64, String> {
+    let scale = RBig::try_from(sigma).map_err(|e| format!("σ {sigma}: {e:?}"))?;
+    let x = opendp::traits::samplers::sample_discrete_gaussian(scale)
+        .map_err(|e| format!("noise sampler: {e}"))?;
+    i64::try_from(x).map_err(|e| format!("noise out of range: {e}"))
+}
+
+/// `gpdp_cell_rank(patient, key…)`: a fixed hash of a patient and a cell,
+/// which orders a patient's cells when the plan keeps only `groups` of
+/// them (a choice that depends on that patient alone, as the bound needs).
+pub fn cell_rank() -> ScalarUDF {
+    ScalarUDF::new_from_impl(CellRank {
+        signature: Signature::variadic_any(Volatility::Immutable),
+    })
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct CellRank {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for CellRank {
+    fn name(&self) -> &str {
+        "gpdp_cell_rank"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::UInt64)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let mut hashes = vec![0u64; args.number_rows];
+        create_hashes_with_hasher(
+            &arrays,
+            &BuildHasherDefault::<SipHasher13>::default(),
+            &mut hashes,
+        )?;
+        Ok(ColumnarValue::Array(
+            Arc::new(UInt64Array::from(hashes)) as ArrayRef
+        ))
+    }
+}
+
+/// The noise a released result carries, for the researcher: per output
+/// column σ and the 95% interval's half-width (counts and sums), and the
+/// budget.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub columns: Vec<Option<ColumnNoise>>,
+    pub ledger: Ledger,
+    pub delta: f64,
+    pub groups: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnNoise {
+    pub sigma: f64,
+    /// Half-width of the 95% interval around a released count or sum;
+    /// `None` for means (a ratio: see `sum_sigma` and `count_sigma`).
+    pub ci95: Option<f64>,
+    pub count_sigma: f64,
+    pub sum_sigma: Option<f64>,
+}
+
+impl Report {
+    pub fn to_json(&self, names: &[String]) -> Value {
+        let noise: Vec<Value> = names
+            .iter()
+            .zip(&self.columns)
+            .filter_map(|(name, c)| {
+                c.map(|c| {
+                    json!({
+                        "column": name,
+                        "sigma": c.sigma,
+                        "ci95_half_width": c.ci95,
+                        "count_sigma": c.count_sigma,
+                        "sum_sigma": c.sum_sigma,
+                    })
+                })
+            })
+            .collect();
+        json!({
+            "noise": noise,
+            "cells_per_patient": self.groups,
+            "rho_charged": self.ledger.charged,
+            "rho_spent": self.ledger.spent,
+            "rho_budget": self.ledger.budget,
+            "rho_remaining": self.ledger.remaining(),
+            "delta": self.delta,
+            "epsilon_spent": epsilon(self.ledger.spent, self.delta),
+        })
+    }
+
+    /// The footer line under a table.
+    pub fn describe(&self, names: &[String]) -> String {
+        let mut parts: Vec<String> = names
+            .iter()
+            .zip(&self.columns)
+            .filter_map(|(name, c)| {
+                c.map(|c| match c.ci95 {
+                    Some(h) => format!("{name} ±{h:.1} (95%, σ {:.2})", c.sigma),
+                    None => format!(
+                        "{name}: a noisy sum (σ {:.2}) over a noisy count (σ {:.2})",
+                        c.sum_sigma.unwrap_or(0.0),
+                        c.count_sigma
+                    ),
+                })
+            })
+            .collect();
+        parts.push(format!(
+            "ρ charged {:.4}, spent {:.4} of {:.4} ({:.4} left; spent = (ε {:.2}, δ {:e}))",
+            self.ledger.charged,
+            self.ledger.spent,
+            self.ledger.budget,
+            self.ledger.remaining(),
+            epsilon(self.ledger.spent, self.delta),
+            self.delta
+        ));
+        parts.join("; ")
+    }
+}
+
+/// Disclosure control under `dp`: every cell of the domains' product,
+/// zeros included, each statistic with its noise, then the threshold on
+/// the noisy counts. `batches` are the compiled plan's output (keys, then
+/// parts), which holds only cells inside the domains.
+pub fn control(
+    release: &Release,
+    parts: &[Parts],
+    rules: &Disclosure,
+    plan: &Plan,
+    batches: &[RecordBatch],
+    ledger: Ledger,
+) -> Result<(Controlled, Report), ArrowError> {
+    let keys = release.keys.len();
+    // The exact parts of each cell that has rows, by its keys as text.
+    let mut found: HashMap<Vec<String>, Vec<(i64, f64)>> = HashMap::new();
+    let options = FormatOptions::default();
+    for b in batches {
+        let formatters: Vec<ArrayFormatter> = (0..keys)
+            .map(|k| ArrayFormatter::try_new(b.column(k).as_ref(), &options))
+            .collect::<Result<_, _>>()?;
+        let ints: Vec<Int64Array> = parts
+            .iter()
+            .map(|p| {
+                Ok(arrow::compute::cast(b.column(p.count), &DataType::Int64)?
+                    .as_primitive::<Int64Type>()
+                    .clone())
+            })
+            .collect::<Result<_, ArrowError>>()?;
+        let sums: Vec<Option<Float64Array>> = parts
+            .iter()
+            .map(|p| {
+                p.sum
+                    .map(|i| {
+                        Ok::<_, ArrowError>(
+                            arrow::compute::cast(b.column(i), &DataType::Float64)?
+                                .as_primitive::<Float64Type>()
+                                .clone(),
+                        )
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        for row in 0..b.num_rows() {
+            let cell: Vec<String> = formatters
+                .iter()
+                .map(|f| f.value(row).to_string())
+                .collect();
+            let values = ints
+                .iter()
+                .zip(&sums)
+                .map(|(c, s)| {
+                    let count = if c.is_valid(row) { c.value(row) } else { 0 };
+                    let sum = s
+                        .as_ref()
+                        .filter(|s| s.is_valid(row))
+                        .map_or(0.0, |s| s.value(row));
+                    (count, sum)
+                })
+                .collect();
+            found.insert(cell, values);
+        }
+    }
+    let (schema, kinds) = released_schema(release);
+    let threshold = rules.redact_at_or_below as i64;
+    let mut operator = OperatorOnly {
+        groups: found.len(),
+        ..OperatorOnly::default()
+    };
+    // Every cell of the product, in order (the last key varies fastest).
+    let mut key_text: Vec<Vec<&str>> = vec![Vec::with_capacity(plan.cells); keys];
+    let mut values: Vec<Vec<Option<f64>>> =
+        vec![Vec::with_capacity(plan.cells); release.statistics.len()];
+    let zero = vec![(0i64, 0.0f64); release.statistics.len()];
+    let noise_err = |e: String| ArrowError::ComputeError(e);
+    for index in 0..plan.cells {
+        let mut rest = index;
+        let mut cell = vec![""; keys];
+        for k in (0..keys).rev() {
+            let d = &plan.domains[k];
+            cell[k] = d[rest % d.len()].as_str();
+            rest /= d.len();
+        }
+        let owned: Vec<String> = cell.iter().map(|s| (*s).to_owned()).collect();
+        let exact = found.get(&owned).unwrap_or(&zero);
+        for (k, v) in cell.into_iter().enumerate() {
+            key_text[k].push(v);
+        }
+        for (s, (stat, noise)) in release.statistics.iter().zip(&plan.statistics).enumerate() {
+            let (count, sum) = exact[s];
+            let noisy_count = count + discrete_gaussian(noise.count_sigma).map_err(noise_err)?;
+            let value = if noisy_count <= threshold {
+                *operator.redacted_by_reason.entry("threshold").or_default() += 1;
+                None
+            } else {
+                match (stat.kind, noise.sum_sigma) {
+                    (StatKind::Sum | StatKind::Mean, Some(sigma)) => {
+                        let noisy_sum =
+                            sum.round() as i64 + discrete_gaussian(sigma).map_err(noise_err)?;
+                        Some(if stat.kind == StatKind::Mean {
+                            noisy_sum as f64 / noisy_count as f64
+                        } else {
+                            noisy_sum as f64
+                        })
+                    }
+                    _ => Some(noisy_count as f64),
+                }
+            };
+            values[s].push(value);
+        }
+    }
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(release.outputs.len());
+    let mut noise_columns = Vec::with_capacity(release.outputs.len());
+    for (o, field) in release.outputs.iter().zip(schema.fields()) {
+        match o.item {
+            Item::Key(k) => {
+                let text: ArrayRef = Arc::new(StringArray::from(key_text[k].clone()));
+                columns.push(arrow::compute::cast(&text, field.data_type())?);
+                noise_columns.push(None);
+            }
+            Item::Statistic(s) => {
+                let v = &values[s];
+                let column: ArrayRef = if release.statistics[s].kind.is_count() {
+                    Arc::new(Int64Array::from_iter(v.iter().map(|x| x.map(|x| x as i64))))
+                } else {
+                    Arc::new(Float64Array::from_iter(v.iter().copied()))
+                };
+                columns.push(column);
+                let n = plan.statistics[s];
+                let sigma = match release.statistics[s].kind {
+                    StatKind::Sum => n.sum_sigma.unwrap_or(n.count_sigma),
+                    _ => n.count_sigma,
+                };
+                noise_columns.push(Some(ColumnNoise {
+                    sigma,
+                    ci95: (release.statistics[s].kind != StatKind::Mean).then_some(Z95 * sigma),
+                    count_sigma: n.count_sigma,
+                    sum_sigma: n.sum_sigma,
+                }));
+            }
+        }
+    }
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let batch = super::sdc::order(&batch, release)?;
+    let limit = release.limit.unwrap_or(usize::MAX);
+    let batch = batch.slice(0, batch.num_rows().min(limit));
+    let redacted_cells = batch
+        .columns()
+        .iter()
+        .zip(&kinds)
+        .filter(|(_, k)| **k != ColumnKind::Key)
+        .map(|(c, _)| c.null_count())
+        .sum();
+    operator.withheld_rows = 0;
+    Ok((
+        Controlled {
+            batch,
+            kinds,
+            redacted_cells,
+            operator,
+        },
+        Report {
+            columns: noise_columns,
+            ledger,
+            delta: plan.params.delta,
+            groups: plan.groups,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discrete_gaussian_draws_have_the_asked_spread() {
+        let sigma = 5.0;
+        let n = 20_000;
+        let draws: Vec<i64> = (0..n).map(|_| discrete_gaussian(sigma).unwrap()).collect();
+        let mean = draws.iter().sum::<i64>() as f64 / n as f64;
+        let var = draws
+            .iter()
+            .map(|x| (*x as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        // Standard errors: mean 5/√20000 ≈ 0.035; variance ≈ 25·√(2/20000) ≈ 0.25.
+        assert!(mean.abs() < 0.2, "mean {mean}");
+        assert!((var - 25.0).abs() < 1.5, "variance {var}");
+        let inside = draws
+            .iter()
+            .filter(|x| (**x as f64).abs() <= Z95 * sigma)
+            .count() as f64
+            / n as f64;
+        assert!((0.94..0.965).contains(&inside), "{inside}");
+    }
+
+    #[test]
+    fn rho_converts_to_epsilon_delta() {
+        // ρ = 1, δ = 1e-6: ε = 1 + 2√(ln 10⁶) ≈ 8.43.
+        assert!((epsilon(1.0, 1e-6) - 8.4338).abs() < 1e-3);
+        assert!(epsilon(0.01, 1e-6) < epsilon(0.02, 1e-6));
+    }
+
+    #[test]
+    fn spending_counts_only_the_users_charges_and_fails_closed() {
+        let entries = [
+            json!({"event": "privacy_charge", "user": "alice", "rho": 0.25}),
+            json!({"event": "query", "user": "alice", "rho": 5.0}),
+            json!({"event": "privacy_charge", "user": "carol", "rho": 1.0}),
+            json!({"event": "privacy_charge", "user": "alice", "rho": 0.5}),
+        ];
+        assert_eq!(spent(entries.iter(), "alice"), Some(0.75));
+        assert_eq!(spent(entries.iter(), "dave"), Some(0.0));
+        let broken = [entries[0].clone(), Value::Null];
+        assert_eq!(spent(broken.iter(), "alice"), None);
+    }
+
+    #[test]
+    fn charges_stop_at_the_budget_and_refusals_cost_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path();
+        for _ in 0..4 {
+            charge(store, "alice", "p", 1.0, 0.25, "f")
+                .unwrap()
+                .unwrap();
+        }
+        let refused = charge(store, "alice", "p", 1.0, 0.25, "f").unwrap();
+        assert_eq!(refused.unwrap_err().rule, "budget_exhausted");
+        // Another researcher's budget is their own.
+        let bob = charge(store, "bob", "p", 1.0, 0.5, "f").unwrap().unwrap();
+        assert_eq!(bob.spent, 0.5);
+        let log = AuditLog::at(store).verify().unwrap();
+        assert_eq!(log.lines, 5);
+        assert_eq!(spent(log.entries.iter(), "alice"), Some(1.0));
+    }
+}
