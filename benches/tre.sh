@@ -20,6 +20,7 @@ venv=bench-data/peer-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -c "import duckdb" 2>/dev/null || "$venv/bin/pip" install -q duckdb >/dev/null 2>&1 || true
 target/release/examples/tre_bench "$store" "$runs" > bench-data/tre_gpdp.jsonl
+target/release/examples/tre_bench "$store" "$runs" rule-sets > bench-data/tre_rule_sets.jsonl
 if "$venv/bin/python" -c "import duckdb" 2>/dev/null; then
   "$venv/bin/python" benches/peers/tre_duckdb.py "$store" "$runs" > bench-data/tre_duckdb.jsonl
 else
@@ -37,4 +38,16 @@ for q, r in g.items():
     dd = d.get(q, {}).get("duckdb_p50_ms")
     vs = f"{r['boundary_p50_ms'] / dd:9.2f}x" if dd else "        -"
     print(f"{q:22} {r['boundary_p50_ms']:11.1f}ms {r['boundary_p95_ms']:5.0f}ms {r['direct_p50_ms']:9.1f}ms {100 * r['overhead']:8.0f}% {dd or float('nan'):9.1f}ms {vs}")
+print()
+print("the same queries under each rule set, interleaved in one run (boundary p50; ratio to OpenSAFELY's rules)")
+names = {"demo-opensafely": "opensafely", "demo-planning-exempt": "ckm", "demo-research": "dp"}
+print(f"{'query':22} " + " ".join(f"{n:>18}" for n in names.values()))
+for r in map(json.loads, open("bench-data/tre_rule_sets.jsonl")):
+    cells = []
+    for p in names:
+        if p in r["p50_ms"]:
+            cells.append(f"{r['p50_ms'][p]:8.1f}ms {r['vs_opensafely'][p]:6.2f}x")
+        else:
+            cells.append(f"{'-':>18}")
+    print(f"{r['query']:22} " + " ".join(cells))
 PY

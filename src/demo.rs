@@ -31,6 +31,8 @@ pub struct DemoOutcome {
     pub dir: PathBuf,
     pub extracts: PathBuf,
     pub key: PathBuf,
+    /// The TRE's perturbation key (cell key method), TRE side only.
+    pub perturbation_key: PathBuf,
     pub store: PathBuf,
     pub report: synth::SynthReport,
     pub collection: CollectSummary,
@@ -200,7 +202,19 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     )?;
 
     progress.stage("4/8 asking research questions through the TRE boundary");
-    let tre_policy = TrePolicy::load(None)?;
+    // The TRE's own secret for the cell key method (demo-planning-exempt),
+    // held on the TRE side only; never the collection key.
+    let perturbation_key = dir.join("perturbation.key");
+    crate::deid::key::generate(&perturbation_key)?;
+    let mut tre_policy = TrePolicy::load(None)?;
+    let manifest = crate::store::read_manifest(&store)?;
+    tre_policy.record_keys = Some(
+        crate::tre::ckm::RecordKeys::load(
+            &perturbation_key,
+            manifest.key_id.as_deref().unwrap_or(""),
+        )
+        .map_err(|e| BadInput(e.to_string()))?,
+    );
     let questions = QUESTIONS
         .iter()
         .map(|(title, project, sql)| {
@@ -254,6 +268,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         dir: dir.to_owned(),
         extracts,
         key,
+        perturbation_key,
         store,
         report,
         collection,

@@ -391,6 +391,10 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 o.key.display()
             );
             println!(
+                "  TRE perturbation key (TRE side only)    {}",
+                o.perturbation_key.display()
+            );
+            println!(
                 "  de-identified store (Parquet)           {}/tables/",
                 o.store.display()
             );
@@ -415,6 +419,10 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             println!(
                 "  GPDP_TOKEN=demo-alice-token cargo run --release -- query --store {} --project demo-research --user alice \"SELECT sex, count(*) AS n FROM patients GROUP BY sex\"",
                 o.store.display()
+            );
+            println!(
+                "  (demo-research answers with differential privacy and charges alice's budget; demo-planning-exempt needs --perturbation-key {}; demo-opensafely and demo-prescribing-acro use deterministic rules)",
+                o.perturbation_key.display()
             );
             println!(
                 "Audit it yourself:\n  cargo run --release -- audit --store {} --truth {}/truth --key {}",

@@ -94,7 +94,7 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
     let rt = runtime();
     rt.block_on(async {
         let mut client =
-            gpdp::serve::connect(server.addr, "alice", "demo-research", "demo-alice-token")
+            gpdp::serve::connect(server.addr, "alice", "demo-opensafely", "demo-alice-token")
                 .await
                 .unwrap();
         for sql in [SAFE, SUPPRESSING] {
@@ -173,7 +173,7 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
         );
         let mut wrong = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
         let e = wrong
-            .handshake("alice@demo-research", "not-the-token")
+            .handshake("alice@demo-opensafely", "not-the-token")
             .await
             .unwrap_err();
         assert!(
@@ -182,7 +182,7 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
         );
         // A valid researcher, but not approved for the project.
         assert!(
-            gpdp::serve::connect(server.addr, "bob", "demo-research", "demo-bob-token")
+            gpdp::serve::connect(server.addr, "bob", "demo-opensafely", "demo-bob-token")
                 .await
                 .is_err()
         );
@@ -265,7 +265,7 @@ fn sixteen_clients_times_fifty_queries() {
         let mut v = Vec::new();
         for _ in 0..CLIENTS {
             v.push(
-                gpdp::serve::connect(addr, "alice", "demo-research", "demo-alice-token")
+                gpdp::serve::connect(addr, "alice", "demo-opensafely", "demo-alice-token")
                     .await
                     .unwrap(),
             );
@@ -379,14 +379,14 @@ fn tls_and_remote_addresses() {
             .unwrap();
         let mut client = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
         client
-            .handshake("alice@demo-research", "demo-alice-token")
+            .handshake("alice@demo-opensafely", "demo-alice-token")
             .await
             .unwrap();
         let batches = gpdp::serve::fetch(&mut client, SAFE).await.unwrap();
         assert_eq!(batch_rows(&batches), cli_rows(SAFE));
         // Clear text is not answered.
         assert!(
-            gpdp::serve::connect(server.addr, "alice", "demo-research", "demo-alice-token")
+            gpdp::serve::connect(server.addr, "alice", "demo-opensafely", "demo-alice-token")
                 .await
                 .is_err()
         );

@@ -48,6 +48,9 @@ pub struct BenchReport {
     /// Collection of the first scale at each `--threads` count, fewest first.
     pub thread_scaling: Vec<ThreadRun>,
     pub tre: Vec<super::tre::QueryLatency>,
+    /// The same queries under OpenSAFELY's rules, the cell key method and
+    /// differential privacy, in one run.
+    pub tre_rule_sets: Vec<super::tre::RuleSetCost>,
     /// Whether peak memory could be reset between measurements (else it is
     /// the process's peak so far).
     pub peak_memory_per_run: bool,
@@ -298,6 +301,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
     let mut runs = Vec::new();
     let mut thread_scaling = Vec::new();
     let mut tre = Vec::new();
+    let mut tre_rule_sets = Vec::new();
     let peak_memory_per_run = reset_peak();
     for (i, &scale) in opts.scales.iter().enumerate() {
         let (patients, practices) = (opts.patients * scale as u64, opts.practices * scale);
@@ -357,6 +361,9 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
                 policy.codec,
             )?;
             tre = super::tre::measure(&collected.store, opts.tre_runs)?;
+            progress
+                .stage("TRE rule sets: OpenSAFELY's, the cell key method and differential privacy");
+            tre_rule_sets = super::tre::measure_rule_sets(&collected.store, opts.tre_runs)?;
         }
         runs.push(ScaleRun {
             scale,
@@ -375,6 +382,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
         runs,
         thread_scaling,
         tre,
+        tre_rule_sets,
         peak_memory_per_run,
     })
 }
@@ -514,6 +522,22 @@ impl BenchReport {
                     q.direct_p50_ms,
                     q.direct_p95_ms,
                     100.0 * q.overhead
+                );
+            }
+        }
+        if !self.tre_rule_sets.is_empty() {
+            out += "\nTRE rule sets (p50)   opensafely         ckm                 dp\n";
+            for q in &self.tre_rule_sets {
+                let cell = |p: &str| match (q.p50_ms.get(p), q.vs_opensafely.get(p)) {
+                    (Some(t), Some(x)) => format!("{t:>8.1}ms {x:>5.2}x"),
+                    _ => format!("{:>15}", "-"),
+                };
+                out += &format!(
+                    "{:<20} {}  {}  {}\n",
+                    q.query,
+                    cell(super::tre::RULE_SETS[0]),
+                    cell(super::tre::RULE_SETS[1]),
+                    cell(super::tre::RULE_SETS[2])
                 );
             }
         }

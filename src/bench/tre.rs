@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::policy::tre::TrePolicy;
 
-/// The queries: (name, SQL) over the demo-research project's views.
+/// The queries: (name, SQL) over a project's views.
 pub const QUERIES: [(&str, &str); 4] = [
     (
         "patients_by_sex_age",
@@ -43,32 +43,75 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Runs every query `runs` times both ways (the store must have its NDOO list).
-pub fn measure(store: &Path, runs: usize) -> anyhow::Result<Vec<QueryLatency>> {
-    measure_project(store, runs, "demo-research")
+/// The projects whose rule sets [`measure_rule_sets`] compares, over
+/// the same queries: OpenSAFELY's rules (the baseline), the cell key
+/// method and differential privacy.
+pub const RULE_SETS: [&str; 3] = ["demo-opensafely", "demo-planning-exempt", "demo-research"];
+
+/// The shipped policy, ready for any of its projects to be measured: a
+/// fixed perturbation key for the cell key method and a privacy budget a
+/// benchmark cannot spend (each charge is still a line of the audit log).
+fn bench_policy() -> anyhow::Result<TrePolicy> {
+    let mut policy = TrePolicy::load(None)?;
+    policy.record_keys = Some(crate::tre::ckm::RecordKeys::from_bytes(&[0x5a; 32]));
+    for r in &mut policy.researchers {
+        r.rho_budget = f64::MAX / 4.0;
+    }
+    Ok(policy)
 }
 
-/// [`measure`] for any project of the shipped policy; under the cell key
-/// method with a fixed bench key. Queries the project's rule set does not
-/// answer (sums and means under `ckm`) are left out.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .enable_all()
+        .build()?)
+}
+
+/// Whether a project's rule set answers a query (the cell key method
+/// releases counts only).
+fn answers(policy: &TrePolicy, project: &str, sql: &str) -> bool {
+    !(policy.projects[project].disclosure.ckm.is_some() && sql.contains("avg("))
+}
+
+fn ask(
+    rt: &tokio::runtime::Runtime,
+    policy: &TrePolicy,
+    store: &Path,
+    project: &str,
+    sql: &str,
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let request = crate::tre::Request {
+        store: store.to_owned(),
+        user: "alice".into(),
+        token: Some("demo-alice-token".into()),
+        project: project.into(),
+        sql: sql.into(),
+    };
+    rt.block_on(crate::tre::query(policy, &request))?;
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Runs every query `runs` times through the boundary under OpenSAFELY's
+/// rules and directly (the store must have its NDOO list).
+pub fn measure(store: &Path, runs: usize) -> anyhow::Result<Vec<QueryLatency>> {
+    measure_project(store, runs, RULE_SETS[0])
+}
+
+/// [`measure`] for any project of the shipped policy. Queries the
+/// project's rule set does not answer (means under `ckm`) are left out.
 pub fn measure_project(
     store: &Path,
     runs: usize,
     project_name: &str,
 ) -> anyhow::Result<Vec<QueryLatency>> {
-    let mut policy = TrePolicy::load(None)?;
+    let policy = bench_policy()?;
     let project = policy
         .projects
         .get(project_name)
         .ok_or_else(|| anyhow::anyhow!("no project {project_name} in the shipped policy"))?
         .clone();
-    if project.disclosure.ckm.is_some() {
-        policy.record_keys = Some(crate::tre::ckm::RecordKeys::from_bytes(&[0x5a; 32]));
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let manifest = crate::store::read_manifest(store)?;
     let direct = rt
         .block_on(crate::tre::session::open(
@@ -77,21 +120,12 @@ pub fn measure_project(
         .ctx;
     let mut out = Vec::new();
     for (name, sql) in QUERIES {
-        if project.disclosure.ckm.is_some() && sql.contains("avg(") {
+        if !answers(&policy, project_name, sql) {
             continue;
         }
         let (mut boundary, mut plain) = (Vec::new(), Vec::new());
         for _ in 0..runs.max(1) {
-            let t = Instant::now();
-            let request = crate::tre::Request {
-                store: store.to_owned(),
-                user: "alice".into(),
-                token: Some("demo-alice-token".into()),
-                project: project_name.into(),
-                sql: sql.into(),
-            };
-            rt.block_on(crate::tre::query(&policy, &request))?;
-            boundary.push(t.elapsed().as_secs_f64() * 1000.0);
+            boundary.push(ask(&rt, &policy, store, project_name, sql)?);
             let t = Instant::now();
             rt.block_on(async { direct.sql(sql).await?.collect().await })?;
             plain.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -105,6 +139,52 @@ pub fn measure_project(
             direct_p50_ms: percentile(&plain, 0.5),
             direct_p95_ms: percentile(&plain, 0.95),
             overhead: percentile(&boundary, 0.5) / percentile(&plain, 0.5) - 1.0,
+        });
+    }
+    Ok(out)
+}
+
+/// One query's latency under each rule set, measured in the same run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuleSetCost {
+    pub query: &'static str,
+    /// Project → boundary p50 (ms); absent where the rule set does not
+    /// answer the query.
+    pub p50_ms: std::collections::BTreeMap<&'static str, f64>,
+    /// Project → its p50 ÷ the OpenSAFELY project's p50.
+    pub vs_opensafely: std::collections::BTreeMap<&'static str, f64>,
+}
+
+/// The cost of the cell key method and of differential privacy against
+/// OpenSAFELY's rules over the same queries, interleaved run by run so
+/// that the machine's drift falls on all of them alike.
+pub fn measure_rule_sets(store: &Path, runs: usize) -> anyhow::Result<Vec<RuleSetCost>> {
+    let policy = bench_policy()?;
+    let rt = runtime()?;
+    let mut out = Vec::new();
+    for (name, sql) in QUERIES {
+        let mut times: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+        for _ in 0..runs.max(1) {
+            for project in RULE_SETS {
+                if answers(&policy, project, sql) {
+                    let ms = ask(&rt, &policy, store, project, sql)?;
+                    times.entry(project).or_default().push(ms);
+                }
+            }
+        }
+        let p50_ms: std::collections::BTreeMap<&'static str, f64> = times
+            .into_iter()
+            .map(|(p, mut t)| {
+                t.sort_by(f64::total_cmp);
+                (p, percentile(&t, 0.5))
+            })
+            .collect();
+        let base = p50_ms[RULE_SETS[0]];
+        let vs_opensafely = p50_ms.iter().map(|(p, t)| (*p, t / base)).collect();
+        out.push(RuleSetCost {
+            query: name,
+            p50_ms,
+            vs_opensafely,
         });
     }
     Ok(out)

@@ -344,6 +344,11 @@ impl TrePolicy {
                 )));
             }
             let method = d.method.as_deref().unwrap_or("threshold");
+            if !matches!(method, "threshold" | "ckm" | "dp") {
+                return Err(invalid(format!(
+                    "[disclosure.{name}] method must be \"threshold\", \"ckm\" or \"dp\", not {method:?}"
+                )));
+            }
             let ckm_keys =
                 d.max_perturbation.is_some() || d.variance.is_some() || d.small_values.is_some();
             let dp_keys = d.rho_per_statistic.is_some()
@@ -370,7 +375,6 @@ impl TrePolicy {
             }
             let (mut ckm, mut dp) = (None, None);
             match method {
-                "threshold" => {}
                 "ckm" => {
                     let params = crate::tre::ptable::Params {
                         max_perturbation: d.max_perturbation.unwrap_or(5),
@@ -386,11 +390,8 @@ impl TrePolicy {
                         dp_params(d).map_err(|m| invalid(format!("[disclosure.{name}] {m}")))?,
                     )
                 }
-                other => {
-                    return Err(invalid(format!(
-                        "[disclosure.{name}] method must be \"threshold\", \"ckm\" or \"dp\", not {other:?}"
-                    )));
-                }
+                // "threshold": nothing more to build.
+                _ => {}
             }
             rule_sets.insert(
                 name.clone(),

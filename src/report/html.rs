@@ -413,6 +413,24 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
         "queries",
         None,
     )?;
+    if !t.privacy_budgets.is_empty() {
+        h += "<h3>Privacy budgets (differential privacy)</h3><table><tr><th>researcher</th><th>ρ spent</th><th>ρ budget</th><th>ρ left</th><th>statistics charged</th><th>spent as (ε, δ)</th></tr>";
+        for b in &t.privacy_budgets {
+            let opt = |x: Option<f64>| x.map_or("—".to_owned(), |x| format!("{x:.4}"));
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{:.4}</td><td>{}</td><td>{}</td><td>{}</td><td>ε {:.2}, δ {:e}</td></tr>",
+                esc(&b.user),
+                b.rho_spent,
+                opt(b.rho_budget),
+                opt(b.rho_remaining),
+                b.charges,
+                b.epsilon_spent,
+                b.delta
+            );
+        }
+        h += "</table><p class=\"note\">Every charge is a line of the store's hash-chained audit log, written before the query ran; a query that would overspend is refused (<code>budget_exhausted</code>) and costs nothing. zCDP's ρ adds up over queries; ε = ρ + 2√(ρ ln(1/δ)).</p>";
+    }
     h += "<table><tr><th>project</th><th>purpose</th><th>National Data Opt-out</th><th>disclosure rules</th></tr>";
     for p in &t.projects {
         let _ = write!(

@@ -169,6 +169,23 @@ pub struct Tre {
     pub rows_withheld: u64,
     pub chain_intact: bool,
     pub chain: String,
+    /// Differential privacy: each researcher's spending on this store
+    /// (from the ledger in the audit log) against their budget.
+    pub privacy_budgets: Vec<Budget>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Budget {
+    pub user: String,
+    /// ρ (zCDP) spent on this store, across all the researcher's projects.
+    pub rho_spent: f64,
+    /// The policy's budget (absent for a researcher the policy no longer lists).
+    pub rho_budget: Option<f64>,
+    pub rho_remaining: Option<f64>,
+    pub charges: u64,
+    /// ρ spent as (ε, δ)-DP, at the δ of the policy's `dp` rule set.
+    pub epsilon_spent: f64,
+    pub delta: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -808,7 +825,51 @@ fn tre(log: &[Value], policy: &TrePolicy, audit: &crate::audit::AuditReport) -> 
             .sum(),
         chain_intact,
         chain,
+        privacy_budgets: budgets(log, policy),
     }
+}
+
+/// Every researcher who has spent privacy budget on this store, and every
+/// researcher of a `dp` project, with their ledger.
+fn budgets(log: &[Value], policy: &TrePolicy) -> Vec<Budget> {
+    let delta = policy
+        .projects
+        .values()
+        .find_map(|p| p.disclosure.dp.map(|d| d.delta))
+        .unwrap_or(1e-6);
+    let mut spent: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    for e in log.iter().filter(|e| e["event"] == "privacy_charge") {
+        let user = e["user"].as_str().unwrap_or("unknown").to_owned();
+        let entry = spent.entry(user).or_default();
+        entry.0 += e["rho"].as_f64().unwrap_or(0.0);
+        entry.1 += 1;
+    }
+    for r in &policy.researchers {
+        let in_dp = r.projects.iter().any(|p| {
+            policy
+                .projects
+                .get(p)
+                .is_some_and(|p| p.disclosure.dp.is_some())
+        });
+        if in_dp {
+            spent.entry(r.user.clone()).or_default();
+        }
+    }
+    spent
+        .into_iter()
+        .map(|(user, (rho, charges))| {
+            let budget = policy.researcher(&user).map(|r| r.rho_budget);
+            Budget {
+                rho_remaining: budget.map(|b| (b - rho).max(0.0)),
+                rho_budget: budget,
+                epsilon_spent: crate::tre::dp::epsilon(rho, delta),
+                delta,
+                rho_spent: rho,
+                charges,
+                user,
+            }
+        })
+        .collect()
 }
 
 fn throughput(receipts: &[Receipt], log: &[Value], manifest: &Manifest) -> Throughput {

@@ -359,8 +359,9 @@ fn per_patient(
 /// and patient, each statistic's rows and clamped sum; at most `groups`
 /// cells per patient (a fixed hash of patient and cell chooses which,
 /// `ROW_NUMBER` keeps them); then per cell, each patient's rows capped at
-/// `max_rows` and their sum scaled to the capped rows (their own mean
-/// times the rows kept), so one patient moves a cell by a bounded amount.
+/// `max_rows` and their sum scaled to the capped rows (their own mean,
+/// less a mean's centre, times the rows kept), so one patient moves a
+/// cell by a bounded amount.
 fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compiled> {
     let keys = release.keys.len();
     let mut inside = Vec::with_capacity(keys);
@@ -387,10 +388,10 @@ fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compi
         };
         let n = inner.push(filtered(rows, f.as_ref())?);
         let total = match (bounds, s.column.as_ref()) {
-            (Some((lo, hi)), Some(c)) => {
+            (Some(b), Some(c)) => {
                 let v = as_f64(c);
-                let clamped = when(v.clone().lt(lit(*lo)), lit(*lo))
-                    .when(v.clone().gt(lit(*hi)), lit(*hi))
+                let clamped = when(v.clone().lt(lit(b.lo)), lit(b.lo))
+                    .when(v.clone().gt(lit(b.hi)), lit(b.hi))
                     .otherwise(v)?;
                 Some(inner.push(filtered(sum(clamped), f.as_ref())?))
             }
@@ -421,7 +422,12 @@ fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compi
     let max_rows = i64::from(plan.params.max_rows);
     let mut out = Outputs::new(keys);
     let mut parts = Vec::with_capacity(release.statistics.len());
-    for (s, &(n, total)) in release.statistics.iter().zip(&inner_parts) {
+    for ((s, &(n, total)), bounds) in release
+        .statistics
+        .iter()
+        .zip(&inner_parts)
+        .zip(&plan.bounds)
+    {
         let contributes = at(n).gt(lit(0i64));
         let capped = when(at(n).gt(lit(max_rows)), lit(max_rows)).otherwise(at(n))?;
         let count_part = if s.kind == StatKind::Patients {
@@ -434,8 +440,9 @@ fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compi
             .unwrap_or_else(|| out.push(count_part));
         let sum_part = total
             .map(|t| {
-                let scaled =
-                    at(t) / cast(at(n), DataType::Float64) * cast(capped, DataType::Float64);
+                let centre = bounds.map_or(0.0, |b| b.centre);
+                let scaled = (at(t) / cast(at(n), DataType::Float64) - lit(centre))
+                    * cast(capped, DataType::Float64);
                 filtered(sum(scaled), Some(&contributes)).map(|e| out.push(e))
             })
             .transpose()?;

@@ -74,6 +74,17 @@ pub struct Noise {
     pub rho: f64,
 }
 
+impl Noise {
+    /// σ of the value a statistic releases: a sum's sum part, a count's
+    /// count (for a mean, the σ of its sum part; its interval is per row).
+    pub fn released_sigma(&self, kind: StatKind) -> f64 {
+        match kind {
+            StatKind::Sum | StatKind::Mean => self.sum_sigma.unwrap_or(self.count_sigma),
+            _ => self.count_sigma,
+        }
+    }
+}
+
 /// What a release costs and how it is bounded, fixed before it runs.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -91,8 +102,17 @@ pub struct Plan {
     pub statistics: Vec<Noise>,
     /// ρ of the whole release.
     pub rho: f64,
-    /// Per statistic with a value column: its clamping bounds.
-    pub bounds: Vec<Option<(f64, f64)>>,
+    /// Per statistic: for sums and means, the clamping bounds.
+    pub bounds: Vec<Option<Bounds>>,
+}
+
+/// The public bounds values are clamped to, and the value a mean's sum
+/// is taken around.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    pub lo: f64,
+    pub hi: f64,
+    pub centre: f64,
 }
 
 /// The noise plan of `release` under `params`, or the rule that refuses it.
@@ -165,10 +185,19 @@ pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<
                         ),
                     )
                 })?;
-                bounds.push(Some((lo, hi)));
+                // A mean sums values less the bounds' midpoint (half the
+                // sensitivity) and adds it back; a sum sums them as they are.
+                let centre = if s.kind == StatKind::Mean {
+                    (lo + hi) / 2.0
+                } else {
+                    0.0
+                };
+                bounds.push(Some(Bounds { lo, hi, centre }));
+                let reach = (lo - centre).abs().max((hi - centre).abs());
                 Noise {
                     count_sigma: sigma(max_rows, rho / 2.0),
-                    sum_sigma: Some(sigma(max_rows * lo.abs().max(hi.abs()) + 1.0, rho / 2.0)),
+                    // +1: the sum is rounded to an integer before its noise.
+                    sum_sigma: Some(sigma(max_rows * reach + 1.0, rho / 2.0)),
                     rho,
                 }
             }
@@ -384,7 +413,7 @@ impl Report {
                 c.map(|c| match c.ci95 {
                     Some(h) => format!("{name} ±{h:.1} (95%, σ {:.2})", c.sigma),
                     None => format!(
-                        "{name}: a noisy sum (σ {:.2}) over a noisy count (σ {:.2})",
+                        "{name}: a noisy sum (σ {:.2}) over a noisy count (σ {:.2}), its 95% interval per row in {name}_ci95_low/high",
                         c.sum_sigma.unwrap_or(0.0),
                         c.count_sigma
                     ),
@@ -403,6 +432,9 @@ impl Report {
         parts.join("; ")
     }
 }
+
+/// One released value and, for a mean, its 95% interval.
+type Noisy = (f64, Option<(f64, f64)>);
 
 /// Disclosure control under `dp`: every cell of the domains' product,
 /// zeros included, each statistic with its noise, then the threshold on
@@ -466,7 +498,7 @@ pub fn control(
             found.insert(cell, values);
         }
     }
-    let (schema, kinds) = released_schema(release);
+    let (schema, kinds) = released_schema(release, Some(plan));
     let threshold = rules.redact_at_or_below as i64;
     let mut operator = OperatorOnly {
         groups: found.len(),
@@ -474,7 +506,7 @@ pub fn control(
     };
     // Every cell of the product, in order (the last key varies fastest).
     let mut key_text: Vec<Vec<&str>> = vec![Vec::with_capacity(plan.cells); keys];
-    let mut values: Vec<Vec<Option<f64>>> =
+    let mut values: Vec<Vec<Option<Noisy>>> =
         vec![Vec::with_capacity(plan.cells); release.statistics.len()];
     let zero = vec![(0i64, 0.0f64); release.statistics.len()];
     let noise_err = |e: String| ArrowError::ComputeError(e);
@@ -494,59 +526,85 @@ pub fn control(
         for (s, (stat, noise)) in release.statistics.iter().zip(&plan.statistics).enumerate() {
             let (count, sum) = exact[s];
             let noisy_count = count + discrete_gaussian(noise.count_sigma).map_err(noise_err)?;
+            // The released value, and for a mean its 95% interval.
             let value = if noisy_count <= threshold {
                 *operator.redacted_by_reason.entry("threshold").or_default() += 1;
                 None
             } else {
-                match (stat.kind, noise.sum_sigma) {
-                    (StatKind::Sum | StatKind::Mean, Some(sigma)) => {
-                        let noisy_sum =
-                            sum.round() as i64 + discrete_gaussian(sigma).map_err(noise_err)?;
-                        Some(if stat.kind == StatKind::Mean {
-                            noisy_sum as f64 / noisy_count as f64
+                match (stat.kind, noise.sum_sigma, plan.bounds[s]) {
+                    (StatKind::Sum | StatKind::Mean, Some(sigma), Some(b)) => {
+                        let noisy_sum = (sum.round() as i64
+                            + discrete_gaussian(sigma).map_err(noise_err)?)
+                            as f64;
+                        if stat.kind == StatKind::Mean {
+                            let c = noisy_count as f64;
+                            let offset = noisy_sum / c;
+                            // The delta method: Var(S/C) ≈ (σ_S² + (S/C)² σ_C²) / C².
+                            let half = Z95
+                                * (sigma.powi(2) + offset.powi(2) * noise.count_sigma.powi(2))
+                                    .sqrt()
+                                / c;
+                            // The mean of clamped values lies within the
+                            // bounds, so the released one does too.
+                            let at = |x: f64| x.clamp(b.lo, b.hi);
+                            let mean = b.centre + offset;
+                            Some((at(mean), Some((at(mean - half), at(mean + half)))))
                         } else {
-                            noisy_sum as f64
-                        })
+                            Some((noisy_sum, None))
+                        }
                     }
-                    _ => Some(noisy_count as f64),
+                    _ => Some((noisy_count as f64, None)),
                 }
             };
             values[s].push(value);
         }
     }
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(release.outputs.len());
+    let mut column_of = Vec::with_capacity(release.outputs.len());
     let mut noise_columns = Vec::with_capacity(release.outputs.len());
-    for (o, field) in release.outputs.iter().zip(schema.fields()) {
+    for o in &release.outputs {
+        column_of.push(columns.len());
         match o.item {
             Item::Key(k) => {
                 let text: ArrayRef = Arc::new(StringArray::from(key_text[k].clone()));
+                let field = schema.field(columns.len());
                 columns.push(arrow::compute::cast(&text, field.data_type())?);
                 noise_columns.push(None);
             }
             Item::Statistic(s) => {
                 let v = &values[s];
-                let column: ArrayRef = if release.statistics[s].kind.is_count() {
-                    Arc::new(Int64Array::from_iter(v.iter().map(|x| x.map(|x| x as i64))))
+                let kind = release.statistics[s].kind;
+                let column: ArrayRef = if kind.is_count() {
+                    Arc::new(Int64Array::from_iter(
+                        v.iter().map(|x| x.map(|x| x.0 as i64)),
+                    ))
                 } else {
-                    Arc::new(Float64Array::from_iter(v.iter().copied()))
+                    Arc::new(Float64Array::from_iter(v.iter().map(|x| x.map(|x| x.0))))
                 };
                 columns.push(column);
                 let n = plan.statistics[s];
-                let sigma = match release.statistics[s].kind {
-                    StatKind::Sum => n.sum_sigma.unwrap_or(n.count_sigma),
-                    _ => n.count_sigma,
-                };
+                let sigma = n.released_sigma(kind);
                 noise_columns.push(Some(ColumnNoise {
                     sigma,
-                    ci95: (release.statistics[s].kind != StatKind::Mean).then_some(Z95 * sigma),
+                    ci95: (kind != StatKind::Mean).then_some(Z95 * sigma),
                     count_sigma: n.count_sigma,
                     sum_sigma: n.sum_sigma,
                 }));
+                if kind == StatKind::Mean {
+                    let interval = |end: fn((f64, f64)) -> f64| -> ArrayRef {
+                        Arc::new(Float64Array::from_iter(
+                            v.iter().map(|x| x.and_then(|x| x.1).map(end)),
+                        ))
+                    };
+                    columns.push(interval(|i| i.0));
+                    columns.push(interval(|i| i.1));
+                    noise_columns.extend([None, None]);
+                }
             }
         }
     }
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
-    let batch = super::sdc::order(&batch, release)?;
+    let batch = super::sdc::order(&batch, release, &column_of)?;
     let limit = release.limit.unwrap_or(usize::MAX);
     let batch = batch.slice(0, batch.num_rows().min(limit));
     let redacted_cells = batch

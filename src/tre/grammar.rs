@@ -176,6 +176,19 @@ pub enum StatKind {
 }
 
 impl StatKind {
+    /// The statistic in words (`gpdp.statistic` metadata on released fields).
+    pub fn name(self) -> &'static str {
+        match self {
+            StatKind::Rows => "rows",
+            StatKind::Patients => "patients",
+            StatKind::Values => "values",
+            StatKind::Sum => "sum",
+            StatKind::Mean => "mean",
+            StatKind::Variance => "variance",
+            StatKind::StdDev => "stddev",
+        }
+    }
+
     /// Counts are integers and are rounded (or perturbed) as counts.
     pub fn is_count(self) -> bool {
         matches!(self, StatKind::Rows | StatKind::Patients | StatKind::Values)

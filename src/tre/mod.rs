@@ -378,7 +378,7 @@ pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, Tr
     let mut fingerprint = String::new();
     let outcome = guarded(policy, req, &mut fingerprint)
         .await
-        .map(|g| sdc::released_schema(&g.release).0);
+        .map(|g| sdc::released_schema(&g.release, g.dp.as_ref()).0);
     audit(
         "describe",
         req,

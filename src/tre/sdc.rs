@@ -85,7 +85,16 @@ pub struct OperatorOnly {
 }
 
 /// The schema and column kinds of a release's result, known before running.
-pub fn released_schema(release: &Release) -> (SchemaRef, Vec<ColumnKind>) {
+/// Every statistic's field says what it is (metadata `gpdp.statistic`:
+/// `count`, `patients`, `sum`, `mean`, …, so that a client can tell
+/// statistics from group keys). Under differential privacy (`dp`, its
+/// noise plan) it also carries its noise (`gpdp.sigma`, and for counts and
+/// sums `gpdp.ci95_half_width`), and each mean is followed by its 95%
+/// interval, `<name>_ci95_low` and `<name>_ci95_high`.
+pub fn released_schema(
+    release: &Release,
+    dp: Option<&super::dp::Plan>,
+) -> (SchemaRef, Vec<ColumnKind>) {
     let mut fields = Vec::with_capacity(release.outputs.len());
     let mut kinds = Vec::with_capacity(release.outputs.len());
     for o in &release.outputs {
@@ -95,13 +104,41 @@ pub fn released_schema(release: &Release) -> (SchemaRef, Vec<ColumnKind>) {
                 fields.push(Field::new(&o.name, f.data_type().clone(), f.is_nullable()));
                 kinds.push(ColumnKind::Key);
             }
-            Item::Statistic(s) if release.statistics[s].kind.is_count() => {
-                fields.push(Field::new(&o.name, DataType::Int64, true));
-                kinds.push(ColumnKind::Count);
-            }
-            Item::Statistic(_) => {
-                fields.push(Field::new(&o.name, DataType::Float64, true));
-                kinds.push(ColumnKind::Statistic);
+            Item::Statistic(s) => {
+                let kind = release.statistics[s].kind;
+                let (data_type, column_kind) = if kind.is_count() {
+                    (DataType::Int64, ColumnKind::Count)
+                } else {
+                    (DataType::Float64, ColumnKind::Statistic)
+                };
+                let mut metadata = std::collections::HashMap::from([(
+                    "gpdp.statistic".to_owned(),
+                    kind.name().to_owned(),
+                )]);
+                if let Some(noise) = dp.map(|p| p.statistics[s]) {
+                    let sigma = noise.released_sigma(kind);
+                    metadata.insert("gpdp.sigma".to_owned(), sigma.to_string());
+                    if kind != StatKind::Mean {
+                        metadata.insert(
+                            "gpdp.ci95_half_width".to_owned(),
+                            (super::dp::Z95 * sigma).to_string(),
+                        );
+                    }
+                }
+                fields.push(Field::new(&o.name, data_type, true).with_metadata(metadata));
+                kinds.push(column_kind);
+                if dp.is_some() && kind == StatKind::Mean {
+                    for end in ["low", "high"] {
+                        fields.push(
+                            Field::new(format!("{}_ci95_{end}", o.name), DataType::Float64, true)
+                                .with_metadata(std::collections::HashMap::from([(
+                                    "gpdp.statistic".to_owned(),
+                                    format!("ci95_{end}"),
+                                )])),
+                        );
+                        kinds.push(ColumnKind::Statistic);
+                    }
+                }
             }
         }
     }
@@ -128,7 +165,7 @@ pub struct Control<'a> {
 
 impl<'a> Control<'a> {
     pub fn new(release: &'a Release, parts: &'a [Parts], rules: &'a Disclosure) -> Control<'a> {
-        let (schema, kinds) = released_schema(release);
+        let (schema, kinds) = released_schema(release, None);
         Control {
             release,
             parts,
@@ -323,7 +360,8 @@ impl<'a> Control<'a> {
     /// The released result: released rows in order, within the limit.
     pub fn finish(self, max_rows: usize) -> Result<Result<Controlled, usize>, ArrowError> {
         let batch = concat_batches(&self.schema, &self.released)?;
-        let batch = order(&batch, self.release)?;
+        let identity: Vec<usize> = (0..self.release.outputs.len()).collect();
+        let batch = order(&batch, self.release, &identity)?;
         let limit = self.release.limit.unwrap_or(usize::MAX);
         let batch = batch.slice(0, batch.num_rows().min(limit));
         if batch.num_rows() > max_rows {
@@ -366,7 +404,13 @@ fn derive(kind: StatKind, n: i64, sum: f64, squares: Option<f64>) -> Option<f64>
 
 /// Sorts released rows by the query's ORDER BY, then by the group keys (so
 /// the order never depends on how the engine happened to emit groups).
-pub(crate) fn order(batch: &RecordBatch, release: &Release) -> Result<RecordBatch, ArrowError> {
+/// `column_of[i]` is the batch column of the release's output `i` (they
+/// differ where columns follow an output, as a mean's interval does).
+pub(crate) fn order(
+    batch: &RecordBatch,
+    release: &Release,
+    column_of: &[usize],
+) -> Result<RecordBatch, ArrowError> {
     if batch.num_rows() < 2 {
         return Ok(batch.clone());
     }
@@ -374,7 +418,7 @@ pub(crate) fn order(batch: &RecordBatch, release: &Release) -> Result<RecordBatc
         .order
         .iter()
         .map(|o| SortColumn {
-            values: batch.column(o.output).clone(),
+            values: batch.column(column_of[o.output]).clone(),
             options: Some(SortOptions {
                 descending: o.descending,
                 nulls_first: o.nulls_first,
@@ -384,7 +428,7 @@ pub(crate) fn order(batch: &RecordBatch, release: &Release) -> Result<RecordBatc
     for (i, o) in release.outputs.iter().enumerate() {
         if matches!(o.item, Item::Key(_)) && !release.order.iter().any(|x| x.output == i) {
             columns.push(SortColumn {
-                values: batch.column(i).clone(),
+                values: batch.column(column_of[i]).clone(),
                 options: Some(SortOptions {
                     descending: false,
                     nulls_first: false,

@@ -69,7 +69,8 @@ const HBA1C: &str = "999791000000106";
 
 fn project_id(short: &str) -> &'static str {
     match short {
-        "research" => "demo-research",
+        "research" => "demo-opensafely",
+        "dp" => "demo-research",
         "acro" => "demo-prescribing-acro",
         "exempt" => "demo-planning-exempt",
         other => panic!("unknown project {other}"),
@@ -122,7 +123,7 @@ fn parse(file: &Path) -> Vec<Attack> {
             attacks.push(Attack {
                 file: name.clone(),
                 name: rest.to_owned(),
-                projects: vec!["research".into(), "acro".into()],
+                projects: vec!["research".into(), "acro".into(), "dp".into()],
                 asks: Vec::new(),
             });
             continue;
@@ -225,6 +226,8 @@ struct Worlds {
     b: Vec<PathBuf>,
     targets: Vec<Target>,
     identifiers: Identifiers,
+    /// The policy every path runs under.
+    policy: String,
     _dir: tempfile::TempDir,
 }
 
@@ -401,11 +404,23 @@ fn build_worlds() -> Worlds {
         b.push(store);
     }
     let identifiers = Identifiers::of(&a);
+    // The shipped policy with a privacy budget the suite cannot spend:
+    // under `dp` it asks thousands of questions, and what it checks is that
+    // none of them depends on the target beyond the noise.
+    let policy = dir.path().join("tre.toml");
+    let text = gpdp::policy::tre::DEFAULT_TRE_POLICY;
+    assert!(text.contains("rho_budget = 2.0"));
+    std::fs::write(
+        &policy,
+        text.replace("rho_budget = 2.0", "rho_budget = 1e9"),
+    )
+    .unwrap();
     Worlds {
         a,
         b,
         targets,
         identifiers,
+        policy: policy.to_str().unwrap().to_owned(),
         _dir: dir,
     }
 }
@@ -479,6 +494,8 @@ impl Identifiers {
 enum Outcome {
     Released {
         columns: Vec<String>,
+        /// Which columns are statistics (not group keys).
+        statistics: Vec<bool>,
         rows: Vec<Vec<String>>,
     },
     Refused(String),
@@ -503,14 +520,77 @@ impl Outcome {
         }
     }
 
+    /// Under differential privacy: whether the outcome is what the attack
+    /// expects of a rule set that releases every cell of the keys' public
+    /// domains (so nothing is withheld) and refuses what it cannot bound.
+    fn matches_dp(&self, expect: &Expect) -> bool {
+        let bounded = matches!(self, Outcome::Refused(r) if DP_RULES.contains(&r.as_str()));
+        match expect {
+            Expect::Refused(_) | Expect::Error => self.matches(expect) || bounded,
+            Expect::Released | Expect::Withheld | Expect::Answered => {
+                matches!(self, Outcome::Released { .. }) || bounded
+            }
+        }
+    }
+
+    /// What must not depend on the target under differential privacy:
+    /// the outcome, its rule, its columns and the group keys of every row
+    /// (the statistics are noisy, drawn afresh every time) — of every row
+    /// unless the rows are ordered by a statistic, whose noise then
+    /// decides the order (and, with LIMIT, which rows): then their number.
+    fn shape(&self, sql: &str) -> Outcome {
+        match self {
+            Outcome::Released {
+                columns,
+                statistics,
+                rows,
+            } => {
+                let order = sql.rsplit_once("ORDER BY").map_or("", |(_, o)| o);
+                let by_statistic = ["count(", "sum(", "avg("].iter().any(|f| order.contains(f))
+                    || columns
+                        .iter()
+                        .zip(statistics)
+                        .any(|(c, s)| *s && order.split([' ', ',']).any(|w| w == c));
+                Outcome::Released {
+                    columns: columns.clone(),
+                    statistics: statistics.clone(),
+                    rows: rows
+                        .iter()
+                        .map(|r| {
+                            r.iter()
+                                .zip(statistics)
+                                .map(|(c, s)| {
+                                    if *s || by_statistic {
+                                        "~".into()
+                                    } else {
+                                        c.clone()
+                                    }
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                }
+            }
+            other => other.clone(),
+        }
+    }
+
     fn cells(&self) -> impl Iterator<Item = &String> {
         let (columns, rows): (&[String], &[Vec<String>]) = match self {
-            Outcome::Released { columns, rows } => (columns, rows),
+            Outcome::Released { columns, rows, .. } => (columns, rows),
             _ => (&[], &[]),
         };
         columns.iter().chain(rows.iter().flatten())
     }
 }
+
+/// Rules only `dp` has: a statistic it cannot bound, a key domain too
+/// large to release cell by cell, a key without a public domain.
+const DP_RULES: [&str; 3] = [
+    "statistic_not_available",
+    "too_many_rows",
+    "no_public_domain",
+];
 
 /// The rule (and construct) a refusal names: `refused by rule R (C): …` → `R/C`.
 fn refusal(message: &str) -> Option<String> {
@@ -535,7 +615,7 @@ fn json_text(v: &serde_json::Value) -> String {
     }
 }
 
-fn via_cli(store: &Path, project: &str, sql: &str) -> Outcome {
+fn via_cli(store: &Path, policy: &str, project: &str, sql: &str) -> Outcome {
     let mut args = vec![
         "query",
         "--store",
@@ -548,6 +628,8 @@ fn via_cli(store: &Path, project: &str, sql: &str) -> Outcome {
         "demo-alice-token",
         "--format",
         "json",
+        "--policy",
+        policy,
     ];
     // A shell argument holds at most 128 KiB: longer SQL goes on stdin.
     let o = if sql.len() < 64 * 1024 {
@@ -586,7 +668,17 @@ fn via_cli(store: &Path, project: &str, sql: &str) -> Outcome {
                 .iter()
                 .map(|r| columns.iter().map(|c| json_text(&r[c])).collect())
                 .collect();
-            Outcome::Released { columns, rows }
+            let statistics = v["kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k != "key")
+                .collect();
+            Outcome::Released {
+                columns,
+                statistics,
+                rows,
+            }
         }
         Some(3) => refusal(&stderr(&o)).map_or_else(
             || Outcome::Unexpected(format!("exit 3 without a rule: {}", stderr(&o))),
@@ -624,7 +716,16 @@ fn batch_text(batches: &[RecordBatch], schema: &arrow::datatypes::Schema) -> Out
             );
         }
     }
-    Outcome::Released { columns, rows }
+    let statistics = schema
+        .fields()
+        .iter()
+        .map(|f| f.metadata().contains_key("gpdp.statistic"))
+        .collect();
+    Outcome::Released {
+        columns,
+        statistics,
+        rows,
+    }
 }
 
 fn flight_error(e: impl std::fmt::Display) -> Outcome {
@@ -741,23 +842,33 @@ fn check_attack(
                     t + 1
                 );
                 let sql = target.render(&ask.sql, &at);
-                let a = via_cli(&w.a.store, project, &sql);
-                let b = via_cli(&w.b[t], project, &sql);
-                if !a.matches(&ask.expect) {
+                let a = via_cli(&w.a.store, &w.policy, project, &sql);
+                let b = via_cli(&w.b[t], &w.policy, project, &sql);
+                // Under differential privacy the statistics are noise drawn
+                // afresh: everything else must not depend on the target.
+                let dp = project == project_id("dp");
+                let seen = |o: &Outcome| if dp { o.shape(&sql) } else { o.clone() };
+                let expected = if dp {
+                    a.matches_dp(&ask.expect)
+                } else {
+                    a.matches(&ask.expect)
+                };
+                if !expected {
                     fail(format!(
                         "{at}: expected {:?}, got {a:?}\n    {sql}",
                         ask.expect
-                    ));
-                }
-                if a != b {
-                    fail(format!(
-                        "{at}: LEAK — the answer depends on the target\n    {sql}\n    with target:    {a:?}\n    without target: {b:?}"
                     ));
                 }
                 for o in [&a, &b] {
                     if let Some(id) = o.cells().find_map(|c| w.identifiers.find_in(c)) {
                         fail(format!("{at}: LEAK — identifier {id} released\n    {sql}"));
                     }
+                }
+                let (a, b) = (seen(&a), seen(&b));
+                if a != b {
+                    fail(format!(
+                        "{at}: LEAK — the answer depends on the target\n    {sql}\n    with target:    {a:?}\n    without target: {b:?}"
+                    ));
                 }
                 let mut paths = vec![
                     (
@@ -784,7 +895,12 @@ fn check_attack(
                     ));
                 }
                 for (path, got, want) in paths {
-                    if &got != want {
+                    if let Some(id) = got.cells().find_map(|c| w.identifiers.find_in(c)) {
+                        fail(format!(
+                            "{at}: LEAK — identifier {id} released by {path}\n    {sql}"
+                        ));
+                    }
+                    if &seen(&got) != want {
                         fail(format!(
                             "{at}: {path} differs from gpdp query\n    {sql}\n    flight: {got:?}\n    query:  {want:?}"
                         ));
@@ -823,8 +939,11 @@ fn no_attack_learns_anything_about_its_target() {
 
     let w = build_worlds();
     let servers = Servers {
-        a: Server::start(&w.a.store),
-        b: w.b.iter().map(|s| Server::start(s)).collect(),
+        a: Server::start_with(&w.a.store, &["--policy", &w.policy]),
+        b: w.b
+            .iter()
+            .map(|s| Server::start_with(s, &["--policy", &w.policy]))
+            .collect(),
     };
     let failures = Mutex::new(Vec::new());
     let next = Mutex::new(attacks.iter());

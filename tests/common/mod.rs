@@ -290,15 +290,15 @@ impl Collected {
     }
 }
 
-/// `gpdp query --store STORE` as alice in demo-research, with `rest`
-/// (options, then the SQL).
+/// `gpdp query --store STORE` as alice in demo-opensafely (deterministic rules, so
+/// that answers compare exactly), with `rest` (options, then the SQL).
 pub fn query_as_alice(store: &Path, rest: &[&str]) -> Output {
     let mut args = vec![
         "query",
         "--store",
         store.to_str().unwrap(),
         "--project",
-        "demo-research",
+        "demo-opensafely",
         "--user",
         "alice",
         "--token",

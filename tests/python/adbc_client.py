@@ -15,7 +15,7 @@ import adbc_driver_flightsql.dbapi as flightsql
 
 warnings.simplefilter("ignore")  # "Cannot disable autocommit": no transactions here
 uri, sqls = sys.argv[1], sys.argv[2:]
-LOGIN = {"username": "alice@demo-research", "password": "demo-alice-token"}
+LOGIN = {"username": "alice@demo-opensafely", "password": "demo-alice-token"}
 
 
 def run(case, sql, **kwargs):
@@ -34,8 +34,8 @@ for i, sql in enumerate(sqls):
     run(f"sql{i}", sql, db_kwargs=LOGIN)
 run("bearer", sqls[0], db_kwargs={
     "adbc.flight.sql.authorization_header": "Bearer demo-alice-token",
-    "adbc.flight.sql.rpc.call_header.x-gpdp-project": "demo-research",
+    "adbc.flight.sql.rpc.call_header.x-gpdp-project": "demo-opensafely",
 })
 run("no_token", sqls[0])
-run("wrong_token", sqls[0], db_kwargs={"username": "alice@demo-research", "password": "wrong"})
+run("wrong_token", sqls[0], db_kwargs={"username": "alice@demo-opensafely", "password": "wrong"})
 run("select_star", "SELECT * FROM patients", db_kwargs=LOGIN)
