@@ -173,6 +173,11 @@ enum Command {
         /// TRE runs per query on the last scale (0 skips the TRE).
         #[arg(long, default_value_t = 5)]
         tre_runs: usize,
+        /// Targets of the privacy measurement: the padding attack against
+        /// the truth on a small store of its own, under the cell key method
+        /// and under differential privacy by budget (0 skips it).
+        #[arg(long, default_value_t = 60)]
+        privacy_targets: usize,
         /// Where generated populations are cached and scratch stores live.
         #[arg(long, default_value = "bench-data")]
         data: PathBuf,
@@ -641,6 +646,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             scale,
             threads,
             tre_runs,
+            privacy_targets,
             data,
             json,
             out,
@@ -667,6 +673,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                     threads,
                     data,
                     tre_runs,
+                    privacy_targets,
                 },
                 progress,
             )?;

@@ -19,6 +19,8 @@ fn bench_figures_equal_the_receipts_of_the_same_collection() {
         "2",
         "--tre-runs",
         "1",
+        "--privacy-targets",
+        "1",
         "--threads",
         "2,1",
         "--json",
@@ -28,6 +30,25 @@ fn bench_figures_equal_the_receipts_of_the_same_collection() {
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let run0 = &r["runs"][0];
+    // Every rule set answered the same queries, and the privacy section
+    // measured the attack under ckm and under dp at four budgets.
+    for q in r["tre_rule_sets"].as_array().unwrap() {
+        assert!(
+            q["vs_opensafely"]["demo-research"].as_f64().unwrap() > 0.0,
+            "{q}"
+        );
+    }
+    let privacy = r["privacy"].as_array().unwrap();
+    assert_eq!(privacy.len(), 5, "{privacy:?}");
+    assert_eq!(privacy[0]["rule_set"], "ckm");
+    for (m, rho) in privacy[1..].iter().zip([0.02, 0.08, 0.32, 1.28]) {
+        assert_eq!(m["targets"], 1);
+        assert!(
+            (m["rho_per_target"].as_f64().unwrap() - rho).abs() < 1e-9,
+            "{m}"
+        );
+        assert!(m["theory"].as_f64().unwrap() > 0.5);
+    }
 
     // The same extract, collected the ordinary way.
     let extract = data.join("synth-400-2-seed1");

@@ -38,6 +38,8 @@ pub struct BenchOptions {
     pub data: PathBuf,
     /// TRE runs per query (0: skip the TRE).
     pub tre_runs: usize,
+    /// Targets of the privacy measurement (0: skip it).
+    pub privacy_targets: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +53,9 @@ pub struct BenchReport {
     /// The same queries under OpenSAFELY's rules, the cell key method and
     /// differential privacy, in one run.
     pub tre_rule_sets: Vec<super::tre::RuleSetCost>,
+    /// What an attacker learns about one person, by rule set and budget
+    /// ([`super::privacy`]), on a store of [`PRIVACY_PATIENTS`] patients.
+    pub privacy: Vec<super::privacy::Measured>,
     /// Whether peak memory could be reset between measurements (else it is
     /// the process's peak so far).
     pub peak_memory_per_run: bool,
@@ -292,6 +297,11 @@ impl BenchOptions {
     }
 }
 
+/// The privacy measurement's store: small enough that thousands of
+/// questions take a minute, large enough for a hundred unique targets.
+pub const PRIVACY_PATIENTS: u64 = 4_000;
+const PRIVACY_PRACTICES: u32 = 3;
+
 /// Runs the benchmark.
 pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchReport> {
     std::fs::create_dir_all(&opts.data)?;
@@ -377,12 +387,30 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
         });
         std::fs::remove_dir_all(&scratch)?;
     }
+    let mut privacy = Vec::new();
+    if opts.privacy_targets > 0 {
+        progress.stage(&format!(
+            "privacy: the padding attack against the truth on {PRIVACY_PATIENTS} patients, by rule set and budget"
+        ));
+        let extract = population(opts, &policy, PRIVACY_PATIENTS, PRIVACY_PRACTICES, progress)?;
+        let collected = measure_collection(&policy, &extract, &scratch, threads, progress)?.2;
+        crate::optout::ndoo::ingest(
+            &extract.join("national/ndoo.csv"),
+            &collected.store,
+            &collected.key,
+            false,
+            policy.codec,
+        )?;
+        privacy = super::privacy::by_budget(&collected.store, opts.privacy_targets)?;
+        std::fs::remove_dir_all(&scratch)?;
+    }
     Ok(BenchReport {
         threads,
         runs,
         thread_scaling,
         tre,
         tre_rule_sets,
+        privacy,
         peak_memory_per_run,
     })
 }
@@ -447,6 +475,24 @@ impl BenchReport {
                 &values,
                 "M rows/s",
                 None,
+            )?;
+        }
+        if !self.privacy.is_empty() {
+            let labels: Vec<String> = self
+                .privacy
+                .iter()
+                .map(|m| match m.rho_per_target {
+                    Some(rho) => format!("dp ρ {rho}"),
+                    None => format!("{} ({} questions)", m.rule_set, m.questions_per_target),
+                })
+                .collect();
+            let values: Vec<f64> = self.privacy.iter().map(|m| 100.0 * m.accuracy).collect();
+            page += &crate::report::html::bar_chart(
+                "What an attacker learns about one person, by budget spent on them (the line: guessing)",
+                &labels,
+                &values,
+                "% of targets right",
+                self.privacy.first().map(|m| 100.0 * m.chance),
             )?;
         }
         page += &format!(
@@ -538,6 +584,27 @@ impl BenchReport {
                     cell(super::tre::RULE_SETS[0]),
                     cell(super::tre::RULE_SETS[1]),
                     cell(super::tre::RULE_SETS[2])
+                );
+            }
+        }
+        if !self.privacy.is_empty() {
+            out += &format!(
+                "\nprivacy: the padding attack against the truth ({PRIVACY_PATIENTS} patients)\n"
+            );
+            out += "rule set  questions/target  ρ/target  targets  right  accuracy  chance  far-above-chance bound  theory Φ(√(ρ/2))\n";
+            for m in &self.privacy {
+                let opt = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2}"));
+                out += &format!(
+                    "{:<9} {:>16}  {:>8}  {:>7}  {:>5}  {:>8.2}  {:>6.2}  {:>22.2}  {:>17}\n",
+                    m.rule_set,
+                    m.questions_per_target,
+                    opt(m.rho_per_target),
+                    m.targets,
+                    m.right,
+                    m.accuracy,
+                    m.chance,
+                    m.bound,
+                    opt(m.theory)
                 );
             }
         }
