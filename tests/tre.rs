@@ -809,3 +809,91 @@ fn dp_budget_runs_out_and_refusals_cost_nothing() {
     let message = query_blocking(&policy, &other).unwrap_err().to_string();
     assert!(message.contains("0.0100 left"), "{message}");
 }
+
+/// Differential privacy bounds each patient's contribution: a patient
+/// registered twice (ended and current) counts in one `registered` cell,
+/// and in at most `max_groups` (here 3) event years — checked against the
+/// truth with and without the bound, which differ by far more than the
+/// noise.
+#[test]
+fn dp_bounds_each_patients_cells() {
+    let toml =
+        gpdp::policy::tre::DEFAULT_TRE_POLICY.replacen("max_groups = 8", "max_groups = 3", 1);
+    let mut policy = TrePolicy::parse(&toml, Path::new("t.toml")).unwrap();
+    for r in &mut policy.researchers {
+        r.rho_budget = 1e9;
+    }
+    let store = &fixture().store;
+    let project = &policy.projects["demo-research"];
+    // The released counts of the cells whose first key is at least `from`
+    // (the others are empty), and the σ of their sum.
+    let total = |sql: &str, from: i64| -> (f64, f64) {
+        let r = query_blocking(
+            &policy,
+            &Request {
+                store: store.clone(),
+                user: "alice".into(),
+                token: Some("demo-alice-token".into()),
+                project: "demo-research".into(),
+                sql: sql.into(),
+            },
+        )
+        .unwrap();
+        let b = &r.result.batch;
+        let n = b.column(1).as_primitive::<Int64Type>();
+        let sigma = r.privacy.unwrap().columns[1].unwrap().sigma;
+        let (mut sum, mut cells) = (0, 0);
+        for i in 0..b.num_rows() {
+            if text(b, 0, i).parse::<i64>().map_or(true, |k| k >= from) {
+                assert!(n.is_valid(i), "{sql}: a large cell was redacted");
+                sum += n.value(i);
+                cells += 1;
+            }
+        }
+        (sum as f64, sigma * f64::from(cells).sqrt())
+    };
+    let one = |sql: &str| -> f64 {
+        direct(store, &policy, project, sql)
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .value(0) as f64
+    };
+    let patients = one("SELECT count(DISTINCT patient_id) FROM patients");
+    let twice = one(
+        "SELECT count(*) FROM (SELECT patient_id FROM patients GROUP BY patient_id \
+         HAVING count(DISTINCT registered) > 1)",
+    );
+    let (got, sigma) = total(
+        "SELECT registered, count(DISTINCT patient_id) AS n FROM patients GROUP BY registered",
+        0,
+    );
+    assert!(twice > 10.0 * sigma, "the test needs movers: {twice}");
+    assert!(
+        (got - patients).abs() <= 5.0 * sigma,
+        "{got} vs {patients} (unbounded {})",
+        patients + twice
+    );
+
+    let unbounded = one(
+        "SELECT sum(n) FROM (SELECT event_year, count(DISTINCT patient_id) AS n \
+         FROM clinical_events WHERE event_year >= 2018 GROUP BY event_year)",
+    );
+    let bounded = one(
+        "SELECT sum(CASE WHEN y > 3 THEN 3 ELSE y END) FROM (SELECT patient_id, \
+         count(DISTINCT event_year) AS y FROM clinical_events WHERE event_year >= 2018 \
+         GROUP BY patient_id)",
+    );
+    let (got, sigma) = total(
+        "SELECT event_year, count(DISTINCT patient_id) AS n FROM clinical_events \
+         WHERE event_year >= 2018 GROUP BY event_year",
+        2018,
+    );
+    assert!(
+        unbounded - bounded > 10.0 * sigma,
+        "the test needs patients in > 3 years"
+    );
+    assert!(
+        (got - bounded).abs() <= 5.0 * sigma,
+        "{got} vs {bounded} (unbounded {unbounded})"
+    );
+}

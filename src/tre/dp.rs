@@ -164,17 +164,23 @@ pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<
             .as_ref()
             .map(|c| super::grammar::lineage_of(&release.source, c))
             .transpose()?;
-        let noise = match s.kind {
-            StatKind::Patients => Noise {
-                count_sigma: sigma(1.0, rho),
-                sum_sigma: None,
-                rho,
-            },
-            StatKind::Rows | StatKind::Values => Noise {
-                count_sigma: sigma(max_rows, rho),
-                sum_sigma: None,
-                rho,
-            },
+        let (noise, bound) = match s.kind {
+            StatKind::Patients => (
+                Noise {
+                    count_sigma: sigma(1.0, rho),
+                    sum_sigma: None,
+                    rho,
+                },
+                None,
+            ),
+            StatKind::Rows | StatKind::Values => (
+                Noise {
+                    count_sigma: sigma(max_rows, rho),
+                    sum_sigma: None,
+                    rho,
+                },
+                None,
+            ),
             StatKind::Sum | StatKind::Mean => {
                 let name = column.as_ref().map(|l| l.column.as_str()).unwrap_or("");
                 let (lo, hi) = params.bounds_of(name).ok_or_else(|| {
@@ -192,14 +198,16 @@ pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<
                 } else {
                     0.0
                 };
-                bounds.push(Some(Bounds { lo, hi, centre }));
                 let reach = (lo - centre).abs().max((hi - centre).abs());
-                Noise {
-                    count_sigma: sigma(max_rows, rho / 2.0),
-                    // +1: the sum is rounded to an integer before its noise.
-                    sum_sigma: Some(sigma(max_rows * reach + 1.0, rho / 2.0)),
-                    rho,
-                }
+                (
+                    Noise {
+                        count_sigma: sigma(max_rows, rho / 2.0),
+                        // +1: the sum is rounded to an integer before its noise.
+                        sum_sigma: Some(sigma(max_rows * reach + 1.0, rho / 2.0)),
+                        rho,
+                    },
+                    Some(Bounds { lo, hi, centre }),
+                )
             }
             StatKind::Variance | StatKind::StdDev => {
                 return Err(Refusal::new(
@@ -208,9 +216,7 @@ pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<
                 ));
             }
         };
-        if !matches!(s.kind, StatKind::Sum | StatKind::Mean) {
-            bounds.push(None);
-        }
+        bounds.push(bound);
         statistics.push(noise);
     }
     Ok(Plan {
