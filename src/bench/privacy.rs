@@ -15,8 +15,9 @@
 //! - under `dp`, `repeats` times each (the padding's answers are shared by
 //!   every target of the other sex), and guesses "yes" when the average
 //!   with the target exceeds the average without by more than half a
-//!   patient. Each repeat costs ρ; the best such test is right with
-//!   probability Φ(√(ρ/2)) at ρ spent on the target.
+//!   patient. Each repeat costs ρ. With ρ spent on the target (and as much
+//!   on the padding) this test is right with probability Φ(√(ρ/4)); the
+//!   best possible, knowing the padding's count exactly, Φ(√(ρ/2)).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -149,7 +150,8 @@ pub struct Measured {
     /// Above this, the attacker is far above chance (chance + 3 standard
     /// errors of a coin-flipping guesser).
     pub bound: f64,
-    /// Under `dp`: the best test's accuracy at this ρ, Φ(√(ρ/2)).
+    /// Under `dp`: this attack's expected accuracy at this ρ, Φ(√(ρ/4))
+    /// (the padding's average is as noisy as the target's).
     pub theory: Option<f64>,
     /// Whether `budget_exhausted` stopped the attack before its last target.
     pub stopped_by_budget: bool,
@@ -310,7 +312,7 @@ pub fn averaged(
     if let Some(dp) = project.disclosure.dp {
         let rho = dp.rho_per_statistic * repeats as f64;
         m.rho_per_target = Some(rho);
-        m.theory = Some(normal_cdf((rho / 2.0).sqrt()));
+        m.theory = Some(normal_cdf((rho / 4.0).sqrt()));
     }
     Ok(m)
 }

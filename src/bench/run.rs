@@ -297,6 +297,23 @@ impl BenchOptions {
     }
 }
 
+/// Ingests the population's National Data Opt-out list into a collected
+/// store (the TRE's research projects need it).
+fn ingest_ndoo(
+    policy: &CollectionPolicy,
+    extract: &Path,
+    collected: &CollectOptions,
+) -> anyhow::Result<()> {
+    crate::optout::ndoo::ingest(
+        &extract.join("national/ndoo.csv"),
+        &collected.store,
+        &collected.key,
+        false,
+        policy.codec,
+    )?;
+    Ok(())
+}
+
 /// The privacy measurement's store: small enough that thousands of
 /// questions take a minute, large enough for a hundred unique targets.
 pub const PRIVACY_PATIENTS: u64 = 4_000;
@@ -363,13 +380,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
 
         if i + 1 == opts.scales.len() && opts.tre_runs > 0 {
             progress.stage("TRE query latency: through the boundary and directly");
-            crate::optout::ndoo::ingest(
-                &extract.join("national/ndoo.csv"),
-                &collected.store,
-                &collected.key,
-                false,
-                policy.codec,
-            )?;
+            ingest_ndoo(&policy, &extract, &collected)?;
             tre = super::tre::measure(&collected.store, opts.tre_runs)?;
             progress
                 .stage("TRE rule sets: OpenSAFELY's, the cell key method and differential privacy");
@@ -394,13 +405,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
         ));
         let extract = population(opts, &policy, PRIVACY_PATIENTS, PRIVACY_PRACTICES, progress)?;
         let collected = measure_collection(&policy, &extract, &scratch, threads, progress)?.2;
-        crate::optout::ndoo::ingest(
-            &extract.join("national/ndoo.csv"),
-            &collected.store,
-            &collected.key,
-            false,
-            policy.codec,
-        )?;
+        ingest_ndoo(&policy, &extract, &collected)?;
         privacy = super::privacy::by_budget(&collected.store, opts.privacy_targets)?;
         std::fs::remove_dir_all(&scratch)?;
     }
@@ -591,7 +596,7 @@ impl BenchReport {
             out += &format!(
                 "\nprivacy: the padding attack against the truth ({PRIVACY_PATIENTS} patients)\n"
             );
-            out += "rule set  questions/target  ρ/target  targets  right  accuracy  chance  far-above-chance bound  theory Φ(√(ρ/2))\n";
+            out += "rule set  questions/target  ρ/target  targets  right  accuracy  chance  far-above-chance bound  expected Φ(√(ρ/4))\n";
             for m in &self.privacy {
                 let opt = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2}"));
                 out += &format!(

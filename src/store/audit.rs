@@ -86,59 +86,119 @@ impl AuditLog {
 
     /// Appends entries (each a JSON object), chained to the current last line.
     pub fn append(&self, entries: &[Value]) -> Result<(), AuditError> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(self.io())?;
-        }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(self.io())?;
-        file.lock().map_err(self.io())?;
+        let mut file = self.open_locked()?;
         self.write_locked(&mut file, entries)
     }
 
-    /// Appends what `decide` returns from the entries already in the log,
-    /// under the same exclusive lock: a decision that depends on the log
-    /// (a privacy-budget charge) cannot race another process's. `decide`
-    /// may refuse (`Err`), and then nothing is written.
-    pub fn append_checked<E>(
-        &self,
-        decide: impl FnOnce(&mut dyn Iterator<Item = Value>) -> Result<Vec<Value>, E>,
-    ) -> Result<Result<(), E>, AuditError> {
+    /// The log file, created if need be, under this process's exclusive lock
+    /// (released when the file is closed).
+    fn open_locked(&self) -> Result<File, AuditError> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(self.io())?;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&self.path)
             .map_err(self.io())?;
         file.lock().map_err(self.io())?;
-        file.seek(SeekFrom::Start(0)).map_err(self.io())?;
-        let entries = {
-            let mut reader = BufReader::new(&file);
-            // A line that cannot be read is `null`, for `decide` to refuse
-            // on: a ledger must not skip what it cannot read.
-            let mut entries = reader.by_ref().lines().map(|text| {
-                text.ok()
-                    .and_then(|t| {
-                        serde_json::from_str::<Line>(&t)
-                            .ok()
-                            .and_then(|l| serde_json::from_str::<Value>(l.entry.get()).ok())
-                    })
-                    .unwrap_or(Value::Null)
-            });
-            decide(&mut entries)
+        Ok(file)
+    }
+
+    /// Appends what `decide` returns from a state folded over every entry
+    /// already in the log, under the log's exclusive lock, so that a
+    /// decision that depends on the log (a privacy-budget charge) cannot
+    /// race another process's. `decide` may refuse (`Err`), and then nothing
+    /// is written.
+    ///
+    /// The state is cached beside the log (`audit/<cache>.json`) with the
+    /// place in the log it reflects — the byte offset and the hash of the
+    /// line there — and brought up to date from that place; if the log no
+    /// longer holds that line there (rewritten, truncated), it is folded
+    /// again from the start. A line that cannot be read folds as `null`,
+    /// for `fold` to fail closed on: a ledger must not skip what it cannot
+    /// read.
+    pub fn append_folded<S, E>(
+        &self,
+        cache: &str,
+        fold: impl Fn(&mut S, &Value),
+        decide: impl FnOnce(&S) -> Result<Vec<Value>, E>,
+    ) -> Result<Result<(), E>, AuditError>
+    where
+        S: Default + serde::Serialize + serde::de::DeserializeOwned,
+    {
+        let mut file = self.open_locked()?;
+        let cache_path = self.path.with_file_name(format!("{cache}.json"));
+        let saved: Option<Folded<S>> = std::fs::read(&cache_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let (mut offset, mut state) = match saved {
+            Some(f) if line_before(&mut file, f.offset).is_ok_and(|l| l.1 == f.hash) => {
+                (f.offset, f.state)
+            }
+            _ => (0, S::default()),
         };
-        let entries = match entries {
+        offset = self.fold_from(&mut file, offset, &mut state, &fold)?;
+        let entries = match decide(&state) {
             Ok(e) => e,
-            Err(refused) => return Ok(Err(refused)),
+            Err(refused) => {
+                self.save_folded(&mut file, &cache_path, offset, &state)?;
+                return Ok(Err(refused));
+            }
         };
         self.write_locked(&mut file, &entries)?;
+        let offset = self.fold_from(&mut file, offset, &mut state, &fold)?;
+        self.save_folded(&mut file, &cache_path, offset, &state)?;
         Ok(Ok(()))
+    }
+
+    /// Folds every entry from byte `offset` to the end; returns the end.
+    fn fold_from<S>(
+        &self,
+        file: &mut File,
+        offset: u64,
+        state: &mut S,
+        fold: &impl Fn(&mut S, &Value),
+    ) -> Result<u64, AuditError> {
+        file.seek(SeekFrom::Start(offset)).map_err(self.io())?;
+        let mut reader = BufReader::new(&*file);
+        let mut end = offset;
+        let mut text = String::new();
+        loop {
+            text.clear();
+            let n = reader.read_line(&mut text).map_err(self.io())?;
+            if n == 0 {
+                break;
+            }
+            end += n as u64;
+            let entry = serde_json::from_str::<Line>(text.trim_end())
+                .ok()
+                .and_then(|l| serde_json::from_str::<Value>(l.entry.get()).ok())
+                .unwrap_or(Value::Null);
+            fold(state, &entry);
+        }
+        Ok(end)
+    }
+
+    fn save_folded<S: serde::Serialize>(
+        &self,
+        file: &mut File,
+        path: &Path,
+        offset: u64,
+        state: &S,
+    ) -> Result<(), AuditError> {
+        let (_, hash) = line_before(file, offset).map_err(self.io())?;
+        let body = serde_json::to_vec(&serde_json::json!({
+            "offset": offset,
+            "hash": hash,
+            "state": state,
+        }))
+        .map_err(|e| self.io()(std::io::Error::other(e)))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, body).map_err(self.io())?;
+        std::fs::rename(&tmp, path).map_err(self.io())?;
+        Ok(())
     }
 
     /// Writes entries chained to the last line of a file this process holds locked.
@@ -210,9 +270,26 @@ impl AuditLog {
     }
 }
 
+/// A folded state and the place in the log it reflects.
+#[derive(Deserialize)]
+struct Folded<S> {
+    offset: u64,
+    hash: String,
+    state: S,
+}
+
 /// The sequence number and hash of the last line (0 and the genesis hash if empty).
 fn last_line(file: &mut File) -> std::io::Result<(u64, String)> {
     let len = file.seek(SeekFrom::End(0))?;
+    line_before(file, len)
+}
+
+/// The sequence number and hash of the line that ends at byte `len` (0 and
+/// the genesis hash at 0); an error if no line ends there.
+fn line_before(file: &mut File, len: u64) -> std::io::Result<(u64, String)> {
+    if len > file.metadata()?.len() {
+        return Err(std::io::Error::other("past the end of the log"));
+    }
     if len == 0 {
         return Ok((0, GENESIS.into()));
     }

@@ -250,21 +250,37 @@ impl Ledger {
     }
 }
 
-/// ρ a researcher has spent on a store, from its audit log's entries.
-/// `None` when a line cannot be read (the caller fails closed).
-pub fn spent<'a>(entries: impl Iterator<Item = &'a Value>, user: &str) -> Option<f64> {
-    let mut total = 0.0;
-    for e in entries {
-        if e.is_null() {
-            return None;
+/// What every researcher has spent on a store: the ledger, folded over
+/// the audit log's `privacy_charge` lines (and cached beside it).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Spending {
+    /// A line could not be read: nothing can be charged (fail closed).
+    pub unreadable: bool,
+    pub by_user: std::collections::BTreeMap<String, f64>,
+}
+
+impl Spending {
+    pub fn add(&mut self, entry: &Value) {
+        if entry.is_null() {
+            self.unreadable = true;
+            return;
         }
-        if e.get("event").and_then(Value::as_str) == Some("privacy_charge")
-            && e.get("user").and_then(Value::as_str) == Some(user)
-        {
-            total += e.get("rho").and_then(Value::as_f64)?;
+        if entry.get("event").and_then(Value::as_str) != Some("privacy_charge") {
+            return;
+        }
+        match (
+            entry.get("user").and_then(Value::as_str),
+            entry.get("rho").and_then(Value::as_f64),
+        ) {
+            (Some(user), Some(rho)) => *self.by_user.entry(user.to_owned()).or_default() += rho,
+            _ => self.unreadable = true,
         }
     }
-    Some(total)
+
+    /// ρ `user` has spent; `None` when the ledger cannot be read.
+    pub fn of(&self, user: &str) -> Option<f64> {
+        (!self.unreadable).then(|| self.by_user.get(user).copied().unwrap_or(0.0))
+    }
 }
 
 /// Charges `rho` to `user`'s budget on `store` before a query runs, in the
@@ -278,9 +294,8 @@ pub fn charge(
     plan_fingerprint: &str,
 ) -> Result<Result<Ledger, Refusal>, crate::store::audit::AuditError> {
     let mut ledger = None;
-    let outcome = AuditLog::at(store).append_checked(|entries| {
-        let entries: Vec<Value> = entries.collect();
-        let before = spent(entries.iter(), user).ok_or_else(|| {
+    let outcome = AuditLog::at(store).append_folded("ledger", Spending::add, |spending| {
+        let before = spending.of(user).ok_or_else(|| {
             Refusal::new(
                 "budget_exhausted",
                 "the privacy ledger (the store's audit log) cannot be read, so no budget can be charged; the TRE operator must repair the log",
@@ -672,16 +687,19 @@ mod tests {
 
     #[test]
     fn spending_counts_only_the_users_charges_and_fails_closed() {
-        let entries = [
+        let mut s = Spending::default();
+        for e in [
             json!({"event": "privacy_charge", "user": "alice", "rho": 0.25}),
             json!({"event": "query", "user": "alice", "rho": 5.0}),
             json!({"event": "privacy_charge", "user": "carol", "rho": 1.0}),
             json!({"event": "privacy_charge", "user": "alice", "rho": 0.5}),
-        ];
-        assert_eq!(spent(entries.iter(), "alice"), Some(0.75));
-        assert_eq!(spent(entries.iter(), "dave"), Some(0.0));
-        let broken = [entries[0].clone(), Value::Null];
-        assert_eq!(spent(broken.iter(), "alice"), None);
+        ] {
+            s.add(&e);
+        }
+        assert_eq!(s.of("alice"), Some(0.75));
+        assert_eq!(s.of("dave"), Some(0.0));
+        s.add(&Value::Null);
+        assert_eq!(s.of("alice"), None);
     }
 
     #[test]
@@ -700,6 +718,29 @@ mod tests {
         assert_eq!(bob.spent, 0.5);
         let log = AuditLog::at(store).verify().unwrap();
         assert_eq!(log.lines, 5);
-        assert_eq!(spent(log.entries.iter(), "alice"), Some(1.0));
+        let mut s = Spending::default();
+        log.entries.iter().for_each(|e| s.add(e));
+        assert_eq!(s.of("alice"), Some(1.0));
+        // Other lines in between are folded in from where the cache was.
+        AuditLog::at(store)
+            .append(&[json!({"event": "privacy_charge", "user": "bob", "rho": 0.25})])
+            .unwrap();
+        let bob = charge(store, "bob", "p", 1.0, 0.25, "f").unwrap().unwrap();
+        assert_eq!(bob.spent, 1.0);
+        // A cache that no longer matches the log is folded again.
+        std::fs::write(
+            store.join("audit/ledger.json"),
+            r#"{"offset":3,"hash":"x","state":{"unreadable":false,"by_user":{}}}"#,
+        )
+        .unwrap();
+        let refused = charge(store, "alice", "p", 1.0, 0.25, "f").unwrap();
+        assert_eq!(refused.unwrap_err().rule, "budget_exhausted");
+        // An unreadable line refuses every charge.
+        let path = AuditLog::at(store).path().to_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("privacy_charge", "privacy_charg\"", 1)).unwrap();
+        std::fs::remove_file(store.join("audit/ledger.json")).unwrap();
+        let refused = charge(store, "carol", "p", 1.0, 0.25, "f").unwrap();
+        assert!(refused.unwrap_err().reason.contains("cannot be read"));
     }
 }
