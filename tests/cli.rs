@@ -62,6 +62,16 @@ fn demo_runs_without_arguments_and_can_run_again() {
                 .join("gpdp-demo/extracts/truth/summary.json")
                 .exists()
         );
+        // Its differentially private answers state their noise and were
+        // charged to alice's budget, which the report shows.
+        assert!(out.contains("(noise: patients ±9.8 (95%"), "{out}");
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("gpdp-demo/report/report.json")).unwrap(),
+        )
+        .unwrap();
+        let budgets = &report["tre"]["privacy_budgets"][0];
+        assert_eq!(budgets["user"], "alice");
+        assert!(budgets["rho_spent"].as_f64().unwrap() > 0.1, "{budgets}");
     }
     // A directory the demo did not make is never replaced.
     let foreign = dir.path().join("mine");
