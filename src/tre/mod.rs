@@ -10,10 +10,14 @@
 //! which builds the only plan that runs from that release, with every
 //! statistic's contributing patients beside it; execution under memory and
 //! time limits; and [`sdc`], disclosure control per statistic (safe
-//! outputs, after). Every request — released, refused or failed — is
-//! appended to the store's hash-chained audit log with its user, project,
-//! SQL, plan fingerprint, outcome, rule and, for the operator only, the
-//! rows withheld and why.
+//! outputs, after) — or, for projects under differential privacy, [`dp`]:
+//! its noise plan fixed before running, its cost charged to the
+//! researcher's budget in the audit log, then noise and every cell of the
+//! keys' public domains; under the cell key method, [`ckm`] and
+//! [`ptable`] perturb counts by who contributes. Every request — released,
+//! refused or failed — is appended to the store's hash-chained audit log
+//! with its user, project, SQL, plan fingerprint, outcome, rule, privacy
+//! charged and, for the operator only, the rows withheld and why.
 
 pub mod auth;
 pub mod ckm;
