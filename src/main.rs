@@ -101,6 +101,12 @@ enum Command {
     /// registration_start, registration_end, date_of_death), clinical_events
     /// (patient_id, patient_key, date, event_year, snomedct_code, numeric_value)
     /// and medications (patient_id, patient_key, date, event_year, dmd_code, quantity).
+    ///
+    /// Each project has its rule set: threshold and rounding (opensafely,
+    /// acro), the cell key method (ckm: needs --perturbation-key), or
+    /// differential privacy (dp: every answer is charged to your privacy
+    /// budget on this store, across your projects, and states its noise —
+    /// σ and 95% intervals — under the table and in --format json).
     Query {
         /// The store directory.
         #[arg(long)]
