@@ -738,6 +738,28 @@ fn dp_releases_every_domain_cell_near_the_truth_with_its_noise() {
             > 9.0
     );
     assert!(gpdp::tre::to_table(&a).contains("(95%"));
+    // A WHERE that names a key's values narrows its cells to them (the
+    // query's text decides, not the data); under OR it does not.
+    for (sql, rows) in [
+        (
+            "SELECT sex, count(DISTINCT patient_id) FROM patients WHERE sex = 'M' GROUP BY sex",
+            1,
+        ),
+        (
+            "SELECT imd_decile, count(*) FROM patients WHERE imd_decile IN (1, 2) AND sex = 'F' GROUP BY imd_decile",
+            2,
+        ),
+        (
+            "SELECT sex, count(*) FROM patients WHERE sex = 'M' OR age_band = '80+' GROUP BY sex",
+            2,
+        ),
+    ] {
+        assert_eq!(
+            ask("demo-research", sql).unwrap().result.batch.num_rows(),
+            rows,
+            "{sql}"
+        );
+    }
     // A year with no events at all is still a row.
     let years = ask(
         "demo-research",

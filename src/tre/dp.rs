@@ -44,17 +44,17 @@ use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use arrow::error::ArrowError;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use dashu::rational::RBig;
-use datafusion::common::Result;
 use datafusion::common::hash_utils::create_hashes_with_hasher;
+use datafusion::common::{Column, Result, ScalarValue};
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, Operator, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use serde_json::{Value, json};
 use siphasher::sip::SipHasher13;
 
 use super::Refusal;
 use super::compile::Parts;
-use super::grammar::{Item, Release, StatKind};
+use super::grammar::{Item, Predicate, Release, Source, SourceNode, StatKind};
 use super::sdc::{ColumnKind, Controlled, OperatorOnly, released_schema};
 use crate::policy::tre::{Disclosure, DpParams, TrePolicy};
 use crate::store::audit::AuditLog;
@@ -129,8 +129,13 @@ pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<
                 ),
             )
         })?;
+        // Only the values the WHERE leaves, where it names them.
+        let d: Vec<String> = match where_values(&release.source, &k.column) {
+            Some(allowed) => d.iter().filter(|v| allowed.contains(*v)).cloned().collect(),
+            None => d.clone(),
+        };
         cells = cells.saturating_mul(d.len());
-        domains.push(d.clone());
+        domains.push(d);
     }
     if cells > policy.max_rows {
         return Err(Refusal::new(
@@ -225,10 +230,52 @@ pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<
         bound_groups,
         domains,
         cells,
-        rho: statistics.iter().map(|n| n.rho).sum(),
+        // No cell, nothing released from the data: nothing to charge.
+        rho: if cells == 0 {
+            0.0
+        } else {
+            statistics.iter().map(|n| n.rho).sum()
+        },
         statistics,
         bounds,
     })
+}
+
+/// The values a group key can still take after the release's WHERE, where
+/// it says so: `key = literal` or `key IN (literal, …)` among the
+/// conjuncts of the source's outermost filter. The query's text alone
+/// decides, never the data, so releasing only these cells of the domain
+/// reveals nothing (the others would hold noise around zero).
+fn where_values(source: &Source, key: &Column) -> Option<Vec<String>> {
+    let SourceNode::Filter { predicate, .. } = &source.node else {
+        return None;
+    };
+    let mut allowed: Option<Vec<String>> = None;
+    let mut conjuncts = vec![predicate];
+    while let Some(p) = conjuncts.pop() {
+        let values: Vec<String> = match p {
+            Predicate::And(a, b) => {
+                conjuncts.extend([a.as_ref(), b.as_ref()]);
+                continue;
+            }
+            Predicate::Compare {
+                column,
+                op: Operator::Eq,
+                value,
+            } if column == key => vec![value.to_string()],
+            Predicate::InList {
+                column,
+                values,
+                negated: false,
+            } if column == key => values.iter().map(ScalarValue::to_string).collect(),
+            _ => continue,
+        };
+        allowed = Some(match allowed {
+            Some(a) => a.into_iter().filter(|v| values.contains(v)).collect(),
+            None => values,
+        });
+    }
+    allowed
 }
 
 /// ρ as (ε, δ)-DP: ε = ρ + 2√(ρ ln(1/δ)) (Bun & Steinke 2016).

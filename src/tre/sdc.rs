@@ -453,7 +453,7 @@ pub fn round(x: i64, base: u64) -> i64 {
 pub fn describe(rules: &Disclosure) -> String {
     if let Some(p) = rules.dp {
         return format!(
-            "disclosure control {}: differential privacy (zCDP, the patient as the unit): every cell of the group keys' public domains, zeros included, with discrete Gaussian noise; each patient counts in at most {} cells and with at most {} rows per cell, values clamped to public bounds; then statistics whose noisy count is {} or less are [REDACTED]",
+            "disclosure control {}: differential privacy (zCDP, the patient as the unit): every cell of the group keys' public domains (as far as the WHERE allows), zeros included, with discrete Gaussian noise; each patient counts in at most {} cells and with at most {} rows per cell, values clamped to public bounds; then statistics whose noisy count is {} or less are [REDACTED]",
             rules.name, p.max_groups, p.max_rows, rules.redact_at_or_below
         );
     }
