@@ -358,10 +358,10 @@ fn per_patient(
 /// The `dp` shape: only rows inside the keys' public domains; per cell
 /// and patient, each statistic's rows and clamped sum; at most `groups`
 /// cells per patient (a fixed hash of patient and cell ranks them; for one
-/// cell an aggregate and a join keep the least, for more `ROW_NUMBER`); then per cell, each patient's rows capped at
-/// `max_rows` and their sum scaled to the capped rows (their own mean,
-/// less a mean's centre, times the rows kept), so one patient moves a
-/// cell by a bounded amount.
+/// cell an aggregate and a join keep the least, for more `ROW_NUMBER`);
+/// then per cell, each patient's rows capped at `max_rows` and their sum
+/// scaled to the capped rows (their own mean, less a mean's centre, times
+/// the rows kept), so one patient moves a cell by a bounded amount.
 fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compiled> {
     let keys = release.keys.len();
     let mut inside = Vec::with_capacity(keys);

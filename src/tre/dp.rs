@@ -55,7 +55,7 @@ use siphasher::sip::SipHasher13;
 use super::Refusal;
 use super::compile::Parts;
 use super::grammar::{Item, Predicate, Release, Source, SourceNode, StatKind};
-use super::sdc::{ColumnKind, Controlled, OperatorOnly, released_schema};
+use super::sdc::{Controlled, OperatorOnly, released_schema};
 use crate::policy::tre::{Disclosure, DpParams, TrePolicy};
 use crate::store::audit::AuditLog;
 
@@ -672,17 +672,8 @@ pub fn control(
         }
     }
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
-    let batch = super::sdc::order(&batch, release, &column_of)?;
-    let limit = release.limit.unwrap_or(usize::MAX);
-    let batch = batch.slice(0, batch.num_rows().min(limit));
-    let redacted_cells = batch
-        .columns()
-        .iter()
-        .zip(&kinds)
-        .filter(|(_, k)| **k != ColumnKind::Key)
-        .map(|(c, _)| c.null_count())
-        .sum();
-    operator.withheld_rows = 0;
+    let (batch, redacted_cells) =
+        super::sdc::ordered_and_limited(&batch, release, &column_of, &kinds)?;
     Ok((
         Controlled {
             batch,

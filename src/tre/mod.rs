@@ -430,7 +430,11 @@ async fn answer(
         }
         None => None,
     };
-    let mut control = sdc::Control::new(&release, &compiled.parts, &disclosure);
+    // Threshold rule sets control batch by batch; `dp` needs every cell
+    // before it can release the domains' product.
+    let mut control = dp
+        .is_none()
+        .then(|| sdc::Control::new(&release, &compiled.parts, &disclosure));
     let mut raw = Vec::new();
     let run = async {
         let mut stream = DataFrame::new(state, compiled.plan.clone())
@@ -438,10 +442,9 @@ async fn answer(
             .await?;
         while let Some(batch) = stream.next().await {
             let batch = batch?;
-            if dp.is_some() {
-                raw.push(batch);
-            } else {
-                control.push(&batch)?;
+            match control.as_mut() {
+                Some(c) => c.push(&batch)?,
+                None => raw.push(batch),
             }
         }
         Ok::<_, datafusion::error::DataFusionError>(())
@@ -456,41 +459,39 @@ async fn answer(
         Ok(Err(e)) => return Err(TreError::Failed(e.to_string())),
         Ok(Ok(())) => {}
     }
-    if let (Some(plan), Some(ledger)) = (&dp, ledger) {
-        let (result, report) =
-            dp::control(&release, &compiled.parts, &disclosure, plan, &raw, ledger)
-                .map_err(TreError::internal)?;
-        let checksum = sha256_hex(to_csv(&result).as_bytes());
-        return Ok(Released {
-            result,
-            disclosure,
-            privacy: Some(report),
-            checksum,
-            fingerprint: String::new(),
-            seconds: 0.0,
-        });
-    }
-    let result = match control
-        .finish(policy.max_rows)
-        .map_err(TreError::internal)?
-    {
-        Ok(r) => r,
-        Err(_) => {
-            return Err(Refusal::new(
-                "too_many_rows",
-                format!(
-                    "more than {} rows would be released; narrow the query or add ORDER BY … LIMIT",
-                    policy.max_rows
-                ),
-            )
-            .into());
+    let (result, privacy) = match (control, &dp, ledger) {
+        (Some(control), _, _) => {
+            let result = control
+                .finish(policy.max_rows)
+                .map_err(TreError::internal)?
+                .map_err(|_| {
+                    Refusal::new(
+                        "too_many_rows",
+                        format!(
+                            "more than {} rows would be released; narrow the query or add ORDER BY … LIMIT",
+                            policy.max_rows
+                        ),
+                    )
+                })?;
+            (result, None)
+        }
+        (None, Some(plan), Some(ledger)) => {
+            let (result, report) =
+                dp::control(&release, &compiled.parts, &disclosure, plan, &raw, ledger)
+                    .map_err(TreError::internal)?;
+            (result, Some(report))
+        }
+        _ => {
+            return Err(TreError::internal(
+                "differential privacy without its plan or charge",
+            ));
         }
     };
     let checksum = sha256_hex(to_csv(&result).as_bytes());
     Ok(Released {
         result,
         disclosure,
-        privacy: None,
+        privacy,
         checksum,
         fingerprint: String::new(),
         seconds: 0.0,

@@ -361,19 +361,11 @@ impl<'a> Control<'a> {
     pub fn finish(self, max_rows: usize) -> Result<Result<Controlled, usize>, ArrowError> {
         let batch = concat_batches(&self.schema, &self.released)?;
         let identity: Vec<usize> = (0..self.release.outputs.len()).collect();
-        let batch = order(&batch, self.release, &identity)?;
-        let limit = self.release.limit.unwrap_or(usize::MAX);
-        let batch = batch.slice(0, batch.num_rows().min(limit));
+        let (batch, redacted_cells) =
+            ordered_and_limited(&batch, self.release, &identity, &self.kinds)?;
         if batch.num_rows() > max_rows {
             return Ok(Err(batch.num_rows()));
         }
-        let redacted_cells = batch
-            .columns()
-            .iter()
-            .zip(&self.kinds)
-            .filter(|(_, k)| **k != ColumnKind::Key)
-            .map(|(c, _)| c.null_count())
-            .sum();
         Ok(Ok(Controlled {
             batch,
             kinds: self.kinds,
@@ -402,11 +394,32 @@ fn derive(kind: StatKind, n: i64, sum: f64, squares: Option<f64>) -> Option<f64>
     }
 }
 
+/// Released rows in order (see [`order`]) and within the query's LIMIT,
+/// with the number of redacted statistics among them.
+pub(crate) fn ordered_and_limited(
+    batch: &RecordBatch,
+    release: &Release,
+    column_of: &[usize],
+    kinds: &[ColumnKind],
+) -> Result<(RecordBatch, usize), ArrowError> {
+    let batch = order(batch, release, column_of)?;
+    let limit = release.limit.unwrap_or(usize::MAX);
+    let batch = batch.slice(0, batch.num_rows().min(limit));
+    let redacted = batch
+        .columns()
+        .iter()
+        .zip(kinds)
+        .filter(|(_, k)| **k != ColumnKind::Key)
+        .map(|(c, _)| c.null_count())
+        .sum();
+    Ok((batch, redacted))
+}
+
 /// Sorts released rows by the query's ORDER BY, then by the group keys (so
 /// the order never depends on how the engine happened to emit groups).
 /// `column_of[i]` is the batch column of the release's output `i` (they
 /// differ where columns follow an output, as a mean's interval does).
-pub(crate) fn order(
+fn order(
     batch: &RecordBatch,
     release: &Release,
     column_of: &[usize],
