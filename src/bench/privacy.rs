@@ -341,11 +341,7 @@ pub fn normal_cdf(x: f64) -> f64 {
 /// exhausts, over `targets` targets.
 pub fn by_budget(store: &Path, targets: usize) -> anyhow::Result<Vec<Measured>> {
     let world = world(store)?;
-    let mut policy = TrePolicy::load(None)?;
-    policy.record_keys = Some(crate::tre::ckm::RecordKeys::from_bytes(&[0x3c; 32]));
-    for r in &mut policy.researchers {
-        r.rho_budget = f64::MAX / 4.0;
-    }
+    let policy = super::tre::bench_policy()?;
     let ckm = Attacker {
         store,
         policy: &policy,

@@ -48,10 +48,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// method and differential privacy.
 pub const RULE_SETS: [&str; 3] = ["demo-opensafely", "demo-planning-exempt", "demo-research"];
 
-/// The shipped policy, ready for any of its projects to be measured: a
-/// fixed perturbation key for the cell key method and a privacy budget a
-/// benchmark cannot spend (each charge is still a line of the audit log).
-fn bench_policy() -> anyhow::Result<TrePolicy> {
+/// The shipped policy, ready for any of its projects to be measured (here
+/// and by [`super::privacy`]): a fixed perturbation key for the cell key
+/// method and a privacy budget a benchmark cannot spend (each charge is
+/// still a line of the audit log).
+pub(crate) fn bench_policy() -> anyhow::Result<TrePolicy> {
     let mut policy = TrePolicy::load(None)?;
     policy.record_keys = Some(crate::tre::ckm::RecordKeys::from_bytes(&[0x5a; 32]));
     for r in &mut policy.researchers {
