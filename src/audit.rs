@@ -22,7 +22,7 @@ use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, from_slice};
 use crate::error::{Classify, ExitStatus};
 use crate::nhs_number::NhsNumber;
 use crate::store::StoreError;
-use crate::store::audit::{AuditError, AuditLog};
+use crate::store::audit::{AuditError, AuditLog, Head, Verified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditFailure {
@@ -32,6 +32,10 @@ pub enum AuditFailure {
         "audit log check failed: store generations {0} have no entry in the audit log (the log was cut short)"
     )]
     Missing(String),
+    #[error("no_rollback failed: {0}")]
+    Rollback(String),
+    #[error("log_extends_head failed: {0}")]
+    NotExtended(String),
     #[error("audit failed: {0}")]
     Checks(String),
     #[error(transparent)]
@@ -42,9 +46,11 @@ impl Classify for AuditFailure {
     fn exit_status(&self) -> ExitStatus {
         match self {
             AuditFailure::Broken(AuditError::Io { .. }) => ExitStatus::Internal,
-            AuditFailure::Broken(_) | AuditFailure::Missing(_) | AuditFailure::Checks(_) => {
-                ExitStatus::Refused
-            }
+            AuditFailure::Broken(_)
+            | AuditFailure::Missing(_)
+            | AuditFailure::Rollback(_)
+            | AuditFailure::NotExtended(_)
+            | AuditFailure::Checks(_) => ExitStatus::Refused,
             AuditFailure::Store(e) => e.exit_status(),
         }
     }
@@ -57,12 +63,36 @@ pub struct LogReport {
     pub generation: u64,
     pub queries: u64,
     pub refused: u64,
+    /// What `no_rollback` found (the files in force are those the log's
+    /// latest commit recorded).
+    pub rollback: String,
+    /// The head to publish.
+    pub published_head: Head,
 }
 
-/// Verifies the chain of `STORE/audit/log.jsonl` against the manifest.
-pub fn verify_log(store: &Path) -> Result<LogReport, AuditFailure> {
+/// Verifies the chain of `STORE/audit/log.jsonl` against the manifest, that
+/// the store has not been rolled back behind its log (`no_rollback`), and,
+/// given a published head, that the log still extends it.
+pub fn verify_log(store: &Path, expect: Option<&Head>) -> Result<LogReport, AuditFailure> {
     let manifest = crate::store::read_manifest(store)?;
     let verified = AuditLog::at(store).verify().map_err(AuditFailure::Broken)?;
+    if let Some(head) = expect {
+        verified.extends(head).map_err(AuditFailure::NotExtended)?;
+    }
+    let summary = log_summary(&manifest, &verified)?;
+    let rollback = no_rollback(&manifest, &verified).map_err(AuditFailure::Rollback)?;
+    Ok(LogReport {
+        rollback,
+        ..summary
+    })
+}
+
+/// The chain's figures, or `Missing` if a generation of the manifest has
+/// no entry in the log.
+fn log_summary(
+    manifest: &crate::store::Manifest,
+    verified: &Verified,
+) -> Result<LogReport, AuditFailure> {
     let logged: BTreeSet<u64> = verified
         .entries
         .iter()
@@ -87,11 +117,162 @@ pub fn verify_log(store: &Path) -> Result<LogReport, AuditFailure> {
     };
     Ok(LogReport {
         lines: verified.lines,
-        head: verified.head,
+        head: verified.head.clone(),
         generation: manifest.generation,
         queries: of("released") + of("refused") + of("error"),
         refused: of("refused"),
+        rollback: String::new(),
+        published_head: verified.head(),
     })
+}
+
+/// `no_rollback`: the store in force is the one the log says it should be.
+///
+/// Replays the `commit` entry of every generation (the files it put in
+/// force or took out, checked against its digest) and fails, naming the
+/// generation and the files, when
+/// - the log records a later generation than the manifest (a store restored
+///   from an older copy under the current log);
+/// - the manifest's files in force — data, tombstones, the NDOO set —
+///   differ from those the log's latest commit recorded;
+/// - a file in force is one a deletion's proof replaced (its
+///   `sha256_before`) and no later commit put it back.
+///
+/// Whether the files on disk are the manifest's is `files_match_manifest`;
+/// together the two tie what is on disk to the log.
+pub fn no_rollback(
+    manifest: &crate::store::Manifest,
+    verified: &Verified,
+) -> Result<String, String> {
+    let mut state: BTreeMap<String, String> = BTreeMap::new();
+    // When each path last changed, by generation.
+    let mut changed_at: BTreeMap<String, u64> = BTreeMap::new();
+    // The files deletions replaced: SHA-256 → the deletion's generation.
+    let mut deleted: BTreeMap<String, u64> = BTreeMap::new();
+    let mut committed: BTreeSet<u64> = BTreeSet::new();
+    let mut latest: Option<(u64, String)> = None;
+    for e in &verified.entries {
+        let generation = e.get("generation").and_then(Value::as_u64);
+        let event = e.get("event").and_then(Value::as_str).unwrap_or("");
+        if let Some(g) = generation
+            && latest.as_ref().is_none_or(|(l, _)| g > *l)
+        {
+            let time = e.get("time").and_then(Value::as_str).unwrap_or("");
+            latest = Some((g, format!("{event} at {time}")));
+        }
+        if event == "delete"
+            && let (Some(g), Some(proof)) = (generation, e.get("proof").and_then(Value::as_array))
+        {
+            for p in proof {
+                if let Some(before) = p.get("sha256_before").and_then(Value::as_str) {
+                    deleted.insert(before.to_owned(), g);
+                }
+            }
+        }
+        if event != "commit" {
+            continue;
+        }
+        let Some(g) = generation else {
+            return Err("a commit entry without a generation".into());
+        };
+        if !committed.insert(g) {
+            return Err(format!("generation {g} is committed twice in the log"));
+        }
+        for (path, sha) in e
+            .get("files_changed")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            match sha.as_str() {
+                Some(sha) => state.insert(path.clone(), sha.to_owned()),
+                None => state.remove(path),
+            };
+            changed_at.insert(path.clone(), g);
+        }
+        let digest = e.get("in_force_sha256").and_then(Value::as_str);
+        if digest != Some(crate::store::in_force_digest(&state).as_str()) {
+            return Err(format!(
+                "the log's file changes up to generation {g} do not add up to the digest its commit recorded"
+            ));
+        }
+    }
+    let Some((last, what)) = latest else {
+        return if manifest.generation == 0 {
+            Ok("an empty store and an empty log".into())
+        } else {
+            Err(format!(
+                "the manifest is generation {} but the log records none",
+                manifest.generation
+            ))
+        };
+    };
+    if let Some(g) = (1..=last).find(|g| !committed.contains(g)) {
+        return Err(format!(
+            "generation {g} has no commit record in the log (cut short, or written by a gpdp before commit records)"
+        ));
+    }
+    let in_force = manifest.files_in_force();
+    let mut differ = Vec::new();
+    for (path, sha) in &in_force {
+        match state.get(path) {
+            Some(s) if s == sha => {}
+            Some(_) => differ.push(format!("{path} (not the version the log recorded)")),
+            None => differ.push(format!("{path} (not in force according to the log)")),
+        }
+    }
+    for path in state.keys().filter(|p| !in_force.contains_key(*p)) {
+        differ.push(format!(
+            "{path} (in force according to the log, missing from the manifest)"
+        ));
+    }
+    for (path, sha) in &in_force {
+        if let Some(g) = deleted.get(sha)
+            && changed_at.get(path).is_none_or(|c| c <= g)
+        {
+            differ.push(format!(
+                "{path} (the file generation {g}'s deletion replaced, back in force)"
+            ));
+        }
+    }
+    let files = |d: &[String]| {
+        let shown: Vec<&str> = d.iter().take(8).map(String::as_str).collect();
+        let more = d.len().saturating_sub(shown.len());
+        format!(
+            "{}{}",
+            shown.join(", "),
+            if more > 0 {
+                format!(", and {more} more")
+            } else {
+                String::new()
+            }
+        )
+    };
+    if last > manifest.generation {
+        return Err(format!(
+            "the log records generation {last} ({what}) but the manifest in force is generation {}: the store was restored from an older copy; {} files differ from the log's: {}",
+            manifest.generation,
+            differ.len(),
+            files(&differ)
+        ));
+    }
+    if last < manifest.generation {
+        return Err(format!(
+            "the manifest is generation {} but the log's latest commit is generation {last}",
+            manifest.generation
+        ));
+    }
+    if !differ.is_empty() {
+        return Err(format!(
+            "generation {last}: {} files in force differ from those its commit recorded: {}",
+            differ.len(),
+            files(&differ)
+        ));
+    }
+    Ok(format!(
+        "generation {last} is the log's latest commit ({what}); its {} files in force are those the log recorded",
+        in_force.len()
+    ))
 }
 
 /// One check: its name, verdict and figures.
@@ -123,22 +304,62 @@ fn check(name: &'static str, passed: bool, detail: impl Into<String>) -> Check {
     }
 }
 
-/// Runs every check the inputs allow.
-pub fn audit(store: &Path, truth: Option<Truth>) -> anyhow::Result<AuditReport> {
+/// Runs every check the inputs allow; given a published head, also that
+/// the log extends it (`log_extends_head`).
+pub fn audit(
+    store: &Path,
+    truth: Option<Truth>,
+    expect: Option<&Head>,
+) -> anyhow::Result<AuditReport> {
     let manifest = crate::store::read_manifest(store)?;
     let mut checks = Vec::new();
-    checks.push(match verify_log(store) {
-        Ok(r) => check(
-            "audit_log_intact",
-            true,
-            format!(
-                "{} lines chained; every store generation up to {} recorded; {} queries ({} refused)",
-                r.lines, r.generation, r.queries, r.refused
+    let verified = AuditLog::at(store).verify();
+    checks.push(match &verified {
+        Ok(v) => match log_summary(&manifest, v) {
+            Ok(r) => check(
+                "audit_log_intact",
+                true,
+                format!(
+                    "{} lines chained; every store generation up to {} recorded; {} queries ({} refused)",
+                    r.lines, r.generation, r.queries, r.refused
+                ),
             ),
-        ),
-        Err(AuditFailure::Store(e)) => return Err(e.into()),
-        Err(e) => check("audit_log_intact", false, e.to_string()),
+            Err(e) => check("audit_log_intact", false, e.to_string()),
+        },
+        Err(e @ AuditError::Io { .. }) => return Err(anyhow::anyhow!("{e}")),
+        Err(e) => check("audit_log_intact", false, format!("audit log check failed: {e}")),
     });
+    checks.push(match &verified {
+        Ok(v) => match no_rollback(&manifest, v) {
+            Ok(detail) => check("no_rollback", true, detail),
+            Err(detail) => check("no_rollback", false, detail),
+        },
+        Err(_) => check(
+            "no_rollback",
+            false,
+            "the audit log cannot be read as a chain",
+        ),
+    });
+    if let Some(head) = expect {
+        checks.push(match &verified {
+            Ok(v) => match v.extends(head) {
+                Ok(()) => check(
+                    "log_extends_head",
+                    true,
+                    format!(
+                        "the log ({} lines) extends the published head at line {} (generation {})",
+                        v.lines, head.seq, head.generation
+                    ),
+                ),
+                Err(detail) => check("log_extends_head", false, detail),
+            },
+            Err(_) => check(
+                "log_extends_head",
+                false,
+                "the audit log cannot be read as a chain",
+            ),
+        });
+    }
     checks.push(files_intact(store, &manifest)?);
     let stored = StoredPatients::read(store, &manifest)?;
     let tombstoned: HashSet<Pseudonym> = match &manifest.tombstones {

@@ -4,8 +4,10 @@
 //! boundary (with one that it refuses); Type 1 opt-outs registered after
 //! collection, deleted everywhere; and an audit of the whole store against
 //! the ground truth; one question over Arrow Flight SQL through `gpdp serve`
-//! started for the purpose; then the report (`report/report.html` and `.json`). It
-//! says where everything is.
+//! started for the purpose; then the report (`report/report.html` and `.json`),
+//! the public data-uses register (`register/register.html` and `.json`) with
+//! the audit log's head to publish, and one patient's own answer at the
+//! practice (`gpdp optout status`). It says where everything is.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,12 @@ pub struct DemoOutcome {
     pub audit: crate::audit::AuditReport,
     /// `report.html` (beside it, `report.json`).
     pub report_page: PathBuf,
+    /// The public register, `register.html` (beside it, `register.json`).
+    pub register_page: PathBuf,
+    /// The audit log's head, as the operator would publish it.
+    pub head: crate::store::audit::Head,
+    /// A patient's own answer at the practice: the first later Type 1 request.
+    pub status: crate::optout::status::Status,
     pub flight: FlightAnswer,
 }
 
@@ -248,12 +256,13 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
             dir: &extracts.join("truth"),
             key: &key,
         }),
+        None,
     )?;
 
     progress.stage("7/8 the TRE as a service: one question over Arrow Flight SQL");
     let flight = ask_over_flight(&store, &tre_policy)?;
 
-    progress.stage("8/8 writing the report");
+    progress.stage("8/8 writing the report and the public register");
     let built = crate::report::build(
         &store,
         Some(crate::report::TruthInput {
@@ -262,7 +271,18 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         }),
     )?;
     let (_, page) = crate::report::write(&built, &dir.join("report"))?;
+    let register = crate::register::build(&store, &tre_policy)?;
+    let (_, register_page) = crate::register::write(&register, &dir.join("register"))?;
+    let first_request = std::fs::read_to_string(&requests)?
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let status = crate::optout::status::status(&first_request, &store, &key, &tre_policy)?;
     Ok(DemoOutcome {
+        register_page,
+        head: register.log_head,
+        status,
         flight,
         report_page: page,
         dir: dir.to_owned(),

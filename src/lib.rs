@@ -33,6 +33,7 @@ pub mod nhs_number;
 pub mod optout;
 pub mod policy;
 pub mod progress;
+pub mod register;
 pub mod report;
 pub mod serve;
 pub mod store;

@@ -153,9 +153,20 @@ enum Command {
         /// The collection key, to pseudonymise the truth's NHS numbers.
         #[arg(long, requires = "truth")]
         key: Option<PathBuf>,
-        /// Only verify the hash chain of the audit log against the manifest.
+        /// Only verify the hash chain of the audit log against the manifest
+        /// (with `no_rollback`, and `--expect-head` if given).
         #[arg(long, conflicts_with = "truth")]
         verify_log: bool,
+        /// Print the log's head — `seq=N hash=H generation=G time=T` — for
+        /// the operator to publish outside the TRE (after checking the chain
+        /// and `no_rollback`).
+        #[arg(long, conflicts_with_all = ["truth", "verify_log"])]
+        head: bool,
+        /// A head published earlier (as `--head` printed it): fail
+        /// (`log_extends_head`) unless the log still extends it, which
+        /// catches a log and store rolled back together.
+        #[arg(long, value_name = "HEAD")]
+        expect_head: Option<gpdp::store::audit::Head>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -233,6 +244,19 @@ enum Command {
         #[arg(long, default_value = "gpdp-report")]
         out: PathBuf,
     },
+    /// Write the public data-uses register: projects, what they asked and
+    /// what was released, opt-out figures, the audit log's head, and a
+    /// plain-English section for patients (no pseudonym, key or NHS number).
+    Register {
+        #[arg(long)]
+        store: PathBuf,
+        /// The TRE policy whose projects to list (default: the built-in policies/tre.toml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Where to write register.html and register.json.
+        #[arg(long, default_value = "gpdp-register")]
+        out: PathBuf,
+    },
     /// Make a new 32-byte collection key (file mode 0600; never overwrites).
     Keygen {
         /// Path of the key file to create.
@@ -243,6 +267,23 @@ enum Command {
 
 #[derive(Subcommand)]
 enum OptoutCommand {
+    /// A patient's own answer, at the practice (needs the collection key):
+    /// are their records in the store, does a Type 1 opt-out or the
+    /// National Data Opt-out apply, and which projects' views can include them.
+    Status {
+        #[arg(long)]
+        nhs_number: String,
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// The TRE policy whose projects to check (default: the built-in policies/tre.toml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pseudonymise the National Data Opt-out list with the collection key and
     /// store it (only pseudonyms are stored); replaces the previous list.
     Ingest {
@@ -380,6 +421,24 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 println!("    {line}");
             }
             println!();
+            println!(
+                "8. Telling patients: the public data-uses register, and the log head to publish with it"
+            );
+            println!("   {}", o.register_page.display());
+            println!("   head: {}", o.head);
+            println!(
+                "   check later that the log still extends it: gpdp audit --store {} --expect-head '<head>'",
+                o.store.display()
+            );
+            println!();
+            println!(
+                "9. A patient's own answer at the practice (gpdp optout status), for the first later Type 1 request in {}",
+                o.requests.display()
+            );
+            for line in o.status.to_text().lines() {
+                println!("   {line}");
+            }
+            println!();
             println!("Outputs:");
             println!(
                 "  extracts (identifiable, practice side)  {}/practices/<ODS>/",
@@ -424,6 +483,10 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             println!(
                 "  the report (open it in a browser)       {}",
                 o.report_page.display()
+            );
+            println!(
+                "  the public data-uses register           {}",
+                o.register_page.display()
             );
             println!();
             println!("Ask your own question (demo credentials):");
@@ -619,16 +682,32 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             truth,
             key,
             verify_log,
+            head,
+            expect_head,
             json,
         } => {
-            if verify_log {
-                let r = gpdp::audit::verify_log(&store)?;
-                if json {
+            if verify_log || head {
+                let r = gpdp::audit::verify_log(&store, expect_head.as_ref())?;
+                if head && json {
+                    println!("{}", serde_json::to_string_pretty(&r.published_head)?);
+                } else if head {
+                    println!("{}", r.published_head);
+                } else if json {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                 } else {
                     println!(
-                        "audit log intact: {} lines, every store generation up to {} recorded, {} queries ({} refused); head {}",
-                        r.lines, r.generation, r.queries, r.refused, r.head
+                        "audit log intact: {} lines, every store generation up to {} recorded, {} queries ({} refused)\nno_rollback: {}{}\nhead: {}",
+                        r.lines,
+                        r.generation,
+                        r.queries,
+                        r.refused,
+                        r.rollback,
+                        if expect_head.is_some() {
+                            "\nlog_extends_head: the log extends the published head"
+                        } else {
+                            ""
+                        },
+                        r.published_head
                     );
                 }
                 return Ok(());
@@ -637,7 +716,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 (Some(dir), Some(key)) => Some(gpdp::audit::Truth { dir, key }),
                 _ => None,
             };
-            let r = gpdp::audit::audit(&store, truth)?;
+            let r = gpdp::audit::audit(&store, truth, expect_head.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -759,6 +838,39 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                     "FAILED"
                 }
             );
+            Ok(())
+        }
+        Command::Register { store, policy, out } => {
+            let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
+            let r = gpdp::register::build(&store, &policy)?;
+            let (json, html) = gpdp::register::write(&r, &out)?;
+            println!(
+                "wrote {} and {}: {} projects, {} released questions; publish the log head with it:\n{}",
+                html.display(),
+                json.display(),
+                r.projects.len(),
+                r.released_queries.len(),
+                r.log_head
+            );
+            Ok(())
+        }
+        Command::Optout {
+            command:
+                OptoutCommand::Status {
+                    nhs_number,
+                    store,
+                    key,
+                    policy,
+                    json,
+                },
+        } => {
+            let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
+            let s = gpdp::optout::status::status(&nhs_number, &store, &key, &policy)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", s.to_text());
+            }
             Ok(())
         }
         Command::Keygen { out } => {

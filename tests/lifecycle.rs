@@ -345,7 +345,7 @@ impl World {
                 ));
             }
         }
-        gpdp::audit::verify_log(&store).map_err(|e| e.to_string())?;
+        gpdp::audit::verify_log(&store, None).map_err(|e| e.to_string())?;
         // Through the research project's views: stored patients minus the NDOO.
         let policy = TrePolicy::load(None).unwrap();
         let manifest = gpdp::store::read_manifest(&store).unwrap();

@@ -126,8 +126,13 @@ fn later_opt_outs_are_deleted_everywhere_with_proof_and_the_audit_passes() {
 
     // The proof is in the audit log, with counts, never numbers.
     let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
-    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    // The delete entry, then the generation's commit record.
+    let lines: Vec<&str> = log.lines().collect();
+    let last: serde_json::Value = serde_json::from_str(lines[lines.len() - 2]).unwrap();
     assert_eq!(last["entry"]["event"], "delete");
+    let commit: serde_json::Value = serde_json::from_str(lines[lines.len() - 1]).unwrap();
+    assert_eq!(commit["entry"]["event"], "commit");
+    assert_eq!(commit["entry"]["generation"], last["entry"]["generation"]);
     assert_eq!(last["entry"]["reason"], "type1_request");
     for p in last["entry"]["proof"].as_array().unwrap() {
         assert!(p["rows_after"].as_u64() < p["rows_before"].as_u64());

@@ -3,4 +3,5 @@
 
 pub mod apply;
 pub mod ndoo;
+pub mod status;
 pub mod type1;

@@ -161,6 +161,9 @@ pub struct Project {
     /// Whether the National Data Opt-out removes patients from this project's views.
     pub ndoo_applies: bool,
     pub exemption: Option<String>,
+    /// The lawful basis the public register shows (`legal_basis`); an
+    /// exempt project without one shows its exemption.
+    pub legal_basis: Option<String>,
     pub tables: Vec<String>,
     /// View columns a released result may be grouped by.
     pub group_keys: Vec<String>,
@@ -267,6 +270,7 @@ struct RawProject {
     purpose: String,
     ndoo: String,
     exemption: Option<String>,
+    legal_basis: Option<String>,
     tables: Vec<String>,
     group_keys: Vec<String>,
     filter_columns: Option<Vec<String>>,
@@ -500,6 +504,7 @@ impl TrePolicy {
                     purpose: p.purpose,
                     ndoo_applies,
                     exemption: p.exemption,
+                    legal_basis: p.legal_basis,
                     tables: p.tables,
                     group_keys: p.group_keys,
                     filter_columns,

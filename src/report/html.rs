@@ -88,7 +88,7 @@ fn format_axis(y: f64) -> String {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -114,7 +114,7 @@ fn checks_table(checks: &[Check]) -> String {
     t + "</table>"
 }
 
-fn kv_table(rows: &[(&str, String)]) -> String {
+pub(crate) fn kv_table(rows: &[(&str, String)]) -> String {
     let mut t = String::from("<table>");
     for (k, v) in rows {
         let _ = write!(t, "<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(v));
@@ -122,7 +122,7 @@ fn kv_table(rows: &[(&str, String)]) -> String {
     t + "</table>"
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2a33;line-height:1.45}\
+pub(crate) const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2a33;line-height:1.45}\
 h1{font-size:1.6em}h2{border-bottom:2px solid #2e6f8e;padding-bottom:.2em;margin-top:2em}\
 table{border-collapse:collapse;margin:.8em 0;font-size:.92em}td,th{border:1px solid #c9d4da;padding:.3em .6em;text-align:left;vertical-align:top}\
 th{background:#eef3f6}.pass{color:#1f7a3a;font-weight:600}.fail{color:#b3261e;font-weight:700}\
@@ -431,6 +431,8 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
         }
         h += "</table><p class=\"note\">Every charge is a line of the store's hash-chained audit log, written before the query ran; a query that would overspend is refused (<code>budget_exhausted</code>) and costs nothing. zCDP's ρ adds up over queries; ε = ρ + 2√(ρ ln(1/δ)).</p>";
     }
+    h += "<h3>By project and month, as the public register publishes them</h3><p class=\"note\">The same figures, computed by the same code, as <code>gpdp register</code> writes to <code>register.html</code> for the public (with the released SQL, the opt-out figures and the audit log's head).</p>";
+    h += &crate::register::html::activity_table(&t.register_activity);
     h += "<table><tr><th>project</th><th>purpose</th><th>National Data Opt-out</th><th>disclosure rules</th></tr>";
     for p in &t.projects {
         let _ = write!(

@@ -172,6 +172,9 @@ pub struct Tre {
     /// Differential privacy: each researcher's spending on this store
     /// (from the ledger in the audit log) against their budget.
     pub privacy_budgets: Vec<Budget>,
+    /// Per project and month: the figures the public register
+    /// (`gpdp register`) publishes, computed by the same code.
+    pub register_activity: Vec<crate::register::Activity>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -234,6 +237,7 @@ pub fn build(store: &Path, truth: Option<TruthInput>) -> anyhow::Result<Report> 
         truth
             .as_ref()
             .and_then(|t| t.key.map(|key| crate::audit::Truth { dir: t.dir, key })),
+        None,
     )?;
     let tre = tre(&log, &policy, &audit);
     let collection = collection(store, &manifest, &receipts, &rt)?;
@@ -272,6 +276,26 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<(PathBuf, PathBuf)> 
     std::fs::write(&page, html::render(report)?)
         .with_context(|| format!("writing {}", page.display()))?;
     Ok((json, page))
+}
+
+/// What the collection policy does to each extract column, in words.
+pub fn column_actions(policy: &CollectionPolicy) -> Vec<ColumnAction> {
+    let mut columns = Vec::new();
+    for table in Table::ALL {
+        for (column, action) in table.columns().iter().zip(policy.actions(table)) {
+            columns.push(ColumnAction {
+                table: table.name().to_owned(),
+                column: column.name.to_owned(),
+                action: match action {
+                    Action::Pseudonymise => "pseudonymise".to_owned(),
+                    Action::Generalise(rule) => format!("generalise ({rule:?})").to_lowercase(),
+                    Action::Keep => "keep".to_owned(),
+                    Action::Drop => "drop".to_owned(),
+                },
+            });
+        }
+    }
+    columns
 }
 
 fn read_receipts(store: &Path, manifest: &Manifest) -> anyhow::Result<Vec<Receipt>> {
@@ -339,21 +363,7 @@ fn collection(
     }
     let hashes: BTreeSet<String> = receipts.iter().map(|r| r.policy_sha256.clone()).collect();
     let builtin = CollectionPolicy::load(None)?;
-    let mut columns = Vec::new();
-    for table in Table::ALL {
-        for (column, action) in table.columns().iter().zip(builtin.actions(table)) {
-            columns.push(ColumnAction {
-                table: table.name().to_owned(),
-                column: column.name.to_owned(),
-                action: match action {
-                    Action::Pseudonymise => "pseudonymise".to_owned(),
-                    Action::Generalise(rule) => format!("generalise ({rule:?})").to_lowercase(),
-                    Action::Keep => "keep".to_owned(),
-                    Action::Drop => "drop".to_owned(),
-                },
-            });
-        }
-    }
+    let columns = column_actions(&builtin);
     Ok(Collection {
         practices: receipts.len() as u64,
         rows_in: receipts.iter().map(Receipt::rows_in_total).sum(),
@@ -826,6 +836,7 @@ fn tre(log: &[Value], policy: &TrePolicy, audit: &crate::audit::AuditReport) -> 
         chain_intact,
         chain,
         privacy_budgets: budgets(log, policy),
+        register_activity: crate::register::activity(log),
     }
 }
 

@@ -60,6 +60,117 @@ pub struct Verified {
     /// The highest store generation any entry records.
     pub last_generation: u64,
     pub entries: Vec<Value>,
+    /// Each line's hash, in order (`hashes[seq - 1]`).
+    pub hashes: Vec<String>,
+}
+
+/// The head of the log, as an operator publishes it outside the TRE:
+/// `seq=57 hash=<64 hex> generation=3 time=2026-12-02T10:00:00.000Z`.
+/// Whoever holds an older head can later check that the log still extends
+/// it (`gpdp audit --expect-head`), so a log and store rolled back together
+/// are caught.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
+    pub generation: u64,
+    pub time: String,
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seq={} hash={} generation={} time={}",
+            self.seq, self.hash, self.generation, self.time
+        )
+    }
+}
+
+impl std::str::FromStr for Head {
+    type Err = String;
+
+    /// Reads the published line; `seq` and `hash` are required (they are
+    /// what is checked), `generation` and `time` are informative.
+    fn from_str(s: &str) -> Result<Head, String> {
+        let mut head = Head {
+            seq: 0,
+            hash: String::new(),
+            generation: 0,
+            time: String::new(),
+        };
+        let (mut seq, mut hash) = (false, false);
+        for part in s.split_whitespace() {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not key=value"))?;
+            match k {
+                "seq" => {
+                    head.seq = v
+                        .parse()
+                        .map_err(|_| format!("seq `{v}` is not a number"))?;
+                    seq = true;
+                }
+                "hash" => {
+                    if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!("hash `{v}` is not 64 hex digits"));
+                    }
+                    head.hash = v.to_ascii_lowercase();
+                    hash = true;
+                }
+                "generation" => {
+                    head.generation = v
+                        .parse()
+                        .map_err(|_| format!("generation `{v}` is not a number"))?;
+                }
+                "time" => head.time = v.to_owned(),
+                _ => return Err(format!("unknown field `{k}`")),
+            }
+        }
+        if !(seq && hash) {
+            return Err("a head needs seq=N and hash=H (as `gpdp audit --head` prints)".into());
+        }
+        Ok(head)
+    }
+}
+
+impl Verified {
+    /// The head of this log (`seq=0` and the genesis hash when empty).
+    pub fn head(&self) -> Head {
+        Head {
+            seq: self.lines,
+            hash: self.head.clone(),
+            generation: self.last_generation,
+            time: self
+                .entries
+                .iter()
+                .rev()
+                .find_map(|e| e.get("time").and_then(Value::as_str))
+                .unwrap_or("")
+                .to_owned(),
+        }
+    }
+
+    /// Whether this log extends `earlier`: it has a line `earlier.seq` with
+    /// `earlier.hash` (the chain makes every line before it follow).
+    pub fn extends(&self, earlier: &Head) -> Result<(), String> {
+        if earlier.seq == 0 {
+            return Ok(());
+        }
+        match self.hashes.get(earlier.seq as usize - 1) {
+            None => Err(format!(
+                "the log has {} lines but the published head is line {}: the log was cut short or rolled back",
+                self.lines, earlier.seq
+            )),
+            Some(h) if *h != earlier.hash => Err(format!(
+                "line {} has hash {} but the published head says {}: the log was rewritten from there",
+                earlier.seq,
+                &h[..12],
+                &earlier.hash[..12]
+            )),
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 pub struct AuditLog {
@@ -263,6 +374,7 @@ impl AuditLog {
                 v.last_generation = v.last_generation.max(g);
             }
             v.entries.push(entry);
+            v.hashes.push(line.hash.clone());
             v.head = line.hash;
             v.lines = n;
         }

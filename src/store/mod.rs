@@ -133,6 +133,60 @@ pub struct Manifest {
     pub commit_log: Vec<Value>,
 }
 
+impl Manifest {
+    /// Every file this manifest puts in force — data files, the tombstones
+    /// and the NDOO set — as path → SHA-256.
+    pub fn files_in_force(&self) -> BTreeMap<String, String> {
+        self.batches
+            .values()
+            .flat_map(|b| b.files.values())
+            .chain(self.tombstones.iter())
+            .chain(self.ndoo.iter())
+            .map(|f| (f.path.clone(), f.sha256.clone()))
+            .collect()
+    }
+}
+
+/// One digest of a set of files in force: SHA-256 over `path\tsha256\n`
+/// lines in path order. The `commit` entry of every generation carries it,
+/// so an auditor replaying the log's file changes can check each step.
+pub fn in_force_digest(files: &BTreeMap<String, String>) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (path, sha) in files {
+        ctx.update(path.as_bytes());
+        ctx.update(b"\t");
+        ctx.update(sha.as_bytes());
+        ctx.update(b"\n");
+    }
+    hex(ctx.finish().as_ref())
+}
+
+/// The `commit` audit entry that goes with every new generation: which
+/// files it put in force or took out (`null`), and a digest of all of them.
+/// Replayed from the first generation, these entries say which files the
+/// log holds to be in force, whatever the manifest on disk says — the check
+/// that catches a store restored from a backup (`gpdp audit`'s
+/// `no_rollback`).
+fn commit_entry(before: &Manifest, after: &Manifest) -> Value {
+    let (old, new) = (before.files_in_force(), after.files_in_force());
+    let mut changed = serde_json::Map::new();
+    for (path, sha) in &new {
+        if old.get(path) != Some(sha) {
+            changed.insert(path.clone(), Value::from(sha.as_str()));
+        }
+    }
+    for path in old.keys().filter(|p| !new.contains_key(*p)) {
+        changed.insert(path.clone(), Value::Null);
+    }
+    serde_json::json!({
+        "event": "commit",
+        "time": now_rfc3339(),
+        "files_changed": changed,
+        "files_in_force": new.len(),
+        "in_force_sha256": in_force_digest(&new),
+    })
+}
+
 /// One tombstone: this patient's data must not be in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tombstone {
@@ -263,13 +317,10 @@ impl Store {
     }
 
     fn referenced(&self) -> HashSet<PathBuf> {
-        let m = &self.manifest;
-        m.batches
-            .values()
-            .flat_map(|b| b.files.values())
-            .chain(m.tombstones.iter())
-            .chain(m.ndoo.iter())
-            .map(|f| self.root.join(&f.path))
+        self.manifest
+            .files_in_force()
+            .into_keys()
+            .map(|p| self.root.join(p))
             .collect()
     }
 
@@ -340,12 +391,14 @@ impl Store {
     }
 
     /// Makes `next` the store's state: writes it beside the current manifest,
-    /// fsyncs, renames over it, then appends `next.commit_log` to the audit
-    /// log and removes the files the new manifest no longer references (and
+    /// fsyncs, renames over it, then appends `next.commit_log` — with the
+    /// generation's `commit` entry added — to the audit log and removes the files the new manifest no longer references (and
     /// only those: other batches may be staged beside them).
     pub fn commit(&mut self, mut next: Manifest) -> Result<(), StoreError> {
         next.generation = self.manifest.generation + 1;
         next.format = 1;
+        let record = commit_entry(&self.manifest, &next);
+        next.commit_log.push(record);
         for e in &mut next.commit_log {
             if let Some(o) = e.as_object_mut() {
                 o.insert("generation".into(), Value::from(next.generation));

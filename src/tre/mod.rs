@@ -197,6 +197,23 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
     })
 }
 
+/// Statistics released in a result: the non-null cells of its statistic
+/// columns (a 95% interval's ends go with their mean, not counted apart).
+fn released_cells(batch: &arrow::array::RecordBatch) -> u64 {
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .filter(|(f, _)| {
+            f.metadata()
+                .get("gpdp.statistic")
+                .is_some_and(|s| !s.starts_with("ci95"))
+        })
+        .map(|(_, c)| (c.len() - c.null_count()) as u64)
+        .sum()
+}
+
 /// Appends one request to the store's audit log: who asked what, the plan
 /// fingerprint, and the outcome: `released` with the result's figures
 /// (`Some`) — including, for the operator, the rows withheld —, `described`
@@ -229,6 +246,7 @@ fn audit(
             let c = &r.result;
             o.insert("outcome".into(), json!("released"));
             o.insert("rows".into(), json!(c.batch.num_rows()));
+            o.insert("cells_released".into(), json!(released_cells(&c.batch)));
             o.insert("redacted_cells".into(), json!(c.redacted_cells));
             o.insert("withheld_rows".into(), json!(c.operator.withheld_rows));
             o.insert("groups".into(), json!(c.operator.groups));
