@@ -487,14 +487,19 @@ fn a_patient_gets_their_own_answer_at_the_practice() {
     );
 
     // On the National Data Opt-out: in the store, in the exempt project only.
-    let nd = truth
-        .iter()
-        .find(|r| {
-            r["ndoo"] == "true"
-                && r["type1_anywhere"] == "false"
-                && !later.contains(&r["nhs_number"])
-        })
-        .unwrap();
+    // The first patient with no Type 1 code and no later request, on the
+    // NDOO list or not.
+    let first = |ndoo: &str| {
+        truth
+            .iter()
+            .find(|r| {
+                r["ndoo"] == ndoo
+                    && r["type1_anywhere"] == "false"
+                    && !later.contains(&r["nhs_number"])
+            })
+            .unwrap()
+    };
+    let nd = first("true");
     let s = status(&nd["nhs_number"]);
     assert_eq!(
         (s["in_store"].clone(), s["national_data_opt_out"].clone()),
@@ -505,14 +510,7 @@ fn a_patient_gets_their_own_answer_at_the_practice() {
     assert!(project(&s, "demo-planning-exempt"));
 
     // Nobody's opt-out: in every project.
-    let plain = truth
-        .iter()
-        .find(|r| {
-            r["ndoo"] == "false"
-                && r["type1_anywhere"] == "false"
-                && !later.contains(&r["nhs_number"])
-        })
-        .unwrap();
+    let plain = first("false");
     let s = status(&plain["nhs_number"]);
     assert_eq!(s["in_store"], true);
     assert!(s["type1"].is_null() && s["national_data_opt_out"] == false);
