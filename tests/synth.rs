@@ -544,3 +544,196 @@ fn type1_codes_come_from_the_policy() {
     assert!(codes.contains("111") && codes.contains("222"));
     assert!(!codes.contains("827241000000103"));
 }
+
+/// Provider extracts (DESIGN §9): ehrQL's columns; one linkage-truth row per
+/// provider record that says, correctly, whose it is and why it does or
+/// does not link; deaths that agree with the GP record but for the
+/// disagreements and registration delays the summary counts; and the
+/// biases the model claims (emergency admissions by deprivation, linkage
+/// failures by ethnicity, admissions by age).
+#[test]
+fn provider_extracts_agree_with_the_gp_population_and_their_linkage_truth() {
+    let root = data();
+    let apcs = Csv::read(&root.join("linked/apcs.csv"));
+    assert_eq!(
+        apcs.header.join(","),
+        "nhs_number,apcs_ident,admission_date,discharge_date,admission_method,primary_diagnosis,all_diagnoses,all_procedures,days_in_critical_care,discharge_destination"
+    );
+    let ons = Csv::read(&root.join("linked/ons_deaths.csv"));
+    let mut want = vec!["nhs_number", "date", "underlying_cause_of_death"];
+    let causes: Vec<String> = (1..=15).map(|k| format!("cause_of_death_{k:02}")).collect();
+    want.extend(causes.iter().map(String::as_str));
+    want.push("place");
+    assert_eq!(ons.header, want);
+    let linkage = Csv::read(&root.join("truth/linkage.csv"));
+    assert_eq!(
+        linkage.header.join(","),
+        "source,line,person,linkable,reason,age_band,sex,ethnicity,imd_decile"
+    );
+
+    // The GP side: who is registered anywhere, and their recorded deaths.
+    let registered: HashSet<String> = Csv::read(&root.join("truth/patients.csv"))
+        .records()
+        .into_iter()
+        .map(|r| r["nhs_number"].clone())
+        .collect();
+    let mut gp_death: HashMap<String, String> = HashMap::new();
+    for dir in practice_dirs(root) {
+        for r in Csv::read(&dir.join("patients.csv")).records() {
+            if !r["date_of_death"].is_empty() {
+                gp_death.insert(r["nhs_number"].clone(), r["date_of_death"].clone());
+            }
+        }
+    }
+
+    // Every provider record has exactly one truth row, and it is right.
+    let files = [("apcs", &apcs), ("ons_deaths", &ons)];
+    let mut seen: HashSet<(String, usize)> = HashSet::new();
+    let mut reasons: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let (mut same_date, mut other_date) = (0u64, 0u64);
+    for r in linkage.records() {
+        let (source, line) = (r["source"].clone(), r["line"].parse::<usize>().unwrap());
+        assert!(
+            seen.insert((source.clone(), line)),
+            "{source} line {line} twice"
+        );
+        let file = files.iter().find(|(s, _)| *s == source).unwrap().1;
+        let row = &file.rows[line - 1].1;
+        let recorded = &row[0];
+        let person = &r["person"];
+        match r["reason"].as_str() {
+            "linked" => assert!(recorded == person && registered.contains(person)),
+            "not_registered_with_gp" => {
+                assert!(recorded == person && !registered.contains(person));
+                assert!(nhs_valid(person));
+            }
+            "missing_nhs_number" => assert!(recorded.is_empty()),
+            "invalid_nhs_number" => assert!(!recorded.is_empty() && !nhs_valid(recorded)),
+            other => panic!("reason {other}"),
+        }
+        assert_eq!(r["linkable"] == "true", r["reason"] == "linked");
+        *reasons
+            .entry((source.clone(), r["reason"].clone()))
+            .or_default() += 1;
+        if source == "ons_deaths"
+            && let Some(gp) = gp_death.get(person)
+        {
+            if *gp == row[1] {
+                same_date += 1;
+            } else {
+                other_date += 1;
+            }
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        apcs.rows.len() + ons.rows.len(),
+        "a provider record without truth"
+    );
+    let s = summary(root)["counts"]["linked"].clone();
+    assert_eq!(s["apcs_spells"], apcs.rows.len() as u64);
+    assert_eq!(s["ons_deaths_registered"], ons.rows.len() as u64);
+    for (source, key) in [
+        ("apcs", "apcs_by_reason"),
+        ("ons_deaths", "ons_deaths_by_reason"),
+    ] {
+        for reason in [
+            "linked",
+            "not_registered_with_gp",
+            "missing_nhs_number",
+            "invalid_nhs_number",
+        ] {
+            let n = reasons
+                .get(&(source.to_owned(), reason.to_owned()))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(s[key][reason], n, "{source} {reason}");
+        }
+    }
+    // Every failure kind occurs; most records link.
+    let linked = reasons[&("apcs".to_owned(), "linked".to_owned())] as f64;
+    assert!(linked / apcs.rows.len() as f64 > 0.9, "{reasons:?}");
+    for reason in [
+        "not_registered_with_gp",
+        "missing_nhs_number",
+        "invalid_nhs_number",
+    ] {
+        assert!(
+            reasons.contains_key(&("apcs".to_owned(), reason.to_owned())),
+            "{reason}"
+        );
+    }
+
+    // Deaths: nearly every GP death is registered, mostly on the same date;
+    // the summary counts those that differ and those not yet registered.
+    let gp_deaths_registered = same_date + other_date;
+    assert_eq!(
+        gp_deaths_registered + s["gp_deaths_not_yet_registered"].as_u64().unwrap(),
+        gp_death.len() as u64,
+        "every GP death is registered or counted as not yet"
+    );
+    assert!(other_date as f64 <= 0.1 * gp_deaths_registered as f64 + 3.0);
+    assert!(same_date as f64 >= 0.85 * gp_death.len() as f64);
+    assert!(s["ons_death_not_in_gp_record"].as_u64().unwrap() > 0);
+
+    // The biases: emergency admissions by deprivation, linkage failures by
+    // ethnicity, admissions by age.
+    let apcs_truth: Vec<_> = linkage
+        .records()
+        .into_iter()
+        .filter(|r| r["source"] == "apcs")
+        .collect();
+    let share = |rows: &[&BTreeMap<String, String>],
+                 hit: &dyn Fn(&BTreeMap<String, String>) -> bool| {
+        rows.iter().filter(|r| hit(r)).count() as f64 / rows.len().max(1) as f64
+    };
+    let method = |r: &BTreeMap<String, String>| -> String {
+        apcs.rows[r["line"].parse::<usize>().unwrap() - 1].1[4].clone()
+    };
+    let deprived: Vec<_> = apcs_truth
+        .iter()
+        .filter(|r| r["imd_decile"].parse::<u8>().unwrap() <= 3)
+        .collect();
+    // Five practices cover few areas in deciles 8-10: compare with 6-10.
+    let affluent: Vec<_> = apcs_truth
+        .iter()
+        .filter(|r| r["imd_decile"].parse::<u8>().unwrap() >= 6)
+        .collect();
+    let emergency = |r: &BTreeMap<String, String>| method(r).starts_with('2');
+    assert!(
+        share(&deprived, &emergency) > share(&affluent, &emergency) + 0.03,
+        "emergency share {} (IMD 1-3) vs {} (IMD 6-10)",
+        share(&deprived, &emergency),
+        share(&affluent, &emergency)
+    );
+    let registered_rows: Vec<_> = apcs_truth
+        .iter()
+        .filter(|r| r["reason"] != "not_registered_with_gp")
+        .collect();
+    let white: Vec<_> = registered_rows
+        .iter()
+        .copied()
+        .filter(|r| r["ethnicity"] == "White")
+        .collect();
+    let minority: Vec<_> = registered_rows
+        .iter()
+        .copied()
+        .filter(|r| !["White", "Not stated"].contains(&r["ethnicity"].as_str()))
+        .collect();
+    let failed = |r: &BTreeMap<String, String>| r["reason"] != "linked";
+    assert!(
+        share(&minority, &failed) > share(&white, &failed),
+        "linkage failure {} (ethnic minority groups) vs {} (White)",
+        share(&minority, &failed),
+        share(&white, &failed)
+    );
+    let old = apcs_truth
+        .iter()
+        .filter(|r| ["70-79", "80+"].contains(&r["age_band"].as_str()))
+        .count();
+    let young = apcs_truth
+        .iter()
+        .filter(|r| ["16-29"].contains(&r["age_band"].as_str()))
+        .count();
+    assert!(old > young, "{old} spells at 70+, {young} at 16-29");
+}

@@ -14,6 +14,7 @@
 //! that looks like an extract.
 
 pub mod codelists;
+pub mod linked;
 pub mod names;
 pub mod person;
 pub mod population;
@@ -186,7 +187,14 @@ pub fn run(opts: &SynthOptions, progress: &Progress) -> Result<SynthReport, Synt
     };
     let dates = DateTable::new(extract - 110 * 366, extract + 1);
 
-    for dir in ["practices", "national", "reference", "truth", ".parts"] {
+    for dir in [
+        "practices",
+        "national",
+        "reference",
+        "truth",
+        "linked",
+        ".parts",
+    ] {
         let d = root.join(dir);
         std::fs::create_dir_all(&d).map_err(io_at(&d))?;
     }
@@ -243,9 +251,17 @@ pub fn run(opts: &SynthOptions, progress: &Progress) -> Result<SynthReport, Synt
     for (_, t) in tallies.into_inner().unwrap_or_else(|e| e.into_inner()) {
         tally.merge(&t);
     }
+    progress.stage("people in provider data only");
+    let n = layout.practices.len();
+    tally.linked.merge(&write_unregistered(
+        &world,
+        &dates,
+        &root.join(".parts"),
+        n,
+    )?);
 
     progress.stage("joining national files");
-    let n = layout.practices.len();
+    join_linked(&root, n + 1)?;
     join_parts(
         &root,
         "truth",
@@ -358,6 +374,95 @@ fn write_reference(layout: &Layout, path: &Path) -> Result<(), SynthError> {
         w.into_inner().map_err(|e| e.into_error())?.sync_all()
     };
     write().map_err(io_at(path))
+}
+
+/// The provider-only people's share of the linked files: part `n`, after
+/// the practices'.
+fn write_unregistered(
+    world: &World,
+    dates: &DateTable,
+    parts: &Path,
+    n: usize,
+) -> Result<linked::LinkedTally, SynthError> {
+    let layout = world.layout;
+    let part = |ext: &str| -> Result<io::BufWriter<std::fs::File>, SynthError> {
+        let path = parts.join(format!("{n:06}.{ext}"));
+        Ok(io::BufWriter::new(
+            std::fs::File::create(&path).map_err(io_at(&path))?,
+        ))
+    };
+    let mut out = linked::Parts::new(part("apcs")?, part("ons")?, part("linkage")?);
+    let write = |out: &mut linked::Parts<io::BufWriter<std::fs::File>>| -> io::Result<()> {
+        for i in layout.unregistered() {
+            let s = linked::Subject::unregistered(
+                layout.seed,
+                i,
+                layout.nhs_number(i),
+                (world.window_start, world.extract),
+            );
+            out.emit(layout.seed, dates, &s, world.window_start, world.extract)?;
+        }
+        out.apcs.flush()?;
+        out.deaths.flush()?;
+        out.linkage.flush()
+    };
+    write(&mut out).map_err(io_at(parts))?;
+    Ok(out.tally)
+}
+
+/// Joins the linked parts of `parts` writers (practices, then the
+/// provider-only people) into `linked/apcs.csv`, `linked/ons_deaths.csv`
+/// and `truth/linkage.csv`, turning each part's local line numbers into
+/// the joined files' data line numbers.
+fn join_linked(root: &Path, parts: usize) -> Result<(), SynthError> {
+    join_parts(
+        root,
+        "apcs",
+        parts,
+        &root.join("linked/apcs.csv"),
+        linked::APCS_HEADER,
+    )?;
+    join_parts(
+        root,
+        "ons",
+        parts,
+        &root.join("linked/ons_deaths.csv"),
+        &linked::ons_deaths_header(),
+    )?;
+    let dest = root.join("truth/linkage.csv");
+    let join = || -> io::Result<()> {
+        use std::io::BufRead;
+        let mut w = io::BufWriter::new(std::fs::File::create(&dest)?);
+        writeln!(w, "{}", linked::LINKAGE_HEADER)?;
+        // Lines already joined, per source.
+        let (mut apcs, mut ons) = (0u64, 0u64);
+        for q in 0..parts {
+            let part = root.join(".parts").join(format!("{q:06}.linkage"));
+            let (mut last_apcs, mut last_ons) = (0u64, 0u64);
+            for line in io::BufReader::new(std::fs::File::open(part)?).lines() {
+                let line = line?;
+                let mut fields = line.splitn(3, ',');
+                let (Some(source), Some(n), Some(rest)) =
+                    (fields.next(), fields.next(), fields.next())
+                else {
+                    return Err(io::Error::other("a malformed linkage part"));
+                };
+                let n: u64 = n.parse().map_err(io::Error::other)?;
+                let offset = if source == "apcs" {
+                    last_apcs = n;
+                    apcs
+                } else {
+                    last_ons = n;
+                    ons
+                };
+                writeln!(w, "{source},{},{rest}", offset + n)?;
+            }
+            apcs += last_apcs;
+            ons += last_ons;
+        }
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    join().map_err(io_at(&dest))
 }
 
 fn join_parts(

@@ -108,12 +108,21 @@ impl Layout {
             practices,
             starts,
             lsoas,
-            nhs_prefixes: nhs_prefixes(seed, patients),
+            // The registered population's numbers, then those of people
+            // registered at no practice in the extract (provider data only);
+            // the first `patients` are the same either way.
+            nhs_prefixes: nhs_prefixes(seed, patients + unregistered(patients)),
         }
     }
 
     pub fn patients(&self) -> u64 {
         self.starts.last().copied().unwrap_or(0)
+    }
+
+    /// People registered at no practice in the extract, who appear only in
+    /// provider data (`linked/`): indices past the registered population.
+    pub fn unregistered(&self) -> Range<u64> {
+        self.patients()..self.nhs_prefixes.len() as u64
     }
 
     pub fn persons_of(&self, q: usize) -> Range<u64> {
@@ -179,6 +188,12 @@ fn nhs_prefixes(seed: u64, patients: u64) -> Vec<u32> {
         block -= 1;
     }
     out
+}
+
+/// How many people registered at no collected practice the providers see,
+/// for a registered population of `patients`.
+fn unregistered(patients: u64) -> u64 {
+    (patients as f64 * super::linked::UNREGISTERED_SHARE).round() as u64
 }
 
 /// How many valid NHS numbers the 999 test range holds.

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
+use super::linked::{Parts, Subject};
 use super::person::{
     ClinicalEvent, ETHNICITIES, FreeText, Issue, Kind, Person, Registration, Type1Pattern, World,
     age_band,
@@ -147,6 +148,7 @@ struct Out<'a> {
     bad: BufWriter<File>,
     code: &'a str,
     bad_rows: BadRows,
+    linked: Parts<BufWriter<File>>,
     tally: Tally,
 }
 
@@ -179,6 +181,7 @@ pub fn write_practice(
         bad_rows: BadRows {
             rng: Rng::new(layout.seed, Stream::BadRows, q as u64),
         },
+        linked: Parts::new(part("apcs")?, part("ons")?, part("linkage")?),
         tally: Tally::default(),
     };
 
@@ -192,6 +195,14 @@ pub fn write_practice(
             out.ndoo.write_all(b"\n")?;
         }
         emit(world, dates, &person, 0, &mut out, scratch)?;
+        let imd = layout.lsoas[person.current().lsoa as usize].imd_decile;
+        out.linked.emit(
+            layout.seed,
+            dates,
+            &Subject::of(&person, imd),
+            world.window_start,
+            world.extract,
+        )?;
         recycle(person, scratch);
         done += 1;
         if done.is_multiple_of(1024) {
@@ -213,9 +224,18 @@ pub fn write_practice(
     out.patients.finish()?;
     out.events.finish()?;
     out.medications.finish()?;
-    for mut w in [out.truth, out.ndoo, out.bad] {
+    let linked = out.linked;
+    for mut w in [
+        out.truth,
+        out.ndoo,
+        out.bad,
+        linked.apcs,
+        linked.deaths,
+        linked.linkage,
+    ] {
         w.flush()?;
     }
+    out.tally.linked = linked.tally;
     Ok(out.tally)
 }
 

@@ -20,6 +20,7 @@ pub enum Stream {
     Mover = 4,
     Practice = 5,
     BadRows = 6,
+    Linked = 7,
 }
 
 pub struct Rng(Xoshiro256PlusPlus);

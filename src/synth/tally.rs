@@ -38,6 +38,8 @@ pub struct Tally {
     pub free_text_rows: [u64; 2],
     pub expected_patients_out: u64,
     pub expected_rows_out: [u64; 3],
+    /// Hospital spells and death registrations (`linked/`).
+    pub linked: super::linked::LinkedTally,
 }
 
 fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
@@ -69,6 +71,7 @@ impl Tally {
         add(&mut self.free_text_rows, &o.free_text_rows);
         self.expected_patients_out += o.expected_patients_out;
         add(&mut self.expected_rows_out, &o.expected_rows_out);
+        self.linked.merge(&o.linked);
     }
 
     pub fn total_rows(&self) -> u64 {
@@ -128,6 +131,7 @@ impl Tally {
             }))).collect::<serde_json::Map<_, _>>(),
             "sensitive_events": SENSITIVE_CATEGORIES.iter().zip(&self.sensitive_events).map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "free_text_rows": {"clinical_events": self.free_text_rows[0], "medications": self.free_text_rows[1]},
+            "linked": self.linked.to_json(),
             "expected_collection": {
                 "note": "good rows of registrations whose practice record has no Type 1 dissent at the extract date; sensitive-code exclusion by policy is not applied here",
                 "patients_out": self.expected_patients_out,
