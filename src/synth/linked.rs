@@ -554,7 +554,8 @@ fn cause(rng: &mut Rng, s: &Subject, on: Day) -> &'static str {
         .filter(|(min, code)| age >= *min && !(*code == "C61X" && s.sex == Sex::Female))
         .map(|(_, c)| *c)
         .collect();
-    rng.pick(&fitting)
+    let chosen: &&'static str = rng.pick(&fitting);
+    chosen
 }
 
 /// The NHS number as the provider recorded it, and why it will or will not
