@@ -398,13 +398,7 @@ pub fn audit(
 
 /// Every file the manifest names exists with the recorded SHA-256.
 fn files_intact(store: &Path, manifest: &crate::store::Manifest) -> anyhow::Result<Check> {
-    let mut files: Vec<&crate::store::FileEntry> = manifest
-        .batches
-        .values()
-        .flat_map(|b| b.files.values())
-        .collect();
-    files.extend(manifest.tombstones.iter());
-    files.extend(manifest.ndoo.iter());
+    let files: Vec<&crate::store::FileEntry> = manifest.all_files().collect();
     let mut bad = Vec::new();
     for f in &files {
         match crate::store::sha256_file(&store.join(&f.path)) {
@@ -605,7 +599,74 @@ fn against_truth(
 
     checks.push(ndoo_unreachable(store, manifest, &rows)?);
     checks.extend(receipts_match_truth(store, manifest, truth.dir, &rows)?);
+    if !manifest.linked.is_empty() {
+        checks.push(linked_match_truth(store, manifest, truth.dir, &p, &rows)?);
+    }
     Ok(checks)
+}
+
+/// Provider data against `truth/linkage.csv`: each linked source holds
+/// exactly the rows whose NHS number the provider recorded validly (and
+/// every patient of them), the rest quarantined; and the Type 1 rule is
+/// the GP-only one — Type 1 patients' hospital and death records are kept
+/// (a Type 1 opt-out stops data leaving the practice), while
+/// `type1_patients_absent` shows none of their GP data is.
+fn linked_match_truth(
+    store: &Path,
+    manifest: &crate::store::Manifest,
+    truth_dir: &Path,
+    p: &Pseudonymiser,
+    rows: &[TruthRow],
+) -> anyhow::Result<Check> {
+    let path = truth_dir.join("linkage.csv");
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| {
+        crate::error::BadInput(format!("cannot read the truth {}: {e}", path.display()))
+    })?;
+    // Per source: (stored rows, quarantined rows, stored patients).
+    let mut expected: BTreeMap<String, (u64, u64, HashSet<Pseudonym>)> = BTreeMap::new();
+    for r in reader.records() {
+        let r = r?;
+        let e = expected.entry(r[0].to_owned()).or_default();
+        if matches!(&r[4], "linked" | "not_registered_with_gp") {
+            let number = NhsNumber::parse(r[2].as_bytes()).map_err(|_| {
+                crate::error::BadInput(format!("{}: an invalid person", path.display()))
+            })?;
+            e.0 += 1;
+            e.2.insert(p.patient(&number));
+        } else {
+            e.1 += 1;
+        }
+    }
+    let type1: HashSet<Pseudonym> = rows.iter().filter(|r| r.type1).map(|r| r.patient).collect();
+    let (mut passed, mut parts) = (true, Vec::new());
+    for (source, entry) in &manifest.linked {
+        let (rows_want, quarantined_want, patients_want) =
+            expected.get(source).cloned().unwrap_or_default();
+        let stored: HashSet<Pseudonym> =
+            crate::store::parquet::patient_ids(&store.join(&entry.file.path))?
+                .into_iter()
+                .collect();
+        let receipt: Value = serde_json::from_slice(&std::fs::read(store.join(&entry.receipt))?)?;
+        let quarantined: u64 = receipt["quarantined"]
+            .as_object()
+            .map_or(0, |q| q.values().filter_map(Value::as_u64).sum());
+        let ok = entry.file.rows == rows_want
+            && quarantined == quarantined_want
+            && stored == patients_want;
+        passed &= ok;
+        parts.push(format!(
+            "{source}: {} rows stored ({rows_want} expected), {quarantined} quarantined ({quarantined_want} expected), {} patients{}; {} of them Type 1 patients, kept (Type 1 covers GP data only)",
+            entry.file.rows,
+            stored.len(),
+            if stored == patients_want { "" } else { " (NOT the truth's)" },
+            stored.intersection(&type1).count()
+        ));
+    }
+    Ok(check(
+        "linked_records_match_truth",
+        passed,
+        parts.join("; "),
+    ))
 }
 
 /// Through the TRE's own views: no NDOO patient reachable by a project the

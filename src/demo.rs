@@ -39,6 +39,8 @@ pub struct DemoOutcome {
     pub report: synth::SynthReport,
     pub collection: CollectSummary,
     pub ndoo: crate::optout::ndoo::IngestReport,
+    /// Hospital spells and death registrations linked at their providers.
+    pub linked: Vec<crate::link::LinkReceipt>,
     pub questions: Vec<Question>,
     pub requests: PathBuf,
     pub later: crate::optout::apply::ApplyReport,
@@ -113,7 +115,7 @@ pub struct Question {
 /// Diabetes: any of the three diagnosis codes of synthetic-data/codelists/conditions.csv.
 const DIABETES: &str = "SELECT patient_id FROM clinical_events WHERE snomedct_code IN ('73211009', '46635009', '44054006')";
 
-const QUESTIONS: [(&str, &str, &str); 6] = [
+const QUESTIONS: [(&str, &str, &str); 7] = [
     (
         "Diabetes prevalence by age band: all patients, and those with a diabetes code",
         "demo-research",
@@ -128,6 +130,11 @@ const QUESTIONS: [(&str, &str, &str); 6] = [
         "HbA1c control: mean HbA1c (mmol/mol) by age band, with the number of tests",
         "demo-research",
         "SELECT p.age_band, count(*) AS tests, avg(c.numeric_value) AS mean_hba1c FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id WHERE c.snomedct_code = '999791000000106' GROUP BY p.age_band ORDER BY p.age_band",
+    ),
+    (
+        "Linked hospital data: patients with an emergency admission in 2025, by deprivation",
+        "demo-research",
+        "SELECT p.imd_decile, count(DISTINCT a.patient_id) AS emergency_patients FROM apcs a JOIN patients p ON a.patient_id = p.patient_id WHERE a.admission_method IN ('21', '22', '28') AND a.admission_year = 2025 GROUP BY p.imd_decile ORDER BY p.imd_decile",
     ),
     (
         "The National Data Opt-out at work (1/2): patients a research project can see",
@@ -200,7 +207,16 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         progress,
     )?;
 
-    progress.stage("3/8 ingesting the National Data Opt-out list (pseudonymised)");
+    progress.stage(
+        "3/8 linking hospital spells and death registrations; ingesting the National Data Opt-out list",
+    );
+    let linked = crate::link::link(&crate::link::LinkOptions {
+        extract: extracts.clone(),
+        store: store.clone(),
+        key: key.clone(),
+        policy: policy.clone(),
+        sources: Vec::new(),
+    })?;
     let ndoo = crate::optout::ndoo::ingest(
         &extracts.join("national/ndoo.csv"),
         &store,
@@ -293,6 +309,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         report,
         collection,
         ndoo,
+        linked,
         questions,
         requests,
         later,

@@ -72,6 +72,8 @@ pub fn exit_status_of(err: &anyhow::Error) -> ExitStatus {
             Some(e)
         } else if let Some(e) = cause.downcast_ref::<crate::deid::key::KeyError>() {
             Some(e)
+        } else if let Some(e) = cause.downcast_ref::<crate::link::LinkError>() {
+            Some(e)
         } else if let Some(e) = cause.downcast_ref::<crate::collect::CollectError>() {
             Some(e)
         } else if let Some(e) = cause.downcast_ref::<crate::store::StoreError>() {

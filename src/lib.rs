@@ -29,6 +29,7 @@ pub mod deid;
 pub mod demo;
 pub mod error;
 pub mod extract;
+pub mod link;
 pub mod nhs_number;
 pub mod optout;
 pub mod policy;

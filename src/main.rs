@@ -66,6 +66,28 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Link provider extracts (hospital spells, death registrations) into the
+    /// store at their provider: same key and pseudonym domain as collection,
+    /// the policy's [linked.*] columns, quarantine, one atomic commit each.
+    Link {
+        /// The extract directory (with linked/apcs.csv, linked/ons_deaths.csv).
+        #[arg(long)]
+        extract: PathBuf,
+        #[arg(long)]
+        store: PathBuf,
+        /// The collection key (the same one the GP extracts were collected with).
+        #[arg(long)]
+        key: PathBuf,
+        /// Link only this source: apcs or ons_deaths (repeatable; default: every one present).
+        #[arg(long = "source", value_parser = gpdp::link::parse_source)]
+        sources: Vec<gpdp::extract::Source>,
+        /// Collection policy (default: the built-in policies/collection.toml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print the receipts as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// De-identify practice extracts on collection into the store (Type 1 at
     /// source, keyed pseudonyms, generalisation, quarantine, atomic batches).
     Collect {
@@ -367,7 +389,19 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             print_collect_totals(&o.collection);
             println!();
             println!(
-                "3. National Data Opt-out list ingested: {} patients, stored only as pseudonyms",
+                "3. Linked at their providers with the same key (a Type 1 opt-out does not cover them; the NDOO does):"
+            );
+            for r in &o.linked {
+                println!(
+                    "   {}: {} rows in, {} stored, {} quarantined (missing or invalid NHS numbers: they cannot link)",
+                    r.source,
+                    r.rows_in,
+                    r.rows_out,
+                    r.quarantined.values().sum::<u64>()
+                );
+            }
+            println!(
+                "   National Data Opt-out list ingested: {} patients, stored only as pseudonyms",
                 o.ndoo.patients
             );
             println!();
@@ -530,6 +564,61 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             };
             let report = synth::run(&opts, progress)?;
             print_synth(&report);
+            Ok(())
+        }
+        Command::Link {
+            extract,
+            store,
+            key,
+            sources,
+            policy,
+            json,
+        } => {
+            let receipts = gpdp::link::link(&gpdp::link::LinkOptions {
+                extract,
+                store,
+                key,
+                policy: CollectionPolicy::load(policy.as_deref())?,
+                sources,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&receipts)?);
+                return Ok(());
+            }
+            for r in &receipts {
+                if !r.changed {
+                    println!(
+                        "{}: unchanged (batch {} is already in the store)",
+                        r.source, r.batch
+                    );
+                    continue;
+                }
+                let quarantined: Vec<String> = r
+                    .quarantined
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                println!(
+                    "{}: {} rows in, {} stored ({} patients), {} quarantined ({}); dropped {}; {:.0} rows/s; store generation {}",
+                    r.source,
+                    r.rows_in,
+                    r.rows_out,
+                    r.patients_out,
+                    r.quarantined.values().sum::<u64>(),
+                    if quarantined.is_empty() {
+                        "none".into()
+                    } else {
+                        quarantined.join(", ")
+                    },
+                    if r.dropped_columns.is_empty() {
+                        "nothing".into()
+                    } else {
+                        r.dropped_columns.join(", ")
+                    },
+                    r.rows_per_second,
+                    r.generation
+                );
+            }
             Ok(())
         }
         Command::Collect {

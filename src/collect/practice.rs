@@ -165,7 +165,15 @@ fn plan(table: Table, policy: &CollectionPolicy) -> Plan {
                 fields.push(Field::new(col.name, DataType::Float64, true));
                 fills.push(Fill::Number { col: i });
             }
-            (Kind::Sex | Kind::Category | Kind::Code | Kind::Name | Kind::FreeText, _) => {
+            (
+                Kind::Sex
+                | Kind::Category
+                | Kind::Code
+                | Kind::Name
+                | Kind::FreeText
+                | Kind::RecordId,
+                _,
+            ) => {
                 fields.push(Field::new(col.name, DataType::Utf8, !col.required));
                 fills.push(Fill::Text {
                     col: i,

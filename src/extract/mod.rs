@@ -41,6 +41,9 @@ pub enum Kind {
     Number,
     /// Free text: may name anyone; may only be dropped.
     FreeText,
+    /// A data provider's own record identifier (a hospital spell id): it
+    /// leads back to the provider's identified record; may only be dropped.
+    RecordId,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +88,73 @@ const MEDICATIONS: [Column; 5] = [
     col("quantity", Kind::Number, false),
     col("free_text", Kind::FreeText, false),
 ];
+
+/// The provider extracts of Data for R&D (DESIGN §9), at
+/// `EXTRACT/linked/<name>.csv`, each read by `gpdp link` at its provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// Hospital spells (HES APC / SUS APCS), ehrQL's `apcs` columns.
+    Apcs,
+    /// ONS death registrations, ehrQL's `ons_deaths` columns.
+    OnsDeaths,
+}
+
+const APCS: [Column; 10] = [
+    col("nhs_number", Kind::NhsNumber, true),
+    col("apcs_ident", Kind::RecordId, false),
+    col("admission_date", Kind::Date, true),
+    col("discharge_date", Kind::Date, false),
+    col("admission_method", Kind::Category, false),
+    col("primary_diagnosis", Kind::Code, true),
+    col("all_diagnoses", Kind::Code, false),
+    col("all_procedures", Kind::Code, false),
+    col("days_in_critical_care", Kind::Number, false),
+    col("discharge_destination", Kind::Category, false),
+];
+const ONS_DEATHS: [Column; 19] = [
+    col("nhs_number", Kind::NhsNumber, true),
+    col("date", Kind::Date, true),
+    col("underlying_cause_of_death", Kind::Code, true),
+    col("cause_of_death_01", Kind::Code, false),
+    col("cause_of_death_02", Kind::Code, false),
+    col("cause_of_death_03", Kind::Code, false),
+    col("cause_of_death_04", Kind::Code, false),
+    col("cause_of_death_05", Kind::Code, false),
+    col("cause_of_death_06", Kind::Code, false),
+    col("cause_of_death_07", Kind::Code, false),
+    col("cause_of_death_08", Kind::Code, false),
+    col("cause_of_death_09", Kind::Code, false),
+    col("cause_of_death_10", Kind::Code, false),
+    col("cause_of_death_11", Kind::Code, false),
+    col("cause_of_death_12", Kind::Code, false),
+    col("cause_of_death_13", Kind::Code, false),
+    col("cause_of_death_14", Kind::Code, false),
+    col("cause_of_death_15", Kind::Code, false),
+    col("place", Kind::Category, false),
+];
+
+impl Source {
+    pub const ALL: [Source; 2] = [Source::Apcs, Source::OnsDeaths];
+
+    /// The table (and TRE view) name, and the file's stem.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Apcs => "apcs",
+            Source::OnsDeaths => "ons_deaths",
+        }
+    }
+
+    pub fn columns(self) -> &'static [Column] {
+        match self {
+            Source::Apcs => &APCS,
+            Source::OnsDeaths => &ONS_DEATHS,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Source> {
+        Source::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
 
 impl Table {
     pub const ALL: [Table; 3] = [Table::Patients, Table::ClinicalEvents, Table::Medications];

@@ -28,7 +28,7 @@ use crate::store::StoreError;
 pub struct Status {
     /// Whether any table in force holds a row of this patient.
     pub in_store: bool,
-    /// Rows per table.
+    /// Rows per table (GP tables, and provider tables linked in).
     pub rows: BTreeMap<String, u64>,
     /// A tombstone in force: why and when (`None`: none).
     pub type1: Option<Type1Status>,
@@ -82,11 +82,11 @@ pub fn status(
     let patient = p.patient(&number);
 
     let mut rows = BTreeMap::new();
-    for batch in manifest.batches.values() {
-        for (table, file) in &batch.files {
-            *rows.entry(table.clone()).or_insert(0) +=
-                matching_rows(&store.join(&file.path), &patient)?;
-        }
+    let gp = manifest.batches.values().flat_map(|b| b.files.iter());
+    let linked = manifest.linked.iter().map(|(s, l)| (s, &l.file));
+    for (table, file) in gp.chain(linked) {
+        *rows.entry(table.clone()).or_insert(0) +=
+            matching_rows(&store.join(&file.path), &patient)?;
     }
     let type1 = match &manifest.tombstones {
         Some(t) => crate::store::read_tombstones(&store.join(&t.path))?
@@ -130,18 +130,19 @@ pub fn status(
                                 .await
                         })?;
                         if n > 0 {
-                            seen.push(format!("{table} ({n} rows)"));
+                            let s = if n == 1 { "" } else { "s" };
+                            seen.push(format!("{table} ({n} row{s})"));
                         }
                     }
                     if !seen.is_empty() {
                         (true, format!("its views include: {}", seen.join(", ")))
-                    } else if type1.is_some() {
-                        (false, "Type 1 opt-out: no records held".into())
                     } else if project.ndoo_applies && national_data_opt_out == Some(true) {
                         (
                             false,
                             "the National Data Opt-out applies to this project".into(),
                         )
+                    } else if type1.is_some() {
+                        (false, "Type 1 opt-out: no GP records held".into())
                     } else {
                         (false, "no records of this patient in the store".into())
                     }

@@ -15,7 +15,7 @@ use toml::Spanned;
 pub mod tre;
 
 use crate::error::{Classify, ExitStatus};
-use crate::extract::{Kind, Table};
+use crate::extract::{Kind, Source, Table};
 
 /// The policy shipped in `policies/collection.toml`, compiled in so that
 /// `gpdp demo` and `gpdp synth` work from any directory.
@@ -122,6 +122,9 @@ pub struct CollectionPolicy {
     pub excluded_codes: HashMap<String, String>,
     /// Per table, one action per column of `Table::columns()`, in that order.
     actions: [Vec<Action>; 3],
+    /// Per provider source, one action per column of `Source::columns()`
+    /// (empty: the policy has no `[linked.<source>]` section).
+    linked: [Vec<Action>; 2],
     /// SHA-256 of the policy text, recorded with every batch it governs.
     pub sha256: String,
 }
@@ -135,8 +138,13 @@ struct RawCollection {
     #[serde(default)]
     exclusions: BTreeMap<String, Vec<String>>,
     #[serde(default)]
-    tables: BTreeMap<Spanned<String>, BTreeMap<Spanned<String>, Spanned<RawColumn>>>,
+    tables: BTreeMap<Spanned<String>, RawColumns>,
+    /// Provider extracts (`gpdp link`): one section per source.
+    #[serde(default)]
+    linked: BTreeMap<Spanned<String>, RawColumns>,
 }
+
+type RawColumns = BTreeMap<Spanned<String>, Spanned<RawColumn>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -244,43 +252,28 @@ impl CollectionPolicy {
             let table = Table::from_name(name.get_ref()).ok_or_else(|| {
                 at(name.span(), format!("[tables.{}] is not an extract table (patients, clinical_events, medications)", name.get_ref()))
             })?;
-            let specs = table.columns();
-            let mut resolved = vec![None; specs.len()];
-            for (column, raw_col) in columns {
-                let i = specs
-                    .iter()
-                    .position(|c| c.name == column.get_ref())
-                    .ok_or_else(|| {
-                        at(
-                            column.span(),
-                            format!(
-                                "[tables.{}] {} is not a column of the {} extract (columns: {})",
-                                table.name(),
-                                column.get_ref(),
-                                table.name(),
-                                specs.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
-                            ),
-                        )
-                    })?;
-                let action = resolve(specs[i].kind, raw_col.get_ref()).map_err(|why| {
-                    at(
-                        raw_col.span(),
-                        format!("[tables.{}] {}: {why}", table.name(), specs[i].name),
-                    )
-                })?;
-                resolved[i] = Some(action);
-            }
-            if let Some(missing) = specs.iter().zip(&resolved).find(|(_, a)| a.is_none()) {
-                return Err(at(
+            actions[table as usize] =
+                resolve_columns("tables", table.name(), table.columns(), name, columns, &at)?;
+        }
+        let mut linked: [Vec<Action>; 2] = Default::default();
+        for (name, columns) in &raw.linked {
+            let source = Source::from_name(name.get_ref()).ok_or_else(|| {
+                at(
                     name.span(),
                     format!(
-                        "[tables.{}] says nothing about column {}; every column needs an action",
-                        table.name(),
-                        missing.0.name
+                        "[linked.{}] is not a provider extract (apcs, ons_deaths)",
+                        name.get_ref()
                     ),
-                ));
-            }
-            actions[table as usize] = resolved.into_iter().flatten().collect();
+                )
+            })?;
+            linked[source as usize] = resolve_columns(
+                "linked",
+                source.name(),
+                source.columns(),
+                name,
+                columns,
+                &at,
+            )?;
         }
         if let Some(t) = Table::ALL.iter().find(|t| actions[**t as usize].is_empty()) {
             return Err(invalid(format!(
@@ -297,6 +290,7 @@ impl CollectionPolicy {
             codec,
             excluded_codes,
             actions,
+            linked,
             sha256: sha256_hex(text.as_bytes()),
         })
     }
@@ -305,6 +299,59 @@ impl CollectionPolicy {
     pub fn actions(&self, table: Table) -> &[Action] {
         &self.actions[table as usize]
     }
+
+    /// The action for each column of a provider extract, in
+    /// `Source::columns()` order; `None` if the policy has no
+    /// `[linked.<source>]` section (then nothing of it may be linked).
+    pub fn linked_actions(&self, source: Source) -> Option<&[Action]> {
+        let a = &self.linked[source as usize];
+        (!a.is_empty()).then_some(a.as_slice())
+    }
+}
+
+/// Resolves one `[section.name]` of column actions against the format's
+/// columns: every column named, each action allowed for what it holds.
+fn resolve_columns(
+    section: &str,
+    table: &str,
+    specs: &[crate::extract::Column],
+    name: &Spanned<String>,
+    columns: &RawColumns,
+    at: &dyn Fn(std::ops::Range<usize>, String) -> PolicyError,
+) -> Result<Vec<Action>, PolicyError> {
+    let mut resolved = vec![None; specs.len()];
+    for (column, raw_col) in columns {
+        let i = specs
+            .iter()
+            .position(|c| c.name == column.get_ref())
+            .ok_or_else(|| {
+                at(
+                    column.span(),
+                    format!(
+                        "[{section}.{table}] {} is not a column of the {table} extract (columns: {})",
+                        column.get_ref(),
+                        specs.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?;
+        let action = resolve(specs[i].kind, raw_col.get_ref()).map_err(|why| {
+            at(
+                raw_col.span(),
+                format!("[{section}.{table}] {}: {why}", specs[i].name),
+            )
+        })?;
+        resolved[i] = Some(action);
+    }
+    if let Some(missing) = specs.iter().zip(&resolved).find(|(_, a)| a.is_none()) {
+        return Err(at(
+            name.span(),
+            format!(
+                "[{section}.{table}] says nothing about column {}; every column needs an action",
+                missing.0.name
+            ),
+        ));
+    }
+    Ok(resolved.into_iter().flatten().collect())
 }
 
 /// Checks an action against what the column holds. Direct identifiers can
@@ -330,6 +377,13 @@ fn resolve(kind: Kind, raw: &RawColumn) -> Result<Action, String> {
         (Kind::Name | Kind::FreeText, Action::Drop) => true,
         (Kind::Name | Kind::FreeText, _) => {
             return Err("a direct identifier can only be dropped".into());
+        }
+        (Kind::RecordId, Action::Drop) => true,
+        (Kind::RecordId, _) => {
+            return Err(
+                "a provider's record identifier leads back to its identified record; it can only be dropped"
+                    .into(),
+            );
         }
         (Kind::Postcode, Action::Drop | Action::Generalise(Rule::Lsoa)) => true,
         (Kind::Postcode, _) => {

@@ -12,7 +12,7 @@ use super::{PolicyError, read_or_default, sha256_hex, syntax_error};
 pub const DEFAULT_TRE_POLICY: &str = include_str!("../../policies/tre.toml");
 
 /// Columns of the TRE views that may ever be group keys.
-pub const GROUPABLE: [&str; 9] = [
+pub const GROUPABLE: [&str; 16] = [
     "age_band",
     "sex",
     "ethnicity",
@@ -22,15 +22,32 @@ pub const GROUPABLE: [&str; 9] = [
     "snomedct_code",
     "dmd_code",
     "event_year",
+    // Linked provider data (`apcs`, `ons_deaths`).
+    "admission_year",
+    "admission_method",
+    "primary_diagnosis_chapter",
+    "discharge_destination",
+    "death_year",
+    "underlying_cause_chapter",
+    "place",
 ];
 /// Columns of the TRE views whose values may be summed or averaged.
-pub const VALUE_COLUMNS: [&str; 2] = ["numeric_value", "quantity"];
+pub const VALUE_COLUMNS: [&str; 3] = ["numeric_value", "quantity", "days_in_critical_care"];
+/// Columns a predicate may test that are neither groupable nor values:
+/// event and admission dates (the date of death is to the month) and full
+/// diagnosis codes.
+const FILTER_ONLY: [&str; 4] = [
+    "date",
+    "admission_date",
+    "primary_diagnosis",
+    "underlying_cause_of_death",
+];
 /// Columns of the TRE views that a predicate may ever test (WHERE, FILTER,
-/// cohort subqueries): the groupable ones, event dates and the values.
+/// cohort subqueries): the groupable ones, event dates, codes and the values.
 pub fn filterable() -> Vec<&'static str> {
     GROUPABLE
         .iter()
-        .chain(&["date"])
+        .chain(&FILTER_ONLY)
         .chain(&VALUE_COLUMNS)
         .copied()
         .collect()
@@ -84,10 +101,36 @@ pub fn view_columns(table: &str) -> &'static [&'static str] {
             "dmd_code",
             "quantity",
         ],
+        "apcs" => &[
+            "patient_id",
+            "patient_key",
+            "admission_date",
+            "admission_year",
+            "admission_method",
+            "primary_diagnosis",
+            "primary_diagnosis_chapter",
+            "days_in_critical_care",
+            "discharge_destination",
+        ],
+        "ons_deaths" => &[
+            "patient_id",
+            "patient_key",
+            "date",
+            "death_year",
+            "underlying_cause_of_death",
+            "underlying_cause_chapter",
+            "place",
+        ],
         _ => &[],
     }
 }
-pub const TABLES: [&str; 3] = ["patients", "clinical_events", "medications"];
+pub const TABLES: [&str; 5] = [
+    "patients",
+    "clinical_events",
+    "medications",
+    "apcs",
+    "ons_deaths",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Disclosure {
@@ -454,8 +497,9 @@ impl TrePolicy {
             });
             let filter_columns = p.filter_columns.clone().unwrap_or_else(|| {
                 let mut f: Vec<String> = p.group_keys.clone();
-                for c in ["snomedct_code", "dmd_code", "event_year", "date"]
+                for c in ["snomedct_code", "dmd_code", "event_year"]
                     .iter()
+                    .chain(&FILTER_ONLY)
                     .chain(&VALUE_COLUMNS)
                 {
                     if in_tables(c) && !f.iter().any(|x| x == c) {

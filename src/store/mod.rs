@@ -128,22 +128,42 @@ pub struct Manifest {
     pub batches: BTreeMap<String, BatchEntry>,
     pub tombstones: Option<FileEntry>,
     pub ndoo: Option<FileEntry>,
+    /// Provider extracts linked in (`gpdp link`), by source (`apcs`,
+    /// `ons_deaths`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub linked: BTreeMap<String, LinkedEntry>,
     /// The audit entries of the commit that made this manifest.
     #[serde(default)]
     pub commit_log: Vec<Value>,
 }
 
+/// One provider extract's current batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkedEntry {
+    pub batch: String,
+    pub policy_sha256: String,
+    pub linked_at: String,
+    pub receipt: String,
+    pub file: FileEntry,
+}
+
 impl Manifest {
-    /// Every file this manifest puts in force — data files, the tombstones
-    /// and the NDOO set — as path → SHA-256.
+    /// Every file this manifest puts in force — GP and provider data files,
+    /// the tombstones and the NDOO set — as path → SHA-256.
     pub fn files_in_force(&self) -> BTreeMap<String, String> {
+        self.all_files()
+            .map(|f| (f.path.clone(), f.sha256.clone()))
+            .collect()
+    }
+
+    /// Every file entry this manifest references.
+    pub fn all_files(&self) -> impl Iterator<Item = &FileEntry> {
         self.batches
             .values()
             .flat_map(|b| b.files.values())
+            .chain(self.linked.values().map(|l| &l.file))
             .chain(self.tombstones.iter())
             .chain(self.ndoo.iter())
-            .map(|f| (f.path.clone(), f.sha256.clone()))
-            .collect()
     }
 }
 
@@ -258,7 +278,12 @@ impl Store {
         if !create && !root.join("manifest.json").exists() {
             return Err(StoreError::NotAStore(root.to_owned()));
         }
-        let tables = Table::ALL.map(|t| format!("tables/{}", t.name()));
+        let tables: Vec<String> = Table::ALL
+            .iter()
+            .map(|t| t.name())
+            .chain(crate::extract::Source::ALL.iter().map(|s| s.name()))
+            .map(|t| format!("tables/{t}"))
+            .collect();
         for dir in ["optouts", "receipts", "audit"]
             .iter()
             .copied()
@@ -331,6 +356,9 @@ impl Store {
         let mut dirs = vec![self.root.join("optouts")];
         for t in Table::ALL {
             dirs.push(self.root.join("tables").join(t.name()));
+        }
+        for s in crate::extract::Source::ALL {
+            dirs.push(self.root.join("tables").join(s.name()));
         }
         for dir in dirs {
             let Ok(entries) = std::fs::read_dir(&dir) else {

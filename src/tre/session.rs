@@ -139,12 +139,65 @@ fn view_sql(table: &str) -> &'static str {
             "SELECT patient_id, patient_key, date, gpdp_year(date) AS event_year, snomedct_code, numeric_value \
              FROM raw_clinical_events WHERE {optouts}"
         }
-        _ => {
+        "medications" => {
             "SELECT patient_id, patient_key, date, gpdp_year(date) AS event_year, dmd_code, quantity \
              FROM raw_medications WHERE {optouts}"
         }
+        "apcs" => {
+            "SELECT patient_id, patient_key, admission_date, gpdp_year(admission_date) AS admission_year, \
+             admission_method, primary_diagnosis, \
+             {chapter(primary_diagnosis)} AS primary_diagnosis_chapter, \
+             days_in_critical_care, discharge_destination \
+             FROM raw_apcs WHERE {optouts}"
+        }
+        _ => {
+            "SELECT patient_id, patient_key, date, gpdp_year(date) AS death_year, \
+             underlying_cause_of_death, \
+             {chapter(underlying_cause_of_death)} AS underlying_cause_chapter, place \
+             FROM raw_ons_deaths WHERE {optouts}"
+        }
     }
 }
+
+/// The ICD-10 chapter (I–XXII, WHO) of a code without dots, by the code's
+/// place in the chapters' ranges (`D48` < `D5` < `D50`, so plain string
+/// order finds it).
+fn icd10_chapter(column: &str) -> String {
+    const FROM: [(&str, &str); 21] = [
+        ("C", "I"),
+        ("D5", "II"),
+        ("E", "III"),
+        ("F", "IV"),
+        ("G", "V"),
+        ("H", "VI"),
+        ("H6", "VII"),
+        ("I", "VIII"),
+        ("J", "IX"),
+        ("K", "X"),
+        ("L", "XI"),
+        ("M", "XII"),
+        ("N", "XIII"),
+        ("O", "XIV"),
+        ("P", "XV"),
+        ("Q", "XVI"),
+        ("R", "XVII"),
+        ("S", "XVIII"),
+        ("U", "XIX"),
+        ("V", "XXII"),
+        ("Z", "XX"),
+    ];
+    let mut sql = String::from("CASE");
+    for (below, chapter) in FROM {
+        sql += &format!(" WHEN {column} < '{below}' THEN '{chapter}'");
+    }
+    sql + " ELSE 'XXI' END"
+}
+
+/// The ICD-10 chapters, in order (the domain of the chapter columns).
+pub const ICD10_CHAPTERS: [&str; 22] = [
+    "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII", "XIII", "XIV", "XV",
+    "XVI", "XVII", "XVIII", "XIX", "XX", "XXI", "XXII",
+];
 
 /// Builds the session for one request.
 pub async fn open(
@@ -197,11 +250,50 @@ pub async fn open(
             .map_err(TreError::internal)?;
     }
     let optouts = not_in(&lists);
+    // Provider data: the NDOO applies, a Type 1 opt-out does not (it stops
+    // data leaving the GP practice; these records never came from one).
+    let ndoo_only = not_in(
+        &lists
+            .iter()
+            .copied()
+            .filter(|(l, _)| *l == "raw_ndoo")
+            .collect::<Vec<_>>(),
+    );
+    for source in crate::extract::Source::ALL {
+        let name = source.name();
+        if !project.tables.iter().any(|t| t == name) {
+            continue;
+        }
+        let table: Arc<dyn datafusion::catalog::TableProvider> = match manifest.linked.get(name) {
+            Some(l) => listing(&internal, store, std::slice::from_ref(&l.file.path)).await?,
+            // Nothing linked yet: the view is there, and empty.
+            None => Arc::new(
+                datafusion::datasource::MemTable::try_new(
+                    crate::link::stored_schema(source, &crate::link::default_actions(source)?),
+                    vec![vec![]],
+                )
+                .map_err(TreError::internal)?,
+            ),
+        };
+        internal
+            .register_table(format!("raw_{name}"), table)
+            .map_err(TreError::internal)?;
+    }
 
     let ctx = new_context(policy)?;
     let mut views = HashMap::new();
     for table in &project.tables {
-        let sql = view_sql(table).replace("{optouts}", &optouts);
+        let linked = crate::extract::Source::from_name(table).is_some();
+        let sql = view_sql(table)
+            .replace("{optouts}", if linked { &ndoo_only } else { &optouts })
+            .replace(
+                "{chapter(primary_diagnosis)}",
+                &icd10_chapter("primary_diagnosis"),
+            )
+            .replace(
+                "{chapter(underlying_cause_of_death)}",
+                &icd10_chapter("underlying_cause_of_death"),
+            );
         let plan = internal
             .sql(&sql)
             .await

@@ -173,15 +173,22 @@ pub fn read_table(store: &Path, table: &str) -> Vec<arrow::array::RecordBatch> {
     let m = manifest(store);
     let mut out = Vec::new();
     for batch in m["batches"].as_object().unwrap().values() {
-        let path = store.join(batch["files"][table]["path"].as_str().unwrap());
-        let file = std::fs::File::open(&path).unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap();
-        out.extend(reader.map(|b| b.unwrap()));
+        out.extend(read_parquet(
+            &store.join(batch["files"][table]["path"].as_str().unwrap()),
+        ));
     }
     out
+}
+
+/// Every record batch of one Parquet file.
+pub fn read_parquet(path: &Path) -> Vec<arrow::array::RecordBatch> {
+    let file = std::fs::File::open(path).unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
 }
 
 /// Every value of every column of every batch, as text (binary as hex).
