@@ -216,6 +216,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         key: key.clone(),
         policy: policy.clone(),
         sources: Vec::new(),
+        quarantine: None,
     })?;
     let ndoo = crate::optout::ndoo::ingest(
         &extracts.join("national/ndoo.csv"),

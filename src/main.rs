@@ -580,6 +580,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 key,
                 policy: CollectionPolicy::load(policy.as_deref())?,
                 sources,
+                quarantine: None,
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&receipts)?);

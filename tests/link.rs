@@ -298,3 +298,76 @@ fn linked_views_answer_research_questions_under_the_grammar() {
         assert!(stderr(&o).contains(rule), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn the_report_measures_linkage_and_its_bias_against_the_truth() {
+    let c = collected_with_ndoo(4, 2500, 87, 8);
+    assert!(link(&c, &[]).status.success());
+    let out = c._dir.path().join("report");
+    let o = gpdp()
+        .arg("report")
+        .args(c.truth_args())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Linked data: linkage quality and its bias"));
+
+    // The truth, independently: a record should link when its person has
+    // GP data in the store (any registration without a Type 1 dissent);
+    // it links when the provider recorded a valid number.
+    let truth = Csv::read(&c.extract.join("truth/patients.csv")).records();
+    let dissent: HashSet<&String> = truth
+        .iter()
+        .filter(|r| r["type1_at_extract"] == "true")
+        .map(|r| &r["nhs_number"])
+        .collect();
+    let stored: HashSet<&String> = truth
+        .iter()
+        .map(|r| &r["nhs_number"])
+        .filter(|n| !dissent.contains(n))
+        .collect();
+    for s in r["linkage"]["sources"].as_array().unwrap() {
+        let source = s["source"].as_str().unwrap();
+        let rows = truth_rows(&c.extract, source);
+        let should: Vec<_> = rows
+            .iter()
+            .filter(|t| stored.contains(&t["person"]))
+            .collect();
+        let linked = should.iter().filter(|t| t["reason"] == "linked").count();
+        assert_eq!(s["records"], rows.len() as u64, "{source}");
+        assert_eq!(s["of_stored_patients"], should.len() as u64, "{source}");
+        assert_eq!(s["linked"], linked as u64, "{source}");
+        // By ethnicity, group by group.
+        let by = s["by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "ethnicity")
+            .unwrap();
+        for g in by["groups"].as_array().unwrap() {
+            let v = g["value"].as_str().unwrap();
+            let of: Vec<_> = should.iter().filter(|t| t["ethnicity"] == v).collect();
+            assert_eq!(g["of_stored_patients"], of.len() as u64, "{source} {v}");
+            assert_eq!(
+                g["linked"],
+                of.iter().filter(|t| t["reason"] == "linked").count() as u64,
+                "{source} {v}"
+            );
+        }
+    }
+    // Deaths: most GP deaths are registered with ONS, mostly in the same month.
+    let d = &r["linkage"]["deaths"];
+    let (gp, registered, same) = (
+        d["gp_deaths"].as_u64().unwrap(),
+        d["registered"].as_u64().unwrap(),
+        d["same_month"].as_u64().unwrap(),
+    );
+    assert!(gp > 0 && registered <= gp && registered + d["gp_only"].as_u64().unwrap() == gp);
+    assert!(registered as f64 >= 0.8 * gp as f64, "{d}");
+    assert!(same as f64 >= 0.9 * registered as f64, "{d}");
+}

@@ -146,7 +146,16 @@ fn the_rust_client_gets_what_gpdp_query_releases_and_nothing_more() {
                 .await
                 .unwrap();
         let names: Vec<String> = batch_rows(&batches).iter().map(|r| r[2].clone()).collect();
-        assert_eq!(names, ["clinical_events", "medications", "patients"]);
+        assert_eq!(
+            names,
+            [
+                "apcs",
+                "clinical_events",
+                "medications",
+                "ons_deaths",
+                "patients"
+            ]
+        );
         // Server information, for JDBC tools: read-only.
         let info = client
             .get_sql_info(vec![arrow_flight::sql::SqlInfo::FlightSqlServerReadOnly])

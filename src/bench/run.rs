@@ -67,6 +67,9 @@ pub struct ScaleRun {
     pub patients: u64,
     pub practices: u32,
     pub collect: Measured,
+    /// `gpdp link` of the population's hospital spells and death
+    /// registrations into the collected store, in the same run.
+    pub link: Measured,
     pub baseline: Measured,
     /// gpdp rows/s ÷ baseline rows/s.
     pub ratio_to_baseline: f64,
@@ -172,7 +175,8 @@ fn population(
     let dir = opts
         .data
         .join(format!("synth-{patients}-{practices}-seed1"));
-    if dir.join("truth/summary.json").is_file() {
+    // A population cached before provider data existed is made again.
+    if dir.join("truth/summary.json").is_file() && dir.join("linked").is_dir() {
         return Ok(dir);
     }
     if dir.exists() {
@@ -262,6 +266,38 @@ fn measure_collection(
         ..m
     });
     Ok((summary, m, options))
+}
+
+/// Links the population's provider extracts into the collected store, measured.
+fn measure_link(
+    policy: &CollectionPolicy,
+    extract: &Path,
+    scratch: &Path,
+    collected: &CollectOptions,
+) -> anyhow::Result<Measured> {
+    let (receipts, m) = measured(|| {
+        Ok(crate::link::link(&crate::link::LinkOptions {
+            extract: extract.to_owned(),
+            store: collected.store.clone(),
+            key: collected.key.clone(),
+            policy: policy.clone(),
+            sources: Vec::new(),
+            quarantine: Some(scratch.join("quarantine")),
+        })?)
+    })?;
+    let bytes_in = crate::extract::Source::ALL
+        .iter()
+        .filter_map(|s| {
+            std::fs::metadata(extract.join("linked").join(format!("{}.csv", s.name()))).ok()
+        })
+        .map(|m| m.len())
+        .sum();
+    Ok(rates(Measured {
+        rows_in: receipts.iter().map(|r| r.rows_in).sum(),
+        rows_out: receipts.iter().map(|r| r.rows_out).sum(),
+        bytes_in,
+        ..m
+    }))
 }
 
 /// Seconds per stage summed over the receipts, with the commit's, and each
@@ -361,6 +397,11 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
         }
 
         progress.stage(&format!(
+            "scale {scale}: linking hospital spells and death registrations"
+        ));
+        let link = measure_link(&policy, &extract, &scratch, &collected)?;
+
+        progress.stage(&format!(
             "scale {scale}: the baseline (plain CSV to Parquet)"
         ));
         let (b, m) = measured(|| {
@@ -392,6 +433,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
             practices,
             ratio_to_baseline: collect.rows_per_second / baseline.rows_per_second.max(1e-9),
             collect,
+            link,
             baseline,
             stage_seconds,
             stage_shares,
@@ -514,7 +556,11 @@ impl BenchReport {
         let mut out = format!("gpdp bench ({} threads)\n\n", self.threads);
         out += "scale  patients  run       rows in  MB in   rows out  wall s   cpu s   M rows/s   MB/s  peak MiB\n";
         for r in &self.runs {
-            for (name, m) in [("gpdp", &r.collect), ("baseline", &r.baseline)] {
+            for (name, m) in [
+                ("gpdp", &r.collect),
+                ("link", &r.link),
+                ("baseline", &r.baseline),
+            ] {
                 out += &format!(
                     "{:>5}  {:>8}  {:<8} {:>9} {:>6.0} {:>10} {:>7.2} {:>7.2} {:>10.2} {:>6.0} {:>9.0}\n",
                     r.scale,

@@ -99,6 +99,8 @@ pub struct LinkOptions {
     pub policy: CollectionPolicy,
     /// The sources to link (all present ones when empty).
     pub sources: Vec<Source>,
+    /// Where quarantined rows are listed (default: `EXTRACT/quarantine`).
+    pub quarantine: Option<PathBuf>,
 }
 
 /// Links each source of `opts.extract/linked/` into the store.
@@ -143,7 +145,10 @@ pub fn link(opts: &LinkOptions) -> Result<Vec<LinkReceipt>, LinkError> {
         }
         .into());
     }
-    let quarantine_dir = opts.extract.join("quarantine");
+    let quarantine_dir = opts
+        .quarantine
+        .clone()
+        .unwrap_or_else(|| opts.extract.join("quarantine"));
     let mut receipts = Vec::new();
     for source in sources {
         receipts.push(link_source(

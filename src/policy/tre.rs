@@ -823,10 +823,25 @@ mod tests {
     fn filter_and_value_columns_default_to_the_tables() {
         let p = TrePolicy::load(None).unwrap();
         let research = &p.projects["demo-research"];
-        for c in ["sex", "snomedct_code", "date", "numeric_value", "quantity"] {
+        for c in [
+            "sex",
+            "snomedct_code",
+            "date",
+            "numeric_value",
+            "quantity",
+            "admission_date",
+            "primary_diagnosis",
+        ] {
             assert!(research.filter_columns.iter().any(|f| f == c), "{c}");
         }
-        assert_eq!(research.value_columns, ["numeric_value", "quantity"]);
+        assert_eq!(
+            research.value_columns,
+            ["numeric_value", "quantity", "days_in_critical_care"]
+        );
+        // A project without the linked tables gets none of their columns.
+        let acro = &p.projects["demo-prescribing-acro"];
+        assert_eq!(acro.value_columns, ["numeric_value", "quantity"]);
+        assert!(!acro.filter_columns.iter().any(|f| f == "admission_date"));
         assert!(!research.filter_columns.iter().any(|f| f == "birth_month"));
     }
 }

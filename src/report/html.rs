@@ -451,7 +451,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
     let tp = &r.throughput;
     let _ = writeln!(
         h,
-        "<h2>6. Throughput and timeliness</h2>{}</body></html>",
+        "<h2>6. Throughput and timeliness</h2>{}",
         kv_table(&[
             ("rows collected (current batches)", tp.rows_in.to_string()),
             (
@@ -465,5 +465,9 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
             ("rows per second", format!("{:.0}", tp.rows_per_second)),
         ])
     );
+    if let Some(l) = &r.linkage {
+        h += &super::linkage::render(l)?;
+    }
+    h += "</body></html>\n";
     Ok(h)
 }

@@ -20,6 +20,7 @@
 //! from extract to research-ready data).
 
 pub mod html;
+pub mod linkage;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,9 @@ pub struct Report {
     pub reidentification: Risk,
     pub tre: Tre,
     pub throughput: Throughput,
+    /// Linkage quality of provider data against the truth (with linked
+    /// data, `--truth` and `--key`).
+    pub linkage: Option<linkage::Linkage>,
     /// Seconds it took to build this report.
     pub seconds: f64,
 }
@@ -251,7 +255,15 @@ pub fn build(store: &Path, truth: Option<TruthInput>) -> anyhow::Result<Report> 
     )?;
     let reidentification = risk(store, &manifest, &rt)?;
     let throughput = throughput(&receipts, &log, &manifest);
+    let linkage = match &truth {
+        Some(TruthInput {
+            dir,
+            key: Some(key),
+        }) => linkage::build(store, &manifest, dir, key)?,
+        _ => None,
+    };
     Ok(Report {
+        linkage,
         schema: "gpdp-report/1",
         generated_at: crate::store::now_rfc3339(),
         store: store.display().to_string(),
