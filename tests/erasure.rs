@@ -442,21 +442,7 @@ fn a_patient_gets_their_own_answer_at_the_practice() {
     let truth = Csv::read(&c.extract.join("truth/patients.csv")).records();
     let later = later_opt_outs(&c, 3);
     apply_later(&c, &later);
-    let status = |nhs: &str| -> serde_json::Value {
-        let o = run(&[
-            "optout",
-            "status",
-            "--nhs-number",
-            nhs,
-            "--store",
-            c.store.to_str().unwrap(),
-            "--key",
-            c.key.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_str(&stdout(&o)).unwrap()
-    };
+    let status = |nhs: &str| optout_status(&c, nhs);
     let project = |s: &serde_json::Value, id: &str| -> bool {
         s["projects"]
             .as_array()

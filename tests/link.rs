@@ -160,21 +160,7 @@ fn a_type1_opt_out_leaves_provider_data_and_the_ndoo_removes_it_from_research_vi
 
     // Per patient, through each project's views: `gpdp optout status` asks
     // the views the TRE builds.
-    let status = |nhs: &str| -> serde_json::Value {
-        let o = run(&[
-            "optout",
-            "status",
-            "--nhs-number",
-            nhs,
-            "--store",
-            c.store.to_str().unwrap(),
-            "--key",
-            c.key.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_str(&stdout(&o)).unwrap()
-    };
+    let status = |nhs: &str| optout_status(&c, nhs);
     let because = |s: &serde_json::Value, project: &str| -> String {
         s["projects"]
             .as_array()

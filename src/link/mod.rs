@@ -491,10 +491,24 @@ fn write_source(
         .position(|c| c.kind == Kind::NhsNumber)
         .unwrap_or(0);
     loop {
-        match reader.read_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => return Err(bad_input(format!("line {}: {e}", line + 1))),
+        let more = reader
+            .read_record(&mut record)
+            .map_err(|e| bad_input(format!("line {}: {e}", line + 1)))?;
+        if !more || pending == BATCH_ROWS {
+            if pending > 0 {
+                flush(
+                    &schema,
+                    &mut ids,
+                    &mut keys,
+                    &mut builders,
+                    &mut writer,
+                    &write_err,
+                )?;
+                pending = 0;
+            }
+            if !more {
+                break;
+            }
         }
         line += 1;
         receipt.rows_in += 1;
@@ -549,27 +563,6 @@ fn write_source(
         }
         receipt.rows_out += 1;
         pending += 1;
-        if pending == BATCH_ROWS {
-            flush(
-                &schema,
-                &mut ids,
-                &mut keys,
-                &mut builders,
-                &mut writer,
-                &write_err,
-            )?;
-            pending = 0;
-        }
-    }
-    if pending > 0 {
-        flush(
-            &schema,
-            &mut ids,
-            &mut keys,
-            &mut builders,
-            &mut writer,
-            &write_err,
-        )?;
     }
     receipt.patients_out = patients.len() as u64;
     writer.finish().map_err(|e| write_err(e.to_string()))

@@ -297,6 +297,23 @@ impl Collected {
     }
 }
 
+/// `gpdp optout status --json` for one NHS number, at the practice.
+pub fn optout_status(c: &Collected, nhs: &str) -> serde_json::Value {
+    let o = run(&[
+        "optout",
+        "status",
+        "--nhs-number",
+        nhs,
+        "--store",
+        c.store.to_str().unwrap(),
+        "--key",
+        c.key.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
 /// `gpdp query --store STORE` as alice in demo-opensafely (deterministic rules, so
 /// that answers compare exactly), with `rest` (options, then the SQL).
 pub fn query_as_alice(store: &Path, rest: &[&str]) -> Output {
