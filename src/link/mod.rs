@@ -21,7 +21,7 @@
 //! cover them: the TRE's views remove NDOO patients from linked tables in
 //! every project it applies to.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -482,7 +482,7 @@ fn write_source(
     let mut ids = FixedSizeBinaryBuilder::new(32);
     let mut keys = Int64Builder::new();
     let mut builders = new_builders();
-    let mut patients: HashSet<[u8; 32]> = HashSet::new();
+    let mut pseudonyms: HashMap<[u8; 10], [u8; 32]> = HashMap::new();
     let mut record = csv::StringRecord::new();
     let mut line = 1u64;
     let mut pending = 0usize;
@@ -549,8 +549,10 @@ fn write_source(
             quarantine.extend_from_slice(format!("{line},{r}\n").as_bytes());
             continue;
         };
-        let id = p.patient(&nhs);
-        patients.insert(id);
+        // A patient has several spells: one HMAC each, not one a row.
+        let id = *pseudonyms
+            .entry(*nhs.as_bytes())
+            .or_insert_with(|| p.patient(&nhs));
         ids.append_value(id).map_err(|e| write_err(e.to_string()))?;
         keys.append_value(patient_key(&id));
         for (b, v) in builders.iter_mut().zip(values.drain(..)) {
@@ -564,7 +566,7 @@ fn write_source(
         receipt.rows_out += 1;
         pending += 1;
     }
-    receipt.patients_out = patients.len() as u64;
+    receipt.patients_out = pseudonyms.len() as u64;
     writer.finish().map_err(|e| write_err(e.to_string()))
 }
 
