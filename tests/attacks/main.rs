@@ -25,7 +25,8 @@
 //! projects can see, with HbA1c results and prescriptions, one of at most 5
 //! patients of their sex, age band and IMD decile — world B is the same
 //! store after the target's Type 1 opt-out deleted them (`gpdp optout
-//! apply`). Every ask must get **the identical answer in both worlds**: an
+//! apply`). Both hold linked hospital spells and death registrations
+//! (`gpdp link`), which a Type 1 opt-out leaves in place. Every ask must get **the identical answer in both worlds**: an
 //! answer that depends on whether the target is there (or on anything in
 //! their record) is a leak, whatever the query looks like. Attacks are
 //! written so that any cell that includes the target describes few patients
@@ -277,6 +278,20 @@ fn rows(batches: &[RecordBatch], cols: &[&str]) -> Vec<Vec<String>> {
 
 fn build_worlds() -> Worlds {
     let a = collected_with_ndoo(3, 2000, 31, KEY_BYTE);
+    // Hospital spells and death registrations, linked at their providers.
+    // A Type 1 opt-out does not remove them, so in world B the target's
+    // provider records stay and only their GP data is gone: an answer
+    // that joins them to the GP views must not change.
+    let o = run(&[
+        "link",
+        "--extract",
+        a.extract.to_str().unwrap(),
+        "--store",
+        a.store.to_str().unwrap(),
+        "--key",
+        a.key.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
     // Targets: visible to research projects (the NDOO applies there),
     // registered at one practice only, with HbA1c results and
     // prescriptions, and one of at most 5 such patients of their sex, age
