@@ -244,37 +244,38 @@ impl AuditLog {
         let saved: Option<Folded<S>> = std::fs::read(&cache_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let (mut offset, mut state) = match saved {
+        let (offset, hash, mut state) = match saved {
             Some(f) if line_before(&mut file, f.offset).is_ok_and(|l| l.1 == f.hash) => {
-                (f.offset, f.state)
+                (f.offset, f.hash, f.state)
             }
-            _ => (0, S::default()),
+            _ => (0, GENESIS.to_owned(), S::default()),
         };
-        offset = self.fold_from(&mut file, offset, &mut state, &fold)?;
+        let (offset, hash) = self.fold_from(&mut file, (offset, hash), &mut state, &fold)?;
         let entries = match decide(&state) {
             Ok(e) => e,
             Err(refused) => {
-                self.save_folded(&mut file, &cache_path, offset, &state)?;
+                self.save_folded(&cache_path, offset, &hash, &state)?;
                 return Ok(Err(refused));
             }
         };
         self.write_locked(&mut file, &entries)?;
-        let offset = self.fold_from(&mut file, offset, &mut state, &fold)?;
-        self.save_folded(&mut file, &cache_path, offset, &state)?;
+        let (offset, hash) = self.fold_from(&mut file, (offset, hash), &mut state, &fold)?;
+        self.save_folded(&cache_path, offset, &hash, &state)?;
         Ok(Ok(()))
     }
 
-    /// Folds every entry from byte `offset` to the end; returns the end.
+    /// Folds every entry from `at` (a byte offset and the hash of the line
+    /// that ends there) to the end; returns the end and its line's hash.
     fn fold_from<S>(
         &self,
         file: &mut File,
-        offset: u64,
+        at: (u64, String),
         state: &mut S,
         fold: &impl Fn(&mut S, &Value),
-    ) -> Result<u64, AuditError> {
-        file.seek(SeekFrom::Start(offset)).map_err(self.io())?;
+    ) -> Result<(u64, String), AuditError> {
+        let (mut end, mut hash) = at;
+        file.seek(SeekFrom::Start(end)).map_err(self.io())?;
         let mut reader = BufReader::new(&*file);
-        let mut end = offset;
         let mut text = String::new();
         loop {
             text.clear();
@@ -283,23 +284,25 @@ impl AuditLog {
                 break;
             }
             end += n as u64;
-            let entry = serde_json::from_str::<Line>(text.trim_end())
-                .ok()
+            let line = serde_json::from_str::<Line>(text.trim_end()).ok();
+            // An unreadable line has no hash to resume from: the cache then
+            // fails its check and the log is folded again from the start.
+            hash = line.as_ref().map_or_else(String::new, |l| l.hash.clone());
+            let entry = line
                 .and_then(|l| serde_json::from_str::<Value>(l.entry.get()).ok())
                 .unwrap_or(Value::Null);
             fold(state, &entry);
         }
-        Ok(end)
+        Ok((end, hash))
     }
 
     fn save_folded<S: serde::Serialize>(
         &self,
-        file: &mut File,
         path: &Path,
         offset: u64,
+        hash: &str,
         state: &S,
     ) -> Result<(), AuditError> {
-        let (_, hash) = line_before(file, offset).map_err(self.io())?;
         let body = serde_json::to_vec(&serde_json::json!({
             "offset": offset,
             "hash": hash,
