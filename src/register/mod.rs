@@ -245,27 +245,17 @@ fn optout_figures(
     manifest: &crate::store::Manifest,
     log: &[Value],
 ) -> anyhow::Result<OptoutFigures> {
-    let mut figures = OptoutFigures {
+    // The same figures as `gpdp report`'s opt-out section, by the same code.
+    let later = crate::report::later_optouts(log);
+    Ok(OptoutFigures {
+        type1_withheld_at_collection: crate::report::read_receipts(store, manifest)?
+            .iter()
+            .map(|r| r.type1_excluded_patients)
+            .sum(),
+        type1_deleted_later: later.patients_deleted,
+        deletion_runs: later.runs,
         national_data_opt_out_listed: manifest.ndoo.as_ref().map(|n| n.rows),
-        ..OptoutFigures::default()
-    };
-    for batch in manifest.batches.values() {
-        let path = store.join(&batch.receipt);
-        let receipt: Value = serde_json::from_slice(
-            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", path.display()))?;
-        figures.type1_withheld_at_collection +=
-            receipt["type1_excluded_patients"].as_u64().unwrap_or(0);
-    }
-    for e in log
-        .iter()
-        .filter(|e| e["event"] == "delete" && e["reason"] == "type1_request")
-    {
-        figures.deletion_runs += 1;
-        figures.type1_deleted_later += e["tombstones_added"].as_u64().unwrap_or(0);
-    }
-    Ok(figures)
+    })
 }
 
 /// The codes of the policy's public codelists: a long number that is one of

@@ -310,7 +310,29 @@ pub fn column_actions(policy: &CollectionPolicy) -> Vec<ColumnAction> {
     columns
 }
 
-fn read_receipts(store: &Path, manifest: &Manifest) -> anyhow::Result<Vec<Receipt>> {
+/// Type 1 opt-outs applied after collection, from the log's `delete`
+/// entries (also the public register's figures).
+pub(crate) fn later_optouts(log: &[Value]) -> LaterOptouts {
+    let mut later = LaterOptouts::default();
+    for e in log
+        .iter()
+        .filter(|e| e["event"] == "delete" && e["reason"] == "type1_request")
+    {
+        later.runs += 1;
+        later.patients_deleted += e["tombstones_added"].as_u64().unwrap_or(0);
+        later.rows_removed += e["rows_removed"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        later.pending = e["pending"].as_u64().unwrap_or(0);
+        later.latency_median_seconds_last_run = e["latency_median_seconds"].as_f64();
+        if let Some(m) = e["latency_max_seconds"].as_f64() {
+            later.latency_max_seconds = Some(later.latency_max_seconds.map_or(m, |x| x.max(m)));
+        }
+    }
+    later
+}
+
+pub(crate) fn read_receipts(store: &Path, manifest: &Manifest) -> anyhow::Result<Vec<Receipt>> {
     manifest
         .batches
         .values()
@@ -540,22 +562,7 @@ fn optouts(
             *tombstones.entry(kind.to_owned()).or_insert(0u64) += 1;
         }
     }
-    let mut later = LaterOptouts::default();
-    for e in log
-        .iter()
-        .filter(|e| e["event"] == "delete" && e["reason"] == "type1_request")
-    {
-        later.runs += 1;
-        later.patients_deleted += e["tombstones_added"].as_u64().unwrap_or(0);
-        later.rows_removed += e["rows_removed"]
-            .as_object()
-            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-        later.pending = e["pending"].as_u64().unwrap_or(0);
-        later.latency_median_seconds_last_run = e["latency_median_seconds"].as_f64();
-        if let Some(m) = e["latency_max_seconds"].as_f64() {
-            later.latency_max_seconds = Some(later.latency_max_seconds.map_or(m, |x| x.max(m)));
-        }
-    }
+    let later = later_optouts(log);
     let mut projects = Vec::new();
     for p in policy.projects.values() {
         let registered = match rt.block_on(crate::tre::session::open(store, manifest, policy, p)) {
