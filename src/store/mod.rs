@@ -167,6 +167,14 @@ impl Manifest {
     }
 }
 
+/// Every table of the store, GP and provider: `tables/<name>/`.
+fn table_names() -> impl Iterator<Item = &'static str> {
+    Table::ALL
+        .iter()
+        .map(|t| t.name())
+        .chain(crate::extract::Source::ALL.iter().map(|s| s.name()))
+}
+
 /// One digest of a set of files in force: SHA-256 over `path\tsha256\n`
 /// lines in path order. The `commit` entry of every generation carries it,
 /// so an auditor replaying the log's file changes can check each step.
@@ -278,18 +286,13 @@ impl Store {
         if !create && !root.join("manifest.json").exists() {
             return Err(StoreError::NotAStore(root.to_owned()));
         }
-        let tables: Vec<String> = Table::ALL
+        let tables = table_names().map(|t| Path::new("tables").join(t));
+        for d in ["optouts", "receipts", "audit"]
             .iter()
-            .map(|t| t.name())
-            .chain(crate::extract::Source::ALL.iter().map(|s| s.name()))
-            .map(|t| format!("tables/{t}"))
-            .collect();
-        for dir in ["optouts", "receipts", "audit"]
-            .iter()
-            .copied()
-            .chain(tables.iter().map(String::as_str))
+            .map(PathBuf::from)
+            .chain(tables)
         {
-            let d = root.join(dir);
+            let d = root.join(d);
             std::fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
         let lock_path = root.join(".lock");
@@ -343,9 +346,8 @@ impl Store {
 
     fn referenced(&self) -> HashSet<PathBuf> {
         self.manifest
-            .files_in_force()
-            .into_keys()
-            .map(|p| self.root.join(p))
+            .all_files()
+            .map(|f| self.root.join(&f.path))
             .collect()
     }
 
@@ -354,12 +356,7 @@ impl Store {
     pub fn collect_garbage(&self) -> Result<(), StoreError> {
         let keep = self.referenced();
         let mut dirs = vec![self.root.join("optouts")];
-        for t in Table::ALL {
-            dirs.push(self.root.join("tables").join(t.name()));
-        }
-        for s in crate::extract::Source::ALL {
-            dirs.push(self.root.join("tables").join(s.name()));
-        }
+        dirs.extend(table_names().map(|t| self.root.join("tables").join(t)));
         for dir in dirs {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
@@ -420,8 +417,9 @@ impl Store {
 
     /// Makes `next` the store's state: writes it beside the current manifest,
     /// fsyncs, renames over it, then appends `next.commit_log` — with the
-    /// generation's `commit` entry added — to the audit log and removes the files the new manifest no longer references (and
-    /// only those: other batches may be staged beside them).
+    /// generation's `commit` entry added — to the audit log and removes the
+    /// files the new manifest no longer references (and only those: other
+    /// batches may be staged beside them).
     pub fn commit(&mut self, mut next: Manifest) -> Result<(), StoreError> {
         next.generation = self.manifest.generation + 1;
         next.format = 1;
