@@ -618,21 +618,13 @@ fn linked_match_truth(
     p: &Pseudonymiser,
     rows: &[TruthRow],
 ) -> anyhow::Result<Check> {
-    let path = truth_dir.join("linkage.csv");
-    let mut reader = csv::Reader::from_path(&path).map_err(|e| {
-        crate::error::BadInput(format!("cannot read the truth {}: {e}", path.display()))
-    })?;
     // Per source: (stored rows, quarantined rows, stored patients).
     let mut expected: BTreeMap<String, (u64, u64, HashSet<Pseudonym>)> = BTreeMap::new();
-    for r in reader.records() {
-        let r = r?;
-        let e = expected.entry(r[0].to_owned()).or_default();
-        if matches!(&r[4], "linked" | "not_registered_with_gp") {
-            let number = NhsNumber::parse(r[2].as_bytes()).map_err(|_| {
-                crate::error::BadInput(format!("{}: an invalid person", path.display()))
-            })?;
+    for r in crate::synth::linked::read_linkage_truth(&truth_dir.join("linkage.csv"))? {
+        let e = expected.entry(r.source.clone()).or_default();
+        if r.stored() {
             e.0 += 1;
-            e.2.insert(p.patient(&number));
+            e.2.insert(p.patient(&r.person));
         } else {
             e.1 += 1;
         }

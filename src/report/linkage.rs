@@ -21,7 +21,6 @@ use serde::Serialize;
 
 use crate::deid::key::CollectionKey;
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
-use crate::nhs_number::NhsNumber;
 use crate::store::Manifest;
 
 #[derive(Debug, Clone, Serialize)]
@@ -89,34 +88,22 @@ pub fn build(
     }
     let p = Pseudonymiser::new(&CollectionKey::load(key)?);
     let gp = gp_patients(store, manifest)?;
-    let mut reader =
-        csv::Reader::from_path(&path).with_context(|| format!("reading {}", path.display()))?;
-    const DIMENSIONS: [(&str, usize); 4] = [
-        ("age_band", 5),
-        ("sex", 6),
-        ("ethnicity", 7),
-        ("imd_decile", 8),
-    ];
+    use crate::synth::linked::{LINKAGE_GROUPS, read_linkage_truth};
     // Per source: records, and per (dimension, value): (of stored, linked).
     type Counts = BTreeMap<(usize, String), (u64, u64)>;
     let mut per: BTreeMap<String, (u64, Counts)> = BTreeMap::new();
-    for r in reader.records() {
-        let r = r?;
-        let source = r[0].to_owned();
-        if !manifest.linked.contains_key(&source) {
+    for r in read_linkage_truth(&path)? {
+        if !manifest.linked.contains_key(&r.source) {
             continue;
         }
-        let entry = per.entry(source).or_default();
+        let entry = per.entry(r.source).or_default();
         entry.0 += 1;
-        let Ok(number) = NhsNumber::parse(r[2].as_bytes()) else {
-            continue;
-        };
-        if !gp.contains_key(&p.patient(&number)) {
+        if !gp.contains_key(&p.patient(&r.person)) {
             continue;
         }
-        let linked = u64::from(&r[4] == "linked");
-        for (d, (_, column)) in DIMENSIONS.iter().enumerate() {
-            let c = entry.1.entry((d, r[*column].to_owned())).or_default();
+        let linked = u64::from(r.reason == "linked");
+        for (d, value) in r.groups.into_iter().enumerate() {
+            let c = entry.1.entry((d, value)).or_default();
             c.0 += 1;
             c.1 += linked;
         }
@@ -132,10 +119,10 @@ pub fn build(
                 .get(&(usize::MAX, String::new()))
                 .copied()
                 .unwrap_or_default();
-            let by = DIMENSIONS
+            let by = LINKAGE_GROUPS
                 .iter()
                 .enumerate()
-                .map(|(d, (name, _))| LinkDimension {
+                .map(|(d, name)| LinkDimension {
                     name: (*name).to_owned(),
                     groups: sorted_groups(
                         counts

@@ -71,6 +71,62 @@ pub const PLACES: [&str; 6] = [
 ];
 const PLACE_WEIGHTS: [f64; 6] = [0.44, 0.28, 0.21, 0.05, 0.015, 0.005];
 
+/// The group columns of `truth/linkage.csv`, in [`LinkageTruth::groups`] order.
+pub const LINKAGE_GROUPS: [&str; 4] = ["age_band", "sex", "ethnicity", "imd_decile"];
+
+/// One row of `truth/linkage.csv`, as the audit and the report read it.
+pub struct LinkageTruth {
+    pub source: String,
+    /// The person the record is about.
+    pub person: NhsNumber,
+    /// One of [`REASONS`].
+    pub reason: String,
+    /// The person's age band, sex, ethnicity and IMD decile.
+    pub groups: [String; 4],
+}
+
+impl LinkageTruth {
+    /// Whether the provider recorded the NHS number validly (the record is
+    /// stored by `gpdp link`, linkable or not).
+    pub fn stored(&self) -> bool {
+        matches!(self.reason.as_str(), "linked" | "not_registered_with_gp")
+    }
+}
+
+/// Reads `truth/linkage.csv` by its header's column names.
+pub fn read_linkage_truth(
+    path: &std::path::Path,
+) -> Result<Vec<LinkageTruth>, crate::error::BadInput> {
+    let bad = |m: String| crate::error::BadInput(format!("the truth {}: {m}", path.display()));
+    let mut reader = csv::Reader::from_path(path).map_err(|e| bad(e.to_string()))?;
+    let headers = reader.headers().map_err(|e| bad(e.to_string()))?.clone();
+    let at = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| bad(format!("no column {name}")))
+    };
+    let (source, person, reason) = (at("source")?, at("person")?, at("reason")?);
+    let groups = [
+        at(LINKAGE_GROUPS[0])?,
+        at(LINKAGE_GROUPS[1])?,
+        at(LINKAGE_GROUPS[2])?,
+        at(LINKAGE_GROUPS[3])?,
+    ];
+    let mut rows = Vec::new();
+    for r in reader.records() {
+        let r = r.map_err(|e| bad(e.to_string()))?;
+        rows.push(LinkageTruth {
+            source: r[source].to_owned(),
+            person: NhsNumber::parse(r[person].as_bytes())
+                .map_err(|_| bad("a person that is not a valid NHS number".into()))?,
+            reason: r[reason].to_owned(),
+            groups: groups.map(|g| r[g].to_owned()),
+        });
+    }
+    Ok(rows)
+}
+
 /// `nhs_number,date,underlying_cause_of_death,cause_of_death_01 … _15,place`.
 pub fn ons_deaths_header() -> String {
     let mut h = String::from("nhs_number,date,underlying_cause_of_death");
