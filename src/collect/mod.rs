@@ -173,15 +173,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
 
     std::fs::create_dir_all(&opts.store).map_err(|e| CollectError::io(&opts.store, e))?;
     let mut store = Store::open_for_write(&opts.store, true)?;
-    if let Some(existing) = &store.manifest.key_id
-        && existing != &key_id
-    {
-        return Err(StoreError::KeyMismatch {
-            store: existing.clone(),
-            given: key_id,
-        }
-        .into());
-    }
+    store.manifest.check_key(&key_id)?;
     let current: HashMap<String, BatchEntry> = store
         .manifest
         .batches

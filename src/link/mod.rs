@@ -136,15 +136,7 @@ pub fn link(opts: &LinkOptions) -> Result<Vec<LinkReceipt>, LinkError> {
         }
     }
     let mut store = Store::open_for_write(&opts.store, true)?;
-    if let Some(stored) = &store.manifest.key_id
-        && *stored != p.key_id()
-    {
-        return Err(StoreError::KeyMismatch {
-            store: stored.clone(),
-            given: p.key_id(),
-        }
-        .into());
-    }
+    store.manifest.check_key(&p.key_id())?;
     let quarantine_dir = opts
         .quarantine
         .clone()

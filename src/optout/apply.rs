@@ -24,7 +24,7 @@ use std::time::Instant;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::json;
 
-use super::ndoo::{OptoutError, check_key, read_numbers, refuse_invalid};
+use super::ndoo::{OptoutError, read_numbers, refuse_invalid};
 use crate::deid::key::CollectionKey;
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
 use crate::policy::Codec;
@@ -115,7 +115,7 @@ pub fn apply(
         refuse_invalid(list, &invalid)?;
     }
     let mut store = Store::open_for_write(store, false)?;
-    check_key(&store, &p)?;
+    store.manifest.check_key(&p.key_id())?;
 
     let mut book = TombstoneBook::new(&store.tombstones);
     let mut added = Vec::new();

@@ -145,17 +145,6 @@ pub(crate) fn refuse_invalid(list: &Path, invalid: &[(u64, &str)]) -> Result<(),
     })
 }
 
-/// A store accepts only the key it was collected with.
-pub(crate) fn check_key(store: &Store, p: &Pseudonymiser) -> Result<(), StoreError> {
-    match &store.manifest.key_id {
-        Some(existing) if *existing != p.key_id() => Err(StoreError::KeyMismatch {
-            store: existing.clone(),
-            given: p.key_id(),
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// Replaces the store's NDOO set with the pseudonyms of `list`, atomically.
 /// Idempotent: the same list again changes nothing.
 pub fn ingest(
@@ -173,7 +162,7 @@ pub fn ingest(
         refuse_invalid(list, &invalid)?;
     }
     let mut store = Store::open_for_write(store, false)?;
-    check_key(&store, &p)?;
+    store.manifest.check_key(&p.key_id())?;
     let ids: BTreeSet<Pseudonym> = valid.iter().map(|n| p.patient(n)).collect();
     let entry = write_ndoo(&store, &ids, codec)?;
     let mut report = IngestReport {

@@ -22,7 +22,6 @@ use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
 use crate::error::BadInput;
 use crate::nhs_number::NhsNumber;
 use crate::policy::tre::TrePolicy;
-use crate::store::StoreError;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -70,15 +69,7 @@ pub fn status(
         })?;
     let manifest = crate::store::read_manifest(store)?;
     let p = Pseudonymiser::new(&CollectionKey::load(key)?);
-    if let Some(stored) = &manifest.key_id
-        && *stored != p.key_id()
-    {
-        return Err(StoreError::KeyMismatch {
-            store: stored.clone(),
-            given: p.key_id(),
-        }
-        .into());
-    }
+    manifest.check_key(&p.key_id())?;
     let patient = p.patient(&number);
 
     let mut rows = BTreeMap::new();

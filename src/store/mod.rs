@@ -148,6 +148,18 @@ pub struct LinkedEntry {
 }
 
 impl Manifest {
+    /// A store accepts only the key it was collected with (any key while
+    /// it has none).
+    pub fn check_key(&self, given: &str) -> Result<(), StoreError> {
+        match &self.key_id {
+            Some(existing) if existing != given => Err(StoreError::KeyMismatch {
+                store: existing.clone(),
+                given: given.to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Every file this manifest puts in force — GP and provider data files,
     /// the tombstones and the NDOO set — as path → SHA-256.
     pub fn files_in_force(&self) -> BTreeMap<String, String> {
