@@ -121,8 +121,7 @@ pub fn status(
                                 .await
                         })?;
                         if n > 0 {
-                            let s = if n == 1 { "" } else { "s" };
-                            seen.push(format!("{table} ({n} row{s})"));
+                            seen.push(format!("{table} ({})", plural_rows(n as u64)));
                         }
                     }
                     if !seen.is_empty() {
@@ -183,6 +182,11 @@ fn matching_rows(path: &Path, patient: &Pseudonym) -> anyhow::Result<u64> {
     Ok(n)
 }
 
+/// "1 row", "3 rows".
+fn plural_rows(n: u64) -> String {
+    format!("{n} row{}", if n == 1 { "" } else { "s" })
+}
+
 impl Status {
     /// The answer in words, for the practice to read to the patient.
     pub fn to_text(&self) -> String {
@@ -195,8 +199,8 @@ impl Status {
                 .map(|(t, n)| format!("{n} in {t}"))
                 .collect();
             out += &format!(
-                "In the store: yes — {} rows ({}), store generation {}\n",
-                self.rows.values().sum::<u64>(),
+                "In the store: yes — {} ({}), store generation {}\n",
+                plural_rows(self.rows.values().sum::<u64>()),
                 parts.join(", "),
                 self.store_generation
             );
