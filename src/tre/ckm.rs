@@ -42,6 +42,21 @@ pub struct RecordKeys {
     k1: u64,
 }
 
+impl PartialEq for RecordKeys {
+    fn eq(&self, other: &Self) -> bool {
+        (self.k0, self.k1) == (other.k0, other.k1)
+    }
+}
+
+impl Eq for RecordKeys {}
+
+impl std::hash::Hash for RecordKeys {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Not the key: equal keys hash alike, which is all that is needed.
+        "gpdp record keys".hash(state);
+    }
+}
+
 impl std::fmt::Debug for RecordKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RecordKeys(<secret>)")
@@ -104,26 +119,12 @@ pub fn cell_key(sum_of_record_keys: i64) -> u32 {
     sum_of_record_keys as u64 as u32
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 struct RecordKeyUdf {
     keys: Arc<RecordKeys>,
     signature: Signature,
 }
 
-impl PartialEq for RecordKeyUdf {
-    fn eq(&self, other: &Self) -> bool {
-        (self.keys.k0, self.keys.k1) == (other.keys.k0, other.keys.k1)
-    }
-}
-
-impl Eq for RecordKeyUdf {}
-
-impl std::hash::Hash for RecordKeyUdf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // Not the key: equal functions hash alike, which is all that is needed.
-        "gpdp_record_key".hash(state);
-    }
-}
 
 impl ScalarUDFImpl for RecordKeyUdf {
     fn name(&self) -> &str {

@@ -43,6 +43,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::lit;
 
 use super::ckm::RecordKeys;
+use super::contributors::{contributors, unpack};
 use super::dominance::dominance;
 use super::dp::{Plan as DpPlan, cell_rank};
 use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind};
@@ -97,13 +98,18 @@ pub fn compile(
             )),
         };
     }
+    let counts_only = release.statistics.iter().all(|s| s.kind.is_count());
     match (rules.ckm, keys) {
+        // Counts need only each cell's contributors and cell key, which
+        // one aggregate gives; sums and means need each patient's
+        // contribution, for the largest one scales their noise.
+        (Some(_), Some(keys)) if counts_only => per_cell(release, input, rules, Some(keys)),
         (Some(_), Some(keys)) => per_patient(release, input, rules, Some(keys)),
         (Some(_), None) => Err(datafusion::error::DataFusionError::Internal(
             "the cell key method without record keys".into(),
         )),
         (None, _) if rules.checks_contributions() => per_patient(release, input, rules, None),
-        (None, _) => per_cell(release, input, rules),
+        (None, _) => per_cell(release, input, rules, None),
     }
 }
 
@@ -188,7 +194,16 @@ fn group_exprs(release: &Release) -> Vec<Expr> {
         .collect()
 }
 
-fn per_cell(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Result<Compiled> {
+/// The per-cell shape. Threshold rule sets count contributors only up to
+/// the threshold + 1; the cell key method (`record_keys`) counts them
+/// exactly and sums their record keys, in one aggregate per contributing
+/// set ([`super::ckm::contributors`]), unpacked after it.
+fn per_cell(
+    release: &Release,
+    input: LogicalPlan,
+    rules: &Disclosure,
+    record_keys: Option<&RecordKeys>,
+) -> Result<Compiled> {
     let schema = input.schema().clone();
     let patient = Expr::Column(hidden_patient(&schema)?);
     let cap = rules.redact_at_or_below + 1;
@@ -200,10 +215,11 @@ fn per_cell(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Result
         let nonnull = column.map(|c| present(c, &schema)).transpose()?.flatten();
         let contributing = and(f.clone(), nonnull);
         let contributors = |out: &mut Outputs| -> Result<usize> {
-            let e = filtered(
-                patients_at_least(patient.clone(), cap),
-                contributing.as_ref(),
-            )?;
+            let counted = match record_keys {
+                Some(keys) => contributors(keys, patient.clone()),
+                None => patients_at_least(patient.clone(), cap),
+            };
+            let e = filtered(counted, contributing.as_ref())?;
             Ok(out.find(&e).unwrap_or_else(|| out.push(e)))
         };
         let p = match (s.kind, column) {
@@ -212,6 +228,14 @@ fn per_cell(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Result
                 Parts {
                     count,
                     contributors: contributors(&mut out)?,
+                    ..Parts::default()
+                }
+            }
+            (StatKind::Patients, Some(_)) if record_keys.is_some() => {
+                let count = contributors(&mut out)?;
+                Parts {
+                    count,
+                    contributors: count,
                     ..Parts::default()
                 }
             }
@@ -256,10 +280,38 @@ fn per_cell(release: &Release, input: LogicalPlan, rules: &Disclosure) -> Result
         };
         parts.push(p);
     }
-    let plan = LogicalPlanBuilder::from(input)
-        .aggregate(group_exprs(release), out.exprs)?
-        .build()?;
-    Ok(Compiled { plan, parts })
+    let width = release.keys.len() + out.exprs.len();
+    let mut builder = LogicalPlanBuilder::from(input).aggregate(group_exprs(release), out.exprs)?;
+    if record_keys.is_some() {
+        // Each packed column becomes its contributors and its cell key,
+        // appended after the aggregate's columns.
+        let aggregated = builder.schema().clone();
+        let column = |i: usize| {
+            let (q, f) = aggregated.qualified_field(i);
+            Expr::Column(Column::new(q.cloned(), f.name()))
+        };
+        let mut columns: Vec<Expr> = (0..width).map(column).collect();
+        let mut unpacked = std::collections::BTreeMap::new();
+        for p in &mut parts {
+            let packed = p.contributors;
+            let (n, key) = *unpacked.entry(packed).or_insert_with(|| {
+                let (n, key) = unpack(column(packed));
+                columns.push(n.alias(format!("__gpdp_n{packed}")));
+                columns.push(key.alias(format!("__gpdp_k{packed}")));
+                (columns.len() - 2, columns.len() - 1)
+            });
+            if p.count == packed {
+                p.count = n;
+            }
+            p.contributors = n;
+            p.cell_key = Some(key);
+        }
+        builder = builder.project(columns)?;
+    }
+    Ok(Compiled {
+        plan: builder.build()?,
+        parts,
+    })
 }
 
 fn per_patient(

@@ -13,8 +13,9 @@
 //! outputs, after) — or, for projects under differential privacy, [`dp`]:
 //! its noise plan fixed before running, its cost charged to the
 //! researcher's budget in the audit log, then noise and every cell of the
-//! keys' public domains; under the cell key method, [`ckm`] and
-//! [`ptable`] perturb counts by who contributes. Every request — released,
+//! keys' public domains; under the cell key method, [`contributors`]
+//! finds who contributes to each cell, and [`ckm`] and [`ptable`] perturb
+//! its statistics by who that is. Every request — released,
 //! refused or failed — is appended to the store's hash-chained audit log
 //! with its user, project, SQL, plan fingerprint, outcome, rule, privacy
 //! charged and, for the operator only, the rows withheld and why.
@@ -22,6 +23,7 @@
 pub mod auth;
 pub mod ckm;
 pub mod compile;
+pub mod contributors;
 pub mod dominance;
 pub mod dp;
 pub mod grammar;
