@@ -554,7 +554,7 @@ fn released_statistics_are_the_truth_rounded() {
 
 /// The cell key method: counts within ±D of the truth, never small, the
 /// same answer every time for the same key, different under another key;
-/// refused without the key and for sums.
+/// refused without the key and for variances.
 #[test]
 fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
     use gpdp::tre::ckm::RecordKeys;
@@ -582,7 +582,7 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
     match query_blocking(
         &one,
         &request(
-            "SELECT sex, sum(numeric_value) FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id GROUP BY sex",
+            "SELECT sex, stddev(numeric_value) FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id GROUP BY sex",
         ),
     ) {
         Err(TreError::Refused(r)) => assert_eq!(r.rule, "statistic_not_available"),
@@ -624,6 +624,174 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
     assert!(checked > 50, "{checked}");
     // V = 3 over -5..=5: P(v = 0) is 0.23 for large counts.
     assert!(moved * 2 > checked, "{moved} of {checked} moved");
+}
+
+/// The cell key method on sums and means: each sum is off the truth by a
+/// quarter to three quarters of the cell's largest contribution (m = 0.5),
+/// each mean is a noisy sum over a noisy count, and the same question gets
+/// the same answer every time.
+#[test]
+fn ckm_sums_and_means_carry_noise_scaled_to_the_largest_contribution() {
+    let policy = test_policy();
+    let store = &fixture().store;
+    let project = &policy.projects["demo-planning-exempt"];
+    let from = "FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id \
+                WHERE c.snomedct_code = '999791000000106'";
+    let sql = format!(
+        "SELECT p.sex, p.age_band, count(c.numeric_value) AS n, sum(c.numeric_value) AS total, \
+         avg(c.numeric_value) AS mean {from} GROUP BY p.sex, p.age_band"
+    );
+    let a = ask("demo-planning-exempt", &sql).unwrap();
+    assert_eq!(
+        a.result.batch,
+        ask("demo-planning-exempt", &sql).unwrap().result.batch
+    );
+    let truth = direct(
+        store,
+        &policy,
+        project,
+        &format!(
+            "SELECT p.sex, p.age_band, count(c.numeric_value), sum(c.numeric_value) {from} \
+             GROUP BY p.sex, p.age_band"
+        ),
+    );
+    let largest = direct(
+        store,
+        &policy,
+        project,
+        &format!(
+            "SELECT sex, age_band, max(t) FROM (SELECT p.sex, p.age_band, c.patient_id, \
+             sum(c.numeric_value) AS t {from} GROUP BY p.sex, p.age_band, c.patient_id) \
+             GROUP BY sex, age_band"
+        ),
+    );
+    let key =
+        |b: &arrow::array::RecordBatch, i: usize| format!("{}|{}", text(b, 0, i), text(b, 1, i));
+    let at = |b: &arrow::array::RecordBatch| -> HashMap<String, usize> {
+        (0..b.num_rows()).map(|i| (key(b, i), i)).collect()
+    };
+    let (truth_at, largest_at) = (at(&truth), at(&largest));
+    let real = |b: &arrow::array::RecordBatch, c: usize, i: usize| {
+        arrow::compute::cast(b.column(c), &arrow::datatypes::DataType::Float64)
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Float64Type>()
+            .value(i)
+    };
+    let rb = &a.result.batch;
+    let mut checked = 0;
+    for i in 0..rb.num_rows() {
+        if rb.column(3).is_null(i) {
+            continue;
+        }
+        let k = key(rb, i);
+        let (t, top) = (truth_at[&k], real(&largest, 2, largest_at[&k]));
+        let (n, total, mean) = (real(rb, 2, i), real(rb, 3, i), real(rb, 4, i));
+        let (true_n, true_total) = (real(&truth, 2, t), real(&truth, 3, t));
+        let error = (total - true_total).abs();
+        assert!(
+            (0.25 * top - 1e-9..0.75 * top + 1e-9).contains(&error),
+            "{k}: sum off by {error}, largest contribution {top}"
+        );
+        assert!((n - true_n).abs() <= 5.0, "{k}: count {n}");
+        // The mean: the sum's noise over a count perturbed by at most 5.
+        let true_mean = true_total / true_n;
+        let bound = (0.75 * top + 5.0 * true_mean) / (true_n - 5.0);
+        assert!(
+            (mean - true_mean).abs() <= bound,
+            "{k}: mean {mean} vs {true_mean}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6, "{checked} cells checked");
+}
+
+/// Differencing one patient's test out of a cell: the same cell asked up
+/// to a date and up to the day before, where only one patient has a test
+/// that day. Under OpenSAFELY's rules the sums' difference is the
+/// patient's value exactly (why deterministic rules need output checking).
+/// Under the cell key method the patient is in both cells (with earlier
+/// tests), so a cell key of *who* contributes would be the same and the
+/// difference exact too; keyed by how much each contributes, both counts
+/// and sums draw fresh noise: the count comes out exact only as often as
+/// two independent perturbations agree (about 0.2 here), and the sum is off
+/// by more than a tenth of the value nearly always.
+#[test]
+fn ckm_differencing_one_patients_row_draws_fresh_noise() {
+    let policy = test_policy();
+    let store = &fixture().store;
+    let from = "FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id \
+                WHERE c.snomedct_code = '999791000000106' AND p.sex = 'M'";
+    // Days with one patient's tests, who also had a test before, the same
+    // in both projects' views (the patient has not opted out).
+    let days_in = |project: &str| -> Vec<(String, i64, f64)> {
+        let b = direct(
+            store,
+            &policy,
+            &policy.projects[project],
+            &format!(
+                "SELECT d.date, d.rows, d.v FROM (SELECT c.date, count(DISTINCT c.patient_id) AS n, \
+                 count(*) AS rows, sum(c.numeric_value) AS v, min(c.patient_key) AS who {from} \
+                 GROUP BY c.date) d WHERE d.n = 1 AND d.date > '2015-01-01' AND EXISTS (SELECT 1 \
+                 FROM clinical_events e WHERE e.patient_key = d.who AND e.date < d.date AND \
+                 e.snomedct_code = '999791000000106') ORDER BY d.date"
+            ),
+        );
+        (0..b.num_rows())
+            .map(|i| {
+                (
+                    text(&b, 0, i),
+                    b.column(1).as_primitive::<Int64Type>().value(i),
+                    b.column(2)
+                        .as_primitive::<arrow::datatypes::Float64Type>()
+                        .value(i),
+                )
+            })
+            .collect()
+    };
+    let visible = days_in("demo-opensafely");
+    let days: Vec<(String, i64, f64)> = days_in("demo-planning-exempt")
+        .into_iter()
+        .filter(|d| visible.contains(d))
+        .step_by(3)
+        .take(20)
+        .collect();
+    assert!(days.len() >= 12, "{} days", days.len());
+    let released = |project: &str, sql: String, column: usize| -> f64 {
+        let b = ask(project, &sql).unwrap().result.batch;
+        assert_eq!(b.num_rows(), 1, "{sql}");
+        arrow::compute::cast(b.column(column), &arrow::datatypes::DataType::Float64)
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Float64Type>()
+            .value(0)
+    };
+    let (mut exact_counts, mut close_sums) = (0, 0);
+    for (day, rows, value) in &days {
+        let up_to = |op: &str, project: &str, stat: &str| {
+            released(
+                project,
+                format!("SELECT {stat} AS x {from} AND c.date {op} '{day}'"),
+                0,
+            )
+        };
+        let diff =
+            |project: &str, stat: &str| up_to("<=", project, stat) - up_to("<", project, stat);
+        // The attack, where it works.
+        let exact = diff("demo-opensafely", "sum(c.numeric_value)");
+        assert!((exact - value).abs() < 1e-6, "{day}: {exact} vs {value}");
+        // Closed for counts of rows (one aggregate per cell) and for sums.
+        exact_counts += usize::from(diff("demo-planning-exempt", "count(*)") == *rows as f64);
+        let error = (diff("demo-planning-exempt", "sum(c.numeric_value)") - value).abs();
+        close_sums += usize::from(error < 0.1 * value);
+    }
+    let n = days.len();
+    assert!(
+        exact_counts * 2 <= n,
+        "{exact_counts} of {n} row counts differenced exactly"
+    );
+    assert!(
+        close_sums * 5 <= n,
+        "{close_sums} of {n} values recovered within 10%"
+    );
 }
 
 /// The same SQL run directly over a project's views, without the boundary:

@@ -299,6 +299,7 @@ struct RawDisclosure {
     max_perturbation: Option<u32>,
     variance: Option<f64>,
     small_values: Option<u32>,
+    magnitude: Option<f64>,
     rho_per_statistic: Option<f64>,
     max_groups: Option<u32>,
     max_rows: Option<u32>,
@@ -396,8 +397,10 @@ impl TrePolicy {
                     "[disclosure.{name}] method must be \"threshold\", \"ckm\" or \"dp\", not {method:?}"
                 )));
             }
-            let ckm_keys =
-                d.max_perturbation.is_some() || d.variance.is_some() || d.small_values.is_some();
+            let ckm_keys = d.max_perturbation.is_some()
+                || d.variance.is_some()
+                || d.small_values.is_some()
+                || d.magnitude.is_some();
             let dp_keys = d.rho_per_statistic.is_some()
                 || d.max_groups.is_some()
                 || d.max_rows.is_some()
@@ -405,7 +408,7 @@ impl TrePolicy {
                 || d.value_bounds.is_some();
             if ckm_keys && method != "ckm" {
                 return Err(invalid(format!(
-                    "[disclosure.{name}] max_perturbation, variance and small_values need method = \"ckm\""
+                    "[disclosure.{name}] max_perturbation, variance, small_values and magnitude need method = \"ckm\""
                 )));
             }
             if dp_keys && method != "dp" {
@@ -427,6 +430,7 @@ impl TrePolicy {
                         max_perturbation: d.max_perturbation.unwrap_or(5),
                         variance: d.variance.unwrap_or(3.0),
                         small_values: d.small_values.unwrap_or(4),
+                        magnitude: d.magnitude.unwrap_or(0.5),
                     };
                     crate::tre::ptable::PTable::new(params)
                         .map_err(|e| invalid(format!("[disclosure.{name}] {e}")))?;

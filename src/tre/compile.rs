@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{Column, DFSchemaRef, ExprSchema, Result, ScalarValue};
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, min, sum};
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::InList;
 use datafusion::logical_expr::logical_plan::{Filter, Projection, SubqueryAlias};
@@ -73,6 +73,9 @@ pub struct Parts {
     /// The sum of the contributors' record keys (Int64), under the cell key
     /// method only ([`super::ckm::cell_key`] folds it).
     pub cell_key: Option<usize>,
+    /// The largest contribution (one patient's sum, Float64), for sums and
+    /// means under the cell key method: their noise is scaled to it.
+    pub largest: Option<usize>,
 }
 
 /// The compiled plan: group keys first, then every statistic's parts.
@@ -214,9 +217,12 @@ fn per_cell(
         let column = s.column.as_ref();
         let nonnull = column.map(|c| present(c, &schema)).transpose()?.flatten();
         let contributing = and(f.clone(), nonnull);
+        // Under the cell key method, a count of rows or values is keyed by
+        // each patient's rows too ([`super::ckm::weighted`]).
+        let by_rows = s.kind != StatKind::Patients;
         let contributors = |out: &mut Outputs| -> Result<usize> {
             let counted = match record_keys {
-                Some(keys) => contributors(keys, patient.clone()),
+                Some(keys) => contributors(keys, patient.clone(), by_rows),
                 None => patients_at_least(patient.clone(), cap),
             };
             let e = filtered(counted, contributing.as_ref())?;
@@ -361,11 +367,18 @@ fn per_patient(
         let contributes = at(n).gt(lit(0i64));
         let patients = out.push(filtered(count(lit(1i64)), Some(&contributes))?);
         // The cell key: the record keys of this statistic's own contributors
-        // (one inner row per patient, so each counts once).
+        // (one inner row per patient, so each counts once), mixed with how
+        // much each contributes unless it counts patients
+        // ([`super::ckm::weighted`]).
         let cell_key = record_key
             .as_ref()
             .map(|udf| -> Result<usize> {
-                let e = filtered(sum(udf.call(vec![at(keys)])), Some(&contributes))?;
+                let mut args = vec![at(keys)];
+                if s.kind != StatKind::Patients {
+                    args.push(at(n));
+                    args.extend(total.map(&at));
+                }
+                let e = filtered(sum(udf.call(args)), Some(&contributes))?;
                 Ok(out.find(&e).unwrap_or_else(|| out.push(e)))
             })
             .transpose()?;
@@ -396,6 +409,12 @@ fn per_patient(
                 dominance: mask,
                 minimum: minimum.map(|m| out.push(min(at(m)))),
                 cell_key,
+                // Contributions are not negative when released (a negative
+                // value sends the statistic to review), so the largest is
+                // the maximum.
+                largest: total
+                    .filter(|_| cell_key.is_some())
+                    .map(|t| out.push(max(at(t)))),
             }
         };
         parts.push(p);

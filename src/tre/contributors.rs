@@ -46,10 +46,14 @@ use datafusion::prelude::lit;
 
 use super::ckm::RecordKeys;
 
-/// `gpdp_contributors(patient)` under `keys`.
-pub fn contributors(keys: &RecordKeys, patient: Expr) -> Expr {
+/// `gpdp_contributors(patient)` under `keys`; `weighted`: each patient's
+/// key mixed with their number of rows ([`super::ckm::weighted`]), for
+/// counts of rows and of values, whose answers depend on how many rows
+/// each patient has, not only on who they are.
+pub fn contributors(keys: &RecordKeys, patient: Expr, weighted: bool) -> Expr {
     AggregateUDF::new_from_impl(Contributors {
         keys: Arc::new(keys.clone()),
+        weighted,
         signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
     })
     .call(vec![patient])
@@ -67,12 +71,17 @@ pub fn unpack(packed: Expr) -> (Expr, Expr) {
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Contributors {
     keys: Arc<RecordKeys>,
+    weighted: bool,
     signature: Signature,
 }
 
 impl AggregateUDFImpl for Contributors {
     fn name(&self) -> &str {
-        "gpdp_contributors"
+        if self.weighted {
+            "gpdp_contributors_by_rows"
+        } else {
+            "gpdp_contributors"
+        }
     }
     fn signature(&self) -> &Signature {
         &self.signature
@@ -86,15 +95,19 @@ impl AggregateUDFImpl for Contributors {
     fn accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         Ok(Box::new(OneCell {
             keys: self.keys.clone(),
+            weighted: self.weighted,
             cell: Cell::default(),
         }))
     }
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        Ok(vec![Arc::new(Field::new(
-            format!("{}[fingerprints]", args.name),
-            DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
-            true,
-        ))])
+        let list = |what: &str| {
+            Arc::new(Field::new(
+                format!("{}[{what}]", args.name),
+                DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
+                true,
+            ))
+        };
+        Ok(vec![list("fingerprints"), list("rows")])
     }
     fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
         true
@@ -102,6 +115,7 @@ impl AggregateUDFImpl for Contributors {
     fn create_groups_accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn GroupsAccumulator>> {
         Ok(Box::new(Cells {
             keys: self.keys.clone(),
+            weighted: self.weighted,
             cells: Vec::new(),
             bytes: 0,
         }))
@@ -138,38 +152,59 @@ fn counted(keys: &Int64Array, filter: Option<&BooleanArray>) -> Option<BooleanBu
     }
 }
 
-/// One cell's fingerprints: its own (from rows) and whole arrays of them
-/// (partitions' partial states, kept as they came).
+/// A partial state's fingerprints and (weighted) their rows.
+type Merged = (ArrayRef, Option<ArrayRef>);
+
+/// One cell's fingerprints: its own (from rows, with each one's number of
+/// rows when weighted) and whole arrays of them (partitions' partial
+/// states, kept as they came).
 #[derive(Debug, Default)]
 struct Cell {
     own: Vec<i64>,
-    merged: Vec<ArrayRef>,
+    rows: Vec<i64>,
+    merged: Vec<Merged>,
 }
 
 impl Cell {
     fn len(&self) -> usize {
-        self.own.len() + self.merged.iter().map(|a| a.len()).sum::<usize>()
+        self.own.len() + self.merged.iter().map(|(a, _)| a.len()).sum::<usize>()
     }
 
     fn bytes(&self) -> usize {
-        self.own.capacity() * size_of::<i64>()
+        (self.own.capacity() + self.rows.capacity()) * size_of::<i64>()
             + self
                 .merged
                 .iter()
-                .map(|a| a.len() * size_of::<i64>())
+                .map(|(a, r)| (a.len() + r.as_ref().map_or(0, |r| r.len())) * size_of::<i64>())
                 .sum::<usize>()
     }
 
-    fn each(&self, mut f: impl FnMut(i64)) {
-        self.own.iter().for_each(|&x| f(x));
-        for a in &self.merged {
-            a.as_primitive::<Int64Type>().values().iter().for_each(|&x| f(x));
+    /// Every `(fingerprint, rows)`; rows are 1 unless weighted.
+    fn each(&self, mut f: impl FnMut(i64, i64)) {
+        let ones = std::iter::repeat(&1i64);
+        if self.rows.is_empty() {
+            self.own
+                .iter()
+                .zip(ones.clone())
+                .for_each(|(&x, &n)| f(x, n));
+        } else {
+            self.own.iter().zip(&self.rows).for_each(|(&x, &n)| f(x, n));
+        }
+        for (a, r) in &self.merged {
+            let a = a.as_primitive::<Int64Type>().values().iter();
+            match r {
+                Some(r) => a
+                    .zip(r.as_primitive::<Int64Type>().values())
+                    .for_each(|(&x, &n)| f(x, n)),
+                None => a.zip(ones.clone()).for_each(|(&x, &n)| f(x, n)),
+            }
         }
     }
 
     /// `contributors << 32 | cell key`, deduplicating by buckets of the
-    /// fingerprints' top bits in `scratch`.
-    fn packed(&self, scratch: &mut Vec<i64>) -> i64 {
+    /// fingerprints' top bits in `scratch`; weighted, each patient's key
+    /// is mixed with their rows summed over their duplicates.
+    fn packed(&self, weighted: bool, scratch: &mut Vec<(i64, i64)>) -> i64 {
         let n = self.len();
         let bits = (n / 64).next_power_of_two().trailing_zeros().min(16);
         let bucket = |f: i64| {
@@ -180,64 +215,96 @@ impl Cell {
             }
         };
         let mut starts = vec![0usize; (1 << bits) + 1];
-        self.each(|f| starts[bucket(f) + 1] += 1);
+        self.each(|f, _| starts[bucket(f) + 1] += 1);
         for b in 1..starts.len() {
             starts[b] += starts[b - 1];
         }
         let mut next = starts.clone();
         scratch.clear();
-        scratch.resize(n, 0);
-        self.each(|f| {
+        scratch.resize(n, (0, 0));
+        self.each(|f, rows| {
             let b = bucket(f);
-            scratch[next[b]] = f;
+            scratch[next[b]] = (f, rows);
             next[b] += 1;
         });
         let (mut patients, mut key) = (0i64, 0u32);
+        let mut add = |f: i64, rows: i64| {
+            let rk = (f as u64 >> 32) as u32;
+            patients += 1;
+            key = key.wrapping_add(match weighted {
+                true => super::ckm::weighted(rk, rows as u64, None),
+                false => rk,
+            });
+        };
         for b in 0..1 << bits {
             let run = &mut scratch[starts[b]..starts[b + 1]];
-            run.sort_unstable();
-            let mut last = None;
-            for &f in run.iter() {
-                if last != Some(f) {
-                    last = Some(f);
-                    patients += 1;
-                    key = key.wrapping_add((f as u64 >> 32) as u32);
-                }
+            run.sort_unstable_by_key(|&(f, _)| f);
+            let mut current: Option<(i64, i64)> = None;
+            for &(f, rows) in run.iter() {
+                current = match current {
+                    Some((g, total)) if g == f => Some((g, total + rows)),
+                    Some((g, total)) => {
+                        add(g, total);
+                        Some((f, rows))
+                    }
+                    None => Some((f, rows)),
+                };
+            }
+            if let Some((g, total)) = current {
+                add(g, total);
             }
         }
         (patients << 32) | i64::from(key)
     }
 
-    /// Every fingerprint, as one list entry of a partial state.
-    fn append_to(&self, builder: &mut ListBuilder<Int64Builder>) {
-        let values = builder.values();
-        values.append_slice(&self.own);
-        for a in &self.merged {
-            values.append_slice(a.as_primitive::<Int64Type>().values());
+    /// Every fingerprint (and its rows), as one entry of a partial state.
+    fn append_to(
+        &self,
+        fingerprints: &mut ListBuilder<Int64Builder>,
+        rows: &mut ListBuilder<Int64Builder>,
+    ) {
+        fingerprints.values().append_slice(&self.own);
+        rows.values().append_slice(&self.rows);
+        for (a, r) in &self.merged {
+            fingerprints
+                .values()
+                .append_slice(a.as_primitive::<Int64Type>().values());
+            if let Some(r) = r {
+                rows.values()
+                    .append_slice(r.as_primitive::<Int64Type>().values());
+            }
         }
-        builder.append(true);
+        fingerprints.append(true);
+        rows.append(true);
     }
 
-    /// Takes a partial state's list entry (its fingerprints are non-null).
-    fn merge(&mut self, list: &ListArray, i: usize) {
-        if list.is_valid(i) && !list.value(i).is_empty() {
-            self.merged.push(list.value(i));
+    /// Takes a partial state's entry `i` (weighted: with its rows).
+    fn merge(&mut self, fingerprints: &ListArray, rows: &ListArray, i: usize, weighted: bool) {
+        if fingerprints.is_valid(i) && !fingerprints.value(i).is_empty() {
+            let r = (weighted && rows.is_valid(i)).then(|| rows.value(i));
+            self.merged.push((fingerprints.value(i), r));
         }
     }
 }
 
-fn to_state<'a>(cells: impl ExactSizeIterator<Item = &'a Cell>) -> ListArray {
-    let mut builder = ListBuilder::with_capacity(Int64Builder::new(), cells.len());
+fn to_state<'a>(cells: impl ExactSizeIterator<Item = &'a Cell>) -> [ArrayRef; 2] {
+    let mut fingerprints = ListBuilder::with_capacity(Int64Builder::new(), cells.len());
+    let mut rows = ListBuilder::with_capacity(Int64Builder::new(), cells.len());
     for c in cells {
-        c.append_to(&mut builder);
+        c.append_to(&mut fingerprints, &mut rows);
     }
-    builder.finish()
+    [Arc::new(fingerprints.finish()), Arc::new(rows.finish())]
+}
+
+fn lists(states: &[ArrayRef]) -> (&ListArray, &ListArray) {
+    (states[0].as_list::<i32>(), states[1].as_list::<i32>())
 }
 
 /// One accumulator for a query without GROUP BY.
 #[derive(Debug)]
 struct OneCell {
     keys: Arc<RecordKeys>,
+    weighted: bool,
     cell: Cell,
 }
 
@@ -245,26 +312,36 @@ impl Accumulator for OneCell {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
         for p in patient_keys(&values[0])?.iter().flatten() {
             let f = fingerprint(self.keys.record_key(p), p);
-            if self.cell.own.last() != Some(&f) {
-                self.cell.own.push(f);
+            match (self.cell.own.last() == Some(&f), self.weighted) {
+                (true, true) => *self.cell.rows.last_mut().expect("one per fingerprint") += 1,
+                (true, false) => {}
+                (false, weighted) => {
+                    self.cell.own.push(f);
+                    if weighted {
+                        self.cell.rows.push(1);
+                    }
+                }
             }
         }
         Ok(())
     }
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        Ok(ScalarValue::Int64(Some(self.cell.packed(&mut Vec::new()))))
+        let packed = self.cell.packed(self.weighted, &mut Vec::new());
+        Ok(ScalarValue::Int64(Some(packed)))
     }
     fn size(&self) -> usize {
         size_of::<Self>() + self.cell.bytes()
     }
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        let list = to_state(std::iter::once(&self.cell));
-        Ok(vec![ScalarValue::List(Arc::new(list))])
+        Ok(to_state(std::iter::once(&self.cell))
+            .into_iter()
+            .map(|a| ScalarValue::List(Arc::new(a.as_list::<i32>().clone())))
+            .collect())
     }
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        let lists = states[0].as_list::<i32>();
-        for i in 0..lists.len() {
-            self.cell.merge(lists, i);
+        let (fingerprints, rows) = lists(states);
+        for i in 0..fingerprints.len() {
+            self.cell.merge(fingerprints, rows, i, self.weighted);
         }
         Ok(())
     }
@@ -273,6 +350,7 @@ impl Accumulator for OneCell {
 /// The grouped form: a [`Cell`] per group.
 struct Cells {
     keys: Arc<RecordKeys>,
+    weighted: bool,
     cells: Vec<Cell>,
     /// The cells' memory, kept as it grows (DataFusion asks after every
     /// batch; summing over every group each time would cost more).
@@ -297,13 +375,18 @@ impl GroupsAccumulator for Cells {
     ) -> Result<()> {
         let keys = patient_keys(&values[0])?;
         self.cells.resize_with(total_num_groups, Cell::default);
-        let (cells, keys_of) = (&mut self.cells, &self.keys);
+        let (cells, keys_of, weighted) = (&mut self.cells, &self.keys, self.weighted);
         let mut bytes = 0usize;
         // The previous row's cell and patient, and the last record key.
         let (mut last_g, mut last_p) = (usize::MAX, 0i64);
         let (mut rk_p, mut rk) = (None, 0u32);
         let mut push = |g: usize, p: i64| {
+            let cell = &mut cells[g];
             if g == last_g && p == last_p {
+                // The same patient's next row in the same cell.
+                if weighted {
+                    *cell.rows.last_mut().expect("one per fingerprint") += 1;
+                }
                 return;
             }
             (last_g, last_p) = (g, p);
@@ -311,10 +394,12 @@ impl GroupsAccumulator for Cells {
                 rk_p = Some(p);
                 rk = keys_of.record_key(p);
             }
-            let own = &mut cells[g].own;
-            let before = own.capacity();
-            own.push(fingerprint(rk, p));
-            bytes += (own.capacity() - before) * size_of::<i64>();
+            let before = cell.own.capacity() + cell.rows.capacity();
+            cell.own.push(fingerprint(rk, p));
+            if weighted {
+                cell.rows.push(1);
+            }
+            bytes += (cell.own.capacity() + cell.rows.capacity() - before) * size_of::<i64>();
         };
         match counted(keys, opt_filter) {
             None => {
@@ -336,12 +421,12 @@ impl GroupsAccumulator for Cells {
         let cells = self.take(emit_to);
         let mut scratch = Vec::new();
         Ok(Arc::new(Int64Array::from_iter_values(
-            cells.iter().map(|c| c.packed(&mut scratch)),
+            cells.iter().map(|c| c.packed(self.weighted, &mut scratch)),
         )))
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        Ok(vec![Arc::new(to_state(self.take(emit_to).iter()))])
+        Ok(to_state(self.take(emit_to).iter()).into())
     }
 
     fn merge_batch(
@@ -350,11 +435,11 @@ impl GroupsAccumulator for Cells {
         group_indices: &[usize],
         total_num_groups: usize,
     ) -> Result<()> {
-        let lists: &ListArray = values[0].as_list::<i32>();
+        let (fingerprints, rows) = lists(values);
         self.cells.resize_with(total_num_groups, Cell::default);
         for (i, &g) in group_indices.iter().enumerate() {
             let before = self.cells[g].bytes();
-            self.cells[g].merge(lists, i);
+            self.cells[g].merge(fingerprints, rows, i, self.weighted);
             self.bytes += self.cells[g].bytes() - before;
         }
         Ok(())
@@ -366,18 +451,26 @@ impl GroupsAccumulator for Cells {
         opt_filter: Option<&BooleanArray>,
     ) -> Result<Vec<ArrayRef>> {
         let keys = patient_keys(&values[0])?;
-        let rows = counted(keys, opt_filter);
-        let mut builder = ListBuilder::with_capacity(Int64Builder::new(), keys.len());
+        let counted = counted(keys, opt_filter);
+        let mut fingerprints = ListBuilder::with_capacity(Int64Builder::new(), keys.len());
+        let mut rows = ListBuilder::with_capacity(Int64Builder::new(), keys.len());
         for i in 0..keys.len() {
-            if rows.as_ref().is_none_or(|r| r.value(i)) {
+            if counted.as_ref().is_none_or(|r| r.value(i)) {
                 let p = keys.value(i);
-                builder
+                fingerprints
                     .values()
                     .append_value(fingerprint(self.keys.record_key(p), p));
+                if self.weighted {
+                    rows.values().append_value(1);
+                }
             }
-            builder.append(true);
+            fingerprints.append(true);
+            rows.append(true);
         }
-        Ok(vec![Arc::new(builder.finish())])
+        Ok(vec![
+            Arc::new(fingerprints.finish()),
+            Arc::new(rows.finish()),
+        ])
     }
 
     fn size(&self) -> usize {
@@ -391,9 +484,11 @@ mod tests {
     use datafusion::prelude::{SessionContext, col};
     use proptest::prelude::*;
 
+    type Row = (i64, Option<i64>, bool);
+
     /// `(group, contributors, cell key)` per group, over `partitions`
     /// partitions, rows filtered to those whose flag is set.
-    async fn grouped(rows: &[(i64, Option<i64>, bool)], partitions: usize) -> Vec<(i64, i64, u32)> {
+    async fn grouped(rows: &[Row], partitions: usize, weighted: bool) -> Vec<(i64, i64, u32)> {
         let keys = RecordKeys::from_bytes(&[7; 32]);
         let ctx = SessionContext::new();
         let batch = arrow::array::RecordBatch::try_from_iter([
@@ -419,7 +514,7 @@ mod tests {
             })
             .collect();
         let table = datafusion::datasource::MemTable::try_new(batch.schema(), parts).unwrap();
-        let mut aggregate = contributors(&keys, col("p"));
+        let mut aggregate = contributors(&keys, col("p"), weighted);
         if let Expr::AggregateFunction(call) = &mut aggregate {
             call.params.filter = Some(Box::new(col("f")));
         }
@@ -440,23 +535,30 @@ mod tests {
         out
     }
 
-    /// The same, computed directly: distinct patients and their record keys.
-    fn direct(rows: &[(i64, Option<i64>, bool)]) -> Vec<(i64, i64, u32)> {
+    /// The same, computed directly: distinct patients and the sum of
+    /// their record keys (weighted: mixed with their number of rows).
+    fn direct(rows: &[Row], weighted: bool) -> Vec<(i64, i64, u32)> {
+        use std::collections::BTreeMap;
         let keys = RecordKeys::from_bytes(&[7; 32]);
-        let mut cells = std::collections::BTreeMap::<i64, std::collections::BTreeSet<i64>>::new();
+        let mut cells = BTreeMap::<i64, BTreeMap<i64, u64>>::new();
         for &(g, p, f) in rows {
-            let set = cells.entry(g).or_default();
+            let cell = cells.entry(g).or_default();
             if let (Some(p), true) = (p, f) {
-                set.insert(p);
+                *cell.entry(p).or_default() += 1;
             }
         }
         cells
             .into_iter()
-            .map(|(g, s)| {
-                let key = s
-                    .iter()
-                    .fold(0u32, |k, &p| k.wrapping_add(keys.record_key(p)));
-                (g, s.len() as i64, key)
+            .map(|(g, patients)| {
+                let key = patients.iter().fold(0u32, |k, (&p, &n)| {
+                    let rk = keys.record_key(p);
+                    k.wrapping_add(if weighted {
+                        crate::tre::ckm::weighted(rk, n, None)
+                    } else {
+                        rk
+                    })
+                });
+                (g, patients.len() as i64, key)
             })
             .collect()
     }
@@ -474,13 +576,17 @@ mod tests {
             ),
             runs in prop::bool::ANY,
             partitions in 1usize..4,
+            weighted in prop::bool::ANY,
         ) {
             let mut rows = rows;
             if runs {
                 rows.sort_by_key(|r| r.1);
             }
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            prop_assert_eq!(rt.block_on(grouped(&rows, partitions)), direct(&rows));
+            prop_assert_eq!(
+                rt.block_on(grouped(&rows, partitions, weighted)),
+                direct(&rows, weighted)
+            );
         }
     }
 
@@ -488,10 +594,17 @@ mod tests {
     fn large_cells_use_buckets_and_stay_exact() {
         // Beyond the sizes the proptest reaches: many buckets, duplicates
         // scattered across partitions and runs.
-        let rows: Vec<(i64, Option<i64>, bool)> = (0..40_000i64)
+        let rows: Vec<Row> = (0..40_000i64)
             .map(|i| (i % 3, Some((i * 7_919) % 9_973 * 1_000_003), i % 11 != 0))
             .collect();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        assert_eq!(rt.block_on(grouped(&rows, 3)), direct(&rows));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for weighted in [false, true] {
+            assert_eq!(
+                rt.block_on(grouped(&rows, 3, weighted)),
+                direct(&rows, weighted)
+            );
+        }
     }
 }

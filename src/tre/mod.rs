@@ -370,11 +370,18 @@ async fn guarded(
             views: &session.views,
         },
     )?;
-    if project.disclosure.ckm.is_some() && release.statistics.iter().any(|s| !s.kind.is_count()) {
+    if project.disclosure.ckm.is_some()
+        && release.statistics.iter().any(|s| {
+            matches!(
+                s.kind,
+                grammar::StatKind::Variance | grammar::StatKind::StdDev
+            )
+        })
+    {
         return Err(Refusal::new(
             "statistic_not_available",
             format!(
-                "sums, means and variances are not released under the cell key method ({}) yet: it perturbs counts; ask for counts",
+                "variances and standard deviations are not released under the cell key method ({}): it perturbs counts and sums; ask for counts, sums or means",
                 project.disclosure.name
             ),
         )

@@ -37,6 +37,9 @@ pub struct Params {
     pub variance: f64,
     /// `js`: counts 1..=js are never released (they become 0 or > js).
     pub small_values: u32,
+    /// `m`: a sum's perturbation is ±m × the cell's largest contribution
+    /// × (½ to 1½) ([`super::ckm::magnitude_perturbation`]).
+    pub magnitude: f64,
 }
 
 impl Params {
@@ -56,6 +59,12 @@ impl Params {
             return Err(format!(
                 "variance must be in (0, max_perturbation²] = (0, {}]",
                 self.max_perturbation.pow(2)
+            ));
+        }
+        if !(self.magnitude > 0.0 && self.magnitude <= 10.0) {
+            return Err(format!(
+                "magnitude must be in (0, 10] (a sum's noise as a fraction of its largest contribution), not {}",
+                self.magnitude
             ));
         }
         Ok(())
@@ -253,6 +262,7 @@ mod tests {
             max_perturbation: 5,
             variance: 3.0,
             small_values: 4,
+            magnitude: 0.5,
         })
         .unwrap();
         let (n, last) = t.rows().last().unwrap();
@@ -274,6 +284,7 @@ mod tests {
             max_perturbation: 5,
             variance: 3.0,
             small_values: 4,
+            magnitude: 0.5,
         })
         .unwrap();
         for key in (0..u32::MAX).step_by(9_999_991) {
@@ -292,6 +303,7 @@ mod tests {
             max_perturbation: 2,
             variance: 1.0,
             small_values: 0,
+            magnitude: 0.5,
         })
         .unwrap();
         // Frequencies over evenly spread keys match the row.
@@ -315,6 +327,7 @@ mod tests {
                 max_perturbation: d,
                 variance: v,
                 small_values: js,
+                magnitude: 0.5,
             })
             .is_err()
         };
@@ -331,7 +344,7 @@ mod tests {
         ) {
             let js = ((f64::from(d) - 1.0) * js_frac).floor() as u32;
             let variance = v_frac * f64::from(d * d);
-            let t = PTable::new(Params { max_perturbation: d, variance, small_values: js }).unwrap();
+            let t = PTable::new(Params { max_perturbation: d, variance, small_values: js, magnitude: 0.5 }).unwrap();
             for (n, row) in t.rows() {
                 let (total, mean, _) = stats(&row);
                 prop_assert!((total - 1.0).abs() < 1e-9);

@@ -343,11 +343,29 @@ impl<'a> Control<'a> {
                 Values::Counts(b.finish())
             }
             _ => {
+                let largest = p.largest.map(real).transpose()?;
                 let mut b = Float64Builder::with_capacity(rows);
                 for (i, w) in why.iter().enumerate() {
                     let n = if count.is_valid(i) { count.value(i) } else { 0 };
-                    let value = match (w, get(&total, i)) {
-                        (None, Some(s)) => derive(kind, n, s, get(&squares, i)),
+                    let value = match (w, get(&total, i), &self.ptable) {
+                        (None, Some(s), None) => derive(kind, n, s, get(&squares, i)),
+                        // The cell key method: the perturbed sum over the
+                        // perturbed count. No key or no largest
+                        // contribution fails closed (redacted).
+                        (None, Some(s), Some(t)) => {
+                            let key = cell_keys
+                                .as_ref()
+                                .filter(|k| k.is_valid(i))
+                                .map(|k| super::ckm::cell_key(k.value(i)));
+                            match (key, get(&largest, i), noisy(n, i)) {
+                                (Some(key), Some(top), Some(n)) => {
+                                    let m = t.params().magnitude;
+                                    let s = s + super::ckm::magnitude_perturbation(key, top, m);
+                                    derive(kind, n, s, None)
+                                }
+                                _ => None,
+                            }
+                        }
                         _ => None,
                     };
                     b.append_option(value);
@@ -472,8 +490,13 @@ pub fn describe(rules: &Disclosure) -> String {
     }
     if let Some(p) = rules.ckm {
         return format!(
-            "disclosure control {}: counts carry cell-key noise (at most ±{}, the same for the same patients every time; none released in 1..{}), then statistics of {} or fewer patients are [REDACTED]; rows with nothing releasable are left out",
-            rules.name, p.max_perturbation, p.small_values, rules.redact_at_or_below
+            "disclosure control {}: counts carry cell-key noise (at most ±{}, the same for the same patients every time; none released in 1..{}), sums ±{}–{}% of the cell's largest contribution and means are the noisy sum over the noisy count; then statistics of {} or fewer patients are [REDACTED]; rows with nothing releasable are left out",
+            rules.name,
+            p.max_perturbation,
+            p.small_values,
+            p.magnitude * 50.0,
+            p.magnitude * 150.0,
+            rules.redact_at_or_below
         );
     }
     let mut s = format!(
