@@ -115,7 +115,7 @@ pub struct Question {
 /// Diabetes: any of the three diagnosis codes of synthetic-data/codelists/conditions.csv.
 const DIABETES: &str = "SELECT patient_id FROM clinical_events WHERE snomedct_code IN ('73211009', '46635009', '44054006')";
 
-const QUESTIONS: [(&str, &str, &str); 7] = [
+const QUESTIONS: [(&str, &str, &str); 8] = [
     (
         "Diabetes prevalence by age band: all patients, and those with a diabetes code",
         "demo-research",
@@ -135,6 +135,11 @@ const QUESTIONS: [(&str, &str, &str); 7] = [
         "Linked hospital data: patients with an emergency admission in 2025, by deprivation",
         "demo-research",
         "SELECT p.imd_decile, count(DISTINCT a.patient_id) AS emergency_patients FROM apcs a JOIN patients p ON a.patient_id = p.patient_id WHERE a.admission_method IN ('21', '22', '28') AND a.admission_year = 2025 GROUP BY p.imd_decile ORDER BY p.imd_decile",
+    ),
+    (
+        "Planning, under the cell key method: HbA1c tests and mean HbA1c by deprivation",
+        "demo-planning-exempt",
+        "SELECT p.imd_decile, count(*) AS tests, avg(c.numeric_value) AS mean_hba1c FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id WHERE c.snomedct_code = '999791000000106' GROUP BY p.imd_decile ORDER BY p.imd_decile",
     ),
     (
         "The National Data Opt-out at work (1/2): patients a research project can see",

@@ -93,8 +93,7 @@ pub fn measure(store: &Path, runs: usize) -> anyhow::Result<Vec<QueryLatency>> {
     measure_project(store, runs, RULE_SETS[0])
 }
 
-/// [`measure`] for any project of the shipped policy. Queries the
-/// project's rule set does not answer (means under `ckm`) are left out.
+/// [`measure`] for any project of the shipped policy.
 pub fn measure_project(
     store: &Path,
     runs: usize,

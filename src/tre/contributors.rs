@@ -8,21 +8,24 @@
 //! threshold rule set, so it is built for it (on events by year over 1M
 //! patients, a third of the cost of aggregating by cell and patient first,
 //! which is what it replaces):
-//! - each cell keeps a plain vector of **fingerprints**, one per patient:
-//!   the patient's record key in the high 32 bits, the low 32 bits of
-//!   their patient key below. A fingerprint tells patients apart as well
-//!   as the 64-bit patient key does (two patients of one cell share one
-//!   with probability 2⁻⁶⁴; they would count once — a blur, never a
-//!   disclosure) and carries the record key, so record keys are computed
-//!   once per run of a patient's rows, not once per patient and cell;
+//! - each cell keeps a plain vector of **fingerprints**, one per run of a
+//!   patient's rows: the patient's record key (32 bits), the low 20 bits
+//!   of their patient key, and the run's number of rows (12 bits). Who a
+//!   fingerprint is (its top 52 bits) tells patients apart — two patients
+//!   of one cell share it with probability 2⁻⁵², and would count once: a
+//!   blur, never a disclosure — and carries the record key, so record
+//!   keys are computed once per run of a patient's rows, not once per
+//!   patient and cell; the rows let a count of rows key each patient by
+//!   how many rows they have ([`super::ckm::weighted`]);
 //! - a store's rows come grouped by patient and ordered by date, so a row
-//!   with the previous row's cell and patient is skipped with one
-//!   comparison; the others are pushed, duplicates and all;
+//!   with the previous row's cell and patient adds one to the last
+//!   fingerprint's rows; the others are pushed, duplicates and all;
 //! - partial states are the vectors as they are; the final step keeps the
 //!   partitions' arrays without copying them, and deduplicates each cell
 //!   once when it is emitted: one pass buckets the fingerprints by their
 //!   top bits (record keys are uniform, so buckets are small and in cache)
-//!   and each bucket is sorted on its own.
+//!   and each bucket is sorted on its own, which brings one patient's
+//!   entries together, to be counted once with their rows summed.
 //!
 //! The result is exact however rows are spread over files, partitions and
 //! batches: every fingerprint reaches the final step, which removes every
@@ -107,7 +110,7 @@ impl AggregateUDFImpl for Contributors {
                 true,
             ))
         };
-        Ok(vec![list("fingerprints"), list("rows")])
+        Ok(vec![list("fingerprints")])
     }
     fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
         true
@@ -125,9 +128,23 @@ impl AggregateUDFImpl for Contributors {
     }
 }
 
-/// A patient's fingerprint: record key high, patient key's low bits low.
+/// Bits of a fingerprint that count the patient's rows in one entry.
+const ROW_BITS: u32 = 12;
+const ROWS: i64 = (1 << ROW_BITS) - 1;
+
+/// A patient's first row in a cell: record key (32 bits), the patient
+/// key's low 20 bits, and a count of rows (12 bits, here 1).
 fn fingerprint(record_key: u32, patient: i64) -> i64 {
-    ((u64::from(record_key) << 32) | (patient as u64 & 0xFFFF_FFFF)) as i64
+    let who = (u64::from(record_key) << 20) | (patient as u64 & 0xF_FFFF);
+    ((who << ROW_BITS) | 1) as i64
+}
+
+/// Who a fingerprint is (without its rows): equal for one patient's
+/// entries, whatever their rows; two patients of a cell share it with
+/// probability 2⁻⁵², which would count them as one — a blur of one in a
+/// cell's count, deterministic, never a disclosure.
+fn who(f: i64) -> u64 {
+    f as u64 >> ROW_BITS
 }
 
 fn patient_keys(values: &ArrayRef) -> Result<&Int64Array> {
@@ -152,59 +169,47 @@ fn counted(keys: &Int64Array, filter: Option<&BooleanArray>) -> Option<BooleanBu
     }
 }
 
-/// A partial state's fingerprints and (weighted) their rows.
-type Merged = (ArrayRef, Option<ArrayRef>);
-
-/// One cell's fingerprints: its own (from rows, with each one's number of
-/// rows when weighted) and whole arrays of them (partitions' partial
-/// states, kept as they came).
+/// One cell's fingerprints: its own (from rows) and whole arrays of them
+/// (partitions' partial states, kept as they came).
 #[derive(Debug, Default)]
 struct Cell {
     own: Vec<i64>,
-    rows: Vec<i64>,
-    merged: Vec<Merged>,
+    merged: Vec<ArrayRef>,
 }
 
 impl Cell {
     fn len(&self) -> usize {
-        self.own.len() + self.merged.iter().map(|(a, _)| a.len()).sum::<usize>()
+        self.own.len() + self.merged.iter().map(|a| a.len()).sum::<usize>()
     }
 
     fn bytes(&self) -> usize {
-        (self.own.capacity() + self.rows.capacity()) * size_of::<i64>()
-            + self
-                .merged
-                .iter()
-                .map(|(a, r)| (a.len() + r.as_ref().map_or(0, |r| r.len())) * size_of::<i64>())
-                .sum::<usize>()
+        (self.own.capacity() + self.merged.iter().map(|a| a.len()).sum::<usize>())
+            * size_of::<i64>()
     }
 
-    /// Every `(fingerprint, rows)`; rows are 1 unless weighted.
-    fn each(&self, mut f: impl FnMut(i64, i64)) {
-        let ones = std::iter::repeat(&1i64);
-        if self.rows.is_empty() {
-            self.own
+    fn each(&self, mut f: impl FnMut(i64)) {
+        self.own.iter().for_each(|&x| f(x));
+        for a in &self.merged {
+            a.as_primitive::<Int64Type>()
+                .values()
                 .iter()
-                .zip(ones.clone())
-                .for_each(|(&x, &n)| f(x, n));
-        } else {
-            self.own.iter().zip(&self.rows).for_each(|(&x, &n)| f(x, n));
+                .for_each(|&x| f(x));
         }
-        for (a, r) in &self.merged {
-            let a = a.as_primitive::<Int64Type>().values().iter();
-            match r {
-                Some(r) => a
-                    .zip(r.as_primitive::<Int64Type>().values())
-                    .for_each(|(&x, &n)| f(x, n)),
-                None => a.zip(ones.clone()).for_each(|(&x, &n)| f(x, n)),
-            }
+    }
+
+    /// Adds one row of the patient `(rk, p)`, the same patient as the
+    /// previous row of this cell when `again`.
+    fn add(&mut self, again: bool, rk: u32, p: i64) {
+        match self.own.last_mut() {
+            Some(last) if again && *last & ROWS != ROWS => *last += 1,
+            _ => self.own.push(fingerprint(rk, p)),
         }
     }
 
     /// `contributors << 32 | cell key`, deduplicating by buckets of the
     /// fingerprints' top bits in `scratch`; weighted, each patient's key
-    /// is mixed with their rows summed over their duplicates.
-    fn packed(&self, weighted: bool, scratch: &mut Vec<(i64, i64)>) -> i64 {
+    /// is mixed with their rows summed over their entries.
+    fn packed(&self, weighted: bool, scratch: &mut Vec<i64>) -> i64 {
         let n = self.len();
         let bits = (n / 64).next_power_of_two().trailing_zeros().min(16);
         let bucket = |f: i64| {
@@ -215,21 +220,21 @@ impl Cell {
             }
         };
         let mut starts = vec![0usize; (1 << bits) + 1];
-        self.each(|f, _| starts[bucket(f) + 1] += 1);
+        self.each(|f| starts[bucket(f) + 1] += 1);
         for b in 1..starts.len() {
             starts[b] += starts[b - 1];
         }
         let mut next = starts.clone();
         scratch.clear();
-        scratch.resize(n, (0, 0));
-        self.each(|f, rows| {
+        scratch.resize(n, 0);
+        self.each(|f| {
             let b = bucket(f);
-            scratch[next[b]] = (f, rows);
+            scratch[next[b]] = f;
             next[b] += 1;
         });
         let (mut patients, mut key) = (0i64, 0u32);
-        let mut add = |f: i64, rows: i64| {
-            let rk = (f as u64 >> 32) as u32;
+        let mut add = |who: u64, rows: i64| {
+            let rk = (who >> 20) as u32;
             patients += 1;
             key = key.wrapping_add(match weighted {
                 true => super::ckm::weighted(rk, rows as u64, None),
@@ -238,66 +243,52 @@ impl Cell {
         };
         for b in 0..1 << bits {
             let run = &mut scratch[starts[b]..starts[b + 1]];
-            run.sort_unstable_by_key(|&(f, _)| f);
-            let mut current: Option<(i64, i64)> = None;
-            for &(f, rows) in run.iter() {
+            // Sorted, one patient's entries are together (who is the top bits).
+            run.sort_unstable();
+            let mut current: Option<(u64, i64)> = None;
+            for &f in run.iter() {
+                let (w, rows) = (who(f), f & ROWS);
                 current = match current {
-                    Some((g, total)) if g == f => Some((g, total + rows)),
-                    Some((g, total)) => {
-                        add(g, total);
-                        Some((f, rows))
+                    Some((c, total)) if c == w => Some((c, total + rows)),
+                    Some((c, total)) => {
+                        add(c, total);
+                        Some((w, rows))
                     }
-                    None => Some((f, rows)),
+                    None => Some((w, rows)),
                 };
             }
-            if let Some((g, total)) = current {
-                add(g, total);
+            if let Some((c, total)) = current {
+                add(c, total);
             }
         }
         (patients << 32) | i64::from(key)
     }
 
-    /// Every fingerprint (and its rows), as one entry of a partial state.
-    fn append_to(
-        &self,
-        fingerprints: &mut ListBuilder<Int64Builder>,
-        rows: &mut ListBuilder<Int64Builder>,
-    ) {
-        fingerprints.values().append_slice(&self.own);
-        rows.values().append_slice(&self.rows);
-        for (a, r) in &self.merged {
-            fingerprints
+    /// Every fingerprint, as one entry of a partial state.
+    fn append_to(&self, builder: &mut ListBuilder<Int64Builder>) {
+        builder.values().append_slice(&self.own);
+        for a in &self.merged {
+            builder
                 .values()
                 .append_slice(a.as_primitive::<Int64Type>().values());
-            if let Some(r) = r {
-                rows.values()
-                    .append_slice(r.as_primitive::<Int64Type>().values());
-            }
         }
-        fingerprints.append(true);
-        rows.append(true);
+        builder.append(true);
     }
 
-    /// Takes a partial state's entry `i` (weighted: with its rows).
-    fn merge(&mut self, fingerprints: &ListArray, rows: &ListArray, i: usize, weighted: bool) {
-        if fingerprints.is_valid(i) && !fingerprints.value(i).is_empty() {
-            let r = (weighted && rows.is_valid(i)).then(|| rows.value(i));
-            self.merged.push((fingerprints.value(i), r));
+    /// Takes a partial state's entry `i` (its fingerprints are non-null).
+    fn merge(&mut self, list: &ListArray, i: usize) {
+        if list.is_valid(i) && !list.value(i).is_empty() {
+            self.merged.push(list.value(i));
         }
     }
 }
 
-fn to_state<'a>(cells: impl ExactSizeIterator<Item = &'a Cell>) -> [ArrayRef; 2] {
-    let mut fingerprints = ListBuilder::with_capacity(Int64Builder::new(), cells.len());
-    let mut rows = ListBuilder::with_capacity(Int64Builder::new(), cells.len());
+fn to_state<'a>(cells: impl ExactSizeIterator<Item = &'a Cell>) -> ArrayRef {
+    let mut builder = ListBuilder::with_capacity(Int64Builder::new(), cells.len());
     for c in cells {
-        c.append_to(&mut fingerprints, &mut rows);
+        c.append_to(&mut builder);
     }
-    [Arc::new(fingerprints.finish()), Arc::new(rows.finish())]
-}
-
-fn lists(states: &[ArrayRef]) -> (&ListArray, &ListArray) {
-    (states[0].as_list::<i32>(), states[1].as_list::<i32>())
+    Arc::new(builder.finish())
 }
 
 /// One accumulator for a query without GROUP BY.
@@ -310,18 +301,11 @@ struct OneCell {
 
 impl Accumulator for OneCell {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let mut last = None;
         for p in patient_keys(&values[0])?.iter().flatten() {
-            let f = fingerprint(self.keys.record_key(p), p);
-            match (self.cell.own.last() == Some(&f), self.weighted) {
-                (true, true) => *self.cell.rows.last_mut().expect("one per fingerprint") += 1,
-                (true, false) => {}
-                (false, weighted) => {
-                    self.cell.own.push(f);
-                    if weighted {
-                        self.cell.rows.push(1);
-                    }
-                }
-            }
+            let again = last == Some(p);
+            last = Some(p);
+            self.cell.add(again, self.keys.record_key(p), p);
         }
         Ok(())
     }
@@ -333,15 +317,15 @@ impl Accumulator for OneCell {
         size_of::<Self>() + self.cell.bytes()
     }
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        Ok(to_state(std::iter::once(&self.cell))
-            .into_iter()
-            .map(|a| ScalarValue::List(Arc::new(a.as_list::<i32>().clone())))
-            .collect())
+        let list = to_state(std::iter::once(&self.cell));
+        Ok(vec![ScalarValue::List(Arc::new(
+            list.as_list::<i32>().clone(),
+        ))])
     }
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        let (fingerprints, rows) = lists(states);
-        for i in 0..fingerprints.len() {
-            self.cell.merge(fingerprints, rows, i, self.weighted);
+        let list = states[0].as_list::<i32>();
+        for i in 0..list.len() {
+            self.cell.merge(list, i);
         }
         Ok(())
     }
@@ -358,6 +342,29 @@ struct Cells {
 }
 
 impl Cells {
+    /// Adds counted rows as `(group, patient)`. Monomorphised per caller so
+    /// that the loop, run for every row, is one loop.
+    fn feed(&mut self, rows: impl Iterator<Item = (usize, i64)>) {
+        let (cells, keys) = (&mut self.cells, &self.keys);
+        let mut bytes = 0usize;
+        // The previous row's cell and patient, and the last record key.
+        let (mut last_g, mut last_p) = (usize::MAX, 0i64);
+        let (mut rk_p, mut rk) = (None, 0u32);
+        for (g, p) in rows {
+            let again = g == last_g && p == last_p;
+            (last_g, last_p) = (g, p);
+            if rk_p != Some(p) {
+                rk_p = Some(p);
+                rk = keys.record_key(p);
+            }
+            let cell = &mut cells[g];
+            let before = cell.own.capacity();
+            cell.add(again, rk, p);
+            bytes += (cell.own.capacity() - before) * size_of::<i64>();
+        }
+        self.bytes += bytes;
+    }
+
     fn take(&mut self, emit_to: EmitTo) -> Vec<Cell> {
         let taken = emit_to.take_needed(&mut self.cells);
         self.bytes -= taken.iter().map(Cell::bytes).sum::<usize>();
@@ -375,45 +382,18 @@ impl GroupsAccumulator for Cells {
     ) -> Result<()> {
         let keys = patient_keys(&values[0])?;
         self.cells.resize_with(total_num_groups, Cell::default);
-        let (cells, keys_of, weighted) = (&mut self.cells, &self.keys, self.weighted);
-        let mut bytes = 0usize;
-        // The previous row's cell and patient, and the last record key.
-        let (mut last_g, mut last_p) = (usize::MAX, 0i64);
-        let (mut rk_p, mut rk) = (None, 0u32);
-        let mut push = |g: usize, p: i64| {
-            let cell = &mut cells[g];
-            if g == last_g && p == last_p {
-                // The same patient's next row in the same cell.
-                if weighted {
-                    *cell.rows.last_mut().expect("one per fingerprint") += 1;
-                }
-                return;
-            }
-            (last_g, last_p) = (g, p);
-            if rk_p != Some(p) {
-                rk_p = Some(p);
-                rk = keys_of.record_key(p);
-            }
-            let before = cell.own.capacity() + cell.rows.capacity();
-            cell.own.push(fingerprint(rk, p));
-            if weighted {
-                cell.rows.push(1);
-            }
-            bytes += (cell.own.capacity() + cell.rows.capacity() - before) * size_of::<i64>();
-        };
         match counted(keys, opt_filter) {
-            None => {
-                for (&g, &p) in group_indices.iter().zip(keys.values()) {
-                    push(g, p);
-                }
-            }
-            Some(rows) => {
-                for i in rows.set_indices() {
-                    push(group_indices[i], keys.value(i));
-                }
-            }
+            None => self.feed(
+                group_indices
+                    .iter()
+                    .copied()
+                    .zip(keys.values().iter().copied()),
+            ),
+            Some(rows) => self.feed(
+                rows.set_indices()
+                    .map(|i| (group_indices[i], keys.value(i))),
+            ),
         }
-        self.bytes += bytes;
         Ok(())
     }
 
@@ -426,7 +406,7 @@ impl GroupsAccumulator for Cells {
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        Ok(to_state(self.take(emit_to).iter()).into())
+        Ok(vec![to_state(self.take(emit_to).iter())])
     }
 
     fn merge_batch(
@@ -435,11 +415,11 @@ impl GroupsAccumulator for Cells {
         group_indices: &[usize],
         total_num_groups: usize,
     ) -> Result<()> {
-        let (fingerprints, rows) = lists(values);
+        let list = values[0].as_list::<i32>();
         self.cells.resize_with(total_num_groups, Cell::default);
         for (i, &g) in group_indices.iter().enumerate() {
             let before = self.cells[g].bytes();
-            self.cells[g].merge(fingerprints, rows, i, self.weighted);
+            self.cells[g].merge(list, i);
             self.bytes += self.cells[g].bytes() - before;
         }
         Ok(())
@@ -452,25 +432,17 @@ impl GroupsAccumulator for Cells {
     ) -> Result<Vec<ArrayRef>> {
         let keys = patient_keys(&values[0])?;
         let counted = counted(keys, opt_filter);
-        let mut fingerprints = ListBuilder::with_capacity(Int64Builder::new(), keys.len());
-        let mut rows = ListBuilder::with_capacity(Int64Builder::new(), keys.len());
+        let mut builder = ListBuilder::with_capacity(Int64Builder::new(), keys.len());
         for i in 0..keys.len() {
             if counted.as_ref().is_none_or(|r| r.value(i)) {
                 let p = keys.value(i);
-                fingerprints
+                builder
                     .values()
                     .append_value(fingerprint(self.keys.record_key(p), p));
-                if self.weighted {
-                    rows.values().append_value(1);
-                }
             }
-            fingerprints.append(true);
-            rows.append(true);
+            builder.append(true);
         }
-        Ok(vec![
-            Arc::new(fingerprints.finish()),
-            Arc::new(rows.finish()),
-        ])
+        Ok(vec![Arc::new(builder.finish())])
     }
 
     fn size(&self) -> usize {
@@ -586,6 +558,23 @@ mod tests {
             prop_assert_eq!(
                 rt.block_on(grouped(&rows, partitions, weighted)),
                 direct(&rows, weighted)
+            );
+        }
+    }
+
+    #[test]
+    fn a_patients_rows_beyond_one_entry_are_summed() {
+        // 5,000 rows of one patient in one cell: more than an entry counts
+        // (4,095), so several entries, summed when emitted.
+        let mut rows: Vec<Row> = vec![(0, Some(42), true); 5_000];
+        rows.push((0, Some(7), true));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for partitions in [1, 2] {
+            assert_eq!(
+                rt.block_on(grouped(&rows, partitions, true)),
+                direct(&rows, true)
             );
         }
     }
