@@ -646,6 +646,18 @@ fn ckm_sums_and_means_carry_noise_scaled_to_the_largest_contribution() {
         a.result.batch,
         ask("demo-planning-exempt", &sql).unwrap().result.batch
     );
+    // A count asked alone (one aggregate per cell) is the same count as
+    // next to a sum (aggregated by patient first): the same cell key.
+    let alone = ask(
+        "demo-planning-exempt",
+        &format!(
+            "SELECT p.sex, p.age_band, count(c.numeric_value) AS n {from} GROUP BY p.sex, p.age_band"
+        ),
+    )
+    .unwrap()
+    .result
+    .batch;
+    assert_eq!(alone.column(2), a.result.batch.column(2));
     let truth = direct(
         store,
         &policy,
