@@ -184,6 +184,12 @@ fn as_f64(column: &Column) -> Expr {
     cast(Expr::Column(column.clone()), DataType::Float64)
 }
 
+/// The `i`th column of a plan's output.
+fn nth(schema: &DFSchemaRef, i: usize) -> Expr {
+    let (q, f) = schema.qualified_field(i);
+    Expr::Column(Column::new(q.cloned(), f.name()))
+}
+
 fn hidden_patient(schema: &DFSchemaRef) -> Result<Column> {
     let (q, f) = schema.qualified_field_with_unqualified_name(PATIENT)?;
     Ok(Column::new(q.cloned(), f.name()))
@@ -200,7 +206,7 @@ fn group_exprs(release: &Release) -> Vec<Expr> {
 /// The per-cell shape. Threshold rule sets count contributors only up to
 /// the threshold + 1; the cell key method (`record_keys`) counts them
 /// exactly and sums their record keys, in one aggregate per contributing
-/// set ([`super::ckm::contributors`]), unpacked after it.
+/// set ([`super::contributors::contributors`]), unpacked after it.
 fn per_cell(
     release: &Release,
     input: LogicalPlan,
@@ -292,10 +298,7 @@ fn per_cell(
         // Each packed column becomes its contributors and its cell key,
         // appended after the aggregate's columns.
         let aggregated = builder.schema().clone();
-        let column = |i: usize| {
-            let (q, f) = aggregated.qualified_field(i);
-            Expr::Column(Column::new(q.cloned(), f.name()))
-        };
+        let column = |i: usize| nth(&aggregated, i);
         let mut columns: Vec<Expr> = (0..width).map(column).collect();
         let mut unpacked = std::collections::BTreeMap::new();
         for p in &mut parts {
@@ -356,10 +359,7 @@ fn per_patient(
         .aggregate(group, inner.exprs)?
         .build()?;
     let inner_schema = inner_plan.schema().clone();
-    let at = |i: usize| {
-        let (q, f) = inner_schema.qualified_field(i);
-        Expr::Column(Column::new(q.cloned(), f.name()))
-    };
+    let at = |i: usize| nth(&inner_schema, i);
     // Outer: per cell, over patients.
     let mut out = Outputs::new(keys);
     let mut parts = Vec::with_capacity(release.statistics.len());
@@ -474,10 +474,7 @@ fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compi
     group.push(patient);
     let mut builder = LogicalPlanBuilder::from(input).aggregate(group, inner.exprs)?;
     let inner_schema = builder.schema().clone();
-    let at = |i: usize| {
-        let (q, f) = inner_schema.qualified_field(i);
-        Expr::Column(Column::new(q.cloned(), f.name()))
-    };
+    let at = |i: usize| nth(&inner_schema, i);
     if plan.bound_groups {
         let mut by: Vec<Expr> = vec![at(keys)];
         by.extend((0..keys).map(at));

@@ -103,14 +103,11 @@ impl AggregateUDFImpl for Contributors {
         }))
     }
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        let list = |what: &str| {
-            Arc::new(Field::new(
-                format!("{}[{what}]", args.name),
-                DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
-                true,
-            ))
-        };
-        Ok(vec![list("fingerprints")])
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[fingerprints]", args.name),
+            DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
+            true,
+        ))])
     }
     fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
         true
