@@ -867,13 +867,16 @@ fn budgets(log: &[Value], policy: &TrePolicy) -> Vec<Budget> {
         .values()
         .find_map(|p| p.disclosure.dp.map(|d| d.delta))
         .unwrap_or(1e-6);
-    let mut spent: BTreeMap<String, (f64, u64)> = BTreeMap::new();
-    for e in log.iter().filter(|e| e["event"] == "privacy_charge") {
-        let user = e["user"].as_str().unwrap_or("unknown").to_owned();
-        let entry = spent.entry(user).or_default();
-        entry.0 += e["rho"].as_f64().unwrap_or(0.0);
-        entry.1 += 1;
-    }
+    let mut ledger = crate::tre::dp::Spending::default();
+    log.iter().for_each(|e| ledger.add(e));
+    let mut spent: BTreeMap<String, (f64, u64)> = ledger
+        .by_user
+        .into_iter()
+        .map(|(user, rho)| {
+            let charges = ledger.charges.get(&user).copied().unwrap_or(0);
+            (user, (rho, charges))
+        })
+        .collect();
     for r in &policy.researchers {
         let in_dp = r.projects.iter().any(|p| {
             policy

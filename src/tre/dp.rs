@@ -304,6 +304,10 @@ pub struct Spending {
     /// A line could not be read: nothing can be charged (fail closed).
     pub unreadable: bool,
     pub by_user: std::collections::BTreeMap<String, f64>,
+    /// The number of charges per user (for the report; a ledger cached
+    /// before it was counted reads as none, and charging never needs it).
+    #[serde(default)]
+    pub charges: std::collections::BTreeMap<String, u64>,
 }
 
 impl Spending {
@@ -319,7 +323,10 @@ impl Spending {
             entry.get("user").and_then(Value::as_str),
             entry.get("rho").and_then(Value::as_f64),
         ) {
-            (Some(user), Some(rho)) => *self.by_user.entry(user.to_owned()).or_default() += rho,
+            (Some(user), Some(rho)) => {
+                *self.by_user.entry(user.to_owned()).or_default() += rho;
+                *self.charges.entry(user.to_owned()).or_default() += 1;
+            }
             _ => self.unreadable = true,
         }
     }
