@@ -46,7 +46,7 @@ use super::ckm::RecordKeys;
 use super::contributors::{contributors, unpack};
 use super::dominance::dominance;
 use super::dp::{Plan as DpPlan, cell_rank};
-use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind};
+use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind, Statistic};
 use super::patients::patients_at_least;
 use crate::policy::tre::Disclosure;
 
@@ -182,6 +182,16 @@ fn present(column: &Column, schema: &DFSchemaRef) -> Result<Option<Expr>> {
 
 fn as_f64(column: &Column) -> Expr {
     cast(Expr::Column(column.clone()), DataType::Float64)
+}
+
+/// A patient's rows of a statistic, per cell and patient: their rows
+/// under its FILTER, those with a value when it has a column.
+fn rows_of(s: &Statistic, filter: Option<&Expr>) -> Result<Expr> {
+    let rows = match s.column.as_ref() {
+        None => count(lit(1i64)),
+        Some(c) => count(Expr::Column(c.clone())),
+    };
+    filtered(rows, filter)
 }
 
 /// The `i`th column of a plan's output.
@@ -338,11 +348,7 @@ fn per_patient(
     let mut inner_parts = Vec::with_capacity(release.statistics.len());
     for s in &release.statistics {
         let f = s.filter.as_ref().map(predicate).transpose()?;
-        let rows = match s.column.as_ref() {
-            None => count(lit(1i64)),
-            Some(c) => count(Expr::Column(c.clone())),
-        };
-        let n = inner.push(filtered(rows, f.as_ref())?);
+        let n = inner.push(rows_of(s, f.as_ref())?);
         let (mut total, mut squares, mut minimum) = (None, None, None);
         if let (false, Some(c)) = (s.kind.is_count(), s.column.as_ref()) {
             total = Some(inner.push(filtered(sum(as_f64(c)), f.as_ref())?));
@@ -453,11 +459,7 @@ fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compi
     let mut inner_parts = Vec::with_capacity(release.statistics.len());
     for (s, bounds) in release.statistics.iter().zip(&plan.bounds) {
         let f = s.filter.as_ref().map(predicate).transpose()?;
-        let rows = match s.column.as_ref() {
-            None => count(lit(1i64)),
-            Some(c) => count(Expr::Column(c.clone())),
-        };
-        let n = inner.push(filtered(rows, f.as_ref())?);
+        let n = inner.push(rows_of(s, f.as_ref())?);
         let total = match (bounds, s.column.as_ref()) {
             (Some(b), Some(c)) => {
                 let v = as_f64(c);
