@@ -282,13 +282,16 @@ impl<'a> Control<'a> {
         // decides and what is released are both noisy. No key (a cell key
         // expected but missing) fails closed: redacted.
         let cell_keys = p.cell_key.map(int).transpose()?;
+        let key_at = |i: usize| {
+            cell_keys
+                .as_ref()
+                .filter(|k| k.is_valid(i))
+                .map(|k| super::ckm::cell_key(k.value(i)))
+        };
         let noisy = |x: i64, i: usize| -> Option<i64> {
-            match (&self.ptable, &cell_keys) {
-                (None, _) => Some(x),
-                (Some(t), Some(k)) if k.is_valid(i) => {
-                    Some(t.perturb(x, super::ckm::cell_key(k.value(i))))
-                }
-                (Some(_), _) => None,
+            match &self.ptable {
+                None => Some(x),
+                Some(t) => key_at(i).map(|key| t.perturb(x, key)),
             }
         };
         let mut why: Vec<Option<Why>> = Vec::with_capacity(rows);
@@ -353,11 +356,7 @@ impl<'a> Control<'a> {
                         // perturbed count. No key or no largest
                         // contribution fails closed (redacted).
                         (None, Some(s), Some(t)) => {
-                            let key = cell_keys
-                                .as_ref()
-                                .filter(|k| k.is_valid(i))
-                                .map(|k| super::ckm::cell_key(k.value(i)));
-                            match (key, get(&largest, i), noisy(n, i)) {
+                            match (key_at(i), get(&largest, i), noisy(n, i)) {
                                 (Some(key), Some(top), Some(n)) => {
                                     let m = t.params().magnitude;
                                     let s = s + super::ckm::magnitude_perturbation(key, top, m);
