@@ -5,10 +5,12 @@
 //! only the TRE holds — the perturbation key, a 32-byte file from `gpdp
 //! keygen` that is never the collection key (the store's key id tells them
 //! apart, and the same file is refused). The **cell key** of a statistic is
-//! the wrapping sum of the record keys of its distinct contributors: the
-//! same patients give the same key in every query, session and project;
-//! one patient more gives a key unrelated to the last. The perturbation is
-//! then looked up by (count, cell key) in the [`super::ptable`].
+//! the wrapping sum of the record keys of its distinct contributors — each
+//! mixed with how much the patient contributes unless the statistic counts
+//! patients ([`weighted`]): the same records give the same key in every
+//! query, session and project; one patient or one row more gives a key
+//! unrelated to the last. The perturbation is then looked up by (count,
+//! cell key) in the [`super::ptable`].
 //!
 //! Record keys are SipHash-2-4 of the patient's integer key under 128 bits
 //! derived from the perturbation key by HMAC-SHA256 (DESIGN §5.4 asks for

@@ -489,7 +489,7 @@ pub fn describe(rules: &Disclosure) -> String {
     }
     if let Some(p) = rules.ckm {
         return format!(
-            "disclosure control {}: counts carry cell-key noise (at most ±{}, the same for the same patients every time; none released in 1..{}), sums ±{}–{}% of the cell's largest contribution and means are the noisy sum over the noisy count; then statistics of {} or fewer patients are [REDACTED]; rows with nothing releasable are left out",
+            "disclosure control {}: counts carry cell-key noise (at most ±{}, the same for the same records every time; none released in 1..{}), sums ±{}–{}% of the cell's largest contribution and means are the noisy sum over the noisy count; then statistics of {} or fewer patients are [REDACTED]; rows with nothing releasable are left out",
             rules.name,
             p.max_perturbation,
             p.small_values,
