@@ -121,13 +121,15 @@ pub fn link(opts: &LinkOptions) -> Result<Vec<LinkReceipt>, LinkError> {
             opts.extract.display()
         )));
     }
+    let mut planned = Vec::with_capacity(sources.len());
     for s in &sources {
-        if opts.policy.linked_actions(*s).is_none() {
+        let Some(actions) = opts.policy.linked_actions(*s) else {
             return Err(LinkError::Refused(format!(
                 "the collection policy has no [linked.{}] section: nothing of it may be linked until every column has an action",
                 s.name()
             )));
-        }
+        };
+        planned.push((*s, actions));
         if !input(&opts.extract, *s).is_file() {
             return Err(LinkError::Input {
                 path: input(&opts.extract, *s),
@@ -142,7 +144,7 @@ pub fn link(opts: &LinkOptions) -> Result<Vec<LinkReceipt>, LinkError> {
         .clone()
         .unwrap_or_else(|| opts.extract.join("quarantine"));
     let mut receipts = Vec::new();
-    for source in sources {
+    for (source, actions) in planned {
         receipts.push(link_source(
             &mut store,
             &p,
@@ -150,6 +152,7 @@ pub fn link(opts: &LinkOptions) -> Result<Vec<LinkReceipt>, LinkError> {
             &opts.extract,
             &quarantine_dir,
             source,
+            actions,
         )?);
     }
     Ok(receipts)
@@ -168,12 +171,10 @@ fn link_source(
     extract: &Path,
     quarantine_dir: &Path,
     source: Source,
+    actions: &[Action],
 ) -> Result<LinkReceipt, LinkError> {
     let started = Instant::now();
     let path = input(extract, source);
-    let actions = policy
-        .linked_actions(source)
-        .ok_or_else(|| LinkError::Refused(format!("no [linked.{}]", source.name())))?;
     let (input_sha, _) = crate::store::sha256_file(&path)?;
     let batch = batch_id(p, policy, source, &input_sha);
     let mut receipt = LinkReceipt {
