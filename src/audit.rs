@@ -548,12 +548,7 @@ fn against_truth(
 ) -> anyhow::Result<Vec<Check>> {
     let key = CollectionKey::load(truth.key)?;
     let p = Pseudonymiser::new(&key);
-    if manifest.key_id.as_deref().is_some_and(|k| k != p.key_id()) {
-        return Err(crate::error::BadInput(
-            "the key is not the key this store was collected with".into(),
-        )
-        .into());
-    }
+    manifest.check_key(&p.key_id())?;
     let rows = read_truth(truth.dir, &p)?;
     let collected: BTreeSet<&str> = manifest.batches.keys().map(String::as_str).collect();
     let mut checks = Vec::new();
