@@ -288,6 +288,29 @@ fn to_state<'a>(cells: impl ExactSizeIterator<Item = &'a Cell>) -> ArrayRef {
     Arc::new(builder.finish())
 }
 
+/// Adds counted rows as `(cell, patient)` to `cells`; returns the bytes
+/// the cells grew by. Generic, so that the loop, run for every row, is
+/// one loop for each caller.
+fn feed(cells: &mut [Cell], keys: &RecordKeys, rows: impl Iterator<Item = (usize, i64)>) -> usize {
+    let mut bytes = 0usize;
+    // The previous row's cell and patient, and the last record key.
+    let (mut last_g, mut last_p) = (usize::MAX, 0i64);
+    let (mut rk_p, mut rk) = (None, 0u32);
+    for (g, p) in rows {
+        let again = g == last_g && p == last_p;
+        (last_g, last_p) = (g, p);
+        if rk_p != Some(p) {
+            rk_p = Some(p);
+            rk = keys.record_key(p);
+        }
+        let cell = &mut cells[g];
+        let before = cell.own.capacity();
+        cell.add(again, rk, p);
+        bytes += (cell.own.capacity() - before) * size_of::<i64>();
+    }
+    bytes
+}
+
 /// One accumulator for a query without GROUP BY.
 #[derive(Debug)]
 struct OneCell {
@@ -298,12 +321,8 @@ struct OneCell {
 
 impl Accumulator for OneCell {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        let mut last = None;
-        for p in patient_keys(&values[0])?.iter().flatten() {
-            let again = last == Some(p);
-            last = Some(p);
-            self.cell.add(again, self.keys.record_key(p), p);
-        }
+        let rows = patient_keys(&values[0])?.iter().flatten().map(|p| (0, p));
+        feed(std::slice::from_mut(&mut self.cell), &self.keys, rows);
         Ok(())
     }
     fn evaluate(&mut self) -> Result<ScalarValue> {
@@ -339,27 +358,8 @@ struct Cells {
 }
 
 impl Cells {
-    /// Adds counted rows as `(group, patient)`. Monomorphised per caller so
-    /// that the loop, run for every row, is one loop.
     fn feed(&mut self, rows: impl Iterator<Item = (usize, i64)>) {
-        let (cells, keys) = (&mut self.cells, &self.keys);
-        let mut bytes = 0usize;
-        // The previous row's cell and patient, and the last record key.
-        let (mut last_g, mut last_p) = (usize::MAX, 0i64);
-        let (mut rk_p, mut rk) = (None, 0u32);
-        for (g, p) in rows {
-            let again = g == last_g && p == last_p;
-            (last_g, last_p) = (g, p);
-            if rk_p != Some(p) {
-                rk_p = Some(p);
-                rk = keys.record_key(p);
-            }
-            let cell = &mut cells[g];
-            let before = cell.own.capacity();
-            cell.add(again, rk, p);
-            bytes += (cell.own.capacity() - before) * size_of::<i64>();
-        }
-        self.bytes += bytes;
+        self.bytes += feed(&mut self.cells, &self.keys, rows);
     }
 
     fn take(&mut self, emit_to: EmitTo) -> Vec<Cell> {
