@@ -150,7 +150,7 @@ pub fn weighted(record_key: u32, rows: u64, sum: Option<f64>) -> u32 {
 }
 
 /// SplitMix64's finaliser: a bijection of 64 bits, well mixed.
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

@@ -1,7 +1,8 @@
 //! From a [`Release`] to the plan that runs: the only plan that ever runs
 //! in a researcher's session is built here, from the parts the grammar
-//! accepted, in standard DataFusion expressions and two named aggregates
-//! (`gpdp_patients`, `gpdp_dominance`) — so that it can also run on Ballista.
+//! accepted, in standard DataFusion expressions and named aggregates
+//! (`gpdp_patients`, `gpdp_dominance`, `gpdp_contributors`,
+//! `gpdp_bounded`) — so that it can also run on Ballista.
 //!
 //! Every source carries one hidden column, the row's patient (`patient_key`
 //! of the left-most view: every row of a source belongs to exactly one
@@ -12,14 +13,20 @@
 //! statistic ([`super::sdc`]). Means and variances are derived from the
 //! parts in Rust after control, never inside SQL.
 //!
-//! Two shapes:
-//! - **per cell** (threshold-only rule sets): one aggregate; contributors are
-//!   counted up to the threshold + 1 only ([`super::patients`]), which costs
-//!   one comparison per row once a cell has enough patients;
-//! - **per patient** (rule sets that check dominance): an inner aggregate by
-//!   group keys and patient gives each patient's contribution to each
-//!   statistic, and the outer aggregate sums them, counts contributors
-//!   exactly and runs the N-K and p% checks over patients, not records.
+//! Three shapes:
+//! - **per cell** (threshold-only rule sets, and counts under the cell key
+//!   method): one aggregate; contributors are counted up to one more than
+//!   the threshold only ([`super::patients`]), which costs one comparison
+//!   per row once a cell has enough patients, or exactly with their cell
+//!   key ([`super::contributors`]);
+//! - **per patient** (rule sets that check dominance, and sums under the
+//!   cell key method): an inner aggregate by group keys and patient gives
+//!   each patient's contribution to each statistic, and the outer
+//!   aggregate sums them, counts contributors exactly and runs the N-K and
+//!   p% checks over patients, not records;
+//! - **bounded** (differential privacy): one aggregate without GROUP BY
+//!   ([`super::bounded`]) bounds each patient's contribution and totals
+//!   every cell of the keys' public domains.
 //!
 //! Cohort subqueries keep only non-null patients, so `NOT IN` never meets a
 //! NULL (which would empty the whole result: an oracle). A cohort that links
@@ -31,21 +38,21 @@
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::{Column, DFSchemaRef, ExprSchema, Result, ScalarValue};
+use datafusion::common::{Column, DFSchemaRef, ExprSchema, Result};
 use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
-use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::expr::InList;
 use datafusion::logical_expr::logical_plan::{Filter, Projection, SubqueryAlias};
 use datafusion::logical_expr::{
-    Between, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, binary_expr, cast,
-    in_subquery, not_in_subquery, when,
+    Between, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, binary_expr, cast, in_subquery,
+    not_in_subquery,
 };
 use datafusion::prelude::lit;
 
+use super::bounded::{Adds, Spec, bounded};
 use super::ckm::RecordKeys;
 use super::contributors::{contributors, unpack};
 use super::dominance::dominance;
-use super::dp::{Plan as DpPlan, cell_rank};
+use super::dp::Plan as DpPlan;
 use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind, Statistic};
 use super::patients::patients_at_least;
 use crate::policy::tre::Disclosure;
@@ -95,7 +102,7 @@ pub fn compile(
     let input = source(&release.source)?;
     if rules.dp.is_some() {
         return match dp {
-            Some(plan) => bounded(release, input, plan),
+            Some(plan) => bounded_plan(release, input, plan),
             None => Err(datafusion::error::DataFusionError::Internal(
                 "differential privacy without its noise plan".into(),
             )),
@@ -432,136 +439,52 @@ fn per_patient(
     Ok(Compiled { plan, parts })
 }
 
-/// The `dp` shape: only rows inside the keys' public domains; per cell
-/// and patient, each statistic's rows and clamped sum; at most `groups`
-/// cells per patient (a fixed hash of patient and cell ranks them; for one
-/// cell an aggregate and a join keep the least, for more `ROW_NUMBER`);
-/// then per cell, each patient's rows capped at `max_rows` and their sum
-/// scaled to the capped rows (their own mean, less a mean's centre, times
-/// the rows kept), so one patient moves a cell by a bounded amount.
-fn bounded(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compiled> {
-    let keys = release.keys.len();
-    let mut inside = Vec::with_capacity(keys);
-    for (k, domain) in release.keys.iter().zip(&plan.domains) {
-        let values = domain
-            .iter()
-            .map(|v| ScalarValue::try_from_string(v.clone(), k.field.data_type()).map(lit))
-            .collect::<Result<Vec<_>>>()?;
-        inside.push(Expr::Column(k.column.clone()).in_list(values, false));
-    }
-    let input = match inside.into_iter().reduce(Expr::and) {
-        Some(f) => LogicalPlanBuilder::from(input).filter(f)?.build()?,
-        None => input,
-    };
+/// The `dp` shape: one aggregate without GROUP BY, [`bounded`], that
+/// bounds each patient's contribution and totals every cell of the keys'
+/// public domains (rows outside them are left out).
+fn bounded_plan(release: &Release, input: LogicalPlan, plan: &DpPlan) -> Result<Compiled> {
     let schema = input.schema().clone();
-    let patient = Expr::Column(hidden_patient(&schema)?);
-    let mut inner = Outputs::new(keys + 1);
-    let mut inner_parts = Vec::with_capacity(release.statistics.len());
-    for (s, bounds) in release.statistics.iter().zip(&plan.bounds) {
-        let f = s.filter.as_ref().map(predicate).transpose()?;
-        let n = inner.push(rows_of(s, f.as_ref())?);
-        let total = match (bounds, s.column.as_ref()) {
-            (Some(b), Some(c)) => {
-                let v = as_f64(c);
-                let clamped = when(v.clone().lt(lit(b.lo)), lit(b.lo))
-                    .when(v.clone().gt(lit(b.hi)), lit(b.hi))
-                    .otherwise(v)?;
-                Some(inner.push(filtered(sum(clamped), f.as_ref())?))
+    let mut args = vec![Expr::Column(hidden_patient(&schema)?)];
+    args.extend(group_exprs(release));
+    let mut statistics = Vec::with_capacity(release.statistics.len());
+    for (s, b) in release.statistics.iter().zip(&plan.bounds) {
+        let filter = s.filter.as_ref().map(predicate).transpose()?;
+        let has_value = match s.column.as_ref() {
+            Some(c) => present(c, &schema)?,
+            None => None,
+        };
+        args.push(and(filter, has_value).unwrap_or_else(|| lit(true)));
+        statistics.push(match (s.kind, b, s.column.as_ref()) {
+            (StatKind::Patients, _, _) => Adds::Patient,
+            (_, Some(b), Some(c)) => {
+                args.push(as_f64(c));
+                Adds::Sum {
+                    lo: b.lo,
+                    hi: b.hi,
+                    centre: b.centre,
+                }
             }
-            _ => None,
-        };
-        inner_parts.push((n, total));
-    }
-    let mut group = group_exprs(release);
-    group.push(patient);
-    let mut builder = LogicalPlanBuilder::from(input).aggregate(group, inner.exprs)?;
-    let inner_schema = builder.schema().clone();
-    let at = |i: usize| nth(&inner_schema, i);
-    if plan.bound_groups {
-        let mut by: Vec<Expr> = vec![at(keys)];
-        by.extend((0..keys).map(at));
-        let rank = Arc::new(cell_rank()).call(by);
-        builder = if plan.groups == 1 {
-            // One cell per patient: the one of least rank, found by an
-            // aggregate and a join (a third of the cost of the window).
-            // Two cells of one patient with equal 64-bit ranks would both
-            // stay: about one patient in 10¹⁸.
-            let mut columns: Vec<Expr> = (0..inner_schema.fields().len()).map(at).collect();
-            columns.push(rank.alias(RANK));
-            let ranked = builder.project(columns)?.build()?;
-            let least = LogicalPlanBuilder::from(ranked.clone())
-                .aggregate(
-                    vec![at(keys).alias(CHOSEN)],
-                    vec![min(Expr::Column(Column::from_name(RANK))).alias(LEAST)],
-                )?
-                .build()?;
-            let joined = LogicalPlanBuilder::from(ranked)
-                .join(
-                    least,
-                    JoinType::Inner,
-                    (
-                        vec![hidden_patient(&inner_schema)?, Column::from_name(RANK)],
-                        vec![Column::from_name(CHOSEN), Column::from_name(LEAST)],
-                    ),
-                    None,
-                )?
-                .build()?;
-            LogicalPlanBuilder::from(joined)
-        } else {
-            let row = row_number()
-                .partition_by(vec![at(keys)])
-                .order_by(vec![rank.sort(true, false)])
-                .build()?
-                .alias(RANK);
-            builder
-                .window(vec![row])?
-                .filter(Expr::Column(Column::from_name(RANK)).lt_eq(lit(u64::from(plan.groups))))?
-        };
-    }
-    let max_rows = i64::from(plan.params.max_rows);
-    let mut out = Outputs::new(keys);
-    let mut parts = Vec::with_capacity(release.statistics.len());
-    for ((s, &(n, total)), bounds) in release
-        .statistics
-        .iter()
-        .zip(&inner_parts)
-        .zip(&plan.bounds)
-    {
-        let contributes = at(n).gt(lit(0i64));
-        let capped = when(at(n).gt(lit(max_rows)), lit(max_rows)).otherwise(at(n))?;
-        let count_part = if s.kind == StatKind::Patients {
-            filtered(count(lit(1i64)), Some(&contributes))?
-        } else {
-            sum(capped.clone())
-        };
-        let count = out
-            .find(&count_part)
-            .unwrap_or_else(|| out.push(count_part));
-        let sum_part = total
-            .map(|t| {
-                let centre = bounds.map_or(0.0, |b| b.centre);
-                let scaled = (at(t) / cast(at(n), DataType::Float64) - lit(centre))
-                    * cast(capped, DataType::Float64);
-                filtered(sum(scaled), Some(&contributes)).map(|e| out.push(e))
-            })
-            .transpose()?;
-        parts.push(Parts {
-            count,
-            sum: sum_part,
-            contributors: count,
-            ..Parts::default()
+            _ => Adds::Rows,
         });
     }
-    let group: Vec<Expr> = (0..keys).map(at).collect();
-    let plan = builder.aggregate(group, out.exprs)?.build()?;
-    Ok(Compiled { plan, parts })
+    let spec = Spec {
+        domains: plan.domains.clone(),
+        statistics,
+        groups: plan.groups,
+        bound_groups: plan.bound_groups,
+        max_rows: plan.params.max_rows,
+    };
+    let plan = LogicalPlanBuilder::from(input)
+        .aggregate(Vec::<Expr>::new(), vec![bounded(spec, args).alias(TOTALS)])?
+        .build()?;
+    Ok(Compiled {
+        plan,
+        parts: Vec::new(),
+    })
 }
 
-/// The rank of a patient's cell while the `dp` shape keeps the first few.
-const RANK: &str = "__gpdp_rank";
-/// A patient and the least rank of their cells, while `dp` keeps one.
-const CHOSEN: &str = "__gpdp_chosen";
-const LEAST: &str = "__gpdp_least";
+/// The `dp` shape's one output: every cell's totals.
+const TOTALS: &str = "__gpdp_totals";
 
 /// A source with the hidden patient column appended.
 fn source(s: &Source) -> Result<LogicalPlan> {

@@ -33,27 +33,16 @@
 //! from the operating system). Thresholds then apply to the noisy counts:
 //! disclosure control on top of DP, as post-processing.
 
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array,
-};
-use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::error::ArrowError;
-use arrow::util::display::{ArrayFormatter, FormatOptions};
 use dashu::rational::RBig;
-use datafusion::common::hash_utils::create_hashes_with_hasher;
 use datafusion::common::{Column, Result, ScalarValue};
-use datafusion::logical_expr::{
-    ColumnarValue, Operator, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
-};
+use datafusion::logical_expr::Operator;
 use serde_json::{Value, json};
-use siphasher::sip::SipHasher13;
 
 use super::Refusal;
-use super::compile::Parts;
 use super::grammar::{Item, Predicate, Release, Source, SourceNode, StatKind};
 use super::sdc::{Controlled, OperatorOnly, released_schema};
 use crate::policy::tre::{Disclosure, DpParams, TrePolicy};
@@ -308,6 +297,10 @@ pub struct Spending {
     /// before it was counted reads as none, and charging never needs it).
     #[serde(default)]
     pub charges: std::collections::BTreeMap<String, u64>,
+    /// The latest store generation the log records (a ledger cached
+    /// before it was kept reads as none, and is folded again).
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 impl Spending {
@@ -315,6 +308,9 @@ impl Spending {
         if entry.is_null() {
             self.unreadable = true;
             return;
+        }
+        if let Some(g) = entry.get("generation").and_then(Value::as_u64) {
+            self.generation = Some(self.generation.map_or(g, |l| l.max(g)));
         }
         if entry.get("event").and_then(Value::as_str) != Some("privacy_charge") {
             return;
@@ -337,10 +333,23 @@ impl Spending {
     }
 }
 
+/// The name of the ledger's cache beside the log (a new name when what
+/// it folds changes, so that an older cache is never read as complete).
+const LEDGER: &str = "privacy-ledger";
+
 /// Charges `rho` to `user`'s budget on `store` before a query runs, in the
 /// audit log, or refuses with `budget_exhausted` and charges nothing.
+///
+/// The ledger is only as good as the log: when the store in force
+/// (`generation`, its manifest's) is not the latest generation the log
+/// records, one of them was restored from an older copy — an older log
+/// would have forgotten charges — and nothing is charged or run
+/// (`no_rollback`, as `gpdp audit` names it). A log cut back to a point
+/// with the same generation is caught by its published head
+/// (`gpdp audit --expect-head`), not here.
 pub fn charge(
     store: &std::path::Path,
+    generation: u64,
     user: &str,
     project: &str,
     budget: f64,
@@ -348,7 +357,16 @@ pub fn charge(
     plan_fingerprint: &str,
 ) -> Result<Result<Ledger, Refusal>, crate::store::audit::AuditError> {
     let mut ledger = None;
-    let outcome = AuditLog::at(store).append_folded("ledger", Spending::add, |spending| {
+    let outcome = AuditLog::at(store).append_folded(LEDGER, Spending::add, |spending| {
+        if spending.generation.is_some_and(|g| g != generation) {
+            return Err(Refusal::new(
+                "no_rollback",
+                format!(
+                    "the store in force is generation {generation}, but its audit log last recorded generation {}: one of them was restored from an older copy, so the privacy ledger cannot be trusted and nothing was run or charged; the TRE operator must run `gpdp audit`",
+                    spending.generation.unwrap_or_default()
+                ),
+            ));
+        }
         let before = spending.of(user).ok_or_else(|| {
             Refusal::new(
                 "budget_exhausted",
@@ -389,44 +407,6 @@ pub fn discrete_gaussian(sigma: f64) -> Result<i64, String> {
     let x = opendp::traits::samplers::sample_discrete_gaussian(scale)
         .map_err(|e| format!("noise sampler: {e}"))?;
     i64::try_from(x).map_err(|e| format!("noise out of range: {e}"))
-}
-
-/// `gpdp_cell_rank(patient, key…)`: a fixed hash of a patient and a cell,
-/// which orders a patient's cells when the plan keeps only `groups` of
-/// them (a choice that depends on that patient alone, as the bound needs).
-pub fn cell_rank() -> ScalarUDF {
-    ScalarUDF::new_from_impl(CellRank {
-        signature: Signature::variadic_any(Volatility::Immutable),
-    })
-}
-
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct CellRank {
-    signature: Signature,
-}
-
-impl ScalarUDFImpl for CellRank {
-    fn name(&self) -> &str {
-        "gpdp_cell_rank"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(DataType::UInt64)
-    }
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let mut hashes = vec![0u64; args.number_rows];
-        create_hashes_with_hasher(
-            &arrays,
-            &BuildHasherDefault::<SipHasher13>::default(),
-            &mut hashes,
-        )?;
-        Ok(ColumnarValue::Array(
-            Arc::new(UInt64Array::from(hashes)) as ArrayRef
-        ))
-    }
 }
 
 /// The noise a released result carries, for the researcher: per output
@@ -513,77 +493,33 @@ type Noisy = (f64, Option<(f64, f64)>);
 
 /// Disclosure control under `dp`: every cell of the domains' product,
 /// zeros included, each statistic with its noise, then the threshold on
-/// the noisy counts. `batches` are the compiled plan's output (keys, then
-/// parts), which holds only cells inside the domains.
+/// the noisy counts. `batches` are the compiled plan's output: the
+/// totals of every cell ([`super::bounded::totals`]).
 pub fn control(
     release: &Release,
-    parts: &[Parts],
     rules: &Disclosure,
     plan: &Plan,
     batches: &[RecordBatch],
     ledger: Ledger,
 ) -> Result<(Controlled, Report), ArrowError> {
     let keys = release.keys.len();
-    // The exact parts of each cell that has rows, by its keys as text.
-    let mut found: HashMap<Vec<String>, Vec<(i64, f64)>> = HashMap::new();
-    let options = FormatOptions::default();
-    for b in batches {
-        let formatters: Vec<ArrayFormatter> = (0..keys)
-            .map(|k| ArrayFormatter::try_new(b.column(k).as_ref(), &options))
-            .collect::<Result<_, _>>()?;
-        let ints: Vec<Int64Array> = parts
-            .iter()
-            .map(|p| {
-                Ok(arrow::compute::cast(b.column(p.count), &DataType::Int64)?
-                    .as_primitive::<Int64Type>()
-                    .clone())
-            })
-            .collect::<Result<_, ArrowError>>()?;
-        let sums: Vec<Option<Float64Array>> = parts
-            .iter()
-            .map(|p| {
-                p.sum
-                    .map(|i| {
-                        Ok::<_, ArrowError>(
-                            arrow::compute::cast(b.column(i), &DataType::Float64)?
-                                .as_primitive::<Float64Type>()
-                                .clone(),
-                        )
-                    })
-                    .transpose()
-            })
-            .collect::<Result<_, _>>()?;
-        for row in 0..b.num_rows() {
-            let cell: Vec<String> = formatters
-                .iter()
-                .map(|f| f.value(row).to_string())
-                .collect();
-            let values = ints
-                .iter()
-                .zip(&sums)
-                .map(|(c, s)| {
-                    let count = if c.is_valid(row) { c.value(row) } else { 0 };
-                    let sum = s
-                        .as_ref()
-                        .filter(|s| s.is_valid(row))
-                        .map_or(0.0, |s| s.value(row));
-                    (count, sum)
-                })
-                .collect();
-            found.insert(cell, values);
-        }
-    }
+    let width = release.statistics.len();
+    let (counts, sums) = super::bounded::totals(batches, plan.cells, width)
+        .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
     let (schema, kinds) = released_schema(release, Some(plan));
     let threshold = rules.redact_at_or_below as i64;
     let mut operator = OperatorOnly {
-        groups: found.len(),
+        // The cells with rows.
+        groups: counts
+            .chunks(width.max(1))
+            .filter(|c| c.iter().any(|&n| n > 0.0))
+            .count(),
         ..OperatorOnly::default()
     };
     // Every cell of the product, in order (the last key varies fastest).
     let mut key_text: Vec<Vec<&str>> = vec![Vec::with_capacity(plan.cells); keys];
     let mut values: Vec<Vec<Option<Noisy>>> =
         vec![Vec::with_capacity(plan.cells); release.statistics.len()];
-    let zero = vec![(0i64, 0.0f64); release.statistics.len()];
     let noise_err = |e: String| ArrowError::ComputeError(e);
     for index in 0..plan.cells {
         let mut rest = index;
@@ -593,13 +529,11 @@ pub fn control(
             cell[k] = d[rest % d.len()].as_str();
             rest /= d.len();
         }
-        let owned: Vec<String> = cell.iter().map(|s| (*s).to_owned()).collect();
-        let exact = found.get(&owned).unwrap_or(&zero);
         for (k, v) in cell.into_iter().enumerate() {
             key_text[k].push(v);
         }
         for (s, (stat, noise)) in release.statistics.iter().zip(&plan.statistics).enumerate() {
-            let (count, sum) = exact[s];
+            let (count, sum) = (counts[index * width + s] as i64, sums[index * width + s]);
             let noisy_count = count + discrete_gaussian(noise.count_sigma).map_err(noise_err)?;
             // The released value, and for a mean its 95% interval.
             let value = if noisy_count <= threshold {
@@ -767,14 +701,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path();
         for _ in 0..4 {
-            charge(store, "alice", "p", 1.0, 0.25, "f")
+            charge(store, 0, "alice", "p", 1.0, 0.25, "f")
                 .unwrap()
                 .unwrap();
         }
-        let refused = charge(store, "alice", "p", 1.0, 0.25, "f").unwrap();
+        let refused = charge(store, 0, "alice", "p", 1.0, 0.25, "f").unwrap();
         assert_eq!(refused.unwrap_err().rule, "budget_exhausted");
         // Another researcher's budget is their own.
-        let bob = charge(store, "bob", "p", 1.0, 0.5, "f").unwrap().unwrap();
+        let bob = charge(store, 0, "bob", "p", 1.0, 0.5, "f")
+            .unwrap()
+            .unwrap();
         assert_eq!(bob.spent, 0.5);
         let log = AuditLog::at(store).verify().unwrap();
         assert_eq!(log.lines, 5);
@@ -785,22 +721,52 @@ mod tests {
         AuditLog::at(store)
             .append(&[json!({"event": "privacy_charge", "user": "bob", "rho": 0.25})])
             .unwrap();
-        let bob = charge(store, "bob", "p", 1.0, 0.25, "f").unwrap().unwrap();
+        let bob = charge(store, 0, "bob", "p", 1.0, 0.25, "f")
+            .unwrap()
+            .unwrap();
         assert_eq!(bob.spent, 1.0);
         // A cache that no longer matches the log is folded again.
         std::fs::write(
-            store.join("audit/ledger.json"),
+            store.join(format!("audit/{LEDGER}.json")),
             r#"{"offset":3,"hash":"x","state":{"unreadable":false,"by_user":{}}}"#,
         )
         .unwrap();
-        let refused = charge(store, "alice", "p", 1.0, 0.25, "f").unwrap();
+        let refused = charge(store, 0, "alice", "p", 1.0, 0.25, "f").unwrap();
         assert_eq!(refused.unwrap_err().rule, "budget_exhausted");
         // An unreadable line refuses every charge.
         let path = AuditLog::at(store).path().to_owned();
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replacen("privacy_charge", "privacy_charg\"", 1)).unwrap();
-        std::fs::remove_file(store.join("audit/ledger.json")).unwrap();
-        let refused = charge(store, "carol", "p", 1.0, 0.25, "f").unwrap();
+        std::fs::remove_file(store.join(format!("audit/{LEDGER}.json"))).unwrap();
+        let refused = charge(store, 0, "carol", "p", 1.0, 0.25, "f").unwrap();
         assert!(refused.unwrap_err().reason.contains("cannot be read"));
+    }
+
+    #[test]
+    fn a_store_or_log_restored_from_an_older_copy_is_charged_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path();
+        let log = AuditLog::at(store);
+        log.append(&[json!({"event": "commit", "generation": 1})])
+            .unwrap();
+        charge(store, 1, "alice", "p", 1.0, 0.25, "f")
+            .unwrap()
+            .unwrap();
+        log.append(&[json!({"event": "commit", "generation": 2})])
+            .unwrap();
+        // The store in force is older than the log (a restored store), or
+        // newer (a restored log, which would have forgotten charges).
+        for generation in [1, 3] {
+            let refused = charge(store, generation, "alice", "p", 1.0, 0.25, "f")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(refused.rule, "no_rollback");
+        }
+        let lines = log.verify().unwrap().lines;
+        let ledger = charge(store, 2, "alice", "p", 1.0, 0.25, "f")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ledger.spent, 0.5, "refusals charged nothing");
+        assert_eq!(log.verify().unwrap().lines, lines + 1);
     }
 }

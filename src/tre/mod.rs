@@ -21,6 +21,7 @@
 //! charged and, for the operator only, the rows withheld and why.
 
 pub mod auth;
+pub mod bounded;
 pub mod ckm;
 pub mod compile;
 pub mod contributors;
@@ -300,6 +301,8 @@ struct Guarded {
     disclosure: Disclosure,
     /// Under `dp`: the noise plan, fixed before anything runs.
     dp: Option<dp::Plan>,
+    /// The store generation in force (its manifest's).
+    generation: u64,
 }
 
 /// The longest SQL text a researcher may send: room for a codelist of
@@ -398,6 +401,7 @@ async fn guarded(
         release,
         disclosure: project.disclosure,
         dp,
+        generation: manifest.generation,
     })
 }
 
@@ -430,6 +434,7 @@ async fn answer(
         release,
         disclosure,
         dp,
+        generation,
     } = guarded(policy, req, fingerprint).await?;
     let compiled = compile::compile(
         &release,
@@ -446,6 +451,7 @@ async fn answer(
             Some(
                 dp::charge(
                     &req.store,
+                    generation,
                     &req.user,
                     &req.project,
                     budget,
@@ -503,9 +509,8 @@ async fn answer(
             (result, None)
         }
         (None, Some(plan), Some(ledger)) => {
-            let (result, report) =
-                dp::control(&release, &compiled.parts, &disclosure, plan, &raw, ledger)
-                    .map_err(TreError::internal)?;
+            let (result, report) = dp::control(&release, &disclosure, plan, &raw, ledger)
+                .map_err(TreError::internal)?;
             (result, Some(report))
         }
         _ => {
