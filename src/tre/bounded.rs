@@ -1102,6 +1102,49 @@ mod tests {
     }
 
     #[test]
+    fn keys_of_every_type_find_their_place_in_the_domain() {
+        use datafusion::arrow::array::{Int32Array, StringViewArray};
+        let domain = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cases: Vec<(Vec<String>, ArrayRef, Vec<u32>)> = vec![
+            (
+                domain(&["true", "false"]),
+                Arc::new(BooleanArray::from(vec![Some(false), None, Some(true)])),
+                vec![1, MISS, 0],
+            ),
+            (
+                domain(&["1", "2", "10"]),
+                Arc::new(Int32Array::from(vec![Some(10), Some(3), None, Some(1)])),
+                vec![2, MISS, MISS, 0],
+            ),
+            (
+                // Far apart: a table would be too large.
+                domain(&["-5", "1000000000"]),
+                Arc::new(Int64Array::from(vec![1_000_000_000, -5, 0])),
+                vec![1, 0, MISS],
+            ),
+            (
+                domain(&["F", "M"]),
+                Arc::new(StringViewArray::from(vec![
+                    Some("M"),
+                    Some("M"),
+                    Some("X"),
+                    None,
+                ])),
+                vec![1, 1, MISS, MISS],
+            ),
+        ];
+        for (domain, array, want) in cases {
+            let lookup = Lookup::new(&domain, array.data_type()).unwrap();
+            assert_eq!(
+                lookup.places(&array).unwrap(),
+                want,
+                "{}",
+                array.data_type()
+            );
+        }
+    }
+
+    #[test]
     fn a_patient_with_rows_in_every_cell_counts_in_the_allowed_number() {
         let rows: Vec<Row> = (0..1000)
             .map(|i| {

@@ -7,7 +7,7 @@
 //!   cells (1 when every group key is a patient attribute, else the rule
 //!   set's `max_groups`, never more than the cells there are) and with at
 //!   most `max_rows` rows per cell; values are clamped to the column's
-//!   `value_bounds`. [`super::compile`] enforces them in the plan;
+//!   `value_bounds`. [`super::bounded`] enforces them in the plan;
 //! - **sensitivity** — one patient changes each cell's count by at most
 //!   1 (patients) or `max_rows` (rows, values), a sum by at most
 //!   `max_rows · max(|lo|, |hi|)` (+1 for rounding the sum to an integer),
