@@ -42,7 +42,9 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use datafusion::arrow::compute::kernels::cmp::eq;
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int64Type, UInt32Type};
+use datafusion::arrow::datatypes::{
+    ArrowPrimitiveType, DataType, Field, FieldRef, Float64Type, Int64Type, UInt32Type,
+};
 use datafusion::common::{Result, ScalarValue, exec_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
@@ -597,38 +599,12 @@ impl Accumulator for Entries {
             return exec_err!("gpdp_bounded: a partial state out of shape");
         };
         let (width, sum_width) = (self.spec.width(), self.spec.sum_width());
-        let lists = (
-            patients.as_list::<i32>(),
-            cells.as_list::<i32>(),
-            rows.as_list::<i32>(),
-            sums.as_list::<i32>(),
-        );
-        for i in 0..lists.0.len() {
+        for i in 0..patients.len() {
             let segment = Segment {
-                patients: lists
-                    .0
-                    .value(i)
-                    .as_primitive::<Int64Type>()
-                    .values()
-                    .clone(),
-                cells: lists
-                    .1
-                    .value(i)
-                    .as_primitive::<UInt32Type>()
-                    .values()
-                    .clone(),
-                rows: lists
-                    .2
-                    .value(i)
-                    .as_primitive::<Int64Type>()
-                    .values()
-                    .clone(),
-                sums: lists
-                    .3
-                    .value(i)
-                    .as_primitive::<Float64Type>()
-                    .values()
-                    .clone(),
+                patients: entry::<Int64Type>(patients, i)?,
+                cells: entry::<UInt32Type>(cells, i)?,
+                rows: entry::<Int64Type>(rows, i)?,
+                sums: entry::<Float64Type>(sums, i)?,
             };
             let n = segment.patients.len();
             if segment.cells.len() != n
@@ -642,6 +618,21 @@ impl Accumulator for Entries {
             }
         }
         Ok(())
+    }
+}
+
+/// Entry `i` of a partial state's list, without copying it.
+fn entry<T: ArrowPrimitiveType>(list: &ArrayRef, i: usize) -> Result<ScalarBuffer<T::Native>> {
+    match list
+        .as_list_opt::<i32>()
+        .filter(|l| i < l.len())
+        .map(|l| l.value(i))
+    {
+        Some(values) => match values.as_primitive_opt::<T>() {
+            Some(v) => Ok(v.values().clone()),
+            None => exec_err!("gpdp_bounded: a partial state out of shape"),
+        },
+        None => exec_err!("gpdp_bounded: a partial state out of shape"),
     }
 }
 
