@@ -687,6 +687,48 @@ fn bounded_totals(spec: &Spec, segments: &[Segment]) -> (Vec<f64>, Vec<f64>) {
     (counts, sums)
 }
 
+/// Each patient's last run so far: an open-addressing table with the
+/// key and the run side by side, so an insert touches one cache line
+/// (a general hash table touched two, and this is the final step's
+/// largest cost). Keys are placed by SplitMix64's finaliser.
+struct LastRun {
+    bits: u32,
+    slots: Vec<(i64, u32)>,
+}
+
+impl LastRun {
+    const EMPTY: u32 = u32::MAX;
+
+    fn with_capacity(n: usize) -> LastRun {
+        let bits = (2 * n).next_power_of_two().trailing_zeros().max(4);
+        LastRun {
+            bits,
+            slots: vec![(0, Self::EMPTY); 1 << bits],
+        }
+    }
+
+    /// Sets `patient`'s last run; returns the one it replaces.
+    fn insert(&mut self, patient: i64, run: u32) -> Option<u32> {
+        let mask = self.slots.len() - 1;
+        let mut i = (super::ckm::mix(patient as u64) >> (64 - self.bits)) as usize;
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.1 == Self::EMPTY {
+                *slot = (patient, run);
+                return None;
+            }
+            if slot.0 == patient {
+                return Some(std::mem::replace(&mut slot.1, run));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn runs(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots.iter().map(|s| s.1).filter(|&r| r != Self::EMPTY)
+    }
+}
+
 /// One thread's patients and its scratch space.
 struct Patients<'a> {
     spec: &'a Spec,
@@ -753,7 +795,9 @@ impl<'a> Patients<'a> {
         // A patient's runs are linked, the last first; `head` marks it.
         let mut next = vec![u32::MAX; runs.len()];
         let mut head = vec![false; runs.len()];
-        let mut last: AHashMap<i64, u32> = AHashMap::with_capacity(runs.len() / parts + 1);
+        // Sized for this thread's runs (twice over), so a probe always ends.
+        let ours_runs = runs.iter().filter(|r| ours(self.patient_of(r))).count();
+        let mut last = LastRun::with_capacity(ours_runs);
         for (i, r) in runs.iter().enumerate() {
             let p = self.patient_of(r);
             if ours(p)
@@ -762,7 +806,7 @@ impl<'a> Patients<'a> {
                 next[i] = prev;
             }
         }
-        for &i in last.values() {
+        for i in last.runs() {
             head[i as usize] = true;
         }
         drop(last);
@@ -1090,6 +1134,21 @@ mod tests {
             prop_assert!(close(&got.0, &want.0), "counts {:?} vs {:?}", got.0, want.0);
             prop_assert!(close(&got.1, &want.1), "sums {:?} vs {:?}", got.1, want.1);
         }
+    }
+
+    #[test]
+    fn the_last_run_table_keeps_each_patients_latest_run() {
+        // Full to half its slots, with keys that collide in the low bits.
+        let mut table = LastRun::with_capacity(1000);
+        for run in 0..1000u32 {
+            assert_eq!(table.insert(i64::from(run) << 40, run), None);
+        }
+        assert_eq!(table.insert(7 << 40, 5000), Some(7));
+        assert_eq!(table.insert(7 << 40, 5001), Some(5000));
+        let mut runs: Vec<u32> = table.runs().collect();
+        runs.sort_unstable();
+        assert_eq!(runs.len(), 1000);
+        assert!(runs.contains(&5001) && !runs.contains(&7));
     }
 
     #[test]
