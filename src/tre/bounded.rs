@@ -813,43 +813,39 @@ impl<'a> Patients<'a> {
         let (width, sum_width) = (self.spec.width(), self.spec.sum_width());
         let size = self.spec.cells() * width;
         let (mut counts, mut sums) = (vec![0.0; size], vec![0.0; size]);
+        let segments = self.segments;
         for i in (0..runs.len()).filter(|&i| head[i]) {
             let run = runs[i];
             let (a, b) = (run.start as usize, run.end as usize);
-            let segment = &self.segments[run.segment as usize];
-            // Most patients have one run with one entry per cell: read in place.
-            if next[i] == u32::MAX && self.distinct(&segment.cells[a..b]) {
-                let c = Contribution {
+            let segment = &segments[run.segment as usize];
+            // Most patients have one run with one entry per cell: read in
+            // place; the others are merged first.
+            let in_place = next[i] == u32::MAX && self.distinct(&segment.cells[a..b]);
+            if !in_place {
+                self.gather(runs, &next, i);
+            }
+            let c = match in_place {
+                true => Contribution {
                     patient: segment.patients[a],
                     cells: &segment.cells[a..b],
                     rows: &segment.rows[a * width..b * width],
                     sums: &segment.sums[a * sum_width..b * sum_width],
-                };
-                add(
-                    self.spec,
-                    &self.identity,
-                    &mut self.ranked,
-                    &c,
-                    &mut counts,
-                    &mut sums,
-                );
-            } else {
-                self.gather(runs, &next, i);
-                let c = Contribution {
+                },
+                false => Contribution {
                     patient: segment.patients[a],
                     cells: &self.cells,
                     rows: &self.rows,
                     sums: &self.sums,
-                };
-                add(
-                    self.spec,
-                    &self.identity,
-                    &mut self.ranked,
-                    &c,
-                    &mut counts,
-                    &mut sums,
-                );
-            }
+                },
+            };
+            add(
+                self.spec,
+                &self.identity,
+                &mut self.ranked,
+                &c,
+                &mut counts,
+                &mut sums,
+            );
         }
         (counts, sums)
     }
