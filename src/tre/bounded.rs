@@ -344,13 +344,12 @@ impl Own {
         done: &mut Vec<Segment>,
     ) -> usize {
         let n = self.patients.len();
-        if self.run < n
-            && self.patients[self.run] == patient
-            && let Some(e) = (self.run..n).find(|&e| self.cells[e] == cell)
-        {
+        let in_run = self.run < n && self.patients[self.run] == patient;
+        if in_run && let Some(e) = (self.run..n).find(|&e| self.cells[e] == cell) {
             return e;
         }
         if n == CHUNK {
+            // A new chunk begins a new run (`take` leaves `run` at 0).
             done.push(self.take());
         }
         if self.patients.capacity() == 0 {
@@ -360,7 +359,7 @@ impl Own {
             self.sums.reserve_exact(CHUNK * sum_width);
         }
         let n = self.patients.len();
-        if !(self.run < n && self.patients[self.run] == patient) {
+        if !in_run {
             self.run = n;
         }
         self.patients.push(patient);
