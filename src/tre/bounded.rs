@@ -210,6 +210,8 @@ enum Lookup {
         table: Vec<u32>,
     },
     Ints(AHashMap<i64, u32>),
+    /// Text whose domain values are all short: by their bytes, packed.
+    Short(Short),
     Text(AHashMap<String, u32>),
     /// Any other type: compared with each value of the domain.
     Values(Vec<ScalarValue>),
@@ -222,7 +224,10 @@ impl Lookup {
             .map(|v| ScalarValue::try_from_string(v.clone(), t))
             .collect::<Result<Vec<_>>>()?;
         if matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
-            return Ok(Lookup::Text(domain.iter().cloned().zip(0..).collect()));
+            return Ok(match Short::new(domain) {
+                Some(short) => Lookup::Short(short),
+                None => Lookup::Text(domain.iter().cloned().zip(0..).collect()),
+            });
         }
         if !t.is_integer() {
             return Ok(Lookup::Values(values));
@@ -273,6 +278,12 @@ impl Lookup {
                     .map(|v| v.and_then(|v| map.get(&v).copied()).unwrap_or(MISS))
                     .collect())
             }
+            Lookup::Short(short) => Ok(match array.data_type() {
+                DataType::Utf8 => short.places(array.as_string::<i32>().iter()),
+                DataType::LargeUtf8 => short.places(array.as_string::<i64>().iter()),
+                DataType::Utf8View => short.places(array.as_string_view().iter()),
+                other => return exec_err!("a text key read as {other}"),
+            }),
             Lookup::Text(map) => Ok(match array.data_type() {
                 DataType::Utf8 => text_places(map, array.as_string::<i32>().iter()),
                 DataType::LargeUtf8 => text_places(map, array.as_string::<i64>().iter()),
@@ -292,6 +303,81 @@ impl Lookup {
                 Ok(places)
             }
         }
+    }
+}
+
+/// The places of a text domain whose values are at most 15 bytes, by
+/// their bytes and length packed into 128 bits: a small open-addressing
+/// table, in cache, with no string hashed or compared (a general map of
+/// strings was a tenth of the partitions' work on patients by sex and
+/// age band).
+#[derive(Debug)]
+struct Short {
+    bits: u32,
+    slots: Vec<(u128, u32)>,
+}
+
+impl Short {
+    const LONGEST: usize = 15;
+
+    fn new(domain: &[String]) -> Option<Short> {
+        if domain.iter().any(|v| v.len() > Self::LONGEST) {
+            return None;
+        }
+        let bits = (4 * domain.len())
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(4);
+        let mut short = Short {
+            bits,
+            slots: vec![(0, MISS); 1 << bits],
+        };
+        for (place, v) in (0..).zip(domain) {
+            let key = Self::pack(v)?;
+            let mut i = short.slot(key);
+            while short.slots[i].1 != MISS && short.slots[i].0 != key {
+                i = (i + 1) & (short.slots.len() - 1);
+            }
+            if short.slots[i].1 == MISS {
+                short.slots[i] = (key, place);
+            }
+        }
+        Some(short)
+    }
+
+    /// The bytes, then the length in the top byte: equal only for equal
+    /// text. `None` for text longer than any domain value can be.
+    fn pack(v: &str) -> Option<u128> {
+        let bytes = v.as_bytes();
+        if bytes.len() > Self::LONGEST {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        b[..bytes.len()].copy_from_slice(bytes);
+        b[15] = bytes.len() as u8;
+        Some(u128::from_le_bytes(b))
+    }
+
+    fn slot(&self, key: u128) -> usize {
+        let folded = (key as u64) ^ ((key >> 64) as u64).rotate_left(29);
+        (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.bits)) as usize
+    }
+
+    fn place(&self, key: u128) -> u32 {
+        let mut i = self.slot(key);
+        loop {
+            match self.slots[i] {
+                (_, MISS) => return MISS,
+                (k, place) if k == key => return place,
+                _ => i = (i + 1) & (self.slots.len() - 1),
+            }
+        }
+    }
+
+    fn places<'a>(&self, values: impl Iterator<Item = Option<&'a str>>) -> Vec<u32> {
+        values
+            .map(|v| v.and_then(Self::pack).map_or(MISS, |k| self.place(k)))
+            .collect()
     }
 }
 
@@ -325,6 +411,9 @@ struct Own {
     sums: Vec<f64>,
     /// The first entry of the current run (the last patient's rows).
     run: usize,
+    /// The run's cells below 64, as bits: a cell not among them is new
+    /// to the run without looking.
+    seen: u64,
 }
 
 /// Entries per chunk: a full chunk is set aside as a [`Segment`] and a
@@ -345,7 +434,12 @@ impl Own {
     ) -> usize {
         let n = self.patients.len();
         let in_run = self.run < n && self.patients[self.run] == patient;
-        if in_run && let Some(e) = (self.run..n).find(|&e| self.cells[e] == cell) {
+        let bit = 1u64.checked_shl(cell).unwrap_or(0);
+        if !in_run {
+            self.seen = 0;
+        } else if (bit == 0 || self.seen & bit != 0)
+            && let Some(e) = (self.run..n).find(|&e| self.cells[e] == cell)
+        {
             return e;
         }
         if n == CHUNK {
@@ -362,6 +456,7 @@ impl Own {
         if !in_run {
             self.run = n;
         }
+        self.seen |= bit;
         self.patients.push(patient);
         self.cells.push(cell);
         self.rows.resize(self.rows.len() + width, 0);
@@ -462,6 +557,29 @@ struct Inputs<'a> {
     values: Option<(&'a [f64], f64, f64)>,
 }
 
+impl Inputs<'_> {
+    /// The rows that count among `rows`, and their clamped values' sum.
+    fn over(&self, rows: std::ops::Range<usize>) -> (i64, f64) {
+        if self.counts.is_none() && self.values.is_none() {
+            return (rows.len() as i64, 0.0);
+        }
+        let (mut n, mut sum) = (0, 0.0);
+        for row in rows {
+            if self
+                .counts
+                .is_some_and(|c| !(c.is_valid(row) && c.value(row)))
+            {
+                continue;
+            }
+            n += 1;
+            if let Some((v, lo, hi)) = self.values {
+                sum += v[row].clamp(lo, hi);
+            }
+        }
+        (n, sum)
+    }
+}
+
 impl Accumulator for Entries {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
         let keys = self.spec.domains.len();
@@ -507,28 +625,25 @@ impl Accumulator for Entries {
         }
         let (own, done) = (&mut self.own, &mut self.done);
         let ids = patients.values();
-        // The entry the previous row went to.
-        let mut last = usize::MAX;
-        for (row, &cell) in cells.iter().enumerate() {
-            if cell == MISS {
-                continue;
+        // Spans of rows of one patient and one cell go to one entry.
+        let mut a = 0;
+        while a < cells.len() {
+            let (cell, p) = (cells[a], ids[a]);
+            let mut b = a + 1;
+            while b < cells.len() && cells[b] == cell && ids[b] == p {
+                b += 1;
             }
-            let p = ids[row];
-            if !(last < own.cells.len() && own.cells[last] == cell && own.patients[last] == p) {
-                last = own.entry(p, cell, (width, sum_width), done);
-            }
-            for (s, input) in inputs.iter().enumerate() {
-                if input
-                    .counts
-                    .is_some_and(|c| !(c.is_valid(row) && c.value(row)))
-                {
-                    continue;
-                }
-                own.rows[last * width + s] += 1;
-                if let Some((v, lo, hi)) = input.values {
-                    own.sums[last * sum_width + s] += v[row].clamp(lo, hi);
+            if cell != MISS {
+                let e = own.entry(p, cell, (width, sum_width), done);
+                for (s, input) in inputs.iter().enumerate() {
+                    let (rows, sum) = input.over(a..b);
+                    own.rows[e * width + s] += rows;
+                    if sum_width > 0 {
+                        own.sums[e * sum_width + s] += sum;
+                    }
                 }
             }
+            a = b;
         }
         Ok(())
     }
@@ -644,8 +759,10 @@ struct Run {
 }
 
 /// Every patient bounded and added into the cells: `(counts, sums)`,
-/// each `cells × statistics`. Patients are split between threads by
-/// their key; each thread totals its own, and the totals are added.
+/// each `cells × statistics`. Each patient's runs are [`link`]ed, then
+/// the runs are split between threads in storage order: each thread
+/// totals the patients whose last run is in its share, and the totals
+/// are added.
 fn bounded_totals(spec: &Spec, segments: &[Segment]) -> (Vec<f64>, Vec<f64>) {
     let size = spec.cells() * spec.width();
     let mut runs = Vec::new();
@@ -670,11 +787,13 @@ fn bounded_totals(spec: &Spec, segments: &[Segment]) -> (Vec<f64>, Vec<f64>) {
     if size == 0 {
         return (counts, sums);
     }
+    let (next, head) = link(&runs, segments, threads);
     std::thread::scope(|scope| {
         let parts: Vec<_> = (0..threads)
             .map(|t| {
-                let runs = &runs;
-                scope.spawn(move || Patients::new(spec, segments).total(runs, t, threads))
+                let share = runs.len() * t / threads..runs.len() * (t + 1) / threads;
+                let (runs, next, head) = (&runs, &next, &head);
+                scope.spawn(move || Patients::new(spec, segments).total(runs, next, head, share))
             })
             .collect();
         for part in parts {
@@ -686,30 +805,98 @@ fn bounded_totals(spec: &Spec, segments: &[Segment]) -> (Vec<f64>, Vec<f64>) {
     (counts, sums)
 }
 
-/// Each patient's last run so far: an open-addressing table with the
-/// key and the run side by side, so an insert touches one cache line
-/// (a general hash table touched two, and this is the final step's
-/// largest cost). Keys are placed by SplitMix64's finaliser.
+/// Runs per bucket when linking: a bucket's table (twice as many
+/// slots of 16 bytes) stays in the core's cache.
+const BUCKET: usize = if cfg!(test) { 4 } else { 4096 };
+
+/// Links each patient's runs: `next[r]` is the patient's run before `r`
+/// (`u32::MAX` if none), and `head[r]` whether `r` is their last run,
+/// which stands for them. Runs are spread into buckets by a hash of
+/// their patient, in order, and the buckets are linked on every thread
+/// at once, each with a table small enough to stay in cache: one table
+/// of every patient cost a cache miss per run, the largest part of the
+/// final step.
+fn link(runs: &[Run], segments: &[Segment], threads: usize) -> (Vec<u32>, Vec<bool>) {
+    use super::ckm::mix;
+    let patient = |r: &Run| segments[r.segment as usize].patients[r.start as usize];
+    let bits = (runs.len() / BUCKET).next_power_of_two().trailing_zeros();
+    let bucket = |h: u64| h.checked_shr(64 - bits).unwrap_or(0) as usize;
+    let patients: Vec<i64> = runs.iter().map(patient).collect();
+    let mut starts = vec![0usize; (1 << bits) + 1];
+    for &p in &patients {
+        starts[bucket(mix(p as u64)) + 1] += 1;
+    }
+    for b in 1..starts.len() {
+        starts[b] += starts[b - 1];
+    }
+    // Each bucket's runs with their patient, in storage order.
+    let mut at = starts.clone();
+    let mut spread = vec![(0i64, 0u32); runs.len()];
+    for (r, &p) in patients.iter().enumerate() {
+        let b = bucket(mix(p as u64));
+        spread[at[b]] = (p, r as u32);
+        at[b] += 1;
+    }
+    drop(patients);
+    let buckets = 1usize << bits;
+    // Per thread, the (run, the patient's run before it) pairs it found.
+    let repeats: Vec<Vec<(u32, u32)>> = std::thread::scope(|scope| {
+        let parts: Vec<_> = (0..threads)
+            .map(|t| {
+                let (spread, starts) = (&spread, &starts);
+                scope.spawn(move || {
+                    let mut table = LastRun::default();
+                    let mut repeats = Vec::new();
+                    for b in (t..buckets).step_by(threads) {
+                        let ours = &spread[starts[b]..starts[b + 1]];
+                        table.clear(ours.len());
+                        for &(p, r) in ours {
+                            if let Some(prev) = table.insert(mix(p as u64), p, r) {
+                                repeats.push((r, prev));
+                            }
+                        }
+                    }
+                    repeats
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .map(|p| p.join().expect("a thread linking runs panicked"))
+            .collect()
+    });
+    let (mut next, mut head) = (vec![u32::MAX; runs.len()], vec![true; runs.len()]);
+    for (r, prev) in repeats.into_iter().flatten() {
+        next[r as usize] = prev;
+        head[prev as usize] = false;
+    }
+    (next, head)
+}
+
+/// Each patient's last run so far, in one bucket: an open-addressing
+/// table with the key and the run side by side, placed by the low bits
+/// of the patient's hash (its top bits chose the bucket).
+#[derive(Default)]
 struct LastRun {
-    bits: u32,
     slots: Vec<(i64, u32)>,
 }
 
 impl LastRun {
     const EMPTY: u32 = u32::MAX;
 
-    fn with_capacity(n: usize) -> LastRun {
-        let bits = (2 * n).next_power_of_two().trailing_zeros().max(4);
-        LastRun {
-            bits,
-            slots: vec![(0, Self::EMPTY); 1 << bits],
-        }
+    /// Empties the table, sized for `n` patients (twice over, so a probe
+    /// always ends).
+    fn clear(&mut self, n: usize) {
+        let size = (2 * n).next_power_of_two().max(16);
+        self.slots.clear();
+        self.slots.resize(size, (0, Self::EMPTY));
     }
 
-    /// Sets `patient`'s last run; returns the one it replaces.
-    fn insert(&mut self, patient: i64, run: u32) -> Option<u32> {
+    /// Sets `patient`'s last run (`hash` is theirs); returns the one it
+    /// replaces.
+    fn insert(&mut self, hash: u64, patient: i64, run: u32) -> Option<u32> {
         let mask = self.slots.len() - 1;
-        let mut i = (super::ckm::mix(patient as u64) >> (64 - self.bits)) as usize;
+        let mut i = hash as usize & mask;
         loop {
             let slot = &mut self.slots[i];
             if slot.1 == Self::EMPTY {
@@ -721,10 +908,6 @@ impl LastRun {
             }
             i = (i + 1) & mask;
         }
-    }
-
-    fn runs(&self) -> impl Iterator<Item = u32> + '_ {
-        self.slots.iter().map(|s| s.1).filter(|&r| r != Self::EMPTY)
     }
 }
 
@@ -784,36 +967,19 @@ impl<'a> Patients<'a> {
         }
     }
 
-    fn patient_of(&self, r: &Run) -> i64 {
-        self.segments[r.segment as usize].patients[r.start as usize]
-    }
-
-    /// The totals of the patients whose key is `part` modulo `parts`.
-    fn total(mut self, runs: &[Run], part: usize, parts: usize) -> (Vec<f64>, Vec<f64>) {
-        let ours = |p: i64| (p as u64 % parts as u64) as usize == part;
-        // A patient's runs are linked, the last first; `head` marks it.
-        let mut next = vec![u32::MAX; runs.len()];
-        let mut head = vec![false; runs.len()];
-        // Sized for this thread's runs (twice over), so a probe always ends.
-        let ours_runs = runs.iter().filter(|r| ours(self.patient_of(r))).count();
-        let mut last = LastRun::with_capacity(ours_runs);
-        for (i, r) in runs.iter().enumerate() {
-            let p = self.patient_of(r);
-            if ours(p)
-                && let Some(prev) = last.insert(p, i as u32)
-            {
-                next[i] = prev;
-            }
-        }
-        for i in last.runs() {
-            head[i as usize] = true;
-        }
-        drop(last);
+    /// The totals of the patients whose last run is in `share`.
+    fn total(
+        mut self,
+        runs: &[Run],
+        next: &[u32],
+        head: &[bool],
+        share: std::ops::Range<usize>,
+    ) -> (Vec<f64>, Vec<f64>) {
         let (width, sum_width) = (self.spec.width(), self.spec.sum_width());
         let size = self.spec.cells() * width;
         let (mut counts, mut sums) = (vec![0.0; size], vec![0.0; size]);
         let segments = self.segments;
-        for i in (0..runs.len()).filter(|&i| head[i]) {
+        for i in share.filter(|&i| head[i]) {
             let run = runs[i];
             let (a, b) = (run.start as usize, run.end as usize);
             let segment = &segments[run.segment as usize];
@@ -821,7 +987,7 @@ impl<'a> Patients<'a> {
             // place; the others are merged first.
             let in_place = next[i] == u32::MAX && self.distinct(&segment.cells[a..b]);
             if !in_place {
-                self.gather(runs, &next, i);
+                self.gather(runs, next, i);
             }
             let c = match in_place {
                 true => Contribution {
@@ -1133,17 +1299,62 @@ mod tests {
 
     #[test]
     fn the_last_run_table_keeps_each_patients_latest_run() {
-        // Full to half its slots, with keys that collide in the low bits.
-        let mut table = LastRun::with_capacity(1000);
+        // Full to half its slots, with hashes that collide in the low bits.
+        let mut table = LastRun::default();
+        table.clear(1000);
         for run in 0..1000u32 {
-            assert_eq!(table.insert(i64::from(run) << 40, run), None);
+            let p = i64::from(run);
+            assert_eq!(table.insert((p as u64) << 40, p, run), None);
         }
-        assert_eq!(table.insert(7 << 40, 5000), Some(7));
-        assert_eq!(table.insert(7 << 40, 5001), Some(5000));
-        let mut runs: Vec<u32> = table.runs().collect();
-        runs.sort_unstable();
-        assert_eq!(runs.len(), 1000);
-        assert!(runs.contains(&5001) && !runs.contains(&7));
+        assert_eq!(table.insert(7 << 40, 7, 5000), Some(7));
+        assert_eq!(table.insert(7 << 40, 7, 5001), Some(5000));
+        // Emptied, it knows no one.
+        table.clear(10);
+        assert_eq!(table.insert(7 << 40, 7, 1), None);
+    }
+
+    #[test]
+    fn runs_are_linked_to_each_patients_earlier_runs() {
+        // Patients 0..40, each with a run in 1–3 segments of ten runs.
+        let segments: Vec<Segment> = (0..3i64)
+            .map(|s| {
+                let patients: Vec<i64> = (0..40).filter(|p| p % 3 >= s).collect();
+                let n = patients.len();
+                Segment {
+                    patients: patients.into(),
+                    cells: vec![0u32; n].into(),
+                    rows: vec![1i64; n].into(),
+                    sums: Vec::<f64>::new().into(),
+                }
+            })
+            .collect();
+        let mut runs = Vec::new();
+        for (i, s) in segments.iter().enumerate() {
+            runs.extend((0..s.patients.len() as u32).map(|e| Run {
+                segment: i as u32,
+                start: e,
+                end: e + 1,
+            }));
+        }
+        let patient =
+            |r: usize| segments[runs[r].segment as usize].patients[runs[r].start as usize];
+        for threads in 1..=3 {
+            let (next, head) = link(&runs, &segments, threads);
+            let mut seen = BTreeMap::new();
+            for (r, _) in runs.iter().enumerate().filter(|&(r, _)| head[r]) {
+                let mut chain = vec![r];
+                while next[*chain.last().unwrap()] != u32::MAX {
+                    chain.push(next[*chain.last().unwrap()] as usize);
+                }
+                let want: Vec<usize> = (0..runs.len())
+                    .rev()
+                    .filter(|&q| patient(q) == patient(r))
+                    .collect();
+                assert_eq!(chain, want, "patient {}", patient(r));
+                assert!(seen.insert(patient(r), ()).is_none());
+            }
+            assert_eq!(seen.len(), 40);
+        }
     }
 
     #[test]
@@ -1177,6 +1388,31 @@ mod tests {
                 ])),
                 vec![1, 1, MISS, MISS],
             ),
+            (
+                // Packed by bytes and length: a prefix, a value with a
+                // trailing NUL and one too long to pack are not in it.
+                domain(&["16-29", "1", "", "fifteen bytes!!"]),
+                Arc::new(StringArray::from(vec![
+                    "1",
+                    "16-2",
+                    "1\0",
+                    "",
+                    "fifteen bytes!!",
+                    "sixteen bytes!!!",
+                    "16-29",
+                ])),
+                vec![1, MISS, MISS, 2, 3, MISS, 0],
+            ),
+            (
+                // A value longer than 15 bytes: looked up as text.
+                domain(&["1091811000000102", "73211009"]),
+                Arc::new(StringArray::from(vec![
+                    "73211009",
+                    "1091811000000102",
+                    "7321100",
+                ])),
+                vec![1, 0, MISS],
+            ),
         ];
         for (domain, array, want) in cases {
             let lookup = Lookup::new(&domain, array.data_type()).unwrap();
@@ -1187,6 +1423,9 @@ mod tests {
                 array.data_type()
             );
         }
+        let text = |v: &[&str]| Lookup::new(&domain(v), &DataType::Utf8).unwrap();
+        assert!(matches!(text(&["F", "M"]), Lookup::Short(_)));
+        assert!(matches!(text(&["1091811000000102"]), Lookup::Text(_)));
     }
 
     #[test]
