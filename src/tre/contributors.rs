@@ -17,9 +17,10 @@
 //!   keys are computed once per run of a patient's rows, not once per
 //!   patient and cell; the rows let a count of rows key each patient by
 //!   how many rows they have ([`super::ckm::weighted`]);
-//! - a store's rows come grouped by patient and ordered by date, so a row
-//!   with the previous row's cell and patient adds one to the last
-//!   fingerprint's rows; the others are pushed, duplicates and all;
+//! - a store's rows come grouped by patient and ordered by date, so each
+//!   span of consecutive rows with one cell and patient is found in one
+//!   tight pass and pushed as one fingerprint with its rows, duplicates
+//!   and all;
 //! - partial states are the vectors as they are; the final step keeps the
 //!   partitions' arrays without copying them, and deduplicates each cell
 //!   once when it is emitted: one pass buckets the fingerprints by their
@@ -129,11 +130,11 @@ impl AggregateUDFImpl for Contributors {
 const ROW_BITS: u32 = 12;
 const ROWS: i64 = (1 << ROW_BITS) - 1;
 
-/// A patient's first row in a cell: record key (32 bits), the patient
-/// key's low 20 bits, and a count of rows (12 bits, here 1).
-fn fingerprint(record_key: u32, patient: i64) -> i64 {
+/// A patient's rows in a cell: record key (32 bits), the patient key's
+/// low 20 bits, and a count of rows (12 bits, at most [`ROWS`]).
+fn fingerprint(record_key: u32, patient: i64, rows: i64) -> i64 {
     let who = (u64::from(record_key) << 20) | (patient as u64 & 0xF_FFFF);
-    ((who << ROW_BITS) | 1) as i64
+    ((who << ROW_BITS) | rows as u64) as i64
 }
 
 /// Who a fingerprint is (without its rows): equal for one patient's
@@ -194,12 +195,13 @@ impl Cell {
         }
     }
 
-    /// Adds one row of the patient `(rk, p)`, the same patient as the
-    /// previous row of this cell when `again`.
-    fn add(&mut self, again: bool, rk: u32, p: i64) {
-        match self.own.last_mut() {
-            Some(last) if again && *last & ROWS != ROWS => *last += 1,
-            _ => self.own.push(fingerprint(rk, p)),
+    /// Adds `rows` rows of the patient `(rk, p)`: one fingerprint, or
+    /// more when they are more than one can count.
+    fn add(&mut self, rk: u32, p: i64, mut rows: u64) {
+        while rows > 0 {
+            let n = rows.min(ROWS as u64);
+            self.own.push(fingerprint(rk, p, n as i64));
+            rows -= n;
         }
     }
 
@@ -288,27 +290,61 @@ fn to_state<'a>(cells: impl ExactSizeIterator<Item = &'a Cell>) -> ArrayRef {
     Arc::new(builder.finish())
 }
 
-/// Adds counted rows as `(cell, patient)` to `cells`; returns the bytes
-/// the cells grew by. Generic, so that the loop, run for every row, is
-/// one loop for each caller.
-fn feed(cells: &mut [Cell], keys: &RecordKeys, rows: impl Iterator<Item = (usize, i64)>) -> usize {
+/// Adds spans of counted rows as `(cell, patient, rows)` to `cells`;
+/// returns the bytes the cells grew by. Generic, so that the loop, run
+/// for every span, is one loop for each caller.
+fn feed(
+    cells: &mut [Cell],
+    keys: &RecordKeys,
+    spans: impl Iterator<Item = (usize, i64, u64)>,
+) -> usize {
     let mut bytes = 0usize;
-    // The previous row's cell and patient, and the last record key.
-    let (mut last_g, mut last_p) = (usize::MAX, 0i64);
+    // The last record key, and whose it is.
     let (mut rk_p, mut rk) = (None, 0u32);
-    for (g, p) in rows {
-        let again = g == last_g && p == last_p;
-        (last_g, last_p) = (g, p);
+    for (g, p, rows) in spans {
         if rk_p != Some(p) {
             rk_p = Some(p);
             rk = keys.record_key(p);
         }
         let cell = &mut cells[g];
         let before = cell.own.capacity();
-        cell.add(again, rk, p);
+        cell.add(rk, p, rows);
         bytes += (cell.own.capacity() - before) * size_of::<i64>();
     }
     bytes
+}
+
+/// Consecutive rows of one cell and one patient, as `(cell, patient,
+/// rows)`: a store's rows come grouped by patient and ordered by date,
+/// so one patient's rows in a cell are mostly one span.
+fn spans<'a>(
+    groups: &'a [usize],
+    patients: &'a [i64],
+) -> impl Iterator<Item = (usize, i64, u64)> + 'a {
+    let mut a = 0;
+    std::iter::from_fn(move || {
+        let (&g, &p) = (groups.get(a)?, patients.get(a)?);
+        let mut b = a + 1;
+        while b < groups.len() && groups[b] == g && patients[b] == p {
+            b += 1;
+        }
+        let rows = (b - a) as u64;
+        a = b;
+        Some((g, p, rows))
+    })
+}
+
+/// [`spans`] of rows given one by one (those a filter or nulls left).
+fn merged(rows: impl Iterator<Item = (usize, i64)>) -> impl Iterator<Item = (usize, i64, u64)> {
+    let mut rows = rows.peekable();
+    std::iter::from_fn(move || {
+        let (g, p) = rows.next()?;
+        let mut n = 1;
+        while rows.next_if(|&(h, q)| h == g && q == p).is_some() {
+            n += 1;
+        }
+        Some((g, p, n))
+    })
 }
 
 /// One accumulator for a query without GROUP BY.
@@ -322,7 +358,11 @@ struct OneCell {
 impl Accumulator for OneCell {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
         let rows = patient_keys(&values[0])?.iter().flatten().map(|p| (0, p));
-        feed(std::slice::from_mut(&mut self.cell), &self.keys, rows);
+        feed(
+            std::slice::from_mut(&mut self.cell),
+            &self.keys,
+            merged(rows),
+        );
         Ok(())
     }
     fn evaluate(&mut self) -> Result<ScalarValue> {
@@ -358,8 +398,8 @@ struct Cells {
 }
 
 impl Cells {
-    fn feed(&mut self, rows: impl Iterator<Item = (usize, i64)>) {
-        self.bytes += feed(&mut self.cells, &self.keys, rows);
+    fn feed(&mut self, spans: impl Iterator<Item = (usize, i64, u64)>) {
+        self.bytes += feed(&mut self.cells, &self.keys, spans);
     }
 
     fn take(&mut self, emit_to: EmitTo) -> Vec<Cell> {
@@ -380,16 +420,11 @@ impl GroupsAccumulator for Cells {
         let keys = patient_keys(&values[0])?;
         self.cells.resize_with(total_num_groups, Cell::default);
         match counted(keys, opt_filter) {
-            None => self.feed(
-                group_indices
-                    .iter()
-                    .copied()
-                    .zip(keys.values().iter().copied()),
-            ),
-            Some(rows) => self.feed(
+            None => self.feed(spans(group_indices, keys.values())),
+            Some(rows) => self.feed(merged(
                 rows.set_indices()
                     .map(|i| (group_indices[i], keys.value(i))),
-            ),
+            )),
         }
         Ok(())
     }
@@ -435,7 +470,7 @@ impl GroupsAccumulator for Cells {
                 let p = keys.value(i);
                 builder
                     .values()
-                    .append_value(fingerprint(self.keys.record_key(p), p));
+                    .append_value(fingerprint(self.keys.record_key(p), p, 1));
             }
             builder.append(true);
         }
