@@ -626,13 +626,9 @@ impl Accumulator for Entries {
         let (own, done) = (&mut self.own, &mut self.done);
         let ids = patients.values();
         // Spans of rows of one patient and one cell go to one entry.
-        let mut a = 0;
-        while a < cells.len() {
+        for span in super::contributors::span_bounds(&cells, ids).windows(2) {
+            let (a, b) = (span[0] as usize, span[1] as usize);
             let (cell, p) = (cells[a], ids[a]);
-            let mut b = a + 1;
-            while b < cells.len() && cells[b] == cell && ids[b] == p {
-                b += 1;
-            }
             if cell != MISS {
                 let e = own.entry(p, cell, (width, sum_width), done);
                 for (s, input) in inputs.iter().enumerate() {
@@ -643,7 +639,6 @@ impl Accumulator for Entries {
                     }
                 }
             }
-            a = b;
         }
         Ok(())
     }
