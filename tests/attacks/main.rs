@@ -12,13 +12,16 @@
 //! projects research acro      # the projects (rule sets) it runs in; default both
 //! ask SQL                     # {t.NAME} is a fact about the target (below);
 //!                             # {repeat N}TEXT{/repeat} is TEXT N times
-//! expect refused RULE[/CONSTRUCT] | released | withheld | answered | error
+//! expect refused RULE[/CONSTRUCT] | released | withheld | answered | error | same
 //! ```
 //!
 //! `GPDP_ATTACKS=lineage,oracles cargo test --test attacks` runs only those
 //! families. `released` means at least one row comes back, `withheld` that the query
 //! runs and no row comes back, `answered` either, `error` that the SQL
-//! does not plan.
+//! does not plan, `same` that rows come back and they are the previous
+//! ask's, in each world (under `dp`, its shape): two routes to the same
+//! statistic over the same patients must not give two answers, whose
+//! difference would be free of noise.
 //!
 //! **How "learned nothing" is checked, against the truth.** World A is a
 //! collected store. For each target — a patient the truth says research
@@ -89,6 +92,8 @@ enum Expect {
     Answered,
     /// The SQL does not plan (exit 2): refused before any data is read.
     Error,
+    /// Released, and the same as the previous ask's answer.
+    Same,
 }
 
 #[derive(Debug, Clone)]
@@ -150,8 +155,11 @@ fn parse(file: &Path) -> Vec<Attack> {
                     (Some("withheld"), None) => Expect::Withheld,
                     (Some("answered"), None) => Expect::Answered,
                     (Some("error"), None) => Expect::Error,
+                    (Some("same"), None) if !attack.asks.is_empty() => Expect::Same,
                     _ => {
-                        panic!("{at}: expect refused RULE | released | withheld | answered | error")
+                        panic!(
+                            "{at}: expect refused RULE | released | withheld | answered | error | same (after an ask)"
+                        )
                     }
                 };
                 attack.asks.push(Ask { sql, expect, line });
@@ -227,8 +235,9 @@ struct Worlds {
     b: Vec<PathBuf>,
     targets: Vec<Target>,
     identifiers: Identifiers,
-    /// The policy every path runs under.
-    policy: String,
+    /// The policy and the perturbation key (for the cell key method)
+    /// every path runs under, as arguments.
+    serving: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -430,12 +439,21 @@ fn build_worlds() -> Worlds {
         text.replace("rho_budget = 2.0", "rho_budget = 1e9"),
     )
     .unwrap();
+    let perturbation_key = dir.path().join("perturbation.key");
+    let o = run(&["keygen", "--out", perturbation_key.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let serving = [
+        "--policy",
+        policy.to_str().unwrap(),
+        "--perturbation-key",
+        perturbation_key.to_str().unwrap(),
+    ];
     Worlds {
         a,
         b,
         targets,
         identifiers,
-        policy: policy.to_str().unwrap().to_owned(),
+        serving: serving.map(String::from).to_vec(),
         _dir: dir,
     }
 }
@@ -527,7 +545,7 @@ impl Outcome {
             (Outcome::Refused(got), Expect::Refused(want)) => {
                 got == want || got.split('/').next() == Some(want.as_str())
             }
-            (Outcome::Released { rows, .. }, Expect::Released) => !rows.is_empty(),
+            (Outcome::Released { rows, .. }, Expect::Released | Expect::Same) => !rows.is_empty(),
             (Outcome::Released { rows, .. }, Expect::Withheld) => rows.is_empty(),
             (Outcome::Released { .. }, Expect::Answered) => true,
             (Outcome::Error, Expect::Error) => true,
@@ -542,7 +560,7 @@ impl Outcome {
         let bounded = matches!(self, Outcome::Refused(r) if DP_RULES.contains(&r.as_str()));
         match expect {
             Expect::Refused(_) | Expect::Error => self.matches(expect) || bounded,
-            Expect::Released | Expect::Withheld | Expect::Answered => {
+            Expect::Released | Expect::Withheld | Expect::Answered | Expect::Same => {
                 matches!(self, Outcome::Released { .. }) || bounded
             }
         }
@@ -630,7 +648,7 @@ fn json_text(v: &serde_json::Value) -> String {
     }
 }
 
-fn via_cli(store: &Path, policy: &str, project: &str, sql: &str) -> Outcome {
+fn via_cli(store: &Path, serving: &[String], project: &str, sql: &str) -> Outcome {
     let mut args = vec![
         "query",
         "--store",
@@ -643,9 +661,8 @@ fn via_cli(store: &Path, policy: &str, project: &str, sql: &str) -> Outcome {
         "demo-alice-token",
         "--format",
         "json",
-        "--policy",
-        policy,
     ];
+    args.extend(serving.iter().map(String::as_str));
     // A shell argument holds at most 128 KiB: longer SQL goes on stdin.
     let o = if sql.len() < 64 * 1024 {
         args.push(sql);
@@ -848,6 +865,8 @@ fn check_attack(
         let mut in_a = connect(servers.a.addr);
         for (t, target) in w.targets.iter().enumerate() {
             let mut in_b = connect(servers.b[t].addr);
+            // The previous ask's answers in each world, as compared.
+            let mut previous: Option<(Outcome, Outcome)> = None;
             for ask in &attack.asks {
                 let at = format!(
                     "{} line {} [{} {project}, target {}]",
@@ -857,8 +876,8 @@ fn check_attack(
                     t + 1
                 );
                 let sql = target.render(&ask.sql, &at);
-                let a = via_cli(&w.a.store, &w.policy, project, &sql);
-                let b = via_cli(&w.b[t], &w.policy, project, &sql);
+                let a = via_cli(&w.a.store, &w.serving, project, &sql);
+                let b = via_cli(&w.b[t], &w.serving, project, &sql);
                 // Under differential privacy the statistics are noise drawn
                 // afresh: everything else must not depend on the target.
                 let dp = project == project_id("dp");
@@ -885,6 +904,14 @@ fn check_attack(
                         "{at}: LEAK — the answer depends on the target\n    {sql}\n    with target:    {a:?}\n    without target: {b:?}"
                     ));
                 }
+                if let (Expect::Same, Some((pa, pb))) = (&ask.expect, &previous)
+                    && (&a != pa || &b != pb)
+                {
+                    fail(format!(
+                        "{at}: LEAK — two routes to the same statistic over the same patients differ\n    {sql}\n    this:     {a:?}\n    previous: {pa:?}"
+                    ));
+                }
+                previous = Some((a.clone(), b.clone()));
                 let mut paths = vec![
                     (
                         "flight statement, with target",
@@ -953,11 +980,12 @@ fn no_attack_learns_anything_about_its_target() {
     }
 
     let w = build_worlds();
+    let serving: Vec<&str> = w.serving.iter().map(String::as_str).collect();
     let servers = Servers {
-        a: Server::start_with(&w.a.store, &["--policy", &w.policy]),
+        a: Server::start_with(&w.a.store, &serving),
         b: w.b
             .iter()
-            .map(|s| Server::start_with(s, &["--policy", &w.policy]))
+            .map(|s| Server::start_with(s, &serving))
             .collect(),
     };
     let failures = Mutex::new(Vec::new());
