@@ -626,7 +626,7 @@ impl Accumulator for Entries {
         let (own, done) = (&mut self.own, &mut self.done);
         let ids = patients.values();
         // Spans of rows of one patient and one cell go to one entry.
-        for span in super::contributors::span_bounds(&cells, ids).windows(2) {
+        for span in super::layout::span_bounds(&cells, ids).windows(2) {
             let (a, b) = (span[0] as usize, span[1] as usize);
             let (cell, p) = (cells[a], ids[a]);
             if cell != MISS {
@@ -813,26 +813,12 @@ const BUCKET: usize = if cfg!(test) { 4 } else { 4096 };
 /// final step.
 fn link(runs: &[Run], segments: &[Segment], threads: usize) -> (Vec<u32>, Vec<bool>) {
     use super::ckm::mix;
+    use super::layout::{bucket_bits, spread};
     let patient = |r: &Run| segments[r.segment as usize].patients[r.start as usize];
-    let bits = (runs.len() / BUCKET).next_power_of_two().trailing_zeros();
-    let bucket = |h: u64| h.checked_shr(64 - bits).unwrap_or(0) as usize;
-    let patients: Vec<i64> = runs.iter().map(patient).collect();
-    let mut starts = vec![0usize; (1 << bits) + 1];
-    for &p in &patients {
-        starts[bucket(mix(p as u64)) + 1] += 1;
-    }
-    for b in 1..starts.len() {
-        starts[b] += starts[b - 1];
-    }
+    let bits = bucket_bits(runs.len(), BUCKET);
     // Each bucket's runs with their patient, in storage order.
-    let mut at = starts.clone();
-    let mut spread = vec![(0i64, 0u32); runs.len()];
-    for (r, &p) in patients.iter().enumerate() {
-        let b = bucket(mix(p as u64));
-        spread[at[b]] = (p, r as u32);
-        at[b] += 1;
-    }
-    drop(patients);
+    let runs_of = runs.iter().map(patient).zip(0u32..);
+    let (starts, spread) = spread(runs_of, bits, |(p, _)| mix(p as u64), Vec::new());
     let buckets = 1usize << bits;
     // Per thread, the (run, the patient's run before it) pairs it found.
     let repeats: Vec<Vec<(u32, u32)>> = std::thread::scope(|scope| {

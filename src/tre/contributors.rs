@@ -256,14 +256,13 @@ impl Cell {
             * size_of::<i64>()
     }
 
-    fn each(&self, mut f: impl FnMut(i64)) {
-        self.own.iter().for_each(|&x| f(x));
-        for a in &self.merged {
-            a.as_primitive::<Int64Type>()
-                .values()
-                .iter()
-                .for_each(|&x| f(x));
-        }
+    /// Every fingerprint: its own, then the merged arrays'.
+    fn fingerprints(&self) -> impl Iterator<Item = i64> + Clone + '_ {
+        let merged = self
+            .merged
+            .iter()
+            .flat_map(|a| a.as_primitive::<Int64Type>().values().iter().copied());
+        self.own.iter().copied().chain(merged)
     }
 
     /// Adds `rows` rows of the patient `(rk, p)`: one fingerprint, or
@@ -280,29 +279,16 @@ impl Cell {
     /// patient's key is mixed with their rows summed over their entries.
     ///
     /// The fingerprints are spread into buckets of about [`BUCKET`] by the
-    /// top bits of their record key (uniform), in one pass to count and
-    /// one to copy; each bucket is then deduplicated in the core's cache
+    /// top bits of their record key, which are uniform
+    /// ([`super::layout::spread`]); each bucket is then deduplicated in the core's cache
     /// ([`Scratch::distinct`]). A bitmap of the whole cell, or sorting
     /// buckets of 64, cost a cache miss per fingerprint: a third of the
     /// cell key method's cost on events by year.
     fn packed(&self, weighted: bool, scratch: &mut Scratch) -> i64 {
-        let n = self.len();
-        let bits = (n / BUCKET).next_power_of_two().trailing_zeros().min(16);
-        let bucket = |f: i64| (f as u64).checked_shr(64 - bits).unwrap_or(0) as usize;
-        let mut starts = vec![0usize; (1 << bits) + 1];
-        self.each(|f| starts[bucket(f) + 1] += 1);
-        for b in 1..starts.len() {
-            starts[b] += starts[b - 1];
-        }
-        let mut at = starts.clone();
-        let mut spread = std::mem::take(&mut scratch.spread);
-        spread.clear();
-        spread.resize(n, 0);
-        self.each(|f| {
-            let b = bucket(f);
-            spread[at[b]] = f;
-            at[b] += 1;
-        });
+        use super::layout::{bucket_bits, spread};
+        let bits = bucket_bits(self.len(), BUCKET);
+        let into = std::mem::take(&mut scratch.spread);
+        let (starts, spread) = spread(self.fingerprints(), bits, |f| f as u64, into);
         let (mut patients, mut key) = (0i64, 0u32);
         let mut add = |who: u64, rows: i64| {
             let rk = (who >> 20) as u32;
@@ -370,28 +356,6 @@ fn feed(
     bytes
 }
 
-/// Where each span of consecutive rows with one key and one patient
-/// begins, then the number of rows: spans are `bounds.windows(2)`. Found
-/// without a branch per row — a loop that stopped at each span's end
-/// mispredicted once per span, a store's rows having a few per span.
-pub(super) fn span_bounds<K: PartialEq>(keys: &[K], patients: &[i64]) -> Vec<u32> {
-    let n = keys.len().min(patients.len());
-    if n == 0 {
-        return Vec::new();
-    }
-    let mut bounds = vec![0u32; n + 1];
-    let mut k = 1;
-    let pairs = keys[1..n].iter().zip(&keys[..n - 1]);
-    let people = patients[1..n].iter().zip(&patients[..n - 1]);
-    for (i, ((k1, k0), (p1, p0))) in (1u32..).zip(pairs.zip(people)) {
-        bounds[k] = i;
-        k += usize::from((k1 != k0) | (p1 != p0));
-    }
-    bounds[k] = n as u32;
-    bounds.truncate(k + 1);
-    bounds
-}
-
 /// Consecutive rows of one cell and one patient, as `(cell, patient,
 /// rows)`: a store's rows come grouped by patient and ordered by date,
 /// so one patient's rows in a cell are mostly one span.
@@ -399,7 +363,7 @@ fn spans<'a>(
     groups: &'a [usize],
     patients: &'a [i64],
 ) -> impl Iterator<Item = (usize, i64, u64)> + 'a {
-    let bounds = span_bounds(groups, patients);
+    let bounds = super::layout::span_bounds(groups, patients);
     (1..bounds.len()).map(move |k| {
         let (a, b) = (bounds[k - 1] as usize, bounds[k] as usize);
         (groups[a], patients[a], (b - a) as u64)
@@ -664,15 +628,6 @@ mod tests {
                 direct(&rows, weighted)
             );
         }
-    }
-
-    #[test]
-    fn span_bounds_split_where_the_key_or_the_patient_changes() {
-        assert_eq!(span_bounds::<u32>(&[], &[]), Vec::<u32>::new());
-        assert_eq!(span_bounds(&[5u32], &[1]), vec![0, 1]);
-        let keys = [1u32, 1, 2, 2, 2, 1, 1];
-        let patients = [7i64, 7, 7, 8, 8, 8, 8];
-        assert_eq!(span_bounds(&keys, &patients), vec![0, 2, 3, 5, 7]);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod contributors;
 pub mod dominance;
 pub mod dp;
 pub mod grammar;
+mod layout;
 pub mod patients;
 pub mod ptable;
 pub mod sdc;
