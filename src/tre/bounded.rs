@@ -19,7 +19,8 @@
 //!   rows is summed in place into that run's few entries — one per cell
 //!   it touches — and no row is hashed;
 //! - partial states are the entries (patient, cell, rows and sums per
-//!   statistic) as they are; the final step links the runs of each
+//!   statistic) as they are, handed over by ticket
+//!   ([`super::handoff`]); the final step links the runs of each
 //!   patient (one hash lookup per run: a patient's rows split over files
 //!   or partitions give several), merges their cells, applies the bounds
 //!   and adds the patient into the cells' totals.
@@ -37,20 +38,19 @@ use std::sync::Arc;
 
 use ahash::AHashMap;
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, ListArray, RecordBatch,
-    UInt32Array,
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, ListArray, RecordBatch,
 };
 use datafusion::arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use datafusion::arrow::compute::kernels::cmp::eq;
-use datafusion::arrow::datatypes::{
-    ArrowPrimitiveType, DataType, Field, FieldRef, Float64Type, Int64Type, UInt32Type,
-};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int64Type};
 use datafusion::common::{Result, ScalarValue, exec_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, Expr, Signature, Volatility,
 };
 use siphasher::sip::SipHasher13;
+
+use super::handoff::InFlight;
 
 /// What one statistic adds per patient and cell.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -105,6 +105,7 @@ impl Spec {
 pub fn bounded(spec: Spec, args: Vec<Expr>) -> Expr {
     AggregateUDF::new_from_impl(Bounded {
         spec: Arc::new(spec),
+        in_flight: InFlight::default(),
         signature: Signature::variadic_any(Volatility::Immutable),
     })
     .call(args)
@@ -145,6 +146,7 @@ pub fn rank(patient: i64, cell: u64) -> u64 {
 #[derive(Debug)]
 struct Bounded {
     spec: Arc<Spec>,
+    in_flight: InFlight<Vec<Segment>>,
     signature: Signature,
 }
 
@@ -179,22 +181,18 @@ impl AggregateUDFImpl for Bounded {
         false
     }
     fn accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(Entries::new(self.spec.clone())))
+        Ok(Box::new(Entries::new(
+            self.spec.clone(),
+            self.in_flight.clone(),
+        )))
     }
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        let field = |part: &str, t: DataType| {
-            Arc::new(Field::new(
-                format!("{}[{part}]", args.name),
-                list_of(t),
-                true,
-            ))
-        };
-        Ok(vec![
-            field("patients", DataType::Int64),
-            field("cells", DataType::UInt32),
-            field("rows", DataType::Int64),
-            field("sums", DataType::Float64),
-        ])
+        // A partition's entries stay in memory; its state is a ticket.
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[ticket]", args.name),
+            DataType::Int64,
+            true,
+        ))])
     }
 }
 
@@ -498,6 +496,7 @@ impl Segment {
 #[derive(Debug)]
 struct Entries {
     spec: Arc<Spec>,
+    in_flight: InFlight<Vec<Segment>>,
     /// Each key's lookup, made for the type its first batch has.
     lookups: Vec<Option<(DataType, Lookup)>>,
     own: Own,
@@ -507,8 +506,9 @@ struct Entries {
 }
 
 impl Entries {
-    fn new(spec: Arc<Spec>) -> Entries {
+    fn new(spec: Arc<Spec>, in_flight: InFlight<Vec<Segment>>) -> Entries {
         Entries {
+            in_flight,
             lookups: (0..spec.domains.len()).map(|_| None).collect(),
             spec,
             own: Own::default(),
@@ -672,76 +672,24 @@ impl Accumulator for Entries {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        fn one(values: ArrayRef) -> ScalarValue {
-            let field = Arc::new(Field::new_list_field(values.data_type().clone(), true));
-            ScalarValue::List(Arc::new(ListArray::new(
-                field,
-                OffsetBuffer::from_lengths([values.len()]),
-                values,
-                None,
-            )))
-        }
-        // One segment goes as it is; chunks are joined once, at their size.
+        // The segments go as they are, by ticket (`super::handoff`).
         let segments = self.segments();
-        let all = match segments.as_slice() {
-            [one] => one.clone(),
-            many => Segment {
-                patients: many
-                    .iter()
-                    .flat_map(|s| s.patients.iter().copied())
-                    .collect(),
-                cells: many.iter().flat_map(|s| s.cells.iter().copied()).collect(),
-                rows: many.iter().flat_map(|s| s.rows.iter().copied()).collect(),
-                sums: many.iter().flat_map(|s| s.sums.iter().copied()).collect(),
-            },
-        };
-        Ok(vec![
-            one(Arc::new(Int64Array::new(all.patients, None))),
-            one(Arc::new(UInt32Array::new(all.cells, None))),
-            one(Arc::new(Int64Array::new(all.rows, None))),
-            one(Arc::new(Float64Array::new(all.sums, None))),
-        ])
+        let ticket = (!segments.is_empty()).then(|| self.in_flight.hold(segments));
+        Ok(vec![ScalarValue::Int64(ticket)])
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        let [patients, cells, rows, sums] = states else {
+        let Some(tickets) = states
+            .first()
+            .and_then(|t| t.as_primitive_opt::<Int64Type>())
+        else {
             return exec_err!("gpdp_bounded: a partial state out of shape");
         };
-        let (width, sum_width) = (self.spec.width(), self.spec.sum_width());
-        for i in 0..patients.len() {
-            let segment = Segment {
-                patients: entry::<Int64Type>(patients, i)?,
-                cells: entry::<UInt32Type>(cells, i)?,
-                rows: entry::<Int64Type>(rows, i)?,
-                sums: entry::<Float64Type>(sums, i)?,
-            };
-            let n = segment.patients.len();
-            if segment.cells.len() != n
-                || segment.rows.len() != n * width
-                || segment.sums.len() != n * sum_width
-            {
-                return exec_err!("gpdp_bounded: a partial state out of shape");
-            }
-            if n > 0 {
-                self.merged.push(segment);
-            }
+        for ticket in tickets.iter().flatten() {
+            let segments = self.in_flight.claim(ticket, "gpdp_bounded")?;
+            self.merged.extend(segments);
         }
         Ok(())
-    }
-}
-
-/// Entry `i` of a partial state's list, without copying it.
-fn entry<T: ArrowPrimitiveType>(list: &ArrayRef, i: usize) -> Result<ScalarBuffer<T::Native>> {
-    match list
-        .as_list_opt::<i32>()
-        .filter(|l| i < l.len())
-        .map(|l| l.value(i))
-    {
-        Some(values) => match values.as_primitive_opt::<T>() {
-            Some(v) => Ok(v.values().clone()),
-            None => exec_err!("gpdp_bounded: a partial state out of shape"),
-        },
-        None => exec_err!("gpdp_bounded: a partial state out of shape"),
     }
 }
 
@@ -1105,7 +1053,7 @@ fn add(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::array::{Int64Array, StringArray};
     use datafusion::prelude::{SessionContext, col, lit};
     use proptest::prelude::*;
     use std::collections::BTreeMap;

@@ -21,9 +21,10 @@
 //!   span of consecutive rows with one cell and patient is found in one
 //!   tight pass and pushed as one fingerprint with its rows, duplicates
 //!   and all;
-//! - partial states are the vectors as they are; the final step keeps the
-//!   partitions' arrays without copying them, and deduplicates each cell
-//!   once when it is emitted: the fingerprints are spread into buckets by
+//! - partial states are tickets for the partitions' cells, not their
+//!   fingerprints ([`super::handoff`]);
+//! - the final step keeps the vectors it claims without copying them, and
+//!   deduplicates each cell once when it is emitted: the fingerprints are spread into buckets by
 //!   their top bits (record keys are uniform, so buckets are even), and in
 //!   each bucket a bitmap, in cache, finds the few that share a slot; only
 //!   those are sorted, which brings one patient's entries together, to be
@@ -39,7 +40,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, Int64Builder, ListArray, ListBuilder,
 };
-use datafusion::arrow::buffer::BooleanBuffer;
+use datafusion::arrow::buffer::{BooleanBuffer, OffsetBuffer, ScalarBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Int64Type};
 use datafusion::common::{Result, ScalarValue, exec_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
@@ -50,6 +51,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::lit;
 
 use super::ckm::RecordKeys;
+use super::handoff::InFlight;
 
 /// `gpdp_contributors(patient)` under `keys`; `weighted`: each patient's
 /// key mixed with their number of rows ([`super::ckm::weighted`]), for
@@ -59,6 +61,7 @@ pub fn contributors(keys: &RecordKeys, patient: Expr, weighted: bool) -> Expr {
     AggregateUDF::new_from_impl(Contributors {
         keys: Arc::new(keys.clone()),
         weighted,
+        in_flight: InFlight::default(),
         signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
     })
     .call(vec![patient])
@@ -77,6 +80,7 @@ pub fn unpack(packed: Expr) -> (Expr, Expr) {
 struct Contributors {
     keys: Arc<RecordKeys>,
     weighted: bool,
+    in_flight: InFlight<Cell>,
     signature: Signature,
 }
 
@@ -101,15 +105,23 @@ impl AggregateUDFImpl for Contributors {
         Ok(Box::new(OneCell {
             keys: self.keys.clone(),
             weighted: self.weighted,
+            in_flight: self.in_flight.clone(),
             cell: Cell::default(),
         }))
     }
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        Ok(vec![Arc::new(Field::new(
-            format!("{}[fingerprints]", args.name),
-            DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
-            true,
-        ))])
+        Ok(vec![
+            Arc::new(Field::new(
+                format!("{}[fingerprints]", args.name),
+                DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
+                true,
+            )),
+            Arc::new(Field::new(
+                format!("{}[ticket]", args.name),
+                DataType::Int64,
+                true,
+            )),
+        ])
     }
     fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
         true
@@ -118,6 +130,7 @@ impl AggregateUDFImpl for Contributors {
         Ok(Box::new(Cells {
             keys: self.keys.clone(),
             weighted: self.weighted,
+            in_flight: self.in_flight.clone(),
             cells: Vec::new(),
             bytes: 0,
         }))
@@ -173,8 +186,24 @@ fn counted(keys: &Int64Array, filter: Option<&BooleanArray>) -> Option<BooleanBu
 #[derive(Debug, Default)]
 struct Cell {
     own: Vec<i64>,
-    merged: Vec<ArrayRef>,
+    merged: Vec<ScalarBuffer<i64>>,
 }
+
+/// A partial state whose cells are all in flight: each cell's list is
+/// empty and its ticket (null for a cell without fingerprints) claims it.
+fn state_of(tickets: Int64Array) -> Vec<ArrayRef> {
+    let field = Arc::new(Field::new_list_field(DataType::Int64, true));
+    let lists = ListArray::new(
+        field,
+        OffsetBuffer::new_zeroed(tickets.len()),
+        Arc::new(Int64Array::from(Vec::<i64>::new())),
+        None,
+    );
+    vec![Arc::new(lists), Arc::new(tickets)]
+}
+
+/// Fingerprints per chunk of a cell's own: 512 KiB.
+const CHUNK: usize = if cfg!(test) { 8 } else { 1 << 16 };
 
 /// Fingerprints per bucket when deduplicating: the bucket's bitmaps
 /// (16 bits per fingerprint, twice) stay in the core's first cache.
@@ -193,14 +222,14 @@ struct Scratch {
 }
 
 impl Scratch {
-    /// Calls `add(who, rows)` once per patient among `bucket`'s
+    /// Calls `add(who, rows, true)` once per patient among `bucket`'s
     /// fingerprints (their top `skip` bits are the bucket's), with their
-    /// rows summed. A fingerprint's slot is the next bits of its record
+    /// rows summed, and `add(…, false)` for entries that do not count. A fingerprint's slot is the next bits of its record
     /// key, in bitmaps of 16 bits per fingerprint: one pass marks the
     /// slots taken twice, and only the fingerprints in those (about one in
     /// sixteen, and every duplicate) are sorted to bring one patient's
     /// entries together; the others are one patient each.
-    fn distinct(&mut self, bucket: &[i64], skip: u32, add: &mut impl FnMut(u64, i64)) {
+    fn distinct(&mut self, bucket: &[i64], skip: u32, add: &mut impl FnMut(u64, i64, bool)) {
         let bits = (16 * bucket.len().max(1))
             .next_power_of_two()
             .trailing_zeros()
@@ -217,15 +246,20 @@ impl Scratch {
             twice[w] |= seen[w] & bit;
             seen[w] |= bit;
         }
+        // Without a branch: every fingerprint is written as a suspect and
+        // offered to `add`, and whether it is one decides which counts (a
+        // branch mispredicted on each suspect, one in sixteen).
         suspects.clear();
+        suspects.resize(bucket.len(), 0);
+        let mut n = 0;
         for &f in bucket {
             let s = slot(f);
-            if twice[s >> 6] & (1u64 << (s & 63)) != 0 {
-                suspects.push(f);
-            } else {
-                add(who(f), f & ROWS);
-            }
+            let shared = (twice[s >> 6] >> (s & 63)) & 1 != 0;
+            suspects[n] = f;
+            n += usize::from(shared);
+            add(who(f), f & ROWS, !shared);
         }
+        suspects.truncate(n);
         // Sorted, one patient's entries are together (who is the top bits).
         suspects.sort_unstable();
         let mut current: Option<(u64, i64)> = None;
@@ -234,14 +268,14 @@ impl Scratch {
             current = match current {
                 Some((c, total)) if c == w => Some((c, total + rows)),
                 Some((c, total)) => {
-                    add(c, total);
+                    add(c, total, true);
                     Some((w, rows))
                 }
                 None => Some((w, rows)),
             };
         }
         if let Some((c, total)) = current {
-            add(c, total);
+            add(c, total, true);
         }
     }
 }
@@ -258,21 +292,30 @@ impl Cell {
 
     /// Every fingerprint: its own, then the merged arrays'.
     fn fingerprints(&self) -> impl Iterator<Item = i64> + Clone + '_ {
-        let merged = self
-            .merged
-            .iter()
-            .flat_map(|a| a.as_primitive::<Int64Type>().values().iter().copied());
+        let merged = self.merged.iter().flat_map(|a| a.iter().copied());
         self.own.iter().copied().chain(merged)
     }
 
     /// Adds `rows` rows of the patient `(rk, p)`: one fingerprint, or
-    /// more when they are more than one can count.
-    fn add(&mut self, rk: u32, p: i64, mut rows: u64) {
+    /// more when they are more than one can count. Returns the bytes it
+    /// reserved: a full chunk of [`CHUNK`] goes to `merged` as it is and a
+    /// new one begins, so fingerprints are never copied as a cell grows.
+    fn add(&mut self, rk: u32, p: i64, mut rows: u64) -> usize {
+        let mut reserved = 0;
         while rows > 0 {
-            let n = rows.min(ROWS as u64);
+            if self.own.len() == CHUNK {
+                // The full chunk is counted already (its length is its
+                // capacity); the new one is not.
+                let full = std::mem::replace(&mut self.own, Vec::with_capacity(CHUNK));
+                self.merged.push(ScalarBuffer::from(full));
+                reserved += CHUNK;
+            }
+            let (capacity, n) = (self.own.capacity(), rows.min(ROWS as u64));
             self.own.push(fingerprint(rk, p, n as i64));
+            reserved += self.own.capacity() - capacity;
             rows -= n;
         }
+        reserved
     }
 
     /// `contributors << 32 | cell key`, each patient once; weighted, each
@@ -290,13 +333,14 @@ impl Cell {
         let into = std::mem::take(&mut scratch.spread);
         let (starts, spread) = spread(self.fingerprints(), bits, |f| f as u64, into);
         let (mut patients, mut key) = (0i64, 0u32);
-        let mut add = |who: u64, rows: i64| {
+        let mut add = |who: u64, rows: i64, counts: bool| {
             let rk = (who >> 20) as u32;
-            patients += 1;
-            key = key.wrapping_add(match weighted {
+            let k = match weighted {
                 true => super::ckm::weighted(rk, rows as u64, None),
                 false => rk,
-            });
+            };
+            patients += i64::from(counts);
+            key = key.wrapping_add(k & u32::from(counts).wrapping_neg());
         };
         for b in 0..1 << bits {
             scratch.distinct(&spread[starts[b]..starts[b + 1]], bits, &mut add);
@@ -305,31 +349,44 @@ impl Cell {
         (patients << 32) | i64::from(key)
     }
 
-    /// Every fingerprint, as one entry of a partial state.
-    fn append_to(&self, builder: &mut ListBuilder<Int64Builder>) {
-        builder.values().append_slice(&self.own);
-        for a in &self.merged {
-            builder
-                .values()
-                .append_slice(a.as_primitive::<Int64Type>().values());
+    /// Takes another cell's fingerprints, without copying them.
+    fn absorb(&mut self, other: Cell) {
+        if !other.own.is_empty() {
+            self.merged.push(ScalarBuffer::from(other.own));
         }
-        builder.append(true);
+        self.merged.extend(other.merged);
     }
 
-    /// Takes a partial state's entry `i` (its fingerprints are non-null).
-    fn merge(&mut self, list: &ListArray, i: usize) {
-        if list.is_valid(i) && !list.value(i).is_empty() {
-            self.merged.push(list.value(i));
+    /// Takes a partial state's entry `i`: the fingerprints in its list
+    /// (non-null), and the cell its ticket holds in `in_flight`.
+    fn merge(&mut self, state: State, i: usize, in_flight: &InFlight<Cell>) -> Result<()> {
+        let (lists, tickets) = state;
+        if lists.is_valid(i) && !lists.value(i).is_empty() {
+            let values = lists.value(i);
+            self.merged
+                .push(values.as_primitive::<Int64Type>().values().clone());
         }
+        if tickets.is_valid(i) {
+            self.absorb(in_flight.claim(tickets.value(i), "gpdp_contributors")?);
+        }
+        Ok(())
     }
 }
 
-fn to_state<'a>(cells: impl ExactSizeIterator<Item = &'a Cell>) -> ArrayRef {
-    let mut builder = ListBuilder::with_capacity(Int64Builder::new(), cells.len());
-    for c in cells {
-        c.append_to(&mut builder);
+/// A partial state's two columns: lists of fingerprints and tickets.
+type State<'a> = (&'a ListArray, &'a Int64Array);
+
+fn state_columns(state: &[ArrayRef]) -> Result<State<'_>> {
+    match state {
+        [lists, tickets] => match (lists.as_list_opt::<i32>(), tickets.as_primitive_opt()) {
+            (Some(lists), Some(tickets)) => Ok((lists, tickets)),
+            _ => exec_err!("gpdp_contributors: a partial state of the wrong types"),
+        },
+        _ => exec_err!(
+            "gpdp_contributors: a partial state of {} columns",
+            state.len()
+        ),
     }
-    Arc::new(builder.finish())
 }
 
 /// Adds spans of counted rows as `(cell, patient, rows)` to `cells`;
@@ -348,10 +405,7 @@ fn feed(
             rk_p = Some(p);
             rk = keys.record_key(p);
         }
-        let cell = &mut cells[g];
-        let before = cell.own.capacity();
-        cell.add(rk, p, rows);
-        bytes += (cell.own.capacity() - before) * size_of::<i64>();
+        bytes += cells[g].add(rk, p, rows) * size_of::<i64>();
     }
     bytes
 }
@@ -388,6 +442,7 @@ fn merged(rows: impl Iterator<Item = (usize, i64)>) -> impl Iterator<Item = (usi
 struct OneCell {
     keys: Arc<RecordKeys>,
     weighted: bool,
+    in_flight: InFlight<Cell>,
     cell: Cell,
 }
 
@@ -409,15 +464,17 @@ impl Accumulator for OneCell {
         size_of::<Self>() + self.cell.bytes()
     }
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        let list = to_state(std::iter::once(&self.cell));
-        Ok(vec![ScalarValue::List(Arc::new(
-            list.as_list::<i32>().clone(),
-        ))])
+        let cell = std::mem::take(&mut self.cell);
+        let state = state_of(self.in_flight.hold_each([(cell.len() > 0).then_some(cell)]));
+        state
+            .iter()
+            .map(|column| ScalarValue::try_from_array(column, 0))
+            .collect()
     }
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        let list = states[0].as_list::<i32>();
-        for i in 0..list.len() {
-            self.cell.merge(list, i);
+        let state = state_columns(states)?;
+        for i in 0..state.0.len() {
+            self.cell.merge(state, i, &self.in_flight)?;
         }
         Ok(())
     }
@@ -427,6 +484,7 @@ impl Accumulator for OneCell {
 struct Cells {
     keys: Arc<RecordKeys>,
     weighted: bool,
+    in_flight: InFlight<Cell>,
     cells: Vec<Cell>,
     /// The cells' memory, kept as it grows (DataFusion asks after every
     /// batch; summing over every group each time would cost more).
@@ -474,7 +532,9 @@ impl GroupsAccumulator for Cells {
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        Ok(vec![to_state(self.take(emit_to).iter())])
+        let cells = self.take(emit_to);
+        let held = cells.into_iter().map(|c| (c.len() > 0).then_some(c));
+        Ok(state_of(self.in_flight.hold_each(held)))
     }
 
     fn merge_batch(
@@ -483,11 +543,11 @@ impl GroupsAccumulator for Cells {
         group_indices: &[usize],
         total_num_groups: usize,
     ) -> Result<()> {
-        let list = values[0].as_list::<i32>();
+        let state = state_columns(values)?;
         self.cells.resize_with(total_num_groups, Cell::default);
         for (i, &g) in group_indices.iter().enumerate() {
             let before = self.cells[g].bytes();
-            self.cells[g].merge(list, i);
+            self.cells[g].merge(state, i, &self.in_flight)?;
             self.bytes += self.cells[g].bytes() - before;
         }
         Ok(())
@@ -510,7 +570,8 @@ impl GroupsAccumulator for Cells {
             }
             builder.append(true);
         }
-        Ok(vec![Arc::new(builder.finish())])
+        let tickets = Int64Array::new_null(keys.len());
+        Ok(vec![Arc::new(builder.finish()), Arc::new(tickets)])
     }
 
     fn size(&self) -> usize {
@@ -521,7 +582,7 @@ impl GroupsAccumulator for Cells {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::prelude::{SessionContext, col};
+    use datafusion::prelude::{SessionConfig, SessionContext, col, lit};
     use proptest::prelude::*;
 
     type Row = (i64, Option<i64>, bool);
@@ -529,8 +590,20 @@ mod tests {
     /// `(group, contributors, cell key)` per group, over `partitions`
     /// partitions, rows filtered to those whose flag is set.
     async fn grouped(rows: &[Row], partitions: usize, weighted: bool) -> Vec<(i64, i64, u32)> {
+        aggregated(rows, partitions, weighted, SessionConfig::new(), true).await
+    }
+
+    /// [`grouped`] under `config`, or without GROUP BY (one cell, the
+    /// `Accumulator` form) when not `by_group`.
+    async fn aggregated(
+        rows: &[Row],
+        partitions: usize,
+        weighted: bool,
+        config: SessionConfig,
+        by_group: bool,
+    ) -> Vec<(i64, i64, u32)> {
         let keys = RecordKeys::from_bytes(&[7; 32]);
-        let ctx = SessionContext::new();
+        let ctx = SessionContext::new_with_config(config);
         let batch = arrow::array::RecordBatch::try_from_iter([
             (
                 "g",
@@ -550,7 +623,11 @@ mod tests {
             .map(|k| {
                 let n = batch.num_rows();
                 let (a, b) = (n * k / partitions, n * (k + 1) / partitions);
-                vec![batch.slice(a, b - a)]
+                // Batches of at most 250 rows.
+                (a..b)
+                    .step_by(250)
+                    .map(|at| batch.slice(at, 250.min(b - at)))
+                    .collect()
             })
             .collect();
         let table = datafusion::datasource::MemTable::try_new(batch.schema(), parts).unwrap();
@@ -558,11 +635,14 @@ mod tests {
         if let Expr::AggregateFunction(call) = &mut aggregate {
             call.params.filter = Some(Box::new(col("f")));
         }
-        let df = ctx
-            .read_table(Arc::new(table))
-            .unwrap()
-            .aggregate(vec![col("g")], vec![aggregate.alias("x")])
-            .unwrap();
+        let source = ctx.read_table(Arc::new(table)).unwrap();
+        let df = match by_group {
+            true => source.aggregate(vec![col("g")], vec![aggregate.alias("x")]),
+            false => source
+                .aggregate(vec![], vec![aggregate.alias("x")])
+                .and_then(|df| df.select(vec![lit(0i64).alias("g"), col("x")])),
+        }
+        .unwrap();
         let mut out = Vec::new();
         for b in df.collect().await.unwrap() {
             let g = b.column(0).as_primitive::<Int64Type>();
@@ -662,6 +742,46 @@ mod tests {
                 rt.block_on(grouped(&rows, 3, weighted)),
                 direct(&rows, weighted)
             );
+        }
+    }
+
+    #[test]
+    fn partial_states_arrive_whole_whichever_way_they_travel() {
+        // Partial states by ticket from several partitions, with and
+        // without a repartition by group, as rows converted straight to
+        // states (skipping the partial aggregate), and into the one-cell
+        // form; cells cross chunks ([`CHUNK`] is 8 in tests).
+        let rows: Vec<Row> = (0..3_000i64)
+            .map(|i| (i % 4, Some((i * 7_919) % 613), i % 7 != 0))
+            .collect();
+        let skip = || {
+            let mut c = SessionConfig::new();
+            c.options_mut()
+                .execution
+                .skip_partial_aggregation_probe_ratio_threshold = 0.0;
+            c.options_mut()
+                .execution
+                .skip_partial_aggregation_probe_rows_threshold = 1;
+            c
+        };
+        let configs = [
+            SessionConfig::new().with_target_partitions(1),
+            SessionConfig::new().with_target_partitions(4),
+            skip(),
+        ];
+        let one_cell: Vec<Row> = rows.iter().map(|&(_, p, f)| (0, p, f)).collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for weighted in [false, true] {
+            for config in &configs {
+                for partitions in [1, 3] {
+                    let by_group = aggregated(&rows, partitions, weighted, config.clone(), true);
+                    assert_eq!(rt.block_on(by_group), direct(&rows, weighted));
+                    let whole = aggregated(&rows, partitions, weighted, config.clone(), false);
+                    assert_eq!(rt.block_on(whole), direct(&one_cell, weighted));
+                }
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod contributors;
 pub mod dominance;
 pub mod dp;
 pub mod grammar;
+mod handoff;
 mod layout;
 pub mod patients;
 pub mod ptable;
