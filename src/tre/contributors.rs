@@ -24,11 +24,12 @@
 //! - partial states are tickets for the partitions' cells, not their
 //!   fingerprints ([`super::handoff`]);
 //! - the final step keeps the vectors it claims without copying them, and
-//!   deduplicates each cell once when it is emitted: the fingerprints are spread into buckets by
-//!   their top bits (record keys are uniform, so buckets are even), and in
-//!   each bucket a bitmap, in cache, finds the few that share a slot; only
-//!   those are sorted, which brings one patient's entries together, to be
-//!   counted once with their rows summed; the rest are one patient each.
+//!   deduplicates each cell once when it is emitted: the fingerprints are
+//!   spread into buckets by their top bits (record keys are uniform, so
+//!   buckets are even), and in each bucket a bitmap, in cache, finds the
+//!   few that share a slot; only those are sorted, which brings one
+//!   patient's entries together, to be counted once with their rows
+//!   summed; the rest are one patient each.
 //!
 //! The result is exact however rows are spread over files, partitions and
 //! batches: every fingerprint reaches the final step, which removes every
@@ -224,8 +225,9 @@ struct Scratch {
 impl Scratch {
     /// Calls `add(who, rows, true)` once per patient among `bucket`'s
     /// fingerprints (their top `skip` bits are the bucket's), with their
-    /// rows summed, and `add(…, false)` for entries that do not count. A fingerprint's slot is the next bits of its record
-    /// key, in bitmaps of 16 bits per fingerprint: one pass marks the
+    /// rows summed, and `add(…, false)` for entries that do not count. A
+    /// fingerprint's slot is the next bits of its record key, in bitmaps
+    /// of 16 bits per fingerprint: one pass marks the
     /// slots taken twice, and only the fingerprints in those (about one in
     /// sixteen, and every duplicate) are sorted to bring one patient's
     /// entries together; the others are one patient each.

@@ -13,6 +13,10 @@
 //! process. Here a partition hands what it built to the aggregate's
 //! [`InFlight`], its state is a ticket, and the final step claims the
 //! ticket and keeps what it gets as it is.
+//!
+//! Between a partition's end and the final step's merge, what is in
+//! flight is counted in neither step's memory reservation: the partition
+//! has released it and the final step has not yet taken it on.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
