@@ -351,7 +351,12 @@ impl<'a> Control<'a> {
                 for (i, w) in why.iter().enumerate() {
                     let n = if count.is_valid(i) { count.value(i) } else { 0 };
                     let value = match (w, get(&total, i), &self.ptable) {
-                        (None, Some(s), None) => derive(kind, n, s, get(&squares, i)),
+                        // From the count as released (rounded), never the
+                        // exact one: a sum over its mean would give it away.
+                        (None, Some(s), None) => {
+                            let released = round(n, self.rules.round_to);
+                            derive(kind, released, s, get(&squares, i))
+                        }
                         // The cell key method: the perturbed sum over the
                         // perturbed count. No key or no largest
                         // contribution fails closed (redacted).

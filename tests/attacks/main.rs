@@ -94,6 +94,10 @@ enum Expect {
     Error,
     /// Released, and the same as the previous ask's answer.
     Same,
+    /// Released, its last three statistics a count, a sum and a mean of
+    /// one column: in every row the sum over the mean must be the count
+    /// as released (a mean from the exact count would give that away).
+    Derived,
 }
 
 #[derive(Debug, Clone)]
@@ -156,9 +160,10 @@ fn parse(file: &Path) -> Vec<Attack> {
                     (Some("answered"), None) => Expect::Answered,
                     (Some("error"), None) => Expect::Error,
                     (Some("same"), None) if !attack.asks.is_empty() => Expect::Same,
+                    (Some("derived"), None) => Expect::Derived,
                     _ => {
                         panic!(
-                            "{at}: expect refused RULE | released | withheld | answered | error | same (after an ask)"
+                            "{at}: expect refused RULE | released | withheld | answered | error | same (after an ask) | derived"
                         )
                     }
                 };
@@ -545,12 +550,41 @@ impl Outcome {
             (Outcome::Refused(got), Expect::Refused(want)) => {
                 got == want || got.split('/').next() == Some(want.as_str())
             }
-            (Outcome::Released { rows, .. }, Expect::Released | Expect::Same) => !rows.is_empty(),
+            (Outcome::Released { rows, .. }, Expect::Released | Expect::Same | Expect::Derived) => {
+                !rows.is_empty()
+            }
             (Outcome::Released { rows, .. }, Expect::Withheld) => rows.is_empty(),
             (Outcome::Released { .. }, Expect::Answered) => true,
             (Outcome::Error, Expect::Error) => true,
             _ => false,
         }
+    }
+
+    /// A released row whose last three statistics (a count, a sum and a
+    /// mean) all have values, and whose sum over its mean is not the
+    /// count as released.
+    fn mean_not_from_released_count(&self) -> Option<Vec<String>> {
+        let Outcome::Released {
+            statistics, rows, ..
+        } = self
+        else {
+            return None;
+        };
+        let at: Vec<usize> = (0..statistics.len()).filter(|&i| statistics[i]).collect();
+        let [.., n, s, m] = at[..] else {
+            return None;
+        };
+        rows.iter()
+            .find(|row| {
+                let value = |i: usize| row[i].parse::<f64>().ok();
+                match (value(n), value(s), value(m)) {
+                    (Some(n), Some(s), Some(m)) if m != 0.0 => {
+                        (s / m - n).abs() > 1e-6 * n.max(1.0)
+                    }
+                    _ => false,
+                }
+            })
+            .cloned()
     }
 
     /// Under differential privacy: whether the outcome is what the attack
@@ -560,9 +594,11 @@ impl Outcome {
         let bounded = matches!(self, Outcome::Refused(r) if DP_RULES.contains(&r.as_str()));
         match expect {
             Expect::Refused(_) | Expect::Error => self.matches(expect) || bounded,
-            Expect::Released | Expect::Withheld | Expect::Answered | Expect::Same => {
-                matches!(self, Outcome::Released { .. }) || bounded
-            }
+            Expect::Released
+            | Expect::Withheld
+            | Expect::Answered
+            | Expect::Same
+            | Expect::Derived => matches!(self, Outcome::Released { .. }) || bounded,
         }
     }
 
@@ -892,6 +928,15 @@ fn check_attack(
                         "{at}: expected {:?}, got {a:?}\n    {sql}",
                         ask.expect
                     ));
+                }
+                if let (Expect::Derived, false) = (&ask.expect, dp) {
+                    for o in [&a, &b] {
+                        if let Some(row) = o.mean_not_from_released_count() {
+                            fail(format!(
+                                "{at}: LEAK — a sum over its mean is not the released count: {row:?}\n    {sql}"
+                            ));
+                        }
+                    }
                 }
                 for o in [&a, &b] {
                     if let Some(id) = o.cells().find_map(|c| w.identifiers.find_in(c)) {
