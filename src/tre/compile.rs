@@ -43,8 +43,8 @@ use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, 
 use datafusion::logical_expr::expr::InList;
 use datafusion::logical_expr::logical_plan::{Filter, Projection, SubqueryAlias};
 use datafusion::logical_expr::{
-    Between, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, binary_expr, cast, in_subquery,
-    not_in_subquery,
+    Between, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, ScalarUDF, binary_expr, cast,
+    in_subquery, not_in_subquery,
 };
 use datafusion::prelude::lit;
 
@@ -83,6 +83,10 @@ pub struct Parts {
     /// The largest contribution (one patient's sum, Float64), for sums and
     /// means under the cell key method: their noise is scaled to it.
     pub largest: Option<usize>,
+    /// For sums and means under the cell key method, the cell key of their
+    /// count of values alone (Int64): that count is perturbed as a count
+    /// of the same values is, so a mean holds no second draw of it.
+    pub count_key: Option<usize>,
 }
 
 /// The compiled plan: group keys first, then every statistic's parts.
@@ -383,18 +387,27 @@ fn per_patient(
         // (one inner row per patient, so each counts once), mixed with how
         // much each contributes unless it counts patients
         // ([`super::ckm::weighted`]).
+        let keyed = |out: &mut Outputs, udf: &Arc<ScalarUDF>, args| -> Result<usize> {
+            let e = filtered(sum(udf.call(args)), Some(&contributes))?;
+            Ok(out.find(&e).unwrap_or_else(|| out.push(e)))
+        };
         let cell_key = record_key
             .as_ref()
-            .map(|udf| -> Result<usize> {
+            .map(|udf| {
                 let mut args = vec![at(keys)];
                 if s.kind != StatKind::Patients {
                     args.push(at(n));
                     args.extend(total.map(&at));
                 }
-                let e = filtered(sum(udf.call(args)), Some(&contributes))?;
-                Ok(out.find(&e).unwrap_or_else(|| out.push(e)))
+                keyed(&mut out, udf, args)
             })
             .transpose()?;
+        // A sum's or mean's count of values is keyed as a count of those
+        // values is (by rows alone): the same draw, not a second one.
+        let count_key = match (&record_key, total) {
+            (Some(udf), Some(_)) => Some(keyed(&mut out, udf, vec![at(keys), at(n)])?),
+            _ => None,
+        };
         let p = if s.kind == StatKind::Patients {
             Parts {
                 count: patients,
@@ -428,6 +441,7 @@ fn per_patient(
                 largest: total
                     .filter(|_| cell_key.is_some())
                     .map(|t| out.push(max(at(t)))),
+                count_key,
             }
         };
         parts.push(p);

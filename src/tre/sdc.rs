@@ -294,6 +294,14 @@ impl<'a> Control<'a> {
                 Some(t) => key_at(i).map(|key| t.perturb(x, key)),
             }
         };
+        // A sum's or mean's count of values, perturbed by the key of a
+        // count of those values ([`Parts::count_key`]); none fails closed.
+        let count_keys = p.count_key.map(int).transpose()?;
+        let noisy_count = |x: i64, i: usize| -> Option<i64> {
+            let t = self.ptable.as_ref()?;
+            let keys = count_keys.as_ref().filter(|k| k.is_valid(i))?;
+            Some(t.perturb(x, super::ckm::cell_key(keys.value(i))))
+        };
         let mut why: Vec<Option<Why>> = Vec::with_capacity(rows);
         for i in 0..rows {
             let exact = if contributors.is_valid(i) {
@@ -358,10 +366,11 @@ impl<'a> Control<'a> {
                             derive(kind, released, s, get(&squares, i))
                         }
                         // The cell key method: the perturbed sum over the
-                        // perturbed count. No key or no largest
+                        // count of values perturbed as a count of them is
+                        // (no second draw of it). No key or no largest
                         // contribution fails closed (redacted).
                         (None, Some(s), Some(t)) => {
-                            match (key_at(i), get(&largest, i), noisy(n, i)) {
+                            match (key_at(i), get(&largest, i), noisy_count(n, i)) {
                                 (Some(key), Some(top), Some(n)) => {
                                     let m = t.params().magnitude;
                                     let s = s + super::ckm::magnitude_perturbation(key, top, m);
