@@ -190,9 +190,12 @@ struct Cell {
     merged: Vec<ScalarBuffer<i64>>,
 }
 
-/// A partial state whose cells are all in flight: each cell's list is
-/// empty and its ticket (null for a cell without fingerprints) claims it.
-fn state_of(tickets: Int64Array) -> Vec<ArrayRef> {
+/// A partial state whose cells are all handed to `in_flight`: each
+/// cell's list is empty and its ticket (null for a cell without
+/// fingerprints) claims it.
+fn state_of(in_flight: &InFlight<Cell>, cells: impl IntoIterator<Item = Cell>) -> Vec<ArrayRef> {
+    let held = cells.into_iter().map(|c| (c.len() > 0).then_some(c));
+    let tickets = in_flight.hold_each(held);
     let field = Arc::new(Field::new_list_field(DataType::Int64, true));
     let lists = ListArray::new(
         field,
@@ -227,10 +230,10 @@ impl Scratch {
     /// fingerprints (their top `skip` bits are the bucket's), with their
     /// rows summed, and `add(…, false)` for entries that do not count. A
     /// fingerprint's slot is the next bits of its record key, in bitmaps
-    /// of 16 bits per fingerprint: one pass marks the
-    /// slots taken twice, and only the fingerprints in those (about one in
-    /// sixteen, and every duplicate) are sorted to bring one patient's
-    /// entries together; the others are one patient each.
+    /// of 16 bits per fingerprint: one pass marks the slots taken twice,
+    /// and only the fingerprints in those (about one in sixteen, and
+    /// every duplicate) are sorted to bring one patient's entries
+    /// together; the others are one patient each.
     fn distinct(&mut self, bucket: &[i64], skip: u32, add: &mut impl FnMut(u64, i64, bool)) {
         let bits = (16 * bucket.len().max(1))
             .next_power_of_two()
@@ -325,8 +328,8 @@ impl Cell {
     ///
     /// The fingerprints are spread into buckets of about [`BUCKET`] by the
     /// top bits of their record key, which are uniform
-    /// ([`super::layout::spread`]); each bucket is then deduplicated in the core's cache
-    /// ([`Scratch::distinct`]). A bitmap of the whole cell, or sorting
+    /// ([`super::layout::spread`]); each bucket is then deduplicated in
+    /// the core's cache ([`Scratch::distinct`]). A bitmap of the whole cell, or sorting
     /// buckets of 64, cost a cache miss per fingerprint: a third of the
     /// cell key method's cost on events by year.
     fn packed(&self, weighted: bool, scratch: &mut Scratch) -> i64 {
@@ -466,8 +469,7 @@ impl Accumulator for OneCell {
         size_of::<Self>() + self.cell.bytes()
     }
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        let cell = std::mem::take(&mut self.cell);
-        let state = state_of(self.in_flight.hold_each([(cell.len() > 0).then_some(cell)]));
+        let state = state_of(&self.in_flight, [std::mem::take(&mut self.cell)]);
         state
             .iter()
             .map(|column| ScalarValue::try_from_array(column, 0))
@@ -535,8 +537,7 @@ impl GroupsAccumulator for Cells {
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
         let cells = self.take(emit_to);
-        let held = cells.into_iter().map(|c| (c.len() > 0).then_some(c));
-        Ok(state_of(self.in_flight.hold_each(held)))
+        Ok(state_of(&self.in_flight, cells))
     }
 
     fn merge_batch(

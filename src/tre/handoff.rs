@@ -40,6 +40,13 @@ pub(crate) struct InFlight<T>(Arc<Mutex<HashMap<i64, T>>>);
 /// The process's next ticket.
 static NEXT_TICKET: AtomicI64 = AtomicI64::new(1);
 
+/// Puts `item` in `held` under a new ticket.
+fn put<T>(held: &mut HashMap<i64, T>, item: T) -> i64 {
+    let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+    held.insert(ticket, item);
+    ticket
+}
+
 impl<T> InFlight<T> {
     fn held(&self) -> MutexGuard<'_, HashMap<i64, T>> {
         // A panic while holding the lock leaves the map whole: each
@@ -49,9 +56,7 @@ impl<T> InFlight<T> {
 
     /// Holds `item`; the ticket to claim it with.
     pub(crate) fn hold(&self, item: T) -> i64 {
-        let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
-        self.held().insert(ticket, item);
-        ticket
+        put(&mut self.held(), item)
     }
 
     /// Holds each item there is; a ticket for each (null where none).
@@ -59,13 +64,7 @@ impl<T> InFlight<T> {
         let mut held = self.held();
         items
             .into_iter()
-            .map(|item| {
-                item.map(|item| {
-                    let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
-                    held.insert(ticket, item);
-                    ticket
-                })
-            })
+            .map(|item| item.map(|item| put(&mut held, item)))
             .collect()
     }
 

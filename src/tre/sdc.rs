@@ -282,25 +282,20 @@ impl<'a> Control<'a> {
         // decides and what is released are both noisy. No key (a cell key
         // expected but missing) fails closed: redacted.
         let cell_keys = p.cell_key.map(int).transpose()?;
-        let key_at = |i: usize| {
-            cell_keys
-                .as_ref()
+        // A sum's or mean's count of values has the key of a count of
+        // those values ([`Parts::count_key`]).
+        let count_keys = p.count_key.map(int).transpose()?;
+        let key_in = |keys: &Option<Int64Array>, i: usize| {
+            keys.as_ref()
                 .filter(|k| k.is_valid(i))
                 .map(|k| super::ckm::cell_key(k.value(i)))
         };
+        let key_at = |i: usize| key_in(&cell_keys, i);
         let noisy = |x: i64, i: usize| -> Option<i64> {
             match &self.ptable {
                 None => Some(x),
                 Some(t) => key_at(i).map(|key| t.perturb(x, key)),
             }
-        };
-        // A sum's or mean's count of values, perturbed by the key of a
-        // count of those values ([`Parts::count_key`]); none fails closed.
-        let count_keys = p.count_key.map(int).transpose()?;
-        let noisy_count = |x: i64, i: usize| -> Option<i64> {
-            let t = self.ptable.as_ref()?;
-            let keys = count_keys.as_ref().filter(|k| k.is_valid(i))?;
-            Some(t.perturb(x, super::ckm::cell_key(keys.value(i))))
         };
         let mut why: Vec<Option<Why>> = Vec::with_capacity(rows);
         for i in 0..rows {
@@ -370,8 +365,9 @@ impl<'a> Control<'a> {
                         // (no second draw of it). No key or no largest
                         // contribution fails closed (redacted).
                         (None, Some(s), Some(t)) => {
-                            match (key_at(i), get(&largest, i), noisy_count(n, i)) {
-                                (Some(key), Some(top), Some(n)) => {
+                            match (key_at(i), get(&largest, i), key_in(&count_keys, i)) {
+                                (Some(key), Some(top), Some(count_key)) => {
+                                    let n = t.perturb(n, count_key);
                                     let m = t.params().magnitude;
                                     let s = s + super::ckm::magnitude_perturbation(key, top, m);
                                     derive(kind, n, s, None)
