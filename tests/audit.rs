@@ -256,7 +256,10 @@ fn write_parquet(path: &Path, batches: &[RecordBatch], codec: Codec) {
 }
 
 /// The rows of `batches` that `keep` keeps (by row number across batches).
-fn filter_rows(batches: &[RecordBatch], keep: impl Fn(usize, &[u8; 32]) -> bool) -> Vec<RecordBatch> {
+fn filter_rows(
+    batches: &[RecordBatch],
+    keep: impl Fn(usize, &[u8; 32]) -> bool,
+) -> Vec<RecordBatch> {
     let mut row = 0;
     batches
         .iter()
@@ -377,7 +380,11 @@ fn audit_log_intact_fails_when_a_refused_query_is_relabelled_released() {
     let path = copy.store.join("audit/log.jsonl");
     let log = std::fs::read_to_string(&path).unwrap();
     assert_eq!(log.matches("\"outcome\":\"refused\"").count(), 1);
-    std::fs::write(&path, log.replace("\"outcome\":\"refused\"", "\"outcome\":\"released\"")).unwrap();
+    std::fs::write(
+        &path,
+        log.replace("\"outcome\":\"refused\"", "\"outcome\":\"released\""),
+    )
+    .unwrap();
     assert_fails_exactly(
         &copy.store,
         &["audit_log_intact", "no_rollback", "log_extends_head"],
@@ -428,7 +435,11 @@ fn no_rollback_fails_when_the_manifest_is_edited_to_a_file_the_log_never_committ
     let practice = m.batches.keys().next().unwrap().clone();
     let old = file_path(&m, &practice, "clinical_events");
     let new = "tables/clinical_events/replaced.parquet";
-    write_parquet(&copy.store.join(new), &read_parquet(&copy.store.join(&old)), Codec::None);
+    write_parquet(
+        &copy.store.join(new),
+        &read_parquet(&copy.store.join(&old)),
+        Codec::None,
+    );
     let (sha, bytes) = gpdp::store::sha256_file(&copy.store.join(new)).unwrap();
     let mut json = manifest(&copy.store);
     let entry = &mut json["batches"][&practice]["files"]["clinical_events"];
@@ -455,7 +466,9 @@ fn tombstoned_patients_absent_fails_when_a_commit_brings_back_deleted_events() {
     let restored = copy.store.join("tables/clinical_events/restored.parquet");
     commit(&copy.store, |s, next| {
         std::fs::write(&restored, &b.events_before).unwrap();
-        let entry = s.file_entry("tables/clinical_events/restored.parquet".into()).unwrap();
+        let entry = s
+            .file_entry("tables/clinical_events/restored.parquet".into())
+            .unwrap();
         next.batches
             .get_mut(&b.erased_practice)
             .unwrap()
@@ -507,7 +520,11 @@ fn registrations_match_truth_fails_when_a_registration_is_lost() {
         let kept = filter_rows(&batches, |_, p| *p != id);
         assert_eq!(rows(&kept) + 1, rows(&batches));
         let entry = write_file(s, "tables/patients/tampered.parquet", &kept);
-        next.batches.get_mut(&lost.practice).unwrap().files.insert("patients".into(), entry);
+        next.batches
+            .get_mut(&lost.practice)
+            .unwrap()
+            .files
+            .insert("patients".into(), entry);
     });
     assert_fails_exactly(&copy.store, &["registrations_match_truth"]);
 }
@@ -628,7 +645,11 @@ fn linked_records_match_truth_fails_when_a_provider_record_is_dropped() {
 /// are the views' filters, not the disclosure rules.
 fn exact_policy() -> gpdp::policy::tre::TrePolicy {
     let mut policy = gpdp::policy::tre::TrePolicy::load(None).unwrap();
-    let d = &mut policy.projects.get_mut("demo-opensafely").unwrap().disclosure;
+    let d = &mut policy
+        .projects
+        .get_mut("demo-opensafely")
+        .unwrap()
+        .disclosure;
     d.redact_at_or_below = 0;
     d.round_to = 1;
     policy
@@ -695,7 +716,8 @@ fn raw_counts(
     out
 }
 
-const BY_AREA: &str = "SELECT sex, imd_decile, count(*) AS n FROM patients GROUP BY sex, imd_decile";
+const BY_AREA: &str =
+    "SELECT sex, imd_decile, count(*) AS n FROM patients GROUP BY sex, imd_decile";
 const BY_CODE: &str =
     "SELECT snomedct_code, count(*) AS n FROM clinical_events GROUP BY snomedct_code";
 
