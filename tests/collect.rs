@@ -362,6 +362,140 @@ fn no_identifier_reaches_the_store() {
     }
 }
 
+/// Every date column of the GP tables and the rule the shipped policy
+/// gives it: (table, extract column, stored column, rule).
+const DATE_RULES: [(&str, &str, &str, &str); 6] = [
+    ("patients", "date_of_birth", "birth_month", "month"),
+    (
+        "patients",
+        "registration_start",
+        "registration_start",
+        "month",
+    ),
+    ("patients", "registration_end", "registration_end", "month"),
+    ("patients", "date_of_death", "date_of_death", "month"),
+    ("clinical_events", "date", "date", "keep"),
+    ("medications", "date", "date", "keep"),
+];
+
+/// An extract date as `rule` leaves it, worked out on its text:
+/// `1987-08-19` is `1987-08-01` to the month, `1987-01-01` to the year.
+fn by_rule(date: &str, rule: &str) -> String {
+    match rule {
+        _ if date.is_empty() => String::new(),
+        "month" => format!("{}-01", &date[..7]),
+        "year" => format!("{}-01-01", &date[..4]),
+        "keep" => date.to_owned(),
+        _ => panic!("no date rule {rule}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every date stored in the Parquet files is its extract date under the
+/// rule the policy gives its column: birth, registration and death dates
+/// the first of their month, event and prescription dates to the day. Each
+/// stored row is found in the extract by its patient and practice (or
+/// code) with its dates worked out here from the extract's text; and the
+/// shipped policy is pinned to these rules.
+#[test]
+fn every_stored_date_is_generalised_by_its_policy_rule() {
+    use arrow::array::Array;
+    let f = fixture();
+    let policy: toml::Value = toml::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/collection.toml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for (table, column, _, rule) in DATE_RULES {
+        let action = &policy["tables"][table][column];
+        let named = match action["action"].as_str() {
+            Some("generalise") => action["rule"].as_str().unwrap(),
+            other => other.unwrap(),
+        };
+        assert_eq!(
+            named, rule,
+            "the shipped policy's rule for {table}.{column}"
+        );
+    }
+    let strict = |d: &str| {
+        d.is_empty() || (d.len() == 10 && d.as_bytes()[4] == b'-' && d.as_bytes()[7] == b'-')
+    };
+    for (table, identity) in [
+        ("patients", "practice_id"),
+        ("clinical_events", "snomedct_code"),
+        ("medications", "dmd_code"),
+    ] {
+        let rules: Vec<_> = DATE_RULES.iter().filter(|r| r.0 == table).collect();
+        // Each extract row as it should be stored: patient, practice or
+        // code, then its dates by rule.
+        let mut expected: HashSet<Vec<String>> = HashSet::new();
+        for dir in practice_dirs(&f.extract) {
+            let practice = dir.file_name().unwrap().to_str().unwrap().to_owned();
+            for r in Csv::read(&dir.join(format!("{table}.csv"))).records() {
+                if !rules.iter().all(|(_, c, _, _)| strict(&r[*c])) {
+                    continue; // a malformed date: quarantined
+                }
+                let mut key = vec![hex(&pseudonym(KEY, &r["nhs_number"]))];
+                key.push(if identity == "practice_id" {
+                    hex(&practice_pseudonym(KEY, &practice))
+                } else {
+                    r[identity].clone()
+                });
+                key.extend(rules.iter().map(|(_, c, _, rule)| by_rule(&r[*c], rule)));
+                expected.insert(key);
+            }
+        }
+        let mut checked = 0;
+        let mut days = HashSet::new();
+        for b in read_table(&f.store, table) {
+            let ids = patient_ids(std::slice::from_ref(&b));
+            let values = |name: &str| -> Vec<String> {
+                let col = b.column_by_name(name).unwrap();
+                if identity == "practice_id" && name == identity {
+                    return pseudonym_column(std::slice::from_ref(&b), name)
+                        .iter()
+                        .map(|p| hex(p))
+                        .collect();
+                }
+                let f = arrow::util::display::ArrayFormatter::try_new(
+                    col.as_ref(),
+                    &arrow::util::display::FormatOptions::default(),
+                )
+                .unwrap();
+                (0..col.len()).map(|i| f.value(i).to_string()).collect()
+            };
+            let columns: Vec<Vec<String>> = std::iter::once(identity)
+                .chain(rules.iter().map(|(_, _, stored, _)| *stored))
+                .map(values)
+                .collect();
+            for (i, id) in ids.iter().enumerate() {
+                let mut key = vec![hex(id)];
+                key.extend(columns.iter().map(|c| c[i].clone()));
+                assert!(
+                    expected.contains(&key),
+                    "{table}: a stored row's dates are not its extract dates by rule: {key:?}"
+                );
+                days.extend(
+                    key[2..]
+                        .iter()
+                        .filter(|d| d.len() == 10)
+                        .map(|d| d[8..].to_owned()),
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 1000, "{table}: {checked} rows");
+        // Kept dates keep their days; generalised ones have only the first.
+        let kept = rules.iter().all(|r| r.3 == "keep");
+        assert_eq!(days.len() > 1, kept, "{table}: the days stored: {days:?}");
+    }
+}
+
 fn walk(root: &Path) -> Vec<PathBuf> {
     tree(root).into_keys().map(|p| root.join(p)).collect()
 }

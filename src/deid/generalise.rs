@@ -115,26 +115,47 @@ impl PostcodeLookup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calendar::{date_of, month_start, parse_date, year_start_of};
+    use crate::calendar::date_of;
+    use chrono::{Datelike, NaiveDate};
 
-    /// The reference rule, through chrono's calendar: what `generalise_ymd` must agree with.
-    fn generalise_date(day: Day, rule: Rule) -> Day {
-        match rule {
-            Rule::Year => year_start_of(day),
-            Rule::Month | Rule::Lsoa => month_start(day),
-        }
+    /// Days since 1970-01-01 of a date, through chrono's calendar: the
+    /// oracle, independent of `calendar::days_from_civil`.
+    fn day(year: i32, month: u32, d: u32) -> Day {
+        let date = NaiveDate::from_ymd_opt(year, month, d).unwrap();
+        (date - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).num_days() as Day
     }
 
+    /// `generalise_ymd`, the function collection applies to every date
+    /// column: without a rule a date is kept to the day; `month` takes it
+    /// to the first of its month, `year` to the first of January (and
+    /// `lsoa`, should a policy ever name it for a date, to the month: a date
+    /// never leaves with its day by accident). Checked on every day from
+    /// 1900 to 2030, leap days and month and year ends included.
     #[test]
-    fn dates_lose_their_day_or_month() {
-        let d = parse_date(b"1987-08-19").unwrap();
+    fn generalise_ymd_applies_each_rule_to_every_day() {
+        let mut date = NaiveDate::from_ymd_opt(1900, 1, 1).unwrap();
+        let end = NaiveDate::from_ymd_opt(2030, 12, 31).unwrap();
+        let mut days = 0;
+        while date <= end {
+            let (y, m, d) = (date.year(), date.month(), date.day());
+            let at = |rule| generalise_ymd((y, m, d), rule);
+            assert_eq!(at(None), day(y, m, d), "{date} kept");
+            assert_eq!(at(Some(Rule::Month)), day(y, m, 1), "{date} to its month");
+            assert_eq!(at(Some(Rule::Lsoa)), day(y, m, 1), "{date} under lsoa");
+            assert_eq!(at(Some(Rule::Year)), day(y, 1, 1), "{date} to its year");
+            date = date.succ_opt().unwrap();
+            days += 1;
+        }
+        assert_eq!(days, 47_847);
+        // As a reader would check it.
+        let dob = (1987, 8, 19);
+        let text = |rule| date_of(generalise_ymd(dob, rule)).to_string();
+        assert_eq!(text(None), "1987-08-19");
+        assert_eq!(text(Some(Rule::Month)), "1987-08-01");
+        assert_eq!(text(Some(Rule::Year)), "1987-01-01");
         assert_eq!(
-            date_of(generalise_date(d, Rule::Month)).to_string(),
-            "1987-08-01"
-        );
-        assert_eq!(
-            date_of(generalise_date(d, Rule::Year)).to_string(),
-            "1987-01-01"
+            date_of(generalise_ymd((2024, 2, 29), Some(Rule::Month))).to_string(),
+            "2024-02-01"
         );
     }
 
