@@ -30,18 +30,52 @@
 //! padding's by more than half a patient. With the shipped budget (ρ = 2,
 //! 0.02 a statistic) they can ask one question per target for about a
 //! hundred targets before `budget_exhausted` stops them, and the test
-//! asserts their accuracy stays **near chance**.
+//! asserts two things, both against σ = 1/√(2ρ) computed here from the
+//! policy file (5):
+//! - **their accuracy stays near chance**: answers are whole patients, so
+//!   with the padding's noise e_b and the target's e_t a target with the
+//!   attribute is guessed right when e_t ≥ e_b and one without when
+//!   e_t ≤ e_b. The test computes the exact distribution of the number of
+//!   right guesses from the discrete Gaussian's mass (the targets of one
+//!   sex share e_b, so it is a mixture over e_b of binomials) and asserts
+//!   the accuracy below its 1 − 1e-6 quantile. Expected accuracy:
+//!   (1 + P(e_t = e_b))/2 ≈ 0.528 at σ = 5, 0.556 at σ/2, 0.641 at σ/5.
+//!   Over ~100 targets the accuracy's own spread (≈ 0.07: a coin's 0.05,
+//!   widened because the targets of a sex share their padding's noise) is
+//!   more than twice the gap between σ and σ/2, so no
+//!   accuracy bound with a negligible false alarm can tell them apart —
+//!   it would take tens of thousands of targets;
+//! - **what they saw carries the noise σ promises**: the differences they
+//!   observed, less the truth (1 or 0), are e_t − e_b. Within one padding
+//!   their spread around its mean estimates σ² (e_b cancels), and the mean
+//!   itself has variance σ²(1 + 1/n); together n·σ² in all, χ²ₙ. The test
+//!   asserts the ratio within [0.45, 2.2]: at n = 98, a false alarm has
+//!   probability 5e-7 (exact χ² tails, computed here), and σ/2 (ratio
+//!   0.25) passes with probability 2e-6. This is what fails when the
+//!   attacker gets more than their budget buys.
 //!
-//! The bound, both ways: with `n` targets and the majority-class rate `m`,
-//! a guesser at chance exceeds `m + 3·√(1/4n)` with probability under
-//! 0.15%, so above it is "far above chance" and at or below it is "near
-//! chance".
+//! Positive controls, with counts made in the test and run through the
+//! same attack (`averaged_with`): with exact counts (noise off) the
+//! attack is right about every target — so a flipped comparison (or any
+//! attack that cannot win) is caught; and the spread check rejects counts
+//! with noise drawn here at σ/2 and accepts them at σ.
+//!
+//! The ckm bound: with `n` targets and the majority-class rate `m`, a
+//! guesser at chance exceeds `m + 3·√(1/4n)` with probability under
+//! 0.15%, so above it is "far above chance".
 
 mod common;
 
 use common::*;
-use gpdp::bench::privacy::{Attacker, PADDINGS, World, any_answer_moved, averaged, world};
+use std::collections::{BTreeMap, HashMap};
+
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
+use gpdp::bench::privacy::{
+    Attacker, Measured, PADDINGS, Seen, World, any_answer_moved, averaged, averaged_with, world,
+};
 use gpdp::policy::tre::TrePolicy;
+use gpdp::tre::dp::discrete_gaussian;
 
 fn store_and_world() -> &'static (Collected, World) {
     static W: std::sync::OnceLock<(Collected, World)> = std::sync::OnceLock::new();
@@ -76,11 +110,192 @@ fn padding_attacks_beat_cell_keys() {
     );
 }
 
+/// ρ per statistic in the shipped policy file (read as TOML, not through
+/// gpdp's parser), and σ of a count of patients over one cell: 1/√(2ρ).
+fn shipped_sigma() -> f64 {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/tre.toml"),
+    )
+    .unwrap();
+    let t: toml::Table = text.parse().unwrap();
+    let rho = t["disclosure"]["dp"]["rho_per_statistic"]
+        .as_float()
+        .unwrap();
+    1.0 / (2.0 * rho).sqrt()
+}
+
+/// The discrete Gaussian's mass at -r..=r (r = 12σ, beyond which nothing
+/// of 1e-30 is left).
+fn mass(sigma: f64) -> Vec<f64> {
+    let r = (12.0 * sigma).ceil() as i64;
+    let w: Vec<f64> = (-r..=r)
+        .map(|k| (-((k * k) as f64) / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    w.into_iter().map(|x| x / total).collect()
+}
+
+fn convolve(a: &[f64], b: &[f64]) -> Vec<f64> {
+    let mut out = vec![0.0; a.len() + b.len() - 1];
+    for (i, x) in a.iter().enumerate() {
+        for (j, y) in b.iter().enumerate() {
+            out[i + j] += x * y;
+        }
+    }
+    out
+}
+
+/// The number of successes of `n` independent trials of probability `p`.
+fn binomial(n: usize, p: f64) -> Vec<f64> {
+    (0..n).fold(vec![1.0], |acc, _| convolve(&acc, &[1.0 - p, p]))
+}
+
+/// The exact distribution of the attack's right guesses over the targets
+/// `seen` (their paddings and truths), when every count carries discrete
+/// Gaussian noise of `sigma` and one question is asked of each: given its
+/// padding's noise e_b, a target with the attribute is right when
+/// e_t ≥ e_b and one without when e_t ≤ e_b; the targets of a padding
+/// are independent given e_b, and the paddings of each other.
+fn right_guesses(seen: &[Seen], sigma: f64) -> Vec<f64> {
+    let p = mass(sigma);
+    let at_most: Vec<f64> = p
+        .iter()
+        .scan(0.0, |s, x| {
+            *s += x;
+            Some(*s)
+        })
+        .collect();
+    let mut by_padding: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for s in seen {
+        let e = by_padding.entry(&s.padding).or_default();
+        if s.has { e.0 += 1 } else { e.1 += 1 }
+    }
+    let mut total = vec![1.0];
+    for (yes, no) in by_padding.into_values() {
+        let mut mixed = vec![0.0; yes + no + 1];
+        for (i, w) in p.iter().enumerate() {
+            // e_b is the i-th value: P(e_t ≥ e_b) and P(e_t ≤ e_b).
+            let ge = 1.0 - if i > 0 { at_most[i - 1] } else { 0.0 };
+            let le = at_most[i];
+            let given = convolve(&binomial(yes, ge), &binomial(no, le));
+            for (k, x) in given.iter().enumerate() {
+                mixed[k] += w * x;
+            }
+        }
+        total = convolve(&total, &mixed);
+    }
+    total
+}
+
+/// P(X ≤ x) for X ~ χ²ₖ: the regularised lower incomplete gamma
+/// P(k/2, x/2), by its series (k/2 is whole or a half).
+fn chi_square_cdf(x: f64, k: usize) -> f64 {
+    let s = k as f64 / 2.0;
+    let y = x / 2.0;
+    // ln Γ(s + 1), from Γ(1) = 1 or Γ(½) = √π upwards.
+    let mut ln_gamma = if k % 2 == 0 {
+        0.0
+    } else {
+        std::f64::consts::PI.sqrt().ln()
+    };
+    let mut z = if k % 2 == 0 { 1.0 } else { 0.5 };
+    while z < s + 1.0 - 1e-9 {
+        ln_gamma += z.ln();
+        z += 1.0;
+    }
+    let mut term = (s * y.ln() - y - ln_gamma).exp();
+    let mut sum = term;
+    let mut n = 1.0;
+    while term > 1e-20 * sum {
+        term *= y / (s + n);
+        sum += term;
+        n += 1.0;
+    }
+    sum.min(1.0)
+}
+
+/// The attacker's evidence, measured: the differences they saw less the
+/// truth, in units of the variance σ promises (see the module doc), and
+/// the number of draws it stands on.
+fn evidence_spread(seen: &[Seen], sigma: f64, repeats: usize) -> (f64, usize) {
+    let variance = sigma * sigma / repeats as f64;
+    let mut by_padding: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for s in seen {
+        by_padding
+            .entry(&s.padding)
+            .or_default()
+            .push(s.difference - f64::from(u8::from(s.has)));
+    }
+    let mut z2 = 0.0;
+    for r in by_padding.values() {
+        let n = r.len() as f64;
+        let mean = r.iter().sum::<f64>() / n;
+        z2 += r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / variance;
+        z2 += mean * mean * n / (n + 1.0) / variance;
+    }
+    (z2 / seen.len() as f64, seen.len())
+}
+
+/// The spread check's interval for the attacker's evidence.
+const SPREAD: (f64, f64) = (0.45, 2.2);
+
+/// The evidence spread lies in [`SPREAD`]; the sizing holds for `n` draws
+/// (exact χ² tails: a false alarm under 1e-6; σ/2, a quarter of the
+/// variance, passes with probability under 1e-5).
+fn spread_ok(ratio: f64, n: usize) -> bool {
+    let (lo, hi) = SPREAD;
+    let k = n as f64;
+    let false_alarm = chi_square_cdf(lo * k, n) + (1.0 - chi_square_cdf(hi * k, n));
+    let half_sigma_passes = 1.0 - chi_square_cdf(4.0 * lo * k, n);
+    assert!(false_alarm < 1e-6, "{n} draws: false alarm {false_alarm:e}");
+    assert!(
+        half_sigma_passes < 1e-5,
+        "{n} draws: σ/2 passes with {half_sigma_passes:e}"
+    );
+    (lo..=hi).contains(&ratio)
+}
+
+/// The attack with counts made in the test: the exact count of a clause
+/// over the research project's views, plus noise drawn here of `sigma`
+/// (none at 0). `exact` caches the counts by clause.
+fn attack_with(
+    attacker: &Attacker,
+    w: &World,
+    targets: usize,
+    sigma: f64,
+    exact: &mut dyn FnMut(&str) -> i64,
+) -> Measured {
+    averaged_with(
+        attacker,
+        |clause| {
+            let noise = if sigma > 0.0 {
+                discrete_gaussian(sigma).unwrap()
+            } else {
+                0
+            };
+            Ok(Ok(exact(clause) + noise))
+        },
+        w,
+        targets,
+        1,
+    )
+    .unwrap()
+}
+
+/// Padding attacks under dp, with the shipped budget: the attacker's
+/// accuracy stays below the 1 − 1e-6 quantile of its exact distribution
+/// at σ (computed here from the policy's ρ), and the differences they saw
+/// spread as σ² says, so an attacker given less noise than the budget
+/// buys (σ/2) is caught. Positive controls: the same attack on exact
+/// counts is right about every target, and the spread check rejects
+/// counts with noise drawn here at σ/2 and accepts them at σ.
 #[test]
 fn padding_attacks_under_dp_stay_near_chance_until_the_budget_stops_them() {
     let (c, w) = store_and_world();
     let policy = TrePolicy::load(None).unwrap();
     let budget = policy.researchers[0].rho_budget;
+    let sigma = shipped_sigma();
+    assert!((sigma - 5.0).abs() < 1e-9, "σ {sigma}");
     assert!(w.targets.len() >= 100, "{} unique targets", w.targets.len());
     let attacker = Attacker {
         store: &c.store,
@@ -88,11 +303,6 @@ fn padding_attacks_under_dp_stay_near_chance_until_the_budget_stops_them() {
         project: "demo-research",
     };
     let m = averaged(&attacker, w, w.targets.len(), 1).unwrap();
-    eprintln!(
-        "padding attack under dp over {} targets, then budget_exhausted: \
-         accuracy {:.2}; chance {:.2}, bound {:.2}",
-        m.targets, m.accuracy, m.chance, m.bound
-    );
     // 0.02 a question: 2 for the paddings (one per sex), then one per target.
     let expected = ((budget / 0.02).round() as usize).saturating_sub(2);
     assert!(m.stopped_by_budget, "the budget stops the attack");
@@ -100,11 +310,96 @@ fn padding_attacks_under_dp_stay_near_chance_until_the_budget_stops_them() {
         m.targets, expected,
         "targets asked before the budget ran out"
     );
-    assert!(
-        m.accuracy <= m.bound,
-        "dp: {:.2} over {} targets is above chance ({:.2})",
+    assert_eq!(m.seen.len(), m.targets);
+
+    // The accuracy against its exact distribution at σ.
+    let n = m.targets;
+    let at_sigma = right_guesses(&m.seen, sigma);
+    let mean = |d: &[f64]| d.iter().enumerate().map(|(k, p)| k as f64 * p).sum::<f64>() / n as f64;
+    let sd = |d: &[f64]| {
+        let m = mean(d);
+        let var: f64 = d
+            .iter()
+            .enumerate()
+            .map(|(k, p)| (k as f64 / n as f64 - m).powi(2) * p)
+            .sum();
+        var.sqrt()
+    };
+    let above = |d: &[f64], k: usize| d[k + 1..].iter().sum::<f64>();
+    let limit = (0..n).find(|&k| above(&at_sigma, k) < 1e-6).unwrap_or(n);
+    let bound = limit as f64 / n as f64;
+    let at_half = right_guesses(&m.seen, sigma / 2.0);
+    let at_fifth = right_guesses(&m.seen, sigma / 5.0);
+    eprintln!(
+        "padding attack under dp over {n} targets, then budget_exhausted: accuracy {:.3}; \
+         expected {:.3} ± {:.3} at σ, {:.3} at σ/2, {:.3} at σ/5; bound {bound:.3} (P above at σ {:.1e}, \
+         at σ/2 {:.2}, at σ/5 {:.2}); majority {:.2}",
         m.accuracy,
-        m.targets,
-        m.bound
+        mean(&at_sigma),
+        sd(&at_sigma),
+        mean(&at_half),
+        mean(&at_fifth),
+        above(&at_sigma, limit),
+        above(&at_half, limit),
+        above(&at_fifth, limit),
+        m.chance,
     );
+    assert!(
+        m.accuracy <= bound,
+        "dp: {:.3} over {n} targets is above what σ = {sigma} allows ({bound:.3})",
+        m.accuracy
+    );
+
+    // What the attacker saw carries the noise σ promises.
+    let (ratio, draws) = evidence_spread(&m.seen, sigma, 1);
+    eprintln!("the attacker's evidence spreads {ratio:.3} × σ² over {draws} draws");
+    assert!(
+        spread_ok(ratio, draws),
+        "dp: the differences the attacker saw spread {ratio:.3} × σ² (σ = {sigma}) over \
+         {draws} targets, outside {SPREAD:?}: {}",
+        if ratio < SPREAD.0 {
+            "less noise than the budget buys"
+        } else {
+            "more noise than σ"
+        }
+    );
+
+    // Positive controls: the same attack on counts made here.
+    let manifest = gpdp::store::read_manifest(&c.store).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ctx = runtime
+        .block_on(gpdp::tre::session::open(
+            &c.store,
+            &manifest,
+            &policy,
+            &policy.projects["demo-research"],
+        ))
+        .unwrap()
+        .ctx;
+    let mut cache: HashMap<String, i64> = HashMap::new();
+    let mut exact = |clause: &str| -> i64 {
+        *cache.entry(clause.to_owned()).or_insert_with(|| {
+            let sql = format!("SELECT count(DISTINCT patient_id) FROM patients WHERE {clause}");
+            let b = runtime
+                .block_on(async { ctx.sql(&sql).await?.collect().await })
+                .unwrap();
+            b[0].column(0).as_primitive::<Int64Type>().value(0)
+        })
+    };
+    let off = attack_with(&attacker, w, n, 0.0, &mut exact);
+    assert_eq!(off.targets, n);
+    assert!(
+        off.accuracy == 1.0 && off.accuracy > bound,
+        "control: with noise off the attack is right about {} of {n} targets",
+        off.right
+    );
+    for (f, accept) in [(0.5, false), (1.0, true)] {
+        let drawn = attack_with(&attacker, w, n, sigma * f, &mut exact);
+        let (ratio, draws) = evidence_spread(&drawn.seen, sigma, 1);
+        assert_eq!(
+            spread_ok(ratio, draws),
+            accept,
+            "control: noise drawn here at σ×{f} spreads {ratio:.3} × σ² over {draws} targets"
+        );
+    }
 }

@@ -108,7 +108,10 @@ fn sigma(groups: f64, bound: f64, rho: f64) -> f64 {
 
 /// The answer states the σ computed here (to a millionth).
 fn states(stated: f64, sigma: f64) {
-    assert!((stated / sigma - 1.0).abs() < 1e-6, "stated σ {stated}, computed {sigma}");
+    assert!(
+        (stated / sigma - 1.0).abs() < 1e-6,
+        "stated σ {stated}, computed {sigma}"
+    );
 }
 
 fn ask(policy: &TrePolicy, sql: &str) -> gpdp::tre::Released {
@@ -132,11 +135,15 @@ fn direct(policy: &TrePolicy, sql: &str) -> RecordBatch {
     let manifest = gpdp::store::read_manifest(store).unwrap();
     let batches = runtime
         .block_on(async {
-            let ctx =
-                gpdp::tre::session::open(store, &manifest, policy, &policy.projects["demo-research"])
-                    .await
-                    .unwrap()
-                    .ctx;
+            let ctx = gpdp::tre::session::open(
+                store,
+                &manifest,
+                policy,
+                &policy.projects["demo-research"],
+            )
+            .await
+            .unwrap()
+            .ctx;
             ctx.sql(sql).await?.collect().await
         })
         .unwrap();
@@ -358,10 +365,8 @@ fn event_level_counts_carry_the_square_root_of_max_groups() {
     let policy = test_policy();
     let cells = (p.last_year - p.first_year + 1) as f64;
     let groups = p.max_groups.min(cells);
-    let (sigma_patients, sigma_rows) = (
-        sigma(groups, 1.0, p.rho),
-        sigma(groups, p.max_rows, p.rho),
-    );
+    let (sigma_patients, sigma_rows) =
+        (sigma(groups, 1.0, p.rho), sigma(groups, p.max_rows, p.rho));
     assert_eq!(format!("{sigma_patients:.0}"), "14", "the README's σ = 14");
     assert!((sigma_rows - 70.71).abs() < 0.01, "{sigma_rows}");
     // The whole domain's question states the same σ as the draws' one.

@@ -18,6 +18,11 @@
 //!   patient. Each repeat costs ρ. With ρ spent on the target (and as much
 //!   on the padding) this test is right with probability Φ(√(ρ/4)); the
 //!   best possible, knowing the padding's count exactly, Φ(√(ρ/2)).
+//!
+//! [`averaged_with`] runs the same attack on counts from anywhere else —
+//! for tests, which give it exact counts (noise off) or counts with noise
+//! they draw themselves, to show the attack wins when it should. The
+//! binary only ever runs it through the boundary ([`averaged`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -155,6 +160,20 @@ pub struct Measured {
     pub theory: Option<f64>,
     /// Whether `budget_exhausted` stopped the attack before its last target.
     pub stopped_by_budget: bool,
+    /// Under [`averaged`]: what the attacker saw of each target asked.
+    #[serde(skip)]
+    pub seen: Vec<Seen>,
+}
+
+/// What the attacker of [`averaged`] saw of one target: the padding (whose
+/// average the targets of one sex share), whether the target has the
+/// attribute (the truth), and the average with the target less the
+/// padding's — 1 or 0 plus noise.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub padding: String,
+    pub has: bool,
+    pub difference: f64,
 }
 
 impl Measured {
@@ -173,6 +192,7 @@ impl Measured {
             bound: chance + 3.0 * (0.25 / n as f64).sqrt(),
             theory: None,
             stopped_by_budget: false,
+            seen: Vec::new(),
         }
     }
 }
@@ -270,11 +290,25 @@ pub fn averaged(
     targets: usize,
     repeats: usize,
 ) -> anyhow::Result<Measured> {
+    averaged_with(a, |clause| a.count(clause), world, targets, repeats)
+}
+
+/// [`averaged`] with its counts from `count` (a clause's released count,
+/// or the rule that refused it) rather than from `a` through the
+/// boundary; `a` still names the project whose rule set and ρ the
+/// outcome is reported under.
+pub fn averaged_with(
+    a: &Attacker,
+    mut count: impl FnMut(&str) -> anyhow::Result<Result<i64, &'static str>>,
+    world: &World,
+    targets: usize,
+    repeats: usize,
+) -> anyhow::Result<Measured> {
     let band = PADDINGS[0];
-    let mean = |clause: &str| -> anyhow::Result<Result<f64, &'static str>> {
+    let mut mean = |clause: &str| -> anyhow::Result<Result<f64, &'static str>> {
         let mut total = 0.0;
         for _ in 0..repeats.max(1) {
-            match a.count(clause)? {
+            match count(clause)? {
                 Ok(v) => total += v as f64,
                 Err(rule) => return Ok(Err(rule)),
             }
@@ -284,6 +318,7 @@ pub fn averaged(
     let all = &world.targets[..targets.min(world.targets.len())];
     let mut baseline: BTreeMap<String, f64> = BTreeMap::new();
     let (mut right, mut asked, mut stopped) = (0, 0, false);
+    let mut seen = Vec::new();
     for t in all {
         let p = padding(t, band);
         if !baseline.contains_key(&p) {
@@ -297,8 +332,14 @@ pub fn averaged(
         }
         match mean(&with_target(t, band, &world.year))? {
             Ok(v) => {
-                right += usize::from((v - baseline[&p] > 0.5) == t.has);
+                let difference = v - baseline[&p];
+                right += usize::from((difference > 0.5) == t.has);
                 asked += 1;
+                seen.push(Seen {
+                    padding: p,
+                    has: t.has,
+                    difference,
+                });
             }
             Err(_) => {
                 stopped = true;
@@ -309,6 +350,7 @@ pub fn averaged(
     let project = &a.policy.projects[a.project];
     let mut m = Measured::new(project.disclosure.name, repeats, &all[..asked], right);
     m.stopped_by_budget = stopped;
+    m.seen = seen;
     if let Some(dp) = project.disclosure.dp {
         let rho = dp.rho_per_statistic * repeats as f64;
         m.rho_per_target = Some(rho);
