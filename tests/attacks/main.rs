@@ -13,6 +13,7 @@
 //! ask SQL                     # {t.NAME} is a fact about the target (below);
 //!                             # {repeat N}TEXT{/repeat} is TEXT N times
 //! expect refused RULE[/CONSTRUCT] | released | withheld | answered | error | same
+//! expect-dp refused RULE      # optional, after an expect: what `dp` answers instead
 //! ```
 //!
 //! `GPDP_ATTACKS=lineage,oracles cargo test --test attacks` runs only those
@@ -22,6 +23,27 @@
 //! ask's, in each world (under `dp`, its shape): two routes to the same
 //! statistic over the same patients must not give two answers, whose
 //! difference would be free of noise.
+//!
+//! Under `dp` an ask must get what its `expect` says (a refusal by the same
+//! rule; anything released for the others), unless an `expect-dp` line says
+//! what differential privacy answers instead (a key without a public
+//! domain, a statistic it cannot bound): a `dp` that refused everything
+//! must not pass. `GPDP_ATTACKS` must name existing families, and CI
+//! refuses to run with it set at all.
+//!
+//! **Noise, measured across the suite.** Under `dp` the statistics are
+//! drawn afresh for every answer, so the harness cannot compare them one by
+//! one; it compares their *distributions*. Each ask is answered several
+//! times in each world (through `gpdp query` and through Flight SQL), and
+//! every pair of released counts and sums is pooled: two answers in the same
+//! world differ by noise alone, so Σ (a − b)² / 2σ² over n pairs is a
+//! chi-square with n degrees of freedom, with σ as each answer states it;
+//! pairs across the worlds differ by noise and by at most one patient's
+//! bounded contribution. Both pools must sit in a two-sided interval: too
+//! little noise fails as surely as too much, and any single pair more than
+//! 6σ√2 (+ one patient's contribution) apart is a leak. The positive
+//! control is the same check on the same pairs with their differences
+//! halved (noise at half its σ): it must fail.
 //!
 //! **How "learned nothing" is checked, against the truth.** World A is a
 //! collected store. For each target — a patient the truth says research
@@ -104,6 +126,8 @@ enum Expect {
 struct Ask {
     sql: String,
     expect: Expect,
+    /// What `dp` answers instead, where it differs (`expect-dp`).
+    expect_dp: Option<Expect>,
     line: usize,
 }
 
@@ -167,7 +191,26 @@ fn parse(file: &Path) -> Vec<Attack> {
                         )
                     }
                 };
-                attack.asks.push(Ask { sql, expect, line });
+                attack.asks.push(Ask {
+                    sql,
+                    expect,
+                    expect_dp: None,
+                    line,
+                });
+            }
+            "expect-dp" => {
+                let ask = attack
+                    .asks
+                    .last_mut()
+                    .unwrap_or_else(|| panic!("{at}: expect-dp before any expect"));
+                assert!(ask.expect_dp.is_none(), "{at}: two expect-dp lines");
+                let mut w = rest.split_whitespace();
+                ask.expect_dp = Some(match (w.next(), w.next()) {
+                    (Some("refused"), Some(rule)) => Expect::Refused(rule.to_owned()),
+                    (Some("released"), None) => Expect::Released,
+                    (Some("error"), None) => Expect::Error,
+                    _ => panic!("{at}: expect-dp refused RULE | released | error"),
+                });
             }
             other => panic!("{at}: unknown directive {other}"),
         }
@@ -243,6 +286,8 @@ struct Worlds {
     /// The policy and the perturbation key (for the cell key method)
     /// every path runs under, as arguments.
     serving: Vec<String>,
+    /// `dp`'s threshold: a count at or below it is redacted.
+    dp_threshold: f64,
     _dir: tempfile::TempDir,
 }
 
@@ -459,6 +504,10 @@ fn build_worlds() -> Worlds {
         targets,
         identifiers,
         serving: serving.map(String::from).to_vec(),
+        dp_threshold: gpdp::policy::tre::TrePolicy::load(None).unwrap().projects
+            [project_id("dp")]
+        .disclosure
+        .redact_at_or_below as f64,
         _dir: dir,
     }
 }
@@ -587,18 +636,19 @@ impl Outcome {
             .cloned()
     }
 
-    /// Under differential privacy: whether the outcome is what the attack
-    /// expects of a rule set that releases every cell of the keys' public
-    /// domains (so nothing is withheld) and refuses what it cannot bound.
-    fn matches_dp(&self, expect: &Expect) -> bool {
-        let bounded = matches!(self, Outcome::Refused(r) if DP_RULES.contains(&r.as_str()));
-        match expect {
-            Expect::Refused(_) | Expect::Error => self.matches(expect) || bounded,
+    /// Under differential privacy: whether the outcome is what the ask
+    /// expects of `dp` — its `expect-dp` where it has one, else its
+    /// `expect`, where every cell of the keys' public domains is released
+    /// (so nothing is withheld: any release matches a release). A refusal
+    /// matches only the rule the attack names.
+    fn matches_dp(&self, ask: &Ask) -> bool {
+        match ask.expect_dp.as_ref().unwrap_or(&ask.expect) {
+            e @ (Expect::Refused(_) | Expect::Error) => self.matches(e),
             Expect::Released
             | Expect::Withheld
             | Expect::Answered
             | Expect::Same
-            | Expect::Derived => matches!(self, Outcome::Released { .. }) || bounded,
+            | Expect::Derived => matches!(self, Outcome::Released { .. }),
         }
     }
 
@@ -653,14 +703,6 @@ impl Outcome {
     }
 }
 
-/// Rules only `dp` has: a statistic it cannot bound, a key domain too
-/// large to release cell by cell, a key without a public domain.
-const DP_RULES: [&str; 3] = [
-    "statistic_not_available",
-    "too_many_rows",
-    "no_public_domain",
-];
-
 /// The rule (and construct) a refusal names: `refused by rule R (C): …` → `R/C`.
 fn refusal(message: &str) -> Option<String> {
     let at = message.find("refused by rule ")? + "refused by rule ".len();
@@ -684,7 +726,11 @@ fn json_text(v: &serde_json::Value) -> String {
     }
 }
 
-fn via_cli(store: &Path, serving: &[String], project: &str, sql: &str) -> Outcome {
+/// Under `dp`: per released column, the σ its answer states, for counts
+/// and sums (means are ratios: left out of the noise pools).
+type Sigmas = BTreeMap<String, (f64, bool)>;
+
+fn via_cli(store: &Path, serving: &[String], project: &str, sql: &str) -> (Outcome, Sigmas) {
     let mut args = vec![
         "query",
         "--store",
@@ -742,18 +788,44 @@ fn via_cli(store: &Path, serving: &[String], project: &str, sql: &str) -> Outcom
                 .iter()
                 .map(|k| k != "key")
                 .collect();
-            Outcome::Released {
-                columns,
-                statistics,
-                rows,
-            }
+            let is_count = |name: &str| {
+                let at = columns.iter().position(|c| c == name).unwrap();
+                v["kinds"][at] == "count"
+            };
+            let sigmas = v["privacy"]["noise"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| !n["ci95_half_width"].is_null())
+                .map(|n| {
+                    let name = n["column"].as_str().unwrap();
+                    (
+                        name.to_owned(),
+                        (n["sigma"].as_f64().unwrap(), is_count(name)),
+                    )
+                })
+                .collect();
+            (
+                Outcome::Released {
+                    columns,
+                    statistics,
+                    rows,
+                },
+                sigmas,
+            )
         }
-        Some(3) => refusal(&stderr(&o)).map_or_else(
-            || Outcome::Unexpected(format!("exit 3 without a rule: {}", stderr(&o))),
-            Outcome::Refused,
+        Some(3) => (
+            refusal(&stderr(&o)).map_or_else(
+                || Outcome::Unexpected(format!("exit 3 without a rule: {}", stderr(&o))),
+                Outcome::Refused,
+            ),
+            Sigmas::new(),
         ),
-        Some(2) => Outcome::Error,
-        _ => Outcome::Unexpected(format!("gpdp query: {}", stderr(&o))),
+        Some(2) => (Outcome::Error, Sigmas::new()),
+        _ => (
+            Outcome::Unexpected(format!("gpdp query: {}", stderr(&o))),
+            Sigmas::new(),
+        ),
     }
 }
 
@@ -879,12 +951,102 @@ struct Servers {
     b: Vec<Server>,
 }
 
+/// Pairs of `dp` answers to one ask, each released count or sum as
+/// z² = (x − y)² / 2σ²: in `same`, two answers in one world (noise alone,
+/// so z² averages 1); in `across`, one answer in each world (noise and at
+/// most one patient's bounded contribution, under 0.2σ at the shipped ρ).
+#[derive(Default)]
+struct NoisePool {
+    same: Vec<f64>,
+    across: Vec<f64>,
+}
+
+impl NoisePool {
+    /// Adds the pairs of two answers' cells, where both are released with
+    /// their rows in the same order, and fails a pair further apart than
+    /// any noise of that σ would put it (6σ√2, once in 10⁹ pairs, plus σ for
+    /// the patient). A count enters only where both answers are well above
+    /// the threshold (`floor`), so that redaction never censors the draws.
+    fn add(
+        &mut self,
+        (x, y): (&Outcome, &Outcome),
+        sigmas: &Sigmas,
+        floor: f64,
+        same_world: bool,
+    ) -> Result<(), String> {
+        let (
+            Outcome::Released {
+                columns,
+                statistics,
+                rows: xs,
+            },
+            Outcome::Released { rows: ys, .. },
+        ) = (x, y)
+        else {
+            return Ok(());
+        };
+        let keys_equal = |r: &[String], s: &[String]| {
+            r.iter()
+                .zip(s)
+                .zip(statistics)
+                .all(|((a, b), stat)| *stat || a == b)
+        };
+        if xs.len() != ys.len() || !xs.iter().zip(ys).all(|(r, s)| keys_equal(r, s)) {
+            return Ok(());
+        }
+        for (c, name) in columns.iter().enumerate() {
+            let Some(&(sigma, is_count)) = sigmas.get(name) else {
+                continue;
+            };
+            for (r, s) in xs.iter().zip(ys) {
+                let (Ok(a), Ok(b)) = (r[c].parse::<f64>(), s[c].parse::<f64>()) else {
+                    continue;
+                };
+                let low = floor + 5.0 * sigma;
+                if is_count && (a < low || b < low) {
+                    continue;
+                }
+                if (a - b).abs() > 6.0 * sigma * 2f64.sqrt() + sigma {
+                    return Err(format!(
+                        "{name}: {a} and {b} are {:.1}σ apart (σ {sigma})",
+                        (a - b).abs() / sigma
+                    ));
+                }
+                let z2 = (a - b).powi(2) / (2.0 * sigma * sigma);
+                if same_world {
+                    self.same.push(z2);
+                } else {
+                    self.across.push(z2);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether pooled z² values look like noise of the stated σ: their mean
+/// within 5 standard errors of 1 (a chi-square with n degrees of freedom
+/// has mean n and variance 2n), plus `allowance` above for what is not
+/// noise. Returns the mean and the interval.
+fn noise_as_stated(z2: &[f64], allowance: f64) -> (bool, f64, (f64, f64)) {
+    let n = z2.len() as f64;
+    let mean = z2.iter().sum::<f64>() / n;
+    let spread = 5.0 * (2.0 / n).sqrt();
+    let interval = (1.0 - spread, 1.0 + spread + allowance);
+    (
+        mean >= interval.0 && mean <= interval.1,
+        mean,
+        interval,
+    )
+}
+
 fn check_attack(
     w: &Worlds,
     servers: &Servers,
     rt: &tokio::runtime::Runtime,
     attack: &Attack,
     failures: &Mutex<Vec<String>>,
+    noise: &Mutex<NoisePool>,
 ) {
     let fail = |msg: String| failures.lock().unwrap().push(msg);
     for project in &attack.projects {
@@ -912,22 +1074,23 @@ fn check_attack(
                     t + 1
                 );
                 let sql = target.render(&ask.sql, &at);
-                let a = via_cli(&w.a.store, &w.serving, project, &sql);
-                let b = via_cli(&w.b[t], &w.serving, project, &sql);
+                let (a, sigmas) = via_cli(&w.a.store, &w.serving, project, &sql);
+                let (b, _) = via_cli(&w.b[t], &w.serving, project, &sql);
                 // Under differential privacy the statistics are noise drawn
                 // afresh: everything else must not depend on the target.
                 let dp = project == project_id("dp");
                 let seen = |o: &Outcome| if dp { o.shape(&sql) } else { o.clone() };
                 let expected = if dp {
-                    a.matches_dp(&ask.expect)
+                    a.matches_dp(ask)
                 } else {
                     a.matches(&ask.expect)
                 };
                 if !expected {
-                    fail(format!(
-                        "{at}: expected {:?}, got {a:?}\n    {sql}",
-                        ask.expect
-                    ));
+                    let want = match (dp, &ask.expect_dp) {
+                        (true, Some(e)) => e,
+                        _ => &ask.expect,
+                    };
+                    fail(format!("{at}: expected {want:?}, got {a:?}\n    {sql}"));
                 }
                 if let (Expect::Derived, false) = (&ask.expect, dp) {
                     for o in [&a, &b] {
@@ -943,6 +1106,7 @@ fn check_attack(
                         fail(format!("{at}: LEAK — identifier {id} released\n    {sql}"));
                     }
                 }
+                let (raw_a, raw_b) = (a.clone(), b.clone());
                 let (a, b) = (seen(&a), seen(&b));
                 if a != b {
                     fail(format!(
@@ -981,6 +1145,26 @@ fn check_attack(
                         &a,
                     ));
                 }
+                if dp {
+                    // Disjoint pairs, so that the pooled draws are independent:
+                    // every answer in one pair only. Across the worlds: the two
+                    // queries, the two Flight statements; in world A (first
+                    // target): the prepared statement and the ticket.
+                    let mut pool = noise.lock().unwrap();
+                    let floor = w.dp_threshold;
+                    let mut pairs = vec![
+                        ((&raw_a, &raw_b), false),
+                        ((&paths[0].1, &paths[1].1), false),
+                    ];
+                    if t == 0 {
+                        pairs.push(((&paths[2].1, &paths[3].1), true));
+                    }
+                    for ((x, y), same) in pairs {
+                        if let Err(e) = pool.add((x, y), &sigmas, floor, same) {
+                            fail(format!("{at}: LEAK — {e}\n    {sql}"));
+                        }
+                    }
+                }
                 for (path, got, want) in paths {
                     if let Some(id) = got.cells().find_map(|c| w.identifiers.find_in(c)) {
                         fail(format!(
@@ -1012,6 +1196,18 @@ fn no_attack_learns_anything_about_its_target() {
     // GPDP_ATTACKS=lineage,oracles runs only those families (while writing one).
     let only = std::env::var("GPDP_ATTACKS").ok();
     if let Some(only) = &only {
+        // CI runs every attack: a filter left in its environment would
+        // narrow the suite and still pass.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "GPDP_ATTACKS={only} is set under CI: the attack suite runs whole there"
+        );
+        for o in only.split(',') {
+            assert!(
+                files.iter().any(|f| f.file_stem().unwrap().to_string_lossy() == o),
+                "GPDP_ATTACKS names {o:?}, which is no family in tests/attacks"
+            );
+        }
         files.retain(|f| {
             let stem = f.file_stem().unwrap().to_string_lossy();
             only.split(',').any(|o| o == stem)
@@ -1034,6 +1230,7 @@ fn no_attack_learns_anything_about_its_target() {
             .collect(),
     };
     let failures = Mutex::new(Vec::new());
+    let noise = Mutex::new(NoisePool::default());
     let next = Mutex::new(attacks.iter());
     // Two workers: the queries themselves run in gpdp processes.
     std::thread::scope(|scope| {
@@ -1047,12 +1244,50 @@ fn no_attack_learns_anything_about_its_target() {
                     let Some(attack) = next.lock().unwrap().next() else {
                         break;
                     };
-                    check_attack(&w, &servers, &rt, attack, &failures);
+                    check_attack(&w, &servers, &rt, attack, &failures, &noise);
                 }
             });
         }
     });
-    let failures = failures.into_inner().unwrap();
+    let mut failures = failures.into_inner().unwrap();
+    let noise = noise.into_inner().unwrap();
+    let dp_runs = attacks
+        .iter()
+        .any(|a| a.projects.iter().any(|p| p == "dp"));
+    if dp_runs {
+        // Across the worlds, one patient's bounded contribution adds at most
+        // (0.2σ)² / 2 = 0.02 to a pair's mean z²; 0.05 leaves room.
+        for (pool, z2, allowance) in [
+            ("the same world", &noise.same, 0.0),
+            ("the two worlds", &noise.across, 0.05),
+        ] {
+            let minimum = if only.is_none() { 100 } else { 10 };
+            if z2.len() < minimum {
+                failures.push(format!(
+                    "dp noise: only {} pairs of answers in {pool} (at least {minimum})",
+                    z2.len()
+                ));
+                continue;
+            }
+            let (ok, mean, (lo, hi)) = noise_as_stated(z2, allowance);
+            println!(
+                "dp noise, {} pairs in {pool}: mean (a − b)²/2σ² = {mean:.3}, within [{lo:.3}, {hi:.3}]",
+                z2.len()
+            );
+            if !ok {
+                failures.push(format!(
+                    "dp noise: {} pairs in {pool} have mean (a − b)²/2σ² = {mean:.3}, outside [{lo:.3}, {hi:.3}]: the noise is not the σ the answers state",
+                    z2.len()
+                ));
+            }
+            // The positive control: the same pairs at half the noise fail.
+            let halved: Vec<f64> = z2.iter().map(|z| z / 4.0).collect();
+            assert!(
+                !noise_as_stated(&halved, allowance).0,
+                "dp noise at half its σ would pass the check over {pool}: it has no power"
+            );
+        }
+    }
     println!(
         "{} attacks ({asks} queries) in {} families, {} targets, through gpdp query and Flight SQL",
         attacks.len(),
