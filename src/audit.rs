@@ -360,7 +360,39 @@ pub fn audit(
             ),
         });
     }
-    checks.push(files_intact(store, &manifest)?);
+    let intact = files_intact(store, &manifest)?;
+    if !intact.passed {
+        // Reading a file that is not what was committed would prove
+        // nothing about the store (or stop at its first bad byte): the
+        // checks that read data say why they did not run, and fail.
+        let mut skipped = vec!["tombstoned_patients_absent"];
+        if truth.is_some() {
+            skipped.extend([
+                "type1_patients_absent",
+                "registrations_match_truth",
+                "ndoo_patients_unreachable",
+                "quarantine_matches_truth",
+                "receipts_match_truth",
+            ]);
+            if !manifest.linked.is_empty() {
+                skipped.push("linked_records_match_truth");
+            }
+        }
+        checks.push(intact);
+        checks.extend(skipped.into_iter().map(|name| {
+            check(
+                name,
+                false,
+                "not checked: the store's files do not match its manifest (see files_match_manifest)",
+            )
+        }));
+        return Ok(AuditReport {
+            passed: false,
+            generation: manifest.generation,
+            checks,
+        });
+    }
+    checks.push(intact);
     let stored = StoredPatients::read(store, &manifest)?;
     let tombstoned: HashSet<Pseudonym> = match &manifest.tombstones {
         Some(t) => crate::store::read_tombstones(&store.join(&t.path))?
@@ -675,7 +707,9 @@ fn ndoo_unreachable(
         let session =
             match rt.block_on(crate::tre::session::open(store, manifest, &policy, project)) {
                 Ok(s) => s,
-                Err(crate::tre::TreError::Refused(r)) if project.ndoo_applies => {
+                Err(crate::tre::TreError::Refused(r))
+                    if project.ndoo_applies && r.rule == "ndoo_not_ingested" =>
+                {
                     // Fail closed: no list ingested, so the project sees nothing.
                     parts.push(format!("{}: nothing reachable ({})", project.id, r.rule));
                     continue;
