@@ -71,8 +71,10 @@ pub struct LogReport {
 }
 
 /// Verifies the chain of `STORE/audit/log.jsonl` against the manifest, that
-/// the store has not been rolled back behind its log (`no_rollback`), and,
-/// given a published head, that the log still extends it.
+/// the store has not been rolled back behind its log (`no_rollback`), that
+/// no privacy charge it records passed its budget
+/// (`privacy_budgets_respected`), and, given a published head, that the
+/// log still extends it.
 pub fn verify_log(store: &Path, expect: Option<&Head>) -> Result<LogReport, AuditFailure> {
     let manifest = crate::store::read_manifest(store)?;
     let verified = AuditLog::at(store).verify().map_err(AuditFailure::Broken)?;
@@ -81,6 +83,13 @@ pub fn verify_log(store: &Path, expect: Option<&Head>) -> Result<LogReport, Audi
     }
     let summary = log_summary(&manifest, &verified)?;
     let rollback = no_rollback(&manifest, &verified).map_err(AuditFailure::Rollback)?;
+    let budgets = budgets_respected(&verified.entries);
+    if !budgets.passed {
+        return Err(AuditFailure::Checks(format!(
+            "privacy_budgets_respected: {}",
+            budgets.detail
+        )));
+    }
     Ok(LogReport {
         rollback,
         ..summary
@@ -340,6 +349,14 @@ pub fn audit(
             "the audit log cannot be read as a chain",
         ),
     });
+    checks.push(match &verified {
+        Ok(v) => budgets_respected(&v.entries),
+        Err(_) => check(
+            "privacy_budgets_respected",
+            false,
+            "the audit log cannot be read as a chain, so its charges cannot be replayed",
+        ),
+    });
     if let Some(head) = expect {
         checks.push(match &verified {
             Ok(v) => match v.extends(head) {
@@ -360,7 +377,39 @@ pub fn audit(
             ),
         });
     }
-    checks.push(files_intact(store, &manifest)?);
+    let intact = files_intact(store, &manifest)?;
+    if !intact.passed {
+        // Reading a file that is not what was committed would prove
+        // nothing about the store (or stop at its first bad byte): the
+        // checks that read data say why they did not run, and fail.
+        let mut skipped = vec!["tombstoned_patients_absent"];
+        if truth.is_some() {
+            skipped.extend([
+                "type1_patients_absent",
+                "registrations_match_truth",
+                "ndoo_patients_unreachable",
+                "quarantine_matches_truth",
+                "receipts_match_truth",
+            ]);
+            if !manifest.linked.is_empty() {
+                skipped.push("linked_records_match_truth");
+            }
+        }
+        checks.push(intact);
+        checks.extend(skipped.into_iter().map(|name| {
+            check(
+                name,
+                false,
+                "not checked: the store's files do not match its manifest (see files_match_manifest)",
+            )
+        }));
+        return Ok(AuditReport {
+            passed: false,
+            generation: manifest.generation,
+            checks,
+        });
+    }
+    checks.push(intact);
     let stored = StoredPatients::read(store, &manifest)?;
     let tombstoned: HashSet<Pseudonym> = match &manifest.tombstones {
         Some(t) => crate::store::read_tombstones(&store.join(&t.path))?
@@ -394,6 +443,58 @@ pub fn audit(
         generation: manifest.generation,
         checks,
     })
+}
+
+/// The privacy ledger replayed from the log: every `privacy_charge` in
+/// order, each researcher's spend summed afresh. At no charge may the sum
+/// pass the budget the charge recorded, and each charge's recorded
+/// `spent` must be the replayed sum — a ledger that was reset (from a
+/// cache, a restored copy, an edited line) shows as a charge whose
+/// recorded spend is below what the log had already charged.
+fn budgets_respected(entries: &[Value]) -> Check {
+    let mut spent: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut charges = 0;
+    let mut problems = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if e["event"] != "privacy_charge" {
+            continue;
+        }
+        charges += 1;
+        let line = i + 1;
+        let (Some(user), Some(rho)) = (e["user"].as_str(), e["rho"].as_f64()) else {
+            problems.push(format!("line {line}: a charge without a user and ρ"));
+            continue;
+        };
+        let total = spent.entry(user).or_default();
+        *total += rho;
+        let tolerance = 1e-9 * total.abs().max(1.0);
+        match e["budget"].as_f64() {
+            Some(budget) if *total > budget + tolerance => problems.push(format!(
+                "line {line}: {user} has been charged ρ {total:.4} in all, over a budget of {budget:.4}"
+            )),
+            Some(_) => {}
+            None => problems.push(format!("line {line}: a charge without its budget")),
+        }
+        if let Some(recorded) = e["spent"].as_f64()
+            && (recorded - *total).abs() > tolerance
+        {
+            problems.push(format!(
+                "line {line}: the charge records {user}'s spend as {recorded:.4}, but the log had charged {total:.4} by then (the ledger was reset?)"
+            ));
+        }
+    }
+    check(
+        "privacy_budgets_respected",
+        problems.is_empty(),
+        if problems.is_empty() {
+            format!(
+                "{charges} privacy charges replayed for {} researchers: none over their budget, each recording the spend the log holds",
+                spent.len()
+            )
+        } else {
+            format!("{} problems: {}", problems.len(), problems.join("; "))
+        },
+    )
 }
 
 /// Every file the manifest names exists with the recorded SHA-256.
@@ -675,7 +776,9 @@ fn ndoo_unreachable(
         let session =
             match rt.block_on(crate::tre::session::open(store, manifest, &policy, project)) {
                 Ok(s) => s,
-                Err(crate::tre::TreError::Refused(r)) if project.ndoo_applies => {
+                Err(crate::tre::TreError::Refused(r))
+                    if project.ndoo_applies && r.rule == "ndoo_not_ingested" =>
+                {
                     // Fail closed: no list ingested, so the project sees nothing.
                     parts.push(format!("{}: nothing reachable ({})", project.id, r.rule));
                     continue;

@@ -208,6 +208,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
             practices: Vec::new(),
             threads,
             quarantine: None,
+            accept_shrink: false,
         },
         progress,
     )?;
@@ -222,13 +223,15 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         policy: policy.clone(),
         sources: Vec::new(),
         quarantine: None,
+        accept_shrink: false,
     })?;
     let ndoo = crate::optout::ndoo::ingest(
         &extracts.join("national/ndoo.csv"),
         &store,
         &key,
         false,
-        policy.codec,
+        false,
+        &policy,
     )?;
 
     progress.stage("4/8 asking research questions through the TRE boundary");

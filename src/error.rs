@@ -54,7 +54,19 @@ impl IoError {
 
 impl Classify for IoError {
     fn exit_status(&self) -> ExitStatus {
-        ExitStatus::Internal
+        io_status(&self.source)
+    }
+}
+
+/// The status of an I/O failure: a path the user named that may not be
+/// read or written (permissions) is bad input, as a missing one is;
+/// anything else (a full disk, a failing device) is internal.
+pub fn io_status(e: &std::io::Error) -> ExitStatus {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+            ExitStatus::BadInput
+        }
+        _ => ExitStatus::Internal,
     }
 }
 
@@ -75,6 +87,8 @@ pub fn exit_status_of(err: &anyhow::Error) -> ExitStatus {
         } else if let Some(e) = cause.downcast_ref::<crate::link::LinkError>() {
             Some(e)
         } else if let Some(e) = cause.downcast_ref::<crate::collect::CollectError>() {
+            Some(e)
+        } else if let Some(e) = cause.downcast_ref::<crate::store::guard::HeldInputs>() {
             Some(e)
         } else if let Some(e) = cause.downcast_ref::<crate::store::StoreError>() {
             Some(e)

@@ -3,6 +3,36 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether whoever reads our standard output has gone (`gpdp … | head`).
+/// From then on output is dropped, and the command ends with the status
+/// of its work, as ripgrep does: a collection that committed its batches
+/// has succeeded even if nobody read the summary.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Writes to standard output; a closed pipe is noted, never a panic (the
+/// standard `print!` panics on it).
+fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Err(e) = std::io::stdout().lock().write_fmt(args)
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+    }
+}
+
+// Every `print!`/`println!` below goes through `write_stdout`.
+macro_rules! print {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -86,7 +116,11 @@ enum Command {
         policy: Option<PathBuf>,
         /// Print the receipts as JSON.
         #[arg(long)]
-        json: bool,
+        json: bool,        /// Take an input the shrink guards would hold (it lost more than the
+        /// policy's max_shrink, or is mostly quarantined, or was cut mid-line);
+        /// the audit log records that, with the counts.
+        #[arg(long)]
+        accept_shrink: bool,
     },
     /// De-identify practice extracts on collection into the store (Type 1 at
     /// source, keyed pseudonyms, generalisation, quarantine, atomic batches).
@@ -114,7 +148,11 @@ enum Command {
         threads: Option<usize>,
         /// Print the totals and every receipt as JSON.
         #[arg(long)]
-        json: bool,
+        json: bool,        /// Take an input the shrink guards would hold (it lost more than the
+        /// policy's max_shrink, or is mostly quarantined, or was cut mid-line);
+        /// the audit log records that, with the counts.
+        #[arg(long)]
+        accept_shrink: bool,
     },
     /// Ask the TRE an aggregate question in SQL; get safe, disclosure-controlled answers.
     ///
@@ -319,6 +357,10 @@ enum OptoutCommand {
         /// Ingest the valid numbers even if some are invalid (they are reported).
         #[arg(long)]
         skip_invalid: bool,
+        /// Ingest a list that is empty or lost more than the collection
+        /// policy's max_shrink of the patients in force (logged with the counts).
+        #[arg(long)]
+        accept_shrink: bool,
     },
     /// Delete patients who registered a Type 1 opt-out after collection from
     /// every table of every practice's batch, with proof in the audit log.
@@ -573,6 +615,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             sources,
             policy,
             json,
+            accept_shrink,
         } => {
             let receipts = gpdp::link::link(&gpdp::link::LinkOptions {
                 extract,
@@ -581,12 +624,29 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 policy: CollectionPolicy::load(policy.as_deref())?,
                 sources,
                 quarantine: None,
+                accept_shrink,
             })?;
+            let held: Vec<_> = receipts
+                .iter()
+                .filter_map(|r| r.held.clone().map(|h| (r.source.clone(), h)))
+                .collect();
+            let result = if held.is_empty() {
+                Ok(())
+            } else {
+                Err(gpdp::store::guard::HeldInputs(held).into())
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&receipts)?);
-                return Ok(());
+                return result;
             }
             for r in &receipts {
+                if let Some(h) = &r.held {
+                    println!(
+                        "{}: HELD by rule {}: {}; the source in force stays",
+                        r.source, h.rule, h.detail
+                    );
+                    continue;
+                }
                 if !r.changed {
                     println!(
                         "{}: unchanged (batch {} is already in the store)",
@@ -620,7 +680,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                     r.generation
                 );
             }
-            Ok(())
+            result
         }
         Command::Collect {
             extract,
@@ -631,6 +691,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             quarantine,
             threads,
             json,
+            accept_shrink,
         } => {
             let opts = gpdp::collect::CollectOptions {
                 extract,
@@ -640,14 +701,23 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 practices,
                 threads: default_threads(threads),
                 quarantine,
+                accept_shrink,
             };
             let summary = gpdp::collect::run(&opts, progress)?;
+            let held = summary.held();
             if json {
                 let receipts: Vec<_> = summary.receipts().collect();
-                let out = serde_json::json!({"totals": gpdp::collect::totals(&summary), "receipts": receipts});
+                let held_json: Vec<_> = held
+                    .iter()
+                    .map(|(practice, h)| serde_json::json!({"practice": practice, "held": h.rule, "detail": h.detail}))
+                    .collect();
+                let out = serde_json::json!({"totals": gpdp::collect::totals(&summary), "receipts": receipts, "held": held_json});
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print_collect(&opts, &summary);
+            }
+            if !held.is_empty() {
+                return Err(gpdp::store::guard::HeldInputs(held).into());
             }
             Ok(())
         }
@@ -693,10 +763,18 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                     store,
                     key,
                     skip_invalid,
+                    accept_shrink,
                 },
         } => {
-            let codec = CollectionPolicy::load(None)?.codec;
-            let r = gpdp::optout::ndoo::ingest(&ndoo, &store, &key, skip_invalid, codec)?;
+            let policy = CollectionPolicy::load(None)?;
+            let r = gpdp::optout::ndoo::ingest(
+                &ndoo,
+                &store,
+                &key,
+                skip_invalid,
+                accept_shrink,
+                &policy,
+            )?;
             if r.unchanged {
                 println!(
                     "National Data Opt-out list unchanged: {} patients (store generation {})",
@@ -888,6 +966,23 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             }
             let scheme = if tls.is_some() { "grpc+tls" } else { "grpc" };
             let policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
+            // Every file the manifest records, before anyone can ask: the
+            // operator is told which file is wrong (researchers never are).
+            let manifest = gpdp::store::read_manifest(&store)?;
+            let bad = gpdp::store::verify::files(&store, &manifest.all_files().collect::<Vec<_>>());
+            if !bad.is_empty() {
+                let files: Vec<String> = bad.iter().map(ToString::to_string).collect();
+                return Err(gpdp::tre::TreError::Refused(gpdp::tre::Refusal::new(
+                    "store_corrupt",
+                    format!(
+                        "{} does not match its manifest: {}; not serving it. Run `gpdp audit --store {}`",
+                        store.display(),
+                        files.join(", "),
+                        store.display()
+                    ),
+                ))
+                .into());
+            }
             let rt = gpdp::tre::runtime(None)?;
             rt.block_on(gpdp::serve::serve(
                 store.clone(),
@@ -1035,6 +1130,10 @@ fn print_collect(opts: &gpdp::collect::CollectOptions, s: &gpdp::collect::Collec
         match o {
             Outcome::Unchanged { practice, batch } => println!(
                 "  {practice}  batch {batch}  unchanged (this extract is already in the store)"
+            ),
+            Outcome::Held { receipt: r, held } => println!(
+                "  {}  batch {}  HELD by rule {}: {}; the batch in force stays",
+                r.practice, r.batch, held.rule, held.detail
             ),
             Outcome::Committed {
                 receipt: r,

@@ -186,6 +186,10 @@ impl World {
                 practices: vec![PRACTICES[practice].to_owned()],
                 threads: 1,
                 quarantine: Some(self.dir.join("quarantine")),
+                // Eight patients moving between three practices shrink a
+                // batch by a third at a time: the model is about opt-outs,
+                // and takes every extract (the guards have their own tests).
+                accept_shrink: true,
             },
             &gpdp::progress::Progress::new(true),
         )
@@ -260,7 +264,11 @@ impl World {
             &self.store(),
             &self.key(),
             false,
-            gpdp::policy::Codec::Zstd(1),
+            // Any subset of eight, the empty one included: the model is
+            // about opt-outs, and takes every list (the guards have their
+            // own tests).
+            true,
+            &CollectionPolicy::load(None).unwrap(),
         )
         .unwrap();
         self.ndoo = Some(set);

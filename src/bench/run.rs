@@ -256,6 +256,7 @@ fn measure_collection(
         practices: Vec::new(),
         threads,
         quarantine: Some(scratch.join("quarantine")),
+        accept_shrink: false,
     };
     let (summary, m) = measured(|| Ok(collect::run(&options, progress)?))?;
     let receipts: Vec<_> = summary.receipts().collect();
@@ -283,6 +284,7 @@ fn measure_link(
             policy: policy.clone(),
             sources: Vec::new(),
             quarantine: Some(scratch.join("quarantine")),
+            accept_shrink: false,
         })?)
     })?;
     let bytes_in = crate::extract::Source::ALL
@@ -345,7 +347,8 @@ fn ingest_ndoo(
         &collected.store,
         &collected.key,
         false,
-        policy.codec,
+        false,
+        policy,
     )?;
     Ok(())
 }

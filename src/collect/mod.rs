@@ -36,6 +36,7 @@ use crate::optout::apply::REQUEST_SOURCE;
 use crate::policy::{Action, CollectionPolicy, Rule};
 use crate::progress::Progress;
 use crate::store::delete::{BatchMembers, Deleter, TombstoneBook};
+use crate::store::guard::{self, Held};
 use crate::store::{BatchEntry, Store, StoreError, now_rfc3339};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +110,9 @@ pub struct CollectOptions {
     pub threads: usize,
     /// Where quarantined rows are listed (default: `EXTRACT/quarantine`).
     pub quarantine: Option<PathBuf>,
+    /// Take a batch the shrink guards would hold ([`crate::store::guard`]),
+    /// recording that in the audit log with the counts.
+    pub accept_shrink: bool,
 }
 
 /// What happened to one practice.
@@ -121,6 +125,12 @@ pub enum Outcome {
     },
     /// The store already holds this exact extract: nothing changed.
     Unchanged { practice: String, batch: String },
+    /// The shrink guards held this extract: the batch in force (if any)
+    /// stays, and nothing of this one reached the store.
+    Held {
+        receipt: Box<Receipt>,
+        held: Held,
+    },
 }
 
 #[derive(Debug)]
@@ -135,8 +145,19 @@ impl CollectSummary {
     pub fn receipts(&self) -> impl Iterator<Item = &Receipt> {
         self.outcomes.iter().filter_map(|o| match o {
             Outcome::Committed { receipt, .. } => Some(receipt.as_ref()),
-            Outcome::Unchanged { .. } => None,
+            Outcome::Unchanged { .. } | Outcome::Held { .. } => None,
         })
+    }
+
+    /// The practices whose extracts were held, and why.
+    pub fn held(&self) -> Vec<(String, Held)> {
+        self.outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Held { receipt, held } => Some((receipt.practice.clone(), held.clone())),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -335,7 +356,16 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
                     codec: opts.policy.codec,
                     key_id: &key_id,
                 };
-                match commit_group(group, std::mem::take(&mut pending)) {
+                let (take, held) = guard_batches(
+                    group.store,
+                    &current,
+                    std::mem::take(&mut pending),
+                    &opts.policy.guards,
+                    opts.accept_shrink,
+                    &practices,
+                );
+                outcomes.extend(held);
+                match commit_group(group, take) {
                     Ok(o) => outcomes.extend(o),
                     Err(e) => {
                         stop.store(true, Ordering::Relaxed);
@@ -407,9 +437,91 @@ fn withdrawn_requests(
 
 fn practice_of(o: &Outcome) -> &str {
     match o {
-        Outcome::Committed { receipt, .. } => &receipt.practice,
+        Outcome::Committed { receipt, .. } | Outcome::Held { receipt, .. } => &receipt.practice,
         Outcome::Unchanged { practice, .. } => practice,
     }
+}
+
+/// Splits staged batches into those to commit and those the shrink guards
+/// hold ([`crate::store::guard`]): a practice's extract whose patients fell
+/// by more than the policy allows against its batch in force, with too much
+/// of it quarantined, or with a file cut mid-line. A held batch's staged
+/// files are removed and its practice keeps the batch in force; the audit
+/// log records the hold (or, with `accept_shrink`, that it was taken
+/// anyway, with the same counts).
+fn guard_batches(
+    store: &Store,
+    current: &HashMap<String, BatchEntry>,
+    staged: Vec<Staged>,
+    guards: &crate::policy::Guards,
+    accept_shrink: bool,
+    practices: &[PracticeExtract],
+) -> (Vec<Staged>, Vec<Outcome>) {
+    let mut take = Vec::with_capacity(staged.len());
+    let mut held = Vec::new();
+    let mut log = Vec::new();
+    for s in staged {
+        let r = &s.receipt;
+        let before = current.get(&s.practice).and_then(|e| {
+            let text = std::fs::read(store.path(&e.receipt)).ok()?;
+            serde_json::from_slice::<Value>(&text).ok()?["patients_in"].as_u64()
+        });
+        let files: Vec<PathBuf> = practices
+            .iter()
+            .filter(|p| p.code == s.practice)
+            .flat_map(|p| Table::ALL.iter().map(|t| p.path(*t)))
+            .collect();
+        // A file that cannot be read now was read a moment ago: it changed
+        // under us, which is as good a reason to hold as a cut.
+        let cut = guard::truncated(files.iter().map(PathBuf::as_path)).unwrap_or_else(|e| {
+            Some(Held {
+                rule: "truncated",
+                detail: format!("an input file could not be read again: {e}"),
+            })
+        });
+        let reason = cut
+            .or_else(|| {
+                guard::quarantine_share(
+                    guards,
+                    r.rows_in.values().sum(),
+                    r.quarantined.values().sum(),
+                )
+            })
+            .or_else(|| before.and_then(|b| guard::shrink(guards, "patients", b, r.patients_in)));
+        let Some(reason) = reason else {
+            take.push(s);
+            continue;
+        };
+        log.push(json!({
+            "event": if accept_shrink { "collect_accepted_shrink" } else { "collect_held" },
+            "time": now_rfc3339(),
+            "practice": s.practice,
+            "batch": s.batch,
+            "rule": reason.rule,
+            "detail": reason.detail,
+            "patients_in_force": before,
+            "patients_in": r.patients_in,
+            "rows_in": r.rows_in.values().sum::<u64>(),
+            "quarantined": r.quarantined.values().sum::<u64>(),
+        }));
+        if accept_shrink {
+            take.push(s);
+            continue;
+        }
+        for (_, relative) in &s.files {
+            let _ = std::fs::remove_file(store.path(relative));
+        }
+        held.push(Outcome::Held {
+            receipt: Box::new(s.receipt),
+            held: reason,
+        });
+    }
+    if !log.is_empty() {
+        // The hold is also in the command's output and exit status: a log
+        // that cannot take the line must not turn a hold into a take.
+        let _ = store.audit().append(&log);
+    }
+    (take, held)
 }
 
 /// Batches staged but not yet committed, and what committing them changes.

@@ -40,6 +40,7 @@ use crate::error::{BadInput, Classify, ExitStatus};
 use crate::extract::{Column, Kind, Source};
 use crate::nhs_number::NhsNumber;
 use crate::policy::{Action, CollectionPolicy, Rule};
+use crate::store::guard;
 use crate::store::{FileEntry, LinkedEntry, Store, StoreError, now_rfc3339};
 
 /// Rows per Arrow record batch written.
@@ -57,12 +58,15 @@ pub enum LinkError {
     Refused(String),
     #[error("writing {}: {message}", path.display())]
     Write { path: PathBuf, message: String },
+    #[error("reading the provider extract again: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl Classify for LinkError {
     fn exit_status(&self) -> ExitStatus {
         match self {
             LinkError::Key(e) => e.exit_status(),
+            LinkError::Io(e) => crate::error::io_status(e),
             LinkError::Store(e) => e.exit_status(),
             LinkError::Input { .. } | LinkError::Refused(_) => ExitStatus::BadInput,
             LinkError::Write { .. } => ExitStatus::Internal,
@@ -85,8 +89,12 @@ pub struct LinkReceipt {
     /// Rows quarantined on the provider side, by reason.
     pub quarantined: BTreeMap<String, u64>,
     pub dropped_columns: Vec<String>,
-    /// False when the store already held this exact extract.
+    /// False when the store already held this exact extract, or held
+    /// this one back.
     pub changed: bool,
+    /// Why the shrink guards held this extract (the source in force stays).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<guard::Held>,
     pub generation: u64,
     pub seconds: f64,
     pub rows_per_second: f64,
@@ -101,6 +109,9 @@ pub struct LinkOptions {
     pub sources: Vec<Source>,
     /// Where quarantined rows are listed (default: `EXTRACT/quarantine`).
     pub quarantine: Option<PathBuf>,
+    /// Take a source the shrink guards would hold, recording that in the
+    /// audit log with the counts.
+    pub accept_shrink: bool,
 }
 
 /// Links each source of `opts.extract/linked/` into the store.
@@ -137,7 +148,9 @@ pub fn link(opts: &LinkOptions) -> Result<Vec<LinkReceipt>, LinkError> {
             });
         }
     }
-    let mut store = Store::open_for_write(&opts.store, true)?;
+    // Linked data joins a collected store: a path that holds none is a
+    // typo, never a new store holding only the linked sources.
+    let mut store = Store::open_for_write(&opts.store, false)?;
     store.manifest.check_key(&p.key_id())?;
     let quarantine_dir = opts
         .quarantine
@@ -148,8 +161,7 @@ pub fn link(opts: &LinkOptions) -> Result<Vec<LinkReceipt>, LinkError> {
         receipts.push(link_source(
             &mut store,
             &p,
-            &opts.policy,
-            &opts.extract,
+            opts,
             &quarantine_dir,
             source,
             actions,
@@ -167,12 +179,12 @@ fn input(extract: &Path, source: Source) -> PathBuf {
 fn link_source(
     store: &mut Store,
     p: &Pseudonymiser,
-    policy: &CollectionPolicy,
-    extract: &Path,
+    opts: &LinkOptions,
     quarantine_dir: &Path,
     source: Source,
     actions: &[Action],
 ) -> Result<LinkReceipt, LinkError> {
+    let (policy, extract) = (&opts.policy, opts.extract.as_path());
     let started = Instant::now();
     let path = input(extract, source);
     let (input_sha, _) = crate::store::sha256_file(&path)?;
@@ -223,6 +235,37 @@ fn link_source(
             return Err(e);
         }
     };
+    // The shrink guards: a provider file cut short, mostly quarantined, or
+    // with far fewer rows than the one in force is held, and the source in
+    // force stays (crate::store::guard).
+    let quarantined: u64 = receipt.quarantined.values().sum();
+    let in_force = store.manifest.linked.get(source.name()).map(|l| l.file.rows);
+    let held = guard::truncated([path.as_path()])?
+        .or_else(|| guard::quarantine_share(&policy.guards, receipt.rows_in, quarantined))
+        .or_else(|| {
+            in_force.and_then(|before| guard::shrink(&policy.guards, "rows", before, receipt.rows_out))
+        });
+    if let Some(held) = &held {
+        store.audit().append(&[json!({
+            "event": if opts.accept_shrink { "link_accepted_shrink" } else { "link_held" },
+            "time": now_rfc3339(),
+            "source": source.name(),
+            "batch": batch,
+            "rule": held.rule,
+            "detail": held.detail,
+            "rows_in_force": in_force,
+            "rows_in": receipt.rows_in,
+            "rows_out": receipt.rows_out,
+            "quarantined": quarantined,
+        })])
+        .map_err(StoreError::from)?;
+        if !opts.accept_shrink {
+            let _ = std::fs::remove_file(&out);
+            receipt.held = Some(held.clone());
+            receipt.seconds = started.elapsed().as_secs_f64();
+            return Ok(receipt);
+        }
+    }
     std::fs::create_dir_all(quarantine_dir).map_err(|e| LinkError::Write {
         path: quarantine_dir.to_owned(),
         message: e.to_string(),

@@ -39,6 +39,14 @@ pub enum OptoutError {
     },
     #[error("{}: the header must be `{expected}`", path.display())]
     Header { path: PathBuf, expected: String },
+    #[error(
+        "refused by rule {}: {}: {}; nothing was changed (the list in force stays). The NDOO service sends the whole list each time: check the download, or pass --accept-shrink if the list is right",
+        .held.rule, path.display(), .held.detail
+    )]
+    Held {
+        path: PathBuf,
+        held: crate::store::guard::Held,
+    },
 }
 
 impl Classify for OptoutError {
@@ -46,6 +54,7 @@ impl Classify for OptoutError {
         match self {
             OptoutError::Key(e) => e.exit_status(),
             OptoutError::Store(e) => e.exit_status(),
+            OptoutError::Held { .. } => ExitStatus::Refused,
             _ => ExitStatus::BadInput,
         }
     }
@@ -147,13 +156,21 @@ pub(crate) fn refuse_invalid(list: &Path, invalid: &[(u64, &str)]) -> Result<(),
 
 /// Replaces the store's NDOO set with the pseudonyms of `list`, atomically.
 /// Idempotent: the same list again changes nothing.
+///
+/// A list that names nobody, or that loses more than the policy's
+/// `max_shrink` of the patients in force, is refused (rules `empty`,
+/// `shrink`; [`crate::store::guard`]) unless `accept_shrink`: taking it
+/// would make every patient it dropped reachable again in every project
+/// the opt-out applies to.
 pub fn ingest(
     list: &Path,
     store: &Path,
     key: &Path,
     skip_invalid: bool,
-    codec: Codec,
+    accept_shrink: bool,
+    policy: &crate::policy::CollectionPolicy,
 ) -> Result<IngestReport, OptoutError> {
+    let codec = policy.codec;
     let started = std::time::Instant::now();
     let key = CollectionKey::load(key)?;
     let p = Pseudonymiser::new(&key);
@@ -164,6 +181,29 @@ pub fn ingest(
     let mut store = Store::open_for_write(store, false)?;
     store.manifest.check_key(&p.key_id())?;
     let ids: BTreeSet<Pseudonym> = valid.iter().map(|n| p.patient(n)).collect();
+    let in_force = store.manifest.ndoo.as_ref().map(|e| e.rows);
+    let held = if ids.is_empty() {
+        Some(crate::store::guard::Held {
+            rule: "empty",
+            detail: format!(
+                "the list names no patient{}",
+                in_force.map_or(String::new(), |n| format!(" ({n} in force)"))
+            ),
+        })
+    } else {
+        in_force.and_then(|before| {
+            crate::store::guard::shrink(&policy.guards, "patients", before, ids.len() as u64)
+        })
+    };
+    let accepted = match held {
+        Some(held) if !accept_shrink => {
+            return Err(OptoutError::Held {
+                path: list.to_owned(),
+                held,
+            });
+        }
+        other => other,
+    };
     let entry = write_ndoo(&store, &ids, codec)?;
     let mut report = IngestReport {
         listed: (valid.len() + invalid.len()) as u64,
@@ -185,14 +225,24 @@ pub fn ingest(
     } else {
         let mut next = store.manifest.clone();
         next.key_id = Some(p.key_id());
-        next.commit_log = vec![json!({
+        let mut line = json!({
             "event": "ndoo_ingest",
             "time": now_rfc3339(),
             "listed": report.listed,
             "invalid": report.invalid,
             "patients": report.patients,
             "sha256": entry.sha256,
-        })];
+        });
+        if let Some(held) = &accepted {
+            // Taken with --accept-shrink: the log says so, with the counts.
+            line["accepted_shrink"] = json!({
+                "rule": held.rule,
+                "detail": held.detail,
+                "patients_in_force": in_force,
+                "patients": report.patients,
+            });
+        }
+        next.commit_log = vec![line];
         next.ndoo = Some(entry);
         store.commit(next)?;
         report.generation = store.manifest.generation;

@@ -125,8 +125,43 @@ pub struct CollectionPolicy {
     /// Per provider source, one action per column of `Source::columns()`
     /// (empty: the policy has no `[linked.<source>]` section).
     linked: [Vec<Action>; 2],
+    /// When a newer extract, list or provider file is held rather than
+    /// taken (`[guards]`).
+    pub guards: Guards,
     /// SHA-256 of the policy text, recorded with every batch it governs.
     pub sha256: String,
+}
+
+/// Shrink guards: an input that looks cut short is held, never taken in
+/// place of a whole one. The NDOO service sends the whole list each time
+/// and a practice's list changes by a percent or two a month, so a list,
+/// extract or provider file that loses more than `max_shrink` of what is in
+/// force is far likelier a broken download than a change of heart; and a
+/// batch most of whose rows are quarantined (its patients file cut, say)
+/// would replace a whole batch with a fragment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Guards {
+    /// The largest share of the patients (rows, for provider files) in
+    /// force that a newer input may lose.
+    pub max_shrink: f64,
+    /// The largest share of a batch's rows that may be quarantined.
+    pub max_quarantine_share: f64,
+}
+
+impl Default for Guards {
+    fn default() -> Guards {
+        Guards {
+            max_shrink: 0.05,
+            max_quarantine_share: 0.10,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuards {
+    max_shrink: Option<f64>,
+    max_quarantine_share: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +170,7 @@ struct RawCollection {
     version: u32,
     type1: RawType1,
     output: Option<RawOutput>,
+    guards: Option<RawGuards>,
     #[serde(default)]
     exclusions: BTreeMap<String, Vec<String>>,
     #[serde(default)]
@@ -231,6 +267,27 @@ impl CollectionPolicy {
             })?,
         };
 
+        let mut guards = Guards::default();
+        if let Some(g) = &raw.guards {
+            for (name, value, slot) in [
+                ("max_shrink", g.max_shrink, &mut guards.max_shrink),
+                (
+                    "max_quarantine_share",
+                    g.max_quarantine_share,
+                    &mut guards.max_quarantine_share,
+                ),
+            ] {
+                if let Some(v) = value {
+                    if !(0.0..=1.0).contains(&v) {
+                        return Err(invalid(format!(
+                            "[guards] {name} = {v} is not a share between 0 and 1"
+                        )));
+                    }
+                    *slot = v;
+                }
+            }
+        }
+
         let mut excluded_codes = HashMap::new();
         for (category, codes) in &raw.exclusions {
             for code in codes {
@@ -291,6 +348,7 @@ impl CollectionPolicy {
             excluded_codes,
             actions,
             linked,
+            guards,
             sha256: sha256_hex(text.as_bytes()),
         })
     }

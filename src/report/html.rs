@@ -224,6 +224,23 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
     }
     h += "</table><p>Checks that no direct identifier reached the store:</p>";
     h += &checks_table(&c.identifier_checks);
+    if c.held.is_empty() {
+        h += "<p>No input is held by the shrink guards.</p>";
+    } else {
+        h += "<p>Inputs held by the shrink guards (the batch or source in force stays until an input that looks whole, or one taken with <code>--accept-shrink</code>):</p><table><tr><th>when</th><th>command</th><th>practice or source</th><th>rule</th><th>why</th></tr>";
+        for held in &c.held {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                esc(&held.time),
+                esc(&held.command),
+                esc(&held.input),
+                esc(&held.rule),
+                esc(&held.detail)
+            );
+        }
+        h += "</table>";
+    }
 
     // 2. Opt-outs.
     let o = &r.optouts;

@@ -72,6 +72,53 @@ pub struct Collection {
     pub policy_is_builtin: bool,
     pub columns: Vec<ColumnAction>,
     pub identifier_checks: Vec<crate::audit::Check>,
+    /// Inputs the shrink guards held and that no later run took: a
+    /// practice's batch or a provider source still as it was before them.
+    pub held: Vec<HeldInput>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldInput {
+    pub time: String,
+    /// `collect` or `link`.
+    pub command: String,
+    /// The practice or the provider source.
+    pub input: String,
+    pub rule: String,
+    pub detail: String,
+}
+
+/// The holds in the log that no later commit of the same practice or
+/// source replaced.
+fn held_inputs(log: &[Value]) -> Vec<HeldInput> {
+    let mut open: BTreeMap<(String, String), HeldInput> = BTreeMap::new();
+    for e in log {
+        let text = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+        match e["event"].as_str() {
+            Some(event @ ("collect_held" | "link_held")) => {
+                let command = event.trim_end_matches("_held").to_owned();
+                let input = text(if command == "collect" { "practice" } else { "source" });
+                open.insert(
+                    (command.clone(), input.clone()),
+                    HeldInput {
+                        time: text("time"),
+                        command,
+                        input,
+                        rule: text("rule"),
+                        detail: text("detail"),
+                    },
+                );
+            }
+            Some("collect") => {
+                open.remove(&("collect".to_owned(), text("practice")));
+            }
+            Some("link") => {
+                open.remove(&("link".to_owned(), text("source")));
+            }
+            _ => {}
+        }
+    }
+    open.into_values().collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -243,8 +290,25 @@ pub fn build(store: &Path, truth: Option<TruthInput>) -> anyhow::Result<Report> 
             .and_then(|t| t.key.map(|key| crate::audit::Truth { dir: t.dir, key })),
         None,
     )?;
+    // A report read from bytes the manifest did not record would describe
+    // data nobody collected: name the files, and stop.
+    if let Some(files) = audit
+        .checks
+        .iter()
+        .find(|c| c.name == "files_match_manifest" && !c.passed)
+    {
+        return Err(crate::tre::TreError::Refused(crate::tre::Refusal::new(
+            "store_corrupt",
+            format!(
+                "no report of {}: files_match_manifest failed — {}; run `gpdp audit`",
+                store.display(),
+                files.detail
+            ),
+        ))
+        .into());
+    }
     let tre = tre(&log, &policy, &audit);
-    let collection = collection(store, &manifest, &receipts, &rt)?;
+    let collection = collection(store, &manifest, &receipts, &log, &rt)?;
     let optouts = optouts(store, &manifest, &receipts, &log, &policy, &rt, audit)?;
     let representativeness = representativeness(
         store,
@@ -383,6 +447,7 @@ fn collection(
     store: &Path,
     manifest: &Manifest,
     receipts: &[Receipt],
+    log: &[Value],
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<Collection> {
     let mut quarantined = BTreeMap::new();
@@ -414,6 +479,7 @@ fn collection(
         policy_sha256: hashes.into_iter().collect(),
         columns,
         identifier_checks: identifier_checks(store, manifest, rt)?,
+        held: held_inputs(log),
     })
 }
 

@@ -223,95 +223,69 @@ impl AuditLog {
     /// race another process's. `decide` may refuse (`Err`), and then nothing
     /// is written.
     ///
-    /// The state is cached beside the log (`audit/<cache>.json`) with the
-    /// place in the log it reflects — the byte offset and the hash of the
-    /// line there — and brought up to date from that place; if the log no
-    /// longer holds that line there (rewritten, truncated), it is folded
-    /// again from the start. A line that cannot be read folds as `null`,
+    /// The state is folded from the log itself, every time. A cache of it
+    /// beside the log (an earlier version kept one) is a file anyone who
+    /// can write the store can edit without breaking the log's chain — a
+    /// ledger read from it was reset by setting a researcher's spend to 0.
+    /// To keep the fold cheap on a long log, every line is checked to be a
+    /// log line (its entry left as raw JSON), and only the entries that
+    /// hold one of `relevant` (a charge, a commit's generation) are read
+    /// into values and folded. A line that cannot be read folds as `null`,
     /// for `fold` to fail closed on: a ledger must not skip what it cannot
     /// read.
     pub fn append_folded<S, E>(
         &self,
-        cache: &str,
+        relevant: &[&str],
         fold: impl Fn(&mut S, &Value),
         decide: impl FnOnce(&S) -> Result<Vec<Value>, E>,
     ) -> Result<Result<(), E>, AuditError>
     where
-        S: Default + serde::Serialize + serde::de::DeserializeOwned,
+        S: Default,
     {
         let mut file = self.open_locked()?;
-        let cache_path = self.path.with_file_name(format!("{cache}.json"));
-        let saved: Option<Folded<S>> = std::fs::read(&cache_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let (offset, hash, mut state) = match saved {
-            Some(f) if line_before(&mut file, f.offset).is_ok_and(|l| l.1 == f.hash) => {
-                (f.offset, f.hash, f.state)
-            }
-            _ => (0, GENESIS.to_owned(), S::default()),
-        };
-        let (offset, hash) = self.fold_from(&mut file, (offset, hash), &mut state, &fold)?;
+        let mut state = S::default();
+        self.fold_all(&mut file, relevant, &mut state, &fold)?;
         let entries = match decide(&state) {
             Ok(e) => e,
-            Err(refused) => {
-                self.save_folded(&cache_path, offset, &hash, &state)?;
-                return Ok(Err(refused));
-            }
+            Err(refused) => return Ok(Err(refused)),
         };
         self.write_locked(&mut file, &entries)?;
-        let (offset, hash) = self.fold_from(&mut file, (offset, hash), &mut state, &fold)?;
-        self.save_folded(&cache_path, offset, &hash, &state)?;
         Ok(Ok(()))
     }
 
-    /// Folds every entry from `at` (a byte offset and the hash of the line
-    /// that ends there) to the end; returns the end and its line's hash.
-    fn fold_from<S>(
+    /// Folds every entry of the log that holds one of `relevant`.
+    fn fold_all<S>(
         &self,
         file: &mut File,
-        at: (u64, String),
+        relevant: &[&str],
         state: &mut S,
         fold: &impl Fn(&mut S, &Value),
-    ) -> Result<(u64, String), AuditError> {
-        let (mut end, mut hash) = at;
-        file.seek(SeekFrom::Start(end)).map_err(self.io())?;
-        let mut reader = BufReader::new(&*file);
-        let mut text = String::new();
+    ) -> Result<(), AuditError> {
+        file.seek(SeekFrom::Start(0)).map_err(self.io())?;
+        let finders: Vec<memchr::memmem::Finder> = relevant
+            .iter()
+            .map(|r| memchr::memmem::Finder::new(r.as_bytes()))
+            .collect();
+        let mut reader = BufReader::with_capacity(1 << 20, &*file);
+        let mut bytes = Vec::new();
         loop {
-            text.clear();
-            let n = reader.read_line(&mut text).map_err(self.io())?;
+            bytes.clear();
+            let n = reader.read_until(b'\n', &mut bytes).map_err(self.io())?;
             if n == 0 {
                 break;
             }
-            end += n as u64;
-            let line = serde_json::from_str::<Line>(text.trim_end()).ok();
-            // An unreadable line has no hash to resume from: the cache then
-            // fails its check and the log is folded again from the start.
-            hash = line.as_ref().map_or_else(String::new, |l| l.hash.clone());
-            let entry = line
-                .and_then(|l| serde_json::from_str::<Value>(l.entry.get()).ok())
-                .unwrap_or(Value::Null);
+            let line = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Line>(t.trim_end()).ok());
+            let entry = match line {
+                None => Value::Null,
+                Some(l) if finders.iter().any(|f| f.find(l.entry.get().as_bytes()).is_some()) => {
+                    serde_json::from_str::<Value>(l.entry.get()).unwrap_or(Value::Null)
+                }
+                Some(_) => continue,
+            };
             fold(state, &entry);
         }
-        Ok((end, hash))
-    }
-
-    fn save_folded<S: serde::Serialize>(
-        &self,
-        path: &Path,
-        offset: u64,
-        hash: &str,
-        state: &S,
-    ) -> Result<(), AuditError> {
-        let body = serde_json::to_vec(&serde_json::json!({
-            "offset": offset,
-            "hash": hash,
-            "state": state,
-        }))
-        .map_err(|e| self.io()(std::io::Error::other(e)))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, body).map_err(self.io())?;
-        std::fs::rename(&tmp, path).map_err(self.io())?;
         Ok(())
     }
 
@@ -383,14 +357,6 @@ impl AuditLog {
         }
         Ok(v)
     }
-}
-
-/// A folded state and the place in the log it reflects.
-#[derive(Deserialize)]
-struct Folded<S> {
-    offset: u64,
-    hash: String,
-    state: S,
 }
 
 /// The sequence number and hash of the last line (0 and the genesis hash if empty).

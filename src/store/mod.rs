@@ -24,7 +24,9 @@
 
 pub mod audit;
 pub mod delete;
+pub mod guard;
 pub mod parquet;
+pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
@@ -73,6 +75,7 @@ impl Classify for StoreError {
     fn exit_status(&self) -> ExitStatus {
         match self {
             StoreError::NotAStore(_) | StoreError::KeyMismatch { .. } => ExitStatus::BadInput,
+            StoreError::Io { source, .. } => crate::error::io_status(source),
             _ => ExitStatus::Internal,
         }
     }

@@ -140,7 +140,19 @@ impl RecordKeys {
 /// still give the same answer every time. The mixing is SplitMix64's
 /// finaliser over the secret record key and the contribution (a
 /// sum's bits, -0 as 0).
+///
+/// One row and no sum is the record key itself: a patient who contributes
+/// one row contributes exactly what a count of patients counts, so a count
+/// of rows (or values) over records with one row per patient *is* the count
+/// of those patients, and gets the same key and the same answer. Were it
+/// keyed apart, `count(*)` and `count(DISTINCT patient_id)` over one row
+/// per patient would be two independent draws of one number, and their
+/// average would halve the noise's variance (DESIGN: one draw per set of
+/// records, whatever statistic names them).
 pub fn weighted(record_key: u32, rows: u64, sum: Option<f64>) -> u32 {
+    if rows == 1 && sum.is_none() {
+        return record_key;
+    }
     let bits = sum.map_or(0, |s| if s == 0.0 { 0 } else { s.to_bits() });
     let mut z = ((u64::from(record_key) << 32) | (rows & 0xFFFF_FFFF))
         ^ bits.rotate_left(17).wrapping_mul(0xD6E8_FEB8_6659_FD93);
@@ -236,6 +248,16 @@ mod tests {
             high += (cell_key(sum) >> 31) as usize;
         }
         assert!((4_700..5_300).contains(&high), "{high}");
+    }
+
+    #[test]
+    fn one_row_is_keyed_as_the_patient_and_more_rows_or_a_sum_draw_afresh() {
+        for rk in [0u32, 1, 0xDEAD_BEEF, u32::MAX] {
+            assert_eq!(weighted(rk, 1, None), rk);
+            assert_ne!(weighted(rk, 2, None), rk);
+            assert_ne!(weighted(rk, 1, Some(3.0)), rk);
+            assert_ne!(weighted(rk, 2, None), weighted(rk, 3, None));
+        }
     }
 
     #[test]

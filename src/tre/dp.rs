@@ -333,9 +333,9 @@ impl Spending {
     }
 }
 
-/// The name of the ledger's cache beside the log (a new name when what
-/// it folds changes, so that an older cache is never read as complete).
-const LEDGER: &str = "privacy-ledger";
+/// What the ledger reads of the log: charges, and the generations commits
+/// record (every other line is passed over unread).
+const LEDGER_LINES: [&str; 2] = ["\"privacy_charge\"", "\"generation\""];
 
 /// Charges `rho` to `user`'s budget on `store` before a query runs, in the
 /// audit log, or refuses with `budget_exhausted` and charges nothing.
@@ -357,7 +357,7 @@ pub fn charge(
     plan_fingerprint: &str,
 ) -> Result<Result<Ledger, Refusal>, crate::store::audit::AuditError> {
     let mut ledger = None;
-    let outcome = AuditLog::at(store).append_folded(LEDGER, Spending::add, |spending| {
+    let outcome = AuditLog::at(store).append_folded(&LEDGER_LINES, Spending::add, |spending| {
         if spending.generation.is_some_and(|g| g != generation) {
             return Err(Refusal::new(
                 "no_rollback",
@@ -725,10 +725,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(bob.spent, 1.0);
-        // A cache that no longer matches the log is folded again.
+        // Nothing beside the log can reset the ledger: a cache file such as
+        // an earlier version kept, claiming alice has spent nothing, is not
+        // read (it once was, and her spend went back to 0).
         std::fs::write(
-            store.join(format!("audit/{LEDGER}.json")),
-            r#"{"offset":3,"hash":"x","state":{"unreadable":false,"by_user":{}}}"#,
+            store.join("audit/privacy-ledger.json"),
+            r#"{"offset":0,"hash":"0","state":{"unreadable":false,"by_user":{"alice":0.0}}}"#,
         )
         .unwrap();
         let refused = charge(store, 0, "alice", "p", 1.0, 0.25, "f").unwrap();
@@ -737,7 +739,6 @@ mod tests {
         let path = AuditLog::at(store).path().to_owned();
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replacen("privacy_charge", "privacy_charg\"", 1)).unwrap();
-        std::fs::remove_file(store.join(format!("audit/{LEDGER}.json"))).unwrap();
         let refused = charge(store, 0, "carol", "p", 1.0, 0.25, "f").unwrap();
         assert!(refused.unwrap_err().reason.contains("cannot be read"));
     }

@@ -716,6 +716,46 @@ pub fn expression_depth(plan: &LogicalPlan) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Refuses, from the SQL text alone, what no plan would name by its rule:
+/// a statement the planner cannot plan over a view (`INSERT INTO patients
+/// VALUES …` fails in the planner, not as a statement), and parentheses
+/// nested past the SQL parser's recursion limit (the parser stops before
+/// [`expression_depth`] could see the plan). A single query, EXPLAIN and
+/// DESCRIBE go on to be planned and checked as plans; text that does not
+/// parse is left for the planner to report as an SQL error.
+pub fn statement_text(sql: &str) -> Result<(), Refusal> {
+    use datafusion::sql::parser::{DFParser, Statement};
+    use datafusion::sql::sqlparser::ast::Statement as Sql;
+    let statements = match DFParser::parse_sql(sql) {
+        Ok(s) => s,
+        Err(e) if e.to_string().contains("RecursionLimitExceeded") => {
+            return Err(outside(
+                "expression_depth",
+                "parentheses and subqueries nest deeper than the SQL parser allows; write a list of alternatives as column IN (…)",
+            ));
+        }
+        Err(_) => return Ok(()),
+    };
+    if statements.len() != 1 {
+        return Ok(());
+    }
+    match &statements[0] {
+        Statement::Statement(s)
+            if matches!(
+                **s,
+                Sql::Query(_) | Sql::Explain { .. } | Sql::ExplainTable { .. }
+            ) =>
+        {
+            Ok(())
+        }
+        Statement::Explain(_) => Ok(()),
+        _ => Err(Refusal::new(
+            "statement_not_allowed",
+            "only SELECT queries are allowed (no DDL, DML or statements)",
+        )),
+    }
+}
+
 /// Refuses what is not a query at all (EXPLAIN, statements, DDL), before
 /// anything else: DataFusion turns analyzer errors into EXPLAIN output.
 pub fn statement_kind(plan: &LogicalPlan) -> Result<(), Refusal> {

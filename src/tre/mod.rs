@@ -339,6 +339,7 @@ async fn guarded(
         )
         .into());
     }
+    grammar::statement_text(&req.sql)?;
     let manifest = crate::store::read_manifest(&req.store)?;
     let session = session::open(&req.store, &manifest, policy, project).await?;
     let state = session.ctx.state();

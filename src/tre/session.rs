@@ -199,6 +199,48 @@ pub const ICD10_CHAPTERS: [&str; 22] = [
     "XVI", "XVII", "XVIII", "XIX", "XX", "XXI", "XXII",
 ];
 
+/// Refuses (`store_corrupt`) to read a store whose files are not what its
+/// manifest recorded ([`crate::store::verify`]): every file the project's
+/// views would read, checked before any is opened. The researcher is told
+/// only that the store is corrupt; which file, and how, goes to the
+/// operator, in the audit log (a file's name says nothing about a patient,
+/// but the researcher has no use for it and the operator has).
+pub fn verify(store: &Path, manifest: &Manifest, project: &Project) -> Result<(), TreError> {
+    let mut files: Vec<&crate::store::FileEntry> = manifest
+        .batches
+        .values()
+        .flat_map(|b| b.files.values())
+        .chain(&manifest.tombstones)
+        .collect();
+    if project.ndoo_applies {
+        files.extend(&manifest.ndoo);
+    }
+    files.extend(
+        manifest
+            .linked
+            .iter()
+            .filter(|(name, _)| project.tables.iter().any(|t| t == *name))
+            .map(|(_, l)| &l.file),
+    );
+    let bad = crate::store::verify::files(store, &files);
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let _ = crate::store::audit::AuditLog::at(store).append(&[serde_json::json!({
+        "event": "store_corrupt",
+        "time": crate::store::now_rfc3339(),
+        "generation": manifest.generation,
+        "files": bad.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })]);
+    Err(TreError::Refused(Refusal::new(
+        "store_corrupt",
+        format!(
+            "{} of the store's files do not match what its manifest recorded, so nothing was read; the TRE operator has the details in the audit log and must run `gpdp audit`",
+            bad.len()
+        ),
+    )))
+}
+
 /// Builds the session for one request.
 pub async fn open(
     store: &Path,
@@ -209,6 +251,7 @@ pub async fn open(
     if manifest.batches.is_empty() {
         return Err(TreError::NoData);
     }
+    verify(store, manifest, project)?;
     let internal = new_context(policy)?;
     for table in ["patients", "clinical_events", "medications"] {
         let files: Vec<String> = manifest

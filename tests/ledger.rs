@@ -1,0 +1,148 @@
+//! The privacy ledger nobody can quietly reset: a researcher's spend is
+//! what the audit log's charges add up to, read from the log itself on
+//! every charge, and `gpdp audit` replays every charge and fails on any
+//! that passed its budget or recorded a spend the log had not reached.
+//!
+//! Before, the ledger was read from a cache beside the log: setting
+//! alice's spend to 0 there gave her a fresh budget over the same people,
+//! and `gpdp audit --verify-log` still passed while the log recorded more
+//! ρ than her budget.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::json;
+
+const SQL: &str = "SELECT sex, count(DISTINCT patient_id) AS n FROM patients GROUP BY sex";
+
+/// The shipped policy with a budget of two questions (ρ 0.02 each).
+fn small_budget(dir: &Path) -> PathBuf {
+    let text = gpdp::policy::tre::DEFAULT_TRE_POLICY;
+    assert!(text.contains("rho_budget = 2.0"));
+    let path = dir.join("tre.toml");
+    std::fs::write(&path, text.replace("rho_budget = 2.0", "rho_budget = 0.04")).unwrap();
+    path
+}
+
+fn ask(store: &Path, policy: &Path) -> std::process::Output {
+    run(&[
+        "query",
+        "--store",
+        store.to_str().unwrap(),
+        "--project",
+        "demo-research",
+        "--user",
+        "alice",
+        "--token",
+        "demo-alice-token",
+        "--policy",
+        policy.to_str().unwrap(),
+        SQL,
+    ])
+}
+
+fn verify_log(store: &Path) -> std::process::Output {
+    run(&["audit", "--store", store.to_str().unwrap(), "--verify-log"])
+}
+
+/// A cache file claiming alice has spent nothing does not give her a
+/// fresh budget: her spend is what the log's charges add up to.
+#[test]
+fn a_ledger_cache_edited_to_zero_does_not_reset_a_budget() {
+    let c = collected_with_ndoo(2, 300, 71, 19);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = small_budget(dir.path());
+    for _ in 0..2 {
+        let o = ask(&c.store, &policy);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = ask(&c.store, &policy);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("budget_exhausted"), "{}", stderr(&o));
+    // What the review did: the ledger's cache as an earlier gpdp wrote
+    // it — at the end of the log, with the hash of its last line, so that
+    // it reads as up to date — with alice's spend set to 0.
+    let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let generation = manifest(&c.store)["generation"].clone();
+    std::fs::write(
+        c.store.join("audit/privacy-ledger.json"),
+        json!({"offset": log.len(), "hash": last["hash"],
+               "state": {"unreadable": false, "by_user": {"alice": 0.0}, "charges": {}, "generation": generation}})
+        .to_string(),
+    )
+    .unwrap();
+    let o = ask(&c.store, &policy);
+    assert_eq!(o.status.code(), Some(3), "the edited cache reset the budget: {}", stdout(&o));
+    assert!(stderr(&o).contains("budget_exhausted"), "{}", stderr(&o));
+    let o = verify_log(&c.store);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A log whose charges add up past a budget, or where a charge records a
+/// spend below what the log had already charged (a reset ledger), fails
+/// `privacy_budgets_respected` in `gpdp audit` and `--verify-log`, though
+/// its hash chain is intact. The untouched log passes: the control.
+#[test]
+fn the_audit_replays_every_charge_and_fails_an_overspend_or_a_reset() {
+    let c = collected_with_ndoo(2, 300, 72, 20);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = small_budget(dir.path());
+    for _ in 0..2 {
+        let o = ask(&c.store, &policy);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = verify_log(&c.store);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["audit", "--store", c.store.to_str().unwrap(), "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let budgets = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "privacy_budgets_respected")
+        .expect("the check runs")
+        .clone();
+    assert_eq!(budgets["passed"], true, "{budgets}");
+    assert!(budgets["detail"].as_str().unwrap().starts_with("2 privacy charges"));
+
+    let charge = |spent: f64| {
+        json!({"event": "privacy_charge", "time": "2026-12-07T00:00:00Z", "user": "alice",
+               "project": "demo-research", "rho": 0.02, "spent": spent, "budget": 0.04,
+               "plan_fingerprint": "x"})
+    };
+    for (name, line, says) in [
+        ("overspend", charge(0.06), "over a budget"),
+        ("reset", charge(0.02), "the ledger was reset"),
+    ] {
+        let copy = dir.path().join(name);
+        copy_dir(&c.store, &copy);
+        // Appended through the log's own API: the chain stays intact.
+        gpdp::store::audit::AuditLog::at(&copy).append(&[line]).unwrap();
+        let o = verify_log(&copy);
+        assert_eq!(o.status.code(), Some(3), "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains("privacy_budgets_respected"), "{}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{name}: {}", stderr(&o));
+        let o = run(&["audit", "--store", copy.to_str().unwrap(), "--json"]);
+        assert_eq!(o.status.code(), Some(3), "{name}");
+        let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let failed: Vec<&str> = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["passed"] == false)
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(failed, ["privacy_budgets_respected"], "{name}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for (rel, bytes) in tree(from) {
+        let path = to.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+}
