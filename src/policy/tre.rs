@@ -738,6 +738,74 @@ mod tests {
         assert_eq!(p.researchers[0].user, "alice");
     }
 
+    /// The shipped rule sets are the rules they are named after, pinned
+    /// against the rules' own public statements, and each demo project uses
+    /// the one its name promises: a value edited in `policies/tre.toml`
+    /// fails here by name, whatever the boundary's tests happen to probe.
+    #[test]
+    fn the_shipped_rule_sets_are_the_published_rules() {
+        let p = TrePolicy::load(None).unwrap();
+        let rules = |project: &str| p.projects[project].disclosure;
+
+        // OpenSAFELY's output checking rules: a statistic that describes 7
+        // or fewer patients is redacted, and counts are then rounded to the
+        // nearest 5. Nothing else is checked.
+        let opensafely = rules("demo-opensafely");
+        assert_eq!(opensafely.name, "opensafely");
+        assert_eq!(opensafely.redact_at_or_below, 7, "OpenSAFELY: 7 or fewer");
+        assert_eq!(opensafely.round_to, 5, "OpenSAFELY: nearest 5");
+        assert_eq!(opensafely.dominance, None);
+        assert_eq!(opensafely.p_percent, None);
+        assert!(opensafely.ckm.is_none() && opensafely.dp.is_none());
+
+        // ACRO/SACRO's defaults, after the statistical disclosure control
+        // handbook: a cell needs at least 10 contributors (so 9 or fewer are
+        // redacted); N-K dominance with n = 2, k = 0.9 (the two largest
+        // contributions may not exceed 90% of the total); the p% rule with
+        // p = 10%; counts rounded to 5.
+        let acro = rules("demo-prescribing-acro");
+        assert_eq!(acro.name, "acro");
+        assert_eq!(acro.redact_at_or_below, 9, "ACRO: threshold 10");
+        assert_eq!(acro.round_to, 5);
+        assert_eq!(acro.dominance, Some(Dominance { n: 2, k: 0.9 }));
+        assert_eq!(acro.p_percent, Some(0.1));
+        assert!(acro.ckm.is_none() && acro.dp.is_none());
+
+        // The two noisy rule sets add noise instead of rounding, then apply
+        // OpenSAFELY's threshold (7 or fewer) to the noisy count. The cell
+        // key method's table: the largest perturbation D = 5, variance
+        // V = 3, no count released in 1..=4 (ONS-style), sums moved by
+        // ±0.5 × (½ to 1½) of the largest contribution.
+        let ckm = rules("demo-planning-exempt");
+        assert_eq!(ckm.name, "ckm");
+        assert_eq!((ckm.redact_at_or_below, ckm.round_to), (7, 1));
+        assert_eq!(
+            ckm.ckm,
+            Some(crate::tre::ptable::Params {
+                max_perturbation: 5,
+                variance: 3.0,
+                small_values: 4,
+                magnitude: 0.5,
+            })
+        );
+        assert!(ckm.dominance.is_none() && ckm.p_percent.is_none() && ckm.dp.is_none());
+        // Differential privacy (zCDP, the patient as the unit): ρ = 0.02 per
+        // statistic (σ = 5 on a count of patients), each patient in at most
+        // 8 cells with at most 5 rows each, values clamped to public bounds,
+        // stated as (ε, δ) with δ = 10⁻⁶.
+        let dp = rules("demo-research");
+        assert_eq!(dp.name, "dp");
+        assert_eq!((dp.redact_at_or_below, dp.round_to), (7, 1));
+        let d = dp.dp.expect("demo-research is under dp");
+        assert_eq!(d.rho_per_statistic, 0.02);
+        assert_eq!((d.max_groups, d.max_rows), (8, 5));
+        assert_eq!(d.delta, 1e-6);
+        assert_eq!(d.bounds_of("numeric_value"), Some((0.0, 200.0)));
+        assert_eq!(d.bounds_of("quantity"), Some((0.0, 200.0)));
+        assert_eq!(d.bounds_of("days_in_critical_care"), Some((0.0, 30.0)));
+        assert!(dp.dominance.is_none() && dp.p_percent.is_none() && dp.ckm.is_none());
+    }
+
     #[test]
     fn unsafe_projects_are_refused() {
         let exempt_without_basis = DEFAULT_TRE_POLICY.replace(
