@@ -131,12 +131,25 @@ fn acro_breaks(contributions: &[f64]) -> Option<&'static str> {
 /// The oracle itself, on figures worked by hand.
 #[test]
 fn the_tests_own_rules_give_the_published_answers() {
-    for (x, want) in [(0, 0), (2, 0), (3, 5), (6, 5), (7, 5), (8, 10), (13, 15), (49, 50)] {
+    for (x, want) in [
+        (0, 0),
+        (2, 0),
+        (3, 5),
+        (6, 5),
+        (7, 5),
+        (8, 10),
+        (13, 15),
+        (49, 50),
+    ] {
         assert_eq!(nearest_multiple(x, 5), want, "{x}");
     }
     assert_eq!(Published::OpenSafely.count(&[1; 7]), None);
     assert_eq!(Published::OpenSafely.count(&[1; 8]), Some(10));
-    assert_eq!(Published::OpenSafely.count(&[3; 6]), None, "18 rows of 6 patients");
+    assert_eq!(
+        Published::OpenSafely.count(&[3; 6]),
+        None,
+        "18 rows of 6 patients"
+    );
     assert_eq!(Published::Acro.count(&[1; 9]), None);
     assert_eq!(Published::Acro.count(&[1; 10]), Some(10));
     // 95 of 98 in two patients' rows; 85 of 100 is not dominated.
@@ -297,7 +310,10 @@ fn at_a_threshold(
         };
     }
     if b.num_rows() != 1 {
-        return Err(format!("{patients} patients: {} rows released", b.num_rows()));
+        return Err(format!(
+            "{patients} patients: {} rows released",
+            b.num_rows()
+        ));
     }
     for (c, kind) in r.kinds().iter().enumerate() {
         if *kind != ColumnKind::Count {
@@ -494,7 +510,10 @@ fn small_statistics_are_redacted_and_empty_rows_withheld() {
             let got = column.is_valid(row).then(|| column.value(row));
             let want = (patients > OPENSAFELY_REDACT_AT_OR_BELOW)
                 .then(|| nearest_multiple(rows, OPENSAFELY_ROUND_TO));
-            assert_eq!(got, want, "{k} column {c_out}: {rows} rows of {patients} patients");
+            assert_eq!(
+                got, want,
+                "{k} column {c_out}: {rows} rows of {patients} patients"
+            );
             if c_out == 2 {
                 redacted += usize::from(got.is_none());
                 released += usize::from(got.is_some());
