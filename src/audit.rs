@@ -349,14 +349,6 @@ pub fn audit(
             "the audit log cannot be read as a chain",
         ),
     });
-    checks.push(match &verified {
-        Ok(v) => budgets_respected(&v.entries),
-        Err(_) => check(
-            "privacy_budgets_respected",
-            false,
-            "the audit log cannot be read as a chain, so its charges cannot be replayed",
-        ),
-    });
     if let Some(head) = expect {
         checks.push(match &verified {
             Ok(v) => match v.extends(head) {
@@ -377,6 +369,14 @@ pub fn audit(
             ),
         });
     }
+    checks.push(match &verified {
+        Ok(v) => budgets_respected(&v.entries),
+        Err(_) => check(
+            "privacy_budgets_respected",
+            false,
+            "the audit log cannot be read as a chain, so its charges cannot be replayed",
+        ),
+    });
     let intact = files_intact(store, &manifest)?;
     if !intact.passed {
         // Reading a file that is not what was committed would prove
