@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -806,6 +807,12 @@ fn unknown_columns_are_dropped_and_reported() {
 
 /// Killing collection at any moment never leaves partial or duplicated data
 /// visible, and a re-run then gives the same store as an uninterrupted run.
+/// Each kill's landing is recorded — still running or already finished,
+/// and what it left on disk — and at least half must land inside a run
+/// that had work to do, one at least while it wrote files: the kill
+/// moments are spread over an uninterrupted run's duration, timed here,
+/// and a store the kills let finish starts again empty (a re-run of a
+/// finished store is a no-op, nothing to interrupt).
 #[test]
 fn crashes_at_any_moment_leave_the_store_consistent() {
     let dir = tempfile::tempdir().unwrap();
@@ -813,8 +820,11 @@ fn crashes_at_any_moment_leave_the_store_consistent() {
     synth(&extract, 4, 1500, 8);
     let key = key_file(dir.path(), KEY);
     let clean = dir.path().join("clean");
+    let started = Instant::now();
     assert!(collect(&extract, &clean, &key).status.success());
+    let mut run_time = started.elapsed();
     let expected = snapshot(&clean);
+    let practices = practice_dirs(&extract).len();
 
     let check_consistent = |store: &Path| {
         if !store.join("manifest.json").exists() {
@@ -852,41 +862,154 @@ fn crashes_at_any_moment_leave_the_store_consistent() {
         }
     }
 
-    // SIGKILL at spread-out moments, several times on the same store.
+    // SIGKILL at moments spread over a run, several times on the same store.
     let store = dir.path().join("killed");
-    for i in 0..12u64 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpdp"))
-            .args(collect_args(&extract, &store, &key))
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(15 + (i * 37) % 400));
-        let _ = child.kill();
-        let _ = child.wait();
+    let mut landings = Vec::new();
+    for i in 0..16u32 {
+        let before = committed_batches(&store);
+        let staged_before = unreferenced_files(&store);
+        // From the start of a run to a little past its end.
+        let at = run_time.mul_f64((f64::from(i % 8) + 0.5) * 1.2 / 8.0);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpdp"));
+        cmd.args(collect_args(&extract, &store, &key))
+            .stdout(std::process::Stdio::null());
+        let (killed, took) = kill_at(&mut cmd, at);
+        let after = committed_batches(&store);
+        landings.push(Landing {
+            at,
+            killed,
+            // Work to do: not every practice committed yet.
+            pending: before < practices,
+            committed: (before, after),
+            staged: unreferenced_files(&store)
+                .difference(&staged_before)
+                .count(),
+        });
         check_consistent(&store);
+        if !killed && before == 0 {
+            // A whole run from empty, timed: aim the next kills inside one.
+            run_time = took;
+        }
+        if after == practices {
+            std::fs::remove_dir_all(&store).unwrap();
+        }
     }
+    let report: Vec<String> = landings.iter().map(Landing::to_string).collect();
+    // Shown with --nocapture: where each kill landed.
+    eprintln!("{}", report.join("\n"));
+    let inside = landings.iter().filter(|l| l.inside()).count();
+    let writing = landings
+        .iter()
+        .filter(|l| l.inside() && l.staged > 0)
+        .count();
+    assert!(
+        inside >= landings.len() / 2 && writing >= 1,
+        "too few kills landed inside a run ({inside} of {}, {writing} while it wrote):\n{}",
+        landings.len(),
+        report.join("\n")
+    );
     let o = collect(&extract, &store, &key);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(snapshot(&store), expected);
     // Nothing unreferenced is left behind.
-    let m = manifest(&store);
-    let referenced: HashSet<String> = m["batches"]
-        .as_object()
-        .unwrap()
-        .values()
-        .flat_map(|b| {
-            b["files"]
-                .as_object()
-                .unwrap()
-                .values()
-                .map(|f| f["path"].as_str().unwrap().to_owned())
-        })
-        .collect();
-    for p in walk(&store.join("tables")) {
-        let rel = p
-            .strip_prefix(&store)
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        assert!(referenced.contains(&rel), "stray file {rel}");
+    assert_eq!(unreferenced_files(&store), HashSet::new(), "stray files");
+}
+
+/// Where one SIGKILL landed.
+struct Landing {
+    at: Duration,
+    /// The process was still running when the signal came.
+    killed: bool,
+    /// The run had practices to commit.
+    pending: bool,
+    /// Practices committed before and after.
+    committed: (usize, usize),
+    /// Data files the killed run had written and not yet committed.
+    staged: usize,
+}
+
+impl Landing {
+    /// Inside a run with work to do.
+    fn inside(&self) -> bool {
+        self.killed && self.pending
     }
+}
+
+impl std::fmt::Display for Landing {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "kill at {:>4} ms: {}, {} -> {} practices committed, {} staged files left",
+            self.at.as_millis(),
+            match (self.killed, self.pending) {
+                (true, true) => "inside the run",
+                (true, false) => "inside a run with nothing to do",
+                (false, _) => "after it ended",
+            },
+            self.committed.0,
+            self.committed.1,
+            self.staged
+        )
+    }
+}
+
+/// Runs `cmd` and sends it SIGKILL once `at` has passed, unless it has
+/// finished (successfully) before: whether the signal landed inside the
+/// run, and how long the run lasted.
+fn kill_at(cmd: &mut Command, at: Duration) -> (bool, Duration) {
+    use std::os::unix::process::ExitStatusExt;
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    while started.elapsed() < at {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "the run failed on its own: {status}");
+            return (false, started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    (status.signal() == Some(9), started.elapsed())
+}
+
+/// Practices committed to the store (0 with no store yet).
+fn committed_batches(store: &Path) -> usize {
+    if !store.join("manifest.json").exists() {
+        return 0;
+    }
+    manifest(store)["batches"].as_object().unwrap().len()
+}
+
+/// Data files under `tables/` that the manifest does not reference: a
+/// killed run's staged work (the next writer removes them).
+fn unreferenced_files(store: &Path) -> HashSet<String> {
+    if !store.join("tables").exists() {
+        return HashSet::new();
+    }
+    let referenced: HashSet<String> = if store.join("manifest.json").exists() {
+        manifest(store)["batches"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|b| {
+                b["files"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .map(|f| f["path"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    walk(&store.join("tables"))
+        .iter()
+        .map(|p| {
+            p.strip_prefix(store)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|rel| !referenced.contains(rel))
+        .collect()
 }

@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -49,13 +50,18 @@ fn write_requests(path: &Path, numbers: &[String], date: &str) {
 
 /// `gpdp optout apply` of `list` on the test's store, ready to run.
 fn apply_command(c: &Collected, list: &Path) -> std::process::Command {
+    apply_command_at(&c.store, &c.key, list)
+}
+
+/// `gpdp optout apply` of `list` on `store`, ready to run.
+fn apply_command_at(store: &Path, key: &Path, list: &Path) -> std::process::Command {
     let mut cmd = gpdp();
     cmd.args(["optout", "apply", "--type1"])
         .arg(list)
         .arg("--store")
-        .arg(&c.store)
+        .arg(store)
         .arg("--key")
-        .arg(&c.key);
+        .arg(key);
     cmd
 }
 
@@ -299,7 +305,13 @@ fn a_withdrawal_recorded_after_the_request_brings_the_patient_back() {
 
 /// SIGKILL at spread-out moments: after every kill the patients are either
 /// all still there or all gone (never some of them), every referenced file
-/// exists, and a final run completes the deletion.
+/// exists, and a final run completes the deletion. Each kill's landing is
+/// recorded — still running or already finished, and what it left on disk
+/// — and at least half must land inside a run with a deletion to do, one
+/// at least while it wrote files: the kill moments are spread over an
+/// uninterrupted run's duration, timed here on a copy, and once a kill
+/// lets the deletion finish the store starts again from its copy
+/// (re-applying a finished deletion is a no-op).
 #[test]
 fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
     let c = setup();
@@ -307,14 +319,31 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
     let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
     let list = c._dir.path().join("requests.csv");
     write_requests(&list, &numbers, "2026-04-01");
-    for i in 0..10u64 {
-        let mut child = apply_command(&c, &list)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(3 + (i * 17) % 120));
-        let _ = child.kill();
-        let _ = child.wait();
+    let pristine = c._dir.path().join("pristine");
+    copy_dir(&c.store, &pristine);
+    // The shorter of two uninterrupted runs, each on a copy.
+    let mut run_time = Duration::MAX;
+    for _ in 0..2 {
+        let timed = c._dir.path().join("timed");
+        copy_dir(&c.store, &timed);
+        let started = Instant::now();
+        let o = apply_command_at(&timed, &c.key, &list).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        run_time = run_time.min(started.elapsed());
+    }
+
+    let mut landings = Vec::new();
+    for i in 0..12u32 {
+        if targets.is_disjoint(&stored_patients(&c.store)) {
+            copy_dir(&pristine, &c.store);
+        }
+        let pending = targets.is_subset(&stored_patients(&c.store));
+        let staged_before = unreferenced_files(&c.store);
+        // From the start of a run to a little past its end.
+        let at = run_time.mul_f64((f64::from(i % 6) + 0.5) * 1.2 / 6.0);
+        let mut cmd = apply_command(&c, &list);
+        cmd.stdout(std::process::Stdio::null());
+        let (killed, took) = kill_at(&mut cmd, at);
         let now = stored_patients(&c.store);
         let left = targets.intersection(&now).count();
         assert!(
@@ -328,10 +357,145 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
                 assert!(c.store.join(file["path"].as_str().unwrap()).exists());
             }
         }
+        landings.push(Landing {
+            at,
+            killed,
+            pending,
+            deleted: left == 0,
+            staged: unreferenced_files(&c.store)
+                .difference(&staged_before)
+                .count(),
+        });
+        if !killed && pending {
+            // A whole run, timed: aim the next kills inside one.
+            run_time = took;
+        }
     }
+    let report: Vec<String> = landings.iter().map(Landing::to_string).collect();
+    // Shown with --nocapture: where each kill landed.
+    eprintln!("{}", report.join("\n"));
+    let inside = landings.iter().filter(|l| l.inside()).count();
+    let writing = landings
+        .iter()
+        .filter(|l| l.inside() && l.staged > 0)
+        .count();
+    assert!(
+        inside >= landings.len() / 2 && writing >= 1,
+        "too few kills landed inside a run ({inside} of {}, {writing} while it wrote):\n{}",
+        landings.len(),
+        report.join("\n")
+    );
     let o = apply(&c, &list, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stored_patients(&c.store).is_disjoint(&targets));
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
+/// Where one SIGKILL of `gpdp optout apply` landed.
+struct Landing {
+    at: Duration,
+    /// The process was still running when the signal came.
+    killed: bool,
+    /// The deletion was still to do when the run started.
+    pending: bool,
+    /// The deletion was visible (committed) afterwards.
+    deleted: bool,
+    /// Files the killed run had written and not yet committed.
+    staged: usize,
+}
+
+impl Landing {
+    /// Inside a run with the deletion to do.
+    fn inside(&self) -> bool {
+        self.killed && self.pending
+    }
+}
+
+impl std::fmt::Display for Landing {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "kill at {:>4} ms: {}, deletion {}, {} staged files left",
+            self.at.as_millis(),
+            match (self.killed, self.pending) {
+                (true, true) => "inside the run",
+                (true, false) => "inside a run with nothing to do",
+                (false, _) => "after it ended",
+            },
+            if self.deleted {
+                "committed"
+            } else {
+                "not visible"
+            },
+            self.staged
+        )
+    }
+}
+
+/// Runs `cmd` and sends it SIGKILL once `at` has passed, unless it has
+/// finished (successfully) before: whether the signal landed inside the
+/// run, and how long the run lasted.
+fn kill_at(cmd: &mut std::process::Command, at: Duration) -> (bool, Duration) {
+    use std::os::unix::process::ExitStatusExt;
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    while started.elapsed() < at {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "the run failed on its own: {status}");
+            return (false, started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    (status.signal() == Some(9), started.elapsed())
+}
+
+/// Files under `tables/` and `optouts/` that the manifest does not
+/// reference: a killed run's staged work (the next writer removes them).
+fn unreferenced_files(store: &Path) -> HashSet<String> {
+    let m = manifest(store);
+    let mut referenced: HashSet<String> = m["batches"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|b| b["files"].as_object().unwrap().values())
+        .chain(
+            m["linked"]
+                .as_object()
+                .into_iter()
+                .flat_map(|l| l.values())
+                .map(|l| &l["file"]),
+        )
+        .chain([&m["tombstones"], &m["ndoo"]])
+        .filter_map(|f| f["path"].as_str().map(str::to_owned))
+        .collect();
+    // The links to the current opt-out lists.
+    referenced.extend([
+        "optouts/tombstones.parquet".into(),
+        "optouts/ndoo.parquet".into(),
+    ]);
+    ["tables", "optouts"]
+        .iter()
+        .flat_map(|d| {
+            tree(&store.join(d))
+                .into_keys()
+                .map(move |p| Path::new(d).join(p))
+        })
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| !referenced.contains(p))
+        .collect()
+}
+
+/// `cp -a`, replacing `to`: the store holds symlinks.
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let o = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }
