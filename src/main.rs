@@ -323,6 +323,26 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Change the perturbation key a store's cell-key answers are drawn with.
+    ///
+    /// The first query under the cell key method binds the store to the
+    /// TRE's perturbation key (its id, in the audit log); any other key is
+    /// then refused (perturbation_key_changed), because fresh noise on the
+    /// same cells could be averaged away. Rotating is deliberate: the
+    /// holder of the bound key names the new one and why, in the log.
+    RotatePerturbationKey {
+        #[arg(long)]
+        store: PathBuf,
+        /// The key the store is bound to now.
+        #[arg(long)]
+        from: PathBuf,
+        /// The new key (make it with `gpdp keygen`).
+        #[arg(long)]
+        to: PathBuf,
+        /// Why the key changes (published in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1056,6 +1076,34 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             } else {
                 print!("{}", s.to_text());
             }
+            Ok(())
+        }
+        Command::RotatePerturbationKey {
+            store,
+            from,
+            to,
+            reason,
+        } => {
+            if reason.trim().is_empty() {
+                return Err(gpdp::error::BadInput(
+                    "--reason must say why the key changes: it is published in the audit log".into(),
+                )
+                .into());
+            }
+            let manifest = gpdp::store::read_manifest(&store)?;
+            let collection = manifest.key_id.as_deref().unwrap_or("");
+            let load = |path: &Path| {
+                gpdp::tre::ckm::RecordKeys::load(path, collection)
+                    .map_err(|e| gpdp::error::BadInput(e.to_string()))
+            };
+            let (old, new) = (load(&from)?, load(&to)?);
+            gpdp::tre::ckm::rotate(&store, &old, &new, &reason)?;
+            println!(
+                "{}: cell-key answers are now drawn with perturbation key {} (was {}); recorded in the audit log",
+                store.display(),
+                new.id(),
+                old.id()
+            );
             Ok(())
         }
         Command::Keygen { out } => {

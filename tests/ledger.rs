@@ -1,12 +1,16 @@
-//! The privacy ledger nobody can quietly reset: a researcher's spend is
+//! A ledger and keys nobody can quietly reset. A researcher's spend is
 //! what the audit log's charges add up to, read from the log itself on
 //! every charge, and `gpdp audit` replays every charge and fails on any
 //! that passed its budget or recorded a spend the log had not reached.
+//! A store's cell-key answers are bound to one perturbation key, recorded
+//! in the log on first use: another key is refused, and changing it is a
+//! deliberate, logged rotation.
 //!
 //! Before, the ledger was read from a cache beside the log: setting
 //! alice's spend to 0 there gave her a fresh budget over the same people,
 //! and `gpdp audit --verify-log` still passed while the log recorded more
-//! ρ than her budget.
+//! ρ than her budget. And any key from `gpdp keygen` was taken: averaging
+//! one count over a hundred keys gave the exact count.
 
 mod common;
 
@@ -145,4 +149,85 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, bytes).unwrap();
     }
+}
+
+/// The first cell-key answer binds the store to its perturbation key;
+/// another key is refused (`perturbation_key_changed`) — its fresh noise
+/// on the same cells could be averaged away — until the holder of the
+/// bound key rotates it, with a reason, in the log. Then the old key is
+/// the one refused.
+#[test]
+fn a_store_answers_under_one_perturbation_key_until_it_is_rotated() {
+    let c = collected_with_ndoo(2, 300, 73, 21);
+    let dir = tempfile::tempdir().unwrap();
+    let key = |name: &str| {
+        let path = dir.path().join(name);
+        let o = run(&["keygen", "--out", path.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        path
+    };
+    let (first, second) = (key("first.key"), key("second.key"));
+    let ask = |key: &Path| {
+        run(&[
+            "query",
+            "--store",
+            c.store.to_str().unwrap(),
+            "--project",
+            "demo-planning-exempt",
+            "--user",
+            "alice",
+            "--token",
+            "demo-alice-token",
+            "--perturbation-key",
+            key.to_str().unwrap(),
+            SQL,
+        ])
+    };
+    let o = ask(&first);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let answer = stdout(&o);
+    let o = ask(&second);
+    assert_eq!(o.status.code(), Some(3), "a second key was answered: {}", stdout(&o));
+    assert!(
+        stderr(&o).contains("refused by rule perturbation_key_changed"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ask(&first);
+    assert_eq!(stdout(&o), answer, "the bound key answers as before");
+
+    let rotate = |from: &Path, to: &Path, reason: &str| {
+        run(&[
+            "rotate-perturbation-key",
+            "--store",
+            c.store.to_str().unwrap(),
+            "--from",
+            from.to_str().unwrap(),
+            "--to",
+            to.to_str().unwrap(),
+            "--reason",
+            reason,
+        ])
+    };
+    // Only the holder of the bound key rotates it, and says why.
+    let o = rotate(&second, &first, "a test");
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let o = rotate(&first, &second, " ");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = rotate(&first, &second, "the key file was exposed in a backup");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ask(&second);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ask(&first);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+    assert_eq!(log.matches("\"event\":\"perturbation_key\"").count(), 1);
+    assert!(log.contains("the key file was exposed in a backup"));
+    // No key material in the log: ids only.
+    for path in [&first, &second] {
+        let bytes = std::fs::read(path).unwrap();
+        assert!(!log.contains(&gpdp::deid::pseudonym::hex(&bytes)));
+    }
+    let o = verify_log(&c.store);
+    assert!(o.status.success(), "{}", stderr(&o));
 }

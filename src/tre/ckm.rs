@@ -37,12 +37,121 @@ use crate::deid::key::{CollectionKey, KeyError};
 use crate::deid::pseudonym::Pseudonymiser;
 
 const RECORD_KEY_DOMAIN: &[u8] = b"gpdp/v1/ckm-record-keys\0";
+const KEY_ID_DOMAIN: &[u8] = b"gpdp/v1/ckm-perturbation-key-id\0";
+
+/// The audit log's record of which perturbation key a store's answers are
+/// drawn with: the first use, and every deliberate rotation.
+const KEY_EVENTS: [&str; 2] = ["\"perturbation_key\"", "\"perturbation_key_rotated\""];
+
+/// The perturbation key id the log binds a store to: the first one used,
+/// or the last a rotation named; `None` before any use. An unreadable
+/// line in the log leaves it unknown: fail closed.
+#[derive(Default)]
+struct Bound {
+    id: Option<String>,
+    unreadable: bool,
+}
+
+fn bound_id(state: &mut Bound, entry: &serde_json::Value) {
+    if entry.is_null() {
+        state.unreadable = true;
+        return;
+    }
+    match entry["event"].as_str() {
+        Some("perturbation_key") if state.id.is_none() => {
+            state.id = entry["key_id"].as_str().map(str::to_owned);
+        }
+        Some("perturbation_key_rotated") => {
+            state.id = entry["to"].as_str().map(str::to_owned);
+        }
+        _ => {}
+    }
+}
+
+/// Binds `store`'s cell-key answers to `keys`: the first use records the
+/// key's id in the audit log, and any other key is refused
+/// (`perturbation_key_changed`). A new key gives every cell a fresh draw,
+/// and two draws of one cell average to half the noise's variance — so a
+/// TRE started with another key (a typo, a regenerated file, a second
+/// TRE over a copy) must not answer, and changing the key is a deliberate,
+/// logged step ([`rotate`]).
+pub fn bind(store: &Path, keys: &RecordKeys) -> Result<(), super::TreError> {
+    use crate::store::audit::AuditLog;
+    let outcome = AuditLog::at(store)
+        .append_folded(&KEY_EVENTS, bound_id, |bound: &Bound| {
+            match (bound.unreadable, &bound.id) {
+                (true, _) => Err(super::Refusal::new(
+                    "perturbation_key_changed",
+                    "the audit log cannot be read, so the perturbation key this store's answers are bound to is unknown; nothing was run",
+                )),
+                (false, Some(id)) if id == keys.id() => Ok(vec![]),
+                (false, Some(_)) => Err(super::Refusal::new(
+                    "perturbation_key_changed",
+                    "this TRE was started with a perturbation key other than the one this store's cell-key answers are drawn with: fresh noise on the same cells could be averaged away; start it with the bound key, or rotate the key deliberately (`gpdp rotate-perturbation-key`)",
+                )),
+                (false, None) => Ok(vec![serde_json::json!({
+                    "event": "perturbation_key",
+                    "time": crate::store::now_rfc3339(),
+                    "key_id": keys.id(),
+                })]),
+            }
+        })
+        .map_err(super::TreError::internal)?;
+    outcome.map_err(super::TreError::Refused)
+}
+
+/// Rotates the perturbation key `store`'s answers are bound to, from
+/// `from` (which must be the bound key: only its holder may retire it) to
+/// `to`, with the operator's reason, in the audit log.
+pub fn rotate(
+    store: &Path,
+    from: &RecordKeys,
+    to: &RecordKeys,
+    reason: &str,
+) -> Result<(), super::TreError> {
+    use crate::store::audit::AuditLog;
+    let outcome = AuditLog::at(store)
+        .append_folded(&KEY_EVENTS, bound_id, |bound: &Bound| {
+            match (bound.unreadable, &bound.id) {
+                (false, Some(id)) if id == from.id() && from.id() != to.id() => {
+                    Ok(vec![serde_json::json!({
+                        "event": "perturbation_key_rotated",
+                        "time": crate::store::now_rfc3339(),
+                        "from": from.id(),
+                        "to": to.id(),
+                        "reason": reason,
+                    })])
+                }
+                (false, Some(id)) if id == from.id() => Err(super::Refusal::new(
+                    "perturbation_key_changed",
+                    "the new key is the key in force: nothing to rotate",
+                )),
+                (false, Some(_)) => Err(super::Refusal::new(
+                    "perturbation_key_changed",
+                    "--from is not the key this store's answers are bound to: only the bound key can be rotated",
+                )),
+                (false, None) => Err(super::Refusal::new(
+                    "perturbation_key_changed",
+                    "no perturbation key is bound to this store yet (it is bound on first use): start the TRE with the key you want",
+                )),
+                (true, _) => Err(super::Refusal::new(
+                    "perturbation_key_changed",
+                    "the audit log cannot be read, so the bound key is unknown",
+                )),
+            }
+        })
+        .map_err(super::TreError::internal)?;
+    outcome.map_err(super::TreError::Refused)
+}
 
 /// The TRE's record-key function. `Debug` never shows the key.
 #[derive(Clone)]
 pub struct RecordKeys {
     k0: u64,
     k1: u64,
+    /// A public name for the key (16 hex digits of an HMAC of a fixed
+    /// text under it): what the audit log binds a store's answers to.
+    id: String,
 }
 
 impl PartialEq for RecordKeys {
@@ -92,12 +201,20 @@ impl RecordKeys {
     }
 
     pub fn from_bytes(key: &[u8]) -> RecordKeys {
-        let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), RECORD_KEY_DOMAIN);
+        let mac = hmac::Key::new(hmac::HMAC_SHA256, key);
+        let derived = hmac::sign(&mac, RECORD_KEY_DOMAIN);
         let d = derived.as_ref();
+        let id = hmac::sign(&mac, KEY_ID_DOMAIN);
         RecordKeys {
             k0: u64::from_le_bytes(d[0..8].try_into().expect("8 bytes")),
             k1: u64::from_le_bytes(d[8..16].try_into().expect("8 bytes")),
+            id: crate::deid::pseudonym::hex(&id.as_ref()[..8]),
         }
+    }
+
+    /// The key's public id.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// A patient's record key.

@@ -341,6 +341,11 @@ async fn guarded(
     }
     grammar::statement_text(&req.sql)?;
     let manifest = crate::store::read_manifest(&req.store)?;
+    if project.disclosure.ckm.is_some()
+        && let Some(keys) = &policy.record_keys
+    {
+        ckm::bind(&req.store, keys)?;
+    }
     let session = session::open(&req.store, &manifest, policy, project).await?;
     let state = session.ctx.state();
     let plan = state.create_logical_plan(&req.sql).await.map_err(|e| {
