@@ -1108,7 +1108,8 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
         p.record_keys = Some(RecordKeys::from_bytes(&[byte; 32]));
         p
     };
-    let (one, other) = (with(7), with(8));
+    // The fixture's other tests use key 3: the store is bound to it.
+    let (one, other) = (with(3), with(8));
     match query_blocking(
         &one,
         &request(
@@ -1120,7 +1121,31 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
     }
     let a = query_blocking(&one, &request(sql)).unwrap();
     let again = query_blocking(&one, &request(sql)).unwrap();
-    let b = query_blocking(&other, &request(sql)).unwrap();
+    // Another key on this store is refused: its fresh noise could be
+    // averaged with this key's. On a copy not yet bound to any key it
+    // answers — with other noise.
+    match query_blocking(&other, &request(sql)) {
+        Err(TreError::Refused(r)) => assert_eq!(r.rule, "perturbation_key_changed"),
+        other => panic!("{other:?}"),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("store");
+    for (rel, bytes) in tree(store) {
+        if rel.starts_with("audit") {
+            continue;
+        }
+        let path = copy.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let b = query_blocking(
+        &other,
+        &Request {
+            store: copy,
+            ..request(sql)
+        },
+    )
+    .unwrap();
     assert_eq!(a.result.batch, again.result.batch, "same key, same answer");
     assert_ne!(
         a.result.batch, b.result.batch,
@@ -1188,6 +1213,18 @@ fn ckm_sums_and_means_carry_noise_scaled_to_the_largest_contribution() {
     .result
     .batch;
     assert_eq!(alone.column(2), a.result.batch.column(2));
+    // One draw decides for one set of records: a count of values, their
+    // sum and their mean are released or redacted together (a mean shown
+    // where the count is hidden would be a second threshold draw over the
+    // same patients).
+    let rb = &a.result.batch;
+    for i in 0..rb.num_rows() {
+        let shown: Vec<bool> = (2..5).map(|c| rb.column(c).is_valid(i)).collect();
+        assert!(
+            shown.iter().all(|&v| v == shown[0]),
+            "row {i}: count, sum and mean released {shown:?}"
+        );
+    }
     let truth = direct(
         store,
         &policy,

@@ -297,6 +297,18 @@ impl<'a> Control<'a> {
                 Some(t) => key_at(i).map(|key| t.perturb(x, key)),
             }
         };
+        // Whether a sum or mean is released is decided by its contributors
+        // perturbed as those of a count of its values are (by the count's
+        // key): one draw decides for one set of records, so a mean is never
+        // released where the count of the same values is redacted — a
+        // second, independent threshold draw over the same patients would
+        // tell more about how many there are.
+        let decides = |x: i64, i: usize| -> Option<i64> {
+            match (&self.ptable, &count_keys) {
+                (Some(t), Some(_)) => key_in(&count_keys, i).map(|key| t.perturb(x, key)),
+                _ => noisy(x, i),
+            }
+        };
         let mut why: Vec<Option<Why>> = Vec::with_capacity(rows);
         for i in 0..rows {
             let exact = if contributors.is_valid(i) {
@@ -304,7 +316,7 @@ impl<'a> Control<'a> {
             } else {
                 0
             };
-            let n = noisy(exact, i).unwrap_or(0);
+            let n = decides(exact, i).unwrap_or(0);
             let reason = if n <= self.rules.redact_at_or_below as i64 {
                 Some(Why::Threshold)
             } else if minimum

@@ -1261,12 +1261,20 @@ fn no_attack_learns_anything_about_its_target() {
             ("the same world", &noise.same, 0.0),
             ("the two worlds", &noise.across, 0.05),
         ] {
-            let minimum = if only.is_none() { 100 } else { 10 };
-            if z2.len() < minimum {
-                failures.push(format!(
-                    "dp noise: only {} pairs of answers in {pool} (at least {minimum})",
-                    z2.len()
-                ));
+            // The whole suite gives a few hundred pairs; a run of a few
+            // families may give too few to test, and then says so.
+            if z2.len() < 100 {
+                if only.is_none() {
+                    failures.push(format!(
+                        "dp noise: only {} pairs of answers in {pool} (at least 100)",
+                        z2.len()
+                    ));
+                } else {
+                    println!(
+                        "dp noise over {pool} not checked: {} pairs in the families asked for (at least 100)",
+                        z2.len()
+                    );
+                }
                 continue;
             }
             let (ok, mean, (lo, hi)) = noise_as_stated(z2, allowance);
