@@ -83,7 +83,7 @@ pub fn verify_log(store: &Path, expect: Option<&Head>) -> Result<LogReport, Audi
     }
     let summary = log_summary(&manifest, &verified)?;
     let rollback = no_rollback(&manifest, &verified).map_err(AuditFailure::Rollback)?;
-    let budgets = budgets_respected(&verified.entries);
+    let budgets = budgets_respected(store, &manifest, &verified.entries);
     if !budgets.passed {
         return Err(AuditFailure::Checks(format!(
             "privacy_budgets_respected: {}",
@@ -370,7 +370,7 @@ pub fn audit(
         });
     }
     checks.push(match &verified {
-        Ok(v) => budgets_respected(&v.entries),
+        Ok(v) => budgets_respected(store, &manifest, &v.entries),
         Err(_) => check(
             "privacy_budgets_respected",
             false,
@@ -445,42 +445,32 @@ pub fn audit(
     })
 }
 
-/// The privacy ledger replayed from the log: every `privacy_charge` in
-/// order, each researcher's spend summed afresh. At no charge may the sum
-/// pass the budget the charge recorded, and each charge's recorded
-/// `spent` must be the replayed sum — a ledger that was reset (from a
-/// cache, a restored copy, an edited line) shows as a charge whose
-/// recorded spend is below what the log had already charged.
-fn budgets_respected(entries: &[Value]) -> Check {
-    let mut spent: BTreeMap<&str, f64> = BTreeMap::new();
-    let mut charges = 0;
+/// The privacy charges replayed: every `privacy_charge` of the
+/// population's ledger (`dp::ledger_path`: where `GPDP_LEDGER` says, or
+/// `ledgers/` beside the store), whose chain must verify, and the copies in
+/// the store's own log, each researcher's spend summed afresh. At no
+/// charge may the sum pass the budget the charge recorded, and no charge
+/// may record a spend below what had already been charged — a ledger that
+/// was reset (from a cache, a restored copy, an edited line) shows as
+/// exactly that. (A store's copies may record more than the store's own
+/// charges: the population's other stores spend from the same budget.)
+fn budgets_respected(store: &Path, manifest: &crate::store::Manifest, log: &[Value]) -> Check {
     let mut problems = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        if e["event"] != "privacy_charge" {
-            continue;
-        }
-        charges += 1;
-        let line = i + 1;
-        let (Some(user), Some(rho)) = (e["user"].as_str(), e["rho"].as_f64()) else {
-            problems.push(format!("line {line}: a charge without a user and ρ"));
-            continue;
-        };
-        let total = spent.entry(user).or_default();
-        *total += rho;
-        let tolerance = 1e-9 * total.abs().max(1.0);
-        match e["budget"].as_f64() {
-            Some(budget) if *total > budget + tolerance => problems.push(format!(
-                "line {line}: {user} has been charged ρ {total:.4} in all, over a budget of {budget:.4}"
-            )),
-            Some(_) => {}
-            None => problems.push(format!("line {line}: a charge without its budget")),
-        }
-        if let Some(recorded) = e["spent"].as_f64()
-            && (recorded - *total).abs() > tolerance
-        {
-            problems.push(format!(
-                "line {line}: the charge records {user}'s spend as {recorded:.4}, but the log had charged {total:.4} by then (the ledger was reset?)"
-            ));
+    let (charges, users) = replay(log, false, "the store's log", &mut problems);
+    let dir = std::env::var_os("GPDP_LEDGER").map(std::path::PathBuf::from);
+    let path = crate::tre::dp::ledger_path(
+        store,
+        dir.as_deref(),
+        manifest.key_id.as_deref().unwrap_or_default(),
+    );
+    let mut ledger = format!("no population ledger at {}", path.display());
+    if path.exists() {
+        match AuditLog::file(path.clone()).verify() {
+            Ok(v) => {
+                let (n, u) = replay(&v.entries, true, "the population's ledger", &mut problems);
+                ledger = format!("the population's ledger ({}): {n} charges for {u} researchers, its chain intact", path.display());
+            }
+            Err(e) => problems.push(format!("the population's ledger {} does not verify: {e}", path.display())),
         }
     }
     check(
@@ -488,13 +478,50 @@ fn budgets_respected(entries: &[Value]) -> Check {
         problems.is_empty(),
         if problems.is_empty() {
             format!(
-                "{charges} privacy charges replayed for {} researchers: none over their budget, each recording the spend the log holds",
-                spent.len()
+                "{charges} privacy charges in the store's log for {users} researchers and {ledger}: none over their budget, none recording less than had been charged"
             )
         } else {
             format!("{} problems: {}", problems.len(), problems.join("; "))
         },
     )
+}
+
+/// Replays `entries`' charges into `problems`; `exact`: every charge must
+/// record exactly the replayed spend (a ledger), else at least it (a
+/// store's copies). Returns the charges and researchers counted.
+fn replay(entries: &[Value], exact: bool, what: &str, problems: &mut Vec<String>) -> (usize, usize) {
+    let mut spent: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut charges = 0;
+    for (i, e) in entries.iter().enumerate() {
+        if e["event"] != "privacy_charge" {
+            continue;
+        }
+        charges += 1;
+        let line = i + 1;
+        let (Some(user), Some(rho)) = (e["user"].as_str(), e["rho"].as_f64()) else {
+            problems.push(format!("{what}, line {line}: a charge without a user and ρ"));
+            continue;
+        };
+        let total = spent.entry(user).or_default();
+        *total += rho;
+        let tolerance = 1e-9 * total.abs().max(1.0);
+        let recorded = e["spent"].as_f64().unwrap_or(*total);
+        // What the charge says was spent, or what the replay says, the larger.
+        let at_least = recorded.max(*total);
+        match e["budget"].as_f64() {
+            Some(budget) if at_least > budget + tolerance => problems.push(format!(
+                "{what}, line {line}: {user} has been charged ρ {at_least:.4} in all, over a budget of {budget:.4}"
+            )),
+            Some(_) => {}
+            None => problems.push(format!("{what}, line {line}: a charge without its budget")),
+        }
+        if recorded < *total - tolerance || (exact && recorded > *total + tolerance) {
+            problems.push(format!(
+                "{what}, line {line}: the charge records {user}'s spend as {recorded:.4}, but {total:.4} had been charged by then (the ledger was reset?)"
+            ));
+        }
+    }
+    (charges, spent.len())
 }
 
 /// Every file the manifest names exists with the recorded SHA-256.

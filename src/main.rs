@@ -187,6 +187,11 @@ enum Command {
         /// (`gpdp keygen`; never the collection key).
         #[arg(long, env = "GPDP_PERTURBATION_KEY", value_name = "KEYFILE")]
         perturbation_key: Option<PathBuf>,
+        /// Where the privacy ledgers live, one per population (the collection
+        /// key's id): every store of the same patients shares one spend
+        /// (default: ledgers/ beside the store).
+        #[arg(long, env = "GPDP_LEDGER", value_name = "DIR")]
+        ledger: Option<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -276,6 +281,11 @@ enum Command {
         /// (`gpdp keygen`; never the collection key).
         #[arg(long, env = "GPDP_PERTURBATION_KEY", value_name = "KEYFILE")]
         perturbation_key: Option<PathBuf>,
+        /// Where the privacy ledgers live, one per population (the collection
+        /// key's id): every store of the same patients shares one spend
+        /// (default: ledgers/ beside the store).
+        #[arg(long, env = "GPDP_LEDGER", value_name = "DIR")]
+        ledger: Option<PathBuf>,
         /// Address to listen on: loopback only unless --allow-remote.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: std::net::SocketAddr,
@@ -751,13 +761,15 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             sql,
             sql_file,
             perturbation_key,
+            ledger,
         } => {
             let sql = match (sql, sql_file) {
                 (Some(sql), _) => sql,
                 (None, Some(file)) => read_sql(&file)?,
                 (None, None) => unreachable!("clap requires SQL or --sql-file"),
             };
-            let policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
+            let mut policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
+            policy.ledger_dir = ledger;
             let request = gpdp::tre::Request {
                 store,
                 user,
@@ -967,6 +979,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             store,
             policy,
             perturbation_key,
+            ledger,
             listen,
             allow_remote,
             tls_cert,
@@ -985,7 +998,8 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 return Err(gpdp::error::BadInput(format!("{listen}: {why}")).into());
             }
             let scheme = if tls.is_some() { "grpc+tls" } else { "grpc" };
-            let policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
+            let mut policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
+            policy.ledger_dir = ledger;
             // Every file the manifest records, before anyone can ask: the
             // operator is told which file is wrong (researchers never are).
             let manifest = gpdp::store::read_manifest(&store)?;

@@ -237,6 +237,10 @@ pub struct TrePolicy {
     /// perturbation key the operator passes (`--perturbation-key`); never
     /// from the policy file. Projects under `ckm` are refused without it.
     pub record_keys: Option<crate::tre::ckm::RecordKeys>,
+    /// Where the privacy ledgers live, one per population
+    /// ([`crate::tre::dp::ledger_path`]): `--ledger DIR` (or
+    /// `GPDP_LEDGER`); never from the policy file. `None`: beside the store.
+    pub ledger_dir: Option<std::path::PathBuf>,
     pub age_on: chrono::NaiveDate,
     pub memory_mb: usize,
     pub timeout_seconds: u64,
@@ -621,6 +625,7 @@ impl TrePolicy {
         }
         Ok(TrePolicy {
             record_keys: None,
+            ledger_dir: None,
             age_on,
             memory_mb: raw.settings.memory_mb,
             timeout_seconds: raw.settings.timeout_seconds,

@@ -184,6 +184,28 @@ impl AuditLog {
         }
     }
 
+    /// A log of the same form at `path` (a population's privacy ledger).
+    pub fn file(path: PathBuf) -> AuditLog {
+        AuditLog { path }
+    }
+
+    /// Folds every entry that holds one of `relevant`, read-only (no lock:
+    /// the log is only ever appended to). A missing log folds nothing.
+    pub fn fold<S: Default>(
+        &self,
+        relevant: &[&str],
+        fold: impl Fn(&mut S, &Value),
+    ) -> Result<S, AuditError> {
+        let mut state = S::default();
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state),
+            Err(e) => return Err(self.io()(e)),
+        };
+        self.fold_all(&mut file, relevant, &mut state, &fold)?;
+        Ok(state)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -337,18 +337,44 @@ impl Spending {
 /// record (every other line is passed over unread).
 const LEDGER_LINES: [&str; 2] = ["\"privacy_charge\"", "\"generation\""];
 
-/// Charges `rho` to `user`'s budget on `store` before a query runs, in the
-/// audit log, or refuses with `budget_exhausted` and charges nothing.
+/// The privacy ledger of a population: `DIR/<collection key id>.jsonl`.
 ///
-/// The ledger is only as good as the log: when the store in force
-/// (`generation`, its manifest's) is not the latest generation the log
-/// records, one of them was restored from an older copy — an older log
-/// would have forgotten charges — and nothing is charged or run
-/// (`no_rollback`, as `gpdp audit` names it). A log cut back to a point
-/// with the same generation is caught by its published head
-/// (`gpdp audit --expect-head`), not here.
+/// A budget protects people, not a directory. The same extract collected
+/// into a second store (the same collection key, so the same pseudonyms:
+/// the same population) must not give a researcher a second budget over
+/// the same patients — with twelve stores the best membership test went
+/// from 84% to 99.97%. So charges go to one ledger per population, named
+/// by the collection key's id, in the TRE's ledger directory: `--ledger DIR`
+/// (`GPDP_LEDGER`) for a TRE that holds stores in several places, and by
+/// default `ledgers/` beside the store, which every store under one
+/// directory shares. The ledger is a hash-chained log of the same form as
+/// a store's audit log (`gpdp audit --ledger DIR` verifies and replays
+/// it); each charge is also copied into the store's own log, for its
+/// register and its audit.
+pub fn ledger_path(store: &std::path::Path, dir: Option<&std::path::Path>, population: &str) -> std::path::PathBuf {
+    let dir = match dir {
+        Some(d) => d.to_owned(),
+        None => std::path::absolute(store)
+            .unwrap_or_else(|_| store.to_owned())
+            .parent()
+            .map_or_else(|| std::path::PathBuf::from("ledgers"), |p| p.join("ledgers")),
+    };
+    dir.join(format!("{population}.jsonl"))
+}
+
+/// Charges `rho` to `user`'s budget over the population of `store` (its
+/// [`ledger_path`]) before a query runs, or refuses with
+/// `budget_exhausted` and charges nothing; the charge is copied into the
+/// store's own audit log.
+///
+/// The store's log must agree with the store: when the store in force
+/// (`generation`, its manifest's) is not the latest generation its log
+/// records, one of them was restored from an older copy, and nothing is
+/// charged or run (`no_rollback`, as `gpdp audit` names it).
+#[allow(clippy::too_many_arguments)]
 pub fn charge(
     store: &std::path::Path,
+    ledger: &std::path::Path,
     generation: u64,
     user: &str,
     project: &str,
@@ -356,38 +382,40 @@ pub fn charge(
     rho: f64,
     plan_fingerprint: &str,
 ) -> Result<Result<Ledger, Refusal>, crate::store::audit::AuditError> {
-    let mut ledger = None;
-    let outcome = AuditLog::at(store).append_folded(&LEDGER_LINES, Spending::add, |spending| {
-        if spending.generation.is_some_and(|g| g != generation) {
-            return Err(Refusal::new(
-                "no_rollback",
-                format!(
-                    "the store in force is generation {generation}, but its audit log last recorded generation {}: one of them was restored from an older copy, so the privacy ledger cannot be trusted and nothing was run or charged; the TRE operator must run `gpdp audit`",
-                    spending.generation.unwrap_or_default()
-                ),
-            ));
-        }
+    let logged: Spending = AuditLog::at(store).fold(&LEDGER_LINES, Spending::add)?;
+    if logged.generation.is_some_and(|g| g != generation) {
+        return Ok(Err(Refusal::new(
+            "no_rollback",
+            format!(
+                "the store in force is generation {generation}, but its audit log last recorded generation {}: one of them was restored from an older copy, so the store cannot be trusted and nothing was run or charged; the TRE operator must run `gpdp audit`",
+                logged.generation.unwrap_or_default()
+            ),
+        )));
+    }
+    if let Some(dir) = ledger.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| crate::store::audit::AuditError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    let mut charged = None;
+    let outcome = AuditLog::file(ledger.to_owned()).append_folded(&LEDGER_LINES, Spending::add, |spending| {
         let before = spending.of(user).ok_or_else(|| {
             Refusal::new(
                 "budget_exhausted",
-                "the privacy ledger (the store's audit log) cannot be read, so no budget can be charged; the TRE operator must repair the log",
+                "the privacy ledger cannot be read, so no budget can be charged; the TRE operator must repair it",
             )
         })?;
         if before + rho > budget * (1.0 + 1e-12) {
             return Err(Refusal::new(
                 "budget_exhausted",
                 format!(
-                    "this query costs ρ = {rho:.4}; {user} has spent {before:.4} of a budget of {budget:.4} on this store (all projects), {:.4} left; nothing was run or charged",
+                    "this query costs ρ = {rho:.4}; {user} has spent {before:.4} of a budget of {budget:.4} over these patients (every project and every store of them), {:.4} left; nothing was run or charged",
                     (budget - before).max(0.0)
                 ),
             ));
         }
-        ledger = Some(Ledger {
-            budget,
-            charged: rho,
-            spent: before + rho,
-        });
-        Ok(vec![json!({
+        let line = json!({
             "event": "privacy_charge",
             "time": crate::store::now_rfc3339(),
             "user": user,
@@ -396,9 +424,25 @@ pub fn charge(
             "spent": before + rho,
             "budget": budget,
             "plan_fingerprint": plan_fingerprint,
-        })])
+        });
+        charged = Some((
+            Ledger {
+                budget,
+                charged: rho,
+                spent: before + rho,
+            },
+            line.clone(),
+        ));
+        Ok(vec![line])
     })?;
-    Ok(outcome.map(|()| ledger.expect("a charge without a ledger")))
+    if let Err(refused) = outcome {
+        return Ok(Err(refused));
+    }
+    let (ledger, line) = charged.expect("a charge without a ledger");
+    // The store's copy, for its register and audit; if it cannot be
+    // written the query fails, charged and not run: fail closed.
+    AuditLog::at(store).append(&[line])?;
+    Ok(Ok(ledger))
 }
 
 /// One draw of the discrete Gaussian with scale σ, exactly.
@@ -699,32 +743,30 @@ mod tests {
     #[test]
     fn charges_stop_at_the_budget_and_refusals_cost_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = dir.path();
+        let store = dir.path().join("store");
+        let store = store.as_path();
+        let ledger = ledger_path(store, None, "k1");
+        assert_eq!(ledger, dir.path().join("ledgers/k1.jsonl"));
+        let charge = |user, rho| charge(store, &ledger, 0, user, "p", 1.0, rho, "f").unwrap();
         for _ in 0..4 {
-            charge(store, 0, "alice", "p", 1.0, 0.25, "f")
-                .unwrap()
-                .unwrap();
+            charge("alice", 0.25).unwrap();
         }
-        let refused = charge(store, 0, "alice", "p", 1.0, 0.25, "f").unwrap();
-        assert_eq!(refused.unwrap_err().rule, "budget_exhausted");
+        assert_eq!(charge("alice", 0.25).unwrap_err().rule, "budget_exhausted");
         // Another researcher's budget is their own.
-        let bob = charge(store, 0, "bob", "p", 1.0, 0.5, "f")
-            .unwrap()
-            .unwrap();
-        assert_eq!(bob.spent, 0.5);
+        assert_eq!(charge("bob", 0.5).unwrap().spent, 0.5);
+        // The ledger holds the charges; the store's log a copy of each.
+        let book = AuditLog::file(ledger.clone()).verify().unwrap();
+        assert_eq!(book.lines, 5);
         let log = AuditLog::at(store).verify().unwrap();
-        assert_eq!(log.lines, 5);
+        assert_eq!(log.entries, book.entries);
         let mut s = Spending::default();
-        log.entries.iter().for_each(|e| s.add(e));
+        book.entries.iter().for_each(|e| s.add(e));
         assert_eq!(s.of("alice"), Some(1.0));
-        // Other lines in between are folded in from where the cache was.
-        AuditLog::at(store)
+        // Other lines in the ledger are folded in.
+        AuditLog::file(ledger.clone())
             .append(&[json!({"event": "privacy_charge", "user": "bob", "rho": 0.25})])
             .unwrap();
-        let bob = charge(store, 0, "bob", "p", 1.0, 0.25, "f")
-            .unwrap()
-            .unwrap();
-        assert_eq!(bob.spent, 1.0);
+        assert_eq!(charge("bob", 0.25).unwrap().spent, 1.0);
         // Nothing beside the log can reset the ledger: a cache file such as
         // an earlier version kept, claiming alice has spent nothing, is not
         // read (it once was, and her spend went back to 0).
@@ -733,20 +775,37 @@ mod tests {
             r#"{"offset":0,"hash":"0","state":{"unreadable":false,"by_user":{"alice":0.0}}}"#,
         )
         .unwrap();
-        let refused = charge(store, 0, "alice", "p", 1.0, 0.25, "f").unwrap();
-        assert_eq!(refused.unwrap_err().rule, "budget_exhausted");
+        assert_eq!(charge("alice", 0.25).unwrap_err().rule, "budget_exhausted");
+        // A second store of the same population shares the spend; another
+        // population has its own.
+        let twin = dir.path().join("twin");
+        let twin_ledger = ledger_path(&twin, None, "k1");
+        assert_eq!(twin_ledger, ledger);
+        let other = ledger_path(&twin, None, "k2");
+        assert_eq!(
+            super::charge(&twin, &twin_ledger, 0, "alice", "p", 1.0, 0.25, "f")
+                .unwrap()
+                .unwrap_err()
+                .rule,
+            "budget_exhausted"
+        );
+        assert!(super::charge(&twin, &other, 0, "alice", "p", 1.0, 0.25, "f")
+            .unwrap()
+            .is_ok());
         // An unreadable line refuses every charge.
-        let path = AuditLog::at(store).path().to_owned();
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, text.replacen("privacy_charge", "privacy_charg\"", 1)).unwrap();
-        let refused = charge(store, 0, "carol", "p", 1.0, 0.25, "f").unwrap();
-        assert!(refused.unwrap_err().reason.contains("cannot be read"));
+        let text = std::fs::read_to_string(&ledger).unwrap();
+        std::fs::write(&ledger, text.replacen("privacy_charge", "privacy_charg\"", 1)).unwrap();
+        assert!(charge("carol", 0.25).unwrap_err().reason.contains("cannot be read"));
     }
 
     #[test]
     fn a_store_or_log_restored_from_an_older_copy_is_charged_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path();
+        let ledger = dir.path().join("ledger.jsonl");
+        let charge = |store, generation, user, project, budget, rho, fp| {
+            super::charge(store, &ledger, generation, user, project, budget, rho, fp)
+        };
         let log = AuditLog::at(store);
         log.append(&[json!({"event": "commit", "generation": 1})])
             .unwrap();
@@ -764,10 +823,10 @@ mod tests {
             assert_eq!(refused.rule, "no_rollback");
         }
         let lines = log.verify().unwrap().lines;
-        let ledger = charge(store, 2, "alice", "p", 1.0, 0.25, "f")
+        let charged = charge(store, 2, "alice", "p", 1.0, 0.25, "f")
             .unwrap()
             .unwrap();
-        assert_eq!(ledger.spent, 0.5, "refusals charged nothing");
+        assert_eq!(charged.spent, 0.5, "refusals charged nothing");
         assert_eq!(log.verify().unwrap().lines, lines + 1);
     }
 }

@@ -305,6 +305,8 @@ struct Guarded {
     dp: Option<dp::Plan>,
     /// The store generation in force (its manifest's).
     generation: u64,
+    /// The population the store holds: its collection key's id.
+    population: String,
 }
 
 /// The longest SQL text a researcher may send: room for a codelist of
@@ -410,6 +412,7 @@ async fn guarded(
         disclosure: project.disclosure,
         dp,
         generation: manifest.generation,
+        population: manifest.key_id.clone().unwrap_or_default(),
     })
 }
 
@@ -443,6 +446,7 @@ async fn answer(
         disclosure,
         dp,
         generation,
+        population,
     } = guarded(policy, req, fingerprint).await?;
     let compiled = compile::compile(
         &release,
@@ -459,6 +463,7 @@ async fn answer(
             Some(
                 dp::charge(
                     &req.store,
+                    &dp::ledger_path(&req.store, policy.ledger_dir.as_deref(), &population),
                     generation,
                     &req.user,
                     &req.project,
