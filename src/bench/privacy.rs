@@ -19,6 +19,15 @@
 //!   on the padding) this test is right with probability Φ(√(ρ/4)); the
 //!   best possible, knowing the padding's count exactly, Φ(√(ρ/2)).
 //!
+//! The reconstruction (Dinur–Nissim, [`reconstruct`]) reads a whole group
+//! at once: many counts over random halves of a group of one sex, age
+//! band and IMD decile, each member named by a date on which they alone
+//! of the group had an event (what the attacker is assumed to know), then
+//! [`decode`] fits every member's attribute to all the answers together.
+//! No answer need move for it to work, so it falls through rounding and
+//! cell keys alike once the number of counts passes a small multiple of
+//! the group's size; only a budget on the counts bounds it.
+//!
 //! [`averaged_with`] runs the same attack on counts from anywhere else —
 //! for tests, which give it exact counts (noise off) or counts with noise
 //! they draw themselves, to show the attack wins when it should. The
