@@ -19,6 +19,15 @@
 //!   on the padding) this test is right with probability Φ(√(ρ/4)); the
 //!   best possible, knowing the padding's count exactly, Φ(√(ρ/2)).
 //!
+//! The reconstruction (Dinur–Nissim, [`reconstruct`]) reads a whole group
+//! at once: many counts over random halves of a group of one sex, age
+//! band and IMD decile, each member named by a date on which they alone
+//! of the group had an event (what the attacker is assumed to know), then
+//! [`decode`] fits every member's attribute to all the answers together.
+//! No answer need move for it to work, so it falls through rounding and
+//! cell keys alike once the number of counts passes a small multiple of
+//! the group's size; only a budget on the counts bounds it.
+//!
 //! [`averaged_with`] runs the same attack on counts from anywhere else —
 //! for tests, which give it exact counts (noise off) or counts with noise
 //! they draw themselves, to show the attack wins when it should. The
@@ -208,6 +217,12 @@ impl Attacker<'_> {
     /// The released count of patients matching `clause` (0 if redacted),
     /// or the rule that refused it.
     pub fn count(&self, clause: &str) -> anyhow::Result<Result<i64, &'static str>> {
+        Ok(self.released(clause)?.map(|v| v.unwrap_or(0)))
+    }
+
+    /// The released count of patients matching `clause` (`None` if
+    /// redacted), or the rule that refused it.
+    pub fn released(&self, clause: &str) -> anyhow::Result<Result<Option<i64>, &'static str>> {
         let request = Request {
             store: self.store.to_owned(),
             user: "alice".into(),
@@ -218,7 +233,7 @@ impl Attacker<'_> {
         match crate::tre::query_blocking(self.policy, &request) {
             Ok(r) => {
                 let c = r.result.batch.column(0).as_primitive::<Int64Type>();
-                Ok(Ok(if c.is_valid(0) { c.value(0) } else { 0 }))
+                Ok(Ok((!c.is_empty() && c.is_valid(0)).then(|| c.value(0))))
             }
             Err(TreError::Refused(r)) => Ok(Err(r.rule)),
             Err(e) => Err(e.into()),
@@ -399,6 +414,417 @@ pub fn by_budget(store: &Path, targets: usize) -> anyhow::Result<Vec<Measured>> 
         out.push(averaged(&dp, &world, targets, repeats)?);
     }
     Ok(out)
+}
+
+// Reconstruction (Dinur–Nissim): many counts over random subsets of a
+// small group give away every member's attribute.
+
+/// The diabetes codes (SNOMED CT: diabetes mellitus, type 1 and type 2
+/// diabetes mellitus): the attribute the reconstruction recovers.
+pub const DIABETES: [&str; 3] = ["73211009", "46635009", "44054006"];
+
+/// A group the reconstruction attacks: the patients of one sex, age band
+/// and IMD decile, and what the attacker knows of each member — one date
+/// on which they, and no one else of the group, had an event recorded.
+#[derive(Debug, Clone)]
+pub struct Population {
+    pub sex: String,
+    pub age_band: String,
+    pub imd_decile: String,
+    /// One date per member, `YYYY-MM-DD`, unique to them within the group.
+    pub dates: Vec<String>,
+    /// The truth, for measuring only (the attacker never reads it): whether
+    /// each member has a diabetes code.
+    pub has: Vec<bool>,
+}
+
+impl Population {
+    /// The group's quasi-identifiers, as a predicate on `patients`.
+    pub fn group(&self) -> String {
+        format!(
+            "sex = '{}' AND age_band = '{}' AND imd_decile = {}",
+            self.sex, self.age_band, self.imd_decile
+        )
+    }
+
+    /// The padding that lifts every count above the thresholds: the other
+    /// sex in the same age band (never a member of the group).
+    pub fn padding(&self) -> String {
+        let other = if self.sex == "F" { "M" } else { "F" };
+        format!("(sex = '{other}' AND age_band = '{}')", self.age_band)
+    }
+
+    /// The query for the members `subset` (indices into [`Self::dates`]):
+    /// the padding, or a member of the subset (named by their date) with a
+    /// diabetes code. Its true count is the padding's plus the subset's
+    /// members with the attribute.
+    pub fn clause(&self, subset: &[usize]) -> String {
+        let dates: Vec<String> = subset
+            .iter()
+            .map(|&i| format!("'{}'", self.dates[i]))
+            .collect();
+        let codes: Vec<String> = DIABETES.iter().map(|c| format!("'{c}'")).collect();
+        format!(
+            "{} OR ({} AND patient_id IN (SELECT patient_id FROM clinical_events \
+             WHERE snomedct_code IN ({})) AND patient_id IN (SELECT patient_id FROM \
+             clinical_events WHERE date IN ({})))",
+            self.padding(),
+            self.group(),
+            codes.join(", "),
+            dates.join(", ")
+        )
+    }
+
+    /// Guessing the majority answer for every member.
+    pub fn base_rate(&self) -> f64 {
+        let n = self.has.len().max(1);
+        let yes = self.has.iter().filter(|h| **h).count();
+        yes.max(n - yes) as f64 / n as f64
+    }
+}
+
+/// Rows of a query run directly on a project's views (for finding the
+/// attack's group and its truth; nothing here passes the boundary), every
+/// column cast to text.
+fn direct_rows(
+    rt: &tokio::runtime::Runtime,
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let batches = rt.block_on(async { ctx.sql(sql).await?.collect().await })?;
+    let mut out = Vec::new();
+    for b in &batches {
+        let columns = b
+            .columns()
+            .iter()
+            .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8))
+            .collect::<Result<Vec<_>, _>>()?;
+        for r in 0..b.num_rows() {
+            out.push(
+                columns
+                    .iter()
+                    .map(|c| c.as_string::<i32>().value(r).to_owned())
+                    .collect(),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The reconstruction's group on one store: of the groups (sex, age band,
+/// IMD decile) with `sizes` members whom a date names (a date on which no
+/// other patient of the group, as the NDOO-exempt project sees it, had an
+/// event) and who are visible in the NDOO-applies projects too, the one
+/// whose share with a diabetes code is nearest one half (the hardest to
+/// guess). Each member's date is their earliest such date.
+pub fn population(store: &Path, sizes: std::ops::RangeInclusive<usize>) -> anyhow::Result<Population> {
+    let policy = TrePolicy::load(None)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let manifest = crate::store::read_manifest(store)?;
+    let open = |project: &str| -> anyhow::Result<datafusion::prelude::SessionContext> {
+        Ok(rt
+            .block_on(crate::tre::session::open(
+                store,
+                &manifest,
+                &policy,
+                &policy.projects[project],
+            ))?
+            .ctx)
+    };
+    let (applies, exempt) = (open("demo-opensafely")?, open("demo-planning-exempt")?);
+    let visible: HashSet<String> = direct_rows(
+        &rt,
+        &applies,
+        "SELECT DISTINCT CAST(patient_key AS VARCHAR) FROM patients",
+    )?
+    .into_iter()
+    .map(|r| r[0].clone())
+    .collect();
+    let codes: Vec<String> = DIABETES.iter().map(|c| format!("'{c}'")).collect();
+    let diabetic: HashSet<String> = direct_rows(
+        &rt,
+        &exempt,
+        &format!(
+            "SELECT DISTINCT CAST(patient_key AS VARCHAR) FROM clinical_events \
+             WHERE snomedct_code IN ({})",
+            codes.join(", ")
+        ),
+    )?
+    .into_iter()
+    .map(|r| r[0].clone())
+    .collect();
+    let mut dates: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in direct_rows(
+        &rt,
+        &exempt,
+        "SELECT DISTINCT CAST(patient_key AS VARCHAR), CAST(date AS VARCHAR) FROM clinical_events \
+         WHERE date IS NOT NULL",
+    )? {
+        dates.entry(r[0].clone()).or_default().push(r[1].clone());
+    }
+    let mut groups: BTreeMap<[String; 3], HashSet<String>> = BTreeMap::new();
+    for r in direct_rows(
+        &rt,
+        &exempt,
+        "SELECT DISTINCT sex, age_band, CAST(imd_decile AS VARCHAR), CAST(patient_key AS VARCHAR) \
+         FROM patients WHERE sex IN ('F', 'M') AND age_band IS NOT NULL AND imd_decile IS NOT NULL",
+    )? {
+        groups
+            .entry([r[0].clone(), r[1].clone(), r[2].clone()])
+            .or_default()
+            .insert(r[3].clone());
+    }
+    let mut best: Option<(f64, Population)> = None;
+    for (key, members) in groups {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for m in &members {
+            for d in dates.get(m).into_iter().flatten() {
+                *seen.entry(d).or_default() += 1;
+            }
+        }
+        let mut named: Vec<(String, bool)> = members
+            .iter()
+            .filter(|m| visible.contains(*m))
+            .filter_map(|m| {
+                let mut own: Vec<&String> = dates.get(m)?.iter().filter(|d| seen[d.as_str()] == 1).collect();
+                own.sort();
+                Some(((*own.first()?).clone(), diabetic.contains(m)))
+            })
+            .collect();
+        if !sizes.contains(&named.len()) {
+            continue;
+        }
+        named.sort();
+        let share = named.iter().filter(|(_, h)| *h).count() as f64 / named.len() as f64;
+        let distance = (share - 0.5).abs();
+        if best.as_ref().is_none_or(|(d, _)| distance < *d) {
+            let [sex, age_band, imd_decile] = key;
+            best = Some((
+                distance,
+                Population {
+                    sex,
+                    age_band,
+                    imd_decile,
+                    dates: named.iter().map(|(d, _)| d.clone()).collect(),
+                    has: named.iter().map(|(_, h)| *h).collect(),
+                },
+            ));
+        }
+    }
+    best.map(|(_, p)| p)
+        .ok_or_else(|| anyhow::anyhow!("no group of {sizes:?} members a date names"))
+}
+
+/// The reconstruction's outcome against the truth, by number of queries.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reconstruction {
+    pub rule_set: String,
+    pub members: usize,
+    /// Guessing the majority answer for every member.
+    pub base_rate: f64,
+    pub points: Vec<CurvePoint>,
+    /// Queries whose answer was redacted (asked, and left out of the fit).
+    pub redacted: usize,
+    /// The rule that refused a query before the last point (say a query
+    /// budget), if one did.
+    pub stopped_by: Option<String>,
+}
+
+/// The reconstruction after `queries` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct CurvePoint {
+    pub queries: usize,
+    pub right: usize,
+    pub accuracy: f64,
+}
+
+impl Reconstruction {
+    /// The fewest queries at which the accuracy exceeds `level`, and stays
+    /// above it at every later point.
+    pub fn passes(&self, level: f64) -> Option<usize> {
+        let last_below = self.points.iter().rposition(|p| p.accuracy <= level);
+        let first = last_below.map_or(0, |i| i + 1);
+        self.points.get(first).map(|p| p.queries)
+    }
+}
+
+/// The reconstruction attack through the boundary: `checkpoints.last()`
+/// counts, each over a random half of the group (seeded by `seed`),
+/// decoded after each checkpoint's number of queries by [`decode`].
+pub fn reconstruct(
+    a: &Attacker,
+    population: &Population,
+    checkpoints: &[usize],
+    seed: u64,
+) -> anyhow::Result<Reconstruction> {
+    let rule_set = a.policy.projects[a.project].disclosure.name;
+    reconstruct_with(rule_set, |clause| a.released(clause), population, checkpoints, seed)
+}
+
+/// [`reconstruct`] with its counts from `count` (a clause's released
+/// count, `None` if redacted, or the rule that refused it).
+pub fn reconstruct_with(
+    rule_set: &str,
+    mut count: impl FnMut(&str) -> anyhow::Result<Result<Option<i64>, &'static str>>,
+    population: &Population,
+    checkpoints: &[usize],
+    seed: u64,
+) -> anyhow::Result<Reconstruction> {
+    use rand_core::{RngCore, SeedableRng};
+    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+    let n = population.dates.len();
+    let (mut subsets, mut answers) = (Vec::new(), Vec::new());
+    let (mut points, mut redacted, mut stopped_by) = (Vec::new(), 0, None);
+    let last = checkpoints.iter().copied().max().unwrap_or(0);
+    for asked in 1..=last {
+        let subset: Vec<usize> = (0..n).filter(|_| rng.next_u64() & 1 == 1).collect();
+        match count(&population.clause(&subset))? {
+            Ok(Some(v)) => {
+                subsets.push(subset);
+                answers.push(v as f64);
+            }
+            Ok(None) => redacted += 1,
+            Err(rule) => {
+                stopped_by = Some(rule.to_owned());
+                break;
+            }
+        }
+        if checkpoints.contains(&asked) {
+            let x = decode(&subsets, &answers, n);
+            let right = x
+                .iter()
+                .zip(&population.has)
+                .filter(|(x, h)| (**x > 0.5) == **h)
+                .count();
+            points.push(CurvePoint {
+                queries: asked,
+                right,
+                accuracy: right as f64 / n.max(1) as f64,
+            });
+        }
+    }
+    Ok(Reconstruction {
+        rule_set: rule_set.to_owned(),
+        members: n,
+        base_rate: population.base_rate(),
+        points,
+        redacted,
+        stopped_by,
+    })
+}
+
+/// The attacker's decoder: fits each member's attribute x_i ∈ [0, 1] and
+/// the padding's count c to the answers b_q ≈ c + Σ_{i ∈ S_q} x_i by
+/// least squares on the box, with a term λ·Σ x_i (λ = 2) that prefers the
+/// minority answer — the attacker's prior that the attribute is rare (or,
+/// if a first fit without it says most have it, λ·Σ (1 − x_i)); the
+/// caller rounds at ½. Least squares rather than least absolute
+/// deviations (the review's fit), and λ = 2, because on answers simulated
+/// with noise like each rule set's (bounded, variance 2 to 3) over a
+/// group of this size and share they decoded best from 10 to 200
+/// queries; an attacker can choose their decoder the same way, without
+/// the truth (`tests/differencing.rs` keeps the comparison).
+///
+/// The fit: coordinate descent on the normal equations, in the members'
+/// centred columns (x_i multiplies 1[i ∈ S_q] − ½, so the padding's count
+/// does not couple with every x_i), with a tiny ridge towards ½ so that
+/// it is defined with fewer answers than members.
+pub fn decode(subsets: &[Vec<usize>], answers: &[f64], n: usize) -> Vec<f64> {
+    decode_with(subsets, answers, n, 2.0)
+}
+
+/// [`decode`] with the prior's weight λ (0: plain least squares).
+pub fn decode_with(subsets: &[Vec<usize>], answers: &[f64], n: usize, prior: f64) -> Vec<f64> {
+    let first = fit(subsets, answers, n, 0.0);
+    let share = first.iter().sum::<f64>() / n.max(1) as f64;
+    if prior == 0.0 {
+        return first;
+    }
+    fit(subsets, answers, n, if share > 0.5 { -prior } else { prior })
+}
+
+/// Minimises ½ Σ_q (b_q − c − Σ_i (1[i ∈ S_q] − ½) x_i)² + prior·Σ_i x_i
+/// + ridge·Σ_i (x_i − ½)²/2 over x ∈ [0, 1]ⁿ and c.
+fn fit(subsets: &[Vec<usize>], answers: &[f64], n: usize, prior: f64) -> Vec<f64> {
+    const SWEEPS: usize = 5000;
+    const RIDGE: f64 = 1e-3;
+    let k = n + 1;
+    let mut z = vec![0.5; k];
+    if answers.is_empty() {
+        return z.split_off(1);
+    }
+    let m = answers.len() as f64;
+    let total: f64 = answers.iter().sum();
+    z[0] = total / m;
+    // Per member and pair of members, sums over the answers whose subset
+    // holds them.
+    let mut s1 = vec![0.0; n];
+    let mut sb = vec![0.0; n];
+    let mut s2 = vec![0.0; n * n];
+    for (s, &b) in subsets.iter().zip(answers) {
+        for &i in s {
+            s1[i] += 1.0;
+            sb[i] += b;
+            for &j in s {
+                s2[i * n + j] += 1.0;
+            }
+        }
+    }
+    // The normal equations in the centred columns a_i = 1[i ∈ S] − ½.
+    let mut g = vec![0.0; k * k];
+    let mut h = vec![0.0; k];
+    g[0] = m;
+    h[0] = total;
+    for i in 0..n {
+        let gi = s1[i] - 0.5 * m;
+        g[i + 1] = gi;
+        g[(i + 1) * k] = gi;
+        h[i + 1] = sb[i] - 0.5 * total + RIDGE * 0.5 - prior;
+        for j in 0..n {
+            g[(i + 1) * k + j + 1] = s2[i * n + j] - 0.5 * (s1[i] + s1[j]) + 0.25 * m;
+        }
+        g[(i + 1) * k + i + 1] += RIDGE;
+    }
+    for _ in 0..SWEEPS {
+        let mut moved: f64 = 0.0;
+        for i in 0..k {
+            let row = &g[i * k..(i + 1) * k];
+            let dot: f64 = row.iter().zip(&z).map(|(a, b)| a * b).sum::<f64>() - row[i] * z[i];
+            let mut v = (h[i] - dot) / row[i];
+            if i > 0 {
+                v = v.clamp(0.0, 1.0);
+            }
+            moved = moved.max((v - z[i]).abs());
+            z[i] = v;
+        }
+        if moved < 1e-9 {
+            break;
+        }
+    }
+    z.split_off(1)
+}
+
+/// The reconstruction under the cell key method and under OpenSAFELY's
+/// rules on `store`, at `checkpoints` queries, over a group of `sizes`
+/// members (for `gpdp bench`).
+pub fn by_queries(
+    store: &Path,
+    sizes: std::ops::RangeInclusive<usize>,
+    checkpoints: &[usize],
+) -> anyhow::Result<Vec<Reconstruction>> {
+    let population = population(store, sizes)?;
+    let policy = super::tre::bench_policy()?;
+    ["demo-planning-exempt", "demo-opensafely"]
+        .into_iter()
+        .map(|project| {
+            let a = Attacker {
+                store,
+                policy: &policy,
+                project,
+            };
+            reconstruct(&a, &population, checkpoints, 1)
+        })
+        .collect()
 }
 
 #[cfg(test)]
