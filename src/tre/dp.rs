@@ -301,6 +301,9 @@ pub struct Spending {
     /// before it was kept reads as none, and is folded again).
     #[serde(default)]
     pub generation: Option<u64>,
+    /// Released cells charged per user (rule sets with a `cell_budget`).
+    #[serde(default)]
+    pub cells_by_user: std::collections::BTreeMap<String, u64>,
 }
 
 impl Spending {
@@ -311,6 +314,18 @@ impl Spending {
         }
         if let Some(g) = entry.get("generation").and_then(Value::as_u64) {
             self.generation = Some(self.generation.map_or(g, |l| l.max(g)));
+        }
+        if entry.get("event").and_then(Value::as_str) == Some("cell_charge") {
+            match (
+                entry.get("user").and_then(Value::as_str),
+                entry.get("cells").and_then(Value::as_u64),
+            ) {
+                (Some(user), Some(cells)) => {
+                    *self.cells_by_user.entry(user.to_owned()).or_default() += cells;
+                }
+                _ => self.unreadable = true,
+            }
+            return;
         }
         if entry.get("event").and_then(Value::as_str) != Some("privacy_charge") {
             return;
@@ -335,7 +350,11 @@ impl Spending {
 
 /// What the ledger reads of the log: charges, and the generations commits
 /// record (every other line is passed over unread).
-const LEDGER_LINES: [&str; 2] = ["\"privacy_charge\"", "\"generation\""];
+const LEDGER_LINES: [&str; 3] = [
+    "\"privacy_charge\"",
+    "\"cell_charge\"",
+    "\"generation\"",
+];
 
 /// The privacy ledger of a population: `DIR/<collection key id>.jsonl`.
 ///
@@ -443,6 +462,79 @@ pub fn charge(
     // written the query fails, charged and not run: fail closed.
     AuditLog::at(store).append(&[line])?;
     Ok(Ok(ledger))
+}
+
+/// Charges the `cells` a released answer holds to `user`'s budget of
+/// released cells over the population (`ledger`), for a rule set that has
+/// one (`cell_budget`): the cell key method's noise is bounded, so a few
+/// hundred counts over overlapping subsets of a group reconstruct its
+/// members' attributes (measured in `tests/differencing.rs`), and nothing
+/// but a count of what was released bounds that. Refuses
+/// (`query_budget_exhausted`) an answer that would pass the budget —
+/// *after* it was computed, since how many cells pass the threshold
+/// depends on the data — and then spends the rest of the budget: whether
+/// an answer fits is data-dependent, so a refused answer must not be
+/// followed by another try (it could be probed, one bit a try, forever).
+/// The charge is copied into the store's audit log.
+#[allow(clippy::too_many_arguments)]
+pub fn charge_cells(
+    store: &std::path::Path,
+    ledger: &std::path::Path,
+    user: &str,
+    project: &str,
+    budget: u64,
+    cells: u64,
+    plan_fingerprint: &str,
+) -> Result<Result<(), Refusal>, crate::store::audit::AuditError> {
+    if let Some(dir) = ledger.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| crate::store::audit::AuditError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    let mut decided = None;
+    AuditLog::file(ledger.to_owned()).append_folded(&LEDGER_LINES, Spending::add, |spending: &Spending| {
+        if spending.unreadable {
+            decided = Some((Err(Refusal::new(
+                "query_budget_exhausted",
+                "the ledger of released cells cannot be read, so nothing can be released; the TRE operator must repair it",
+            )), None));
+            return Ok::<_, ()>(vec![]);
+        }
+        let before = spending.cells_by_user.get(user).copied().unwrap_or(0);
+        let fits = before + cells <= budget;
+        let charged = if fits { cells } else { budget.saturating_sub(before) };
+        let line = json!({
+            "event": "cell_charge",
+            "time": crate::store::now_rfc3339(),
+            "user": user,
+            "project": project,
+            "cells": charged,
+            "spent_cells": before + charged,
+            "cell_budget": budget,
+            "refused": !fits,
+            "plan_fingerprint": plan_fingerprint,
+        });
+        let outcome = if fits {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                "query_budget_exhausted",
+                format!(
+                    "this answer holds {cells} released cells; {user} had {} of a budget of {budget} released cells left over these patients (every project under this rule set, every store of them), so nothing was released and the budget is now spent",
+                    budget.saturating_sub(before)
+                ),
+            ))
+        };
+        decided = Some((outcome, Some(line.clone())));
+        Ok(if charged > 0 || !fits { vec![line] } else { vec![] })
+    })?
+    .ok();
+    let (outcome, line) = decided.expect("a decision");
+    if let Some(line) = line {
+        AuditLog::at(store).append(&[line])?;
+    }
+    Ok(outcome)
 }
 
 /// One draw of the discrete Gaussian with scale σ, exactly.
