@@ -26,6 +26,24 @@ pub const DEMO_PRACTICES: u32 = 8;
 pub const DEMO_PATIENTS: u64 = 20_000;
 pub const DEMO_SEED: u64 = 42;
 
+/// The demo researchers of `policies/tre.toml` (demo credentials only), one
+/// per rule set so that each has the guarantee of the rule set they use:
+/// (project, user, token).
+pub const DEMO_RESEARCHERS: [(&str, &str, &str); 4] = [
+    ("demo-opensafely", "alice", "demo-alice-token"),
+    ("demo-research", "dana", "demo-dana-token"),
+    ("demo-planning-exempt", "carol", "demo-carol-token"),
+    ("demo-prescribing-acro", "priya", "demo-priya-token"),
+];
+
+/// The demo researcher approved for a shipped `project`, and their token.
+pub fn researcher_for(project: &str) -> Option<(&'static str, &'static str)> {
+    DEMO_RESEARCHERS
+        .iter()
+        .find(|(p, _, _)| *p == project)
+        .map(|(_, user, token)| (*user, *token))
+}
+
 /// A marker that says a directory was made by `gpdp demo` and may be replaced.
 const MARKER: &str = ".gpdp-demo";
 
@@ -54,6 +72,16 @@ pub struct DemoOutcome {
     /// A patient's own answer at the practice: the first later Type 1 request.
     pub status: crate::optout::status::Status,
     pub flight: FlightAnswer,
+    /// Each researcher of the policy, their projects and their effective
+    /// guarantee (the weakest rule set they reach).
+    pub guarantees: Vec<ResearcherGuarantee>,
+}
+
+/// One researcher's effective guarantee, as the demo prints it.
+pub struct ResearcherGuarantee {
+    pub user: String,
+    pub projects: Vec<String>,
+    pub guarantee: crate::policy::tre::Guarantee,
 }
 
 /// One question asked over Arrow Flight SQL, as a researcher's tool would.
@@ -66,7 +94,7 @@ pub struct FlightAnswer {
 const FLIGHT_SQL: &str = "SELECT age_band, count(*) AS patients FROM patients WHERE registered GROUP BY age_band ORDER BY age_band";
 
 /// Starts `gpdp serve` on a free loopback port, asks one question with the
-/// Rust Flight SQL client (handshake as alice@demo-research), and stops it.
+/// Rust Flight SQL client (handshake as dana@demo-research), and stops it.
 fn ask_over_flight(store: &Path, policy: &TrePolicy) -> anyhow::Result<FlightAnswer> {
     let rt = crate::tre::runtime(Some(2))?;
     rt.block_on(async {
@@ -87,7 +115,7 @@ fn ask_over_flight(store: &Path, policy: &TrePolicy) -> anyhow::Result<FlightAns
         let addr = addr_rx.await?;
         // The demo researcher of policies/tre.toml (demo credentials only).
         let mut client =
-            crate::serve::connect(addr, "alice", "demo-research", "demo-alice-token").await?;
+            crate::serve::connect(addr, "dana", "demo-research", "demo-dana-token").await?;
         let batches = crate::serve::fetch(&mut client, FLIGHT_SQL).await;
         drop(client);
         let _ = stop_tx.send(());
@@ -108,6 +136,8 @@ const DEMO_LATER_MOVERS: usize = 10;
 pub struct Question {
     pub title: &'static str,
     pub project: &'static str,
+    /// The demo researcher of the project, who asked it.
+    pub user: &'static str,
     pub sql: String,
     pub answer: Result<crate::tre::Released, crate::tre::TreError>,
 }
@@ -115,7 +145,7 @@ pub struct Question {
 /// Diabetes: any of the three diagnosis codes of synthetic-data/codelists/conditions.csv.
 const DIABETES: &str = "SELECT patient_id FROM clinical_events WHERE snomedct_code IN ('73211009', '46635009', '44054006')";
 
-const QUESTIONS: [(&str, &str, &str); 8] = [
+const QUESTIONS: [(&str, &str, &str); 10] = [
     (
         "Diabetes prevalence by age band: all patients, and those with a diabetes code",
         "demo-research",
@@ -140,6 +170,16 @@ const QUESTIONS: [(&str, &str, &str); 8] = [
         "Planning, under the cell key method: HbA1c tests and mean HbA1c by deprivation",
         "demo-planning-exempt",
         "SELECT p.imd_decile, count(*) AS tests, avg(c.numeric_value) AS mean_hba1c FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id WHERE c.snomedct_code = '999791000000106' GROUP BY p.imd_decile ORDER BY p.imd_decile",
+    ),
+    (
+        "Under OpenSAFELY's rules: patients with a diabetes code by sex",
+        "demo-opensafely",
+        "SELECT sex, count(DISTINCT patient_id) AS with_diabetes FROM patients WHERE patient_id IN (DIABETES) GROUP BY sex ORDER BY sex",
+    ),
+    (
+        "Under ACRO's rules: patients prescribed and quantity dispensed in 2025, by deprivation",
+        "demo-prescribing-acro",
+        "SELECT p.imd_decile, count(DISTINCT m.patient_id) AS patients, sum(m.quantity) AS quantity FROM medications m JOIN patients p ON m.patient_id = p.patient_id WHERE m.event_year = 2025 GROUP BY p.imd_decile ORDER BY p.imd_decile",
     ),
     (
         "The National Data Opt-out at work (1/2): patients a research project can see",
@@ -252,20 +292,32 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         .iter()
         .map(|(title, project, sql)| {
             let sql = sql.replace("DIABETES", DIABETES);
+            // Each project's demo researcher of policies/tre.toml (demo
+            // credentials only).
+            let (user, token) = researcher_for(project).unwrap_or(("", ""));
             let request = crate::tre::Request {
                 store: store.clone(),
-                user: "alice".into(),
-                // The demo researcher of policies/tre.toml (demo credentials only).
-                token: Some("demo-alice-token".into()),
+                user: user.into(),
+                token: Some(token.into()),
                 project: (*project).into(),
                 sql: sql.clone(),
             };
             Question {
                 title,
                 project,
+                user,
                 sql,
                 answer: crate::tre::query_blocking(&tre_policy, &request),
             }
+        })
+        .collect();
+    let guarantees = tre_policy
+        .researchers
+        .iter()
+        .map(|r| ResearcherGuarantee {
+            user: r.user.clone(),
+            projects: r.projects.clone(),
+            guarantee: tre_policy.effective_guarantee(r),
         })
         .collect();
 
@@ -309,6 +361,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         head: register.log_head,
         status,
         flight,
+        guarantees,
         report_page: page,
         dir: dir.to_owned(),
         extracts,
@@ -363,4 +416,24 @@ fn write_later_optouts(truth: &Path, out: &Path) -> anyhow::Result<()> {
     }
     std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each shipped project's demo researcher gets in with their token, and
+    /// into that project only.
+    #[test]
+    fn each_demo_researcher_is_approved_for_their_project_only() {
+        let policy = TrePolicy::load(None).unwrap();
+        for (project, user, token) in DEMO_RESEARCHERS {
+            assert_eq!(researcher_for(project), Some((user, token)));
+            for (other, _, _) in DEMO_RESEARCHERS {
+                let got = crate::tre::auth::authorise(&policy, user, Some(token), other);
+                assert_eq!(got.is_ok(), other == project, "{user} in {other}");
+            }
+        }
+        assert_eq!(DEMO_RESEARCHERS.len(), policy.projects.len());
+    }
 }

@@ -478,11 +478,26 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             );
             println!();
             println!(
-                "4. Research questions through the TRE boundary (researcher alice; answers are disclosure-controlled)"
+                "4. Research questions through the TRE boundary (one demo researcher per rule set; answers are disclosure-controlled)"
             );
+            println!(
+                "   Each researcher's effective guarantee: the weakest rule set they can reach over the same patients"
+            );
+            for g in &o.guarantees {
+                println!(
+                    "   {:<6} {:<24} {}",
+                    g.user,
+                    if g.projects.is_empty() {
+                        "(no project)".to_owned()
+                    } else {
+                        g.projects.join(", ")
+                    },
+                    g.guarantee
+                );
+            }
             for q in &o.questions {
                 println!();
-                println!("  {} [{}]", q.title, q.project);
+                println!("  {} [{}, as {}]", q.title, q.project, q.user);
                 println!("  SQL: {}", q.sql);
                 match &q.answer {
                     Ok(r) => {
@@ -519,7 +534,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             }
             println!();
             println!(
-                "7. The TRE as a service: gpdp serve at grpc://{} (Arrow Flight SQL), researcher alice with the Rust Flight SQL client",
+                "7. The TRE as a service: gpdp serve at grpc://{} (Arrow Flight SQL), researcher dana with the Rust Flight SQL client",
                 o.flight.addr
             );
             println!("  SQL: {}", o.flight.sql);
@@ -597,11 +612,11 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             println!();
             println!("Ask your own question (demo credentials):");
             println!(
-                "  GPDP_TOKEN=demo-alice-token cargo run --release -- query --store {} --project demo-research --user alice \"SELECT sex, count(*) AS n FROM patients GROUP BY sex\"",
+                "  GPDP_TOKEN=demo-dana-token cargo run --release -- query --store {} --project demo-research --user dana \"SELECT sex, count(*) AS n FROM patients GROUP BY sex\"",
                 o.store.display()
             );
             println!(
-                "  (demo-research answers with differential privacy and charges alice's budget; demo-planning-exempt needs --perturbation-key {}; demo-opensafely and demo-prescribing-acro use deterministic rules)",
+                "  (demo-research answers with differential privacy and charges dana's budget; carol asks demo-planning-exempt, which needs --perturbation-key {}; alice asks demo-opensafely and priya demo-prescribing-acro, under deterministic rules; each token is demo-<user>-token)",
                 o.perturbation_key.display()
             );
             println!(

@@ -405,7 +405,7 @@ fn privacy_budgets_respected_fails_when_the_log_charges_past_a_budget() {
     let copy = copy_of_base();
     gpdp::store::audit::AuditLog::at(&copy.store)
         .append(&[serde_json::json!({
-            "event": "privacy_charge", "time": "2026-12-07T00:00:00Z", "user": "alice",
+            "event": "privacy_charge", "time": "2026-12-07T00:00:00Z", "user": "dana",
             "project": "demo-research", "rho": 0.5, "spent": 0.5, "budget": 0.4,
             "plan_fingerprint": "x",
         })])

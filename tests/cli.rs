@@ -62,15 +62,30 @@ fn demo_runs_without_arguments_and_can_run_again() {
                 .join("gpdp-demo/extracts/truth/summary.json")
                 .exists()
         );
+        // One demo researcher per rule set: each project asked as its
+        // own researcher, and each researcher's effective guarantee stated.
+        for (user, projects, _, words) in
+            expected_guarantees(gpdp::policy::tre::DEFAULT_TRE_POLICY)
+        {
+            assert!(
+                out.lines()
+                    .any(|l| l.split_whitespace().next() == Some(user.as_str())
+                        && l.ends_with(words.as_str())),
+                "no guarantee for {user}: {out}"
+            );
+            if let [project] = &projects[..] {
+                assert!(out.contains(&format!("[{project}, as {user}]")), "{out}");
+            }
+        }
         // Its differentially private answers state their noise and were
-        // charged to alice's budget, which the report shows.
+        // charged to dana's budget, which the report shows.
         assert!(out.contains("(noise: patients ±9.8 (95%"), "{out}");
         let report: serde_json::Value = serde_json::from_slice(
             &std::fs::read(dir.path().join("gpdp-demo/report/report.json")).unwrap(),
         )
         .unwrap();
         let budgets = &report["tre"]["privacy_budgets"][0];
-        assert_eq!(budgets["user"], "alice");
+        assert_eq!(budgets["user"], "dana");
         assert!(budgets["rho_spent"].as_f64().unwrap() > 0.1, "{budgets}");
     }
     // A directory the demo did not make is never replaced.

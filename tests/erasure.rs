@@ -413,11 +413,11 @@ fn the_register_lists_what_was_asked_and_holds_no_identifier() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let mut forbidden = vec![
-        key_hex,
-        m["key_id"].as_str().unwrap().to_owned(),
-        "alice".into(),
-    ];
+    let mut forbidden = vec![key_hex, m["key_id"].as_str().unwrap().to_owned()];
+    // No researcher's name.
+    for (user, ..) in expected_guarantees(gpdp::policy::tre::DEFAULT_TRE_POLICY) {
+        forbidden.push(user);
+    }
     for r in &truth {
         forbidden.push(r["nhs_number"].clone());
     }
@@ -431,6 +431,83 @@ fn the_register_lists_what_was_asked_and_holds_no_identifier() {
             assert!(
                 !lower.contains(&f.to_lowercase()),
                 "the register contains {f}"
+            );
+        }
+    }
+}
+
+/// The register states each approved researcher's effective guarantee —
+/// the weakest rule set among their projects, worked out by the test from
+/// the policy's text — without naming them. The policy is the shipped one
+/// (one researcher per rule set) plus "xavier", approved for `dp` and
+/// OpenSAFELY's rules with a recorded reason: the positive control, whose
+/// `dp` project does not make them ρ-bounded.
+#[test]
+fn the_register_states_each_researchers_effective_guarantee_without_naming_them() {
+    let c = collected_with_ndoo(1, 300, 73, 8);
+    let policy_text = format!(
+        "{}\n[[researchers]]\nuser = \"xavier\"\ntoken_sha256 = \"{}\"\nprojects = [\"demo-research\", \"demo-opensafely\"]\nrho_budget = 1.5\nmixed_rules_reason = \"a methods comparison, every output checked by hand\"\n",
+        gpdp::policy::tre::DEFAULT_TRE_POLICY,
+        "0".repeat(64)
+    );
+    let policy = c._dir.path().join("tre.toml");
+    std::fs::write(&policy, &policy_text).unwrap();
+    let out = c._dir.path().join("register");
+    let o = run(&[
+        "register",
+        "--store",
+        c.store.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json_text = std::fs::read_to_string(out.join("register.json")).unwrap();
+    let html = std::fs::read_to_string(out.join("register.html")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&json_text).unwrap();
+
+    let expected: Vec<_> = expected_guarantees(&policy_text)
+        .into_iter()
+        .filter(|(_, projects, ..)| !projects.is_empty())
+        .collect();
+    let got: Vec<(Vec<String>, String, String)> = r["researchers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["projects"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_str().unwrap().to_owned())
+                    .collect(),
+                e["guarantee"].as_str().unwrap().to_owned(),
+                e["effective_guarantee"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(Vec<String>, String, String)> = expected
+        .iter()
+        .map(|(_, p, code, words)| (p.clone(), code.clone(), words.clone()))
+        .collect();
+    assert_eq!(got, want);
+    // One of each kind; xavier, though on a `dp` project, is deterministic.
+    let codes: Vec<&str> = want.iter().map(|w| w.1.as_str()).collect();
+    assert_eq!(
+        codes,
+        ["deterministic", "rho_bounded", "cell_key", "deterministic", "deterministic"]
+    );
+    assert_eq!(r["researchers"][4]["mixed_rules_reason_recorded"], true);
+    for (_, _, _, words) in &expected {
+        assert!(html.contains(words.as_str()), "the page lacks {words}");
+    }
+    for (user, ..) in expected_guarantees(&policy_text) {
+        for text in [&json_text, &html] {
+            assert!(
+                !text.to_lowercase().contains(&user),
+                "the register names {user}"
             );
         }
     }

@@ -6,8 +6,8 @@
 //! in the log on first use: another key is refused, and changing it is a
 //! deliberate, logged rotation.
 //!
-//! Before, the ledger was read from a cache beside the log: setting
-//! alice's spend to 0 there gave her a fresh budget over the same people,
+//! Before, the ledger was read from a cache beside the log: setting a
+//! researcher's spend to 0 there gave her a fresh budget over the same people,
 //! and `gpdp audit --verify-log` still passed while the log recorded more
 //! ρ than her budget. And any key from `gpdp keygen` was taken: averaging
 //! one count over a hundred keys gave the exact count.
@@ -38,9 +38,9 @@ fn ask(store: &Path, policy: &Path) -> std::process::Output {
         "--project",
         "demo-research",
         "--user",
-        "alice",
+        "dana",
         "--token",
-        "demo-alice-token",
+        "demo-dana-token",
         "--policy",
         policy.to_str().unwrap(),
         SQL,
@@ -51,7 +51,7 @@ fn verify_log(store: &Path) -> std::process::Output {
     run(&["audit", "--store", store.to_str().unwrap(), "--verify-log"])
 }
 
-/// A cache file claiming alice has spent nothing does not give her a
+/// A cache file claiming dana has spent nothing does not give her a
 /// fresh budget: her spend is what the log's charges add up to.
 #[test]
 fn a_ledger_cache_edited_to_zero_does_not_reset_a_budget() {
@@ -67,14 +67,14 @@ fn a_ledger_cache_edited_to_zero_does_not_reset_a_budget() {
     assert!(stderr(&o).contains("budget_exhausted"), "{}", stderr(&o));
     // What the review did: the ledger's cache as an earlier gpdp wrote
     // it — at the end of the log, with the hash of its last line, so that
-    // it reads as up to date — with alice's spend set to 0.
+    // it reads as up to date — with dana's spend set to 0.
     let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     let generation = manifest(&c.store)["generation"].clone();
     std::fs::write(
         c.store.join("audit/privacy-ledger.json"),
         json!({"offset": log.len(), "hash": last["hash"],
-               "state": {"unreadable": false, "by_user": {"alice": 0.0}, "charges": {}, "generation": generation}})
+               "state": {"unreadable": false, "by_user": {"dana": 0.0}, "charges": {}, "generation": generation}})
         .to_string(),
     )
     .unwrap();
@@ -113,7 +113,7 @@ fn the_audit_replays_every_charge_and_fails_an_overspend_or_a_reset() {
     assert!(budgets["detail"].as_str().unwrap().starts_with("2 privacy charges"));
 
     let charge = |spent: f64| {
-        json!({"event": "privacy_charge", "time": "2026-12-07T00:00:00Z", "user": "alice",
+        json!({"event": "privacy_charge", "time": "2026-12-07T00:00:00Z", "user": "dana",
                "project": "demo-research", "rho": 0.02, "spent": spent, "budget": 0.04,
                "plan_fingerprint": "x"})
     };
@@ -175,9 +175,9 @@ fn a_store_answers_under_one_perturbation_key_until_it_is_rotated() {
             "--project",
             "demo-planning-exempt",
             "--user",
-            "alice",
+            "carol",
             "--token",
-            "demo-alice-token",
+            "demo-carol-token",
             "--perturbation-key",
             key.to_str().unwrap(),
             SQL,

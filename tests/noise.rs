@@ -119,8 +119,8 @@ fn ask(policy: &TrePolicy, sql: &str) -> gpdp::tre::Released {
         policy,
         &Request {
             store: fixture().store.clone(),
-            user: "alice".into(),
-            token: Some("demo-alice-token".into()),
+            user: "dana".into(),
+            token: Some("demo-dana-token".into()),
             project: "demo-research".into(),
             sql: sql.into(),
         },

@@ -171,3 +171,49 @@ fn the_page_has_every_section_with_charts_and_nothing_fetched_or_identifying() {
         "<th>k-anonymity (smallest class)</th><td>{k}</td>"
     )));
 }
+
+/// The report's TRE section states each researcher's effective guarantee
+/// (in report.json and on the page): the weakest rule set among their
+/// projects, worked out by the test from the shipped policy's text —
+/// one demo researcher per rule set, so each kind appears, and the ρ
+/// budget is stated only for the `dp` researcher.
+#[test]
+fn the_report_states_each_researchers_effective_guarantee() {
+    let m = made();
+    let expected = expected_guarantees(gpdp::policy::tre::DEFAULT_TRE_POLICY);
+    let got: Vec<(String, Vec<String>, String, String)> = m.json["tre"]["researchers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["user"].as_str().unwrap().to_owned(),
+                e["projects"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_str().unwrap().to_owned())
+                    .collect(),
+                e["guarantee"].as_str().unwrap().to_owned(),
+                e["effective_guarantee"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+    let codes: Vec<&str> = expected.iter().map(|e| e.2.as_str()).collect();
+    assert_eq!(
+        codes,
+        ["deterministic", "rho_bounded", "cell_key", "deterministic", "no_project"]
+    );
+    assert_eq!(expected[1].3, "ρ-bounded (zCDP, ρ budget 2)");
+    // On the page: one row per researcher in the section's table.
+    let section = &m.html[m.html.find("effective guarantees</h3>").expect("no section")..];
+    let table = &section[..section.find("</table>").unwrap()];
+    for (user, _, _, words) in &expected {
+        let row = table
+            .split("<tr>")
+            .find(|r| r.starts_with(&format!("<td>{user}</td>")))
+            .unwrap_or_else(|| panic!("no row for {user}"));
+        assert!(row.contains(words.as_str()), "{user}: {row}");
+    }
+}

@@ -157,14 +157,16 @@ fn the_tests_own_rules_give_the_published_answers() {
     assert_eq!(acro_breaks(&[45.0, 40.0, 10.0, 5.0]), None);
 }
 
+/// `sql` asked in `project` as its demo researcher.
 fn ask(project: &str, sql: &str) -> Result<gpdp::tre::Released, TreError> {
     let policy = test_policy();
+    let (user, token) = researcher_of(project);
     query_blocking(
         &policy,
         &Request {
             store: fixture().store.clone(),
-            user: "alice".into(),
-            token: Some("demo-alice-token".into()),
+            user: user.into(),
+            token: Some(token.into()),
             project: project.into(),
             sql: sql.into(),
         },
@@ -1093,8 +1095,8 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
     let store = &fixture().store;
     let request = |sql: &str| Request {
         store: store.clone(),
-        user: "alice".into(),
-        token: Some("demo-alice-token".into()),
+        user: "carol".into(),
+        token: Some("demo-carol-token".into()),
         project: "demo-planning-exempt".into(),
         sql: sql.into(),
     };
@@ -1526,14 +1528,22 @@ fn dp_releases_every_domain_cell_near_the_truth_with_its_noise() {
 fn dp_budget_runs_out_and_refusals_cost_nothing() {
     let c = collected_with_ndoo(1, 300, 5, 4);
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.researchers[0].rho_budget = 0.05;
+    // dana, the `dp` researcher, with a small budget and also approved for
+    // demo-opensafely (as a policy recording a mixed_rules_reason would).
+    let dana = policy
+        .researchers
+        .iter_mut()
+        .find(|r| r.user == "dana")
+        .unwrap();
+    dana.rho_budget = 0.05;
+    dana.projects.push("demo-opensafely".into());
     let asking = |sql: &str| {
         query_blocking(
             &policy,
             &Request {
                 store: c.store.clone(),
-                user: "alice".into(),
-                token: Some("demo-alice-token".into()),
+                user: "dana".into(),
+                token: Some("demo-dana-token".into()),
                 project: "demo-research".into(),
                 sql: sql.into(),
             },
@@ -1566,8 +1576,8 @@ fn dp_budget_runs_out_and_refusals_cost_nothing() {
     // Other projects' rule sets do not touch the budget.
     let mut other = Request {
         store: c.store.clone(),
-        user: "alice".into(),
-        token: Some("demo-alice-token".into()),
+        user: "dana".into(),
+        token: Some("demo-dana-token".into()),
         project: "demo-opensafely".into(),
         sql: one.into(),
     };
@@ -1601,8 +1611,8 @@ fn dp_bounds_each_patients_cells() {
             &policy,
             &Request {
                 store: store.clone(),
-                user: "alice".into(),
-                token: Some("demo-alice-token".into()),
+                user: "dana".into(),
+                token: Some("demo-dana-token".into()),
                 project: "demo-research".into(),
                 sql: sql.into(),
             },

@@ -76,10 +76,12 @@ fn ask(
     sql: &str,
 ) -> anyhow::Result<f64> {
     let t = Instant::now();
+    // Each shipped project's demo researcher (one per rule set).
+    let (user, token) = crate::demo::researcher_for(project).unwrap_or(("", ""));
     let request = crate::tre::Request {
         store: store.to_owned(),
-        user: "alice".into(),
-        token: Some("demo-alice-token".into()),
+        user: user.into(),
+        token: Some(token.into()),
         project: project.into(),
         sql: sql.into(),
     };

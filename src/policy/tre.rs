@@ -194,6 +194,94 @@ impl Disclosure {
     pub fn checks_contributions(&self) -> bool {
         self.dominance.is_some() || self.p_percent.is_some()
     }
+
+    /// What this rule set bounds about a sequence of questions.
+    pub fn protection(&self) -> Protection {
+        if self.dp.is_some() {
+            Protection::RhoBounded
+        } else if self.ckm.is_some() {
+            Protection::CellKey
+        } else {
+            Protection::Deterministic
+        }
+    }
+}
+
+/// What a rule set bounds about everything a researcher can ask, weakest
+/// first, so that the weakest of several is their minimum. The order:
+///
+/// - `dp` (ρ-bounded) is strongest: every statistic is charged to the
+///   researcher's ρ budget, and zCDP bounds what any sequence of answers
+///   within it reveals about one patient, however they are combined.
+/// - `ckm` (cell key method) is next: bounded noise, the same for the same
+///   records, so two answers cannot be subtracted to an exact count; but
+///   nothing bounds how many answers are asked, and enough of them
+///   reconstruct a small group's attributes (padding, least squares).
+/// - `acro` and `opensafely` (thresholds, rounding, dominance: every rule
+///   set without noise) are weakest, and equal: answers are exact up to the
+///   rounding, so padding calibrated to it reads a target's attribute from
+///   a few answers; only a human checking outputs stands in the way. ACRO's
+///   dominance and p% rules protect a large contributor to a sum, not a
+///   patient from differencing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protection {
+    Deterministic,
+    CellKey,
+    RhoBounded,
+}
+
+/// A researcher's effective guarantee: the weakest rule set among the
+/// projects they reach over the same people ([`TrePolicy::effective_guarantee`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Guarantee {
+    /// Approved for no project: reaches no data.
+    NoProject,
+    /// Every project they reach is under `dp`; their loss is bounded by
+    /// their budget.
+    RhoBounded { rho_budget: f64 },
+    /// The weakest is the cell key method.
+    CellKey,
+    /// The weakest has deterministic rules (opensafely, acro).
+    Deterministic,
+}
+
+impl Guarantee {
+    /// A stable name for machine-readable output.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Guarantee::NoProject => "no_project",
+            Guarantee::RhoBounded { .. } => "rho_bounded",
+            Guarantee::CellKey => "cell_key",
+            Guarantee::Deterministic => "deterministic",
+        }
+    }
+}
+
+impl std::fmt::Display for Guarantee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Guarantee::NoProject => write!(f, "no approved project: reaches no data"),
+            Guarantee::RhoBounded { rho_budget } => {
+                write!(f, "ρ-bounded (zCDP, ρ budget {rho_budget})")
+            }
+            Guarantee::CellKey => write!(f, "cell key method: not DP, bounded noise"),
+            Guarantee::Deterministic => write!(f, "deterministic rules: output checking needed"),
+        }
+    }
+}
+
+/// Whether two projects are over the same people. In this policy every
+/// project's tables are views of one store: the GP views (patients,
+/// clinical events, medications) and the linked views (hospital spells,
+/// deaths, joined to the same patients by the same pseudonym) all describe
+/// the store's patients, so any two projects that reach a table at all
+/// reach the same population. The National Data Opt-out removes some
+/// patients from the projects it applies to, but leaves most of them in
+/// both an NDOO and an exempt project, so it does not make two
+/// populations. A policy serving several stores would compare the stores'
+/// collection key ids here.
+pub fn same_population(a: &Project, b: &Project) -> bool {
+    !a.tables.is_empty() && !b.tables.is_empty()
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +314,11 @@ pub struct Researcher {
     /// applies to *and* one exempt from it (comparing the two answers
     /// person by person tells who opted out); required for that pairing.
     pub cross_ndoo_reason: Option<String>,
+    /// Why this researcher may use a `dp` project *and* a project under
+    /// another rule set over the same people (the other project's answers
+    /// are not charged to the budget, so they undo it); required for that
+    /// pairing. Their effective guarantee is then the weaker rule set's.
+    pub mixed_rules_reason: Option<String>,
     /// Privacy budget ρ (zCDP) for `dp` projects, per store, shared by all
     /// of this researcher's projects; 0 when the policy gives none.
     pub rho_budget: f64,
@@ -257,6 +350,30 @@ pub struct TrePolicy {
 impl TrePolicy {
     pub fn researcher(&self, user: &str) -> Option<&Researcher> {
         self.researchers.iter().find(|r| r.user == user)
+    }
+
+    /// A researcher's effective guarantee: the weakest rule set (in the
+    /// order of [`Protection`]) among the projects they are approved for.
+    /// All of them are over the same people ([`same_population`]), so a
+    /// question answered under the weakest can undo what the others
+    /// protect: a `dp` budget bounds nothing when the same patients can
+    /// be differenced under deterministic rules next door.
+    pub fn effective_guarantee(&self, researcher: &Researcher) -> Guarantee {
+        let weakest = researcher
+            .projects
+            .iter()
+            .filter_map(|p| self.projects.get(p))
+            .filter(|p| !p.tables.is_empty())
+            .map(|p| p.disclosure.protection())
+            .min();
+        match weakest {
+            None => Guarantee::NoProject,
+            Some(Protection::RhoBounded) => Guarantee::RhoBounded {
+                rho_budget: researcher.rho_budget,
+            },
+            Some(Protection::CellKey) => Guarantee::CellKey,
+            Some(Protection::Deterministic) => Guarantee::Deterministic,
+        }
     }
 }
 
@@ -333,6 +450,7 @@ struct RawResearcher {
     token_sha256: String,
     projects: Vec<String>,
     cross_ndoo_reason: Option<String>,
+    mixed_rules_reason: Option<String>,
     rho_budget: Option<f64>,
 }
 
@@ -597,6 +715,39 @@ impl TrePolicy {
                     r.user
                 )));
             }
+            // A `dp` project beside one under another rule set over the
+            // same people: the other's answers are not charged to the
+            // budget, and differencing them reads what `dp` protects.
+            let mixed_reason = r
+                .mixed_rules_reason
+                .as_ref()
+                .filter(|why| !why.trim().is_empty());
+            let dp_project = r
+                .projects
+                .iter()
+                .map(|p| &projects[p])
+                .find(|p| p.disclosure.protection() == Protection::RhoBounded);
+            if let (Some(dp), None) = (dp_project, mixed_reason) {
+                let others: Vec<String> = r
+                    .projects
+                    .iter()
+                    .map(|p| &projects[p])
+                    .filter(|p| {
+                        p.disclosure.protection() != Protection::RhoBounded
+                            && same_population(dp, p)
+                    })
+                    .map(|p| format!("{} (rule set {})", p.id, p.disclosure.name))
+                    .collect();
+                if !others.is_empty() {
+                    return Err(invalid(format!(
+                        "researcher {}: approved for {} (rule set {}: differential privacy, charged to a ρ budget) and for {} over the same patients: answers under those rules are not charged to the budget, so differencing them reads what the budget protects, and the researcher's guarantee is only the weakest rule set's; record why this is needed as mixed_rules_reason = \"…\", or approve `dp` projects only",
+                        r.user,
+                        dp.id,
+                        dp.disclosure.name,
+                        others.join(", ")
+                    )));
+                }
+            }
             let rho_budget = r.rho_budget.unwrap_or(0.0);
             if !(rho_budget.is_finite() && rho_budget >= 0.0) {
                 return Err(invalid(format!(
@@ -609,6 +760,7 @@ impl TrePolicy {
                 token_sha256: hash,
                 projects: r.projects,
                 cross_ndoo_reason: r.cross_ndoo_reason,
+                mixed_rules_reason: r.mixed_rules_reason,
                 rho_budget,
             });
         }
@@ -743,6 +895,125 @@ mod tests {
         assert_eq!(p.researchers[0].user, "alice");
     }
 
+    /// The shipped policy loads with no recorded reason of either kind:
+    /// one demo researcher per rule set, each with the guarantee of the
+    /// one rule set they reach; the ρ budget is the `dp` researcher's.
+    #[test]
+    fn the_shipped_researchers_each_reach_one_rule_set_and_need_no_reason() {
+        let p = TrePolicy::load(None).unwrap();
+        let mut seen = Vec::new();
+        for r in &p.researchers {
+            assert_eq!(r.mixed_rules_reason, None, "{}", r.user);
+            assert_eq!(r.cross_ndoo_reason, None, "{}", r.user);
+            let rule_sets: Vec<&str> = r
+                .projects
+                .iter()
+                .map(|id| p.projects[id].disclosure.name)
+                .collect();
+            seen.push((r.user.as_str(), rule_sets, p.effective_guarantee(r)));
+        }
+        assert_eq!(
+            seen,
+            [
+                ("alice", vec!["opensafely"], Guarantee::Deterministic),
+                ("dana", vec!["dp"], Guarantee::RhoBounded { rho_budget: 2.0 }),
+                ("carol", vec!["ckm"], Guarantee::CellKey),
+                ("priya", vec!["acro"], Guarantee::Deterministic),
+                ("bob", vec![], Guarantee::NoProject),
+            ]
+        );
+    }
+
+    /// The shipped policy with one more researcher, "zed", whose entry
+    /// (after `user` and `token_sha256`) is `entry`.
+    fn with_zed(entry: &str) -> Result<TrePolicy, String> {
+        let text = format!(
+            "{DEFAULT_TRE_POLICY}\n[[researchers]]\nuser = \"zed\"\ntoken_sha256 = \"{}\"\n{entry}\n",
+            "0".repeat(64)
+        );
+        TrePolicy::parse(&text, Path::new("t.toml")).map_err(|e| e.to_string())
+    }
+
+    fn zed(p: &TrePolicy) -> Guarantee {
+        p.effective_guarantee(p.researcher("zed").unwrap())
+    }
+
+    /// A `dp` project beside one under another rule set over the same
+    /// patients is refused at load, naming the researcher, the projects
+    /// and the rule sets, unless the entry records why; with a reason it
+    /// loads, and the researcher's guarantee is the weaker rule set's.
+    /// Positive control: deterministic rule sets together (no `dp`), and
+    /// `dp` alone, need no reason.
+    #[test]
+    fn dp_beside_another_rule_set_over_the_same_people_needs_a_recorded_reason() {
+        let err = with_zed("projects = [\"demo-research\", \"demo-opensafely\"]\nrho_budget = 1.0")
+            .unwrap_err();
+        for says in [
+            "researcher zed",
+            "demo-research (rule set dp",
+            "demo-opensafely (rule set opensafely)",
+            "mixed_rules_reason",
+        ] {
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        // ACRO (with the opt-out applying, like demo-research): refused too.
+        let err = with_zed("projects = [\"demo-prescribing-acro\", \"demo-research\"]").unwrap_err();
+        assert!(err.contains("demo-prescribing-acro (rule set acro)"), "{err}");
+        // The cell key method (exempt from the opt-out: that pairing's
+        // reason given, so that the mixed rules are what is refused).
+        let err = with_zed(
+            "projects = [\"demo-research\", \"demo-planning-exempt\"]\ncross_ndoo_reason = \"test\"",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("demo-planning-exempt (rule set ckm)") && err.contains("mixed_rules_reason"),
+            "{err}"
+        );
+        // A blank reason is no reason.
+        assert!(
+            with_zed("projects = [\"demo-research\", \"demo-opensafely\"]\nmixed_rules_reason = \" \"")
+                .is_err()
+        );
+        // With a reason it loads, and says what the researcher really has.
+        let p = with_zed(
+            "projects = [\"demo-research\", \"demo-opensafely\"]\nrho_budget = 1.0\nmixed_rules_reason = \"a methods comparison, outputs checked by hand\"",
+        )
+        .unwrap();
+        assert_eq!(zed(&p), Guarantee::Deterministic);
+        assert_eq!(
+            zed(&p).to_string(),
+            "deterministic rules: output checking needed"
+        );
+        // Positive controls: no `dp` project, or `dp` only.
+        let p = with_zed("projects = [\"demo-opensafely\", \"demo-prescribing-acro\"]").unwrap();
+        assert_eq!(zed(&p), Guarantee::Deterministic);
+        let p = with_zed("projects = [\"demo-research\"]\nrho_budget = 0.5").unwrap();
+        assert_eq!(zed(&p), Guarantee::RhoBounded { rho_budget: 0.5 });
+        assert_eq!(zed(&p).to_string(), "ρ-bounded (zCDP, ρ budget 0.5)");
+    }
+
+    /// The effective guarantee is the weakest rule set reached, in the
+    /// order dp > ckm > acro = opensafely, whatever order the projects
+    /// are listed in.
+    #[test]
+    fn the_effective_guarantee_is_the_weakest_rule_set_reached() {
+        let both = "cross_ndoo_reason = \"test\"\nmixed_rules_reason = \"test\"";
+        for (projects, want) in [
+            ("\"demo-planning-exempt\"", Guarantee::CellKey),
+            ("\"demo-research\", \"demo-planning-exempt\"", Guarantee::CellKey),
+            ("\"demo-planning-exempt\", \"demo-research\"", Guarantee::CellKey),
+            ("\"demo-planning-exempt\", \"demo-opensafely\"", Guarantee::Deterministic),
+            ("\"demo-prescribing-acro\", \"demo-planning-exempt\", \"demo-research\"", Guarantee::Deterministic),
+        ] {
+            let p = with_zed(&format!("projects = [{projects}]\n{both}")).unwrap();
+            assert_eq!(zed(&p), want, "{projects}");
+        }
+        assert_eq!(
+            Guarantee::CellKey.to_string(),
+            "cell key method: not DP, bounded noise"
+        );
+    }
+
     /// The shipped rule sets are the rules they are named after, pinned
     /// against the rules' own public statements, and each demo project uses
     /// the one its name promises: a value edited in `policies/tre.toml`
@@ -844,31 +1115,24 @@ mod tests {
         assert!(err.contains("\"lsoa_code\" may never be released"), "{err}");
     }
 
+    /// A project the National Data Opt-out applies to beside one exempt
+    /// from it is refused without a recorded reason (a blank one is none);
+    /// with one, or with one kind only, the policy loads.
     #[test]
     fn ndoo_and_exempt_projects_together_need_a_recorded_reason() {
-        let start = DEFAULT_TRE_POLICY.find("cross_ndoo_reason").unwrap();
-        let end = start + DEFAULT_TRE_POLICY[start..].find('\n').unwrap();
-        let without = format!(
-            "{}{}",
-            &DEFAULT_TRE_POLICY[..start],
-            &DEFAULT_TRE_POLICY[end..]
-        );
-        let err = TrePolicy::parse(&without, Path::new("t.toml"))
-            .unwrap_err()
-            .to_string();
+        let both = "projects = [\"demo-opensafely\", \"demo-planning-exempt\"]";
+        let err = with_zed(both).unwrap_err();
         assert!(
-            err.contains("researcher alice") && err.contains("cross_ndoo_reason"),
+            err.contains("researcher zed")
+                && err.contains("demo-opensafely")
+                && err.contains("demo-planning-exempt")
+                && err.contains("cross_ndoo_reason"),
             "{err}"
         );
-        let blank = DEFAULT_TRE_POLICY.replacen(
-            &DEFAULT_TRE_POLICY[start..end],
-            "cross_ndoo_reason = \"  \"",
-            1,
-        );
-        assert!(TrePolicy::parse(&blank, Path::new("t.toml")).is_err());
+        assert!(with_zed(&format!("{both}\ncross_ndoo_reason = \"  \"")).is_err());
+        with_zed(&format!("{both}\ncross_ndoo_reason = \"a side-by-side comparison\"")).unwrap();
         // One kind only needs no reason.
-        let one_kind = without.replacen("\"demo-planning-exempt\", ", "", 1);
-        TrePolicy::parse(&one_kind, Path::new("t.toml")).unwrap();
+        with_zed("projects = [\"demo-opensafely\", \"demo-prescribing-acro\"]").unwrap();
     }
 
     #[test]

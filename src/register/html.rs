@@ -39,6 +39,30 @@ pub fn render(r: &Register) -> String {
     }
     h += "</table>";
 
+    h += "<h2>Researchers, and what protects patients from each</h2><p>Each approved researcher (not named), the projects they may ask, and their <b>effective guarantee</b>: the weakest rules among their projects, since all of them are over the same patients and an answer under weaker rules can undo what stronger ones protect. From strongest to weakest: <i>ρ-bounded</i> (differential privacy: every answer is noisy and charged to a limited budget, which bounds what any number of questions reveals about one person); <i>cell key method</i> (bounded noise, not differential privacy: many questions together can still reveal people); <i>deterministic rules</i> (small numbers withheld and counts rounded: people checking the outputs are needed).</p>\
+          <table><tr><th>researcher</th><th>projects (rules)</th><th>effective guarantee</th></tr>";
+    for (i, res) in r.researchers.iter().enumerate() {
+        let projects: Vec<String> = res
+            .projects
+            .iter()
+            .zip(&res.rule_sets)
+            .map(|(p, rules)| format!("{} (<code>{}</code>)", esc(p), esc(rules)))
+            .collect();
+        let _ = write!(
+            h,
+            "<tr><td>researcher {}</td><td>{}</td><td>{}{}</td></tr>",
+            i + 1,
+            projects.join(", "),
+            esc(&res.effective_guarantee),
+            if res.mixed_rules_reason_recorded {
+                " (approved for mixed rules, with a recorded reason)"
+            } else {
+                ""
+            }
+        );
+    }
+    h += "</table>";
+
     h += "<h2>Questions asked, by project and month</h2><p>Released: answered. Refused: the rules did not allow the question (nothing was run, or nothing shown). Failed: it could not be answered (too slow, or an error). A statistic is withheld when too few patients are in it; a row is left out when all of its statistics are withheld. Privacy budget: how much of a researcher's limited allowance for noisy answers the project's questions used (zCDP ρ).</p>";
     h += &activity_table(&r.activity);
 

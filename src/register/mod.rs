@@ -4,6 +4,8 @@
 //! for their platforms, for one store: every project with its purpose,
 //! legal basis or exemption, how the National Data Opt-out treats it, its
 //! tables, its disclosure rule set and how many researchers it approves;
+//! each approved researcher, unnamed, with the projects they reach and
+//! their effective guarantee (the weakest rule set among them);
 //! per project and month, the queries released, refused and failed, the
 //! cells released and withheld and the privacy budget spent; the SQL of
 //! every released query with the checksum of its result; the opt-out
@@ -42,6 +44,9 @@ pub struct Register {
     /// check later with `gpdp audit --expect-head`.
     pub log_head: Head,
     pub projects: Vec<ProjectEntry>,
+    /// Every researcher approved for a project, in the policy's order,
+    /// unnamed.
+    pub researchers: Vec<ResearcherEntry>,
     /// Per project and month (`YYYY-MM`, UTC), in that order.
     pub activity: Vec<Activity>,
     pub released_queries: Vec<ReleasedQuery>,
@@ -63,6 +68,24 @@ pub struct ProjectEntry {
     pub tables: Vec<String>,
     pub disclosure: String,
     pub approved_researchers: u64,
+}
+
+/// One approved researcher, unnamed (the register names no researcher).
+#[derive(Debug, Clone, Serialize)]
+pub struct ResearcherEntry {
+    pub projects: Vec<String>,
+    /// The rule set of each project, in the same order.
+    pub rule_sets: Vec<String>,
+    /// `rho_bounded`, `cell_key` or `deterministic`: the weakest rule set
+    /// they can reach over the same patients.
+    pub guarantee: String,
+    /// The same, in words: "ρ-bounded (zCDP, ρ budget 2)", "cell key
+    /// method: not DP, bounded noise" or "deterministic rules: output
+    /// checking needed".
+    pub effective_guarantee: String,
+    /// Whether the policy records why they may mix `dp` with another rule
+    /// set over the same patients (the reason itself is not published).
+    pub mixed_rules_reason_recorded: bool,
 }
 
 /// One project's activity in one month.
@@ -147,6 +170,7 @@ pub fn build(store: &Path, policy: &TrePolicy) -> anyhow::Result<Register> {
         store_generation: manifest.generation,
         log_head: verified.head(),
         projects: projects(policy),
+        researchers: researchers(policy),
         activity: activity(&verified.entries),
         released_queries,
         optouts: optout_figures(store, &manifest, &verified.entries)?,
@@ -190,6 +214,39 @@ fn projects(policy: &TrePolicy) -> Vec<ProjectEntry> {
                 .iter()
                 .filter(|r| r.projects.contains(&p.id))
                 .count() as u64,
+        })
+        .collect()
+}
+
+/// Each researcher approved for a project, unnamed, with their effective
+/// guarantee.
+fn researchers(policy: &TrePolicy) -> Vec<ResearcherEntry> {
+    policy
+        .researchers
+        .iter()
+        .filter(|r| !r.projects.is_empty())
+        .map(|r| {
+            let guarantee = policy.effective_guarantee(r);
+            ResearcherEntry {
+                projects: r.projects.clone(),
+                rule_sets: r
+                    .projects
+                    .iter()
+                    .map(|p| {
+                        policy
+                            .projects
+                            .get(p)
+                            .map_or("", |p| p.disclosure.name)
+                            .to_owned()
+                    })
+                    .collect(),
+                guarantee: guarantee.code().to_owned(),
+                effective_guarantee: guarantee.to_string(),
+                mixed_rules_reason_recorded: r
+                    .mixed_rules_reason
+                    .as_ref()
+                    .is_some_and(|why| !why.trim().is_empty()),
+            }
         })
         .collect()
 }

@@ -430,6 +430,29 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
         "queries",
         None,
     )?;
+    h += "<h3>Researchers' effective guarantees</h3><table><tr><th>researcher</th><th>projects (rule set)</th><th>effective guarantee</th></tr>";
+    for res in &t.researchers {
+        let projects: Vec<String> = res
+            .projects
+            .iter()
+            .zip(&res.rule_sets)
+            .map(|(p, rules)| format!("<code>{}</code> ({})", esc(p), esc(rules)))
+            .collect();
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}{}</td></tr>",
+            esc(&res.user),
+            projects.join(", "),
+            esc(&res.effective_guarantee),
+            res.mixed_rules_reason
+                .as_ref()
+                .map_or(String::new(), |why| format!(
+                    "<br>mixed rules approved: {}",
+                    esc(why)
+                ))
+        );
+    }
+    h += "</table><p class=\"note\">A researcher's guarantee is the weakest rule set among the projects they reach, since all of them are over the same patients: ρ-bounded (<code>dp</code>) is stronger than the cell key method (<code>ckm</code>: bounded noise, not differential privacy), which is stronger than deterministic rules (<code>acro</code>, <code>opensafely</code>: output checking needed). The policy refuses a <code>dp</code> project beside another rule set without a recorded <code>mixed_rules_reason</code>.</p>";
     if !t.privacy_budgets.is_empty() {
         h += "<h3>Privacy budgets (differential privacy)</h3><table><tr><th>researcher</th><th>ρ spent</th><th>ρ budget</th><th>ρ left</th><th>statistics charged</th><th>spent as (ε, δ)</th></tr>";
         for b in &t.privacy_budgets {

@@ -15,8 +15,9 @@
 //! population, the research population, the share retained and its
 //! difference from the overall share), `reidentification` (k-anonymity over
 //! the stored quasi-identifiers, shares of records in small classes, the
-//! class-size distribution), `tre` (projects, queries by outcome and rule,
-//! statistics redacted and rows withheld, chain status) and `throughput` (rows per second and time
+//! class-size distribution), `tre` (projects, each researcher's effective
+//! guarantee, queries by outcome and rule, statistics redacted and rows
+//! withheld, chain status, privacy budgets) and `throughput` (rows per second and time
 //! from extract to research-ready data).
 
 pub mod html;
@@ -209,6 +210,9 @@ pub struct Risk {
 #[derive(Debug, Clone, Serialize)]
 pub struct Tre {
     pub projects: Vec<ProjectSummary>,
+    /// Every researcher of the policy with their effective guarantee: the
+    /// weakest rule set among the projects they reach over the same patients.
+    pub researchers: Vec<ResearcherGuarantee>,
     pub queries: u64,
     pub released: u64,
     pub refused_by_rule: BTreeMap<String, u64>,
@@ -226,6 +230,20 @@ pub struct Tre {
     /// Per project and month: the figures the public register
     /// (`gpdp register`) publishes, computed by the same code.
     pub register_activity: Vec<crate::register::Activity>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResearcherGuarantee {
+    pub user: String,
+    pub projects: Vec<String>,
+    /// The rule set of each project, in the same order.
+    pub rule_sets: Vec<String>,
+    /// `rho_bounded`, `cell_key`, `deterministic` or `no_project`.
+    pub guarantee: String,
+    /// The same, in words, e.g. "ρ-bounded (zCDP, ρ budget 2)".
+    pub effective_guarantee: String,
+    /// Why they may mix `dp` with another rule set, when the policy says.
+    pub mixed_rules_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -893,6 +911,31 @@ fn tre(log: &[Value], policy: &TrePolicy, audit: &crate::audit::AuditReport) -> 
                     format!("exempt: {}", p.exemption.clone().unwrap_or_default())
                 },
                 disclosure: p.disclosure.name.to_owned(),
+            })
+            .collect(),
+        researchers: policy
+            .researchers
+            .iter()
+            .map(|r| {
+                let guarantee = policy.effective_guarantee(r);
+                ResearcherGuarantee {
+                    user: r.user.clone(),
+                    projects: r.projects.clone(),
+                    rule_sets: r
+                        .projects
+                        .iter()
+                        .map(|p| {
+                            policy
+                                .projects
+                                .get(p)
+                                .map_or("", |p| p.disclosure.name)
+                                .to_owned()
+                        })
+                        .collect(),
+                    guarantee: guarantee.code().to_owned(),
+                    effective_guarantee: guarantee.to_string(),
+                    mixed_rules_reason: r.mixed_rules_reason.clone(),
+                }
             })
             .collect(),
         queries: queries.len() as u64,

@@ -69,20 +69,34 @@ mod tests {
     #[test]
     fn only_an_approved_researcher_with_the_right_token_gets_in() {
         let policy = TrePolicy::load(None).unwrap();
-        assert!(authorise(&policy, "alice", Some("demo-alice-token"), "demo-research").is_ok());
+        assert!(authorise(&policy, "alice", Some("demo-alice-token"), "demo-opensafely").is_ok());
         for (user, token, project, rule) in [
-            ("alice", Some("wrong"), "demo-research", "authentication"),
-            ("alice", None, "demo-research", "authentication"),
-            ("alice", Some(""), "demo-research", "authentication"),
+            ("alice", Some("wrong"), "demo-opensafely", "authentication"),
+            ("alice", None, "demo-opensafely", "authentication"),
+            ("alice", Some(""), "demo-opensafely", "authentication"),
             (
                 "mallory",
                 Some("demo-alice-token"),
-                "demo-research",
+                "demo-opensafely",
+                "authentication",
+            ),
+            // Another researcher's token.
+            (
+                "alice",
+                Some("demo-dana-token"),
+                "demo-opensafely",
                 "authentication",
             ),
             (
                 "bob",
                 Some("demo-bob-token"),
+                "demo-opensafely",
+                "safe_people",
+            ),
+            // A researcher approved for another project only.
+            (
+                "alice",
+                Some("demo-alice-token"),
                 "demo-research",
                 "safe_people",
             ),

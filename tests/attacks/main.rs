@@ -731,6 +731,9 @@ fn json_text(v: &serde_json::Value) -> String {
 type Sigmas = BTreeMap<String, (f64, bool)>;
 
 fn via_cli(store: &Path, serving: &[String], project: &str, sql: &str) -> (Outcome, Sigmas) {
+    // Each project is asked by its own demo researcher (one per rule set):
+    // the shipped policy approves no researcher for two.
+    let (user, token) = researcher_of(project);
     let mut args = vec![
         "query",
         "--store",
@@ -738,9 +741,9 @@ fn via_cli(store: &Path, serving: &[String], project: &str, sql: &str) -> (Outco
         "--project",
         project,
         "--user",
-        "alice",
+        user,
         "--token",
-        "demo-alice-token",
+        token,
         "--format",
         "json",
     ];
@@ -1051,15 +1054,8 @@ fn check_attack(
     let fail = |msg: String| failures.lock().unwrap().push(msg);
     for project in &attack.projects {
         let project = project_id(project);
-        let connect = |addr| {
-            rt.block_on(gpdp::serve::connect(
-                addr,
-                "alice",
-                project,
-                "demo-alice-token",
-            ))
-            .unwrap()
-        };
+        let (user, token) = researcher_of(project);
+        let connect = |addr| rt.block_on(gpdp::serve::connect(addr, user, project, token)).unwrap();
         let mut in_a = connect(servers.a.addr);
         for (t, target) in w.targets.iter().enumerate() {
             let mut in_b = connect(servers.b[t].addr);

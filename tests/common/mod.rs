@@ -314,6 +314,68 @@ pub fn optout_status(c: &Collected, nhs: &str) -> serde_json::Value {
     serde_json::from_str(&stdout(&o)).unwrap()
 }
 
+/// The shipped demo researcher of `project` and their token: one per rule
+/// set (alice: demo-opensafely, dana: demo-research, carol:
+/// demo-planning-exempt, priya: demo-prescribing-acro); alice for a project
+/// the policy does not have.
+pub fn researcher_of(project: &str) -> (&'static str, &'static str) {
+    gpdp::demo::researcher_for(project).unwrap_or(("alice", "demo-alice-token"))
+}
+
+/// What each researcher of a TRE policy may rely on, worked out here from
+/// the policy's text (read as TOML, not through gpdp's parser): the
+/// weakest rule set among their projects, in the order dp (ρ-bounded) >
+/// ckm (cell key) > every rule set without noise (deterministic). Per
+/// researcher, in the file's order: (user, projects, guarantee code,
+/// guarantee in words).
+pub fn expected_guarantees(policy: &str) -> Vec<(String, Vec<String>, String, String)> {
+    let t: toml::Table = policy.parse().unwrap();
+    let method = |project: &str| -> String {
+        let rules = t["projects"][project]["disclosure"].as_str().unwrap();
+        t["disclosure"][rules]
+            .get("method")
+            .map_or("threshold", |m| m.as_str().unwrap())
+            .to_owned()
+    };
+    let strength = |m: &str| match m {
+        "dp" => 2,
+        "ckm" => 1,
+        _ => 0,
+    };
+    t["researchers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let projects: Vec<String> = r["projects"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_owned())
+                .collect();
+            let weakest = projects.iter().map(|p| strength(&method(p))).min();
+            let budget = r.get("rho_budget").map_or(0.0, |b| {
+                b.as_float().or(b.as_integer().map(|i| i as f64)).unwrap()
+            });
+            let (code, words) = match weakest {
+                None => ("no_project", "no approved project: reaches no data".to_owned()),
+                Some(2) => ("rho_bounded", format!("ρ-bounded (zCDP, ρ budget {budget})")),
+                Some(1) => ("cell_key", "cell key method: not DP, bounded noise".to_owned()),
+                Some(_) => (
+                    "deterministic",
+                    "deterministic rules: output checking needed".to_owned(),
+                ),
+            };
+            (
+                r["user"].as_str().unwrap().to_owned(),
+                projects,
+                code.to_owned(),
+                words,
+            )
+        })
+        .collect()
+}
+
 /// `gpdp query --store STORE` as alice in demo-opensafely (deterministic rules, so
 /// that answers compare exactly), with `rest` (options, then the SQL).
 pub fn query_as_alice(store: &Path, rest: &[&str]) -> Output {
