@@ -491,8 +491,36 @@ fn budgets_respected(store: &Path, manifest: &crate::store::Manifest, log: &[Val
 /// store's copies). Returns the charges and researchers counted.
 fn replay(entries: &[Value], exact: bool, what: &str, problems: &mut Vec<String>) -> (usize, usize) {
     let mut spent: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut cells: BTreeMap<&str, u64> = BTreeMap::new();
     let mut charges = 0;
     for (i, e) in entries.iter().enumerate() {
+        if e["event"] == "cell_charge" {
+            charges += 1;
+            let line = i + 1;
+            let (Some(user), Some(n), Some(budget)) = (
+                e["user"].as_str(),
+                e["cells"].as_u64(),
+                e["cell_budget"].as_u64(),
+            ) else {
+                problems.push(format!("{what}, line {line}: a cell charge without a user, cells and budget"));
+                continue;
+            };
+            let total = cells.entry(user).or_default();
+            *total += n;
+            let recorded = e["spent_cells"].as_u64().unwrap_or(*total);
+            if recorded.max(*total) > budget {
+                problems.push(format!(
+                    "{what}, line {line}: {user} has been given {} released cells in all, over a budget of {budget}",
+                    recorded.max(*total)
+                ));
+            }
+            if recorded < *total || (exact && recorded > *total) {
+                problems.push(format!(
+                    "{what}, line {line}: the charge records {user}'s released cells as {recorded}, but {total} had been charged by then (the ledger was reset?)"
+                ));
+            }
+            continue;
+        }
         if e["event"] != "privacy_charge" {
             continue;
         }
@@ -521,7 +549,7 @@ fn replay(entries: &[Value], exact: bool, what: &str, problems: &mut Vec<String>
             ));
         }
     }
-    (charges, spent.len())
+    (charges, spent.len().max(cells.len()))
 }
 
 /// Every file the manifest names exists with the recorded SHA-256.

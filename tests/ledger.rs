@@ -261,7 +261,7 @@ fn every_store_of_the_same_patients_spends_from_one_budget() {
     let ask_with = |store: &Path, extra: &[&str]| {
         let mut args = vec![
             "query", "--store", store.to_str().unwrap(), "--project", "demo-research",
-            "--user", "alice", "--token", "demo-alice-token",
+            "--user", "dana", "--token", "demo-dana-token",
             "--policy", policy.to_str().unwrap(),
         ];
         args.extend(extra);
@@ -294,4 +294,59 @@ fn every_store_of_the_same_patients_spends_from_one_budget() {
     let budgets = report["checks"].as_array().unwrap().iter()
         .find(|c| c["name"] == "privacy_budgets_respected").unwrap().clone();
     assert!(budgets["detail"].as_str().unwrap().contains("its chain intact"), "{budgets}");
+}
+
+/// Under a rule set with a budget of released cells (the cell key method
+/// in the shipped policy), every released statistic is charged to the
+/// researcher over the population; an answer that would pass the budget is
+/// refused (`query_budget_exhausted`) and spends the rest, so that nothing
+/// more is released — not even an answer that would have fitted, whose
+/// fitting would depend on the data. `gpdp audit` replays the cell charges.
+#[test]
+fn released_cells_are_charged_and_stop_at_the_cell_budget() {
+    let c = collected_with_ndoo(2, 300, 75, 24);
+    let dir = tempfile::tempdir().unwrap();
+    let text = gpdp::policy::tre::DEFAULT_TRE_POLICY;
+    let at = text.find("[disclosure.ckm]").unwrap();
+    let (head, tail) = text.split_at(at + "[disclosure.ckm]".len());
+    let tail = tail
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("cell_budget"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let policy = dir.path().join("tre.toml");
+    std::fs::write(&policy, format!("{head}\ncell_budget = 5\n{tail}\n")).unwrap();
+    let key = dir.path().join("perturbation.key");
+    let o = run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (user, token) = researcher_of("demo-planning-exempt");
+    let ask = |sql: &str| {
+        run(&[
+            "query", "--store", c.store.to_str().unwrap(), "--project", "demo-planning-exempt",
+            "--user", user, "--token", token, "--policy", policy.to_str().unwrap(),
+            "--perturbation-key", key.to_str().unwrap(), "--format", "json", sql,
+        ])
+    };
+    // Two cells (one count per sex), then two more: 4 of 5.
+    for _ in 0..2 {
+        let o = ask(SQL);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // Two more would make 6: refused, and the last cell is spent with it.
+    let o = ask(SQL);
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    assert!(stderr(&o).contains("refused by rule query_budget_exhausted"), "{}", stderr(&o));
+    // One cell would have fitted before the refusal; it does not now.
+    let o = ask("SELECT count(DISTINCT patient_id) AS n FROM patients");
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    let o = run(&["audit", "--store", c.store.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    // The control: an over-budget cell charge in the store's log fails it.
+    gpdp::store::audit::AuditLog::at(&c.store)
+        .append(&[serde_json::json!({"event": "cell_charge", "user": user, "project": "demo-planning-exempt",
+            "cells": 3, "spent_cells": 8, "cell_budget": 5})])
+        .unwrap();
+    let o = run(&["audit", "--store", c.store.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
+    assert!(stdout(&o).contains("over a budget of 5"), "{}", stdout(&o));
 }

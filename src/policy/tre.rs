@@ -153,6 +153,12 @@ pub struct Disclosure {
     /// Differential privacy: contribution bounds, value bounds and the
     /// privacy cost of each statistic ([`crate::tre::dp`]).
     pub dp: Option<DpParams>,
+    /// The most statistics (released cells) one researcher may be given
+    /// under this rule set over one population, all its projects and
+    /// stores together (`cell_budget`; [`crate::tre::dp::charge_cells`]):
+    /// what bounds reconstruction from many noisy or rounded counts where
+    /// no privacy budget does.
+    pub cell_budget: Option<u64>,
 }
 
 /// The `dp` rule set's parameters (zero-concentrated DP, the patient as
@@ -426,6 +432,7 @@ struct RawDisclosure {
     max_rows: Option<u32>,
     delta: Option<f64>,
     value_bounds: Option<BTreeMap<String, [f64; 2]>>,
+    cell_budget: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -545,6 +552,11 @@ impl TrePolicy {
                     "[disclosure.{name}] method = \"{method}\" adds noise instead of rounding and checks no dominance: set round_to = 1 and no dominance or p% rule"
                 )));
             }
+            if d.cell_budget == Some(0) || (d.cell_budget.is_some() && method == "dp") {
+                return Err(invalid(format!(
+                    "[disclosure.{name}] cell_budget must be at least 1, and is for rule sets without a privacy budget (dp has rho_budget)"
+                )));
+            }
             let (mut ckm, mut dp) = (None, None);
             match method {
                 "ckm" => {
@@ -576,6 +588,7 @@ impl TrePolicy {
                     p_percent: d.p_percent,
                     ckm,
                     dp,
+                    cell_budget: d.cell_budget,
                 },
             );
         }

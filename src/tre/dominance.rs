@@ -256,6 +256,7 @@ mod tests {
             p_percent: Some(0.1),
             ckm: None,
             dp: None,
+            cell_budget: None,
         };
         // Group 0: one dominant record among many; group 1: even.
         let mut g = vec![0i64; 30];

@@ -519,6 +519,22 @@ async fn answer(
                         ),
                     )
                 })?;
+            // A rule set with a budget of released cells charges them now,
+            // before anything is released ([`dp::charge_cells`]).
+            if let Some(budget) = disclosure.cell_budget {
+                let ledger = dp::ledger_path(&req.store, policy.ledger_dir.as_deref(), &population);
+                dp::charge_cells(
+                    &req.store,
+                    &ledger,
+                    &req.user,
+                    &req.project,
+                    budget,
+                    released_cells(&result.batch),
+                    fingerprint,
+                )
+                .map_err(StoreError::from)?
+                .map_err(TreError::Refused)?;
+            }
             (result, None)
         }
         (None, Some(plan), Some(ledger)) => {
