@@ -106,12 +106,15 @@ fn sigma(groups: f64, bound: f64, rho: f64) -> f64 {
     groups.sqrt() * bound / (2.0 * rho).sqrt()
 }
 
-/// The answer states the σ computed here (to a millionth).
+/// The answer states the σ computed here (to a millionth), and never
+/// less: the noise is rounded up, so that the float never promises more
+/// than ρ (σ just below Δ/√(2ρ) would spend more than the charge).
 fn states(stated: f64, sigma: f64) {
     assert!(
         (stated / sigma - 1.0).abs() < 1e-6,
         "stated σ {stated}, computed {sigma}"
     );
+    assert!(stated >= sigma, "stated σ {stated} is below Δ/√(2ρ) = {sigma}");
 }
 
 fn ask(policy: &TrePolicy, sql: &str) -> gpdp::tre::Released {
@@ -563,5 +566,33 @@ fn sums_and_means_carry_the_noise_of_their_bounds() {
             s.add(centre + sum / count, centre + t[1] / t[2], mse);
         }
         assert_eq!(s.verdict().is_ok(), accept, "{s:?}: {}", s.ratio());
+    }
+}
+
+/// Every cell of the keys' domains is released under dp, so the row limit
+/// is decided from the domains before anything runs: a product of exactly
+/// `max_rows` cells is answered, one cell more than the limit allows is
+/// refused (`too_many_rows`).
+#[test]
+fn the_row_limit_is_decided_from_the_domains_at_its_edge() {
+    let mut policy = test_policy();
+    let cells = policy.domains["sex"].len() * policy.domains["age_band"].len();
+    let sql = "SELECT sex, age_band, count(DISTINCT patient_id) AS n FROM patients GROUP BY sex, age_band";
+    policy.max_rows = cells;
+    assert_eq!(ask(&policy, sql).result.batch.num_rows(), cells);
+    policy.max_rows = cells - 1;
+    let (user, token) = researcher_of("demo-research");
+    match query_blocking(
+        &policy,
+        &Request {
+            store: fixture().store.clone(),
+            user: user.into(),
+            token: Some(token.into()),
+            project: "demo-research".into(),
+            sql: sql.into(),
+        },
+    ) {
+        Err(gpdp::tre::TreError::Refused(r)) => assert_eq!(r.rule, "too_many_rows"),
+        other => panic!("{cells} cells over a limit of {}: {other:?}", cells - 1),
     }
 }
