@@ -206,7 +206,8 @@ impl Measured {
     }
 }
 
-/// A researcher asking counts through the boundary, as alice.
+/// A researcher asking counts through the boundary, as the demo researcher
+/// approved for the project.
 pub struct Attacker<'a> {
     pub store: &'a Path,
     pub policy: &'a TrePolicy,
@@ -223,10 +224,18 @@ impl Attacker<'_> {
     /// The released count of patients matching `clause` (`None` if
     /// redacted), or the rule that refused it.
     pub fn released(&self, clause: &str) -> anyhow::Result<Result<Option<i64>, &'static str>> {
+        // The first researcher the policy approves for the project, with
+        // the shipped policy's demo token for them.
+        let user = self
+            .policy
+            .researchers
+            .iter()
+            .find(|r| r.projects.iter().any(|p| p == self.project))
+            .map_or("alice", |r| r.user.as_str());
         let request = Request {
             store: self.store.to_owned(),
-            user: "alice".into(),
-            token: Some("demo-alice-token".into()),
+            user: user.into(),
+            token: Some(format!("demo-{user}-token")),
             project: self.project.into(),
             sql: format!("SELECT count(DISTINCT patient_id) FROM patients WHERE {clause}"),
         };
