@@ -167,9 +167,9 @@ const QUESTIONS: [(&str, &str, &str); 10] = [
         "SELECT p.imd_decile, count(DISTINCT a.patient_id) AS emergency_patients FROM apcs a JOIN patients p ON a.patient_id = p.patient_id WHERE a.admission_method IN ('21', '22', '28') AND a.admission_year = 2025 GROUP BY p.imd_decile ORDER BY p.imd_decile",
     ),
     (
-        "Planning, under the cell key method: HbA1c tests and mean HbA1c by deprivation",
+        "Planning, under the cell key method: mean HbA1c by deprivation (10 of the researcher's 15 released cells)",
         "demo-planning-exempt",
-        "SELECT p.imd_decile, count(*) AS tests, avg(c.numeric_value) AS mean_hba1c FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id WHERE c.snomedct_code = '999791000000106' GROUP BY p.imd_decile ORDER BY p.imd_decile",
+        "SELECT p.imd_decile, avg(c.numeric_value) AS mean_hba1c FROM clinical_events c JOIN patients p ON c.patient_id = p.patient_id WHERE c.snomedct_code = '999791000000106' GROUP BY p.imd_decile ORDER BY p.imd_decile",
     ),
     (
         "Under OpenSAFELY's rules: patients with a diabetes code by sex",

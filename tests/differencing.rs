@@ -111,6 +111,11 @@ fn padding_attacks_beat_cell_keys() {
     let (c, w) = store_and_world();
     let mut policy = TrePolicy::load(None).unwrap();
     policy.record_keys = Some(gpdp::tre::ckm::RecordKeys::from_bytes(&[5; 32]));
+    // What the rule set alone lets through: its budget of released cells
+    // lifted (the budget is what stops this; tests/ledger.rs tests it).
+    for p in policy.projects.values_mut() {
+        p.disclosure.cell_budget = None;
+    }
     let attacker = Attacker {
         store: &c.store,
         policy: &policy,
@@ -518,6 +523,11 @@ fn checked_population() -> &'static Population {
 fn ckm_policy() -> TrePolicy {
     let mut policy = TrePolicy::load(None).unwrap();
     policy.record_keys = Some(gpdp::tre::ckm::RecordKeys::from_bytes(&[5; 32]));
+    // What the rule set alone lets through: its budget of released cells
+    // lifted (the budget is what stops this; tests/ledger.rs tests it).
+    for p in policy.projects.values_mut() {
+        p.disclosure.cell_budget = None;
+    }
     policy
 }
 

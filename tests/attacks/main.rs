@@ -484,9 +484,13 @@ fn build_worlds() -> Worlds {
     let policy = dir.path().join("tre.toml");
     let text = gpdp::policy::tre::DEFAULT_TRE_POLICY;
     assert!(text.contains("rho_budget = 2.0"));
+    // The cell key method's budget of released cells too: the suite asks
+    // it thousands (tests/ledger.rs tests the budget).
+    assert!(text.contains("cell_budget = 15"));
     std::fs::write(
         &policy,
-        text.replace("rho_budget = 2.0", "rho_budget = 1e9"),
+        text.replace("rho_budget = 2.0", "rho_budget = 1e9")
+            .replace("cell_budget = 15", ""),
     )
     .unwrap();
     let perturbation_key = dir.path().join("perturbation.key");
