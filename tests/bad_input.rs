@@ -444,6 +444,48 @@ fn a_closed_pipe_ends_a_command_quietly_with_the_status_of_its_work() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
+/// Every command's argument parsing, with nobody reading its output: its
+/// help (exit 0) and an unknown flag (exit 2), each with stdout closed
+/// before the command writes — never a panic, always the status of the
+/// work. The commands are read from `gpdp --help`, so a new one is covered.
+#[test]
+fn every_command_parses_its_arguments_into_a_closed_pipe_without_panicking() {
+    let help = run(&["--help"]);
+    let text = stdout(&help);
+    let commands: Vec<String> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        // A command's line; a long description wraps onto deeper lines.
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|c| c != "help")
+        .collect();
+    assert!(commands.len() >= 12, "commands in gpdp --help: {commands:?}");
+    let mut invocations: Vec<(Vec<String>, i32)> = Vec::new();
+    for c in &commands {
+        invocations.push((vec![c.clone(), "--help".into()], 0));
+        invocations.push((vec![c.clone(), "--no-such-flag".into()], 2));
+    }
+    for sub in ["ingest", "apply", "status"] {
+        invocations.push((vec!["optout".into(), sub.into(), "--help".into()], 0));
+        invocations.push((vec!["optout".into(), sub.into(), "--no-such-flag".into()], 2));
+    }
+    for (args, status) in invocations {
+        let mut child = gpdp()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(status), "{args:?}: {}", stderr(&o));
+    }
+}
+
 /// What the grammar cannot name still gets a rule: parentheses nested past
 /// the SQL parser's limit are `outside_grammar/expression_depth`, and a
 /// statement the planner would reject on its own (`INSERT … VALUES` into a
