@@ -345,6 +345,17 @@ fn a_store_whose_bytes_differ_from_the_manifest_is_never_answered_from() {
     assert!(o.status.success(), "restored: {}", stderr(&o));
 }
 
+/// Runs a command whose reader goes away before reading anything.
+fn into_closed_pipe(command: &mut std::process::Command) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
 /// A reader that stops early (`| head -c1`) never makes gpdp panic: the
 /// command ends with the status of its work, and a collection whose
 /// summary nobody read has still succeeded.
@@ -415,15 +426,7 @@ fn a_closed_pipe_ends_a_command_quietly_with_the_status_of_its_work() {
     ];
     for (args, status) in commands {
         for _ in 0..3 {
-            let mut child = gpdp()
-                .args(&args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            // The reader goes away before reading anything.
-            drop(child.stdout.take());
-            let o = child.wait_with_output().unwrap();
+            let o = into_closed_pipe(gpdp().args(&args));
             assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
             assert_eq!(o.status.code(), Some(status), "{args:?}: {}", stderr(&o));
             if args[0] == "synth" {
@@ -432,15 +435,11 @@ fn a_closed_pipe_ends_a_command_quietly_with_the_status_of_its_work() {
         }
     }
     // A collection whose reader left still commits, and says it succeeded.
-    let mut child = gpdp()
-        .args(collect_args(&c.extract, &c.store, &c.key))
-        .arg("--accept-shrink")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
+    let o = into_closed_pipe(
+        gpdp()
+            .args(collect_args(&c.extract, &c.store, &c.key))
+            .arg("--accept-shrink"),
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
@@ -473,14 +472,7 @@ fn every_command_parses_its_arguments_into_a_closed_pipe_without_panicking() {
         invocations.push((vec!["optout".into(), sub.into(), "--no-such-flag".into()], 2));
     }
     for (args, status) in invocations {
-        let mut child = gpdp()
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let o = child.wait_with_output().unwrap();
+        let o = into_closed_pipe(gpdp().args(&args));
         assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
         assert_eq!(o.status.code(), Some(status), "{args:?}: {}", stderr(&o));
     }

@@ -358,6 +358,21 @@ impl TrePolicy {
         self.researchers.iter().find(|r| r.user == user)
     }
 
+    /// The rule set of each project a researcher is approved for, in
+    /// their order (an unknown project as "").
+    pub fn rule_sets_of(&self, researcher: &Researcher) -> Vec<String> {
+        researcher
+            .projects
+            .iter()
+            .map(|p| {
+                self.projects
+                    .get(p)
+                    .map_or("", |p| p.disclosure.name)
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// A researcher's effective guarantee: the weakest rule set (in the
     /// order of [`Protection`]) among the projects they are approved for.
     /// All of them are over the same people ([`same_population`]), so a

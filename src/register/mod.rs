@@ -229,17 +229,7 @@ fn researchers(policy: &TrePolicy) -> Vec<ResearcherEntry> {
             let guarantee = policy.effective_guarantee(r);
             ResearcherEntry {
                 projects: r.projects.clone(),
-                rule_sets: r
-                    .projects
-                    .iter()
-                    .map(|p| {
-                        policy
-                            .projects
-                            .get(p)
-                            .map_or("", |p| p.disclosure.name)
-                            .to_owned()
-                    })
-                    .collect(),
+                rule_sets: policy.rule_sets_of(r),
                 guarantee: guarantee.code().to_owned(),
                 effective_guarantee: guarantee.to_string(),
                 mixed_rules_reason_recorded: r

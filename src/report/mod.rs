@@ -921,17 +921,7 @@ fn tre(log: &[Value], policy: &TrePolicy, audit: &crate::audit::AuditReport) -> 
                 ResearcherGuarantee {
                     user: r.user.clone(),
                     projects: r.projects.clone(),
-                    rule_sets: r
-                        .projects
-                        .iter()
-                        .map(|p| {
-                            policy
-                                .projects
-                                .get(p)
-                                .map_or("", |p| p.disclosure.name)
-                                .to_owned()
-                        })
-                        .collect(),
+                    rule_sets: policy.rule_sets_of(r),
                     guarantee: guarantee.code().to_owned(),
                     effective_guarantee: guarantee.to_string(),
                     mixed_rules_reason: r.mixed_rules_reason.clone(),
