@@ -539,7 +539,7 @@ fn clearly_above(base: f64, n: usize) -> f64 {
 }
 
 /// Counts the attack asks under the cell key method in the fast test; the
-/// full curve (`reconstruction_curve_under_cell_keys_and_opensafely`,
+/// full curve (`measure_reconstruction_curve_under_cell_keys_and_opensafely`,
 /// ignored) measured it above the base rate (0.743) from 75 counts and
 /// clearly above (0.900) from 100: 0.829 at 75, 0.929 at 100, 0.957 at
 /// 150, every member from 200.
@@ -616,11 +616,13 @@ fn cell_keys_fall_to_reconstruction_from_a_few_hundred_counts() {
 /// accuracy against the number of counts, under the cell key method and
 /// under OpenSAFELY's rules, for the group above and for groups of 25–40
 /// and 8–15 (the count needed grows with the group), printed; ignored
-/// (about fifteen minutes in debug). Asserts only that every point was
-/// measured.
+/// (about fifteen minutes in debug), and skipped by the README's test
+/// command and CI (`--skip measure_`): run it with
+/// `cargo test --test differencing -- --ignored measure_`. Asserts only
+/// that every point was measured.
 #[test]
-#[ignore]
-fn reconstruction_curve_under_cell_keys_and_opensafely() {
+#[ignore = "a measurement (about 15 minutes): cargo test --test differencing -- --ignored measure_"]
+fn measure_reconstruction_curve_under_cell_keys_and_opensafely() {
     let (c, _) = store_and_world();
     let policy = ckm_policy();
     let large = checked_population();
@@ -679,10 +681,11 @@ fn reconstruction_curve_under_cell_keys_and_opensafely() {
 /// simulated here for the group's members (their true codes, a padding of
 /// 253, and noise like each rule set's: the discrete Gaussian of variance
 /// 3 cut at ±5, or rounding to 5), the mean accuracy over 10 runs by
-/// number of queries for priors 0, 1, 2 and 4; printed, ignored.
+/// number of queries for priors 0, 1, 2 and 4; printed, ignored (a
+/// measurement, skipped as `measure_` by the README's test command).
 #[test]
-#[ignore]
-fn the_decoders_prior_chosen_on_simulated_answers() {
+#[ignore = "a measurement: cargo test --test differencing -- --ignored measure_"]
+fn measure_the_decoders_prior_on_simulated_answers() {
     use rand_core::{RngCore, SeedableRng};
     let has = &reconstruction_population().has;
     let n = has.len();
