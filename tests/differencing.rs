@@ -218,12 +218,12 @@ fn chi_square_cdf(x: f64, k: usize) -> f64 {
     let s = k as f64 / 2.0;
     let y = x / 2.0;
     // ln Γ(s + 1), from Γ(1) = 1 or Γ(½) = √π upwards.
-    let mut ln_gamma = if k % 2 == 0 {
+    let mut ln_gamma = if k.is_multiple_of(2) {
         0.0
     } else {
         std::f64::consts::PI.sqrt().ln()
     };
-    let mut z = if k % 2 == 0 { 1.0 } else { 0.5 };
+    let mut z = if k.is_multiple_of(2) { 1.0 } else { 0.5 };
     while z < s + 1.0 - 1e-9 {
         ln_gamma += z.ln();
         z += 1.0;

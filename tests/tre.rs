@@ -297,9 +297,12 @@ fn at_a_threshold(
         &policy.projects[rules.project()],
         sql,
     );
-    let true_patients = (truth.num_rows() == 1)
-        .then(|| truth.column(0).as_primitive::<Int64Type>().value(0))
-        .unwrap_or_else(|| panic!("{at}: a case at a threshold asks for one cell"));
+    assert_eq!(
+        truth.num_rows(),
+        1,
+        "{at}: a case at a threshold asks for one cell"
+    );
+    let true_patients = truth.column(0).as_primitive::<Int64Type>().value(0);
     assert_eq!(
         true_patients, patients as i64,
         "{at}: the fixture has {true_patients} patients in this cell, not {patients}: choose another cell"
