@@ -5,7 +5,7 @@
 //! enforced, and how researchers get aggregate answers only, from inside a
 //! Trusted Research Environment. It runs on synthetic data it generates.
 //!
-//! The modules follow the data flow (see `../shared/DESIGN.md`):
+//! The modules follow the data flow:
 //!
 //! 1. [`synth`] — synthetic GP extracts plus the ground truth to audit against.
 //! 2. [`extract`] — the tables of a GP extract and a streaming reader.
