@@ -468,9 +468,15 @@ fn budgets_respected(store: &Path, manifest: &crate::store::Manifest, log: &[Val
         match AuditLog::file(path.clone()).verify() {
             Ok(v) => {
                 let (n, u) = replay(&v.entries, true, "the population's ledger", &mut problems);
-                ledger = format!("the population's ledger ({}): {n} charges for {u} researchers, its chain intact", path.display());
+                ledger = format!(
+                    "the population's ledger ({}): {n} charges for {u} researchers, its chain intact",
+                    path.display()
+                );
             }
-            Err(e) => problems.push(format!("the population's ledger {} does not verify: {e}", path.display())),
+            Err(e) => problems.push(format!(
+                "the population's ledger {} does not verify: {e}",
+                path.display()
+            )),
         }
     }
     check(
@@ -489,7 +495,12 @@ fn budgets_respected(store: &Path, manifest: &crate::store::Manifest, log: &[Val
 /// Replays `entries`' charges into `problems`; `exact`: every charge must
 /// record exactly the replayed spend (a ledger), else at least it (a
 /// store's copies). Returns the charges and researchers counted.
-fn replay(entries: &[Value], exact: bool, what: &str, problems: &mut Vec<String>) -> (usize, usize) {
+fn replay(
+    entries: &[Value],
+    exact: bool,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> (usize, usize) {
     let mut spent: BTreeMap<&str, f64> = BTreeMap::new();
     let mut cells: BTreeMap<&str, u64> = BTreeMap::new();
     let mut charges = 0;
@@ -502,7 +513,9 @@ fn replay(entries: &[Value], exact: bool, what: &str, problems: &mut Vec<String>
                 e["cells"].as_u64(),
                 e["cell_budget"].as_u64(),
             ) else {
-                problems.push(format!("{what}, line {line}: a cell charge without a user, cells and budget"));
+                problems.push(format!(
+                    "{what}, line {line}: a cell charge without a user, cells and budget"
+                ));
                 continue;
             };
             let total = cells.entry(user).or_default();
@@ -527,7 +540,9 @@ fn replay(entries: &[Value], exact: bool, what: &str, problems: &mut Vec<String>
         charges += 1;
         let line = i + 1;
         let (Some(user), Some(rho)) = (e["user"].as_str(), e["rho"].as_f64()) else {
-            problems.push(format!("{what}, line {line}: a charge without a user and ρ"));
+            problems.push(format!(
+                "{what}, line {line}: a charge without a user and ρ"
+            ));
             continue;
         };
         let total = spent.entry(user).or_default();

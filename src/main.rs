@@ -116,7 +116,8 @@ enum Command {
         policy: Option<PathBuf>,
         /// Print the receipts as JSON.
         #[arg(long)]
-        json: bool,        /// Take an input the shrink guards would hold (it lost more than the
+        json: bool,
+        /// Take an input the shrink guards would hold (it lost more than the
         /// policy's max_shrink, or is mostly quarantined, or was cut mid-line);
         /// the audit log records that, with the counts.
         #[arg(long)]
@@ -148,7 +149,8 @@ enum Command {
         threads: Option<usize>,
         /// Print the totals and every receipt as JSON.
         #[arg(long)]
-        json: bool,        /// Take an input the shrink guards would hold (it lost more than the
+        json: bool,
+        /// Take an input the shrink guards would hold (it lost more than the
         /// policy's max_shrink, or is mostly quarantined, or was cut mid-line);
         /// the audit log records that, with the counts.
         #[arg(long)]
@@ -1115,7 +1117,8 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
         } => {
             if reason.trim().is_empty() {
                 return Err(gpdp::error::BadInput(
-                    "--reason must say why the key changes: it is published in the audit log".into(),
+                    "--reason must say why the key changes: it is published in the audit log"
+                        .into(),
                 )
                 .into());
             }

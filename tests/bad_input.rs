@@ -92,8 +92,16 @@ fn an_empty_or_halved_ndoo_list_is_refused_unless_accepted() {
             stderr(&o)
         );
         assert!(stderr(&o).contains("--accept-shrink"), "{}", stderr(&o));
-        assert_eq!(snapshot(&c.store), before, "a refused list changed the store");
-        assert_eq!(count(&c.store), before_count, "the opt-outs in force changed");
+        assert_eq!(
+            snapshot(&c.store),
+            before,
+            "a refused list changed the store"
+        );
+        assert_eq!(
+            count(&c.store),
+            before_count,
+            "the opt-outs in force changed"
+        );
     }
     // The operator who knows better takes the halved list; the log says so.
     let g = generation(&c.store);
@@ -109,7 +117,12 @@ fn an_empty_or_halved_ndoo_list_is_refused_unless_accepted() {
         last["accepted_shrink"]["patients"].as_u64(),
         Some(last["patients"].as_u64().unwrap())
     );
-    assert!(last["accepted_shrink"]["patients_in_force"].as_u64().unwrap() > last["patients"].as_u64().unwrap());
+    assert!(
+        last["accepted_shrink"]["patients_in_force"]
+            .as_u64()
+            .unwrap()
+            > last["patients"].as_u64().unwrap()
+    );
     // The positive control: a list that loses nobody is taken as before.
     let o = ingest(&c, &c.extract.join("national/ndoo.csv"), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -154,10 +167,22 @@ fn a_cut_extract_is_held_and_the_rest_is_collected() {
     assert_ne!(whole[whole.len() / 2 - 1], b'\n', "cut mid-line");
     let o = collect(&c.extract, &c.store, &c.key);
     assert_eq!(o.status.code(), Some(3), "{}\n{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).contains("HELD by rule truncated"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("HELD by rule truncated"),
+        "{}",
+        stdout(&o)
+    );
     assert!(stderr(&o).contains(&cut_code), "{}", stderr(&o));
-    assert_eq!(batch_of(&cut_code), cut_batch, "the held batch replaced the one in force");
-    assert_ne!(batch_of(&other_code), other_batch, "the rest of the run was not taken");
+    assert_eq!(
+        batch_of(&cut_code),
+        cut_batch,
+        "the held batch replaced the one in force"
+    );
+    assert_ne!(
+        batch_of(&other_code),
+        other_batch,
+        "the rest of the run was not taken"
+    );
     for (t, bytes) in ["patients", "clinical_events", "medications"]
         .iter()
         .zip(&cut_files)
@@ -166,7 +191,11 @@ fn a_cut_extract_is_held_and_the_rest_is_collected() {
             .as_str()
             .unwrap()
             .to_owned();
-        assert_eq!(&std::fs::read(c.store.join(rel)).unwrap(), bytes, "{t} changed");
+        assert_eq!(
+            &std::fs::read(c.store.join(rel)).unwrap(),
+            bytes,
+            "{t} changed"
+        );
     }
     let held = log_events(&c.store)
         .into_iter()
@@ -190,7 +219,11 @@ fn a_cut_extract_is_held_and_the_rest_is_collected() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["input"], cut_code.as_str());
     assert_eq!(listed[0]["rule"], "truncated");
-    assert!(std::fs::read_to_string(out.join("report.html")).unwrap().contains("held by the shrink guards"));
+    assert!(
+        std::fs::read_to_string(out.join("report.html"))
+            .unwrap()
+            .contains("held by the shrink guards")
+    );
 
     // Cut at a line ending: no sign of a cut but the patients lost.
     let at = whole[..whole.len() / 2]
@@ -217,7 +250,9 @@ fn a_cut_extract_is_held_and_the_rest_is_collected() {
         .into_iter()
         .rfind(|e| e["event"] == "collect_accepted_shrink")
         .expect("the accepted shrink is in the audit log");
-    assert!(accepted["patients_in"].as_u64().unwrap() < accepted["patients_in_force"].as_u64().unwrap());
+    assert!(
+        accepted["patients_in"].as_u64().unwrap() < accepted["patients_in_force"].as_u64().unwrap()
+    );
 }
 
 /// A provider file cut mid-line is held the same way (`gpdp link`), and
@@ -282,7 +317,12 @@ fn a_store_whose_bytes_differ_from_the_manifest_is_never_answered_from() {
         .to_owned();
     let path = c.store.join(&rel);
     let bytes = std::fs::read(&path).unwrap();
-    let file_name = Path::new(&rel).file_name().unwrap().to_str().unwrap().to_owned();
+    let file_name = Path::new(&rel)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     for damage in ["flipped", "cut"] {
         let mut bad = bytes.clone();
         if damage == "flipped" {
@@ -294,8 +334,15 @@ fn a_store_whose_bytes_differ_from_the_manifest_is_never_answered_from() {
         std::fs::write(&path, &bad).unwrap();
         let o = query(&c.store, sql);
         assert_eq!(o.status.code(), Some(3), "{damage}: {}", stderr(&o));
-        assert!(stderr(&o).contains("refused by rule store_corrupt"), "{}", stderr(&o));
-        assert!(!stderr(&o).contains(&file_name), "the researcher was told the file");
+        assert!(
+            stderr(&o).contains("refused by rule store_corrupt"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(
+            !stderr(&o).contains(&file_name),
+            "the researcher was told the file"
+        );
         let logged = log_events(&c.store)
             .into_iter()
             .rfind(|e| e["event"] == "store_corrupt")
@@ -321,7 +368,10 @@ fn a_store_whose_bytes_differ_from_the_manifest_is_never_answered_from() {
         let named = |n: &str| checks.iter().find(|c| c["name"] == n).unwrap().clone();
         let files = named("files_match_manifest");
         assert_eq!(files["passed"], false);
-        assert!(files["detail"].as_str().unwrap().contains(&file_name), "{files}");
+        assert!(
+            files["detail"].as_str().unwrap().contains(&file_name),
+            "{files}"
+        );
         assert_eq!(named("audit_log_intact")["passed"], true);
         assert!(
             named("type1_patients_absent")["detail"]
@@ -338,7 +388,11 @@ fn a_store_whose_bytes_differ_from_the_manifest_is_never_answered_from() {
             out.to_str().unwrap(),
         ]);
         assert_eq!(o.status.code(), Some(3), "report: {}", stderr(&o));
-        assert!(stderr(&o).contains("files_match_manifest") && stderr(&o).contains(&file_name), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("files_match_manifest") && stderr(&o).contains(&file_name),
+            "{}",
+            stderr(&o)
+        );
     }
     std::fs::write(&path, &bytes).unwrap();
     let o = query(&c.store, sql);
@@ -367,8 +421,25 @@ fn a_closed_pipe_ends_a_command_quietly_with_the_status_of_its_work() {
     let extract = dir.path().join("extract");
     let nhs = Csv::read(&c.extract.join("truth/patients.csv")).records()[0]["nhs_number"].clone();
     let commands: Vec<(Vec<String>, i32)> = vec![
-        (vec!["audit".into(), "--store".into(), store.into(), "--head".into(), "--json".into()], 0),
-        (vec!["audit".into(), "--store".into(), store.into(), "--verify-log".into()], 0),
+        (
+            vec![
+                "audit".into(),
+                "--store".into(),
+                store.into(),
+                "--head".into(),
+                "--json".into(),
+            ],
+            0,
+        ),
+        (
+            vec![
+                "audit".into(),
+                "--store".into(),
+                store.into(),
+                "--verify-log".into(),
+            ],
+            0,
+        ),
         (
             vec![
                 "query".into(),
@@ -422,7 +493,15 @@ fn a_closed_pipe_ends_a_command_quietly_with_the_status_of_its_work() {
             0,
         ),
         // A command that fails says so whether or not anyone reads.
-        (vec!["audit".into(), "--store".into(), "/nonexistent".into(), "--verify-log".into()], 2),
+        (
+            vec![
+                "audit".into(),
+                "--store".into(),
+                "/nonexistent".into(),
+                "--verify-log".into(),
+            ],
+            2,
+        ),
     ];
     for (args, status) in commands {
         for _ in 0..3 {
@@ -461,7 +540,10 @@ fn every_command_parses_its_arguments_into_a_closed_pipe_without_panicking() {
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .filter(|c| c != "help")
         .collect();
-    assert!(commands.len() >= 12, "commands in gpdp --help: {commands:?}");
+    assert!(
+        commands.len() >= 12,
+        "commands in gpdp --help: {commands:?}"
+    );
     let mut invocations: Vec<(Vec<String>, i32)> = Vec::new();
     for c in &commands {
         invocations.push((vec![c.clone(), "--help".into()], 0));
@@ -469,7 +551,10 @@ fn every_command_parses_its_arguments_into_a_closed_pipe_without_panicking() {
     }
     for sub in ["ingest", "apply", "status"] {
         invocations.push((vec!["optout".into(), sub.into(), "--help".into()], 0));
-        invocations.push((vec!["optout".into(), sub.into(), "--no-such-flag".into()], 2));
+        invocations.push((
+            vec!["optout".into(), sub.into(), "--no-such-flag".into()],
+            2,
+        ));
     }
     for (args, status) in invocations {
         let o = into_closed_pipe(gpdp().args(&args));
@@ -548,7 +633,9 @@ fn every_rule_the_code_can_name_is_documented() {
                     let trimmed = rest.trim_start();
                     if let Some(quoted) = trimmed.strip_prefix('"') {
                         let name: String = quoted.chars().take_while(|c| *c != '"').collect();
-                        if !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                        if !name.is_empty()
+                            && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        {
                             rules.insert(name);
                         }
                     }
@@ -556,8 +643,18 @@ fn every_rule_the_code_can_name_is_documented() {
             }
         }
     }
-    assert!(rules.len() >= 25, "found only {} rules: {rules:?}", rules.len());
-    for must in ["store_corrupt", "shrink", "truncated", "budget_exhausted", "statement_not_allowed"] {
+    assert!(
+        rules.len() >= 25,
+        "found only {} rules: {rules:?}",
+        rules.len()
+    );
+    for must in [
+        "store_corrupt",
+        "shrink",
+        "truncated",
+        "budget_exhausted",
+        "statement_not_allowed",
+    ] {
         assert!(rules.contains(must), "{must} not found in the source");
     }
     let missing: Vec<&String> = rules

@@ -64,8 +64,7 @@ fn demo_runs_without_arguments_and_can_run_again() {
         );
         // One demo researcher per rule set: each project asked as its
         // own researcher, and each researcher's effective guarantee stated.
-        for (user, projects, _, words) in
-            expected_guarantees(gpdp::policy::tre::DEFAULT_TRE_POLICY)
+        for (user, projects, _, words) in expected_guarantees(gpdp::policy::tre::DEFAULT_TRE_POLICY)
         {
             assert!(
                 out.lines()

@@ -434,7 +434,6 @@ fn padding_attacks_under_dp_stay_near_chance_until_the_budget_stops_them() {
     }
 }
 
-
 /// The reconstruction's group on the shared store: 60 to 100 members.
 fn reconstruction_population() -> &'static Population {
     static P: std::sync::OnceLock<Population> = std::sync::OnceLock::new();
@@ -590,7 +589,9 @@ fn cell_keys_fall_to_reconstruction_from_a_few_hundred_counts() {
     let exact = |clause: &str| -> anyhow::Result<Result<Option<i64>, &'static str>> {
         let sql = format!("SELECT count(DISTINCT patient_id) FROM patients WHERE {clause}");
         let b = runtime.block_on(async { ctx.sql(&sql).await?.collect().await })?;
-        Ok(Ok(Some(b[0].column(0).as_primitive::<Int64Type>().value(0))))
+        Ok(Ok(Some(
+            b[0].column(0).as_primitive::<Int64Type>().value(0),
+        )))
     };
     let control = reconstruct_with("exact", exact, p, &[100], 1).unwrap();
     assert_eq!(
@@ -631,7 +632,9 @@ fn measure_reconstruction_curve_under_cell_keys_and_opensafely() {
     for (p, checkpoints) in [
         (
             large,
-            &[10, 25, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200, 1600][..],
+            &[
+                10, 25, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200, 1600,
+            ][..],
         ),
         (
             checked(&small),
@@ -713,7 +716,11 @@ fn measure_the_decoders_prior_on_simulated_answers() {
                     answers.push(answer as f64);
                     if let Some(i) = checkpoints.iter().position(|c| *c == q) {
                         let x = decode_with(&subsets, &answers, n, prior);
-                        let right = x.iter().zip(has).filter(|(x, h)| (**x > 0.5) == **h).count();
+                        let right = x
+                            .iter()
+                            .zip(has)
+                            .filter(|(x, h)| (**x > 0.5) == **h)
+                            .count();
                         accuracy[i] += right as f64 / n as f64 / 10.0;
                     }
                 }
@@ -721,7 +728,11 @@ fn measure_the_decoders_prior_on_simulated_answers() {
             eprintln!(
                 "{} prior {prior}: {}",
                 if rounding { "round to 5" } else { "ckm-like  " },
-                accuracy.iter().map(|a| format!("{a:.3}")).collect::<Vec<_>>().join(" ")
+                accuracy
+                    .iter()
+                    .map(|a| format!("{a:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         }
     }

@@ -497,7 +497,13 @@ fn the_register_states_each_researchers_effective_guarantee_without_naming_them(
     let codes: Vec<&str> = want.iter().map(|w| w.1.as_str()).collect();
     assert_eq!(
         codes,
-        ["deterministic", "rho_bounded", "cell_key", "deterministic", "deterministic"]
+        [
+            "deterministic",
+            "rho_bounded",
+            "cell_key",
+            "deterministic",
+            "deterministic"
+        ]
     );
     assert_eq!(r["researchers"][4]["mixed_rules_reason_recorded"], true);
     for (_, _, _, words) in &expected {

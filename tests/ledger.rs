@@ -79,7 +79,12 @@ fn a_ledger_cache_edited_to_zero_does_not_reset_a_budget() {
     )
     .unwrap();
     let o = ask(&c.store, &policy);
-    assert_eq!(o.status.code(), Some(3), "the edited cache reset the budget: {}", stdout(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "the edited cache reset the budget: {}",
+        stdout(&o)
+    );
     assert!(stderr(&o).contains("budget_exhausted"), "{}", stderr(&o));
     let o = verify_log(&c.store);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -110,7 +115,12 @@ fn the_audit_replays_every_charge_and_fails_an_overspend_or_a_reset() {
         .expect("the check runs")
         .clone();
     assert_eq!(budgets["passed"], true, "{budgets}");
-    assert!(budgets["detail"].as_str().unwrap().starts_with("2 privacy charges"));
+    assert!(
+        budgets["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 privacy charges")
+    );
 
     let charge = |spent: f64| {
         json!({"event": "privacy_charge", "time": "2026-12-07T00:00:00Z", "user": "dana",
@@ -124,10 +134,16 @@ fn the_audit_replays_every_charge_and_fails_an_overspend_or_a_reset() {
         let copy = dir.path().join(name);
         copy_dir(&c.store, &copy);
         // Appended through the log's own API: the chain stays intact.
-        gpdp::store::audit::AuditLog::at(&copy).append(&[line]).unwrap();
+        gpdp::store::audit::AuditLog::at(&copy)
+            .append(&[line])
+            .unwrap();
         let o = verify_log(&copy);
         assert_eq!(o.status.code(), Some(3), "{name}: {}", stderr(&o));
-        assert!(stderr(&o).contains("privacy_budgets_respected"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("privacy_budgets_respected"),
+            "{}",
+            stderr(&o)
+        );
         assert!(stderr(&o).contains(says), "{name}: {}", stderr(&o));
         let o = run(&["audit", "--store", copy.to_str().unwrap(), "--json"]);
         assert_eq!(o.status.code(), Some(3), "{name}");
@@ -187,7 +203,12 @@ fn a_store_answers_under_one_perturbation_key_until_it_is_rotated() {
     assert!(o.status.success(), "{}", stderr(&o));
     let answer = stdout(&o);
     let o = ask(&second);
-    assert_eq!(o.status.code(), Some(3), "a second key was answered: {}", stdout(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "a second key was answered: {}",
+        stdout(&o)
+    );
     assert!(
         stderr(&o).contains("refused by rule perturbation_key_changed"),
         "{}",
@@ -252,17 +273,30 @@ fn every_store_of_the_same_patients_spends_from_one_budget() {
         let o = collect(&c.extract, store, key);
         assert!(o.status.success(), "{}", stderr(&o));
         let o = run(&[
-            "optout", "ingest", "--ndoo",
+            "optout",
+            "ingest",
+            "--ndoo",
             c.extract.join("national/ndoo.csv").to_str().unwrap(),
-            "--store", store.to_str().unwrap(), "--key", key.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let ask_with = |store: &Path, extra: &[&str]| {
         let mut args = vec![
-            "query", "--store", store.to_str().unwrap(), "--project", "demo-research",
-            "--user", "dana", "--token", "demo-dana-token",
-            "--policy", policy.to_str().unwrap(),
+            "query",
+            "--store",
+            store.to_str().unwrap(),
+            "--project",
+            "demo-research",
+            "--user",
+            "dana",
+            "--token",
+            "demo-dana-token",
+            "--policy",
+            policy.to_str().unwrap(),
         ];
         args.extend(extra);
         args.push(SQL);
@@ -274,7 +308,12 @@ fn every_store_of_the_same_patients_spends_from_one_budget() {
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let o = ask(&twin, &policy);
-    assert_eq!(o.status.code(), Some(3), "a second store gave a fresh budget: {}", stdout(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "a second store gave a fresh budget: {}",
+        stdout(&o)
+    );
     assert!(stderr(&o).contains("budget_exhausted"), "{}", stderr(&o));
     // The control: other patients, their own budget.
     let o = ask(&other, &policy);
@@ -291,9 +330,20 @@ fn every_store_of_the_same_patients_spends_from_one_budget() {
     let o = run(&["audit", "--store", c.store.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let budgets = report["checks"].as_array().unwrap().iter()
-        .find(|c| c["name"] == "privacy_budgets_respected").unwrap().clone();
-    assert!(budgets["detail"].as_str().unwrap().contains("its chain intact"), "{budgets}");
+    let budgets = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "privacy_budgets_respected")
+        .unwrap()
+        .clone();
+    assert!(
+        budgets["detail"]
+            .as_str()
+            .unwrap()
+            .contains("its chain intact"),
+        "{budgets}"
+    );
 }
 
 /// Under a rule set with a budget of released cells (the cell key method
@@ -322,9 +372,22 @@ fn released_cells_are_charged_and_stop_at_the_cell_budget() {
     let (user, token) = researcher_of("demo-planning-exempt");
     let ask = |sql: &str| {
         run(&[
-            "query", "--store", c.store.to_str().unwrap(), "--project", "demo-planning-exempt",
-            "--user", user, "--token", token, "--policy", policy.to_str().unwrap(),
-            "--perturbation-key", key.to_str().unwrap(), "--format", "json", sql,
+            "query",
+            "--store",
+            c.store.to_str().unwrap(),
+            "--project",
+            "demo-planning-exempt",
+            "--user",
+            user,
+            "--token",
+            token,
+            "--policy",
+            policy.to_str().unwrap(),
+            "--perturbation-key",
+            key.to_str().unwrap(),
+            "--format",
+            "json",
+            sql,
         ])
     };
     // Two cells (one count per sex), then two more: 4 of 5.
@@ -335,7 +398,11 @@ fn released_cells_are_charged_and_stop_at_the_cell_budget() {
     // Two more would make 6: refused, and the last cell is spent with it.
     let o = ask(SQL);
     assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
-    assert!(stderr(&o).contains("refused by rule query_budget_exhausted"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("refused by rule query_budget_exhausted"),
+        "{}",
+        stderr(&o)
+    );
     // One cell would have fitted before the refusal; it does not now.
     let o = ask("SELECT count(DISTINCT patient_id) AS n FROM patients");
     assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));

@@ -114,7 +114,10 @@ fn states(stated: f64, sigma: f64) {
         (stated / sigma - 1.0).abs() < 1e-6,
         "stated σ {stated}, computed {sigma}"
     );
-    assert!(stated >= sigma, "stated σ {stated} is below Δ/√(2ρ) = {sigma}");
+    assert!(
+        stated >= sigma,
+        "stated σ {stated} is below Δ/√(2ρ) = {sigma}"
+    );
 }
 
 fn ask(policy: &TrePolicy, sql: &str) -> gpdp::tre::Released {

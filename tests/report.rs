@@ -203,11 +203,20 @@ fn the_report_states_each_researchers_effective_guarantee() {
     let codes: Vec<&str> = expected.iter().map(|e| e.2.as_str()).collect();
     assert_eq!(
         codes,
-        ["deterministic", "rho_bounded", "cell_key", "deterministic", "no_project"]
+        [
+            "deterministic",
+            "rho_bounded",
+            "cell_key",
+            "deterministic",
+            "no_project"
+        ]
     );
     assert_eq!(expected[1].3, "ρ-bounded (zCDP, ρ budget 2)");
     // On the page: one row per researcher in the section's table.
-    let section = &m.html[m.html.find("effective guarantees</h3>").expect("no section")..];
+    let section = &m.html[m
+        .html
+        .find("effective guarantees</h3>")
+        .expect("no section")..];
     let table = &section[..section.find("</table>").unwrap()];
     for (user, _, _, words) in &expected {
         let row = table

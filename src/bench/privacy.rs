@@ -526,7 +526,10 @@ fn direct_rows(
 /// event) and who are visible in the NDOO-applies projects too, the one
 /// whose share with a diabetes code is nearest one half (the hardest to
 /// guess). Each member's date is their earliest such date.
-pub fn population(store: &Path, sizes: std::ops::RangeInclusive<usize>) -> anyhow::Result<Population> {
+pub fn population(
+    store: &Path,
+    sizes: std::ops::RangeInclusive<usize>,
+) -> anyhow::Result<Population> {
     let policy = TrePolicy::load(None)?;
     let rt = tokio::runtime::Runtime::new()?;
     let manifest = crate::store::read_manifest(store)?;
@@ -595,7 +598,11 @@ pub fn population(store: &Path, sizes: std::ops::RangeInclusive<usize>) -> anyho
             .iter()
             .filter(|m| visible.contains(*m))
             .filter_map(|m| {
-                let mut own: Vec<&String> = dates.get(m)?.iter().filter(|d| seen[d.as_str()] == 1).collect();
+                let mut own: Vec<&String> = dates
+                    .get(m)?
+                    .iter()
+                    .filter(|d| seen[d.as_str()] == 1)
+                    .collect();
                 own.sort();
                 Some(((*own.first()?).clone(), diabetic.contains(m)))
             })
@@ -667,7 +674,13 @@ pub fn reconstruct(
     seed: u64,
 ) -> anyhow::Result<Reconstruction> {
     let rule_set = a.policy.projects[a.project].disclosure.name;
-    reconstruct_with(rule_set, |clause| a.released(clause), population, checkpoints, seed)
+    reconstruct_with(
+        rule_set,
+        |clause| a.released(clause),
+        population,
+        checkpoints,
+        seed,
+    )
 }
 
 /// [`reconstruct`] with its counts from `count` (a clause's released
@@ -749,7 +762,12 @@ pub fn decode_with(subsets: &[Vec<usize>], answers: &[f64], n: usize, prior: f64
     if prior == 0.0 {
         return first;
     }
-    fit(subsets, answers, n, if share > 0.5 { -prior } else { prior })
+    fit(
+        subsets,
+        answers,
+        n,
+        if share > 0.5 { -prior } else { prior },
+    )
 }
 
 /// Minimises ½ Σ_q (b_q − c − Σ_i (1[i ∈ S_q] − ½) x_i)² + prior·Σ_i x_i

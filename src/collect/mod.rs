@@ -127,10 +127,7 @@ pub enum Outcome {
     Unchanged { practice: String, batch: String },
     /// The shrink guards held this extract: the batch in force (if any)
     /// stays, and nothing of this one reached the store.
-    Held {
-        receipt: Box<Receipt>,
-        held: Held,
-    },
+    Held { receipt: Box<Receipt>, held: Held },
 }
 
 #[derive(Debug)]

@@ -239,26 +239,33 @@ fn link_source(
     // with far fewer rows than the one in force is held, and the source in
     // force stays (crate::store::guard).
     let quarantined: u64 = receipt.quarantined.values().sum();
-    let in_force = store.manifest.linked.get(source.name()).map(|l| l.file.rows);
+    let in_force = store
+        .manifest
+        .linked
+        .get(source.name())
+        .map(|l| l.file.rows);
     let held = guard::truncated([path.as_path()])?
         .or_else(|| guard::quarantine_share(&policy.guards, receipt.rows_in, quarantined))
         .or_else(|| {
-            in_force.and_then(|before| guard::shrink(&policy.guards, "rows", before, receipt.rows_out))
+            in_force
+                .and_then(|before| guard::shrink(&policy.guards, "rows", before, receipt.rows_out))
         });
     if let Some(held) = &held {
-        store.audit().append(&[json!({
-            "event": if opts.accept_shrink { "link_accepted_shrink" } else { "link_held" },
-            "time": now_rfc3339(),
-            "source": source.name(),
-            "batch": batch,
-            "rule": held.rule,
-            "detail": held.detail,
-            "rows_in_force": in_force,
-            "rows_in": receipt.rows_in,
-            "rows_out": receipt.rows_out,
-            "quarantined": quarantined,
-        })])
-        .map_err(StoreError::from)?;
+        store
+            .audit()
+            .append(&[json!({
+                "event": if opts.accept_shrink { "link_accepted_shrink" } else { "link_held" },
+                "time": now_rfc3339(),
+                "source": source.name(),
+                "batch": batch,
+                "rule": held.rule,
+                "detail": held.detail,
+                "rows_in_force": in_force,
+                "rows_in": receipt.rows_in,
+                "rows_out": receipt.rows_out,
+                "quarantined": quarantined,
+            })])
+            .map_err(StoreError::from)?;
         if !opts.accept_shrink {
             let _ = std::fs::remove_file(&out);
             receipt.held = Some(held.clone());

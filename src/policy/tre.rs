@@ -944,7 +944,11 @@ mod tests {
             seen,
             [
                 ("alice", vec!["opensafely"], Guarantee::Deterministic),
-                ("dana", vec!["dp"], Guarantee::RhoBounded { rho_budget: 2.0 }),
+                (
+                    "dana",
+                    vec!["dp"],
+                    Guarantee::RhoBounded { rho_budget: 2.0 }
+                ),
                 ("carol", vec!["ckm"], Guarantee::CellKey),
                 ("priya", vec!["acro"], Guarantee::Deterministic),
                 ("bob", vec![], Guarantee::NoProject),
@@ -985,8 +989,12 @@ mod tests {
             assert!(err.contains(says), "{says}: {err}");
         }
         // ACRO (with the opt-out applying, like demo-research): refused too.
-        let err = with_zed("projects = [\"demo-prescribing-acro\", \"demo-research\"]").unwrap_err();
-        assert!(err.contains("demo-prescribing-acro (rule set acro)"), "{err}");
+        let err =
+            with_zed("projects = [\"demo-prescribing-acro\", \"demo-research\"]").unwrap_err();
+        assert!(
+            err.contains("demo-prescribing-acro (rule set acro)"),
+            "{err}"
+        );
         // The cell key method (exempt from the opt-out: that pairing's
         // reason given, so that the mixed rules are what is refused).
         let err = with_zed(
@@ -994,13 +1002,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.contains("demo-planning-exempt (rule set ckm)") && err.contains("mixed_rules_reason"),
+            err.contains("demo-planning-exempt (rule set ckm)")
+                && err.contains("mixed_rules_reason"),
             "{err}"
         );
         // A blank reason is no reason.
         assert!(
-            with_zed("projects = [\"demo-research\", \"demo-opensafely\"]\nmixed_rules_reason = \" \"")
-                .is_err()
+            with_zed(
+                "projects = [\"demo-research\", \"demo-opensafely\"]\nmixed_rules_reason = \" \""
+            )
+            .is_err()
         );
         // With a reason it loads, and says what the researcher really has.
         let p = with_zed(
@@ -1028,10 +1039,22 @@ mod tests {
         let both = "cross_ndoo_reason = \"test\"\nmixed_rules_reason = \"test\"";
         for (projects, want) in [
             ("\"demo-planning-exempt\"", Guarantee::CellKey),
-            ("\"demo-research\", \"demo-planning-exempt\"", Guarantee::CellKey),
-            ("\"demo-planning-exempt\", \"demo-research\"", Guarantee::CellKey),
-            ("\"demo-planning-exempt\", \"demo-opensafely\"", Guarantee::Deterministic),
-            ("\"demo-prescribing-acro\", \"demo-planning-exempt\", \"demo-research\"", Guarantee::Deterministic),
+            (
+                "\"demo-research\", \"demo-planning-exempt\"",
+                Guarantee::CellKey,
+            ),
+            (
+                "\"demo-planning-exempt\", \"demo-research\"",
+                Guarantee::CellKey,
+            ),
+            (
+                "\"demo-planning-exempt\", \"demo-opensafely\"",
+                Guarantee::Deterministic,
+            ),
+            (
+                "\"demo-prescribing-acro\", \"demo-planning-exempt\", \"demo-research\"",
+                Guarantee::Deterministic,
+            ),
         ] {
             let p = with_zed(&format!("projects = [{projects}]\n{both}")).unwrap();
             assert_eq!(zed(&p), want, "{projects}");
@@ -1158,7 +1181,10 @@ mod tests {
             "{err}"
         );
         assert!(with_zed(&format!("{both}\ncross_ndoo_reason = \"  \"")).is_err());
-        with_zed(&format!("{both}\ncross_ndoo_reason = \"a side-by-side comparison\"")).unwrap();
+        with_zed(&format!(
+            "{both}\ncross_ndoo_reason = \"a side-by-side comparison\""
+        ))
+        .unwrap();
         // One kind only needs no reason.
         with_zed("projects = [\"demo-opensafely\", \"demo-prescribing-acro\"]").unwrap();
     }

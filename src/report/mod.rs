@@ -98,7 +98,11 @@ fn held_inputs(log: &[Value]) -> Vec<HeldInput> {
         match e["event"].as_str() {
             Some(event @ ("collect_held" | "link_held")) => {
                 let command = event.trim_end_matches("_held").to_owned();
-                let input = text(if command == "collect" { "practice" } else { "source" });
+                let input = text(if command == "collect" {
+                    "practice"
+                } else {
+                    "source"
+                });
                 open.insert(
                     (command.clone(), input.clone()),
                     HeldInput {

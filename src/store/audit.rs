@@ -301,7 +301,11 @@ impl AuditLog {
                 .and_then(|t| serde_json::from_str::<Line>(t.trim_end()).ok());
             let entry = match line {
                 None => Value::Null,
-                Some(l) if finders.iter().any(|f| f.find(l.entry.get().as_bytes()).is_some()) => {
+                Some(l)
+                    if finders
+                        .iter()
+                        .any(|f| f.find(l.entry.get().as_bytes()).is_some()) =>
+                {
                     serde_json::from_str::<Value>(l.entry.get()).unwrap_or(Value::Null)
                 }
                 Some(_) => continue,

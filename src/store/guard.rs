@@ -134,7 +134,9 @@ mod tests {
         std::fs::write(&whole, "a,b\n1,2\n").unwrap();
         std::fs::write(&cut, "a,b\n1,").unwrap();
         assert_eq!(truncated([whole.as_path()]).unwrap(), None);
-        let held = truncated([whole.as_path(), cut.as_path()]).unwrap().unwrap();
+        let held = truncated([whole.as_path(), cut.as_path()])
+            .unwrap()
+            .unwrap();
         assert_eq!(held.rule, "truncated");
         assert!(held.detail.contains("cut.csv"), "{}", held.detail);
     }

@@ -192,7 +192,11 @@ mod tests {
         // same size and time would pass, which is why audit always hashes.
         let c = entry(store, "tables/c.parquet", b"cccc");
         assert_eq!(files(store, &[&c]), vec![]);
-        let cached = memory().lock().unwrap().get(&store.join("tables/c.parquet")).cloned();
+        let cached = memory()
+            .lock()
+            .unwrap()
+            .get(&store.join("tables/c.parquet"))
+            .cloned();
         assert_eq!(cached.map(|s| s.sha256), Some(c.sha256.clone()));
     }
 }

@@ -69,7 +69,15 @@ mod tests {
     #[test]
     fn only_an_approved_researcher_with_the_right_token_gets_in() {
         let policy = TrePolicy::load(None).unwrap();
-        assert!(authorise(&policy, "alice", Some("demo-alice-token"), "demo-opensafely").is_ok());
+        assert!(
+            authorise(
+                &policy,
+                "alice",
+                Some("demo-alice-token"),
+                "demo-opensafely"
+            )
+            .is_ok()
+        );
         for (user, token, project, rule) in [
             ("alice", Some("wrong"), "demo-opensafely", "authentication"),
             ("alice", None, "demo-opensafely", "authentication"),

@@ -350,11 +350,7 @@ impl Spending {
 
 /// What the ledger reads of the log: charges, and the generations commits
 /// record (every other line is passed over unread).
-const LEDGER_LINES: [&str; 3] = [
-    "\"privacy_charge\"",
-    "\"cell_charge\"",
-    "\"generation\"",
-];
+const LEDGER_LINES: [&str; 3] = ["\"privacy_charge\"", "\"cell_charge\"", "\"generation\""];
 
 /// The privacy ledger of a population: `DIR/<collection key id>.jsonl`.
 ///
@@ -370,13 +366,20 @@ const LEDGER_LINES: [&str; 3] = [
 /// a store's audit log (`gpdp audit --ledger DIR` verifies and replays
 /// it); each charge is also copied into the store's own log, for its
 /// register and its audit.
-pub fn ledger_path(store: &std::path::Path, dir: Option<&std::path::Path>, population: &str) -> std::path::PathBuf {
+pub fn ledger_path(
+    store: &std::path::Path,
+    dir: Option<&std::path::Path>,
+    population: &str,
+) -> std::path::PathBuf {
     let dir = match dir {
         Some(d) => d.to_owned(),
         None => std::path::absolute(store)
             .unwrap_or_else(|_| store.to_owned())
             .parent()
-            .map_or_else(|| std::path::PathBuf::from("ledgers"), |p| p.join("ledgers")),
+            .map_or_else(
+                || std::path::PathBuf::from("ledgers"),
+                |p| p.join("ledgers"),
+            ),
     };
     dir.join(format!("{population}.jsonl"))
 }
@@ -881,13 +884,24 @@ mod tests {
                 .rule,
             "budget_exhausted"
         );
-        assert!(super::charge(&twin, &other, 0, "alice", "p", 1.0, 0.25, "f")
-            .unwrap()
-            .is_ok());
+        assert!(
+            super::charge(&twin, &other, 0, "alice", "p", 1.0, 0.25, "f")
+                .unwrap()
+                .is_ok()
+        );
         // An unreadable line refuses every charge.
         let text = std::fs::read_to_string(&ledger).unwrap();
-        std::fs::write(&ledger, text.replacen("privacy_charge", "privacy_charg\"", 1)).unwrap();
-        assert!(charge("carol", 0.25).unwrap_err().reason.contains("cannot be read"));
+        std::fs::write(
+            &ledger,
+            text.replacen("privacy_charge", "privacy_charg\"", 1),
+        )
+        .unwrap();
+        assert!(
+            charge("carol", 0.25)
+                .unwrap_err()
+                .reason
+                .contains("cannot be read")
+        );
     }
 
     #[test]

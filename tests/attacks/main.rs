@@ -508,10 +508,9 @@ fn build_worlds() -> Worlds {
         targets,
         identifiers,
         serving: serving.map(String::from).to_vec(),
-        dp_threshold: gpdp::policy::tre::TrePolicy::load(None).unwrap().projects
-            [project_id("dp")]
-        .disclosure
-        .redact_at_or_below as f64,
+        dp_threshold: gpdp::policy::tre::TrePolicy::load(None).unwrap().projects[project_id("dp")]
+            .disclosure
+            .redact_at_or_below as f64,
         _dir: dir,
     }
 }
@@ -1040,11 +1039,7 @@ fn noise_as_stated(z2: &[f64], allowance: f64) -> (bool, f64, (f64, f64)) {
     let mean = z2.iter().sum::<f64>() / n;
     let spread = 5.0 * (2.0 / n).sqrt();
     let interval = (1.0 - spread, 1.0 + spread + allowance);
-    (
-        mean >= interval.0 && mean <= interval.1,
-        mean,
-        interval,
-    )
+    (mean >= interval.0 && mean <= interval.1, mean, interval)
 }
 
 fn check_attack(
@@ -1059,7 +1054,10 @@ fn check_attack(
     for project in &attack.projects {
         let project = project_id(project);
         let (user, token) = researcher_of(project);
-        let connect = |addr| rt.block_on(gpdp::serve::connect(addr, user, project, token)).unwrap();
+        let connect = |addr| {
+            rt.block_on(gpdp::serve::connect(addr, user, project, token))
+                .unwrap()
+        };
         let mut in_a = connect(servers.a.addr);
         for (t, target) in w.targets.iter().enumerate() {
             let mut in_b = connect(servers.b[t].addr);
@@ -1204,7 +1202,9 @@ fn no_attack_learns_anything_about_its_target() {
         );
         for o in only.split(',') {
             assert!(
-                files.iter().any(|f| f.file_stem().unwrap().to_string_lossy() == o),
+                files
+                    .iter()
+                    .any(|f| f.file_stem().unwrap().to_string_lossy() == o),
                 "GPDP_ATTACKS names {o:?}, which is no family in tests/attacks"
             );
         }
@@ -1251,9 +1251,7 @@ fn no_attack_learns_anything_about_its_target() {
     });
     let mut failures = failures.into_inner().unwrap();
     let noise = noise.into_inner().unwrap();
-    let dp_runs = attacks
-        .iter()
-        .any(|a| a.projects.iter().any(|p| p == "dp"));
+    let dp_runs = attacks.iter().any(|a| a.projects.iter().any(|p| p == "dp"));
     if dp_runs {
         // Across the worlds, one patient's bounded contribution adds at most
         // (0.2σ)² / 2 = 0.02 to a pair's mean z²; 0.05 leaves room.

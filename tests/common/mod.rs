@@ -358,9 +358,18 @@ pub fn expected_guarantees(policy: &str) -> Vec<(String, Vec<String>, String, St
                 b.as_float().or(b.as_integer().map(|i| i as f64)).unwrap()
             });
             let (code, words) = match weakest {
-                None => ("no_project", "no approved project: reaches no data".to_owned()),
-                Some(2) => ("rho_bounded", format!("ρ-bounded (zCDP, ρ budget {budget})")),
-                Some(1) => ("cell_key", "cell key method: not DP, bounded noise".to_owned()),
+                None => (
+                    "no_project",
+                    "no approved project: reaches no data".to_owned(),
+                ),
+                Some(2) => (
+                    "rho_bounded",
+                    format!("ρ-bounded (zCDP, ρ budget {budget})"),
+                ),
+                Some(1) => (
+                    "cell_key",
+                    "cell key method: not DP, bounded noise".to_owned(),
+                ),
                 Some(_) => (
                     "deterministic",
                     "deterministic rules: output checking needed".to_owned(),
