@@ -1,4 +1,4 @@
-//! Exit statuses shared by every command (DESIGN §5).
+//! Exit statuses shared by every command (docs/design.md §5).
 //!
 //! 0 success; 1 internal error; 2 bad usage or bad input (clear message,
 //! nothing changed); 3 refused by policy (the reason names the rule).

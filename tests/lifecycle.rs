@@ -6,7 +6,7 @@
 //! opted-out patient may have a row anywhere, the research project's views
 //! must exclude exactly the NDOO patients, and the audit log must verify.
 //!
-//! The model's rules (DESIGN §3–4, in words):
+//! The model's rules (docs/design.md §3–4, in words):
 //! - collecting practice X takes a snapshot of every patient registered
 //!   there; X's batch is that snapshot minus every *blocked* patient;
 //! - blocked = patients whose latest Type 1 code, in the last collected

@@ -1,5 +1,5 @@
 //! `gpdp synth`, driven through the real binary: files and columns of
-//! DESIGN §2, NHS numbers, the bad-row catalogue, opt-out patterns, the
+//! docs/design.md §2, NHS numbers, the bad-row catalogue, opt-out patterns, the
 //! summary against the files, determinism, and refusals of bad arguments.
 
 mod common;
@@ -545,7 +545,7 @@ fn type1_codes_come_from_the_policy() {
     assert!(!codes.contains("827241000000103"));
 }
 
-/// Provider extracts (DESIGN §9): ehrQL's columns; one linkage-truth row per
+/// Provider extracts (docs/design.md §9): ehrQL's columns; one linkage-truth row per
 /// provider record that says, correctly, whose it is and why it does or
 /// does not link; deaths that agree with the GP record but for the
 /// disagreements and registration delays the summary counts; and the

@@ -1,4 +1,4 @@
-//! `gpdp collect`: de-identification on collection (DESIGN §3).
+//! `gpdp collect`: de-identification on collection (docs/design.md §3).
 //!
 //! Each practice is collected as its own batch, as every practice would run
 //! its own collector: [`practice`] does the work (Type 1 at source,

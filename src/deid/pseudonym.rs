@@ -16,7 +16,7 @@ use ring::hmac;
 use super::key::CollectionKey;
 use crate::nhs_number::NhsNumber;
 
-/// Domain prefix for NHS numbers (DESIGN §3).
+/// Domain prefix for NHS numbers (docs/design.md §3).
 pub const NHS_NUMBER_DOMAIN: &[u8] = b"gpdp/v1/nhs_number\0";
 /// Domain prefix for practice ODS codes.
 pub const PRACTICE_DOMAIN: &[u8] = b"gpdp/v1/practice\0";

@@ -89,7 +89,7 @@ const MEDICATIONS: [Column; 5] = [
     col("free_text", Kind::FreeText, false),
 ];
 
-/// The provider extracts of Data for R&D (DESIGN §9), at
+/// The provider extracts of Data for R&D (docs/design.md §9), at
 /// `EXTRACT/linked/<name>.csv`, each read by `gpdp link` at its provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Source {

@@ -1,4 +1,4 @@
-//! `gpdp link`: collection at a data provider (DESIGN §9, Data for R&D).
+//! `gpdp link`: collection at a data provider (docs/design.md §9, Data for R&D).
 //!
 //! Hospital spells (`linked/apcs.csv`) and death registrations
 //! (`linked/ons_deaths.csv`) arrive from their providers, not from

@@ -640,7 +640,7 @@ impl TrePolicy {
                 )));
             }
             let in_tables = |c: &str| p.tables.iter().any(|t| view_columns(t).contains(&c));
-            // Defaults (DESIGN §5.2): filters on the group keys, codes, event
+            // Defaults (docs/design.md §5.2): filters on the group keys, codes, event
             // years and dates and the values; values: those of the tables.
             let value_columns = p.value_columns.clone().unwrap_or_else(|| {
                 VALUE_COLUMNS

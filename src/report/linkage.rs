@@ -1,4 +1,4 @@
-//! Linkage quality, measured against the truth (DESIGN §9): the bias a
+//! Linkage quality, measured against the truth (docs/design.md §9): the bias a
 //! researcher inherits from linked data.
 //!
 //! OpenSAFELY links on a keyed hash of the NHS number and cannot evaluate

@@ -1,5 +1,5 @@
 //! Provider extracts with truth: hospital spells and death registrations
-//! (DESIGN §9), consistent with the GP population.
+//! (docs/design.md §9), consistent with the GP population.
 //!
 //! `linked/apcs.csv` holds hospital spells as NHS England's SUS / HES APC
 //! (ehrQL's `apcs` columns; ICD-10 and OPCS-4 codes without dots, several

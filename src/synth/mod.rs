@@ -1,5 +1,5 @@
 //! `gpdp synth`: realistic, deterministic synthetic GP extracts with a ground
-//! truth to audit against (DESIGN §2).
+//! truth to audit against (docs/design.md §2).
 //!
 //! The flow: [`population`] lays out practices, areas and NHS numbers;
 //! [`person`] generates each person's record as a pure function of the seed;

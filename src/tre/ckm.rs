@@ -13,11 +13,11 @@
 //! cell key) in the [`super::ptable`].
 //!
 //! Record keys are SipHash-2-4 of the patient's integer key under 128 bits
-//! derived from the perturbation key by HMAC-SHA256 (DESIGN §5.4 asks for
-//! HMAC-SHA256 of patient_id itself; SipHash is a keyed PRF too, and is
-//! computed once per patient and cell, where HMAC cost 0.4 µs — more than
-//! the whole query on large tables). Cell keys, record keys and
-//! perturbations are never released or logged.
+//! derived from the perturbation key by HMAC-SHA256 (docs/design.md §5.4;
+//! the first design asked for HMAC-SHA256 of patient_id itself; SipHash is
+//! a keyed PRF too, and is computed once per patient and cell, where HMAC
+//! cost 0.4 µs — more than the whole query on large tables). Cell keys,
+//! record keys and perturbations are never released or logged.
 
 use std::hash::Hasher;
 use std::path::Path;
@@ -264,8 +264,8 @@ impl RecordKeys {
 /// of those patients, and gets the same key and the same answer. Were it
 /// keyed apart, `count(*)` and `count(DISTINCT patient_id)` over one row
 /// per patient would be two independent draws of one number, and their
-/// average would halve the noise's variance (DESIGN: one draw per set of
-/// records, whatever statistic names them).
+/// average would halve the noise's variance (docs/design.md §5.5: one draw
+/// per set of records, whatever statistic names them).
 pub fn weighted(record_key: u32, rows: u64, sum: Option<f64>) -> u32 {
     if rows == 1 && sum.is_none() {
         return record_key;

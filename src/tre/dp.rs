@@ -1,4 +1,4 @@
-//! Differential privacy for `dp` projects (DESIGN §5.4): zero-concentrated
+//! Differential privacy for `dp` projects (docs/design.md §5.4): zero-concentrated
 //! DP (zCDP) with the patient as the privacy unit.
 //!
 //! Before anything runs, [`plan`] fixes what a release costs and how noisy

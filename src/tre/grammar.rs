@@ -1,5 +1,5 @@
 //! Safe outputs, before anything runs: the allow-list grammar of released
-//! queries (DESIGN §5.2).
+//! queries (docs/design.md §5.2).
 //!
 //! The researcher's SQL is planned by DataFusion against the project's views
 //! (so names resolve exactly as SQL says), and the logical plan is then read

@@ -5,7 +5,7 @@
 //! per-request [`session`] holding only the project's views with the opt-out
 //! filters inside them (safe settings); DataFusion's SQL planner, which
 //! resolves names against those views; the [`grammar`], which accepts only
-//! plans in the allow-list of DESIGN §5.2 and reads them as a typed
+//! plans in the allow-list of docs/design.md §5.2 and reads them as a typed
 //! [`grammar::Release`] (safe outputs, before anything runs); [`compile`],
 //! which builds the only plan that runs from that release, with every
 //! statistic's contributing patients beside it; execution under memory and
@@ -75,7 +75,7 @@ impl Refusal {
         }
     }
 
-    /// A query that is not in the grammar of released queries (DESIGN §5.2).
+    /// A query that is not in the grammar of released queries (docs/design.md §5.2).
     pub fn outside_grammar(construct: &'static str, reason: impl Into<String>) -> Refusal {
         Refusal {
             rule: "outside_grammar",
