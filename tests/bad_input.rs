@@ -607,15 +607,25 @@ fn parser_and_planner_errors_outside_the_grammar_name_a_rule() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-/// Every rule a refusal or hold can name is listed in the README's table
-/// of rules with its exit status: the rule names are read from the source
-/// (`Refusal::new("…"` and `rule: "…"`; the constructs under
+/// Every rule a refusal or hold can name is listed in the table of rules
+/// in docs/boundary.md with its exit status: the rule names are read from
+/// the source (`Refusal::new("…"` and `rule: "…"`; the constructs under
 /// `outside_grammar` are listed with the grammar), so a new rule that
 /// nobody documented fails here.
 #[test]
 fn every_rule_the_code_can_name_is_documented() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let boundary = std::fs::read_to_string(root.join("docs/boundary.md")).unwrap();
+    // The table itself, not a mention elsewhere on the page.
+    let table: String = boundary
+        .split("| rule | where | what refused or held |")
+        .nth(1)
+        .expect("docs/boundary.md has the table of rules")
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut rules = std::collections::BTreeSet::new();
     let mut stack = vec![root.join("src")];
     while let Some(dir) = stack.pop() {
@@ -659,10 +669,184 @@ fn every_rule_the_code_can_name_is_documented() {
     }
     let missing: Vec<&String> = rules
         .iter()
-        .filter(|r| !readme.contains(&format!("`{r}`")))
+        .filter(|r| !table.contains(&format!("`{r}`")))
         .collect();
     assert!(
         missing.is_empty(),
-        "rules the code can name but the README's table of rules does not list: {missing:?}"
+        "rules the code can name but the table of rules in docs/boundary.md does not list: {missing:?}"
     );
+}
+
+/// The README routes into docs/, and the docs point at files and at each
+/// other: every relative link in README.md and docs/*.md — `[text](path)`
+/// and `[text](path#anchor)` — must name a file or directory of the
+/// repository, and an anchor into a Markdown page must be one of its
+/// headings or `<a id="…">`s. And no file of the repository may send the
+/// reader to the design notes outside it (a parent directory's `shared`).
+#[test]
+fn the_docs_links_resolve_and_nothing_points_outside_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    for e in std::fs::read_dir(root.join("docs")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "md") {
+            pages.push(p);
+        }
+    }
+    pages.sort();
+    for must in [
+        "guide.md",
+        "boundary.md",
+        "benchmarks.md",
+        "testing.md",
+        "design.md",
+        "layout.md",
+    ] {
+        assert!(
+            pages
+                .iter()
+                .any(|p| p.ends_with(Path::new("docs").join(must))),
+            "docs/{must} is missing"
+        );
+    }
+    let mut checked = 0;
+    let mut broken = Vec::new();
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        let dir = page.parent().unwrap();
+        for target in markdown_links(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = match target.split_once('#') {
+                Some((p, a)) => (p, Some(a)),
+                None => (target.as_str(), None),
+            };
+            let file = if path.is_empty() {
+                page.clone()
+            } else {
+                dir.join(path)
+            };
+            checked += 1;
+            let inside = std::fs::canonicalize(&file)
+                .is_ok_and(|f| f.starts_with(std::fs::canonicalize(root).unwrap()));
+            if !inside {
+                broken.push(format!("{}: {target} (no such file)", page.display()));
+                continue;
+            }
+            if let Some(anchor) = anchor
+                && file.extension().is_some_and(|x| x == "md")
+                && !anchors(&std::fs::read_to_string(&file).unwrap()).contains(anchor)
+            {
+                broken.push(format!("{}: {target} (no such anchor)", page.display()));
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} relative links found");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+
+    // Built here, so that this file does not name what it looks for.
+    let outside = ["..", "shared"].join("/");
+    let design = ["shared", "DESIGN.md"].join("/");
+    let mut files = vec![root.join("README.md"), root.join("Cargo.toml")];
+    let mut stack: Vec<_> = [
+        "src", "tests", "docs", "benches", "scripts", "examples", "policies", "mutants", ".ci",
+    ]
+    .iter()
+    .map(|d| root.join(d))
+    .collect();
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    let offenders: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let bytes = std::fs::read(f).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            text.contains(&outside) || text.contains(&design)
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(files.len() > 100, "only {} files scanned", files.len());
+    assert!(
+        offenders.is_empty(),
+        "files that point outside the repository for its design: {offenders:?}"
+    );
+}
+
+/// The targets of `[text](target)` links outside fenced code blocks.
+fn markdown_links(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("](") {
+            rest = &rest[at + 2..];
+            let Some(end) = rest.find(')') else { break };
+            let target = rest[..end].split_whitespace().next().unwrap_or("");
+            if !target.is_empty() {
+                out.push(target.to_owned());
+            }
+            rest = &rest[end..];
+        }
+    }
+    out
+}
+
+/// The anchors a Markdown page offers: explicit `id="…"`s, and each
+/// heading as GitHub names it (lower case; letters, digits, `-` and `_`
+/// kept, spaces made `-`, everything else dropped; a repeated name gets
+/// `-1`, `-2`, …).
+fn anchors(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("id=\"") {
+        rest = &rest[at + 4..];
+        if let Some(end) = rest.find('"') {
+            out.insert(rest[..end].to_owned());
+        }
+    }
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        }
+        if fenced || !line.starts_with('#') {
+            continue;
+        }
+        let slug: String = line
+            .trim_start_matches('#')
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        let n = seen.entry(slug.clone()).or_default();
+        out.insert(if *n == 0 {
+            slug.clone()
+        } else {
+            format!("{slug}-{n}")
+        });
+        *n += 1;
+    }
+    out
 }

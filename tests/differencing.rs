@@ -20,7 +20,7 @@
 //! that lands one step down in one padding often does in the others.
 //!
 //! Under `ckm` the test asserts that the attacker is **far above chance**
-//! — the README's warning, held as a fact: cell keys stop subtraction and
+//! — docs/boundary.md's warning, held as a fact: cell keys stop subtraction and
 //! averaging, not this; only a privacy budget can. (Rounding falls the
 //! same way once the attacker has calibrated a padding set to a rounding
 //! edge; issue 14 measured 20 of 20.)
@@ -130,7 +130,7 @@ fn padding_attacks_beat_cell_keys() {
     assert_eq!(m.targets, 40);
     assert!(
         m.accuracy > m.bound,
-        "ckm: {:.2} — if this fails, the README's warning is out of date",
+        "ckm: {:.2} — if this fails, docs/boundary.md's warning is out of date",
         m.accuracy
     );
 }
@@ -549,7 +549,7 @@ const FAST: usize = 150;
 /// each `count(DISTINCT patient_id)` of a padding or a member of the half
 /// (named by a date the attacker knows) with a diabetes code, decoded by
 /// least squares on [0, 1]ⁿ, recover the members' diabetes codes clearly
-/// above the base rate — the README's warning held as a fact: cell keys
+/// above the base rate — docs/boundary.md's warning held as a fact: cell keys
 /// bound no sequence of queries, only a budget can. Truth computed here
 /// from the views. Positive control: with exact counts (the same clauses
 /// run here on the views, no disclosure control) 100 counts recover every
@@ -580,7 +580,7 @@ fn cell_keys_fall_to_reconstruction_from_a_few_hundred_counts() {
     assert!(
         got.accuracy > bound,
         "ckm: {:.3} from {FAST} counts is not clearly above the base rate {base:.3} — \
-         if this fails, the README's warning (and the query budget set from it) is out of date",
+         if this fails, docs/boundary.md's warning (and the query budget set from it) is out of date",
         got.accuracy
     );
 
@@ -613,7 +613,7 @@ fn cell_keys_fall_to_reconstruction_from_a_few_hundred_counts() {
     );
 }
 
-/// The curve the README and the ckm query budget rest on: reconstruction's
+/// The curve docs/boundary.md and the ckm query budget rest on: reconstruction's
 /// accuracy against the number of counts, under the cell key method and
 /// under OpenSAFELY's rules, for the group above and for groups of 25–40
 /// and 8–15 (the count needed grows with the group), printed; ignored

@@ -358,9 +358,10 @@ fn patient_level_counts_carry_the_noise_their_rho_buys() {
 
 /// An event-level key (event year, from the clinical events view): a
 /// patient may count in `max_groups` years, so σ carries √max_groups — a
-/// count of patients by event year σ = √8/√(2ρ) ≈ 14.1 (the README's
-/// "events by year σ = 14" is this statistic), a count of events (rows)
-/// by year √8·max_rows/√(2ρ) ≈ 70.7. The draws ask for years from 2019
+/// count of patients by event year σ = √8/√(2ρ) ≈ 14.1, a count of events
+/// (rows) by year √8·max_rows/√(2ρ) ≈ 70.7 — the σ of the benchmarks'
+/// "events by year", `count(*)` — as docs/boundary.md states both (its
+/// accuracy table). The draws ask for years from 2019
 /// on: the domain ends in 2026, so no patient has more than 8 years there
 /// and the truth needs no choice of which cells to keep, while σ is the
 /// whole domain's (27 cells, so 8 per patient). Positive control: the
@@ -373,7 +374,11 @@ fn event_level_counts_carry_the_square_root_of_max_groups() {
     let groups = p.max_groups.min(cells);
     let (sigma_patients, sigma_rows) =
         (sigma(groups, 1.0, p.rho), sigma(groups, p.max_rows, p.rho));
-    assert_eq!(format!("{sigma_patients:.0}"), "14", "the README's σ = 14");
+    assert_eq!(
+        format!("{sigma_patients:.0}"),
+        "14",
+        "docs/boundary.md's σ 14.14 for patients by event year"
+    );
     assert!((sigma_rows - 70.71).abs() < 0.01, "{sigma_rows}");
     // The whole domain's question states the same σ as the draws' one.
     let whole = ask(
