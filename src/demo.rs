@@ -346,6 +346,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
             dir: &extracts.join("truth"),
             key: Some(&key),
         }),
+        None,
     )?;
     let (_, page) = crate::report::write(&built, &dir.join("report"))?;
     let register = crate::register::build(&store, &tre_policy)?;

@@ -262,6 +262,19 @@ enum Command {
         /// and under differential privacy by budget (0 skips it).
         #[arg(long, default_value_t = 60)]
         privacy_targets: usize,
+        /// Only the privacy measurement (the padding attack by budget and
+        /// the reconstruction curve); with --out, writes privacy.json for
+        /// `gpdp report --privacy`.
+        #[arg(long, conflicts_with = "scale")]
+        privacy_only: bool,
+        /// Counts the reconstruction attack asks at most, decoded along the
+        /// way (0 skips it).
+        #[arg(long, default_value_t = 100)]
+        reconstruction_counts: usize,
+        /// Reconstruction attacks per rule set, each over other random
+        /// subsets of the group; the curve is their mean accuracy.
+        #[arg(long, default_value_t = 5)]
+        reconstruction_runs: usize,
         /// Where generated populations are cached and scratch stores live.
         #[arg(long, default_value = "bench-data")]
         data: PathBuf,
@@ -315,6 +328,10 @@ enum Command {
         /// Where to write report.html and report.json.
         #[arg(long, default_value = "gpdp-report")]
         out: PathBuf,
+        /// The attacks' measurement to show (`privacy.json` from `gpdp bench
+        /// --privacy-only --out DIR`; default: the one shipped with gpdp).
+        #[arg(long)]
+        privacy: Option<PathBuf>,
     },
     /// Write the public data-uses register: projects, what they asked and
     /// what was released, opt-out figures, the audit log's head, and a
@@ -949,10 +966,26 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             threads,
             tre_runs,
             privacy_targets,
+            privacy_only,
+            reconstruction_counts,
+            reconstruction_runs,
             data,
             json,
             out,
         } => {
+            if privacy_only && privacy_targets == 0 && reconstruction_counts == 0 {
+                return Err(gpdp::error::BadInput(
+                    "--privacy-only measures the privacy attacks: --privacy-targets or --reconstruction-counts must be at least 1"
+                        .into(),
+                )
+                .into());
+            }
+            if reconstruction_runs == 0 {
+                return Err(gpdp::error::BadInput(
+                    "--reconstruction-runs must be at least 1".into(),
+                )
+                .into());
+            }
             if patients == 0 || practices == 0 || scale.contains(&0) || threads.contains(&0) {
                 return Err(gpdp::error::BadInput(
                     "--patients, --practices and every --scale and --threads must be at least 1"
@@ -976,6 +1009,9 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                     data,
                     tre_runs,
                     privacy_targets,
+                    privacy_only,
+                    reconstruction_counts,
+                    reconstruction_runs,
                 },
                 progress,
             )?;
@@ -1056,12 +1092,13 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             truth,
             key,
             out,
+            privacy,
         } => {
             let input = truth.as_deref().map(|dir| gpdp::report::TruthInput {
                 dir,
                 key: key.as_deref(),
             });
-            let r = gpdp::report::build(&store, input)?;
+            let r = gpdp::report::build(&store, input, privacy.as_deref())?;
             let (json, html) = gpdp::report::write(&r, &out)?;
             println!(
                 "wrote {} and {} ({:.2} s); audit: {}",

@@ -22,6 +22,10 @@ fn bench_figures_equal_the_receipts_of_the_same_collection() {
         "1",
         "--privacy-targets",
         "1",
+        "--reconstruction-counts",
+        "3",
+        "--reconstruction-runs",
+        "2",
         "--threads",
         "2,1",
         "--json",
@@ -41,6 +45,24 @@ fn bench_figures_equal_the_receipts_of_the_same_collection() {
     }
     let privacy = r["privacy"].as_array().unwrap();
     assert_eq!(privacy.len(), 5, "{privacy:?}");
+    // The reconstruction ran under the cell key method and OpenSAFELY's
+    // rules, decoded at each checkpoint below 3 counts and at 3.
+    let curves = r["reconstruction"].as_array().unwrap();
+    let rule_sets: Vec<&str> = curves
+        .iter()
+        .map(|c| c["rule_set"].as_str().unwrap())
+        .collect();
+    assert_eq!(rule_sets, ["ckm", "opensafely"]);
+    for c in curves {
+        assert_eq!(c["runs"], 2, "{c}");
+        let asked: Vec<u64> = c["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["queries"].as_u64().unwrap())
+            .collect();
+        assert_eq!(asked, [2, 3], "{c}");
+    }
     assert_eq!(privacy[0]["rule_set"], "ckm");
     for (m, rho) in privacy[1..].iter().zip([0.02, 0.08, 0.32, 1.28]) {
         assert_eq!(m["targets"], 1);

@@ -226,3 +226,61 @@ fn the_report_states_each_researchers_effective_guarantee() {
         assert!(row.contains(words.as_str()), "{user}: {row}");
     }
 }
+
+/// The privacy section shows what an attacker learns, measured against the
+/// truth: by default the measurement shipped with gpdp (made under the
+/// shipped policy, so no warning), with the padding attack by budget and
+/// the reconstruction curves of both rule sets beside guessing; a
+/// measurement made under another policy is shown with a warning naming
+/// the mismatch, and one of another format is refused, naming the file.
+#[test]
+fn the_report_shows_the_attacks_measured_and_whether_under_the_policy_in_force() {
+    let m = made();
+    let shown = &m.json["privacy_attacks"];
+    assert_eq!(shown["source"], "shipped");
+    assert_eq!(shown["under_policy_in_force"], true);
+    let curves = shown["measurement"]["reconstruction"].as_array().unwrap();
+    assert!(curves.len() >= 2, "{curves:?}");
+    assert!(
+        m.html
+            .contains("What an attacker learns, measured against the truth")
+    );
+    assert!(m.html.contains("Reconstruction of a small group"));
+    // Both curves, and the table of their crossings.
+    assert!(
+        m.html.contains("the cell key method (") && m.html.contains("OpenSAFELY&apos;s rules (")
+    );
+    assert!(
+        m.html.contains("<td>the cell key method</td>")
+            && m.html.contains("<td>OpenSAFELY's rules</td>")
+    );
+    assert!(!m.html.contains("another TRE policy"));
+
+    let mut other: serde_json::Value = shown["measurement"].clone();
+    other["tre_policy_sha256"] = serde_json::json!("0".repeat(64));
+    let file = m.c._dir.path().join("privacy-other.json");
+    std::fs::write(&file, other.to_string()).unwrap();
+    let out = m.c._dir.path().join("report-other");
+    let o = gpdp()
+        .arg("report")
+        .args(m.c.truth_args())
+        .args(["--out", out.to_str().unwrap()])
+        .args(["--privacy", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("another TRE policy"), "no warning");
+
+    other["schema"] = serde_json::json!("something-else/1");
+    std::fs::write(&file, other.to_string()).unwrap();
+    let o = gpdp()
+        .arg("report")
+        .args(m.c.truth_args())
+        .args(["--out", out.to_str().unwrap()])
+        .args(["--privacy", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("privacy-other.json"), "{}", stderr(&o));
+}

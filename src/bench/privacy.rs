@@ -644,6 +644,9 @@ pub struct Reconstruction {
     /// The rule that refused a query before the last point (say a query
     /// budget), if one did.
     pub stopped_by: Option<String>,
+    /// Attacks averaged (each with its own random subsets): a point's
+    /// accuracy is their mean, its `right` their total.
+    pub runs: usize,
 }
 
 /// The reconstruction after `queries` answers.
@@ -732,7 +735,34 @@ pub fn reconstruct_with(
         points,
         redacted,
         stopped_by,
+        runs: 1,
     })
+}
+
+/// Several runs of one reconstruction (same group, rule set and
+/// checkpoints, other random subsets) as one curve of mean accuracies.
+pub fn mean_of(runs: Vec<Reconstruction>) -> Option<Reconstruction> {
+    let mut runs = runs.into_iter();
+    let mut total = runs.next()?;
+    let mut n = 1usize;
+    for r in runs {
+        n += 1;
+        total.redacted += r.redacted;
+        total.stopped_by = total.stopped_by.or(r.stopped_by);
+        // A run stopped early has fewer points: the mean is over the
+        // points every run reached.
+        total.points.truncate(r.points.len());
+        for (t, p) in total.points.iter_mut().zip(&r.points) {
+            debug_assert_eq!(t.queries, p.queries);
+            t.right += p.right;
+            t.accuracy += p.accuracy;
+        }
+    }
+    for p in &mut total.points {
+        p.accuracy /= n as f64;
+    }
+    total.runs = n;
+    Some(total)
 }
 
 /// The attacker's decoder: fits each member's attribute x_i ∈ [0, 1] and
@@ -833,11 +863,12 @@ fn fit(subsets: &[Vec<usize>], answers: &[f64], n: usize, prior: f64) -> Vec<f64
 
 /// The reconstruction under the cell key method and under OpenSAFELY's
 /// rules on `store`, at `checkpoints` queries, over a group of `sizes`
-/// members (for `gpdp bench`).
+/// members, each the mean of `runs` attacks (for `gpdp bench`).
 pub fn by_queries(
     store: &Path,
     sizes: std::ops::RangeInclusive<usize>,
     checkpoints: &[usize],
+    runs: usize,
 ) -> anyhow::Result<Vec<Reconstruction>> {
     let population = population(store, sizes)?;
     let policy = super::tre::bench_policy()?;
@@ -849,7 +880,10 @@ pub fn by_queries(
                 policy: &policy,
                 project,
             };
-            reconstruct(&a, &population, checkpoints, 1)
+            let each = (1..=runs.max(1) as u64)
+                .map(|seed| reconstruct(&a, &population, checkpoints, seed))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            mean_of(each).ok_or_else(|| anyhow::anyhow!("no reconstruction ran"))
         })
         .collect()
 }

@@ -40,6 +40,12 @@ pub struct BenchOptions {
     pub tre_runs: usize,
     /// Targets of the privacy measurement (0: skip it).
     pub privacy_targets: usize,
+    /// Only the privacy measurement (no collection scales, no TRE latency).
+    pub privacy_only: bool,
+    /// Counts the reconstruction asks at most (0: skip it).
+    pub reconstruction_counts: usize,
+    /// Reconstruction attacks averaged per rule set.
+    pub reconstruction_runs: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +62,10 @@ pub struct BenchReport {
     /// What an attacker learns about one person, by rule set and budget
     /// ([`super::privacy`]), on a store of [`PRIVACY_PATIENTS`] patients.
     pub privacy: Vec<super::privacy::Measured>,
+    /// Reconstruction of a small group's attribute on the same store, by
+    /// number of counts, under the cell key method and OpenSAFELY's rules
+    /// ([`super::privacy::by_queries`]).
+    pub reconstruction: Vec<super::privacy::Reconstruction>,
     /// Whether peak memory could be reset between measurements (else it is
     /// the process's peak so far).
     pub peak_memory_per_run: bool,
@@ -369,7 +379,8 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
     let mut tre = Vec::new();
     let mut tre_rule_sets = Vec::new();
     let peak_memory_per_run = reset_peak();
-    for (i, &scale) in opts.scales.iter().enumerate() {
+    let scales: &[u32] = if opts.privacy_only { &[] } else { &opts.scales };
+    for (i, &scale) in scales.iter().enumerate() {
         let (patients, practices) = (opts.patients * scale as u64, opts.practices * scale);
         let extract = population(opts, &policy, patients, practices, progress)?;
         // What collection and the baseline read.
@@ -422,7 +433,7 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
             ..m
         });
 
-        if i + 1 == opts.scales.len() && opts.tre_runs > 0 {
+        if i + 1 == scales.len() && opts.tre_runs > 0 {
             progress.stage("TRE query latency: through the boundary and directly");
             ingest_ndoo(&policy, &extract, &collected)?;
             tre = super::tre::measure(&collected.store, opts.tre_runs)?;
@@ -443,15 +454,29 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
         });
         std::fs::remove_dir_all(&scratch)?;
     }
-    let mut privacy = Vec::new();
-    if opts.privacy_targets > 0 {
+    let (mut privacy, mut reconstruction) = (Vec::new(), Vec::new());
+    if opts.privacy_targets > 0 || opts.reconstruction_counts > 0 {
         progress.stage(&format!(
             "privacy: the padding attack against the truth on {PRIVACY_PATIENTS} patients, by rule set and budget"
         ));
         let extract = population(opts, &policy, PRIVACY_PATIENTS, PRIVACY_PRACTICES, progress)?;
         let collected = measure_collection(&policy, &extract, &scratch, threads, progress)?.2;
         ingest_ndoo(&policy, &extract, &collected)?;
-        privacy = super::privacy::by_budget(&collected.store, opts.privacy_targets)?;
+        if opts.privacy_targets > 0 {
+            privacy = super::privacy::by_budget(&collected.store, opts.privacy_targets)?;
+        }
+        if opts.reconstruction_counts > 0 {
+            progress.stage(&format!(
+                "privacy: reconstruction of a group of {RECONSTRUCTION_MEMBERS:?} members against the truth, up to {} counts",
+                opts.reconstruction_counts
+            ));
+            reconstruction = super::privacy::by_queries(
+                &collected.store,
+                RECONSTRUCTION_MEMBERS,
+                &checkpoints(opts.reconstruction_counts),
+                opts.reconstruction_runs,
+            )?;
+        }
         std::fs::remove_dir_all(&scratch)?;
     }
     Ok(BenchReport {
@@ -461,8 +486,27 @@ pub fn run(opts: &BenchOptions, progress: &Progress) -> anyhow::Result<BenchRepo
         tre,
         tre_rule_sets,
         privacy,
+        reconstruction,
         peak_memory_per_run,
     })
+}
+
+/// The reconstruction's group size on the privacy store (a sex, age band
+/// and IMD decile of [`PRIVACY_PATIENTS`] patients), and the numbers of
+/// counts after which it is decoded.
+pub const RECONSTRUCTION_MEMBERS: std::ops::RangeInclusive<usize> = 20..=40;
+pub const RECONSTRUCTION_CHECKPOINTS: [usize; 19] = [
+    2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 25, 30, 40, 50, 75, 100, 125, 150, 200,
+];
+
+/// The checkpoints up to `most` counts, ending at `most`.
+fn checkpoints(most: usize) -> Vec<usize> {
+    let mut c: Vec<usize> = RECONSTRUCTION_CHECKPOINTS
+        .into_iter()
+        .filter(|&q| q < most)
+        .collect();
+    c.push(most);
+    c
 }
 
 impl BenchReport {
@@ -474,6 +518,12 @@ impl BenchReport {
             out.join("bench.json"),
             serde_json::to_string_pretty(self)? + "\n",
         )?;
+        if let Some(m) = self.privacy_measurement()? {
+            std::fs::write(
+                out.join("privacy.json"),
+                serde_json::to_string_pretty(&m)? + "\n",
+            )?;
+        }
         let labels: Vec<String> = self
             .runs
             .iter()
@@ -552,6 +602,57 @@ impl BenchReport {
         let path = out.join("bench.html");
         std::fs::write(&path, page)?;
         Ok(path)
+    }
+
+    /// The privacy measurement as `gpdp report --privacy` reads it, if
+    /// this run made one.
+    pub fn privacy_measurement(
+        &self,
+    ) -> anyhow::Result<Option<crate::report::privacy::Measurement>> {
+        use crate::report::privacy::{BudgetAttack, Curve, Measurement, SCHEMA};
+        if self.privacy.is_empty() && self.reconstruction.is_empty() {
+            return Ok(None);
+        }
+        let policy = crate::policy::tre::TrePolicy::load(None)?;
+        Ok(Some(Measurement {
+            schema: SCHEMA.to_owned(),
+            measured_at: crate::store::now_rfc3339(),
+            machine: format!(
+                "{} cores, {} {}",
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            ),
+            gpdp_version: env!("CARGO_PKG_VERSION").to_owned(),
+            tre_policy_sha256: policy.sha256,
+            patients: PRIVACY_PATIENTS,
+            by_budget: self
+                .privacy
+                .iter()
+                .map(|m| BudgetAttack {
+                    rule_set: m.rule_set.clone(),
+                    questions_per_target: m.questions_per_target,
+                    rho_per_target: m.rho_per_target,
+                    targets: m.targets,
+                    right: m.right,
+                    accuracy: m.accuracy,
+                    chance: m.chance,
+                    theory: m.theory,
+                })
+                .collect(),
+            reconstruction: self
+                .reconstruction
+                .iter()
+                .map(|r| Curve {
+                    rule_set: r.rule_set.clone(),
+                    members: r.members,
+                    base_rate: r.base_rate,
+                    points: r.points.iter().map(|p| (p.queries, p.accuracy)).collect(),
+                    stopped_by: r.stopped_by.clone(),
+                    runs: r.runs,
+                })
+                .collect(),
+        }))
     }
 
     /// The figures as tables for people.
@@ -660,6 +761,19 @@ impl BenchReport {
                     m.bound,
                     opt(m.theory)
                 );
+            }
+        }
+        for r in &self.reconstruction {
+            out += &format!(
+                "\nreconstruction under {} ({} members, mean of {} attacks, guessing {:.3}; above guessing from {:?} counts)\ncounts  accuracy\n",
+                r.rule_set,
+                r.members,
+                r.runs,
+                r.base_rate,
+                r.passes(r.base_rate)
+            );
+            for p in &r.points {
+                out += &format!("{:>6}  {:>8.3}\n", p.queries, p.accuracy);
             }
         }
         if !self.peak_memory_per_run {

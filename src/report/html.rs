@@ -36,7 +36,9 @@ pub(crate) fn bar_chart(
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
+            // A segmented range a..b has a slot for b too: end it at the
+            // last bar, so no empty slot is drawn after it.
+            .build_cartesian_2d((0..n.max(2) - 1).into_segmented(), 0.0..top)
             .map_err(chart_err)?;
         chart
             .configure_mesh()
@@ -67,6 +69,90 @@ pub(crate) fn bar_chart(
                 ))
                 .map_err(chart_err)?;
         }
+        root.present().map_err(chart_err)?;
+    }
+    Ok(svg)
+}
+
+/// One line chart as an SVG element: each series a labelled line with
+/// points, each reference a labelled dashed horizontal line; the y axis
+/// spans `y_range`.
+pub(crate) fn line_chart(
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    references: &[(String, f64)],
+    (x_desc, y_desc): (&str, &str),
+    y_range: std::ops::Range<f64>,
+) -> anyhow::Result<String> {
+    const COLOURS: [RGBColor; 4] = [
+        RGBColor(46, 111, 142),
+        RGBColor(200, 80, 40),
+        RGBColor(90, 140, 60),
+        RGBColor(120, 80, 150),
+    ];
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 340)).into_drawing_area();
+        root.fill(&WHITE).map_err(chart_err)?;
+        let x_max = series
+            .iter()
+            .flat_map(|(_, points)| points.iter().map(|p| p.0))
+            .fold(1.0f64, f64::max);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_max * 1.02, y_range)
+            .map_err(chart_err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .x_label_formatter(&|x| format_axis(*x))
+            .y_label_formatter(&|y| format_axis(*y))
+            .label_style(("sans-serif", 11))
+            .draw()
+            .map_err(chart_err)?;
+        for (i, (label, points)) in series.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    colour.stroke_width(2),
+                ))
+                .map_err(chart_err)?
+                .label(label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                .map_err(chart_err)?;
+        }
+        for (i, (label, y)) in references.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()].mix(0.6);
+            chart
+                .draw_series(DashedLineSeries::new(
+                    [(0.0, *y), (x_max * 1.02, *y)],
+                    6,
+                    4,
+                    colour.stroke_width(1),
+                ))
+                .map_err(chart_err)?
+                .label(label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(1))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(201, 212, 218))
+            .label_font(("sans-serif", 11))
+            .draw()
+            .map_err(chart_err)?;
         root.present().map_err(chart_err)?;
     }
     Ok(svg)
@@ -471,6 +557,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
         }
         h += "</table><p class=\"note\">Every charge is a line of the store's hash-chained audit log, written before the query ran; a query that would overspend is refused (<code>budget_exhausted</code>) and costs nothing. zCDP's ρ adds up over queries; ε = ρ + 2√(ρ ln(1/δ)).</p>";
     }
+    h += &super::privacy::render(&r.privacy_attacks)?;
     h += "<h3>By project and month, as the public register publishes them</h3><p class=\"note\">The same figures, computed by the same code, as <code>gpdp register</code> writes to <code>register.html</code> for the public (with the released SQL, the opt-out figures and the audit log's head).</p>";
     h += &crate::register::html::activity_table(&t.register_activity);
     h += "<table><tr><th>project</th><th>purpose</th><th>National Data Opt-out</th><th>disclosure rules</th></tr>";

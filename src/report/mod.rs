@@ -22,6 +22,7 @@
 
 pub mod html;
 pub mod linkage;
+pub mod privacy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -55,6 +56,9 @@ pub struct Report {
     /// Linkage quality of provider data against the truth (with linked
     /// data, `--truth` and `--key`).
     pub linkage: Option<linkage::Linkage>,
+    /// What an attacker learns through the boundary, measured against the
+    /// truth on a store of the attacks' own ([`privacy`]).
+    pub privacy_attacks: privacy::Shown,
     /// Seconds it took to build this report.
     pub seconds: f64,
 }
@@ -293,8 +297,13 @@ pub struct TruthInput<'a> {
     pub key: Option<&'a Path>,
 }
 
-/// Gathers every figure.
-pub fn build(store: &Path, truth: Option<TruthInput>) -> anyhow::Result<Report> {
+/// Gathers every figure; the attacks' measurement shown is `privacy`'s
+/// (a `privacy.json` of `gpdp bench --privacy-only`), else the shipped one.
+pub fn build(
+    store: &Path,
+    truth: Option<TruthInput>,
+    privacy: Option<&Path>,
+) -> anyhow::Result<Report> {
     let started = Instant::now();
     let manifest = crate::store::read_manifest(store)?;
     let receipts = read_receipts(store, &manifest)?;
@@ -341,6 +350,7 @@ pub fn build(store: &Path, truth: Option<TruthInput>) -> anyhow::Result<Report> 
     )?;
     let reidentification = risk(store, &manifest, &rt)?;
     let throughput = throughput(&receipts, &log, &manifest);
+    let privacy_attacks = privacy::shown(privacy, &policy.sha256)?;
     let linkage = match &truth {
         Some(TruthInput {
             dir,
@@ -360,6 +370,7 @@ pub fn build(store: &Path, truth: Option<TruthInput>) -> anyhow::Result<Report> 
         reidentification,
         tre,
         throughput,
+        privacy_attacks,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
