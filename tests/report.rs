@@ -257,7 +257,7 @@ fn the_report_shows_the_attacks_measured_and_whether_under_the_policy_in_force()
     assert!(!m.html.contains("another TRE policy"));
 
     let mut other: serde_json::Value = shown["measurement"].clone();
-    other["tre_policy_sha256"] = serde_json::json!("0".repeat(64));
+    other["tre_policy_rules_sha256"] = serde_json::json!("0".repeat(64));
     let file = m.c._dir.path().join("privacy-other.json");
     std::fs::write(&file, other.to_string()).unwrap();
     let out = m.c._dir.path().join("report-other");

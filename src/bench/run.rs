@@ -624,7 +624,7 @@ impl BenchReport {
                 std::env::consts::ARCH
             ),
             gpdp_version: env!("CARGO_PKG_VERSION").to_owned(),
-            tre_policy_sha256: policy.sha256,
+            tre_policy_rules_sha256: policy.rules_sha256,
             patients: PRIVACY_PATIENTS,
             by_budget: self
                 .privacy

@@ -351,6 +351,10 @@ pub struct TrePolicy {
     /// included, and a key without a domain is refused.
     pub domains: BTreeMap<String, Vec<String>>,
     pub sha256: String,
+    /// SHA-256 of the policy's rules alone: its TOML read and written back
+    /// in a canonical form (keys sorted), so comments and layout do not
+    /// count. What a measurement made under the policy depends on.
+    pub rules_sha256: String,
 }
 
 impl TrePolicy {
@@ -814,8 +818,19 @@ impl TrePolicy {
             researchers,
             domains,
             sha256: sha256_hex(text.as_bytes()),
+            rules_sha256: rules_sha256(text, path)?,
         })
     }
+}
+
+/// SHA-256 of `text`'s TOML, read and written back canonically.
+fn rules_sha256(text: &str, path: &Path) -> Result<String, PolicyError> {
+    let rules: toml::Table = toml::from_str(text).map_err(|e| syntax_error(e, text, path))?;
+    let canonical = toml::to_string(&rules).map_err(|e| PolicyError::Invalid {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok(sha256_hex(canonical.as_bytes()))
 }
 
 /// The largest public domain of one key (a codelist of a few thousand
@@ -913,6 +928,23 @@ fn decode_hex32(s: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rules_digest_ignores_comments_and_layout_but_not_rules() {
+        let shipped = TrePolicy::load(None).unwrap();
+        let path = Path::new("test.toml");
+        let commented = DEFAULT_TRE_POLICY.replace("\n[settings]", "\n# a comment\n\n[settings]");
+        assert_ne!(
+            commented, DEFAULT_TRE_POLICY,
+            "the shipped policy has [settings]"
+        );
+        assert_eq!(
+            rules_sha256(&commented, path).unwrap(),
+            shipped.rules_sha256
+        );
+        let changed = DEFAULT_TRE_POLICY.replace("cell_budget = 15", "cell_budget = 16");
+        assert_ne!(rules_sha256(&changed, path).unwrap(), shipped.rules_sha256);
+    }
 
     #[test]
     fn the_shipped_policy_parses() {

@@ -350,7 +350,7 @@ pub fn build(
     )?;
     let reidentification = risk(store, &manifest, &rt)?;
     let throughput = throughput(&receipts, &log, &manifest);
-    let privacy_attacks = privacy::shown(privacy, &policy.sha256)?;
+    let privacy_attacks = privacy::shown(privacy, &policy.rules_sha256)?;
     let linkage = match &truth {
         Some(TruthInput {
             dir,

@@ -9,7 +9,7 @@
 //! report shows such a file — the one given with `--privacy FILE`, else the
 //! measurement shipped in the repository (`docs/measurements/privacy.json`,
 //! written by that command). Each measurement records the SHA-256 of the
-//! TRE policy it was made under; the report says whether that is the policy
+//! rules of the TRE policy it was made under (comments and layout aside); the report says whether that is the policy
 //! in force, so a changed policy cannot borrow an old measurement's
 //! figures unnoticed.
 
@@ -34,8 +34,9 @@ pub struct Measurement {
     /// The machine they ran on, in words (cores, operating system).
     pub machine: String,
     pub gpdp_version: String,
-    /// SHA-256 of the TRE policy the attacks' rule sets came from.
-    pub tre_policy_sha256: String,
+    /// SHA-256 of the rules of the TRE policy the attacks' rule sets came
+    /// from (its TOML without comments or layout: `TrePolicy::rules_sha256`).
+    pub tre_policy_rules_sha256: String,
     /// Patients of the synthetic store attacked.
     pub patients: u64,
     /// The padding attack on one person, by rule set and budget.
@@ -118,7 +119,7 @@ pub fn parse(text: &str) -> anyhow::Result<Measurement> {
 }
 
 /// The measurement to show beside a report made under the policy whose
-/// SHA-256 is `policy_sha256`: the file `given`, else the shipped one.
+/// rules' SHA-256 is `policy_sha256`: the file `given`, else the shipped one.
 pub fn shown(given: Option<&Path>, policy_sha256: &str) -> anyhow::Result<Shown> {
     let (source, measurement) = match given {
         Some(path) => {
@@ -134,7 +135,7 @@ pub fn shown(given: Option<&Path>, policy_sha256: &str) -> anyhow::Result<Shown>
     };
     Ok(Shown {
         source,
-        under_policy_in_force: measurement.tre_policy_sha256 == policy_sha256,
+        under_policy_in_force: measurement.tre_policy_rules_sha256 == policy_sha256,
         policy_in_force_sha256: policy_sha256.to_owned(),
         measurement,
     })
@@ -157,7 +158,7 @@ pub fn render(shown: &Shown) -> anyhow::Result<String> {
     if !shown.under_policy_in_force {
         h += &format!(
             "<p class=\"verdict bad\">This measurement was made under another TRE policy (SHA-256 {}…, in force {}…): its figures may not hold for the rules in force. Measure again with <code>gpdp bench --privacy-only --out DIR</code> and pass <code>--privacy DIR/privacy.json</code>.</p>",
-            esc(m.tre_policy_sha256.get(..12).unwrap_or_default()),
+            esc(m.tre_policy_rules_sha256.get(..12).unwrap_or_default()),
             esc(shown.policy_in_force_sha256.get(..12).unwrap_or_default()),
         );
     }
@@ -260,11 +261,12 @@ mod tests {
     #[test]
     fn the_shipped_measurement_was_made_under_the_shipped_policy() {
         let policy = crate::policy::tre::TrePolicy::load(None).unwrap();
-        let shown = shown(None, &policy.sha256).unwrap();
+        let shown = shown(None, &policy.rules_sha256).unwrap();
         assert!(
             shown.under_policy_in_force,
-            "policies/tre.toml changed since docs/measurements/privacy.json was measured: \
-             run `gpdp bench --privacy-only --out docs/measurements` (release) and commit it"
+            "the rules of policies/tre.toml (now {}) changed since docs/measurements/privacy.json \
+             was measured: run `gpdp bench --privacy-only --out DIR` (release) and copy its privacy.json",
+            policy.rules_sha256
         );
     }
 
