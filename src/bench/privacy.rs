@@ -2,7 +2,7 @@
 //! the padding attack (issue 14's "many paddings") through the TRE
 //! boundary, under the cell key method and under differential privacy at
 //! several budgets spent per target. Used by `gpdp bench` (a chart in
-//! `bench.html`) and `tests/differencing.rs`.
+//! `bench.html`) and `tests/it/differencing.rs`.
 //!
 //! The attack: a target is the only patient of their sex, age band,
 //! ethnicity and IMD decile; the attribute is an event in the year whose
@@ -775,7 +775,7 @@ pub fn mean_of(runs: Vec<Reconstruction>) -> Option<Reconstruction> {
 /// with noise like each rule set's (bounded, variance 2 to 3) over a
 /// group of this size and share they decoded best from 10 to 200
 /// queries; an attacker can choose their decoder the same way, without
-/// the truth (`tests/differencing.rs` keeps the comparison).
+/// the truth (`tests/it/differencing.rs` keeps the comparison).
 ///
 /// The fit: coordinate descent on the normal equations, in the members'
 /// centred columns (x_i multiplies 1[i ∈ S_q] − ½, so the padding's count

@@ -471,7 +471,7 @@ pub fn charge(
 /// released cells over the population (`ledger`), for a rule set that has
 /// one (`cell_budget`): the cell key method's noise is bounded, so a few
 /// hundred counts over overlapping subsets of a group reconstruct its
-/// members' attributes (measured in `tests/differencing.rs`), and nothing
+/// members' attributes (measured in `tests/it/differencing.rs`), and nothing
 /// but a count of what was released bounds that. Refuses
 /// (`query_budget_exhausted`) an answer that would pass the budget —
 /// *after* it was computed, since how many cells pass the threshold

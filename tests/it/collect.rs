@@ -3,15 +3,13 @@
 //! leaves, what is quarantined, idempotence, replacement, bad input, and
 //! crashes at any moment.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const KEY: u8 = 42;
 

@@ -1,10 +1,8 @@
 //! The command line as a user meets it: help for every command, keygen, demo.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn every_command_has_help() {

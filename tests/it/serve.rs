@@ -3,12 +3,10 @@
 //! real binary on a generated store, compared with `gpdp query`; then a
 //! bounded load test.
 
-mod common;
-
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 
 /// A small store with the NDOO list ingested, shared by the tests (each
 /// starts its own server on it).

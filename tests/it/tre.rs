@@ -1,19 +1,17 @@
-//! The TRE boundary: every case of `tests/tre_cases.tsv`, the opt-out
+//! The TRE boundary: every case of `tests/it/tre_cases.tsv`, the opt-out
 //! filters against the generator's truth, authentication, the audit
 //! trail of every request, and the released values against the published
 //! rules — stated here as constants and applied by the tests' own
 //! arithmetic to the store's truth, so that a threshold lowered or a
 //! rounding dropped in the shipped policy fails here.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use crate::common::*;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
-use common::*;
 use gpdp::policy::tre::TrePolicy;
 use gpdp::tre::sdc::ColumnKind;
 use gpdp::tre::{Request, TreError, query_blocking};
@@ -37,7 +35,7 @@ fn test_policy() -> TrePolicy {
 }
 
 /// The cell key method's budget of released cells lifted: the tests here
-/// ask it hundreds of cells (tests/ledger.rs tests the budget).
+/// ask it hundreds of cells (tests/it/ledger.rs tests the budget).
 fn unlimited_cells(policy: &mut TrePolicy) {
     for p in policy.projects.values_mut() {
         p.disclosure.cell_budget = None;
@@ -182,7 +180,7 @@ fn ask(project: &str, sql: &str) -> Result<gpdp::tre::Released, TreError> {
     )
 }
 
-/// Every line of `tests/tre_cases.tsv` gets its expected outcome: released,
+/// Every line of `tests/it/tre_cases.tsv` gets its expected outcome: released,
 /// refused by the rule it names, or an error; under OpenSAFELY and ACRO
 /// every released count is a multiple of the published rounding. Lines whose
 /// rule column reads `N patients` sit at a threshold: the query's first
@@ -194,9 +192,10 @@ fn ask(project: &str, sql: &str) -> Result<gpdp::tre::Released, TreError> {
 /// an error of the table, named by its line.
 #[test]
 fn every_boundary_case_has_its_expected_outcome() {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tre_cases.tsv"))
-            .unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/tre_cases.tsv"),
+    )
+    .unwrap();
     let mut failures = Vec::new();
     let (mut cases, mut at_thresholds) = (0, 0);
     for (number, line) in text

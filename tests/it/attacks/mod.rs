@@ -3,7 +3,7 @@
 //! person's records through the TRE boundary — and a check, against the
 //! truth, that nothing leaked.
 //!
-//! Attacks are data: `tests/attacks/*.attacks`, one family per file, read
+//! Attacks are data: `tests/it/attacks/*.attacks`, one family per file, read
 //! and run by this one harness (add a file or an attack and it runs):
 //!
 //! ```text
@@ -16,7 +16,7 @@
 //! expect-dp refused RULE      # optional, after an expect: what `dp` answers instead
 //! ```
 //!
-//! `GPDP_ATTACKS=lineage,oracles cargo test --test attacks` runs only those
+//! `GPDP_ATTACKS=lineage,oracles cargo test --test it -- attacks::` runs only those
 //! families. `released` means at least one row comes back, `withheld` that the query
 //! runs and no row comes back, `answered` either, `error` that the SQL
 //! does not plan, `same` that rows come back and they are the previous
@@ -73,18 +73,15 @@
 //! `hba1c_value`, `dmd_code`, `med_date`, `pseudonym` (hex), `patient_key`,
 //! `nhs_number`, `lsoa`, `birth_month`.
 
-#[path = "../common/mod.rs"]
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::common::*;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::{ProstMessageExt, TicketStatementQuery};
-use common::*;
 use futures::TryStreamExt;
 use prost::Message;
 use tonic::transport::Channel;
@@ -485,7 +482,7 @@ fn build_worlds() -> Worlds {
     let text = gpdp::policy::tre::DEFAULT_TRE_POLICY;
     assert!(text.contains("rho_budget = 2.0"));
     // The cell key method's budget of released cells too: the suite asks
-    // it thousands (tests/ledger.rs tests the budget).
+    // it thousands (tests/it/ledger.rs tests the budget).
     assert!(text.contains("cell_budget = 15"));
     std::fs::write(
         &policy,
@@ -1182,11 +1179,11 @@ fn check_attack(
     }
 }
 
-/// Every attack of every file under tests/attacks, in every project it
+/// Every attack of every file under tests/it/attacks, in every project it
 /// names, for every target, through every path.
 #[test]
 fn no_attack_learns_anything_about_its_target() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/attacks");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/attacks");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -1207,7 +1204,7 @@ fn no_attack_learns_anything_about_its_target() {
                 files
                     .iter()
                     .any(|f| f.file_stem().unwrap().to_string_lossy() == o),
-                "GPDP_ATTACKS names {o:?}, which is no family in tests/attacks"
+                "GPDP_ATTACKS names {o:?}, which is no family in tests/it/attacks"
             );
         }
         files.retain(|f| {

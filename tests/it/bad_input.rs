@@ -10,13 +10,11 @@
 //! from; a closed pipe panicked; a nested query and an INSERT got raw
 //! planner errors.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::*;
+use crate::common::*;
 
 /// Every file of a store but the verification cache, as bytes.
 fn snapshot(store: &Path) -> BTreeMap<PathBuf, Vec<u8>> {

@@ -30,15 +30,13 @@
 //! reject, and truth + `discrete_gaussian(σ)` must accept — the check has
 //! the power it claims on the very cells and σ it is used on.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use crate::common::*;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
-use common::*;
 use gpdp::policy::tre::TrePolicy;
 use gpdp::tre::dp::discrete_gaussian;
 use gpdp::tre::{Request, query_blocking};

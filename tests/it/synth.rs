@@ -2,13 +2,11 @@
 //! docs/design.md §2, NHS numbers, the bad-row catalogue, opt-out patterns, the
 //! summary against the files, determinism, and refusals of bad arguments.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::OnceLock;
 
-use common::*;
+use crate::common::*;
 
 const PRACTICES: u32 = 5;
 const PATIENTS: u64 = 4000;

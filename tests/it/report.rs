@@ -3,12 +3,10 @@
 //! store's files, and the page checked for every section, charts, and
 //! nothing fetched or identifying.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::common::*;
 use arrow::array::AsArray;
-use common::*;
 
 struct Made {
     c: Collected,

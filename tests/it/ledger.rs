@@ -12,11 +12,9 @@
 //! ρ than her budget. And any key from `gpdp keygen` was taken: averaging
 //! one count over a hundred keys gave the exact count.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 const SQL: &str = "SELECT sex, count(DISTINCT patient_id) AS n FROM patients GROUP BY sex";

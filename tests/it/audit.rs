@@ -25,15 +25,13 @@
 //! raw Parquet. Their positive control is the same query on the same store
 //! without that patient's tombstone or NDOO entry, which shows the patient.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use crate::common::*;
 use arrow::array::{ArrayRef, BooleanArray, FixedSizeBinaryArray, Int64Array, RecordBatch};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
-use common::*;
 use gpdp::policy::Codec;
 use gpdp::store::{FileEntry, Manifest, Store, Tombstone};
 use serde_json::{Value, json};

@@ -2,12 +2,10 @@
 //! free text and NHS numbers an extract holds, none of them passes into the
 //! store, and every row with an invalid NHS number is quarantined.
 
-mod common;
-
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
-use common::*;
+use crate::common::*;
 use gpdp::collect::{CollectOptions, run};
 use gpdp::policy::CollectionPolicy;
 use gpdp::progress::Progress;

@@ -4,9 +4,7 @@
 //! the same rows; the privacy section's theory is the dp attack's expected
 //! accuracy, Φ(√(ρ/4)), computed here by other means.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn bench_figures_equal_the_receipts_of_the_same_collection() {

@@ -2,13 +2,11 @@
 //! opt-outs registered after collection (movers included), re-applying,
 //! crashing, withdrawing, and `gpdp audit` against the truth.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A fresh store: 3 practices, NDOO ingested. Each test gets its own (they
 /// change it).

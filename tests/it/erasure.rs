@@ -6,12 +6,10 @@
 //! public register (`gpdp register`) and its "no identifiers" property;
 //! and a patient's own answer at the practice (`gpdp optout status`).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// A fresh store: 3 practices, NDOO ingested.
 fn setup() -> Collected {

@@ -83,9 +83,7 @@
 //! curve against the number of counts, under `ckm` and `opensafely`, is
 //! an ignored test that prints it.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::collections::{BTreeMap, HashMap};
 
 use arrow::array::AsArray;
@@ -112,7 +110,7 @@ fn padding_attacks_beat_cell_keys() {
     let mut policy = TrePolicy::load(None).unwrap();
     policy.record_keys = Some(gpdp::tre::ckm::RecordKeys::from_bytes(&[5; 32]));
     // What the rule set alone lets through: its budget of released cells
-    // lifted (the budget is what stops this; tests/ledger.rs tests it).
+    // lifted (the budget is what stops this; tests/it/ledger.rs tests it).
     for p in policy.projects.values_mut() {
         p.disclosure.cell_budget = None;
     }
@@ -523,7 +521,7 @@ fn ckm_policy() -> TrePolicy {
     let mut policy = TrePolicy::load(None).unwrap();
     policy.record_keys = Some(gpdp::tre::ckm::RecordKeys::from_bytes(&[5; 32]));
     // What the rule set alone lets through: its budget of released cells
-    // lifted (the budget is what stops this; tests/ledger.rs tests it).
+    // lifted (the budget is what stops this; tests/it/ledger.rs tests it).
     for p in policy.projects.values_mut() {
         p.disclosure.cell_budget = None;
     }
@@ -619,10 +617,10 @@ fn cell_keys_fall_to_reconstruction_from_a_few_hundred_counts() {
 /// and 8–15 (the count needed grows with the group), printed; ignored
 /// (about fifteen minutes in debug), and skipped by the README's test
 /// command and CI (`--skip measure_`): run it with
-/// `cargo test --test differencing -- --ignored measure_`. Asserts only
+/// `cargo test --test it -- --ignored differencing::measure_`. Asserts only
 /// that every point was measured.
 #[test]
-#[ignore = "a measurement (about 15 minutes): cargo test --test differencing -- --ignored measure_"]
+#[ignore = "a measurement (about 15 minutes): cargo test --test it -- --ignored differencing::measure_"]
 fn measure_reconstruction_curve_under_cell_keys_and_opensafely() {
     let (c, _) = store_and_world();
     let policy = ckm_policy();
@@ -687,7 +685,7 @@ fn measure_reconstruction_curve_under_cell_keys_and_opensafely() {
 /// number of queries for priors 0, 1, 2 and 4; printed, ignored (a
 /// measurement, skipped as `measure_` by the README's test command).
 #[test]
-#[ignore = "a measurement: cargo test --test differencing -- --ignored measure_"]
+#[ignore = "a measurement: cargo test --test it -- --ignored differencing::measure_"]
 fn measure_the_decoders_prior_on_simulated_answers() {
     use rand_core::{RngCore, SeedableRng};
     let has = &reconstruction_population().has;

@@ -4,12 +4,10 @@
 //! opt-out leaving them in place and the NDOO removing them from projects
 //! it applies to, and the linked views answering under the grammar.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn link(c: &Collected, extra: &[&str]) -> std::process::Output {
     gpdp()

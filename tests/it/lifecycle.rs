@@ -17,12 +17,10 @@
 //! - blocking a patient deletes them from every batch at once; unblocking
 //!   brings them back only when a batch holding them is collected again.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use gpdp::policy::CollectionPolicy;
 use gpdp::policy::tre::TrePolicy;
 use proptest::prelude::*;
