@@ -21,6 +21,7 @@ venv=bench-data/peer-venv
 "$venv/bin/python" -c "import duckdb" 2>/dev/null || "$venv/bin/pip" install -q duckdb >/dev/null 2>&1 || true
 target/release/examples/tre_bench "$store" "$runs" > bench-data/tre_gpdp.jsonl
 target/release/examples/tre_bench "$store" "$runs" rule-sets > bench-data/tre_rule_sets.jsonl
+target/release/examples/tre_bench "$store" "$runs" verify > bench-data/tre_verify.json
 if "$venv/bin/python" -c "import duckdb" 2>/dev/null; then
   "$venv/bin/python" benches/peers/tre_duckdb.py "$store" "$runs" > bench-data/tre_duckdb.jsonl
 else
@@ -50,4 +51,8 @@ for r in map(json.loads, open("bench-data/tre_rule_sets.jsonl")):
         else:
             cells.append(f"{'-':>18}")
     print(f"{r['query']:22} " + " ".join(cells))
+v = json.load(open("bench-data/tre_verify.json"))
+print()
+print(f"store verification ({v['files']} files, {v['bytes'] / 1e6:.0f} MB): hashing every file {v['cold_ms']:.0f} ms (once, after a commit); "
+      f"a new process's check {v['warm_p50_ms']:.2f} ms = {100 * v['warm_share_of_fastest_query']:.2f}% of the fastest query ({v['fastest_query_p50_ms']:.1f} ms)")
 PY

@@ -7,7 +7,8 @@
 //! one JSON object per query, boundary against direct DataFusion.
 //! `rule-sets`: one JSON object per query with its latency under
 //! OpenSAFELY's rules, the cell key method and differential privacy, all
-//! in the same run, and the ratios to OpenSAFELY's.
+//! in the same run, and the ratios to OpenSAFELY's. `verify`: one JSON
+//! object, what checking the store against its manifest costs a query.
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -16,6 +17,10 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("usage: tre_bench STORE [RUNS]"))?;
     let runs: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(7);
     match args.get(3).map_or("demo-opensafely", String::as_str) {
+        "verify" => {
+            let v = gpdp::bench::tre::measure_verification(store.as_ref(), runs)?;
+            println!("{}", serde_json::to_string(&v)?);
+        }
         "rule-sets" => {
             for q in gpdp::bench::tre::measure_rule_sets(store.as_ref(), runs)? {
                 println!("{}", serde_json::to_string(&q)?);

@@ -183,3 +183,62 @@ pub fn measure_rule_sets(store: &Path, runs: usize) -> anyhow::Result<Vec<RuleSe
     }
     Ok(out)
 }
+
+/// What verifying a store against its manifest costs a query
+/// ([`crate::store::verify`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerificationCost {
+    pub files: usize,
+    pub bytes: u64,
+    /// Hashing every file: what the first reader after a commit pays once
+    /// (and what `gpdp audit` always pays).
+    pub cold_ms: f64,
+    /// A new process's check when the files are already verified: read the
+    /// saved cache, stat every file (median of `runs`).
+    pub warm_p50_ms: f64,
+    /// The fastest query's boundary p50 under OpenSAFELY's rules.
+    pub fastest_query_p50_ms: f64,
+    /// `warm_p50_ms` ÷ `fastest_query_p50_ms`.
+    pub warm_share_of_fastest_query: f64,
+}
+
+/// Measures [`VerificationCost`] on `store` (queries asked `runs` times).
+pub fn measure_verification(store: &Path, runs: usize) -> anyhow::Result<VerificationCost> {
+    use crate::store::verify;
+    let manifest = crate::store::read_manifest(store)?;
+    let files: Vec<_> = manifest.all_files().collect();
+    let bytes = files.iter().map(|f| f.bytes).sum();
+    let t = Instant::now();
+    for f in &files {
+        crate::store::sha256_file(&store.join(&f.path))?;
+    }
+    let cold_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // Verified once, so that the saved cache holds every file.
+    anyhow::ensure!(
+        verify::files(store, &files).is_empty(),
+        "{} does not match its manifest: run `gpdp audit`",
+        store.display()
+    );
+    let mut warm = Vec::new();
+    for _ in 0..runs.max(1) {
+        verify::forget_in_memory();
+        let t = Instant::now();
+        let bad = verify::files(store, &files);
+        warm.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(bad.is_empty(), "{} changed while measured", store.display());
+    }
+    warm.sort_by(f64::total_cmp);
+    let fastest = measure(store, runs)?
+        .iter()
+        .map(|q| q.boundary_p50_ms)
+        .fold(f64::INFINITY, f64::min);
+    let warm_p50_ms = percentile(&warm, 0.5);
+    Ok(VerificationCost {
+        files: files.len(),
+        bytes,
+        cold_ms,
+        warm_p50_ms,
+        fastest_query_p50_ms: fastest,
+        warm_share_of_fastest_query: warm_p50_ms / fastest,
+    })
+}
