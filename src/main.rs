@@ -1125,11 +1125,11 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             let manifest = gpdp::store::read_manifest(&store)?;
             let collection = manifest.key_id.as_deref().unwrap_or("");
             let load = |path: &Path| {
-                gpdp::tre::ckm::RecordKeys::load(path, collection)
+                gpdp::tre::control::ckm::RecordKeys::load(path, collection)
                     .map_err(|e| gpdp::error::BadInput(e.to_string()))
             };
             let (old, new) = (load(&from)?, load(&to)?);
-            gpdp::tre::ckm::rotate(&store, &old, &new, &reason)?;
+            gpdp::tre::control::ckm::rotate(&store, &old, &new, &reason)?;
             println!(
                 "{}: cell-key answers are now drawn with perturbation key {} (was {}); recorded in the audit log",
                 store.display(),
@@ -1307,8 +1307,11 @@ fn tre_policy(
     if let Some(path) = perturbation_key {
         let manifest = gpdp::store::read_manifest(store)?;
         policy.record_keys = Some(
-            gpdp::tre::ckm::RecordKeys::load(path, manifest.key_id.as_deref().unwrap_or(""))
-                .map_err(|e| gpdp::error::BadInput(e.to_string()))?,
+            gpdp::tre::control::ckm::RecordKeys::load(
+                path,
+                manifest.key_id.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| gpdp::error::BadInput(e.to_string()))?,
         );
     }
     Ok(policy)

@@ -10,22 +10,22 @@
 //! is computed as its *parts* — counts, sums, sums of squares — next to the
 //! number of distinct patients who contribute to it (its own, under its
 //! own FILTER and non-null column), so disclosure control decides per
-//! statistic ([`super::sdc`]). Means and variances are derived from the
+//! statistic ([`super::control::sdc`]). Means and variances are derived from the
 //! parts in Rust after control, never inside SQL.
 //!
 //! Three shapes:
 //! - **per cell** (threshold-only rule sets, and counts under the cell key
 //!   method): one aggregate; contributors are counted up to one more than
-//!   the threshold only ([`super::patients`]), which costs one comparison
+//!   the threshold only ([`super::aggregates::patients`]), which costs one comparison
 //!   per row once a cell has enough patients, or exactly with their cell
-//!   key ([`super::contributors`]);
+//!   key ([`super::aggregates::contributors`]);
 //! - **per patient** (rule sets that check dominance, and sums under the
 //!   cell key method): an inner aggregate by group keys and patient gives
 //!   each patient's contribution to each statistic, and the outer
 //!   aggregate sums them, counts contributors exactly and runs the N-K and
 //!   p% checks over patients, not records;
 //! - **bounded** (differential privacy): one aggregate without GROUP BY
-//!   ([`super::bounded`]) bounds each patient's contribution and totals
+//!   ([`super::aggregates::bounded`]) bounds each patient's contribution and totals
 //!   every cell of the keys' public domains.
 //!
 //! Cohort subqueries keep only non-null patients, so `NOT IN` never meets a
@@ -48,13 +48,13 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::lit;
 
-use super::bounded::{Adds, Spec, bounded};
-use super::ckm::RecordKeys;
-use super::contributors::{contributors, unpack};
-use super::dominance::dominance;
-use super::dp::Plan as DpPlan;
+use super::aggregates::bounded::{Adds, Spec, bounded};
+use super::aggregates::contributors::{contributors, unpack};
+use super::aggregates::patients::patients_at_least;
+use super::control::ckm::RecordKeys;
+use super::control::dominance::dominance;
+use super::control::dp::Plan as DpPlan;
 use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind, Statistic};
-use super::patients::patients_at_least;
 use crate::policy::tre::Disclosure;
 
 /// The hidden column that carries each row's patient.
@@ -78,7 +78,7 @@ pub struct Parts {
     /// value sends the cell to review.
     pub minimum: Option<usize>,
     /// The sum of the contributors' record keys (Int64), under the cell key
-    /// method only ([`super::ckm::cell_key`] folds it).
+    /// method only ([`super::control::ckm::cell_key`] folds it).
     pub cell_key: Option<usize>,
     /// The largest contribution (one patient's sum, Float64), for sums and
     /// means under the cell key method: their noise is scaled to it.
@@ -227,7 +227,7 @@ fn group_exprs(release: &Release) -> Vec<Expr> {
 /// The per-cell shape. Threshold rule sets count contributors only up to
 /// the threshold + 1; the cell key method (`record_keys`) counts them
 /// exactly and sums their record keys, in one aggregate per contributing
-/// set ([`super::contributors::contributors`]), unpacked after it.
+/// set ([`super::aggregates::contributors::contributors`]), unpacked after it.
 fn per_cell(
     release: &Release,
     input: LogicalPlan,
@@ -245,7 +245,7 @@ fn per_cell(
         let nonnull = column.map(|c| present(c, &schema)).transpose()?.flatten();
         let contributing = and(f.clone(), nonnull);
         // Under the cell key method, a count of rows or values is keyed by
-        // each patient's rows too ([`super::ckm::weighted`]).
+        // each patient's rows too ([`super::control::ckm::weighted`]).
         let by_rows = s.kind != StatKind::Patients;
         let contributors = |out: &mut Outputs| -> Result<usize> {
             let counted = match record_keys {
@@ -386,7 +386,7 @@ fn per_patient(
         // The cell key: the record keys of this statistic's own contributors
         // (one inner row per patient, so each counts once), mixed with how
         // much each contributes unless it counts patients
-        // ([`super::ckm::weighted`]).
+        // ([`super::control::ckm::weighted`]).
         let keyed = |out: &mut Outputs, udf: &Arc<ScalarUDF>, args| -> Result<usize> {
             let e = filtered(sum(udf.call(args)), Some(&contributes))?;
             Ok(out.find(&e).unwrap_or_else(|| out.push(e)))

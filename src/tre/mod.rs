@@ -20,19 +20,11 @@
 //! with its user, project, SQL, plan fingerprint, outcome, rule, privacy
 //! charged and, for the operator only, the rows withheld and why.
 
+pub mod aggregates;
 pub mod auth;
-pub mod bounded;
-pub mod ckm;
 pub mod compile;
-pub mod contributors;
-pub mod dominance;
-pub mod dp;
+pub mod control;
 pub mod grammar;
-mod handoff;
-mod layout;
-pub mod patients;
-pub mod ptable;
-pub mod sdc;
 pub mod session;
 pub mod views;
 
@@ -47,7 +39,8 @@ use datafusion::prelude::SQLOptions;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use self::sdc::{ColumnKind, Controlled};
+use self::control::sdc::{ColumnKind, Controlled};
+use self::control::{ckm, dp, sdc};
 use crate::error::{Classify, ExitStatus};
 use crate::policy::PolicyError;
 use crate::policy::sha256_hex;

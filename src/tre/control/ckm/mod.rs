@@ -10,7 +10,7 @@
 //! patients ([`weighted`]): the same records give the same key in every
 //! query, session and project; one patient or one row more gives a key
 //! unrelated to the last. The perturbation is then looked up by (count,
-//! cell key) in the [`super::ptable`].
+//! cell key) in the [`ptable`].
 //!
 //! Record keys are SipHash-2-4 of the patient's integer key under 128 bits
 //! derived from the perturbation key by HMAC-SHA256 (DESIGN §5.4 asks for
@@ -18,6 +18,8 @@
 //! computed once per patient and cell, where HMAC cost 0.4 µs — more than
 //! the whole query on large tables). Cell keys, record keys and
 //! perturbations are never released or logged.
+
+pub mod ptable;
 
 use std::hash::Hasher;
 use std::path::Path;
@@ -75,17 +77,17 @@ fn bound_id(state: &mut Bound, entry: &serde_json::Value) {
 /// TRE started with another key (a typo, a regenerated file, a second
 /// TRE over a copy) must not answer, and changing the key is a deliberate,
 /// logged step ([`rotate`]).
-pub fn bind(store: &Path, keys: &RecordKeys) -> Result<(), super::TreError> {
+pub fn bind(store: &Path, keys: &RecordKeys) -> Result<(), crate::tre::TreError> {
     use crate::store::audit::AuditLog;
     let outcome = AuditLog::at(store)
         .append_folded(&KEY_EVENTS, bound_id, |bound: &Bound| {
             match (bound.unreadable, &bound.id) {
-                (true, _) => Err(super::Refusal::new(
+                (true, _) => Err(crate::tre::Refusal::new(
                     "perturbation_key_changed",
                     "the audit log cannot be read, so the perturbation key this store's answers are bound to is unknown; nothing was run",
                 )),
                 (false, Some(id)) if id == keys.id() => Ok(vec![]),
-                (false, Some(_)) => Err(super::Refusal::new(
+                (false, Some(_)) => Err(crate::tre::Refusal::new(
                     "perturbation_key_changed",
                     "this TRE was started with a perturbation key other than the one this store's cell-key answers are drawn with: fresh noise on the same cells could be averaged away; start it with the bound key, or rotate the key deliberately (`gpdp rotate-perturbation-key`)",
                 )),
@@ -96,8 +98,8 @@ pub fn bind(store: &Path, keys: &RecordKeys) -> Result<(), super::TreError> {
                 })]),
             }
         })
-        .map_err(super::TreError::internal)?;
-    outcome.map_err(super::TreError::Refused)
+        .map_err(crate::tre::TreError::internal)?;
+    outcome.map_err(crate::tre::TreError::Refused)
 }
 
 /// Rotates the perturbation key `store`'s answers are bound to, from
@@ -108,7 +110,7 @@ pub fn rotate(
     from: &RecordKeys,
     to: &RecordKeys,
     reason: &str,
-) -> Result<(), super::TreError> {
+) -> Result<(), crate::tre::TreError> {
     use crate::store::audit::AuditLog;
     let outcome = AuditLog::at(store)
         .append_folded(&KEY_EVENTS, bound_id, |bound: &Bound| {
@@ -122,26 +124,26 @@ pub fn rotate(
                         "reason": reason,
                     })])
                 }
-                (false, Some(id)) if id == from.id() => Err(super::Refusal::new(
+                (false, Some(id)) if id == from.id() => Err(crate::tre::Refusal::new(
                     "perturbation_key_changed",
                     "the new key is the key in force: nothing to rotate",
                 )),
-                (false, Some(_)) => Err(super::Refusal::new(
+                (false, Some(_)) => Err(crate::tre::Refusal::new(
                     "perturbation_key_changed",
                     "--from is not the key this store's answers are bound to: only the bound key can be rotated",
                 )),
-                (false, None) => Err(super::Refusal::new(
+                (false, None) => Err(crate::tre::Refusal::new(
                     "perturbation_key_changed",
                     "no perturbation key is bound to this store yet (it is bound on first use): start the TRE with the key you want",
                 )),
-                (true, _) => Err(super::Refusal::new(
+                (true, _) => Err(crate::tre::Refusal::new(
                     "perturbation_key_changed",
                     "the audit log cannot be read, so the bound key is unknown",
                 )),
             }
         })
-        .map_err(super::TreError::internal)?;
-    outcome.map_err(super::TreError::Refused)
+        .map_err(crate::tre::TreError::internal)?;
+    outcome.map_err(crate::tre::TreError::Refused)
 }
 
 /// The TRE's record-key function. `Debug` never shows the key.

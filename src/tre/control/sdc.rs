@@ -3,7 +3,7 @@
 //!
 //! Every statistic of every cell arrives with its own parts (counts, sums)
 //! and the number of distinct patients who contribute to *it* (see
-//! [`super::compile`]). A statistic is released only if:
+//! [`crate::tre::compile`]). A statistic is released only if:
 //! - more than `redact_at_or_below` patients contribute (0 contributors is
 //!   redacted too, so "none" and "few" look alike);
 //! - under rule sets that check dominance, its per-patient contributions
@@ -28,11 +28,11 @@ use arrow::compute::{SortColumn, SortOptions, concat_batches, lexsort_to_indices
 use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef};
 use arrow::error::ArrowError;
 
-use super::compile::Parts;
+use super::ckm::ptable::PTable;
 use super::dominance;
-use super::grammar::{Item, Release, StatKind};
-use super::ptable::PTable;
 use crate::policy::tre::Disclosure;
+use crate::tre::compile::Parts;
+use crate::tre::grammar::{Item, Release, StatKind};
 
 /// What a released column is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 //!   cells (1 when every group key is a patient attribute, else the rule
 //!   set's `max_groups`, never more than the cells there are) and with at
 //!   most `max_rows` rows per cell; values are clamped to the column's
-//!   `value_bounds`. [`super::bounded`] enforces them in the plan;
+//!   `value_bounds`. [`crate::tre::aggregates::bounded`] enforces them in the plan;
 //! - **sensitivity** — one patient changes each cell's count by at most
 //!   1 (patients) or `max_rows` (rows, values), a sum by at most
 //!   `max_rows · max(|lo|, |hi|)` (+1 for rounding the sum to an integer),
@@ -42,11 +42,11 @@ use datafusion::common::{Column, Result, ScalarValue};
 use datafusion::logical_expr::Operator;
 use serde_json::{Value, json};
 
-use super::Refusal;
-use super::grammar::{Item, Predicate, Release, Source, SourceNode, StatKind};
 use super::sdc::{Controlled, OperatorOnly, released_schema};
 use crate::policy::tre::{Disclosure, DpParams, TrePolicy};
 use crate::store::audit::AuditLog;
+use crate::tre::Refusal;
+use crate::tre::grammar::{Item, Predicate, Release, Source, SourceNode, StatKind};
 
 /// The two-sided 95% quantile of the normal distribution; the discrete
 /// Gaussian's intervals are at least as tight for σ ≥ 1.
@@ -156,7 +156,7 @@ pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<
         let column = s
             .column
             .as_ref()
-            .map(|c| super::grammar::lineage_of(&release.source, c))
+            .map(|c| crate::tre::grammar::lineage_of(&release.source, c))
             .transpose()?;
         let (noise, bound) = match s.kind {
             StatKind::Patients => (
@@ -633,7 +633,7 @@ type Noisy = (f64, Option<(f64, f64)>);
 /// Disclosure control under `dp`: every cell of the domains' product,
 /// zeros included, each statistic with its noise, then the threshold on
 /// the noisy counts. `batches` are the compiled plan's output: the
-/// totals of every cell ([`super::bounded::totals`]).
+/// totals of every cell ([`crate::tre::aggregates::bounded::totals`]).
 pub fn control(
     release: &Release,
     rules: &Disclosure,
@@ -643,7 +643,7 @@ pub fn control(
 ) -> Result<(Controlled, Report), ArrowError> {
     let keys = release.keys.len();
     let width = release.statistics.len();
-    let (counts, sums) = super::bounded::totals(batches, plan.cells, width)
+    let (counts, sums) = crate::tre::aggregates::bounded::totals(batches, plan.cells, width)
         .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
     let (schema, kinds) = released_schema(release, Some(plan));
     let threshold = rules.redact_at_or_below as i64;
