@@ -503,7 +503,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 println!("  SQL: {}", q.sql);
                 match &q.answer {
                     Ok(r) => {
-                        for line in gpdp::tre::to_table(r).lines() {
+                        for line in gpdp::tre::output::to_table(r).lines() {
                             println!("    {line}");
                         }
                     }
@@ -540,7 +540,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 o.flight.addr
             );
             println!("  SQL: {}", o.flight.sql);
-            for line in gpdp::tre::batches_to_table(&o.flight.batches).lines() {
+            for line in gpdp::tre::output::batches_to_table(&o.flight.batches).lines() {
                 println!("    {line}");
             }
             println!();
@@ -796,11 +796,11 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             };
             let released = gpdp::tre::query_blocking(&policy, &request)?;
             match format {
-                Format::Table => print!("{}", gpdp::tre::to_table(&released)),
-                Format::Csv => print!("{}", gpdp::tre::to_csv(&released.result)),
+                Format::Table => print!("{}", gpdp::tre::output::to_table(&released)),
+                Format::Csv => print!("{}", gpdp::tre::output::to_csv(&released.result)),
                 Format::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&gpdp::tre::to_json(&released))?
+                    serde_json::to_string_pretty(&gpdp::tre::output::to_json(&released))?
                 ),
             }
             Ok(())

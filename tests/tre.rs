@@ -319,7 +319,7 @@ fn at_a_threshold(
             0 => Ok(()),
             _ => Err(format!(
                 "{patients} patients, which {rules:?} redacts: released {}",
-                gpdp::tre::to_csv(&r.result).trim()
+                gpdp::tre::output::to_csv(&r.result).trim()
             )),
         };
     }
@@ -341,7 +341,7 @@ fn at_a_threshold(
         if got.is_null(0) || got.value(0) != want {
             return Err(format!(
                 "{patients} patients: column {c} released {}, the published rule gives {want}",
-                gpdp::tre::to_csv(&r.result).trim()
+                gpdp::tre::output::to_csv(&r.result).trim()
             ));
         }
     }
@@ -493,7 +493,7 @@ fn small_statistics_are_redacted_and_empty_rows_withheld() {
     assert_eq!(c.operator.withheld_rows, withheld, "the audit log's count");
     assert_eq!(c.redacted_cells, 0, "the only statistic of a withheld row");
     assert_eq!(c.batch.column(4).null_count(), 0);
-    let csv = gpdp::tre::to_csv(c);
+    let csv = gpdp::tre::output::to_csv(c);
     assert!(!csv.contains("[REDACTED]"));
     // Two statistics with different contributors: the second is redacted
     // on its own where few patients contribute to it.
@@ -534,10 +534,14 @@ fn small_statistics_are_redacted_and_empty_rows_withheld() {
             }
         }
     }
-    assert!(redacted > 0 && released > 0, "{}", gpdp::tre::to_csv(c));
+    assert!(
+        redacted > 0 && released > 0,
+        "{}",
+        gpdp::tre::output::to_csv(c)
+    );
     assert_eq!(c.redacted_cells, redacted);
-    assert!(gpdp::tre::to_csv(c).contains("[REDACTED]"));
-    let json = gpdp::tre::to_json(&r).to_string();
+    assert!(gpdp::tre::output::to_csv(c).contains("[REDACTED]"));
+    let json = gpdp::tre::output::to_json(&r).to_string();
     assert!(!json.contains("withheld"), "{json}");
 }
 
@@ -1491,7 +1495,7 @@ fn dp_releases_every_domain_cell_near_the_truth_with_its_noise() {
             }
         }
     }
-    let json = gpdp::tre::to_json(&a);
+    let json = gpdp::tre::output::to_json(&a);
     assert_eq!(json["privacy"]["rho_charged"].as_f64(), Some(0.04));
     assert!(
         json["privacy"]["noise"][0]["ci95_half_width"]
@@ -1499,7 +1503,7 @@ fn dp_releases_every_domain_cell_near_the_truth_with_its_noise() {
             .unwrap()
             > 9.0
     );
-    assert!(gpdp::tre::to_table(&a).contains("(95%"));
+    assert!(gpdp::tre::output::to_table(&a).contains("(95%"));
     // A WHERE that names a key's values narrows its cells to them (the
     // query's text decides, not the data); under OR it does not.
     for (sql, rows) in [

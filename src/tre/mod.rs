@@ -25,21 +25,20 @@ pub mod auth;
 pub mod compile;
 pub mod control;
 pub mod grammar;
+pub mod output;
+mod release;
 pub mod session;
 pub mod views;
 
+pub use release::Released;
+
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use arrow::array::Array;
 use arrow::datatypes::SchemaRef;
-use arrow::util::display::{ArrayFormatter, FormatOptions};
-use datafusion::dataframe::DataFrame;
 use datafusion::prelude::SQLOptions;
-use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use self::control::sdc::{ColumnKind, Controlled};
 use self::control::{ckm, dp, sdc};
 use crate::error::{Classify, ExitStatus};
 use crate::policy::PolicyError;
@@ -158,24 +157,6 @@ pub struct Request {
     pub sql: String,
 }
 
-/// A released result: the controlled batch and how it was controlled.
-#[derive(Debug, Clone)]
-pub struct Released {
-    pub result: Controlled,
-    pub disclosure: Disclosure,
-    /// Under `dp`: each statistic's noise and the researcher's budget.
-    pub privacy: Option<dp::Report>,
-    pub checksum: String,
-    pub fingerprint: String,
-    pub seconds: f64,
-}
-
-impl Released {
-    pub fn kinds(&self) -> &[ColumnKind] {
-        &self.result.kinds
-    }
-}
-
 /// Answers one request through the whole boundary and audits it.
 pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreError> {
     let started = Instant::now();
@@ -193,23 +174,6 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
         r.seconds = started.elapsed().as_secs_f64();
         r
     })
-}
-
-/// Statistics released in a result: the non-null cells of its statistic
-/// columns (a 95% interval's ends go with their mean, not counted apart).
-fn released_cells(batch: &arrow::array::RecordBatch) -> u64 {
-    batch
-        .schema()
-        .fields()
-        .iter()
-        .zip(batch.columns())
-        .filter(|(f, _)| {
-            f.metadata()
-                .get("gpdp.statistic")
-                .is_some_and(|s| !s.starts_with("ci95"))
-        })
-        .map(|(_, c)| (c.len() - c.null_count()) as u64)
-        .sum()
 }
 
 /// Appends one request to the store's audit log: who asked what, the plan
@@ -244,7 +208,10 @@ fn audit(
             let c = &r.result;
             o.insert("outcome".into(), json!("released"));
             o.insert("rows".into(), json!(c.batch.num_rows()));
-            o.insert("cells_released".into(), json!(released_cells(&c.batch)));
+            o.insert(
+                "cells_released".into(),
+                json!(release::released_cells(&c.batch)),
+            );
             o.insert("redacted_cells".into(), json!(c.redacted_cells));
             o.insert("withheld_rows".into(), json!(c.operator.withheld_rows));
             o.insert("groups".into(), json!(c.operator.groups));
@@ -469,79 +436,35 @@ async fn answer(
         }
         None => None,
     };
-    // Threshold rule sets control batch by batch; `dp` needs every cell
-    // before it can release the domains' product.
-    let mut control = dp
-        .is_none()
-        .then(|| sdc::Control::new(&release, &compiled.parts, &disclosure));
-    let mut raw = Vec::new();
-    let run = async {
-        let mut stream = DataFrame::new(state, compiled.plan.clone())
-            .execute_stream()
-            .await?;
-        while let Some(batch) = stream.next().await {
-            let batch = batch?;
-            match control.as_mut() {
-                Some(c) => c.push(&batch)?,
-                None => raw.push(batch),
-            }
-        }
-        Ok::<_, datafusion::error::DataFusionError>(())
-    };
-    match tokio::time::timeout(Duration::from_secs(policy.timeout_seconds), run).await {
-        Err(_) => {
-            return Err(TreError::Failed(format!(
-                "time limit: ran longer than {} s",
-                policy.timeout_seconds
-            )));
-        }
-        Ok(Err(e)) => return Err(TreError::Failed(e.to_string())),
-        Ok(Ok(())) => {}
+    let (result, privacy) = release::run(
+        policy,
+        state,
+        &compiled,
+        &release,
+        &disclosure,
+        dp.as_ref(),
+        ledger,
+    )
+    .await?;
+    // A threshold rule set with a budget of released cells charges them
+    // now, before anything is released ([`dp::charge_cells`]).
+    if dp.is_none()
+        && let Some(budget) = disclosure.cell_budget
+    {
+        let ledger = dp::ledger_path(&req.store, policy.ledger_dir.as_deref(), &population);
+        dp::charge_cells(
+            &req.store,
+            &ledger,
+            &req.user,
+            &req.project,
+            budget,
+            release::released_cells(&result.batch),
+            fingerprint,
+        )
+        .map_err(StoreError::from)?
+        .map_err(TreError::Refused)?;
     }
-    let (result, privacy) = match (control, &dp, ledger) {
-        (Some(control), _, _) => {
-            let result = control
-                .finish(policy.max_rows)
-                .map_err(TreError::internal)?
-                .map_err(|_| {
-                    Refusal::new(
-                        "too_many_rows",
-                        format!(
-                            "more than {} rows would be released; narrow the query or add ORDER BY … LIMIT",
-                            policy.max_rows
-                        ),
-                    )
-                })?;
-            // A rule set with a budget of released cells charges them now,
-            // before anything is released ([`dp::charge_cells`]).
-            if let Some(budget) = disclosure.cell_budget {
-                let ledger = dp::ledger_path(&req.store, policy.ledger_dir.as_deref(), &population);
-                dp::charge_cells(
-                    &req.store,
-                    &ledger,
-                    &req.user,
-                    &req.project,
-                    budget,
-                    released_cells(&result.batch),
-                    fingerprint,
-                )
-                .map_err(StoreError::from)?
-                .map_err(TreError::Refused)?;
-            }
-            (result, None)
-        }
-        (None, Some(plan), Some(ledger)) => {
-            let (result, report) = dp::control(&release, &disclosure, plan, &raw, ledger)
-                .map_err(TreError::internal)?;
-            (result, Some(report))
-        }
-        _ => {
-            return Err(TreError::internal(
-                "differential privacy without its plan or charge",
-            ));
-        }
-    };
-    let checksum = sha256_hex(to_csv(&result).as_bytes());
+    let checksum = sha256_hex(output::to_csv(&result).as_bytes());
     Ok(Released {
         result,
         disclosure,
@@ -549,205 +472,6 @@ async fn answer(
         checksum,
         fingerprint: String::new(),
         seconds: 0.0,
-    })
-}
-
-/// Text of one released cell; redacted statistics read `[REDACTED]`.
-fn cell(r: &Controlled, formatters: &[ArrayFormatter], row: usize, col: usize) -> String {
-    if r.batch.column(col).is_null(row) && r.kinds[col] != ColumnKind::Key {
-        "[REDACTED]".into()
-    } else {
-        formatters[col].value(row).to_string()
-    }
-}
-
-fn formatters(r: &Controlled) -> Vec<ArrayFormatter<'_>> {
-    let options = FormatOptions::default();
-    r.batch
-        .columns()
-        .iter()
-        .filter_map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
-        .collect()
-}
-
-/// CSV; redacted statistics read `[REDACTED]`.
-pub fn to_csv(r: &Controlled) -> String {
-    let f = formatters(r);
-    let schema = r.batch.schema();
-    let mut out = schema
-        .fields()
-        .iter()
-        .map(|f| f.name().as_str())
-        .collect::<Vec<_>>()
-        .join(",")
-        + "\n";
-    for row in 0..r.batch.num_rows() {
-        let cells: Vec<String> = (0..r.batch.num_columns())
-            .map(|c| cell(r, &f, row, c))
-            .collect();
-        out.push_str(
-            &cells
-                .iter()
-                .map(|c| {
-                    if c.contains(',') {
-                        format!("\"{c}\"")
-                    } else {
-                        c.clone()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-        out.push('\n');
-    }
-    out
-}
-
-fn column_names(c: &Controlled) -> Vec<String> {
-    c.batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect()
-}
-
-/// A human table, then the rule set that controlled it.
-pub fn to_table(r: &Released) -> String {
-    let c = &r.result;
-    let f = formatters(c);
-    let names = column_names(c);
-    let rows: Vec<Vec<String>> = (0..c.batch.num_rows())
-        .map(|row| (0..names.len()).map(|col| cell(c, &f, row, col)).collect())
-        .collect();
-    let mut out = grid(&names, &rows);
-    out.push_str(&format!(
-        "({} rows; {})\n",
-        c.batch.num_rows(),
-        sdc::describe(&r.disclosure)
-    ));
-    if let Some(p) = &r.privacy {
-        out.push_str(&format!("(noise: {})\n", p.describe(&names)));
-    }
-    out
-}
-
-/// Record batches as received by a client (nulls as `null`), as a table.
-pub fn batches_to_table(batches: &[arrow::array::RecordBatch]) -> String {
-    let Some(first) = batches.first() else {
-        return "(no rows)\n".into();
-    };
-    let names: Vec<String> = first
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    let mut rows = Vec::new();
-    for b in batches {
-        let f: Vec<_> = b
-            .columns()
-            .iter()
-            .filter_map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()).ok())
-            .collect();
-        for row in 0..b.num_rows() {
-            rows.push(
-                b.columns()
-                    .iter()
-                    .zip(&f)
-                    .map(|(c, f)| {
-                        if c.is_null(row) {
-                            "null".to_owned()
-                        } else {
-                            f.value(row).to_string()
-                        }
-                    })
-                    .collect(),
-            );
-        }
-    }
-    grid(&names, &rows) + &format!("({} rows)\n", rows.len())
-}
-
-/// Right-aligned columns under a header and a rule.
-fn grid(names: &[String], rows: &[Vec<String>]) -> String {
-    let widths: Vec<usize> = (0..names.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([names[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:>w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    let mut out = line(names) + "\n";
-    out.push_str(
-        &widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("  "),
-    );
-    out.push('\n');
-    for r in rows {
-        out.push_str(&line(r));
-        out.push('\n');
-    }
-    out
-}
-
-/// JSON: columns, rows (redacted statistics as null) and the rule set.
-pub fn to_json(r: &Released) -> Value {
-    let c = &r.result;
-    let f = formatters(c);
-    let names = column_names(c);
-    let rows: Vec<Value> = (0..c.batch.num_rows())
-        .map(|row| {
-            let mut o = serde_json::Map::new();
-            for (i, name) in names.iter().enumerate() {
-                let column = c.batch.column(i);
-                let v = if column.is_null(row) {
-                    Value::Null
-                } else {
-                    let text = f[i].value(row).to_string();
-                    match c.kinds.get(i) {
-                        Some(ColumnKind::Count) => text
-                            .parse::<i64>()
-                            .map(Value::from)
-                            .unwrap_or(Value::String(text)),
-                        Some(ColumnKind::Statistic) => text
-                            .parse::<f64>()
-                            .map(Value::from)
-                            .unwrap_or(Value::String(text)),
-                        _ => Value::String(text),
-                    }
-                };
-                o.insert(name.clone(), v);
-            }
-            Value::Object(o)
-        })
-        .collect();
-    let privacy = r.privacy.as_ref().map(|p| p.to_json(&names));
-    json!({
-        "privacy": privacy,
-        "columns": names,
-        "kinds": c.kinds.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
-        "rows": rows,
-        "disclosure": r.disclosure.name,
-        "disclosure_rules": sdc::describe(&r.disclosure),
-        "redact_at_or_below": r.disclosure.redact_at_or_below,
-        "round_to": r.disclosure.round_to,
-        "redacted_cells": c.redacted_cells,
-        "result_sha256": r.checksum,
-        "plan_fingerprint": r.fingerprint,
     })
 }
 
