@@ -1125,7 +1125,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             let manifest = gpdp::store::read_manifest(&store)?;
             let collection = manifest.key_id.as_deref().unwrap_or("");
             let load = |path: &Path| {
-                gpdp::tre::control::ckm::RecordKeys::load(path, collection)
+                gpdp::tre::aggregates::record_keys::RecordKeys::load(path, collection)
                     .map_err(|e| gpdp::error::BadInput(e.to_string()))
             };
             let (old, new) = (load(&from)?, load(&to)?);
@@ -1307,7 +1307,7 @@ fn tre_policy(
     if let Some(path) = perturbation_key {
         let manifest = gpdp::store::read_manifest(store)?;
         policy.record_keys = Some(
-            gpdp::tre::control::ckm::RecordKeys::load(
+            gpdp::tre::aggregates::record_keys::RecordKeys::load(
                 path,
                 manifest.key_id.as_deref().unwrap_or(""),
             )

@@ -110,7 +110,9 @@ fn store_and_world() -> &'static (Collected, World) {
 fn padding_attacks_beat_cell_keys() {
     let (c, w) = store_and_world();
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::control::ckm::RecordKeys::from_bytes(&[5; 32]));
+    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+        &[5; 32],
+    ));
     // What the rule set alone lets through: its budget of released cells
     // lifted (the budget is what stops this; tests/ledger.rs tests it).
     for p in policy.projects.values_mut() {
@@ -521,7 +523,9 @@ fn checked_population() -> &'static Population {
 /// The shipped policy with the test's perturbation key.
 fn ckm_policy() -> TrePolicy {
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::control::ckm::RecordKeys::from_bytes(&[5; 32]));
+    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+        &[5; 32],
+    ));
     // What the rule set alone lets through: its budget of released cells
     // lifted (the budget is what stops this; tests/ledger.rs tests it).
     for p in policy.projects.values_mut() {

@@ -15,7 +15,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use common::*;
 use gpdp::policy::tre::TrePolicy;
-use gpdp::tre::control::sdc::ColumnKind;
+use gpdp::tre::control::ColumnKind;
 use gpdp::tre::{Request, TreError, query_blocking};
 
 /// One extract collected once, with the NDOO list ingested.
@@ -28,7 +28,9 @@ fn fixture() -> &'static Collected {
 /// a privacy budget no test here runs out of.
 fn test_policy() -> TrePolicy {
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::control::ckm::RecordKeys::from_bytes(&[3; 32]));
+    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+        &[3; 32],
+    ));
     for r in &mut policy.researchers {
         r.rho_budget = 1e9;
     }
@@ -1105,7 +1107,7 @@ fn released_statistics_are_the_truth_rounded() {
 /// refused without the key and for variances.
 #[test]
 fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
-    use gpdp::tre::control::ckm::RecordKeys;
+    use gpdp::tre::aggregates::record_keys::RecordKeys;
     let sql = "SELECT age_band, sex, imd_decile, count(DISTINCT patient_id) AS n, count(*) AS rows \
                FROM patients GROUP BY age_band, sex, imd_decile";
     let store = &fixture().store;

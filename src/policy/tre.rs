@@ -335,7 +335,7 @@ pub struct TrePolicy {
     /// The TRE's record-key function for the cell key method, from the
     /// perturbation key the operator passes (`--perturbation-key`); never
     /// from the policy file. Projects under `ckm` are refused without it.
-    pub record_keys: Option<crate::tre::control::ckm::RecordKeys>,
+    pub record_keys: Option<crate::tre::aggregates::record_keys::RecordKeys>,
     /// Where the privacy ledgers live, one per population
     /// ([`crate::tre::control::dp::ledger_path`]): `--ledger DIR` (or
     /// `GPDP_LEDGER`); never from the policy file. `None`: beside the store.

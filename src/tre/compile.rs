@@ -51,43 +51,15 @@ use datafusion::prelude::lit;
 use super::aggregates::bounded::{Adds, Spec, bounded};
 use super::aggregates::contributors::{contributors, unpack};
 use super::aggregates::patients::patients_at_least;
-use super::control::ckm::RecordKeys;
+use super::aggregates::record_keys::RecordKeys;
+use super::checked::{JoinKind, Predicate, Release, Source, SourceNode, StatKind, Statistic};
 use super::control::dominance::dominance;
 use super::control::dp::Plan as DpPlan;
-use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind, Statistic};
+use super::control::sdc::Parts;
 use crate::policy::tre::Disclosure;
 
 /// The hidden column that carries each row's patient.
 pub const PATIENT: &str = "__gpdp_patient";
-
-/// Where the parts of one statistic are in the compiled plan's output.
-#[derive(Debug, Clone, Default)]
-pub struct Parts {
-    /// Count statistics: the count. Others: the number of non-null values. Int64.
-    pub count: usize,
-    /// Sum of the values (Float64), for sums, means and variances.
-    pub sum: Option<usize>,
-    /// Sum of the squared values (Float64), for variances.
-    pub squares: Option<usize>,
-    /// Distinct contributing patients (Int64; capped at threshold + 1 in
-    /// the per-cell shape).
-    pub contributors: usize,
-    /// The dominance rules broken, as a bit mask (Int32), per-patient shape only.
-    pub dominance: Option<usize>,
-    /// The smallest value (Float64), per-patient shape only: a negative
-    /// value sends the cell to review.
-    pub minimum: Option<usize>,
-    /// The sum of the contributors' record keys (Int64), under the cell key
-    /// method only ([`super::control::ckm::cell_key`] folds it).
-    pub cell_key: Option<usize>,
-    /// The largest contribution (one patient's sum, Float64), for sums and
-    /// means under the cell key method: their noise is scaled to it.
-    pub largest: Option<usize>,
-    /// For sums and means under the cell key method, the cell key of their
-    /// count of values alone (Int64): that count is perturbed as a count
-    /// of the same values is, so a mean holds no second draw of it.
-    pub count_key: Option<usize>,
-}
 
 /// The compiled plan: group keys first, then every statistic's parts.
 pub struct Compiled {
@@ -245,7 +217,7 @@ fn per_cell(
         let nonnull = column.map(|c| present(c, &schema)).transpose()?.flatten();
         let contributing = and(f.clone(), nonnull);
         // Under the cell key method, a count of rows or values is keyed by
-        // each patient's rows too ([`super::control::ckm::weighted`]).
+        // each patient's rows too ([`super::aggregates::record_keys::weighted`]).
         let by_rows = s.kind != StatKind::Patients;
         let contributors = |out: &mut Outputs| -> Result<usize> {
             let counted = match record_keys {
@@ -386,7 +358,7 @@ fn per_patient(
         // The cell key: the record keys of this statistic's own contributors
         // (one inner row per patient, so each counts once), mixed with how
         // much each contributes unless it counts patients
-        // ([`super::control::ckm::weighted`]).
+        // ([`super::aggregates::record_keys::weighted`]).
         let keyed = |out: &mut Outputs, udf: &Arc<ScalarUDF>, args| -> Result<usize> {
             let e = filtered(sum(udf.call(args)), Some(&contributes))?;
             Ok(out.find(&e).unwrap_or_else(|| out.push(e)))

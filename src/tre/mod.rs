@@ -22,14 +22,17 @@
 
 pub mod aggregates;
 pub mod auth;
+pub mod checked;
 pub mod compile;
 pub mod control;
+mod error;
 pub mod grammar;
 pub mod output;
 mod release;
 pub mod session;
 pub mod views;
 
+pub use error::{EXECUTION_FAILED, Refusal, TreError};
 pub use release::Released;
 
 use std::path::PathBuf;
@@ -39,104 +42,11 @@ use arrow::datatypes::SchemaRef;
 use datafusion::prelude::SQLOptions;
 use serde_json::json;
 
-use self::control::{ckm, dp, sdc};
-use crate::error::{Classify, ExitStatus};
-use crate::policy::PolicyError;
+use self::control::{ckm, dp};
 use crate::policy::sha256_hex;
 use crate::policy::tre::{Disclosure, TrePolicy};
 use crate::store::StoreError;
 use crate::store::audit::AuditLog;
-
-/// A refusal by policy: not an error of the program. It names the rule
-/// (and, for queries outside the grammar, the construct).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refused by rule {rule}{}: {reason}", construct.map(|c| format!(" ({c})")).unwrap_or_default())]
-pub struct Refusal {
-    pub rule: &'static str,
-    /// For `outside_grammar`: the construct that is not in the grammar.
-    pub construct: Option<&'static str>,
-    pub reason: String,
-}
-
-impl Refusal {
-    pub fn new(rule: &'static str, reason: impl Into<String>) -> Refusal {
-        Refusal {
-            rule,
-            construct: None,
-            reason: reason.into(),
-        }
-    }
-
-    /// A query that is not in the grammar of released queries (DESIGN §5.2).
-    pub fn outside_grammar(construct: &'static str, reason: impl Into<String>) -> Refusal {
-        Refusal {
-            rule: "outside_grammar",
-            construct: Some(construct),
-            reason: reason.into(),
-        }
-    }
-}
-
-/// What a researcher is told about any failure while a query runs: one
-/// fixed message, whatever happened (memory, time, anything else), so that a
-/// failure cannot tell them about the data. The detail goes to the audit log.
-pub const EXECUTION_FAILED: &str = "the query could not be completed within this TRE's limits; nothing was released (the TRE operator can see why in the audit log)";
-
-#[derive(Debug, thiserror::Error)]
-pub enum TreError {
-    #[error(transparent)]
-    Refused(Refusal),
-    /// The SQL does not parse or plan; the message is DataFusion's, with any
-    /// file path removed. Planning sees only the views' schemas, never data.
-    #[error("query error: {0}")]
-    Sql(String),
-    #[error("the store holds no collected data yet (run gpdp collect first)")]
-    NoData,
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    /// A failure while the query ran. The researcher sees only
-    /// [`EXECUTION_FAILED`]; the detail is for the audit log.
-    #[error("refused by rule execution_failed: {EXECUTION_FAILED}")]
-    Failed(String),
-    /// Details stay in the operator's log; the researcher sees only this.
-    #[error(
-        "internal error while running the query (the TRE operator can find it in the audit log)"
-    )]
-    Internal(String),
-}
-
-impl TreError {
-    pub fn internal(e: impl std::fmt::Display) -> TreError {
-        TreError::Internal(e.to_string())
-    }
-
-    pub fn rule(&self) -> Option<&'static str> {
-        match self {
-            TreError::Refused(r) => Some(r.rule),
-            TreError::Failed(_) => Some("execution_failed"),
-            _ => None,
-        }
-    }
-}
-
-impl From<Refusal> for TreError {
-    fn from(r: Refusal) -> Self {
-        TreError::Refused(r)
-    }
-}
-
-impl Classify for TreError {
-    fn exit_status(&self) -> ExitStatus {
-        match self {
-            TreError::Refused(_) | TreError::Failed(_) => ExitStatus::Refused,
-            TreError::Sql(_) | TreError::NoData | TreError::Policy(_) => ExitStatus::BadInput,
-            TreError::Store(e) => e.exit_status(),
-            TreError::Internal(_) => ExitStatus::Internal,
-        }
-    }
-}
 
 /// Removes anything that looks like a filesystem path from a message shown
 /// to a researcher.
@@ -259,7 +169,7 @@ fn audit(
 /// A request that passed authentication and the grammar, ready to run.
 struct Guarded {
     state: datafusion::execution::SessionState,
-    release: grammar::Release,
+    release: checked::Release,
     disclosure: Disclosure,
     /// Under `dp`: the noise plan, fixed before anything runs.
     dp: Option<dp::Plan>,
@@ -347,7 +257,7 @@ async fn guarded(
         && release.statistics.iter().any(|s| {
             matches!(
                 s.kind,
-                grammar::StatKind::Variance | grammar::StatKind::StdDev
+                checked::StatKind::Variance | checked::StatKind::StdDev
             )
         })
     {
@@ -382,9 +292,10 @@ async fn guarded(
 pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, TreError> {
     let started = Instant::now();
     let mut fingerprint = String::new();
-    let outcome = guarded(policy, req, &mut fingerprint)
-        .await
-        .map(|g| sdc::released_schema(&g.release, g.dp.as_ref()).0);
+    let outcome = guarded(policy, req, &mut fingerprint).await.map(|g| {
+        let noise = g.dp.as_ref().map(|p| p.statistics.as_slice());
+        control::released_schema(&g.release, noise).0
+    });
     audit(
         "describe",
         req,

@@ -7,7 +7,7 @@ use arrow::array::Array;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde_json::{Value, json};
 
-use crate::tre::control::sdc::{self, ColumnKind, Controlled};
+use crate::tre::control::{ColumnKind, Controlled, describe};
 use crate::tre::release::Released;
 
 /// Text of one released cell; redacted statistics read `[REDACTED]`.
@@ -82,7 +82,7 @@ pub fn to_table(r: &Released) -> String {
     out.push_str(&format!(
         "({} rows; {})\n",
         c.batch.num_rows(),
-        sdc::describe(&r.disclosure)
+        describe(&r.disclosure)
     ));
     if let Some(p) = &r.privacy {
         out.push_str(&format!("(noise: {})\n", p.describe(&names)));
@@ -200,7 +200,7 @@ pub fn to_json(r: &Released) -> Value {
         "kinds": c.kinds.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
         "rows": rows,
         "disclosure": r.disclosure.name,
-        "disclosure_rules": sdc::describe(&r.disclosure),
+        "disclosure_rules": describe(&r.disclosure),
         "redact_at_or_below": r.disclosure.redact_at_or_below,
         "round_to": r.disclosure.round_to,
         "redacted_cells": c.redacted_cells,

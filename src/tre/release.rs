@@ -18,11 +18,10 @@ use datafusion::execution::SessionState;
 use futures::StreamExt;
 
 use crate::policy::tre::{Disclosure, TrePolicy};
+use crate::tre::checked::Release;
 use crate::tre::compile::Compiled;
-use crate::tre::control::dp;
-use crate::tre::control::sdc::{self, ColumnKind, Controlled};
-use crate::tre::grammar::Release;
-use crate::tre::{Refusal, TreError};
+use crate::tre::control::{ColumnKind, Controlled, dp, sdc};
+use crate::tre::error::{Refusal, TreError};
 
 /// A released result: the controlled batch and how it was controlled.
 #[derive(Debug, Clone)]

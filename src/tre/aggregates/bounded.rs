@@ -139,7 +139,7 @@ pub fn totals(
 /// patient and the cell's identity, a SipHash of its key values): the
 /// order in which a patient's cells are kept.
 pub fn rank(patient: i64, cell: u64) -> u64 {
-    use crate::tre::control::ckm::mix;
+    use super::record_keys::mix;
     mix(mix(patient as u64) ^ cell)
 }
 
@@ -761,7 +761,7 @@ const BUCKET: usize = if cfg!(test) { 4 } else { 4096 };
 /// final step.
 fn link(runs: &[Run], segments: &[Segment], threads: usize) -> (Vec<u32>, Vec<bool>) {
     use super::layout::{bucket_bits, spread};
-    use crate::tre::control::ckm::mix;
+    use super::record_keys::mix;
     let patient = |r: &Run| segments[r.segment as usize].patients[r.start as usize];
     let bits = bucket_bits(runs.len(), BUCKET);
     // Each bucket's runs with their patient, in storage order.

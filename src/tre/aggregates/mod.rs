@@ -19,3 +19,4 @@ pub mod contributors;
 mod handoff;
 mod layout;
 pub mod patients;
+pub mod record_keys;
