@@ -193,7 +193,7 @@ async fn guarded(
     fingerprint: &mut String,
 ) -> Result<Guarded, TreError> {
     let project = auth::authorise(policy, &req.user, req.token.as_deref(), &req.project)?;
-    grammar::text_bounds(&req.sql, MAX_SQL_BYTES)?;
+    grammar::statement::text_bounds(&req.sql, MAX_SQL_BYTES)?;
     if project.disclosure.ckm.is_some() && policy.record_keys.is_none() {
         return Err(Refusal::new(
             "no_perturbation_key",
@@ -211,7 +211,7 @@ async fn guarded(
         )
         .into());
     }
-    grammar::statement_text(&req.sql)?;
+    grammar::statement::statement_text(&req.sql)?;
     let manifest = crate::store::read_manifest(&req.store)?;
     if project.disclosure.ckm.is_some()
         && let Some(keys) = &policy.record_keys
@@ -232,9 +232,9 @@ async fn guarded(
             TreError::Sql(message)
         }
     })?;
-    grammar::expression_depth(&plan)?;
+    grammar::statement::expression_depth(&plan)?;
     *fingerprint = sha256_hex(plan.display_indent().to_string().as_bytes());
-    grammar::statement_kind(&plan)?;
+    grammar::statement::statement_kind(&plan)?;
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -246,7 +246,7 @@ async fn guarded(
                 "only SELECT queries are allowed (no DDL, DML or statements)",
             )
         })?;
-    let release = grammar::release(
+    let release = grammar::select::release(
         &plan,
         &grammar::Scope {
             project,
@@ -387,7 +387,7 @@ async fn answer(
 }
 
 /// The stack of every thread that plans and runs TRE queries. SQL
-/// planning recurses over the query's expressions; [`grammar::text_bounds`]
+/// planning recurses over the query's expressions; [`grammar::statement::text_bounds`]
 /// bounds their depth, and this leaves a wide margin over it (the memory is
 /// reserved, and used only as deep as a query goes).
 pub const THREAD_STACK: usize = 16 * 1024 * 1024;
