@@ -39,7 +39,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use arrow::datatypes::SchemaRef;
-use datafusion::prelude::SQLOptions;
 use serde_json::json;
 
 use self::control::{ckm, dp};
@@ -204,13 +203,7 @@ async fn guarded(
         )
         .into());
     }
-    if req.sql.to_ascii_lowercase().contains(grammar::HIDDEN) {
-        return Err(Refusal::new(
-            "reserved_name",
-            format!("names starting with {} are reserved", grammar::HIDDEN),
-        )
-        .into());
-    }
+    grammar::statement::reserved_text(&req.sql)?;
     grammar::statement::statement_text(&req.sql)?;
     let manifest = crate::store::read_manifest(&req.store)?;
     if project.disclosure.ckm.is_some()
@@ -235,17 +228,6 @@ async fn guarded(
     grammar::statement::expression_depth(&plan)?;
     *fingerprint = sha256_hex(plan.display_indent().to_string().as_bytes());
     grammar::statement::statement_kind(&plan)?;
-    SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false)
-        .verify_plan(&plan)
-        .map_err(|_| {
-            Refusal::new(
-                "statement_not_allowed",
-                "only SELECT queries are allowed (no DDL, DML or statements)",
-            )
-        })?;
     let release = grammar::select::release(
         &plan,
         &grammar::Scope {
@@ -253,23 +235,7 @@ async fn guarded(
             views: &session.views,
         },
     )?;
-    if project.disclosure.ckm.is_some()
-        && release.statistics.iter().any(|s| {
-            matches!(
-                s.kind,
-                checked::StatKind::Variance | checked::StatKind::StdDev
-            )
-        })
-    {
-        return Err(Refusal::new(
-            "statistic_not_available",
-            format!(
-                "variances and standard deviations are not released under the cell key method ({}): it perturbs counts and sums; ask for counts, sums or means",
-                project.disclosure.name
-            ),
-        )
-        .into());
-    }
+    ckm::check_statistics(&release, &project.disclosure)?;
     let dp = project
         .disclosure
         .dp

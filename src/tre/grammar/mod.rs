@@ -116,12 +116,17 @@ fn unalias(mut e: &Expr) -> &Expr {
     e
 }
 
+/// The refusal of a name the boundary keeps for its hidden columns.
+fn reserved_name() -> Refusal {
+    Refusal::new(
+        "reserved_name",
+        format!("names starting with {HIDDEN} are reserved"),
+    )
+}
+
 fn reserved(name: &str) -> Result<(), Refusal> {
     if name.to_ascii_lowercase().starts_with(HIDDEN) {
-        return Err(Refusal::new(
-            "reserved_name",
-            format!("names starting with {HIDDEN} are reserved"),
-        ));
+        return Err(reserved_name());
     }
     Ok(())
 }

@@ -5,9 +5,31 @@
 //! after it can walk.
 
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SQLOptions;
 
-use super::outside;
+use super::{HIDDEN, outside, reserved_name};
 use crate::tre::error::Refusal;
+
+/// The refusal of anything that is not a query (DDL, DML, statements).
+fn not_a_query() -> Refusal {
+    Refusal::new(
+        "statement_not_allowed",
+        "only SELECT queries are allowed (no DDL, DML or statements)",
+    )
+}
+
+/// Refuses SQL text that holds a name the boundary keeps for its hidden
+/// columns, in any case and anywhere — a name, a string, a comment —
+/// before anything is planned. The grammar refuses such names in the plan
+/// too ([`reserved`](super::reserved)); this comes first, and also covers a
+/// name no plan holds (one the planner cannot resolve, such as a hidden
+/// column of the compiled plan, would otherwise be a plain SQL error).
+pub fn reserved_text(sql: &str) -> Result<(), Refusal> {
+    if sql.to_ascii_lowercase().contains(HIDDEN) {
+        return Err(reserved_name());
+    }
+    Ok(())
+}
 
 /// The most terms — words, names, operators and parentheses; not literals,
 /// commas or white space — a query may have. Every nesting level of an
@@ -135,15 +157,15 @@ pub fn statement_text(sql: &str) -> Result<(), Refusal> {
             Ok(())
         }
         Statement::Explain(_) => Ok(()),
-        _ => Err(Refusal::new(
-            "statement_not_allowed",
-            "only SELECT queries are allowed (no DDL, DML or statements)",
-        )),
+        _ => Err(not_a_query()),
     }
 }
 
 /// Refuses what is not a query at all (EXPLAIN, statements, DDL), before
-/// anything else: DataFusion turns analyzer errors into EXPLAIN output.
+/// anything else: DataFusion turns analyzer errors into EXPLAIN output. A
+/// query is then checked by DataFusion's own guard over every node and
+/// subquery, so that a statement nested anywhere is refused by the same
+/// rule as one at the top.
 pub fn statement_kind(plan: &LogicalPlan) -> Result<(), Refusal> {
     match plan {
         LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => Err(Refusal::new(
@@ -157,10 +179,12 @@ pub fn statement_kind(plan: &LogicalPlan) -> Result<(), Refusal> {
         LogicalPlan::Statement(_)
         | LogicalPlan::Dml(_)
         | LogicalPlan::Ddl(_)
-        | LogicalPlan::Copy(_) => Err(Refusal::new(
-            "statement_not_allowed",
-            "only SELECT queries are allowed (no DDL, DML or statements)",
-        )),
-        _ => Ok(()),
+        | LogicalPlan::Copy(_) => Err(not_a_query()),
+        _ => SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(plan)
+            .map_err(|_| not_a_query()),
     }
 }

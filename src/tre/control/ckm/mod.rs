@@ -27,7 +27,9 @@ pub mod ptable;
 
 use std::path::Path;
 
+use crate::policy::tre::Disclosure;
 use crate::tre::aggregates::record_keys::{RecordKeys, mix};
+use crate::tre::checked::{Release, StatKind};
 use crate::tre::error::{Refusal, TreError};
 
 /// The audit log's record of which perturbation key a store's answers are
@@ -133,6 +135,29 @@ pub fn rotate(
         })
         .map_err(TreError::internal)?;
     outcome.map_err(TreError::Refused)
+}
+
+/// Refuses, before anything runs, a release the cell key method has no
+/// perturbation for: it perturbs counts and sums (a mean is the perturbed
+/// sum over the perturbed count), so variances and standard deviations are
+/// not released under it. (Differential privacy refuses them in
+/// [`dp::plan`](super::dp::plan).)
+pub fn check_statistics(release: &Release, rules: &Disclosure) -> Result<(), Refusal> {
+    if rules.ckm.is_some()
+        && release
+            .statistics
+            .iter()
+            .any(|s| matches!(s.kind, StatKind::Variance | StatKind::StdDev))
+    {
+        return Err(Refusal::new(
+            "statistic_not_available",
+            format!(
+                "variances and standard deviations are not released under the cell key method ({}): it perturbs counts and sums; ask for counts, sums or means",
+                rules.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The cell key from the plan's sum of record keys: the wrapping 32-bit sum.
