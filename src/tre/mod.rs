@@ -2,23 +2,38 @@
 //! `gpdp serve`, Arrow Flight SQL) — the Five Safes as code.
 //!
 //! A request passes, in order: [`auth`] (safe people, safe projects); a
-//! per-request [`session`] holding only the project's views with the opt-out
-//! filters inside them (safe settings); DataFusion's SQL planner, which
-//! resolves names against those views; the [`grammar`], which accepts only
-//! plans in the allow-list of DESIGN §5.2 and reads them as a typed
-//! [`grammar::Release`] (safe outputs, before anything runs); [`compile`],
-//! which builds the only plan that runs from that release, with every
-//! statistic's contributing patients beside it; execution under memory and
-//! time limits; and [`sdc`], disclosure control per statistic (safe
-//! outputs, after) — or, for projects under differential privacy, [`dp`]:
-//! its noise plan fixed before running, its cost charged to the
-//! researcher's budget in the audit log, then noise and every cell of the
-//! keys' public domains; under the cell key method, [`contributors`]
-//! finds who contributes to each cell, and [`ckm`] and [`ptable`] perturb
-//! its statistics by who that is. Every request — released,
-//! refused or failed — is appended to the store's hash-chained audit log
-//! with its user, project, SQL, plan fingerprint, outcome, rule, privacy
-//! charged and, for the operator only, the rows withheld and why.
+//! per-request [`session`] holding only the project's views with the
+//! opt-out filters inside them (safe settings; [`views`] computes their
+//! derived columns); DataFusion's SQL planner, which resolves names against
+//! those views; the [`grammar`], which accepts only plans in the allow-list
+//! of DESIGN §5.2 and reads them as a typed [`checked::Release`] (safe
+//! outputs, before anything runs); [`compile`], which builds the only plan
+//! that runs from that release, with every statistic's contributing
+//! patients beside it; and the release step (`release.rs`): execution under
+//! memory and time limits, then the project's disclosure control (safe
+//! outputs, after). [`output`] writes what was released as a table, CSV or
+//! JSON.
+//!
+//! The folders follow the roles:
+//! - here, the request pipeline: the modules above, and this module's
+//!   entry points ([`query`], [`describe`]) and the request's audit line;
+//! - [`control`] — the disclosure-control rule sets: thresholds, rounding
+//!   and dominance ([`control::sdc`]); the cell key method, whose
+//!   perturbation follows who contributes to each cell
+//!   ([`control::ckm`]); and differential privacy ([`control::dp`]): its
+//!   noise plan fixed before running, its cost charged to the researcher's
+//!   budget in the audit log, then noise and every cell of the keys' public
+//!   domains;
+//! - [`aggregates`] — the DataFusion kernels the compiled plan calls by
+//!   name, and the cell key method's record keys.
+//!
+//! Imports point one way, pipeline → control → aggregates; the typed query
+//! ([`checked`]) and what a request ends in when nothing is released
+//! ([`Refusal`], [`TreError`]) are used at every level and use nothing of
+//! the TRE. Every request — released, refused or failed — is appended to
+//! the store's hash-chained audit log with its user, project, SQL, plan
+//! fingerprint, outcome, rule, privacy charged and, for the operator only,
+//! the rows withheld and why.
 
 pub mod aggregates;
 pub mod auth;

@@ -5,14 +5,23 @@
 //! sums) beside the patients who contribute to it; a rule set turns those
 //! into what is released:
 //! - [`sdc`] — threshold rule sets: statistics of too few patients are
-//!   redacted, counts rounded, and (where the rule set says) sums checked
-//!   for [`dominance`] by a few patients;
+//!   redacted, counts rounded, and (where the rule set says) contributions
+//!   checked for [`dominance`] by a few patients; it also applies the cell
+//!   key method, cell by cell;
 //! - [`ckm`] — the cell key method: every statistic perturbed by a key
 //!   fixed by who contributes to it, looked up in its perturbation table
-//!   ([`ckm::ptable`]); [`sdc`] applies it cell by cell;
+//!   ([`ckm::ptable`]);
 //! - [`dp`] — differential privacy: the noise plan and the privacy
 //!   ledger's charge fixed before anything runs, then noise on every cell
 //!   of the group keys' public domains.
+//!
+//! What every rule set releases is here: a [`Controlled`] result, its
+//! columns' kinds and schema, known before running ([`released_schema`]),
+//! its rows in the query's order within its LIMIT, and the rule set in
+//! words ([`describe`]). The rule sets read the typed query
+//! ([`checked`](crate::tre::checked)) and the kernels' totals
+//! ([`aggregates`](crate::tre::aggregates)); nothing here imports the
+//! request pipeline.
 
 pub mod ckm;
 pub mod dominance;

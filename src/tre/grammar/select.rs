@@ -1,9 +1,8 @@
 //! `release := [ORDER BY outputs] [LIMIT n] SELECT (group key | statistic
 //! [AS name])… FROM source [GROUP BY group keys]`: the walk from the
 //! plan's root, through ORDER BY, LIMIT and column-only projections, to
-//! its one aggregate; then the group keys, the statistics
-//! ([`statistic`](super::statistic)), the source
-//! ([`source`](super::source)) and the released columns.
+//! its one aggregate; then the group keys, the statistics (`statistic.rs`),
+//! the source (`source.rs`) and the released columns.
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DFSchemaRef, ScalarValue};

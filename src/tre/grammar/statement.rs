@@ -21,9 +21,9 @@ fn not_a_query() -> Refusal {
 /// Refuses SQL text that holds a name the boundary keeps for its hidden
 /// columns, in any case and anywhere — a name, a string, a comment —
 /// before anything is planned. The grammar refuses such names in the plan
-/// too ([`reserved`](super::reserved)); this comes first, and also covers a
-/// name no plan holds (one the planner cannot resolve, such as a hidden
-/// column of the compiled plan, would otherwise be a plain SQL error).
+/// too; this comes first, and also covers a name no plan holds (one the
+/// planner cannot resolve, such as a hidden column of the compiled plan,
+/// would otherwise be a plain SQL error).
 pub fn reserved_text(sql: &str) -> Result<(), Refusal> {
     if sql.to_ascii_lowercase().contains(HIDDEN) {
         return Err(reserved_name());
