@@ -458,7 +458,7 @@ fn budgets_respected(store: &Path, manifest: &crate::store::Manifest, log: &[Val
     let mut problems = Vec::new();
     let (charges, users) = replay(log, false, "the store's log", &mut problems);
     let dir = std::env::var_os("GPDP_LEDGER").map(std::path::PathBuf::from);
-    let path = crate::tre::dp::ledger_path(
+    let path = crate::tre::control::dp::ledger_path(
         store,
         dir.as_deref(),
         manifest.key_id.as_deref().unwrap_or_default(),

@@ -282,7 +282,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     let mut tre_policy = TrePolicy::load(None)?;
     let manifest = crate::store::read_manifest(&store)?;
     tre_policy.record_keys = Some(
-        crate::tre::ckm::RecordKeys::load(
+        crate::tre::aggregates::record_keys::RecordKeys::load(
             &perturbation_key,
             manifest.key_id.as_deref().unwrap_or(""),
         )

@@ -520,7 +520,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 println!("  SQL: {}", q.sql);
                 match &q.answer {
                     Ok(r) => {
-                        for line in gpdp::tre::to_table(r).lines() {
+                        for line in gpdp::tre::output::to_table(r).lines() {
                             println!("    {line}");
                         }
                     }
@@ -557,7 +557,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
                 o.flight.addr
             );
             println!("  SQL: {}", o.flight.sql);
-            for line in gpdp::tre::batches_to_table(&o.flight.batches).lines() {
+            for line in gpdp::tre::output::batches_to_table(&o.flight.batches).lines() {
                 println!("    {line}");
             }
             println!();
@@ -813,11 +813,11 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             };
             let released = gpdp::tre::query_blocking(&policy, &request)?;
             match format {
-                Format::Table => print!("{}", gpdp::tre::to_table(&released)),
-                Format::Csv => print!("{}", gpdp::tre::to_csv(&released.result)),
+                Format::Table => print!("{}", gpdp::tre::output::to_table(&released)),
+                Format::Csv => print!("{}", gpdp::tre::output::to_csv(&released.result)),
                 Format::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&gpdp::tre::to_json(&released))?
+                    serde_json::to_string_pretty(&gpdp::tre::output::to_json(&released))?
                 ),
             }
             Ok(())
@@ -1162,11 +1162,11 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
             let manifest = gpdp::store::read_manifest(&store)?;
             let collection = manifest.key_id.as_deref().unwrap_or("");
             let load = |path: &Path| {
-                gpdp::tre::ckm::RecordKeys::load(path, collection)
+                gpdp::tre::aggregates::record_keys::RecordKeys::load(path, collection)
                     .map_err(|e| gpdp::error::BadInput(e.to_string()))
             };
             let (old, new) = (load(&from)?, load(&to)?);
-            gpdp::tre::ckm::rotate(&store, &old, &new, &reason)?;
+            gpdp::tre::control::ckm::rotate(&store, &old, &new, &reason)?;
             println!(
                 "{}: cell-key answers are now drawn with perturbation key {} (was {}); recorded in the audit log",
                 store.display(),
@@ -1344,8 +1344,11 @@ fn tre_policy(
     if let Some(path) = perturbation_key {
         let manifest = gpdp::store::read_manifest(store)?;
         policy.record_keys = Some(
-            gpdp::tre::ckm::RecordKeys::load(path, manifest.key_id.as_deref().unwrap_or(""))
-                .map_err(|e| gpdp::error::BadInput(e.to_string()))?,
+            gpdp::tre::aggregates::record_keys::RecordKeys::load(
+                path,
+                manifest.key_id.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| gpdp::error::BadInput(e.to_string()))?,
         );
     }
     Ok(policy)

@@ -54,7 +54,9 @@ pub const RULE_SETS: [&str; 3] = ["demo-opensafely", "demo-planning-exempt", "de
 /// still a line of the audit log).
 pub(crate) fn bench_policy() -> anyhow::Result<TrePolicy> {
     let mut policy = TrePolicy::load(None)?;
-    policy.record_keys = Some(crate::tre::ckm::RecordKeys::from_bytes(&[0x5a; 32]));
+    policy.record_keys = Some(crate::tre::aggregates::record_keys::RecordKeys::from_bytes(
+        &[0x5a; 32],
+    ));
     // The benchmark asks the same questions many times: no cell budget.
     for p in policy.projects.values_mut() {
         p.disclosure.cell_budget = None;

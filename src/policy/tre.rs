@@ -149,13 +149,13 @@ pub struct Disclosure {
     pub p_percent: Option<f64>,
     /// The cell key method: counts are perturbed from this table's
     /// parameters, by each statistic's cell key, before the threshold.
-    pub ckm: Option<crate::tre::ptable::Params>,
+    pub ckm: Option<crate::tre::control::ckm::ptable::Params>,
     /// Differential privacy: contribution bounds, value bounds and the
-    /// privacy cost of each statistic ([`crate::tre::dp`]).
+    /// privacy cost of each statistic ([`crate::tre::control::dp`]).
     pub dp: Option<DpParams>,
     /// The most statistics (released cells) one researcher may be given
     /// under this rule set over one population, all its projects and
-    /// stores together (`cell_budget`; [`crate::tre::dp::charge_cells`]):
+    /// stores together (`cell_budget`; [`crate::tre::control::dp::charge_cells`]):
     /// what bounds reconstruction from many noisy or rounded counts where
     /// no privacy budget does.
     pub cell_budget: Option<u64>,
@@ -335,9 +335,9 @@ pub struct TrePolicy {
     /// The TRE's record-key function for the cell key method, from the
     /// perturbation key the operator passes (`--perturbation-key`); never
     /// from the policy file. Projects under `ckm` are refused without it.
-    pub record_keys: Option<crate::tre::ckm::RecordKeys>,
+    pub record_keys: Option<crate::tre::aggregates::record_keys::RecordKeys>,
     /// Where the privacy ledgers live, one per population
-    /// ([`crate::tre::dp::ledger_path`]): `--ledger DIR` (or
+    /// ([`crate::tre::control::dp::ledger_path`]): `--ledger DIR` (or
     /// `GPDP_LEDGER`); never from the policy file. `None`: beside the store.
     pub ledger_dir: Option<std::path::PathBuf>,
     pub age_on: chrono::NaiveDate,
@@ -579,13 +579,13 @@ impl TrePolicy {
             let (mut ckm, mut dp) = (None, None);
             match method {
                 "ckm" => {
-                    let params = crate::tre::ptable::Params {
+                    let params = crate::tre::control::ckm::ptable::Params {
                         max_perturbation: d.max_perturbation.unwrap_or(5),
                         variance: d.variance.unwrap_or(3.0),
                         small_values: d.small_values.unwrap_or(4),
                         magnitude: d.magnitude.unwrap_or(0.5),
                     };
-                    crate::tre::ptable::PTable::new(params)
+                    crate::tre::control::ckm::ptable::PTable::new(params)
                         .map_err(|e| invalid(format!("[disclosure.{name}] {e}")))?;
                     ckm = Some(params);
                 }
@@ -1140,7 +1140,7 @@ mod tests {
         assert_eq!((ckm.redact_at_or_below, ckm.round_to), (7, 1));
         assert_eq!(
             ckm.ckm,
-            Some(crate::tre::ptable::Params {
+            Some(crate::tre::control::ckm::ptable::Params {
                 max_perturbation: 5,
                 variance: 3.0,
                 small_values: 4,

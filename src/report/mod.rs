@@ -981,7 +981,7 @@ fn budgets(log: &[Value], policy: &TrePolicy) -> Vec<Budget> {
         .values()
         .find_map(|p| p.disclosure.dp.map(|d| d.delta))
         .unwrap_or(1e-6);
-    let mut ledger = crate::tre::dp::Spending::default();
+    let mut ledger = crate::tre::control::dp::Spending::default();
     log.iter().for_each(|e| ledger.add(e));
     let mut spent: BTreeMap<String, (f64, u64)> = ledger
         .by_user
@@ -1009,7 +1009,7 @@ fn budgets(log: &[Value], policy: &TrePolicy) -> Vec<Budget> {
             Budget {
                 rho_remaining: budget.map(|b| (b - rho).max(0.0)),
                 rho_budget: budget,
-                epsilon_spent: crate::tre::dp::epsilon(rho, delta),
+                epsilon_spent: crate::tre::control::dp::epsilon(rho, delta),
                 delta,
                 rho_spent: rho,
                 charges,

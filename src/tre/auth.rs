@@ -7,7 +7,7 @@
 
 use subtle::ConstantTimeEq;
 
-use super::Refusal;
+use super::error::Refusal;
 use crate::policy::tre::{Project, TrePolicy};
 
 /// Checks the researcher's token and approval for the project.

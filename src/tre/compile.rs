@@ -10,22 +10,22 @@
 //! is computed as its *parts* — counts, sums, sums of squares — next to the
 //! number of distinct patients who contribute to it (its own, under its
 //! own FILTER and non-null column), so disclosure control decides per
-//! statistic ([`super::sdc`]). Means and variances are derived from the
+//! statistic ([`super::control::sdc`]). Means and variances are derived from the
 //! parts in Rust after control, never inside SQL.
 //!
 //! Three shapes:
 //! - **per cell** (threshold-only rule sets, and counts under the cell key
 //!   method): one aggregate; contributors are counted up to one more than
-//!   the threshold only ([`super::patients`]), which costs one comparison
+//!   the threshold only ([`super::aggregates::patients`]), which costs one comparison
 //!   per row once a cell has enough patients, or exactly with their cell
-//!   key ([`super::contributors`]);
+//!   key ([`super::aggregates::contributors`]);
 //! - **per patient** (rule sets that check dominance, and sums under the
 //!   cell key method): an inner aggregate by group keys and patient gives
 //!   each patient's contribution to each statistic, and the outer
 //!   aggregate sums them, counts contributors exactly and runs the N-K and
 //!   p% checks over patients, not records;
 //! - **bounded** (differential privacy): one aggregate without GROUP BY
-//!   ([`super::bounded`]) bounds each patient's contribution and totals
+//!   ([`super::aggregates::bounded`]) bounds each patient's contribution and totals
 //!   every cell of the keys' public domains.
 //!
 //! Cohort subqueries keep only non-null patients, so `NOT IN` never meets a
@@ -48,46 +48,18 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::lit;
 
-use super::bounded::{Adds, Spec, bounded};
-use super::ckm::RecordKeys;
-use super::contributors::{contributors, unpack};
-use super::dominance::dominance;
-use super::dp::Plan as DpPlan;
-use super::grammar::{JoinKind, Predicate, Release, Source, SourceNode, StatKind, Statistic};
-use super::patients::patients_at_least;
+use super::aggregates::bounded::{Adds, Spec, bounded};
+use super::aggregates::contributors::{contributors, unpack};
+use super::aggregates::patients::patients_at_least;
+use super::aggregates::record_keys::RecordKeys;
+use super::checked::{JoinKind, Predicate, Release, Source, SourceNode, StatKind, Statistic};
+use super::control::dominance::dominance;
+use super::control::dp::Plan as DpPlan;
+use super::control::sdc::Parts;
 use crate::policy::tre::Disclosure;
 
 /// The hidden column that carries each row's patient.
 pub const PATIENT: &str = "__gpdp_patient";
-
-/// Where the parts of one statistic are in the compiled plan's output.
-#[derive(Debug, Clone, Default)]
-pub struct Parts {
-    /// Count statistics: the count. Others: the number of non-null values. Int64.
-    pub count: usize,
-    /// Sum of the values (Float64), for sums, means and variances.
-    pub sum: Option<usize>,
-    /// Sum of the squared values (Float64), for variances.
-    pub squares: Option<usize>,
-    /// Distinct contributing patients (Int64; capped at threshold + 1 in
-    /// the per-cell shape).
-    pub contributors: usize,
-    /// The dominance rules broken, as a bit mask (Int32), per-patient shape only.
-    pub dominance: Option<usize>,
-    /// The smallest value (Float64), per-patient shape only: a negative
-    /// value sends the cell to review.
-    pub minimum: Option<usize>,
-    /// The sum of the contributors' record keys (Int64), under the cell key
-    /// method only ([`super::ckm::cell_key`] folds it).
-    pub cell_key: Option<usize>,
-    /// The largest contribution (one patient's sum, Float64), for sums and
-    /// means under the cell key method: their noise is scaled to it.
-    pub largest: Option<usize>,
-    /// For sums and means under the cell key method, the cell key of their
-    /// count of values alone (Int64): that count is perturbed as a count
-    /// of the same values is, so a mean holds no second draw of it.
-    pub count_key: Option<usize>,
-}
 
 /// The compiled plan: group keys first, then every statistic's parts.
 pub struct Compiled {
@@ -227,7 +199,7 @@ fn group_exprs(release: &Release) -> Vec<Expr> {
 /// The per-cell shape. Threshold rule sets count contributors only up to
 /// the threshold + 1; the cell key method (`record_keys`) counts them
 /// exactly and sums their record keys, in one aggregate per contributing
-/// set ([`super::contributors::contributors`]), unpacked after it.
+/// set ([`super::aggregates::contributors::contributors`]), unpacked after it.
 fn per_cell(
     release: &Release,
     input: LogicalPlan,
@@ -245,7 +217,7 @@ fn per_cell(
         let nonnull = column.map(|c| present(c, &schema)).transpose()?.flatten();
         let contributing = and(f.clone(), nonnull);
         // Under the cell key method, a count of rows or values is keyed by
-        // each patient's rows too ([`super::ckm::weighted`]).
+        // each patient's rows too ([`super::aggregates::record_keys::weighted`]).
         let by_rows = s.kind != StatKind::Patients;
         let contributors = |out: &mut Outputs| -> Result<usize> {
             let counted = match record_keys {
@@ -386,7 +358,7 @@ fn per_patient(
         // The cell key: the record keys of this statistic's own contributors
         // (one inner row per patient, so each counts once), mixed with how
         // much each contributes unless it counts patients
-        // ([`super::ckm::weighted`]).
+        // ([`super::aggregates::record_keys::weighted`]).
         let keyed = |out: &mut Outputs, udf: &Arc<ScalarUDF>, args| -> Result<usize> {
             let e = filtered(sum(udf.call(args)), Some(&contributes))?;
             Ok(out.find(&e).unwrap_or_else(|| out.push(e)))

@@ -26,7 +26,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use super::{Refusal, TreError};
+use super::error::{Refusal, TreError};
 use crate::policy::tre::{Project, TrePolicy};
 use crate::store::Manifest;
 

@@ -93,7 +93,7 @@ use gpdp::bench::privacy::{
     averaged_with, decode_with, population, reconstruct, reconstruct_with, world,
 };
 use gpdp::policy::tre::TrePolicy;
-use gpdp::tre::dp::discrete_gaussian;
+use gpdp::tre::control::dp::discrete_gaussian;
 
 fn store_and_world() -> &'static (Collected, World) {
     static W: std::sync::OnceLock<(Collected, World)> = std::sync::OnceLock::new();
@@ -108,7 +108,9 @@ fn store_and_world() -> &'static (Collected, World) {
 fn padding_attacks_beat_cell_keys() {
     let (c, w) = store_and_world();
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::ckm::RecordKeys::from_bytes(&[5; 32]));
+    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+        &[5; 32],
+    ));
     // What the rule set alone lets through: its budget of released cells
     // lifted (the budget is what stops this; tests/it/ledger.rs tests it).
     for p in policy.projects.values_mut() {
@@ -519,7 +521,9 @@ fn checked_population() -> &'static Population {
 /// The shipped policy with the test's perturbation key.
 fn ckm_policy() -> TrePolicy {
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::ckm::RecordKeys::from_bytes(&[5; 32]));
+    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+        &[5; 32],
+    ));
     // What the rule set alone lets through: its budget of released cells
     // lifted (the budget is what stops this; tests/it/ledger.rs tests it).
     for p in policy.projects.values_mut() {

@@ -38,7 +38,7 @@ use crate::common::*;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use gpdp::policy::tre::TrePolicy;
-use gpdp::tre::dp::discrete_gaussian;
+use gpdp::tre::control::dp::discrete_gaussian;
 use gpdp::tre::{Request, query_blocking};
 
 /// Draws per checked statistic (see the module doc for the sizing).

@@ -13,7 +13,7 @@ use crate::common::*;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use gpdp::policy::tre::TrePolicy;
-use gpdp::tre::sdc::ColumnKind;
+use gpdp::tre::control::ColumnKind;
 use gpdp::tre::{Request, TreError, query_blocking};
 
 /// One extract collected once, with the NDOO list ingested.
@@ -26,7 +26,9 @@ fn fixture() -> &'static Collected {
 /// a privacy budget no test here runs out of.
 fn test_policy() -> TrePolicy {
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::ckm::RecordKeys::from_bytes(&[3; 32]));
+    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+        &[3; 32],
+    ));
     for r in &mut policy.researchers {
         r.rho_budget = 1e9;
     }
@@ -119,7 +121,7 @@ impl Published {
 }
 
 /// The ACRO contribution rule a cell's per-patient contributions break, if
-/// any (computed here, independently of `gpdp::tre::dominance`).
+/// any (computed here, independently of `gpdp::tre::control::dominance`).
 fn acro_breaks(contributions: &[f64]) -> Option<&'static str> {
     let mut c = contributions.to_vec();
     c.sort_by(|a, b| b.total_cmp(a));
@@ -318,7 +320,7 @@ fn at_a_threshold(
             0 => Ok(()),
             _ => Err(format!(
                 "{patients} patients, which {rules:?} redacts: released {}",
-                gpdp::tre::to_csv(&r.result).trim()
+                gpdp::tre::output::to_csv(&r.result).trim()
             )),
         };
     }
@@ -340,7 +342,7 @@ fn at_a_threshold(
         if got.is_null(0) || got.value(0) != want {
             return Err(format!(
                 "{patients} patients: column {c} released {}, the published rule gives {want}",
-                gpdp::tre::to_csv(&r.result).trim()
+                gpdp::tre::output::to_csv(&r.result).trim()
             ));
         }
     }
@@ -492,7 +494,7 @@ fn small_statistics_are_redacted_and_empty_rows_withheld() {
     assert_eq!(c.operator.withheld_rows, withheld, "the audit log's count");
     assert_eq!(c.redacted_cells, 0, "the only statistic of a withheld row");
     assert_eq!(c.batch.column(4).null_count(), 0);
-    let csv = gpdp::tre::to_csv(c);
+    let csv = gpdp::tre::output::to_csv(c);
     assert!(!csv.contains("[REDACTED]"));
     // Two statistics with different contributors: the second is redacted
     // on its own where few patients contribute to it.
@@ -533,10 +535,14 @@ fn small_statistics_are_redacted_and_empty_rows_withheld() {
             }
         }
     }
-    assert!(redacted > 0 && released > 0, "{}", gpdp::tre::to_csv(c));
+    assert!(
+        redacted > 0 && released > 0,
+        "{}",
+        gpdp::tre::output::to_csv(c)
+    );
     assert_eq!(c.redacted_cells, redacted);
-    assert!(gpdp::tre::to_csv(c).contains("[REDACTED]"));
-    let json = gpdp::tre::to_json(&r).to_string();
+    assert!(gpdp::tre::output::to_csv(c).contains("[REDACTED]"));
+    let json = gpdp::tre::output::to_json(&r).to_string();
     assert!(!json.contains("withheld"), "{json}");
 }
 
@@ -1100,7 +1106,7 @@ fn released_statistics_are_the_truth_rounded() {
 /// refused without the key and for variances.
 #[test]
 fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
-    use gpdp::tre::ckm::RecordKeys;
+    use gpdp::tre::aggregates::record_keys::RecordKeys;
     let sql = "SELECT age_band, sex, imd_decile, count(DISTINCT patient_id) AS n, count(*) AS rows \
                FROM patients GROUP BY age_band, sex, imd_decile";
     let store = &fixture().store;
@@ -1490,7 +1496,7 @@ fn dp_releases_every_domain_cell_near_the_truth_with_its_noise() {
             }
         }
     }
-    let json = gpdp::tre::to_json(&a);
+    let json = gpdp::tre::output::to_json(&a);
     assert_eq!(json["privacy"]["rho_charged"].as_f64(), Some(0.04));
     assert!(
         json["privacy"]["noise"][0]["ci95_half_width"]
@@ -1498,7 +1504,7 @@ fn dp_releases_every_domain_cell_near_the_truth_with_its_noise() {
             .unwrap()
             > 9.0
     );
-    assert!(gpdp::tre::to_table(&a).contains("(95%"));
+    assert!(gpdp::tre::output::to_table(&a).contains("(95%"));
     // A WHERE that names a key's values narrows its cells to them (the
     // query's text decides, not the data); under OR it does not.
     for (sql, rows) in [

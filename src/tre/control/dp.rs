@@ -7,7 +7,7 @@
 //!   cells (1 when every group key is a patient attribute, else the rule
 //!   set's `max_groups`, never more than the cells there are) and with at
 //!   most `max_rows` rows per cell; values are clamped to the column's
-//!   `value_bounds`. [`super::bounded`] enforces them in the plan;
+//!   `value_bounds`. [`crate::tre::aggregates::bounded`] enforces them in the plan;
 //! - **sensitivity** — one patient changes each cell's count by at most
 //!   1 (patients) or `max_rows` (rows, values), a sum by at most
 //!   `max_rows · max(|lo|, |hi|)` (+1 for rounding the sum to an integer),
@@ -42,37 +42,11 @@ use datafusion::common::{Column, Result, ScalarValue};
 use datafusion::logical_expr::Operator;
 use serde_json::{Value, json};
 
-use super::Refusal;
-use super::grammar::{Item, Predicate, Release, Source, SourceNode, StatKind};
-use super::sdc::{Controlled, OperatorOnly, released_schema};
+use super::{Controlled, Noise, OperatorOnly, Z95, ordered_and_limited, released_schema};
 use crate::policy::tre::{Disclosure, DpParams, TrePolicy};
 use crate::store::audit::AuditLog;
-
-/// The two-sided 95% quantile of the normal distribution; the discrete
-/// Gaussian's intervals are at least as tight for σ ≥ 1.
-pub const Z95: f64 = 1.959_963_984_540_054;
-
-/// One statistic's noise.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Noise {
-    /// σ of the count part (the released value of a count).
-    pub count_sigma: f64,
-    /// σ of the sum part (sums and means).
-    pub sum_sigma: Option<f64>,
-    /// ρ this statistic costs.
-    pub rho: f64,
-}
-
-impl Noise {
-    /// σ of the value a statistic releases: a sum's sum part, a count's
-    /// count (for a mean, the σ of its sum part; its interval is per row).
-    pub fn released_sigma(&self, kind: StatKind) -> f64 {
-        match kind {
-            StatKind::Sum | StatKind::Mean => self.sum_sigma.unwrap_or(self.count_sigma),
-            _ => self.count_sigma,
-        }
-    }
-}
+use crate::tre::checked::{Item, Predicate, Release, Source, SourceNode, StatKind, lineage_of};
+use crate::tre::error::Refusal;
 
 /// What a release costs and how it is bounded, fixed before it runs.
 #[derive(Debug, Clone)]
@@ -156,7 +130,7 @@ pub fn plan(release: &Release, params: &DpParams, policy: &TrePolicy) -> Result<
         let column = s
             .column
             .as_ref()
-            .map(|c| super::grammar::lineage_of(&release.source, c))
+            .map(|c| lineage_of(&release.source, c))
             .transpose()?;
         let (noise, bound) = match s.kind {
             StatKind::Patients => (
@@ -633,7 +607,7 @@ type Noisy = (f64, Option<(f64, f64)>);
 /// Disclosure control under `dp`: every cell of the domains' product,
 /// zeros included, each statistic with its noise, then the threshold on
 /// the noisy counts. `batches` are the compiled plan's output: the
-/// totals of every cell ([`super::bounded::totals`]).
+/// totals of every cell ([`crate::tre::aggregates::bounded::totals`]).
 pub fn control(
     release: &Release,
     rules: &Disclosure,
@@ -643,9 +617,9 @@ pub fn control(
 ) -> Result<(Controlled, Report), ArrowError> {
     let keys = release.keys.len();
     let width = release.statistics.len();
-    let (counts, sums) = super::bounded::totals(batches, plan.cells, width)
+    let (counts, sums) = crate::tre::aggregates::bounded::totals(batches, plan.cells, width)
         .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
-    let (schema, kinds) = released_schema(release, Some(plan));
+    let (schema, kinds) = released_schema(release, Some(&plan.statistics));
     let threshold = rules.redact_at_or_below as i64;
     let mut operator = OperatorOnly {
         // The cells with rows.
@@ -752,8 +726,7 @@ pub fn control(
         }
     }
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
-    let (batch, redacted_cells) =
-        super::sdc::ordered_and_limited(&batch, release, &column_of, &kinds)?;
+    let (batch, redacted_cells) = ordered_and_limited(&batch, release, &column_of, &kinds)?;
     Ok((
         Controlled {
             batch,

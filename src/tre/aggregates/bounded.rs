@@ -1,9 +1,9 @@
 //! `gpdp_bounded(patient, key…, (rows, value?)…)`: differential privacy's
 //! aggregate. It bounds every patient's contribution and sums the bounded
 //! contributions into every cell of the group keys' public domains, in one
-//! aggregate without GROUP BY, so that the noise of [`super::dp`] covers
+//! aggregate without GROUP BY, so that the noise of [`crate::tre::control::dp`] covers
 //! any one patient ([`Spec`] holds the bounds, fixed by
-//! [`super::dp::plan`] before anything runs):
+//! [`crate::tre::control::dp::plan`] before anything runs):
 //! - a patient counts in at most `groups` cells: when they have rows in
 //!   more, the cells of least [`rank`] — a fixed hash of the patient and
 //!   the cell, so the choice depends on that patient alone;
@@ -30,7 +30,7 @@
 //! cells whole before bounding them. Rows whose keys lie outside the
 //! domains (or are null) are left out, as the plan's domain filter would.
 //! The result is one list of the totals of every cell (counts, then sums,
-//! cell by cell in the order [`super::dp::control`] releases them: the
+//! cell by cell in the order [`crate::tre::control::dp::control`] releases them: the
 //! last key varies fastest), which only disclosure control reads.
 
 use std::hash::Hasher;
@@ -139,7 +139,7 @@ pub fn totals(
 /// patient and the cell's identity, a SipHash of its key values): the
 /// order in which a patient's cells are kept.
 pub fn rank(patient: i64, cell: u64) -> u64 {
-    use super::ckm::mix;
+    use super::record_keys::mix;
     mix(mix(patient as u64) ^ cell)
 }
 
@@ -760,8 +760,8 @@ const BUCKET: usize = if cfg!(test) { 4 } else { 4096 };
 /// of every patient cost a cache miss per run, the largest part of the
 /// final step.
 fn link(runs: &[Run], segments: &[Segment], threads: usize) -> (Vec<u32>, Vec<bool>) {
-    use super::ckm::mix;
     use super::layout::{bucket_bits, spread};
+    use super::record_keys::mix;
     let patient = |r: &Run| segments[r.segment as usize].patients[r.start as usize];
     let bits = bucket_bits(runs.len(), BUCKET);
     // Each bucket's runs with their patient, in storage order.

@@ -3,7 +3,7 @@
 //!
 //! A count `n` is released as `n + v`, where `v` is drawn from the table's
 //! row for `n` by the cell's key — a number fixed by *who* is in the cell
-//! (`super::ckm`). Same contributors, same key, same `v`: asking again, in
+//! (`super`, the cell key method). Same contributors, same key, same `v`: asking again, in
 //! another session or project, gains nothing. One patient more or less
 //! changes the key, and `v` is drawn afresh.
 //!
@@ -38,7 +38,7 @@ pub struct Params {
     /// `js`: counts 1..=js are never released (they become 0 or > js).
     pub small_values: u32,
     /// `m`: a sum's perturbation is ±m × the cell's largest contribution
-    /// × (½ to 1½) ([`super::ckm::magnitude_perturbation`]).
+    /// × (½ to 1½) ([`super::magnitude_perturbation`]).
     pub magnitude: f64,
 }
 

@@ -1,6 +1,6 @@
 //! `gpdp_contributors(patient_key)`: the cell key method's aggregate. Per
 //! cell, the exact number of distinct contributors and the cell key (the
-//! wrapping sum of their record keys, [`super::ckm`]), in one pass and one
+//! wrapping sum of their record keys, [`super::record_keys`]), in one pass and one
 //! Int64, packed as `contributors << 32 | cell key`; [`unpack`] splits it
 //! in the plan.
 //!
@@ -16,7 +16,7 @@
 //!   blur, never a disclosure — and carries the record key, so record
 //!   keys are computed once per run of a patient's rows, not once per
 //!   patient and cell; the rows let a count of rows key each patient by
-//!   how many rows they have ([`super::ckm::weighted`]);
+//!   how many rows they have ([`super::record_keys::weighted`]);
 //! - a store's rows come grouped by patient and ordered by date, so each
 //!   span of consecutive rows with one cell and patient is found in one
 //!   tight pass and pushed as one fingerprint with its rows, duplicates
@@ -51,11 +51,11 @@ use datafusion::logical_expr::{
 };
 use datafusion::prelude::lit;
 
-use super::ckm::RecordKeys;
 use super::handoff::InFlight;
+use super::record_keys::RecordKeys;
 
 /// `gpdp_contributors(patient)` under `keys`; `weighted`: each patient's
-/// key mixed with their number of rows ([`super::ckm::weighted`]), for
+/// key mixed with their number of rows ([`super::record_keys::weighted`]), for
 /// counts of rows and of values, whose answers depend on how many rows
 /// each patient has, not only on who they are.
 pub fn contributors(keys: &RecordKeys, patient: Expr, weighted: bool) -> Expr {
@@ -341,7 +341,7 @@ impl Cell {
         let mut add = |who: u64, rows: i64, counts: bool| {
             let rk = (who >> 20) as u32;
             let k = match weighted {
-                true => super::ckm::weighted(rk, rows as u64, None),
+                true => super::record_keys::weighted(rk, rows as u64, None),
                 false => rk,
             };
             patients += i64::from(counts);
@@ -676,7 +676,7 @@ mod tests {
                 let key = patients.iter().fold(0u32, |k, (&p, &n)| {
                     let rk = keys.record_key(p);
                     k.wrapping_add(if weighted {
-                        crate::tre::ckm::weighted(rk, n, None)
+                        crate::tre::aggregates::record_keys::weighted(rk, n, None)
                     } else {
                         rk
                     })

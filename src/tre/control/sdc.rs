@@ -3,7 +3,7 @@
 //!
 //! Every statistic of every cell arrives with its own parts (counts, sums)
 //! and the number of distinct patients who contribute to *it* (see
-//! [`super::compile`]). A statistic is released only if:
+//! [`crate::tre::compile`]). A statistic is released only if:
 //! - more than `redact_at_or_below` patients contribute (0 contributors is
 //!   redacted too, so "none" and "few" look alike);
 //! - under rule sets that check dominance, its per-patient contributions
@@ -17,32 +17,49 @@
 //! the released rows only, so neither can reveal a withheld one, and the
 //! row limit counts released rows.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Float64Builder, Int64Array, Int64Builder, RecordBatch,
     UInt32Array,
 };
-use arrow::compute::{SortColumn, SortOptions, concat_batches, lexsort_to_indices, take};
-use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef};
+use arrow::compute::{concat_batches, take};
+use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
 
-use super::compile::Parts;
-use super::dominance;
-use super::grammar::{Item, Release, StatKind};
-use super::ptable::PTable;
+use super::ckm::ptable::PTable;
+use super::{
+    ColumnKind, Controlled, OperatorOnly, dominance, ordered_and_limited, released_schema,
+};
 use crate::policy::tre::Disclosure;
+use crate::tre::checked::{Item, Release, StatKind};
 
-/// What a released column is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ColumnKind {
-    /// A group key: released as is.
-    Key,
-    /// A count of rows, values or patients: rounded.
-    Count,
-    /// A sum, mean, variance or standard deviation.
-    Statistic,
+/// Where the parts of one statistic are in the compiled plan's output:
+/// [`compile`](crate::tre::compile) writes them, [`Control`] reads them.
+#[derive(Debug, Clone, Default)]
+pub struct Parts {
+    /// Count statistics: the count. Others: the number of non-null values. Int64.
+    pub count: usize,
+    /// Sum of the values (Float64), for sums, means and variances.
+    pub sum: Option<usize>,
+    /// Sum of the squared values (Float64), for variances.
+    pub squares: Option<usize>,
+    /// Distinct contributing patients (Int64; capped at threshold + 1 in
+    /// the per-cell shape).
+    pub contributors: usize,
+    /// The dominance rules broken, as a bit mask (Int32), per-patient shape only.
+    pub dominance: Option<usize>,
+    /// The smallest value (Float64), per-patient shape only: a negative
+    /// value sends the cell to review.
+    pub minimum: Option<usize>,
+    /// The sum of the contributors' record keys (Int64), under the cell key
+    /// method only ([`super::ckm::cell_key`] folds it).
+    pub cell_key: Option<usize>,
+    /// The largest contribution (one patient's sum, Float64), for sums and
+    /// means under the cell key method: their noise is scaled to it.
+    pub largest: Option<usize>,
+    /// For sums and means under the cell key method, the cell key of their
+    /// count of values alone (Int64): that count is perturbed as a count
+    /// of the same values is, so a mean holds no second draw of it.
+    pub count_key: Option<usize>,
 }
 
 /// Why a statistic was redacted (for the audit log only).
@@ -63,86 +80,6 @@ impl Why {
             Why::Negative => "negative_values",
         }
     }
-}
-
-/// The released result.
-#[derive(Debug, Clone)]
-pub struct Controlled {
-    pub batch: RecordBatch,
-    pub kinds: Vec<ColumnKind>,
-    /// Redacted statistics in the released rows (visible as nulls).
-    pub redacted_cells: usize,
-    /// What the operator's audit log records and the researcher never sees.
-    pub operator: OperatorOnly,
-}
-
-/// Figures about withheld rows and redaction reasons: for the audit log only.
-#[derive(Debug, Clone, Default)]
-pub struct OperatorOnly {
-    pub withheld_rows: usize,
-    pub redacted_by_reason: BTreeMap<&'static str, usize>,
-    pub groups: usize,
-}
-
-/// The schema and column kinds of a release's result, known before running.
-/// Every statistic's field says what it is (metadata `gpdp.statistic`:
-/// `count`, `patients`, `sum`, `mean`, …, so that a client can tell
-/// statistics from group keys). Under differential privacy (`dp`, its
-/// noise plan) it also carries its noise (`gpdp.sigma`, and for counts and
-/// sums `gpdp.ci95_half_width`), and each mean is followed by its 95%
-/// interval, `<name>_ci95_low` and `<name>_ci95_high`.
-pub fn released_schema(
-    release: &Release,
-    dp: Option<&super::dp::Plan>,
-) -> (SchemaRef, Vec<ColumnKind>) {
-    let mut fields = Vec::with_capacity(release.outputs.len());
-    let mut kinds = Vec::with_capacity(release.outputs.len());
-    for o in &release.outputs {
-        match o.item {
-            Item::Key(k) => {
-                let f = &release.keys[k].field;
-                fields.push(Field::new(&o.name, f.data_type().clone(), f.is_nullable()));
-                kinds.push(ColumnKind::Key);
-            }
-            Item::Statistic(s) => {
-                let kind = release.statistics[s].kind;
-                let (data_type, column_kind) = if kind.is_count() {
-                    (DataType::Int64, ColumnKind::Count)
-                } else {
-                    (DataType::Float64, ColumnKind::Statistic)
-                };
-                let mut metadata = std::collections::HashMap::from([(
-                    "gpdp.statistic".to_owned(),
-                    kind.name().to_owned(),
-                )]);
-                if let Some(noise) = dp.map(|p| p.statistics[s]) {
-                    let sigma = noise.released_sigma(kind);
-                    metadata.insert("gpdp.sigma".to_owned(), sigma.to_string());
-                    if kind != StatKind::Mean {
-                        metadata.insert(
-                            "gpdp.ci95_half_width".to_owned(),
-                            (super::dp::Z95 * sigma).to_string(),
-                        );
-                    }
-                }
-                fields.push(Field::new(&o.name, data_type, true).with_metadata(metadata));
-                kinds.push(column_kind);
-                if dp.is_some() && kind == StatKind::Mean {
-                    for end in ["low", "high"] {
-                        fields.push(
-                            Field::new(format!("{}_ci95_{end}", o.name), DataType::Float64, true)
-                                .with_metadata(std::collections::HashMap::from([(
-                                    "gpdp.statistic".to_owned(),
-                                    format!("ci95_{end}"),
-                                )])),
-                        );
-                        kinds.push(ColumnKind::Statistic);
-                    }
-                }
-            }
-        }
-    }
-    (Arc::new(Schema::new(fields)), kinds)
 }
 
 /// One statistic's controlled values over a batch of cells.
@@ -450,115 +387,10 @@ fn derive(kind: StatKind, n: i64, sum: f64, squares: Option<f64>) -> Option<f64>
     }
 }
 
-/// Released rows in order (see [`order`]) and within the query's LIMIT,
-/// with the number of redacted statistics among them.
-pub(crate) fn ordered_and_limited(
-    batch: &RecordBatch,
-    release: &Release,
-    column_of: &[usize],
-    kinds: &[ColumnKind],
-) -> Result<(RecordBatch, usize), ArrowError> {
-    let batch = order(batch, release, column_of)?;
-    let limit = release.limit.unwrap_or(usize::MAX);
-    let batch = batch.slice(0, batch.num_rows().min(limit));
-    let redacted = batch
-        .columns()
-        .iter()
-        .zip(kinds)
-        .filter(|(_, k)| **k != ColumnKind::Key)
-        .map(|(c, _)| c.null_count())
-        .sum();
-    Ok((batch, redacted))
-}
-
-/// Sorts released rows by the query's ORDER BY, then by the group keys (so
-/// the order never depends on how the engine happened to emit groups).
-/// `column_of[i]` is the batch column of the release's output `i` (they
-/// differ where columns follow an output, as a mean's interval does).
-fn order(
-    batch: &RecordBatch,
-    release: &Release,
-    column_of: &[usize],
-) -> Result<RecordBatch, ArrowError> {
-    if batch.num_rows() < 2 {
-        return Ok(batch.clone());
-    }
-    let mut columns: Vec<SortColumn> = release
-        .order
-        .iter()
-        .map(|o| SortColumn {
-            values: batch.column(column_of[o.output]).clone(),
-            options: Some(SortOptions {
-                descending: o.descending,
-                nulls_first: o.nulls_first,
-            }),
-        })
-        .collect();
-    for (i, o) in release.outputs.iter().enumerate() {
-        if matches!(o.item, Item::Key(_)) && !release.order.iter().any(|x| x.output == i) {
-            columns.push(SortColumn {
-                values: batch.column(column_of[i]).clone(),
-                options: Some(SortOptions {
-                    descending: false,
-                    nulls_first: false,
-                }),
-            });
-        }
-    }
-    if columns.is_empty() {
-        return Ok(batch.clone());
-    }
-    let indices = lexsort_to_indices(&columns, None)?;
-    arrow::compute::take_record_batch(batch, &indices)
-}
-
 /// Nearest multiple of `base` (halves round up); 0 stays 0.
 pub fn round(x: i64, base: u64) -> i64 {
     let b = base.max(1) as i64;
     ((x + b / 2).div_euclid(b)) * b
-}
-
-/// The rule set in words, as the researcher sees it under every result.
-pub fn describe(rules: &Disclosure) -> String {
-    if let Some(p) = rules.dp {
-        return format!(
-            "disclosure control {}: differential privacy (zCDP, the patient as the unit): every cell of the group keys' public domains (as far as the WHERE allows), zeros included, with discrete Gaussian noise; each patient counts in at most {} cells and with at most {} rows per cell, values clamped to public bounds; then statistics whose noisy count is {} or less are [REDACTED]",
-            rules.name, p.max_groups, p.max_rows, rules.redact_at_or_below
-        );
-    }
-    if let Some(p) = rules.ckm {
-        return format!(
-            "disclosure control {}: counts carry cell-key noise (at most ±{}, the same for the same records every time; none released in 1..{}), sums ±{}–{}% of the cell's largest contribution and means are the noisy sum over the noisy count; then statistics of {} or fewer patients are [REDACTED]; rows with nothing releasable are left out",
-            rules.name,
-            p.max_perturbation,
-            p.small_values,
-            p.magnitude * 50.0,
-            p.magnitude * 150.0,
-            rules.redact_at_or_below
-        );
-    }
-    let mut s = format!(
-        "disclosure control {}: statistics of {} or fewer patients are [REDACTED]",
-        rules.name, rules.redact_at_or_below
-    );
-    if let Some(d) = rules.dominance {
-        s.push_str(&format!(
-            ", as are those where {} patients make up more than {}% of the total",
-            d.n,
-            d.k * 100.0
-        ));
-    }
-    if let Some(p) = rules.p_percent {
-        s.push_str(&format!(
-            ", fail the p% rule ({}%) or hold negative values",
-            p * 100.0
-        ));
-    }
-    s.push_str(&format!(
-        "; rows with nothing releasable are left out; counts rounded to the nearest {}",
-        rules.round_to
-    ));
-    s
 }
 
 #[cfg(test)]
