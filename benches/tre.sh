@@ -27,8 +27,8 @@ if "$venv/bin/python" -c "import duckdb" 2>/dev/null; then
 else
   : > bench-data/tre_duckdb.jsonl
 fi
-python3 - <<'PY'
-import json
+PATIENTS="$patients" PRACTICES="$practices" RUNS="$runs" python3 - <<'PY'
+import json, os, platform, datetime
 g = {r["query"]: r for r in map(json.loads, open("bench-data/tre_gpdp.jsonl"))}
 d = {r["query"]: r for r in map(json.loads, open("bench-data/tre_duckdb.jsonl"))}
 print(f"{'query':22} {'boundary p50':>13} {'p95':>7} {'direct p50':>11} {'overhead':>9} {'duckdb p50':>11} {'vs duckdb':>10}")
@@ -55,4 +55,34 @@ v = json.load(open("bench-data/tre_verify.json"))
 print()
 print(f"store verification ({v['files']} files, {v['bytes'] / 1e6:.0f} MB): hashing every file {v['cold_ms']:.0f} ms (once, after a commit); "
       f"a new process's check {v['warm_p50_ms']:.2f} ms = {100 * v['warm_share_of_fastest_query']:.2f}% of the fastest query ({v['fastest_query_p50_ms']:.1f} ms)")
+
+# The same figures as Markdown, dated, for docs/benchmarks.md to link to
+# (copy bench-data/tre.md to docs/measurements/tre-PATIENTS.md).
+n, runs = int(os.environ["PATIENTS"]), os.environ["RUNS"]
+md = [f"# TRE latency, {n:,} patients ({os.environ['PRACTICES']} practices)", "",
+      f"Written by `bash benches/tre.sh {n} {os.environ['PRACTICES']} {runs}` on "
+      f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
+      f"{platform.system()} {platform.machine()}; p50 of {runs} runs, every figure from one run of the script.", "",
+      "## Through the boundary (OpenSAFELY's rules), directly, and DuckDB", "",
+      "| query | boundary p50 | direct DataFusion p50 | boundary overhead | DuckDB p50 | boundary / DuckDB |",
+      "| --- | --- | --- | --- | --- | --- |"]
+for q, r in g.items():
+    if "error" in r:
+        md.append(f"| {q} | {r['error']} | | | | |")
+        continue
+    dd = d.get(q, {}).get("duckdb_p50_ms")
+    md.append(f"| {q} | {r['boundary_p50_ms']:.0f} ms | {r['direct_p50_ms']:.0f} ms | {100 * r['overhead']:+.0f}% | "
+              + (f"{dd:.0f} ms | {r['boundary_p50_ms'] / dd:.2f}× |" if dd else "- | - |"))
+md += ["", "## Each rule set, interleaved (boundary p50; ratio to OpenSAFELY's rules)", "",
+       "| query | " + " | ".join(names.values()) + " |", "| --- |" + " --- |" * len(names)]
+for r in map(json.loads, open("bench-data/tre_rule_sets.jsonl")):
+    md.append(f"| {r['query']} | " + " | ".join(
+        f"{r['p50_ms'][p]:.0f} ms ({r['vs_opensafely'][p]:.2f}×)" if p in r["p50_ms"] else "-" for p in names) + " |")
+md += ["", "## Verifying the store against its manifest", "",
+       f"{v['files']} files, {v['bytes'] / 1e6:.0f} MB. Hashing every file (the first reader after a commit, "
+       f"and every `gpdp audit`): {v['cold_ms']:.0f} ms. A new process's check of a verified store (read "
+       f"`audit/verified.json`, stat each file; median of {runs}): {v['warm_p50_ms']:.2f} ms, "
+       f"{100 * v['warm_share_of_fastest_query']:.2f}% of the fastest query's boundary p50 ({v['fastest_query_p50_ms']:.0f} ms).", ""]
+open("bench-data/tre.md", "w").write("\n".join(md))
+print("\nwrote bench-data/tre.md")
 PY

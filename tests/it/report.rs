@@ -254,31 +254,27 @@ fn the_report_shows_the_attacks_measured_and_whether_under_the_policy_in_force()
     );
     assert!(!m.html.contains("another TRE policy"));
 
+    let file = m.c._dir.path().join("privacy-other.json");
+    let out = m.c._dir.path().join("report-other");
+    let report_with = |measurement: &serde_json::Value| {
+        std::fs::write(&file, measurement.to_string()).unwrap();
+        gpdp()
+            .arg("report")
+            .args(m.c.truth_args())
+            .args(["--out", out.to_str().unwrap()])
+            .args(["--privacy", file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
     let mut other: serde_json::Value = shown["measurement"].clone();
     other["tre_policy_rules_sha256"] = serde_json::json!("0".repeat(64));
-    let file = m.c._dir.path().join("privacy-other.json");
-    std::fs::write(&file, other.to_string()).unwrap();
-    let out = m.c._dir.path().join("report-other");
-    let o = gpdp()
-        .arg("report")
-        .args(m.c.truth_args())
-        .args(["--out", out.to_str().unwrap()])
-        .args(["--privacy", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = report_with(&other);
     assert!(o.status.success(), "{}", stderr(&o));
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("another TRE policy"), "no warning");
 
     other["schema"] = serde_json::json!("something-else/1");
-    std::fs::write(&file, other.to_string()).unwrap();
-    let o = gpdp()
-        .arg("report")
-        .args(m.c.truth_args())
-        .args(["--out", out.to_str().unwrap()])
-        .args(["--privacy", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = report_with(&other);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("privacy-other.json"), "{}", stderr(&o));
 }
