@@ -73,25 +73,37 @@ fn stamp(path: &Path) -> std::io::Result<(u64, u128)> {
 pub fn files(store: &Path, files: &[&FileEntry]) -> Vec<Mismatch> {
     let disk_path = store.join(CACHE_FILE);
     let mut cache = memory().lock().unwrap_or_else(|e| e.into_inner());
-    if !files.iter().all(|f| known(&cache, store, f)) {
-        // Whatever another process verified is as good as our own.
-        if let Some(saved) = std::fs::read(&disk_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<BTreeMap<String, Seen>>(&b).ok())
-        {
-            for (path, seen) in saved {
-                cache.entry(store.join(path)).or_insert(seen);
-            }
-        }
-    }
-    let mut bad = Vec::new();
-    let mut learned = false;
+    let (mut bad, mut learned, mut read_saved) = (Vec::new(), false, false);
     for f in files {
-        if known(&cache, store, f) {
+        let path = store.join(&f.path);
+        // One stat a file: what it is on disk now, against what was verified.
+        let now = stamp(&path);
+        let known = |cache: &Cache| {
+            now.as_ref().is_ok_and(|&(size, modified_ns)| {
+                cache.get(&path).is_some_and(|seen| {
+                    seen.sha256 == f.sha256 && (seen.size, seen.modified_ns) == (size, modified_ns)
+                })
+            })
+        };
+        if known(&cache) {
             continue;
         }
-        let path = store.join(&f.path);
-        let outcome = stamp(&path).and_then(|(size, modified_ns)| {
+        if !read_saved {
+            // Whatever another process verified is as good as our own.
+            read_saved = true;
+            if let Some(saved) = std::fs::read(&disk_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<BTreeMap<String, Seen>>(&b).ok())
+            {
+                for (rel, seen) in saved {
+                    cache.entry(store.join(rel)).or_insert(seen);
+                }
+            }
+            if known(&cache) {
+                continue;
+            }
+        }
+        let outcome = now.and_then(|(size, modified_ns)| {
             let (sha256, _) = super::sha256_file(&path).map_err(std::io::Error::other)?;
             Ok(Seen {
                 size,
@@ -128,14 +140,6 @@ pub fn files(store: &Path, files: &[&FileEntry]) -> Vec<Mismatch> {
 /// saved cache as a new process would (for measuring that cost).
 pub fn forget_in_memory() {
     memory().lock().unwrap_or_else(|e| e.into_inner()).clear();
-}
-
-/// Whether `f` was verified at the size and modification time it has now.
-fn known(cache: &Cache, store: &Path, f: &FileEntry) -> bool {
-    let path = store.join(&f.path);
-    cache.get(&path).is_some_and(|seen| {
-        seen.sha256 == f.sha256 && stamp(&path).is_ok_and(|s| s == (seen.size, seen.modified_ns))
-    })
 }
 
 /// Writes this store's part of the cache beside the audit log (atomically;
