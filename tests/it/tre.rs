@@ -195,7 +195,7 @@ fn ask(project: &str, sql: &str) -> Result<gpdp::tre::Released, TreError> {
 #[test]
 fn every_boundary_case_has_its_expected_outcome() {
     let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/tre_cases.tsv"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/tre_cases.slt"),
     )
     .unwrap();
     let mut failures = Vec::new();
@@ -206,7 +206,7 @@ fn every_boundary_case_has_its_expected_outcome() {
         .map(|(i, l)| (i + 1, l))
         .filter(|(_, l)| !l.starts_with('#') && !l.trim().is_empty())
     {
-        let at = format!("tre_cases.tsv:{number}");
+        let at = format!("tre_cases.slt:{number}");
         let parts: Vec<&str> = line.splitn(4, '\t').collect();
         // `outside_grammar/<construct>` names the rule and the construct.
         let [project, expected, rule, sql] = parts[..] else {
