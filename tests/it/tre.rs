@@ -211,14 +211,8 @@ fn every_boundary_case_has_its_expected_outcome() {
     let mut completed = Vec::new();
     let (mut cases, mut at_thresholds, mut with_values) = (0, 0, 0);
     for case in parse_cases(&text) {
-        if let Some(only) = &only
-            && !case.is_picked_by(only.trim())
-        {
-            continue;
-        }
         let at = format!("tre_cases.slt:{}", case.line);
-        let (expected, rule, sql) = (case.expected.as_str(), case.rule.as_str(), &case.sql);
-        cases += 1;
+        // Checked for every block, whichever cases `GPDP_CASE` picks.
         let (project, published) = match case.project.as_str() {
             "research" => ("demo-opensafely", Some(Published::OpenSafely)),
             "acro" => ("demo-prescribing-acro", Some(Published::Acro)),
@@ -226,6 +220,13 @@ fn every_boundary_case_has_its_expected_outcome() {
             "dp" => ("demo-research", None),
             other => panic!("{at}: unknown project {other:?} (research, acro, exempt or dp)"),
         };
+        if let Some(only) = &only
+            && !case.is_picked_by(only.trim())
+        {
+            continue;
+        }
+        let (expected, rule, sql) = (case.expected.as_str(), case.rule.as_str(), &case.sql);
+        cases += 1;
         let answer = ask(project, sql);
         // The answer as the case file writes it: values, unless they are noise.
         let values = case.project != "dp";
@@ -310,7 +311,7 @@ fn every_boundary_case_has_its_expected_outcome() {
     if !completed.is_empty() {
         std::fs::write(&path, with_answers(&text, &completed)).unwrap();
         eprintln!(
-            "GPDP_COMPLETE: wrote {} answers into {} (review them in `git diff`)",
+            "GPDP_COMPLETE: wrote {} answer(s) into {} (review them in `git diff`)",
             completed.len(),
             path.display()
         );
