@@ -12,7 +12,7 @@
 //! its own temporary directory and runs the `gpdp` binary as a child
 //! process, and the library's in-process caches are keyed by absolute path.
 //!
-//! Data the tests read sits beside them: `tre_cases.tsv`, the attack
+//! Data the tests read sits beside them: `tre_cases.slt`, the attack
 //! families in `attacks/`; the Python client in `tests/python/`. Proptest
 //! keeps the regressions of these modules in `tests/proptest-regressions/`
 //! (its rule for a crate rooted at `tests/it/main.rs`).

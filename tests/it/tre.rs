@@ -1,4 +1,4 @@
-//! The TRE boundary: every case of `tests/it/tre_cases.tsv`, the opt-out
+//! The TRE boundary: every case of `tests/it/tre_cases.slt`, the opt-out
 //! filters against the generator's truth, authentication, the audit
 //! trail of every request, and the released values against the published
 //! rules — stated here as constants and applied by the tests' own
@@ -182,103 +182,283 @@ fn ask(project: &str, sql: &str) -> Result<gpdp::tre::Released, TreError> {
     )
 }
 
-/// Every line of `tests/it/tre_cases.tsv` gets its expected outcome: released,
-/// refused by the rule it names, or an error; under OpenSAFELY and ACRO
-/// every released count is a multiple of the published rounding. Lines whose
-/// rule column reads `N patients` sit at a threshold: the query's first
+/// Every case of `tests/it/tre_cases.slt` gets its expected outcome:
+/// released, refused by the rule it names, or an error; under OpenSAFELY and
+/// ACRO every released count is a multiple of the published rounding. Cases
+/// whose rule reads `N patients` sit at a threshold: the query's first
 /// statistic must count exactly N patients in the fixture (checked here
-/// against the project's views directly), the line must say what the
+/// against the project's views directly), the case must say what the
 /// published rule does with N (`withheld` at or below the threshold,
 /// `released` above), and each count released must be its truth rounded by
-/// the test's own arithmetic. An unknown project or an unreadable line is
-/// an error of the table, named by its line.
+/// the test's own arithmetic. A released or withheld case's answer must be
+/// the one written below its `----` (for dp, whose values are noise, the
+/// column names alone). An unknown project or an unreadable block is an
+/// error of the table, named by its line.
+///
+/// `GPDP_COMPLETE=1` writes the answers observed below `----` instead of
+/// comparing them (never an outcome or a rule: a case whose outcome differs
+/// still fails); `GPDP_CASE` runs only the cases whose block holds that line
+/// number or whose SQL holds that text.
 #[test]
 fn every_boundary_case_has_its_expected_outcome() {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/tre_cases.tsv"),
-    )
-    .unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/tre_cases.slt");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let complete = std::env::var("GPDP_COMPLETE").is_ok_and(|v| v == "1");
+    let only = std::env::var("GPDP_CASE")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
     let mut failures = Vec::new();
-    let (mut cases, mut at_thresholds) = (0, 0);
-    for (number, line) in text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l))
-        .filter(|(_, l)| !l.starts_with('#') && !l.trim().is_empty())
-    {
-        let at = format!("tre_cases.tsv:{number}");
-        let parts: Vec<&str> = line.splitn(4, '\t').collect();
-        // `outside_grammar/<construct>` names the rule and the construct.
-        let [project, expected, rule, sql] = parts[..] else {
-            panic!("{at}: not project<TAB>outcome<TAB>rule<TAB>SQL: {line}")
-        };
-        cases += 1;
-        let (project, published) = match project {
+    let mut completed = Vec::new();
+    let (mut cases, mut at_thresholds, mut with_values) = (0, 0, 0);
+    for case in parse_cases(&text) {
+        let at = format!("tre_cases.slt:{}", case.line);
+        // Checked for every block, whichever cases `GPDP_CASE` picks.
+        let (project, published) = match case.project.as_str() {
             "research" => ("demo-opensafely", Some(Published::OpenSafely)),
             "acro" => ("demo-prescribing-acro", Some(Published::Acro)),
             "exempt" => ("demo-planning-exempt", None),
             "dp" => ("demo-research", None),
             other => panic!("{at}: unknown project {other:?} (research, acro, exempt or dp)"),
         };
+        if let Some(only) = &only
+            && !case.is_picked_by(only.trim())
+        {
+            continue;
+        }
+        let (expected, rule, sql) = (case.expected.as_str(), case.rule.as_str(), &case.sql);
+        cases += 1;
         let answer = ask(project, sql);
-        if let Some(patients) = rule.strip_suffix(" patients") {
+        // The answer as the case file writes it: values, unless they are noise.
+        let values = case.project != "dp";
+        let observed = answer.as_ref().ok().map(|r| answer_lines(r, sql, values));
+        let outcome_as_expected = if let Some(patients) = rule.strip_suffix(" patients") {
             let patients: usize = patients
                 .parse()
                 .unwrap_or_else(|_| panic!("{at}: {rule:?} is not `N patients`"));
             let published = published
                 .unwrap_or_else(|| panic!("{at}: thresholds are checked under research and acro"));
             at_thresholds += 1;
-            if let Err(e) = at_a_threshold(published, expected, patients, sql, &at, answer) {
-                failures.push(format!("{at}: {sql}\n    {e}"));
+            match at_a_threshold(published, expected, patients, sql, &at, answer) {
+                Ok(()) => true,
+                Err(e) => {
+                    failures.push(format!("{at}: {sql}\n    {e}"));
+                    false
+                }
             }
-            continue;
-        }
-        let got = match answer {
-            Ok(r) => {
-                // Every released count is a multiple of the published rounding.
-                for (i, kind) in r.kinds().iter().enumerate() {
-                    if let (ColumnKind::Count, Some(rules)) = (kind, published) {
-                        let c = r.result.batch.column(i).as_primitive::<Int64Type>();
-                        for v in c.iter().flatten() {
-                            if v % rules.round_to() != 0 {
-                                failures.push(format!(
-                                    "{at}: {sql}\n    released count {v} is not a multiple of {}",
-                                    rules.round_to()
-                                ));
+        } else {
+            let got = match answer {
+                Ok(r) => {
+                    // Every released count is a multiple of the published rounding.
+                    for (i, kind) in r.kinds().iter().enumerate() {
+                        if let (ColumnKind::Count, Some(rules)) = (kind, published) {
+                            let c = r.result.batch.column(i).as_primitive::<Int64Type>();
+                            for v in c.iter().flatten() {
+                                if v % rules.round_to() != 0 {
+                                    failures.push(format!(
+                                        "{at}: {sql}\n    released count {v} is not a multiple of {}",
+                                        rules.round_to()
+                                    ));
+                                }
                             }
                         }
                     }
+                    ("released".to_owned(), "-".to_owned())
                 }
-                ("released".to_owned(), "-".to_owned())
+                Err(TreError::Refused(r)) => (
+                    "refused".to_owned(),
+                    match r.construct {
+                        Some(c) => format!("{}/{c}", r.rule),
+                        None => r.rule.to_owned(),
+                    },
+                ),
+                Err(TreError::Sql(_)) => ("error".to_owned(), "-".to_owned()),
+                Err(other) => (format!("failed: {other}"), "-".to_owned()),
+            };
+            let as_expected = (got.0.as_str(), got.1.as_str()) == (expected, rule);
+            if !as_expected {
+                failures.push(format!(
+                    "{at}: {sql}\n    expected {expected} {rule}, got {} {}",
+                    got.0, got.1
+                ));
             }
-            Err(TreError::Refused(r)) => (
-                "refused".to_owned(),
-                match r.construct {
-                    Some(c) => format!("{}/{c}", r.rule),
-                    None => r.rule.to_owned(),
-                },
-            ),
-            Err(TreError::Sql(_)) => ("error".to_owned(), "-".to_owned()),
-            Err(other) => (format!("failed: {other}"), "-".to_owned()),
+            as_expected
         };
-        if (got.0.as_str(), got.1.as_str()) != (expected, rule) {
-            failures.push(format!(
-                "{at}: {sql}\n    expected {expected} {rule}, got {} {}",
-                got.0, got.1
-            ));
+        // The answer below `----`: only a released or withheld case has one.
+        match (expected, observed) {
+            ("released" | "withheld", Some(observed)) if outcome_as_expected => {
+                with_values += usize::from(values);
+                if case.answer.as_ref() != Some(&observed) {
+                    match &case.answer {
+                        _ if complete => completed.push((case.answer_at.clone(), observed)),
+                        Some(want) => failures.push(format!(
+                            "{at}: {sql}\n    expected answer:\n      {}\n    got:\n      {}",
+                            want.join("\n      "),
+                            observed.join("\n      ")
+                        )),
+                        None => failures.push(format!(
+                            "{at}: {sql}\n    no answer below `----` (GPDP_COMPLETE=1 writes the one observed)"
+                        )),
+                    }
+                }
+            }
+            ("released" | "withheld", _) => {}
+            _ if case.answer.is_some() => failures.push(format!(
+                "{at}: a case expected {expected} has no answer below `----`"
+            )),
+            _ => {}
         }
     }
-    assert!(cases >= 150, "at least 150 boundary cases ({cases})");
-    assert!(
-        at_thresholds >= 8,
-        "at least 8 cases at the thresholds ({at_thresholds})"
-    );
+    if !completed.is_empty() {
+        std::fs::write(&path, with_answers(&text, &completed)).unwrap();
+        eprintln!(
+            "GPDP_COMPLETE: wrote {} answer(s) into {} (review them in `git diff`)",
+            completed.len(),
+            path.display()
+        );
+    }
+    match &only {
+        Some(only) => assert!(cases > 0, "GPDP_CASE={only:?} picks no case"),
+        None => {
+            assert!(cases >= 150, "at least 150 boundary cases ({cases})");
+            assert!(
+                at_thresholds >= 8,
+                "at least 8 cases at the thresholds ({at_thresholds})"
+            );
+            assert!(
+                with_values >= 50,
+                "at least 50 cases with their released values ({with_values})"
+            );
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} failures in {cases} cases:\n  {}",
         failures.len(),
         failures.join("\n  ")
     );
+}
+
+/// One block of `tests/it/tre_cases.slt`.
+struct Case {
+    /// The block's first line (from 1), which failures name.
+    line: usize,
+    /// Its last line.
+    last: usize,
+    project: String,
+    expected: String,
+    /// `-` where the header names no rule.
+    rule: String,
+    sql: String,
+    /// The lines below `----`, if the block has them.
+    answer: Option<Vec<String>>,
+    /// The lines (from 0) that `----` and the answer take, or the empty
+    /// range where they would go: what `GPDP_COMPLETE=1` replaces.
+    answer_at: std::ops::Range<usize>,
+}
+
+impl Case {
+    /// Whether `GPDP_CASE=only` names this case: a line of its block, or
+    /// text of its SQL.
+    fn is_picked_by(&self, only: &str) -> bool {
+        match only.parse::<usize>() {
+            Ok(n) => (self.line..=self.last).contains(&n),
+            Err(_) => self.sql.contains(only),
+        }
+    }
+}
+
+/// The case file's blocks: a header `<project> <outcome> [<rule>]`, the SQL
+/// on the lines after it, then `----` and the answer; blank lines end a
+/// block, and `#` lines are comments.
+fn parse_cases(text: &str) -> Vec<Case> {
+    let lines: Vec<&str> = text.lines().collect();
+    let ends_block = |l: &str| l.trim().is_empty();
+    let mut cases = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if ends_block(lines[i]) || lines[i].starts_with('#') {
+            i += 1;
+            continue;
+        }
+        let line = i + 1;
+        let mut words = lines[i].split_whitespace();
+        let (Some(project), Some(expected)) = (words.next(), words.next()) else {
+            panic!(
+                "tre_cases.slt:{line}: a block starts `<project> <outcome> [<rule>]`, not {:?}",
+                lines[i]
+            )
+        };
+        // `outside_grammar/<construct>` names the rule and the construct.
+        let rule = words.collect::<Vec<_>>().join(" ");
+        i += 1;
+        let mut sql = Vec::new();
+        while i < lines.len() && !ends_block(lines[i]) && lines[i].trim() != "----" {
+            if !lines[i].starts_with('#') {
+                sql.push(lines[i].trim());
+            }
+            i += 1;
+        }
+        assert!(!sql.is_empty(), "tre_cases.slt:{line}: a case without SQL");
+        let start = i;
+        let answer = (i < lines.len() && lines[i].trim() == "----").then(|| {
+            i += 1;
+            let mut answer = Vec::new();
+            while i < lines.len() && !ends_block(lines[i]) {
+                if !lines[i].starts_with('#') {
+                    answer.push(lines[i].to_owned());
+                }
+                i += 1;
+            }
+            answer
+        });
+        cases.push(Case {
+            line,
+            last: i,
+            project: project.to_owned(),
+            expected: expected.to_owned(),
+            rule: if rule.is_empty() {
+                "-".to_owned()
+            } else {
+                rule
+            },
+            sql: sql.join("\n"),
+            answer,
+            answer_at: start..i,
+        });
+    }
+    cases
+}
+
+/// A released answer as the case file writes it: its column names, then
+/// (with `values`) its rows, each as `gpdp query` writes CSV; rows sorted
+/// unless the SQL orders them.
+fn answer_lines(r: &gpdp::tre::Released, sql: &str, values: bool) -> Vec<String> {
+    let csv = gpdp::tre::output::to_csv(&r.result);
+    let mut lines = csv.lines().map(str::to_owned);
+    let columns = lines.next().unwrap_or_default();
+    let mut rows: Vec<String> = if values { lines.collect() } else { Vec::new() };
+    let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    if !sql.to_ascii_uppercase().contains("ORDER BY") {
+        rows.sort();
+    }
+    std::iter::once(columns).chain(rows).collect()
+}
+
+/// `text` with `----` and each answer in place of the lines it replaces.
+fn with_answers(text: &str, answers: &[(std::ops::Range<usize>, Vec<String>)]) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut answers: Vec<_> = answers.iter().collect();
+    answers.sort_by_key(|(at, _)| at.start);
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    for (at, answer) in answers {
+        out.extend(lines[i..at.start].iter().map(|l| l.to_string()));
+        out.push("----".to_owned());
+        out.extend(answer.iter().cloned());
+        i = at.end;
+    }
+    out.extend(lines[i..].iter().map(|l| l.to_string()));
+    out.join("\n") + "\n"
 }
 
 /// One case of the table at a threshold: `expected` (withheld or released)
