@@ -103,8 +103,7 @@ fn ask_over_flight(store: &Path, policy: &TrePolicy) -> anyhow::Result<FlightAns
         let server = tokio::spawn(crate::serve::serve(
             store.to_owned(),
             policy.clone(),
-            "127.0.0.1:0".parse()?,
-            None,
+            crate::serve::Listen::new("127.0.0.1:0".parse()?, false, None)?,
             move |addr| {
                 let _ = addr_tx.send(addr);
             },

@@ -18,8 +18,10 @@
 //!
 //! [`nhs_number`] and [`calendar`] are shared by several stages.
 //!
-//! [`error`] maps every failure to the exit statuses of the interface
-//! contract; [`progress`] draws progress bars on a terminal.
+//! [`error`] defines the exit statuses of the interface contract and the
+//! [`error::Classify`] trait by which each layer's error names its status
+//! (the binary, above every layer, walks an error's chain to find it);
+//! [`progress`] draws progress bars on a terminal.
 
 pub mod audit;
 pub mod bench;
