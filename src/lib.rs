@@ -16,7 +16,8 @@
 //! 7. [`optout`] — the Type 1 and National Data Opt-out rules.
 //! 8. [`demo`] — every stage on an embedded default.
 //!
-//! [`nhs_number`] and [`calendar`] are shared by several stages.
+//! [`nhs_number`], [`calendar`] and [`digest`] (hex and SHA-256) are shared
+//! by several stages.
 //!
 //! [`error`] defines the exit statuses of the interface contract and the
 //! [`error::Classify`] trait by which each layer's error names its status
@@ -29,6 +30,7 @@ pub mod calendar;
 pub mod collect;
 pub mod deid;
 pub mod demo;
+pub mod digest;
 pub mod error;
 pub mod extract;
 pub mod link;

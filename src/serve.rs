@@ -101,7 +101,7 @@ fn random_token() -> Result<String, Status> {
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| Status::internal("no randomness for a session token"))?;
-    Ok(crate::deid::pseudonym::hex(&bytes))
+    Ok(crate::digest::hex(&bytes))
 }
 
 /// A TRE error as a Flight status: refusals carry their rule (and

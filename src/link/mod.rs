@@ -345,7 +345,7 @@ fn batch_id(p: &Pseudonymiser, policy: &CollectionPolicy, source: Source, input:
     format!(
         "{}-{}",
         source.name(),
-        &crate::policy::sha256_hex(text.as_bytes())[..16]
+        &crate::digest::sha256_hex(text.as_bytes())[..16]
     )
 }
 

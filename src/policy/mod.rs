@@ -349,7 +349,7 @@ impl CollectionPolicy {
             actions,
             linked,
             guards,
-            sha256: sha256_hex(text.as_bytes()),
+            sha256: crate::digest::sha256_hex(text.as_bytes()),
         })
     }
 
@@ -488,11 +488,6 @@ pub(crate) fn syntax_error(e: toml::de::Error, text: &str, path: &Path) -> Polic
         line,
         message: e.message().to_owned(),
     }
-}
-
-/// SHA-256 as lowercase hex (ring, the same implementation that hashes files).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    crate::deid::pseudonym::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 #[cfg(test)]

@@ -40,7 +40,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use self::audit::{AuditError, AuditLog};
-use crate::deid::pseudonym::{Pseudonym, hex, patient_key};
+use crate::deid::pseudonym::{Pseudonym, patient_key};
+use crate::digest::hex;
 use crate::error::{Classify, ExitStatus};
 use crate::extract::Table;
 use crate::policy::Codec;

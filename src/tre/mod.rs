@@ -57,7 +57,7 @@ use arrow::datatypes::SchemaRef;
 use serde_json::json;
 
 use self::control::{ckm, dp};
-use crate::policy::sha256_hex;
+use crate::digest::sha256_hex;
 use crate::policy::tre::{Disclosure, TrePolicy};
 use crate::store::StoreError;
 use crate::store::audit::AuditLog;

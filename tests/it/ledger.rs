@@ -245,7 +245,7 @@ fn a_store_answers_under_one_perturbation_key_until_it_is_rotated() {
     // No key material in the log: ids only.
     for path in [&first, &second] {
         let bytes = std::fs::read(path).unwrap();
-        assert!(!log.contains(&gpdp::deid::pseudonym::hex(&bytes)));
+        assert!(!log.contains(&gpdp::digest::hex(&bytes)));
     }
     let o = verify_log(&c.store);
     assert!(o.status.success(), "{}", stderr(&o));
