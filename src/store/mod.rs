@@ -26,6 +26,7 @@ pub mod audit;
 pub mod delete;
 pub mod guard;
 pub mod parquet;
+pub mod schema;
 pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -312,7 +312,11 @@ pub async fn open(
             // Nothing linked yet: the view is there, and empty.
             None => Arc::new(
                 datafusion::datasource::MemTable::try_new(
-                    crate::link::stored_schema(source, &crate::link::default_actions(source)?),
+                    crate::store::schema::linked_schema(
+                        source,
+                        &crate::store::schema::default_linked_actions(source)
+                            .map_err(TreError::internal)?,
+                    ),
                     vec![vec![]],
                 )
                 .map_err(TreError::internal)?,
