@@ -36,6 +36,7 @@ pub mod extract;
 pub mod link;
 pub mod nhs_number;
 pub mod optout;
+pub mod page;
 pub mod policy;
 pub mod progress;
 pub mod register;
