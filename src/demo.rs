@@ -56,7 +56,7 @@ pub struct DemoOutcome {
     pub store: PathBuf,
     pub report: synth::SynthReport,
     pub collection: CollectSummary,
-    pub ndoo: crate::optout::ndoo::IngestReport,
+    pub ndoo: crate::optout::ingest::IngestReport,
     /// Hospital spells and death registrations linked at their providers.
     pub linked: Vec<crate::link::LinkReceipt>,
     pub questions: Vec<Question>,
@@ -264,7 +264,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         quarantine: None,
         accept_shrink: false,
     })?;
-    let ndoo = crate::optout::ndoo::ingest(
+    let ndoo = crate::optout::ingest::ingest(
         &extracts.join("national/ndoo.csv"),
         &store,
         &key,

@@ -352,7 +352,7 @@ fn ingest_ndoo(
     extract: &Path,
     collected: &CollectOptions,
 ) -> anyhow::Result<()> {
-    crate::optout::ndoo::ingest(
+    crate::optout::ingest::ingest(
         &extract.join("national/ndoo.csv"),
         &collected.store,
         &collected.key,

@@ -39,7 +39,7 @@ fn classify<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a dyn 
         Some(e)
     } else if let Some(e) = cause.downcast_ref::<gpdp::extract::ExtractError>() {
         Some(e)
-    } else if let Some(e) = cause.downcast_ref::<gpdp::optout::ndoo::OptoutError>() {
+    } else if let Some(e) = cause.downcast_ref::<gpdp::optout::list::OptoutError>() {
         Some(e)
     } else if let Some(e) = cause.downcast_ref::<gpdp::tre::TreError>() {
         Some(e)

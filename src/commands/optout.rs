@@ -14,7 +14,8 @@ pub fn ingest(args: OptoutIngestArgs) -> anyhow::Result<()> {
         accept_shrink,
     } = args;
     let policy = CollectionPolicy::load(None)?;
-    let r = gpdp::optout::ndoo::ingest(&ndoo, &store, &key, skip_invalid, accept_shrink, &policy)?;
+    let r =
+        gpdp::optout::ingest::ingest(&ndoo, &store, &key, skip_invalid, accept_shrink, &policy)?;
     if r.unchanged {
         println!(
             "National Data Opt-out list unchanged: {} patients (store generation {})",

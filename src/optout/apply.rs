@@ -25,7 +25,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::ndoo::{OptoutError, read_numbers, refuse_invalid};
+use super::list::{OptoutError, read_numbers, refuse_invalid};
 use crate::deid::key::CollectionKey;
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
 use crate::policy::Codec;
