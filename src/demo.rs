@@ -68,7 +68,7 @@ pub struct DemoOutcome {
     /// The public register, `register.html` (beside it, `register.json`).
     pub register_page: PathBuf,
     /// The audit log's head, as the operator would publish it.
-    pub head: crate::store::audit::Head,
+    pub head: crate::store::log::Head,
     /// A patient's own answer at the practice: the first later Type 1 request.
     pub status: crate::optout::status::Status,
     pub flight: FlightAnswer,

@@ -53,7 +53,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::BadInput;
 use crate::policy::tre::TrePolicy;
-use crate::store::audit::AuditLog;
+use crate::store::log::AuditLog;
 use crate::tre::{self, TreError};
 
 /// The catalog name under which each project's views are listed.

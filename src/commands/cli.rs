@@ -259,7 +259,7 @@ pub struct AuditArgs {
     /// (`log_extends_head`) unless the log still extends it, which
     /// catches a log and store rolled back together.
     #[arg(long, value_name = "HEAD")]
-    pub expect_head: Option<gpdp::store::audit::Head>,
+    pub expect_head: Option<gpdp::store::log::Head>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

@@ -33,7 +33,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::policy::tre::TrePolicy;
-use crate::store::audit::{AuditLog, Head};
+use crate::store::log::{AuditLog, Head};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Register {

@@ -22,9 +22,9 @@
 //! whole run; readers (the TRE) need no lock because files are never
 //! modified in place.
 
-pub mod audit;
 pub mod delete;
 pub mod guard;
+pub mod log;
 pub mod parquet;
 pub mod schema;
 pub mod verify;
@@ -40,7 +40,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use self::audit::{AuditError, AuditLog};
+use self::log::{AuditError, AuditLog};
 use crate::deid::pseudonym::{Pseudonym, patient_key};
 use crate::digest::hex;
 use crate::error::{Classify, ExitStatus};

@@ -226,7 +226,7 @@ pub fn verify(store: &Path, manifest: &Manifest, project: &Project) -> Result<()
     if bad.is_empty() {
         return Ok(());
     }
-    let _ = crate::store::audit::AuditLog::at(store).append(&[serde_json::json!({
+    let _ = crate::store::log::AuditLog::at(store).append(&[serde_json::json!({
         "event": "store_corrupt",
         "time": crate::store::now_rfc3339(),
         "generation": manifest.generation,
