@@ -16,7 +16,8 @@
 //!
 //! The folders follow the roles:
 //! - here, the request pipeline: the modules above, and this module's
-//!   entry points ([`query`], [`describe`]) and the request's line in the audit log (`log_request`);
+//!   entry points ([`query`], [`describe`]) and the request's line in the
+//!   audit log (`log_request`);
 //! - [`control`] — the disclosure-control rule sets: thresholds, rounding
 //!   and dominance ([`control::sdc`]); the cell key method, whose
 //!   perturbation follows who contributes to each cell
