@@ -22,7 +22,7 @@ use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, from_slice};
 use crate::error::{Classify, ExitStatus};
 use crate::nhs_number::NhsNumber;
 use crate::store::StoreError;
-use crate::store::audit::{AuditError, AuditLog, Head, Verified};
+use crate::store::log::{AuditError, AuditLog, Head, Verified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditFailure {

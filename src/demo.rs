@@ -56,7 +56,7 @@ pub struct DemoOutcome {
     pub store: PathBuf,
     pub report: synth::SynthReport,
     pub collection: CollectSummary,
-    pub ndoo: crate::optout::ndoo::IngestReport,
+    pub ndoo: crate::optout::ingest::IngestReport,
     /// Hospital spells and death registrations linked at their providers.
     pub linked: Vec<crate::link::LinkReceipt>,
     pub questions: Vec<Question>,
@@ -68,7 +68,7 @@ pub struct DemoOutcome {
     /// The public register, `register.html` (beside it, `register.json`).
     pub register_page: PathBuf,
     /// The audit log's head, as the operator would publish it.
-    pub head: crate::store::audit::Head,
+    pub head: crate::store::log::Head,
     /// A patient's own answer at the practice: the first later Type 1 request.
     pub status: crate::optout::status::Status,
     pub flight: FlightAnswer,
@@ -103,8 +103,7 @@ fn ask_over_flight(store: &Path, policy: &TrePolicy) -> anyhow::Result<FlightAns
         let server = tokio::spawn(crate::serve::serve(
             store.to_owned(),
             policy.clone(),
-            "127.0.0.1:0".parse()?,
-            None,
+            crate::serve::Listen::new("127.0.0.1:0".parse()?, false, None)?,
             move |addr| {
                 let _ = addr_tx.send(addr);
             },
@@ -265,7 +264,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         quarantine: None,
         accept_shrink: false,
     })?;
-    let ndoo = crate::optout::ndoo::ingest(
+    let ndoo = crate::optout::ingest::ingest(
         &extracts.join("national/ndoo.csv"),
         &store,
         &key,

@@ -16,10 +16,13 @@
 //! 7. [`optout`] — the Type 1 and National Data Opt-out rules.
 //! 8. [`demo`] — every stage on an embedded default.
 //!
-//! [`nhs_number`] and [`calendar`] are shared by several stages.
+//! [`nhs_number`], [`calendar`] and [`digest`] (hex and SHA-256) are shared
+//! by several stages.
 //!
-//! [`error`] maps every failure to the exit statuses of the interface
-//! contract; [`progress`] draws progress bars on a terminal.
+//! [`error`] defines the exit statuses of the interface contract and the
+//! [`error::Classify`] trait by which each layer's error names its status
+//! (the binary, above every layer, walks an error's chain to find it);
+//! [`progress`] draws progress bars on a terminal.
 
 pub mod audit;
 pub mod bench;
@@ -27,11 +30,13 @@ pub mod calendar;
 pub mod collect;
 pub mod deid;
 pub mod demo;
+pub mod digest;
 pub mod error;
 pub mod extract;
 pub mod link;
 pub mod nhs_number;
 pub mod optout;
+pub mod page;
 pub mod policy;
 pub mod progress;
 pub mod register;

@@ -51,8 +51,9 @@ use serde_json::json;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::error::BadInput;
 use crate::policy::tre::TrePolicy;
-use crate::store::audit::AuditLog;
+use crate::store::log::AuditLog;
 use crate::tre::{self, TreError};
 
 /// The catalog name under which each project's views are listed.
@@ -100,7 +101,7 @@ fn random_token() -> Result<String, Status> {
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| Status::internal("no randomness for a session token"))?;
-    Ok(crate::deid::pseudonym::hex(&bytes))
+    Ok(crate::digest::hex(&bytes))
 }
 
 /// A TRE error as a Flight status: refusals carry their rule (and
@@ -555,16 +556,42 @@ fn stream_batch(
     Ok(Response::new(Box::pin(stream)))
 }
 
-/// Whether an address is loopback (the default and the only one served
-/// without `--allow-remote`).
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
-}
-
 /// A certificate chain and private key (PEM) to serve TLS with.
 pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// Where the service listens, checked once: loopback, or another address
+/// only when remote access is allowed and TLS is configured, because a
+/// researcher's token must never cross a network in clear text. [`serve`]
+/// takes only this, so no caller can skip the rule.
+pub struct Listen {
+    addr: SocketAddr,
+    tls: Option<Tls>,
+}
+
+impl Listen {
+    pub fn new(addr: SocketAddr, allow_remote: bool, tls: Option<Tls>) -> Result<Listen, BadInput> {
+        if !addr.ip().is_loopback() && (!allow_remote || tls.is_none()) {
+            let why = if allow_remote {
+                "--allow-remote needs TLS (--tls-cert and --tls-key): tokens must not cross a network in clear text"
+            } else {
+                "gpdp serve listens on loopback only (127.0.0.1 or ::1); another address needs --allow-remote with TLS (--tls-cert and --tls-key)"
+            };
+            return Err(BadInput(format!("{addr}: {why}")));
+        }
+        Ok(Listen { addr, tls })
+    }
+
+    /// The URL scheme clients connect with.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "grpc+tls"
+        } else {
+            "grpc"
+        }
+    }
 }
 
 /// Serves until `shutdown` completes; in-flight requests finish first.
@@ -572,12 +599,12 @@ pub struct Tls {
 pub async fn serve(
     store: PathBuf,
     policy: TrePolicy,
-    listen: SocketAddr,
-    tls: Option<Tls>,
+    listen: Listen,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     crate::store::read_manifest(&store)?;
+    let Listen { addr: listen, tls } = listen;
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
         let read = |p: &PathBuf| {

@@ -352,7 +352,7 @@ fn ingest_ndoo(
     extract: &Path,
     collected: &CollectOptions,
 ) -> anyhow::Result<()> {
-    crate::optout::ndoo::ingest(
+    crate::optout::ingest::ingest(
         &extract.join("national/ndoo.csv"),
         &collected.store,
         &collected.key,
@@ -556,7 +556,7 @@ impl BenchReport {
                 series(&|m| m.peak_memory_mib),
             ),
         ] {
-            page += &crate::report::html::bar_chart(title, &labels, &values, unit, None)?;
+            page += &crate::page::bar_chart(title, &labels, &values, unit, None)?;
         }
         if self.thread_scaling.len() > 1 {
             let labels: Vec<String> = self
@@ -569,7 +569,7 @@ impl BenchReport {
                 .iter()
                 .map(|r| r.collect.rows_per_second / 1e6)
                 .collect();
-            page += &crate::report::html::bar_chart(
+            page += &crate::page::bar_chart(
                 "Collection throughput by thread count (scale 1)",
                 &labels,
                 &values,
@@ -587,7 +587,7 @@ impl BenchReport {
                 })
                 .collect();
             let values: Vec<f64> = self.privacy.iter().map(|m| 100.0 * m.accuracy).collect();
-            page += &crate::report::html::bar_chart(
+            page += &crate::page::bar_chart(
                 "What an attacker learns about one person, by budget spent on them (the line: guessing)",
                 &labels,
                 &values,

@@ -28,7 +28,8 @@ use self::practice::{Context, Exclusions, Inputs, Staged, collect_practice, scan
 use self::receipt::Receipt;
 use crate::deid::generalise::{LookupError, PostcodeLookup};
 use crate::deid::key::{CollectionKey, KeyError};
-use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, hex};
+use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
+use crate::digest::hex;
 use crate::error::{Classify, ExitStatus};
 use crate::extract::{ExtractError, PracticeExtract, Table, TableReader};
 use crate::nhs_number::NhsNumber;

@@ -25,7 +25,8 @@ use ahash::RandomState;
 
 use crate::calendar::{Day, parse_date, parse_ymd};
 use crate::deid::generalise::{PostcodeLookup, generalise_ymd};
-use crate::deid::pseudonym::{Pseudonym, Pseudonymiser, hex};
+use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
+use crate::digest::hex;
 use crate::extract::{ExtractError, Kind, PracticeExtract, Table, TableReader, line_of};
 use crate::nhs_number::NhsNumber;
 use crate::optout::type1::{Type1Code, Type1State};

@@ -3,8 +3,12 @@
 //! its counts goes into the audit log.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
+
+use crate::store::Manifest;
 
 /// Time spent in each stage of one practice's collection, in seconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -86,4 +90,18 @@ impl Receipt {
     pub fn quarantined_total(&self) -> u64 {
         self.quarantined.values().sum()
     }
+}
+
+/// Every receipt of the batches in force, as the manifest lists them.
+pub fn read_receipts(store: &Path, manifest: &Manifest) -> anyhow::Result<Vec<Receipt>> {
+    manifest
+        .batches
+        .values()
+        .map(|b| {
+            let path = store.join(&b.receipt);
+            let text =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+        })
+        .collect()
 }

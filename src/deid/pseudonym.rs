@@ -65,7 +65,7 @@ impl Pseudonymiser {
     /// revealing anything about the key.
     pub fn key_id(&self) -> String {
         let derived = self.sign(KEY_ID_DOMAIN, b"");
-        crate::policy::sha256_hex(&derived)[..16].to_owned()
+        crate::digest::sha256_hex(&derived)[..16].to_owned()
     }
 }
 
@@ -82,10 +82,6 @@ pub fn patient_key(id: &Pseudonym) -> i64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&id[..8]);
     i64::from_be_bytes(b)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -122,7 +118,7 @@ mod tests {
         assert_ne!(a.patient(&nhs), a.practice("9434765919"));
         assert_ne!(a.key_id(), b.key_id());
         assert_eq!(a.key_id().len(), 16);
-        assert!(!a.key_id().contains(&hex(&[1u8; 8])));
+        assert!(!a.key_id().contains(&crate::digest::hex(&[1u8; 8])));
     }
 
     proptest! {

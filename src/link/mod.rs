@@ -29,7 +29,7 @@ use std::time::Instant;
 use arrow::array::{
     ArrayRef, Date32Builder, FixedSizeBinaryBuilder, Int64Builder, RecordBatch, StringBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use serde::Serialize;
 use serde_json::json;
 
@@ -345,36 +345,8 @@ fn batch_id(p: &Pseudonymiser, policy: &CollectionPolicy, source: Source, input:
     format!(
         "{}-{}",
         source.name(),
-        &crate::policy::sha256_hex(text.as_bytes())[..16]
+        &crate::digest::sha256_hex(text.as_bytes())[..16]
     )
-}
-
-/// The built-in collection policy's actions for a source (what an empty
-/// TRE view of a source not yet linked looks like).
-pub fn default_actions(source: Source) -> Result<Vec<Action>, crate::tre::TreError> {
-    let policy = CollectionPolicy::load(None).map_err(crate::tre::TreError::internal)?;
-    Ok(policy.linked_actions(source).unwrap_or_default().to_vec())
-}
-
-/// The stored columns: the pseudonym and its key, then every column the
-/// policy keeps or generalises, typed.
-pub fn stored_schema(source: Source, actions: &[Action]) -> SchemaRef {
-    let mut fields = vec![
-        Field::new("patient_id", DataType::FixedSizeBinary(32), false),
-        Field::new("patient_key", DataType::Int64, false),
-    ];
-    for (c, a) in source.columns().iter().zip(actions) {
-        if matches!(a, Action::Drop | Action::Pseudonymise) {
-            continue;
-        }
-        let data_type = match c.kind {
-            Kind::Date | Kind::BirthDate => DataType::Date32,
-            Kind::Number => DataType::Int64,
-            _ => DataType::Utf8,
-        };
-        fields.push(Field::new(c.name, data_type, !c.required));
-    }
-    Arc::new(Schema::new(fields))
 }
 
 /// One column being built.
@@ -500,7 +472,7 @@ fn write_source(
                 .push(format!("{h} (not in the format)"));
         }
     }
-    let schema = stored_schema(source, actions);
+    let schema = crate::store::schema::linked_schema(source, actions);
     let mut writer = crate::store::parquet::Writer::create(out, schema.clone(), codec)
         .map_err(|e| write_err(e.to_string()))?;
     let kept: Vec<(usize, &Column, Option<Rule>)> = columns

@@ -22,9 +22,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use serde_json::json;
+use serde::Serialize;
+use serde_json::{Value, json};
 
-use super::ndoo::{OptoutError, read_numbers, refuse_invalid};
+use super::list::{OptoutError, read_numbers, refuse_invalid};
 use crate::deid::key::CollectionKey;
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
 use crate::policy::Codec;
@@ -181,6 +182,42 @@ pub fn apply(
     report.generation = store.manifest.generation;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// What `gpdp optout apply` has done over the store's life, folded from
+/// the audit log's `delete` entries it wrote.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LaterOptouts {
+    /// `gpdp optout apply` runs that changed the store.
+    pub runs: u64,
+    pub patients_deleted: u64,
+    pub rows_removed: u64,
+    /// Lines pending after the last run (invalid, awaiting correction).
+    pub pending: u64,
+    pub latency_median_seconds_last_run: Option<f64>,
+    pub latency_max_seconds: Option<f64>,
+}
+
+/// Type 1 opt-outs applied after collection, from the log's `delete`
+/// entries (also the public register's figures).
+pub fn later_optouts(log: &[Value]) -> LaterOptouts {
+    let mut later = LaterOptouts::default();
+    for e in log
+        .iter()
+        .filter(|e| e["event"] == "delete" && e["reason"] == "type1_request")
+    {
+        later.runs += 1;
+        later.patients_deleted += e["tombstones_added"].as_u64().unwrap_or(0);
+        later.rows_removed += e["rows_removed"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        later.pending = e["pending"].as_u64().unwrap_or(0);
+        later.latency_median_seconds_last_run = e["latency_median_seconds"].as_f64();
+        if let Some(m) = e["latency_max_seconds"].as_f64() {
+            later.latency_max_seconds = Some(later.latency_max_seconds.map_or(m, |x| x.max(m)));
+        }
+    }
+    later
 }
 
 #[cfg(test)]

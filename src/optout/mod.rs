@@ -2,6 +2,7 @@
 //! and whose data a project may see (National Data Opt-out).
 
 pub mod apply;
-pub mod ndoo;
+pub mod ingest;
+pub mod list;
 pub mod status;
 pub mod type1;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 pub mod tre;
@@ -349,7 +349,7 @@ impl CollectionPolicy {
             actions,
             linked,
             guards,
-            sha256: sha256_hex(text.as_bytes()),
+            sha256: crate::digest::sha256_hex(text.as_bytes()),
         })
     }
 
@@ -490,9 +490,33 @@ pub(crate) fn syntax_error(e: toml::de::Error, text: &str, path: &Path) -> Polic
     }
 }
 
-/// SHA-256 as lowercase hex (ring, the same implementation that hashes files).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    crate::deid::pseudonym::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+/// One extract column and what collection does to it, in words (for the
+/// report and the public register).
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnAction {
+    pub table: String,
+    pub column: String,
+    pub action: String,
+}
+
+/// What the collection policy does to each extract column, in words.
+pub fn column_actions(policy: &CollectionPolicy) -> Vec<ColumnAction> {
+    let mut columns = Vec::new();
+    for table in Table::ALL {
+        for (column, action) in table.columns().iter().zip(policy.actions(table)) {
+            columns.push(ColumnAction {
+                table: table.name().to_owned(),
+                column: column.name.to_owned(),
+                action: match action {
+                    Action::Pseudonymise => "pseudonymise".to_owned(),
+                    Action::Generalise(rule) => format!("generalise ({rule:?})").to_lowercase(),
+                    Action::Keep => "keep".to_owned(),
+                    Action::Drop => "drop".to_owned(),
+                },
+            });
+        }
+    }
+    columns
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{PolicyError, read_or_default, sha256_hex, syntax_error};
+use super::{PolicyError, read_or_default, syntax_error};
+use crate::digest::sha256_hex;
 
 pub const DEFAULT_TRE_POLICY: &str = include_str!("../../policies/tre.toml");
 

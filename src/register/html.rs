@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::Register;
-use crate::report::html::{STYLE, esc, kv_table};
+use crate::page::{STYLE, esc, kv_table};
 
 /// The whole page.
 pub fn render(r: &Register) -> String {

@@ -33,7 +33,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::policy::tre::TrePolicy;
-use crate::store::audit::{AuditLog, Head};
+use crate::store::log::{AuditLog, Head};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Register {
@@ -52,7 +52,7 @@ pub struct Register {
     pub released_queries: Vec<ReleasedQuery>,
     pub optouts: OptoutFigures,
     /// What leaves a practice, column by column (the collection policy).
-    pub collected: Vec<crate::report::ColumnAction>,
+    pub collected: Vec<crate::policy::ColumnAction>,
     /// Categories of codes that never leave a practice.
     pub never_collected_codes: Vec<String>,
 }
@@ -164,7 +164,7 @@ pub fn build(store: &Path, policy: &TrePolicy) -> anyhow::Result<Register> {
         collection.excluded_codes.values().cloned().collect();
     Ok(Register {
         schema: "gpdp-register/1",
-        collected: crate::report::column_actions(&collection),
+        collected: crate::policy::column_actions(&collection),
         never_collected_codes: never_collected_codes.into_iter().collect(),
         generated_at: crate::store::now_rfc3339(),
         store_generation: manifest.generation,
@@ -293,9 +293,9 @@ fn optout_figures(
     log: &[Value],
 ) -> anyhow::Result<OptoutFigures> {
     // The same figures as `gpdp report`'s opt-out section, by the same code.
-    let later = crate::report::later_optouts(log);
+    let later = crate::optout::apply::later_optouts(log);
     Ok(OptoutFigures {
-        type1_withheld_at_collection: crate::report::read_receipts(store, manifest)?
+        type1_withheld_at_collection: crate::collect::receipt::read_receipts(store, manifest)?
             .iter()
             .map(|r| r.type1_excluded_patients)
             .sum(),

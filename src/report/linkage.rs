@@ -264,7 +264,7 @@ fn deaths(
 
 /// The section of the page.
 pub fn render(l: &Linkage) -> anyhow::Result<String> {
-    use super::html::{bar_chart, esc, kv_table};
+    use crate::page::{bar_chart, esc, kv_table};
     use std::fmt::Write as _;
     let mut h = String::from(
         "<h2>7. Linked data: linkage quality and its bias</h2><p>Hospital spells (<code>apcs</code>) and death registrations (<code>ons_deaths</code>) are linked on the pseudonym of the NHS number the provider recorded. A record <i>should</i> link when its person's GP data is in the store; it does when that number was recorded validly. The records that do not are not missed at random: whatever a researcher estimates from linked data inherits this.</p>",

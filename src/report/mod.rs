@@ -35,10 +35,11 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::collect::receipt::Receipt;
+use crate::collect::receipt::{Receipt, read_receipts};
 use crate::extract::Table;
+use crate::optout::apply::{LaterOptouts, later_optouts};
 use crate::policy::tre::TrePolicy;
-use crate::policy::{Action, CollectionPolicy};
+use crate::policy::{CollectionPolicy, ColumnAction, column_actions};
 use crate::store::Manifest;
 
 #[derive(Debug, Clone, Serialize)]
@@ -131,13 +132,6 @@ fn held_inputs(log: &[Value]) -> Vec<HeldInput> {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ColumnAction {
-    pub table: String,
-    pub column: String,
-    pub action: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
 pub struct Optouts {
     /// Patients withheld at source because of a Type 1 dissent at their practice.
     pub type1_at_source: u64,
@@ -149,18 +143,6 @@ pub struct Optouts {
     pub projects: Vec<ProjectPopulation>,
     /// The audit's checks (against the truth when `--truth` and `--key` are given).
     pub audit: crate::audit::AuditReport,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct LaterOptouts {
-    /// `gpdp optout apply` runs that changed the store.
-    pub runs: u64,
-    pub patients_deleted: u64,
-    pub rows_removed: u64,
-    /// Lines pending after the last run (invalid, awaiting correction).
-    pub pending: u64,
-    pub latency_median_seconds_last_run: Option<f64>,
-    pub latency_max_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -385,61 +367,6 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<(PathBuf, PathBuf)> 
     std::fs::write(&page, html::render(report)?)
         .with_context(|| format!("writing {}", page.display()))?;
     Ok((json, page))
-}
-
-/// What the collection policy does to each extract column, in words.
-pub fn column_actions(policy: &CollectionPolicy) -> Vec<ColumnAction> {
-    let mut columns = Vec::new();
-    for table in Table::ALL {
-        for (column, action) in table.columns().iter().zip(policy.actions(table)) {
-            columns.push(ColumnAction {
-                table: table.name().to_owned(),
-                column: column.name.to_owned(),
-                action: match action {
-                    Action::Pseudonymise => "pseudonymise".to_owned(),
-                    Action::Generalise(rule) => format!("generalise ({rule:?})").to_lowercase(),
-                    Action::Keep => "keep".to_owned(),
-                    Action::Drop => "drop".to_owned(),
-                },
-            });
-        }
-    }
-    columns
-}
-
-/// Type 1 opt-outs applied after collection, from the log's `delete`
-/// entries (also the public register's figures).
-pub(crate) fn later_optouts(log: &[Value]) -> LaterOptouts {
-    let mut later = LaterOptouts::default();
-    for e in log
-        .iter()
-        .filter(|e| e["event"] == "delete" && e["reason"] == "type1_request")
-    {
-        later.runs += 1;
-        later.patients_deleted += e["tombstones_added"].as_u64().unwrap_or(0);
-        later.rows_removed += e["rows_removed"]
-            .as_object()
-            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-        later.pending = e["pending"].as_u64().unwrap_or(0);
-        later.latency_median_seconds_last_run = e["latency_median_seconds"].as_f64();
-        if let Some(m) = e["latency_max_seconds"].as_f64() {
-            later.latency_max_seconds = Some(later.latency_max_seconds.map_or(m, |x| x.max(m)));
-        }
-    }
-    later
-}
-
-pub(crate) fn read_receipts(store: &Path, manifest: &Manifest) -> anyhow::Result<Vec<Receipt>> {
-    manifest
-        .batches
-        .values()
-        .map(|b| {
-            let path = store.join(&b.receipt);
-            let text =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
-        })
-        .collect()
 }
 
 /// The audit log's entries, read as they are (the chain is checked separately).

@@ -144,7 +144,7 @@ pub fn shown(given: Option<&Path>, policy_sha256: &str) -> anyhow::Result<Shown>
 /// The report's section: the padding attack by budget and the
 /// reconstruction curves, each beside what guessing gets.
 pub fn render(shown: &Shown) -> anyhow::Result<String> {
-    use super::html::{bar_chart, esc, line_chart};
+    use crate::page::{bar_chart, esc, line_chart};
     let m = &shown.measurement;
     let mut h = String::from("<h3>What an attacker learns, measured against the truth</h3>");
     h += &format!(

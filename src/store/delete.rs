@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 
 use super::parquet::{Rewrite, patient_ids, rewrite_without};
 use super::{FileEntry, Manifest, Store, StoreError, Tombstone, pq_err};
-use crate::deid::pseudonym::{Pseudonym, hex, patient_key};
+use crate::deid::pseudonym::{Pseudonym, patient_key};
+use crate::digest::hex;
 use crate::extract::Table;
 use crate::policy::Codec;
 

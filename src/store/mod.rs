@@ -22,10 +22,11 @@
 //! whole run; readers (the TRE) need no lock because files are never
 //! modified in place.
 
-pub mod audit;
 pub mod delete;
 pub mod guard;
+pub mod log;
 pub mod parquet;
+pub mod schema;
 pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -39,8 +40,9 @@ use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use self::audit::{AuditError, AuditLog};
-use crate::deid::pseudonym::{Pseudonym, hex, patient_key};
+use self::log::{AuditError, AuditLog};
+use crate::deid::pseudonym::{Pseudonym, patient_key};
+use crate::digest::hex;
 use crate::error::{Classify, ExitStatus};
 use crate::extract::Table;
 use crate::policy::Codec;

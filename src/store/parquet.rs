@@ -94,10 +94,7 @@ impl Writer {
         let mut out = self.inner.into_inner()?;
         out.flush()?;
         out.file.sync_all()?;
-        Ok((
-            crate::deid::pseudonym::hex(out.digest.finish().as_ref()),
-            out.bytes,
-        ))
+        Ok((crate::digest::hex(out.digest.finish().as_ref()), out.bytes))
     }
 }
 

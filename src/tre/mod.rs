@@ -16,7 +16,8 @@
 //!
 //! The folders follow the roles:
 //! - here, the request pipeline: the modules above, and this module's
-//!   entry points ([`query`], [`describe`]) and the request's audit line;
+//!   entry points ([`query`], [`describe`]) and the request's line in the
+//!   audit log (`log_request`);
 //! - [`control`] — the disclosure-control rule sets: thresholds, rounding
 //!   and dominance ([`control::sdc`]); the cell key method, whose
 //!   perturbation follows who contributes to each cell
@@ -57,10 +58,10 @@ use arrow::datatypes::SchemaRef;
 use serde_json::json;
 
 use self::control::{ckm, dp};
-use crate::policy::sha256_hex;
+use crate::digest::sha256_hex;
 use crate::policy::tre::{Disclosure, TrePolicy};
 use crate::store::StoreError;
-use crate::store::audit::AuditLog;
+use crate::store::log::AuditLog;
 
 /// Removes anything that looks like a filesystem path from a message shown
 /// to a researcher.
@@ -86,7 +87,7 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
     let started = Instant::now();
     let mut fingerprint = String::new();
     let outcome = answer(policy, req, &mut fingerprint).await;
-    audit(
+    log_request(
         "query",
         req,
         &fingerprint,
@@ -105,7 +106,7 @@ pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreErr
 /// (`Some`) — including, for the operator, the rows withheld —, `described`
 /// (`None`), or `refused` / `failed` / `error` with the rule and reason. A
 /// path that is not a store has no log and must not gain one.
-fn audit(
+fn log_request(
     event: &str,
     req: &Request,
     fingerprint: &str,
@@ -277,7 +278,7 @@ pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, Tr
         let noise = g.dp.as_ref().map(|p| p.statistics.as_slice());
         control::released_schema(&g.release, noise).0
     });
-    audit(
+    log_request(
         "describe",
         req,
         &fingerprint,

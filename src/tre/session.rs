@@ -226,7 +226,7 @@ pub fn verify(store: &Path, manifest: &Manifest, project: &Project) -> Result<()
     if bad.is_empty() {
         return Ok(());
     }
-    let _ = crate::store::audit::AuditLog::at(store).append(&[serde_json::json!({
+    let _ = crate::store::log::AuditLog::at(store).append(&[serde_json::json!({
         "event": "store_corrupt",
         "time": crate::store::now_rfc3339(),
         "generation": manifest.generation,
@@ -312,7 +312,11 @@ pub async fn open(
             // Nothing linked yet: the view is there, and empty.
             None => Arc::new(
                 datafusion::datasource::MemTable::try_new(
-                    crate::link::stored_schema(source, &crate::link::default_actions(source)?),
+                    crate::store::schema::linked_schema(
+                        source,
+                        &crate::store::schema::default_linked_actions(source)
+                            .map_err(TreError::internal)?,
+                    ),
                     vec![vec![]],
                 )
                 .map_err(TreError::internal)?,

@@ -401,7 +401,7 @@ fn audit_log_intact_fails_when_a_refused_query_is_relabelled_released() {
 #[test]
 fn privacy_budgets_respected_fails_when_the_log_charges_past_a_budget() {
     let copy = copy_of_base();
-    gpdp::store::audit::AuditLog::at(&copy.store)
+    gpdp::store::log::AuditLog::at(&copy.store)
         .append(&[serde_json::json!({
             "event": "privacy_charge", "time": "2026-12-07T00:00:00Z", "user": "dana",
             "project": "demo-research", "rho": 0.5, "spent": 0.5, "budget": 0.4,
@@ -417,7 +417,7 @@ fn privacy_budgets_respected_fails_when_the_log_charges_past_a_budget() {
 #[test]
 fn log_extends_head_fails_when_the_log_is_rewritten_without_a_query() {
     let copy = copy_of_base();
-    let log = gpdp::store::audit::AuditLog::at(&copy.store);
+    let log = gpdp::store::log::AuditLog::at(&copy.store);
     let text = std::fs::read_to_string(log.path()).unwrap();
     let entries: Vec<Value> = text
         .lines()

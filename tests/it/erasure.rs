@@ -279,7 +279,7 @@ fn the_head_is_one_line_to_publish_and_a_rewritten_log_does_not_extend_it() {
     let lines: Vec<&str> = log.lines().collect();
     let rewritten_dir = c._dir.path().join("rewritten");
     copy_dir(&c.store, &rewritten_dir);
-    let rewritten = gpdp::store::audit::AuditLog::at(&rewritten_dir);
+    let rewritten = gpdp::store::log::AuditLog::at(&rewritten_dir);
     std::fs::write(rewritten.path(), "").unwrap();
     for (i, l) in lines.iter().enumerate() {
         let mut entry = serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone();

@@ -132,7 +132,7 @@ fn the_audit_replays_every_charge_and_fails_an_overspend_or_a_reset() {
         let copy = dir.path().join(name);
         copy_dir(&c.store, &copy);
         // Appended through the log's own API: the chain stays intact.
-        gpdp::store::audit::AuditLog::at(&copy)
+        gpdp::store::log::AuditLog::at(&copy)
             .append(&[line])
             .unwrap();
         let o = verify_log(&copy);
@@ -245,7 +245,7 @@ fn a_store_answers_under_one_perturbation_key_until_it_is_rotated() {
     // No key material in the log: ids only.
     for path in [&first, &second] {
         let bytes = std::fs::read(path).unwrap();
-        assert!(!log.contains(&gpdp::deid::pseudonym::hex(&bytes)));
+        assert!(!log.contains(&gpdp::digest::hex(&bytes)));
     }
     let o = verify_log(&c.store);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -407,7 +407,7 @@ fn released_cells_are_charged_and_stop_at_the_cell_budget() {
     let o = run(&["audit", "--store", c.store.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     // The control: an over-budget cell charge in the store's log fails it.
-    gpdp::store::audit::AuditLog::at(&c.store)
+    gpdp::store::log::AuditLog::at(&c.store)
         .append(&[serde_json::json!({"event": "cell_charge", "user": user, "project": "demo-planning-exempt",
             "cells": 3, "spent_cells": 8, "cell_budget": 5})])
         .unwrap();

@@ -257,7 +257,7 @@ impl World {
             text += &format!("{}\n", self.nhs[p]);
         }
         std::fs::write(&list, text).unwrap();
-        gpdp::optout::ndoo::ingest(
+        gpdp::optout::ingest::ingest(
             &list,
             &self.store(),
             &self.key(),

@@ -95,7 +95,7 @@ impl RecordKeys {
         RecordKeys {
             k0: u64::from_le_bytes(d[0..8].try_into().expect("8 bytes")),
             k1: u64::from_le_bytes(d[8..16].try_into().expect("8 bytes")),
-            id: crate::deid::pseudonym::hex(&id.as_ref()[..8]),
+            id: crate::digest::hex(&id.as_ref()[..8]),
         }
     }
 

@@ -44,7 +44,7 @@ use serde_json::{Value, json};
 
 use super::{Controlled, Noise, OperatorOnly, Z95, ordered_and_limited, released_schema};
 use crate::policy::tre::{Disclosure, DpParams, TrePolicy};
-use crate::store::audit::AuditLog;
+use crate::store::log::AuditLog;
 use crate::tre::checked::{Item, Predicate, Release, Source, SourceNode, StatKind, lineage_of};
 use crate::tre::error::Refusal;
 
@@ -377,7 +377,7 @@ pub fn charge(
     budget: f64,
     rho: f64,
     plan_fingerprint: &str,
-) -> Result<Result<Ledger, Refusal>, crate::store::audit::AuditError> {
+) -> Result<Result<Ledger, Refusal>, crate::store::log::AuditError> {
     let logged: Spending = AuditLog::at(store).fold(&LEDGER_LINES, Spending::add)?;
     if logged.generation.is_some_and(|g| g != generation) {
         return Ok(Err(Refusal::new(
@@ -389,7 +389,7 @@ pub fn charge(
         )));
     }
     if let Some(dir) = ledger.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| crate::store::audit::AuditError::Io {
+        std::fs::create_dir_all(dir).map_err(|source| crate::store::log::AuditError::Io {
             path: dir.to_owned(),
             source,
         })?;
@@ -462,9 +462,9 @@ pub fn charge_cells(
     budget: u64,
     cells: u64,
     plan_fingerprint: &str,
-) -> Result<Result<(), Refusal>, crate::store::audit::AuditError> {
+) -> Result<Result<(), Refusal>, crate::store::log::AuditError> {
     if let Some(dir) = ledger.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| crate::store::audit::AuditError::Io {
+        std::fs::create_dir_all(dir).map_err(|source| crate::store::log::AuditError::Io {
             path: dir.to_owned(),
             source,
         })?;

@@ -312,7 +312,7 @@ fn cell(b: &RecordBatch, col: &str, row: usize) -> String {
         return "NULL".into();
     }
     if let DataType::FixedSizeBinary(_) = c.data_type() {
-        return gpdp::deid::pseudonym::hex(c.as_fixed_size_binary().value(row));
+        return gpdp::digest::hex(c.as_fixed_size_binary().value(row));
     }
     let f = arrow::util::display::ArrayFormatter::try_new(
         c.as_ref(),
@@ -388,7 +388,7 @@ fn build_worlds() -> Worlds {
         let nhs = truth
             .iter()
             .map(|r| &r["nhs_number"])
-            .find(|n| gpdp::deid::pseudonym::hex(&pseudonym(KEY_BYTE, n)) == c[0])
+            .find(|n| gpdp::digest::hex(&pseudonym(KEY_BYTE, n)) == c[0])
             .expect("the target is in the truth")
             .clone();
         let key = &c[1];

@@ -69,7 +69,7 @@ fn bound_id(state: &mut Bound, entry: &serde_json::Value) {
 /// TRE over a copy) must not answer, and changing the key is a deliberate,
 /// logged step ([`rotate`]).
 pub fn bind(store: &Path, keys: &RecordKeys) -> Result<(), TreError> {
-    use crate::store::audit::AuditLog;
+    use crate::store::log::AuditLog;
     let outcome = AuditLog::at(store)
         .append_folded(&KEY_EVENTS, bound_id, |bound: &Bound| {
             match (bound.unreadable, &bound.id) {
@@ -102,7 +102,7 @@ pub fn rotate(
     to: &RecordKeys,
     reason: &str,
 ) -> Result<(), TreError> {
-    use crate::store::audit::AuditLog;
+    use crate::store::log::AuditLog;
     let outcome = AuditLog::at(store)
         .append_folded(&KEY_EVENTS, bound_id, |bound: &Bound| {
             match (bound.unreadable, &bound.id) {

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::policy::sha256_hex;
+use crate::digest::sha256_hex;
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 

@@ -1,0 +1,115 @@
+//! `gpdp optout ingest|apply|status`: the National Data Opt-out list,
+//! Type 1 opt-outs registered after collection, and a patient's own answer.
+
+use gpdp::policy::CollectionPolicy;
+
+use super::cli::{OptoutApplyArgs, OptoutIngestArgs, OptoutStatusArgs};
+
+pub fn ingest(args: OptoutIngestArgs) -> anyhow::Result<()> {
+    let OptoutIngestArgs {
+        ndoo,
+        store,
+        key,
+        skip_invalid,
+        accept_shrink,
+    } = args;
+    let policy = CollectionPolicy::load(None)?;
+    let r =
+        gpdp::optout::ingest::ingest(&ndoo, &store, &key, skip_invalid, accept_shrink, &policy)?;
+    if r.unchanged {
+        println!(
+            "National Data Opt-out list unchanged: {} patients (store generation {})",
+            r.patients, r.generation
+        );
+    } else {
+        println!(
+            "ingested the National Data Opt-out list: {} patients ({} lines, {} invalid skipped); store generation {}",
+            r.patients, r.listed, r.invalid, r.generation
+        );
+    }
+    Ok(())
+}
+
+pub fn apply(args: OptoutApplyArgs) -> anyhow::Result<()> {
+    let OptoutApplyArgs {
+        type1,
+        store,
+        key,
+        skip_invalid,
+        json,
+    } = args;
+    let codec = CollectionPolicy::load(None)?.codec;
+    let r = gpdp::optout::apply::apply(&type1, &store, &key, skip_invalid, codec)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let rows: u64 = r.rows_removed.values().sum();
+    if r.unchanged {
+        println!(
+            "Type 1 requests already applied: {} patients, nothing to delete (store generation {})",
+            r.patients, r.generation
+        );
+    } else {
+        println!(
+            "applied {} Type 1 opt-outs ({} already applied): {} rows of {} registrations deleted from {} practice batches ({} files rewritten); store generation {}",
+            r.applied,
+            r.already_applied,
+            rows,
+            r.registrations_deleted,
+            r.batches_rewritten,
+            r.files_rewritten,
+            r.generation
+        );
+        for (table, n) in &r.rows_removed {
+            println!("  {table}: {n} rows removed");
+        }
+    }
+    if let (Some(median), Some(max)) = (r.latency_median_seconds, r.latency_max_seconds) {
+        println!(
+            "request to deletion: median {}, longest {}",
+            human_duration(median),
+            human_duration(max)
+        );
+    }
+    println!(
+        "backlog: {} requests processed, {} pending{}; took {:.2} s",
+        r.requests - r.pending,
+        r.pending,
+        if r.pending > 0 {
+            " (invalid lines: correct them and run again)"
+        } else {
+            ""
+        },
+        r.seconds
+    );
+    Ok(())
+}
+
+pub fn status(args: OptoutStatusArgs) -> anyhow::Result<()> {
+    let OptoutStatusArgs {
+        nhs_number,
+        store,
+        key,
+        policy,
+        json,
+    } = args;
+    let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
+    let s = gpdp::optout::status::status(&nhs_number, &store, &key, &policy)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", s.to_text());
+    }
+    Ok(())
+}
+
+/// Seconds as the largest sensible unit.
+fn human_duration(seconds: f64) -> String {
+    match seconds {
+        s if s < 120.0 => format!("{s:.1} s"),
+        s if s < 7200.0 => format!("{:.1} min", s / 60.0),
+        s if s < 172_800.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.1} days", s / 86_400.0),
+    }
+}
