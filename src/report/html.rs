@@ -28,9 +28,22 @@ fn checks_table(checks: &[Check]) -> String {
     t + "</table>"
 }
 
-/// The whole page.
+/// The whole page: the verdict, then one section per part of the report.
 pub fn render(r: &Report) -> anyhow::Result<String> {
     let mut h = String::new();
+    header(r, &mut h);
+    collection(r, &mut h)?;
+    optouts(r, &mut h)?;
+    representativeness(r, &mut h)?;
+    reidentification(r, &mut h)?;
+    tre(r, &mut h)?;
+    throughput(r, &mut h)?;
+    h += "</body></html>\n";
+    Ok(h)
+}
+
+/// The page's head, title and the audit's verdict.
+fn header(r: &Report, h: &mut String) {
     let _ = write!(
         h,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gpdp report</title><style>{STYLE}</style></head><body>"
@@ -61,8 +74,10 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
             )
         }
     );
+}
 
-    // 1. De-identification on collection.
+/// 1. De-identification on collection.
+fn collection(r: &Report, h: &mut String) -> anyhow::Result<()> {
     let c = &r.collection;
     let _ = write!(
         h,
@@ -88,7 +103,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
     );
     let labels: Vec<String> = c.quarantined.keys().cloned().collect();
     let values: Vec<f64> = c.quarantined.values().map(|v| *v as f64).collect();
-    h += &bar_chart(
+    *h += &bar_chart(
         "Rows quarantined, by reason",
         &labels,
         &values,
@@ -98,7 +113,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
     let labels: Vec<String> = c.excluded_codes.keys().cloned().collect();
     let values: Vec<f64> = c.excluded_codes.values().map(|v| *v as f64).collect();
     if !labels.is_empty() {
-        h += &bar_chart(
+        *h += &bar_chart(
             "Rows dropped for excluded codes, by category",
             &labels,
             &values,
@@ -106,11 +121,11 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
             None,
         )?;
     }
-    h += "<p>What the policy does with every column";
+    *h += "<p>What the policy does with every column";
     if !c.policy_is_builtin {
-        h += " (the built-in policy's actions; the batches were collected under the policy hashes above)";
+        *h += " (the built-in policy's actions; the batches were collected under the policy hashes above)";
     }
-    h += ":</p><table><tr><th>table</th><th>column</th><th>action</th></tr>";
+    *h += ":</p><table><tr><th>table</th><th>column</th><th>action</th></tr>";
     for col in &c.columns {
         let _ = write!(
             h,
@@ -120,12 +135,12 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
             esc(&col.action)
         );
     }
-    h += "</table><p>Checks that no direct identifier reached the store:</p>";
-    h += &checks_table(&c.identifier_checks);
+    *h += "</table><p>Checks that no direct identifier reached the store:</p>";
+    *h += &checks_table(&c.identifier_checks);
     if c.held.is_empty() {
-        h += "<p>No input is held by the shrink guards.</p>";
+        *h += "<p>No input is held by the shrink guards.</p>";
     } else {
-        h += "<p>Inputs held by the shrink guards (the batch or source in force stays until an input that looks whole, or one taken with <code>--accept-shrink</code>):</p><table><tr><th>when</th><th>command</th><th>practice or source</th><th>rule</th><th>why</th></tr>";
+        *h += "<p>Inputs held by the shrink guards (the batch or source in force stays until an input that looks whole, or one taken with <code>--accept-shrink</code>):</p><table><tr><th>when</th><th>command</th><th>practice or source</th><th>rule</th><th>why</th></tr>";
         for held in &c.held {
             let _ = write!(
                 h,
@@ -137,10 +152,14 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
                 esc(&held.detail)
             );
         }
-        h += "</table>";
+        *h += "</table>";
     }
+    Ok(())
+}
 
-    // 2. Opt-outs.
+/// 2. Opt-outs.
+fn optouts(r: &Report, h: &mut String) -> anyhow::Result<()> {
+    let audit = &r.optouts.audit;
     let o = &r.optouts;
     let _ = write!(
         h,
@@ -191,17 +210,20 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
         .iter()
         .map(|p| p.registered_patients.unwrap_or(0) as f64)
         .collect();
-    h += &bar_chart(
+    *h += &bar_chart(
         "Registered patients each project's views show (the NDOO filter at work)",
         &labels,
         &values,
         "patients",
         None,
     )?;
-    h += "<p>The audit:</p>";
-    h += &checks_table(&audit.checks);
+    *h += "<p>The audit:</p>";
+    *h += &checks_table(&audit.checks);
+    Ok(())
+}
 
-    // 3. Representativeness.
+/// 3. Representativeness.
+fn representativeness(r: &Report, h: &mut String) -> anyhow::Result<()> {
     let rep = &r.representativeness;
     let _ = write!(
         h,
@@ -215,7 +237,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
     for d in &rep.dimensions {
         let labels: Vec<String> = d.groups.iter().map(|g| g.value.clone()).collect();
         let values: Vec<f64> = d.groups.iter().map(|g| 100.0 * g.retained_share).collect();
-        h += &bar_chart(
+        *h += &bar_chart(
             &format!(
                 "Share retained by {} (line: overall {})",
                 d.name,
@@ -226,7 +248,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
             "% retained",
             Some(100.0 * rep.retained_share),
         )?;
-        h += "<table><tr><th>group</th><th>population</th><th>research</th><th>retained</th><th>difference</th></tr>";
+        *h += "<table><tr><th>group</th><th>population</th><th>research</th><th>retained</th><th>difference</th></tr>";
         for g in &d.groups {
             let _ = write!(
                 h,
@@ -238,10 +260,13 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
                 g.difference_pp
             );
         }
-        h += "</table>";
+        *h += "</table>";
     }
+    Ok(())
+}
 
-    // 4. Re-identification risk.
+/// 4. Re-identification risk.
+fn reidentification(r: &Report, h: &mut String) -> anyhow::Result<()> {
     let k = &r.reidentification;
     let _ = write!(
         h,
@@ -275,16 +300,19 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
             }
         })
         .collect();
-    h += &bar_chart(
+    *h += &bar_chart(
         "Records by the size of their equivalence class",
         &labels,
         &values,
         "% of records",
         None,
     )?;
-    h += "<p class=\"note\">These records never leave the TRE: researchers get aggregates only, with disclosure control. The figures say how much the boundary has to protect.</p>";
+    *h += "<p class=\"note\">These records never leave the TRE: researchers get aggregates only, with disclosure control. The figures say how much the boundary has to protect.</p>";
+    Ok(())
+}
 
-    // 5. The TRE.
+/// 5. The TRE.
+fn tre(r: &Report, h: &mut String) -> anyhow::Result<()> {
     let t = &r.tre;
     let _ = write!(
         h,
@@ -321,14 +349,14 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
         labels.push(format!("refused: {rule}"));
         values.push(*n as f64);
     }
-    h += &bar_chart(
+    *h += &bar_chart(
         "Queries by outcome (refusals by rule)",
         &labels,
         &values,
         "queries",
         None,
     )?;
-    h += "<h3>Researchers' effective guarantees</h3><table><tr><th>researcher</th><th>projects (rule set)</th><th>effective guarantee</th></tr>";
+    *h += "<h3>Researchers' effective guarantees</h3><table><tr><th>researcher</th><th>projects (rule set)</th><th>effective guarantee</th></tr>";
     for res in &t.researchers {
         let projects: Vec<String> = res
             .projects
@@ -350,9 +378,9 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
                 ))
         );
     }
-    h += "</table><p class=\"note\">A researcher's guarantee is the weakest rule set among the projects they reach, since all of them are over the same patients: ρ-bounded (<code>dp</code>) is stronger than the cell key method (<code>ckm</code>: bounded noise, not differential privacy), which is stronger than deterministic rules (<code>acro</code>, <code>opensafely</code>: output checking needed). The policy refuses a <code>dp</code> project beside another rule set without a recorded <code>mixed_rules_reason</code>.</p>";
+    *h += "</table><p class=\"note\">A researcher's guarantee is the weakest rule set among the projects they reach, since all of them are over the same patients: ρ-bounded (<code>dp</code>) is stronger than the cell key method (<code>ckm</code>: bounded noise, not differential privacy), which is stronger than deterministic rules (<code>acro</code>, <code>opensafely</code>: output checking needed). The policy refuses a <code>dp</code> project beside another rule set without a recorded <code>mixed_rules_reason</code>.</p>";
     if !t.privacy_budgets.is_empty() {
-        h += "<h3>Privacy budgets (differential privacy)</h3><table><tr><th>researcher</th><th>ρ spent</th><th>ρ budget</th><th>ρ left</th><th>statistics charged</th><th>spent as (ε, δ)</th></tr>";
+        *h += "<h3>Privacy budgets (differential privacy)</h3><table><tr><th>researcher</th><th>ρ spent</th><th>ρ budget</th><th>ρ left</th><th>statistics charged</th><th>spent as (ε, δ)</th></tr>";
         for b in &t.privacy_budgets {
             let opt = |x: Option<f64>| x.map_or("—".to_owned(), |x| format!("{x:.4}"));
             let _ = write!(
@@ -367,12 +395,12 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
                 b.delta
             );
         }
-        h += "</table><p class=\"note\">Every charge is a line of the store's hash-chained audit log, written before the query ran; a query that would overspend is refused (<code>budget_exhausted</code>) and costs nothing. zCDP's ρ adds up over queries; ε = ρ + 2√(ρ ln(1/δ)).</p>";
+        *h += "</table><p class=\"note\">Every charge is a line of the store's hash-chained audit log, written before the query ran; a query that would overspend is refused (<code>budget_exhausted</code>) and costs nothing. zCDP's ρ adds up over queries; ε = ρ + 2√(ρ ln(1/δ)).</p>";
     }
-    h += &super::privacy::render(&r.privacy_attacks)?;
-    h += "<h3>By project and month, as the public register publishes them</h3><p class=\"note\">The same figures, computed by the same code, as <code>gpdp register</code> writes to <code>register.html</code> for the public (with the released SQL, the opt-out figures and the audit log's head).</p>";
-    h += &crate::register::html::activity_table(&t.register_activity);
-    h += "<table><tr><th>project</th><th>purpose</th><th>National Data Opt-out</th><th>disclosure rules</th></tr>";
+    *h += &super::privacy::render(&r.privacy_attacks)?;
+    *h += "<h3>By project and month, as the public register publishes them</h3><p class=\"note\">The same figures, computed by the same code, as <code>gpdp register</code> writes to <code>register.html</code> for the public (with the released SQL, the opt-out figures and the audit log's head).</p>";
+    *h += &crate::register::html::activity_table(&t.register_activity);
+    *h += "<table><tr><th>project</th><th>purpose</th><th>National Data Opt-out</th><th>disclosure rules</th></tr>";
     for p in &t.projects {
         let _ = write!(
             h,
@@ -384,9 +412,12 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
             esc(&p.disclosure)
         );
     }
-    h += "</table>";
+    *h += "</table>";
+    Ok(())
+}
 
-    // 6. Throughput and timeliness.
+/// 6. Throughput and timeliness.
+fn throughput(r: &Report, h: &mut String) -> anyhow::Result<()> {
     let tp = &r.throughput;
     let _ = writeln!(
         h,
@@ -405,8 +436,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
         ])
     );
     if let Some(l) = &r.linkage {
-        h += &super::linkage::render(l)?;
+        *h += &super::linkage::render(l)?;
     }
-    h += "</body></html>\n";
-    Ok(h)
+    Ok(())
 }
