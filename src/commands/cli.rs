@@ -198,6 +198,23 @@ pub struct CollectArgs {
     pub accept_shrink: bool,
 }
 
+/// What the TRE side holds beside the store, for `query` and `serve`.
+#[derive(Args)]
+pub struct TreArgs {
+    /// The TRE policy (default: the built-in policies/tre.toml).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// The TRE's perturbation key for projects under the cell key method
+    /// (`gpdp keygen`; never the collection key).
+    #[arg(long, env = "GPDP_PERTURBATION_KEY", value_name = "KEYFILE")]
+    pub perturbation_key: Option<PathBuf>,
+    /// Where the privacy ledgers live, one per population (the collection
+    /// key's id): every store of the same patients shares one spend
+    /// (default: ledgers/ beside the store).
+    #[arg(long, env = "GPDP_LEDGER", value_name = "DIR")]
+    pub ledger: Option<PathBuf>,
+}
+
 #[derive(Args)]
 pub struct QueryArgs {
     /// The store directory.
@@ -212,18 +229,8 @@ pub struct QueryArgs {
     /// The researcher's token (or set GPDP_TOKEN).
     #[arg(long, env = "GPDP_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// TRE policy (default: the built-in policies/tre.toml).
-    #[arg(long)]
-    pub policy: Option<PathBuf>,
-    /// The TRE's perturbation key for projects under the cell key method
-    /// (`gpdp keygen`; never the collection key).
-    #[arg(long, env = "GPDP_PERTURBATION_KEY", value_name = "KEYFILE")]
-    pub perturbation_key: Option<PathBuf>,
-    /// Where the privacy ledgers live, one per population (the collection
-    /// key's id): every store of the same patients shares one spend
-    /// (default: ledgers/ beside the store).
-    #[arg(long, env = "GPDP_LEDGER", value_name = "DIR")]
-    pub ledger: Option<PathBuf>,
+    #[command(flatten)]
+    pub tre: TreArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -317,18 +324,8 @@ pub struct BenchArgs {
 pub struct ServeArgs {
     #[arg(long)]
     pub store: PathBuf,
-    /// The TRE policy (default: the built-in policies/tre.toml).
-    #[arg(long)]
-    pub policy: Option<PathBuf>,
-    /// The TRE's perturbation key for projects under the cell key method
-    /// (`gpdp keygen`; never the collection key).
-    #[arg(long, env = "GPDP_PERTURBATION_KEY", value_name = "KEYFILE")]
-    pub perturbation_key: Option<PathBuf>,
-    /// Where the privacy ledgers live, one per population (the collection
-    /// key's id): every store of the same patients shares one spend
-    /// (default: ledgers/ beside the store).
-    #[arg(long, env = "GPDP_LEDGER", value_name = "DIR")]
-    pub ledger: Option<PathBuf>,
+    #[command(flatten)]
+    pub tre: TreArgs,
     /// Address to listen on: loopback only unless --allow-remote.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: std::net::SocketAddr,

@@ -62,14 +62,11 @@ fn default_threads(threads: Option<usize>) -> usize {
 }
 
 /// The TRE policy, with the perturbation key's record keys when one is given
-/// (checked against the store's collection key id).
-fn tre_policy(
-    policy: Option<&Path>,
-    store: &Path,
-    perturbation_key: Option<&Path>,
-) -> anyhow::Result<gpdp::policy::tre::TrePolicy> {
-    let mut policy = gpdp::policy::tre::TrePolicy::load(policy)?;
-    if let Some(path) = perturbation_key {
+/// (checked against the store's collection key id) and the ledgers' place.
+fn tre_policy(tre: cli::TreArgs, store: &Path) -> anyhow::Result<gpdp::policy::tre::TrePolicy> {
+    let mut policy = gpdp::policy::tre::TrePolicy::load(tre.policy.as_deref())?;
+    policy.ledger_dir = tre.ledger;
+    if let Some(path) = tre.perturbation_key.as_deref() {
         let manifest = gpdp::store::read_manifest(store)?;
         policy.record_keys = Some(
             gpdp::tre::aggregates::record_keys::RecordKeys::load(

@@ -12,20 +12,17 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
         project,
         user,
         token,
-        policy,
+        tre,
         format,
         sql,
         sql_file,
-        perturbation_key,
-        ledger,
     } = args;
     let sql = match (sql, sql_file) {
         (Some(sql), _) => sql,
         (None, Some(file)) => read_sql(&file)?,
         (None, None) => unreachable!("clap requires SQL or --sql-file"),
     };
-    let mut policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
-    policy.ledger_dir = ledger;
+    let policy = tre_policy(tre, &store)?;
     let request = gpdp::tre::Request {
         store,
         user,

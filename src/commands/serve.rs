@@ -7,9 +7,7 @@ use super::tre_policy;
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let ServeArgs {
         store,
-        policy,
-        perturbation_key,
-        ledger,
+        tre,
         listen,
         allow_remote,
         tls_cert,
@@ -21,8 +19,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let listen = gpdp::serve::Listen::new(listen, allow_remote, tls)?;
     let scheme = listen.scheme();
-    let mut policy = tre_policy(policy.as_deref(), &store, perturbation_key.as_deref())?;
-    policy.ledger_dir = ledger;
+    let policy = tre_policy(tre, &store)?;
     // Every file the manifest records, before anyone can ask: the
     // operator is told which file is wrong (researchers never are).
     let manifest = gpdp::store::read_manifest(&store)?;
