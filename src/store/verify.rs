@@ -179,6 +179,7 @@ mod tests {
 
     #[test]
     fn a_changed_missing_or_rewritten_file_is_named_and_a_verified_one_is_not_hashed_again() {
+        let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path();
         std::fs::create_dir_all(store.join("audit")).unwrap();
@@ -208,5 +209,48 @@ mod tests {
             .get(&store.join("tables/c.parquet"))
             .cloned();
         assert_eq!(cached.map(|s| s.sha256), Some(c.sha256.clone()));
+    }
+
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    /// Rewrites `rel` with other bytes of the same size and puts its
+    /// modification time back: a change only hashing can see.
+    fn same_stamp_other_bytes(store: &Path, rel: &str, bytes: &[u8]) {
+        let path = store.join(rel);
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_new_process_trusts_the_saved_cache_and_nothing_else() {
+        // It empties the process's cache, which the other test reads.
+        let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path();
+        std::fs::create_dir_all(store.join("audit")).unwrap();
+        let a = entry(store, "tables/a.parquet", b"aaaa");
+        assert_eq!(files(store, &[&a]), vec![]);
+        // A manifest that records another checksum for the same file is
+        // never satisfied by what was verified against the old one.
+        let other = FileEntry {
+            sha256: "0".repeat(64),
+            ..a.clone()
+        };
+        assert_eq!(files(store, &[&other])[0].problem, "checksum differs");
+        // As a new process: the saved cache stands for the file at its
+        // size and time (documented: audit always hashes afresh).
+        forget_in_memory();
+        same_stamp_other_bytes(store, "tables/a.parquet", b"aaab");
+        assert_eq!(files(store, &[&a]), vec![], "the saved cache was read");
+        // Forgotten in memory and no saved cache: hashed afresh.
+        forget_in_memory();
+        std::fs::remove_file(store.join(CACHE_FILE)).unwrap();
+        assert_eq!(files(store, &[&a])[0].problem, "checksum differs");
     }
 }
