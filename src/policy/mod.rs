@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub mod ptable;
 pub mod tre;
 
 use crate::error::{Classify, ExitStatus};

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::ptable::{PTable, Params};
 use super::{PolicyError, read_or_default, syntax_error};
 use crate::digest::sha256_hex;
 
@@ -150,7 +151,7 @@ pub struct Disclosure {
     pub p_percent: Option<f64>,
     /// The cell key method: counts are perturbed from this table's
     /// parameters, by each statistic's cell key, before the threshold.
-    pub ckm: Option<crate::tre::control::ckm::ptable::Params>,
+    pub ckm: Option<Params>,
     /// Differential privacy: contribution bounds, value bounds and the
     /// privacy cost of each statistic ([`crate::tre::control::dp`]).
     pub dp: Option<DpParams>,
@@ -580,14 +581,13 @@ impl TrePolicy {
             let (mut ckm, mut dp) = (None, None);
             match method {
                 "ckm" => {
-                    let params = crate::tre::control::ckm::ptable::Params {
+                    let params = Params {
                         max_perturbation: d.max_perturbation.unwrap_or(5),
                         variance: d.variance.unwrap_or(3.0),
                         small_values: d.small_values.unwrap_or(4),
                         magnitude: d.magnitude.unwrap_or(0.5),
                     };
-                    crate::tre::control::ckm::ptable::PTable::new(params)
-                        .map_err(|e| invalid(format!("[disclosure.{name}] {e}")))?;
+                    PTable::new(params).map_err(|e| invalid(format!("[disclosure.{name}] {e}")))?;
                     ckm = Some(params);
                 }
                 "dp" => {
@@ -1141,7 +1141,7 @@ mod tests {
         assert_eq!((ckm.redact_at_or_below, ckm.round_to), (7, 1));
         assert_eq!(
             ckm.ckm,
-            Some(crate::tre::control::ckm::ptable::Params {
+            Some(crate::policy::ptable::Params {
                 max_perturbation: 5,
                 variance: 3.0,
                 small_values: 4,
