@@ -332,16 +332,12 @@ pub struct Researcher {
     pub rho_budget: f64,
 }
 
+/// The TRE policy as the file says it, and nothing else: no secret and
+/// nothing of one run. What the operator hands the TRE when starting it
+/// (the perturbation key, where the ledgers live) comes beside the policy,
+/// in [`crate::tre::Boundary`].
 #[derive(Debug, Clone)]
 pub struct TrePolicy {
-    /// The TRE's record-key function for the cell key method, from the
-    /// perturbation key the operator passes (`--perturbation-key`); never
-    /// from the policy file. Projects under `ckm` are refused without it.
-    pub record_keys: Option<crate::tre::aggregates::record_keys::RecordKeys>,
-    /// Where the privacy ledgers live, one per population
-    /// ([`crate::tre::control::dp::ledger_path`]): `--ledger DIR` (or
-    /// `GPDP_LEDGER`); never from the policy file. `None`: beside the store.
-    pub ledger_dir: Option<std::path::PathBuf>,
     pub age_on: chrono::NaiveDate,
     pub memory_mb: usize,
     pub timeout_seconds: u64,
@@ -809,8 +805,6 @@ impl TrePolicy {
             domains.insert(key, values);
         }
         Ok(TrePolicy {
-            record_keys: None,
-            ledger_dir: None,
             age_on,
             memory_mb: raw.settings.memory_mb,
             timeout_seconds: raw.settings.timeout_seconds,
