@@ -190,10 +190,14 @@ fn nhs_prefixes(seed: u64, patients: u64) -> Vec<u32> {
     out
 }
 
+/// The share of people registered at no practice in the extract, on top
+/// of the registered population.
+pub const UNREGISTERED_SHARE: f64 = 0.02;
+
 /// How many people registered at no collected practice the providers see,
 /// for a registered population of `patients`.
 fn unregistered(patients: u64) -> u64 {
-    (patients as f64 * super::linked::UNREGISTERED_SHARE).round() as u64
+    (patients as f64 * UNREGISTERED_SHARE).round() as u64
 }
 
 /// How many valid NHS numbers the 999 test range holds.
