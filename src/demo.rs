@@ -350,9 +350,9 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         }),
         None,
     )?;
-    let (_, page) = crate::report::write(&built, &dir.join("report"))?;
+    let (_, page) = crate::report::html::write(&built, &dir.join("report"))?;
     let register = crate::register::build(&store, tre_policy)?;
-    let (_, register_page) = crate::register::write(&register, &dir.join("register"))?;
+    let (_, register_page) = crate::register::html::write(&register, &dir.join("register"))?;
     let first_request = std::fs::read_to_string(&requests)?
         .lines()
         .nth(1)
