@@ -21,7 +21,7 @@
 //! 10. [`serve`] — the boundary over Arrow Flight SQL.
 //! 11. [`audit`], [`report`], [`register`] — the independent checks, the
 //!     evidence page, the public data-uses register.
-//! 12. [`bench`] measures it all; [`demo`] runs every stage on an embedded
+//! 12. [`bench`](mod@bench) measures it all; [`demo`] runs every stage on an embedded
 //!     default.
 //!
 //! [`nhs_number`], [`calendar`] and [`digest`] (hex and SHA-256) are shared

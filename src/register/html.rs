@@ -1,6 +1,6 @@
 //! The register as one self-contained HTML page (inline CSS, no scripts,
 //! nothing fetched), written for patients first and auditors second. Every
-//! figure is also in `register.json`, which [`write`] writes beside it.
+//! figure is also in `register.json`, which [`write()`] writes beside it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The report as one self-contained HTML page: inline CSS, SVG charts drawn
 //! with plotters, no scripts and nothing fetched, so it reads offline and
 //! prints. Every number comes from the [`Report`] that is also written as
-//! `report.json`; [`write`] writes the two side by side.
+//! `report.json`; [`write()`] writes the two side by side.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
