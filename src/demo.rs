@@ -95,14 +95,14 @@ const FLIGHT_SQL: &str = "SELECT age_band, count(*) AS patients FROM patients WH
 
 /// Starts `gpdp serve` on a free loopback port, asks one question with the
 /// Rust Flight SQL client (handshake as dana@demo-research), and stops it.
-fn ask_over_flight(store: &Path, policy: &TrePolicy) -> anyhow::Result<FlightAnswer> {
+fn ask_over_flight(store: &Path, tre: &crate::tre::Boundary) -> anyhow::Result<FlightAnswer> {
     let rt = crate::tre::runtime(Some(2))?;
     rt.block_on(async {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(crate::serve::serve(
             store.to_owned(),
-            policy.clone(),
+            tre.clone(),
             crate::serve::Listen::new("127.0.0.1:0".parse()?, false, None)?,
             move |addr| {
                 let _ = addr_tx.send(addr);
@@ -278,15 +278,18 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     // held on the TRE side only; never the collection key.
     let perturbation_key = dir.join("perturbation.key");
     crate::deid::key::generate(&perturbation_key)?;
-    let mut tre_policy = TrePolicy::load(None)?;
     let manifest = crate::store::read_manifest(&store)?;
-    tre_policy.record_keys = Some(
-        crate::tre::aggregates::record_keys::RecordKeys::load(
-            &perturbation_key,
-            manifest.key_id.as_deref().unwrap_or(""),
-        )
-        .map_err(|e| BadInput(e.to_string()))?,
-    );
+    let tre = crate::tre::Boundary {
+        record_keys: Some(
+            crate::tre::aggregates::record_keys::RecordKeys::load(
+                &perturbation_key,
+                manifest.key_id.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| BadInput(e.to_string()))?,
+        ),
+        ..crate::tre::Boundary::new(TrePolicy::load(None)?)
+    };
+    let tre_policy = &tre.policy;
     let questions = QUESTIONS
         .iter()
         .map(|(title, project, sql)| {
@@ -306,7 +309,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
                 project,
                 user,
                 sql,
-                answer: crate::tre::query_blocking(&tre_policy, &request),
+                answer: crate::tre::query_blocking(&tre, &request),
             }
         })
         .collect();
@@ -336,7 +339,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     )?;
 
     progress.stage("7/8 the TRE as a service: one question over Arrow Flight SQL");
-    let flight = ask_over_flight(&store, &tre_policy)?;
+    let flight = ask_over_flight(&store, &tre)?;
 
     progress.stage("8/8 writing the report and the public register");
     let built = crate::report::build(
@@ -347,15 +350,15 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         }),
         None,
     )?;
-    let (_, page) = crate::report::write(&built, &dir.join("report"))?;
-    let register = crate::register::build(&store, &tre_policy)?;
-    let (_, register_page) = crate::register::write(&register, &dir.join("register"))?;
+    let (_, page) = crate::report::html::write(&built, &dir.join("report"))?;
+    let register = crate::register::build(&store, tre_policy)?;
+    let (_, register_page) = crate::register::html::write(&register, &dir.join("register"))?;
     let first_request = std::fs::read_to_string(&requests)?
         .lines()
         .nth(1)
         .unwrap_or_default()
         .to_owned();
-    let status = crate::optout::status::status(&first_request, &store, &key, &tre_policy)?;
+    let status = crate::optout::status::status(&first_request, &store, &key, tre_policy)?;
     Ok(DemoOutcome {
         register_page,
         head: register.log_head,
