@@ -195,10 +195,6 @@ fn nhs_prefixes(seed: u64, patients: u64) -> Vec<u32> {
     out
 }
 
-/// The share of people registered at no practice in the extract, on top
-/// of the registered population.
-pub const UNREGISTERED_SHARE: f64 = 0.02;
-
 /// How many people registered at no collected practice the providers see,
 /// for a registered population of `patients`.
 fn unregistered(patients: u64) -> u64 {
