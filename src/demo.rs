@@ -198,24 +198,7 @@ const QUESTIONS: [(&str, &str, &str); 10] = [
 ];
 
 pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<DemoOutcome> {
-    if dir.exists() {
-        if !dir.join(MARKER).exists()
-            && std::fs::read_dir(dir)
-                .map(|mut d| d.next().is_some())
-                .unwrap_or(true)
-        {
-            return Err(BadInput(format!(
-                "{} exists and was not made by gpdp demo; pass --out with a new directory",
-                dir.display()
-            ))
-            .into());
-        }
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("removing the previous demo in {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join(MARKER), "made by gpdp demo; safe to delete\n")
-        .with_context(|| format!("writing into {}", dir.display()))?;
+    prepare(dir)?;
 
     let extracts = dir.join("extracts");
     progress.stage("1/8 generating synthetic GP extracts");
@@ -278,41 +261,9 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     // held on the TRE side only; never the collection key.
     let perturbation_key = dir.join("perturbation.key");
     crate::deid::key::generate(&perturbation_key)?;
-    let manifest = crate::store::read_manifest(&store)?;
-    let tre = crate::tre::Boundary {
-        record_keys: Some(
-            crate::tre::aggregates::record_keys::RecordKeys::load(
-                &perturbation_key,
-                manifest.key_id.as_deref().unwrap_or(""),
-            )
-            .map_err(|e| BadInput(e.to_string()))?,
-        ),
-        ..crate::tre::Boundary::new(TrePolicy::load(None)?)
-    };
+    let tre = boundary(&store, &perturbation_key)?;
     let tre_policy = &tre.policy;
-    let questions = QUESTIONS
-        .iter()
-        .map(|(title, project, sql)| {
-            let sql = sql.replace("DIABETES", DIABETES);
-            // Each project's demo researcher of policies/tre.toml (demo
-            // credentials only).
-            let (user, token) = researcher_for(project).unwrap_or(("", ""));
-            let request = crate::tre::Request {
-                store: store.clone(),
-                user: user.into(),
-                token: Some(token.into()),
-                project: (*project).into(),
-                sql: sql.clone(),
-            };
-            Question {
-                title,
-                project,
-                user,
-                sql,
-                answer: crate::tre::query_blocking(&tre, &request),
-            }
-        })
-        .collect();
+    let questions = ask(&tre, &store);
     let guarantees = tre_policy
         .researchers
         .iter()
@@ -380,6 +331,75 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         later,
         audit,
     })
+}
+
+/// Refuses a directory gpdp demo did not make; otherwise starts it afresh,
+/// with the marker that says it may be replaced.
+fn prepare(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        if !dir.join(MARKER).exists()
+            && std::fs::read_dir(dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
+            return Err(BadInput(format!(
+                "{} exists and was not made by gpdp demo; pass --out with a new directory",
+                dir.display()
+            ))
+            .into());
+        }
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing the previous demo in {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), "made by gpdp demo; safe to delete\n")
+        .with_context(|| format!("writing into {}", dir.display()))?;
+    Ok(())
+}
+
+/// The demo's TRE: the shipped policy, and beside it (never in it) the
+/// record keys from the perturbation key, bound to the store's collection
+/// key id.
+fn boundary(store: &Path, perturbation_key: &Path) -> anyhow::Result<crate::tre::Boundary> {
+    let manifest = crate::store::read_manifest(store)?;
+    Ok(crate::tre::Boundary {
+        record_keys: Some(
+            crate::tre::aggregates::record_keys::RecordKeys::load(
+                perturbation_key,
+                manifest.key_id.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| BadInput(e.to_string()))?,
+        ),
+        ..crate::tre::Boundary::new(TrePolicy::load(None)?)
+    })
+}
+
+/// Each of the demo's questions, asked by its project's demo researcher
+/// through the boundary.
+fn ask(tre: &crate::tre::Boundary, store: &Path) -> Vec<Question> {
+    QUESTIONS
+        .iter()
+        .map(|(title, project, sql)| {
+            let sql = sql.replace("DIABETES", DIABETES);
+            // Each project's demo researcher of policies/tre.toml (demo
+            // credentials only).
+            let (user, token) = researcher_for(project).unwrap_or(("", ""));
+            let request = crate::tre::Request {
+                store: store.to_owned(),
+                user: user.into(),
+                token: Some(token.into()),
+                project: (*project).into(),
+                sql: sql.clone(),
+            };
+            Question {
+                title,
+                project,
+                user,
+                sql,
+                answer: crate::tre::query_blocking(tre, &request),
+            }
+        })
+        .collect()
 }
 
 /// A request list of patients who opt out (Type 1) after collection: some

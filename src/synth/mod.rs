@@ -312,7 +312,13 @@ fn join_national(root: &Path, n: usize) -> Result<(), SynthError> {
         &root.join("truth/patients.csv"),
         practice::TRUTH_HEADER,
     )?;
-    join_parts(root, "ndoo", n, &root.join("national/ndoo.csv"), "nhs_number")?;
+    join_parts(
+        root,
+        "ndoo",
+        n,
+        &root.join("national/ndoo.csv"),
+        "nhs_number",
+    )?;
     join_parts(
         root,
         "bad",

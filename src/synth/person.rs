@@ -512,20 +512,10 @@ impl Person {
             };
             self.conditions[Condition::Diabetes as usize] = true;
             self.conditions[which as usize] = true;
-            let day = diag(
-                rng,
-                if which == Condition::DiabetesType1 {
-                    1.0
-                } else {
-                    18.0
-                },
-            );
+            let type1 = which == Condition::DiabetesType1;
+            let day = diag(rng, if type1 { 1.0 } else { 18.0 });
             self.diagnose(world, which, day);
-            let mean = if which == Condition::DiabetesType1 {
-                68.0
-            } else {
-                58.0
-            };
+            let mean = if type1 { 68.0 } else { 58.0 };
             self.series(
                 rng,
                 day.max(active_start),
@@ -539,7 +529,7 @@ impl Person {
                     });
                 },
             );
-            let meds = lists.medications(if which == Condition::DiabetesType1 {
+            let meds = lists.medications(if type1 {
                 Condition::DiabetesType1
             } else {
                 Condition::DiabetesType2
@@ -607,7 +597,6 @@ impl Person {
                 0.0,
             );
         }
-
     }
 
     /// Routine observations for adults: blood pressure from 40, BMI, smoking status.
@@ -648,7 +637,6 @@ impl Person {
                 );
             }
         }
-
     }
 
     /// Sensitive events (the categories collection policy must exclude),
@@ -685,7 +673,6 @@ impl Person {
                 self.push_event(day, code, None, Kind::Sensitive(category as u8));
             }
         }
-
     }
 
     /// Acute consultations: a Poisson process over the active period, at a
