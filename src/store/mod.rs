@@ -27,6 +27,7 @@ pub mod guard;
 pub mod log;
 pub mod parquet;
 pub mod schema;
+pub mod vectors;
 pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -71,6 +72,8 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error("deletion vector {0}")]
+    Vector(#[from] vectors::VectorError),
 }
 
 impl Classify for StoreError {
@@ -123,6 +126,11 @@ pub struct BatchEntry {
     /// extract is no longer a no-op: the patient comes back.
     #[serde(default)]
     pub deleted_patients: BTreeSet<String>,
+    /// Deletion vectors, by table: the rows of that table's data file that
+    /// later opt-outs made unreachable and no purge has erased yet
+    /// ([`vectors`]). Every reader of the data file must skip them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vectors: BTreeMap<String, FileEntry>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -166,7 +174,8 @@ impl Manifest {
     }
 
     /// Every file this manifest puts in force — GP and provider data files,
-    /// the tombstones and the NDOO set — as path → SHA-256.
+    /// their deletion vectors, the tombstones and the NDOO set — as path →
+    /// SHA-256.
     pub fn files_in_force(&self) -> BTreeMap<String, String> {
         self.all_files()
             .map(|f| (f.path.clone(), f.sha256.clone()))
@@ -177,7 +186,7 @@ impl Manifest {
     pub fn all_files(&self) -> impl Iterator<Item = &FileEntry> {
         self.batches
             .values()
-            .flat_map(|b| b.files.values())
+            .flat_map(|b| b.files.values().chain(b.vectors.values()))
             .chain(self.linked.values().map(|l| &l.file))
             .chain(self.tombstones.iter())
             .chain(self.ndoo.iter())
