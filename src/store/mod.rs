@@ -4,6 +4,7 @@
 //! ```text
 //! STORE/manifest.json                      the commit point: batches, files, checksums, key id, generation
 //! STORE/tables/<table>/<batch>[.gN].parquet immutable data files (patients, clinical_events, medications)
+//! STORE/tables/<table>/<stem>.v<gen>.dv    deletion vectors: rows of one data file later opt-outs made unreachable
 //! STORE/optouts/tombstones-<gen>.parquet   deleted pseudonyms: when, why, from where
 //! STORE/optouts/tombstones.parquet         a link to the current tombstones file
 //! STORE/receipts/<batch>.json              one per practice collection
@@ -17,6 +18,13 @@
 //! the next writer deletes whatever no manifest references. Each manifest
 //! carries the audit entries of its own commit, so if a crash falls between
 //! the rename and the log append, the next writer appends them.
+//!
+//! **Two-phase erasure.** A later opt-out is first masked: a deletion
+//! vector per affected data file ([`vectors`]), which every reader applies
+//! ([`parquet::open`]); a purge later rewrites the files without the masked
+//! rows ([`delete`]). Vectors are files in force like any other
+//! ([`Manifest::all_files`]): written and fsynced before the manifest that
+//! names them, removed by the next writer when no manifest does.
 //!
 //! **One writer.** Writers hold an exclusive lock on `STORE/.lock` for their
 //! whole run; readers (the TRE) need no lock because files are never
@@ -80,6 +88,8 @@ impl Classify for StoreError {
     fn exit_status(&self) -> ExitStatus {
         match self {
             StoreError::NotAStore(_) | StoreError::KeyMismatch { .. } => ExitStatus::BadInput,
+            // Fail closed: the file it masks is refused, never read unmasked.
+            StoreError::Vector(_) => ExitStatus::Refused,
             StoreError::Io { source, .. } => crate::error::io_status(source),
             _ => ExitStatus::Internal,
         }

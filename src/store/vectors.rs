@@ -209,7 +209,11 @@ pub fn write(root: &Path, relative: &str, dv: &DeletionVector) -> Result<FileEnt
 /// Reads the vector `entry` names for the data file `data`, failing closed:
 /// the bytes read must hash to the manifest's SHA-256, and the vector must
 /// be bound to `data` (its SHA-256 and rows).
-pub fn load(root: &Path, entry: &FileEntry, data: &FileEntry) -> Result<DeletionVector, StoreError> {
+pub fn load(
+    root: &Path,
+    entry: &FileEntry,
+    data: &FileEntry,
+) -> Result<DeletionVector, StoreError> {
     let path = root.join(&entry.path);
     let bytes = std::fs::read(&path).map_err(io_err(&path))?;
     let found = crate::digest::sha256_hex(&bytes);
@@ -302,7 +306,10 @@ mod tests {
             load(dir.path(), &entry, &other),
             Err(StoreError::Vector(VectorError::WrongFile { .. }))
         ));
-        let longer = FileEntry { rows: 6, ..d.clone() };
+        let longer = FileEntry {
+            rows: 6,
+            ..d.clone()
+        };
         assert!(matches!(
             load(dir.path(), &entry, &longer),
             Err(StoreError::Vector(VectorError::WrongFile { .. }))
