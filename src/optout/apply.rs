@@ -225,6 +225,7 @@ fn apply_only(
         "proof": masked.proof,
     })];
     store.commit(next)?;
+    store.tombstones = book.to_vec();
     report.generation = store.manifest.generation;
     report.seconds = started.elapsed().as_secs_f64();
     Ok((report, store))
