@@ -333,6 +333,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn later_optouts_fold_both_phases_and_count_a_rewriting_run_as_erased() {
+        let log = vec![
+            // A run of a gpdp that rewrote files: unreachable and erased at once.
+            json!({"event": "delete", "reason": "type1_request", "tombstones_added": 2,
+                   "rows_removed": {"patients": 2}, "pending": 0,
+                   "latency_median_seconds": 5.0, "latency_max_seconds": 9.0}),
+            json!({"event": "delete", "reason": "type1_request", "tombstones_added": 3,
+                   "rows_removed": {"patients": 3, "clinical_events": 7}, "pending": 1,
+                   "erasure": ERASURE_BY_VECTORS,
+                   "latency_median_seconds": 1.0, "latency_max_seconds": 2.0}),
+            json!({"event": "delete", "reason": "type1_dissent", "tombstones_added": 50}),
+            json!({"event": "purge", "reason": "type1_request", "patients_erased": 3,
+                   "rows_erased": {"patients": 3, "clinical_events": 7},
+                   "latency_erased_median_seconds": 60.0, "latency_erased_max_seconds": 61.0}),
+        ];
+        let l = later_optouts(&log);
+        assert_eq!(
+            (l.runs, l.patients_deleted, l.rows_removed, l.pending),
+            (2, 5, 12, 1)
+        );
+        assert_eq!(
+            (l.latency_median_seconds_last_run, l.latency_max_seconds),
+            (Some(1.0), Some(9.0))
+        );
+        assert_eq!((l.purges, l.patients_erased, l.rows_erased), (1, 5, 12));
+        assert_eq!(
+            (
+                l.latency_erased_median_seconds_last_purge,
+                l.latency_erased_max_seconds
+            ),
+            (Some(60.0), Some(61.0))
+        );
+        // Before the purge, the masked run is unreachable, not erased.
+        let l = later_optouts(&log[..3]);
+        assert_eq!(
+            (l.patients_erased, l.latency_erased_max_seconds),
+            (2, Some(9.0))
+        );
+    }
+
+    #[test]
     fn requested_at_is_a_date_or_a_time_not_in_the_future() {
         let now = "2026-11-23T12:00:00Z".parse::<DateTime<Utc>>().unwrap();
         assert_eq!(

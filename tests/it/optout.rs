@@ -800,14 +800,10 @@ fn after_apply_every_reader_sees_what_it_sees_after_the_purge() {
         );
         // No project's GP views include them.
         assert!(
-            s["projects"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|p| {
-                    let because = p["because"].as_str().unwrap();
-                    !gp.iter().any(|t| because.contains(&format!("{t} (")))
-                }),
+            s["projects"].as_array().unwrap().iter().all(|p| {
+                let because = p["because"].as_str().unwrap();
+                !gp.iter().any(|t| because.contains(&format!("{t} (")))
+            }),
             "{s}"
         );
     }
