@@ -161,7 +161,9 @@ impl Default for Guards {
     }
 }
 
-/// Erasure deadlines. A later Type 1 opt-out is unreachable as soon as
+/// Erasure deadlines (`[erasure]`, optional: the built-in policy leaves it
+/// out and takes the default, so its SHA-256 — recorded with every batch —
+/// did not change when it was added). A later Type 1 opt-out is unreachable as soon as
 /// `gpdp optout apply` commits it (deletion vectors); its rows leave the
 /// bytes when `gpdp optout purge` rewrites their files. `gpdp audit`'s
 /// `tombstoned_patients_absent` fails if a request older than
