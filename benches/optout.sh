@@ -5,11 +5,13 @@
 #       re-collecting would cost)
 #   (b) gpdp optout apply of 1,000 patients spread at random over the whole
 #       population (100 of them movers, whose data sits in two practices'
-#       batches): nearly every practice's batch holds one of them, so this is
-#       the worst case for "rewrite only the affected files"
-#   (c) gpdp optout apply of 1,000 patients from 5 practices (opt-outs that
+#       batches): nearly every practice's batch holds one of them — the
+#       patients made unreachable (deletion vectors, no file rewritten) —
+#       then gpdp optout purge of the same: the files rewritten, the bytes
+#       erased (the worst case for "rewrite only the affected files")
+#   (c) the same two of 1,000 patients from 5 practices (opt-outs that
 #       cluster, e.g. after a local campaign), on a fresh copy of the store
-# Reports the times, the ratios, files rewritten and peak memory.
+# Reports the times, the ratios, vectors written, files rewritten and peak memory.
 #
 # Usage: bash benches/optout.sh [PATIENTS] [PRACTICES] [OPTOUTS]   (defaults: 1000000 100 1000)
 set -euo pipefail
@@ -45,18 +47,27 @@ PY
 cp -r "$work/store" "$work/store-clustered"
 /usr/bin/time -f "%e %M" -o "$work/spread.time" \
   "$bin" optout apply --type1 "$work/spread.csv" --store "$work/store" --key "$work/key" --json > "$work/spread.json"
+/usr/bin/time -f "%e %M" -o "$work/spread-purge.time" \
+  "$bin" optout purge --store "$work/store" --json > "$work/spread-purge.json"
 /usr/bin/time -f "%e %M" -o "$work/clustered.time" \
   "$bin" optout apply --type1 "$work/clustered.csv" --store "$work/store-clustered" --key "$work/key" --json > "$work/clustered.json"
+/usr/bin/time -f "%e %M" -o "$work/clustered-purge.time" \
+  "$bin" optout purge --store "$work/store-clustered" --json > "$work/clustered-purge.json"
 python3 - "$work" "$optouts" <<'PY'
 import json, sys
 work, n = sys.argv[1], int(sys.argv[2])
 c_s, c_kb = open(f"{work}/collect.time").read().split()
-print(f"{'run':60} {'wall s':>7} {'peak':>8} {'vs re-collection':>17}  rewritten")
-print(f"{'full re-collection':60} {float(c_s):7.2f} {int(c_kb) // 1024:5d} MiB {1:16.2f}x")
+print(f"{'run':66} {'wall s':>7} {'peak':>8} {'vs re-collection':>17}  written")
+print(f"{'full re-collection':66} {float(c_s):7.2f} {int(c_kb) // 1024:5d} MiB {1:16.2f}x")
 for name in ("spread", "clustered"):
     a_s, a_kb = open(f"{work}/{name}.time").read().split()
     r = json.load(open(f"{work}/{name}.json"))
-    label = f"optout apply, {n} patients {name} ({r['registrations_deleted']} registrations)"
-    print(f"{label:60} {float(a_s):7.2f} {int(a_kb) // 1024:5d} MiB {float(a_s) / float(c_s):16.2f}x  "
-          f"{r['files_rewritten']} files in {r['batches_rewritten']} batches, {sum(r['rows_removed'].values())} rows removed")
+    label = f"optout apply (unreachable), {n} {name} ({r['registrations_deleted']} registrations)"
+    print(f"{label:66} {float(a_s):7.2f} {int(a_kb) // 1024:5d} MiB {float(a_s) / float(c_s):16.2f}x  "
+          f"{r['files_masked']} vectors in {r['batches_masked']} batches, {sum(r['rows_removed'].values())} rows masked")
+    p_s, p_kb = open(f"{work}/{name}-purge.time").read().split()
+    p = json.load(open(f"{work}/{name}-purge.json"))
+    label = f"optout purge (erased), the same {n} {name}"
+    print(f"{label:66} {float(p_s):7.2f} {int(p_kb) // 1024:5d} MiB {float(p_s) / float(c_s):16.2f}x  "
+          f"{p['files_rewritten']} files in {p['batches_rewritten']} batches, {sum(p['rows_erased'].values())} rows erased")
 PY

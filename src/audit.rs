@@ -3,8 +3,10 @@
 //!
 //! Without the truth: the audit log's hash chain (and that every store
 //! generation has its commit in the log), that every file is the one the
-//! manifest recorded (SHA-256), and that no tombstoned patient has a row in
-//! any file. With the generator's truth and the collection key (to
+//! manifest recorded (SHA-256), that no tombstoned patient has a row any
+//! reader returns (deletion vectors applied: `tombstoned_patients_unreachable`)
+//! and that none whose request is older than the purge deadline has a row
+//! in the stored bytes (`tombstoned_patients_absent`). With the generator's truth and the collection key (to
 //! pseudonymise the truth's NHS numbers the same way): no Type 1 patient
 //! anywhere in the store, exactly the registrations that should have left
 //! each practice, no NDOO patient reachable through the views of any project
@@ -144,8 +146,9 @@ fn log_summary(
 ///   from an older copy under the current log);
 /// - the manifest's files in force — data, tombstones, the NDOO set —
 ///   differ from those the log's latest commit recorded;
-/// - a file in force is one a deletion's proof replaced (its
-///   `sha256_before`) and no later commit put it back.
+/// - a file in force is one a deletion's or a purge's proof replaced (its
+///   `sha256_before`, or a deletion vector's `vector_sha256_before`: an
+///   older vector masks fewer rows) and no later commit put it back.
 ///
 /// Whether the files on disk are the manifest's is `files_match_manifest`;
 /// together the two tie what is on disk to the log.
@@ -169,12 +172,14 @@ pub fn no_rollback(
             let time = e.get("time").and_then(Value::as_str).unwrap_or("");
             latest = Some((g, format!("{event} at {time}")));
         }
-        if event == "delete"
+        if (event == "delete" || event == "purge")
             && let (Some(g), Some(proof)) = (generation, e.get("proof").and_then(Value::as_array))
         {
             for p in proof {
-                if let Some(before) = p.get("sha256_before").and_then(Value::as_str) {
-                    deleted.insert(before.to_owned(), g);
+                for key in ["sha256_before", "vector_sha256_before"] {
+                    if let Some(before) = p.get(key).and_then(Value::as_str) {
+                        deleted.insert(before.to_owned(), g);
+                    }
                 }
             }
         }
@@ -314,11 +319,23 @@ fn check(name: &'static str, passed: bool, detail: impl Into<String>) -> Check {
 }
 
 /// Runs every check the inputs allow; given a published head, also that
-/// the log extends it (`log_extends_head`).
+/// the log extends it (`log_extends_head`). The purge deadline is the
+/// built-in collection policy's (`[erasure]`).
 pub fn audit(
     store: &Path,
     truth: Option<Truth>,
     expect: Option<&Head>,
+) -> anyhow::Result<AuditReport> {
+    let erasure = crate::policy::CollectionPolicy::load(None)?.erasure;
+    audit_with(store, truth, expect, erasure)
+}
+
+/// [`audit`] with the purge deadline of `erasure`.
+pub fn audit_with(
+    store: &Path,
+    truth: Option<Truth>,
+    expect: Option<&Head>,
+    erasure: crate::policy::Erasure,
 ) -> anyhow::Result<AuditReport> {
     let manifest = crate::store::read_manifest(store)?;
     let mut checks = Vec::new();
@@ -382,7 +399,10 @@ pub fn audit(
         // Reading a file that is not what was committed would prove
         // nothing about the store (or stop at its first bad byte): the
         // checks that read data say why they did not run, and fail.
-        let mut skipped = vec!["tombstoned_patients_absent"];
+        let mut skipped = vec![
+            "tombstoned_patients_unreachable",
+            "tombstoned_patients_absent",
+        ];
         if truth.is_some() {
             skipped.extend([
                 "type1_patients_absent",
@@ -411,24 +431,23 @@ pub fn audit(
     }
     checks.push(intact);
     let stored = StoredPatients::read(store, &manifest)?;
-    let tombstoned: HashSet<Pseudonym> = match &manifest.tombstones {
-        Some(t) => crate::store::read_tombstones(&store.join(&t.path))?
-            .into_iter()
-            .map(|t| t.patient_id)
-            .collect(),
-        None => HashSet::new(),
+    let tombstones = match &manifest.tombstones {
+        Some(t) => crate::store::read_tombstones(&store.join(&t.path))?,
+        None => Vec::new(),
     };
-    let found = stored.any_of(&tombstoned);
+    let tombstoned: HashSet<Pseudonym> = tombstones.iter().map(|t| t.patient_id).collect();
+    let found = stored.reachable_of(&tombstoned);
     checks.push(check(
-        "tombstoned_patients_absent",
+        "tombstoned_patients_unreachable",
         found.is_empty(),
         format!(
-            "{} tombstoned patients; {} of them have rows in the store{}",
+            "{} tombstoned patients; {} of them have rows a reader returns (deletion vectors applied){}",
             tombstoned.len(),
             found.len(),
-            stored.describe(&found)
+            stored.describe(&stored.reachable, &found)
         ),
     ));
+    checks.push(absent_after_deadline(&stored, &tombstones, erasure));
     if let Some(truth) = truth {
         checks.extend(against_truth(
             store,
@@ -597,25 +616,75 @@ fn files_intact(store: &Path, manifest: &crate::store::Manifest) -> anyhow::Resu
     ))
 }
 
-/// The pseudonyms in every table file, by table, and the
-/// (patient, practice) registrations of the patients tables.
+/// `tombstoned_patients_absent`: no tombstoned patient whose request (the
+/// tombstone's earliest `recorded_at`) is older than the purge deadline
+/// has a row in the stored bytes, masked or not.
+fn absent_after_deadline(
+    stored: &StoredPatients,
+    tombstones: &[crate::store::Tombstone],
+    erasure: crate::policy::Erasure,
+) -> Check {
+    let deadline =
+        chrono::Utc::now() - chrono::Duration::days(i64::from(erasure.purge_deadline_days));
+    let mut requested: BTreeMap<Pseudonym, Option<chrono::DateTime<chrono::Utc>>> = BTreeMap::new();
+    for t in tombstones {
+        // A time that does not parse counts as overdue: fail safe.
+        let at = chrono::DateTime::parse_from_rfc3339(&t.recorded_at)
+            .ok()
+            .map(|a| a.with_timezone(&chrono::Utc));
+        let e = requested.entry(t.patient_id).or_insert(at);
+        *e = match (*e, at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        };
+    }
+    let overdue: HashSet<Pseudonym> = requested
+        .iter()
+        .filter(|(_, at)| at.is_none_or(|a| a < deadline))
+        .map(|(p, _)| *p)
+        .collect();
+    let found = stored.stored_of(&overdue);
+    let all: HashSet<Pseudonym> = requested.keys().copied().collect();
+    let awaiting = stored.stored_of(&all).len() - found.len();
+    check(
+        "tombstoned_patients_absent",
+        found.is_empty(),
+        format!(
+            "{} tombstoned patients, {} of them requested more than {} days ago (the purge deadline); {} of those still have rows in the stored bytes{}; {} more, within the deadline, are masked awaiting the purge",
+            all.len(),
+            overdue.len(),
+            erasure.purge_deadline_days,
+            found.len(),
+            stored.describe(&stored.by_table, &found),
+            awaiting
+        ),
+    )
+}
+
+/// The pseudonyms in every table file, by table — in the stored bytes and
+/// as readers see them (deletion vectors applied) — and the (patient,
+/// practice) registrations readers see in the patients tables.
 struct StoredPatients {
     by_table: BTreeMap<String, HashSet<Pseudonym>>,
+    reachable: BTreeMap<String, HashSet<Pseudonym>>,
     registrations: HashSet<(Pseudonym, Pseudonym)>,
 }
 
 impl StoredPatients {
     fn read(store: &Path, manifest: &crate::store::Manifest) -> anyhow::Result<StoredPatients> {
         use arrow::array::{Array, FixedSizeBinaryArray};
-        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
         let mut by_table: BTreeMap<String, HashSet<Pseudonym>> = BTreeMap::new();
+        let mut reachable: BTreeMap<String, HashSet<Pseudonym>> = BTreeMap::new();
         let mut registrations = HashSet::new();
         for batch in manifest.batches.values() {
             for (table, file) in &batch.files {
                 let path = store.join(&file.path);
-                let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?
-                    .build()?;
+                // Fails closed: a vector that does not verify is an error.
+                let dv = crate::store::parquet::vector(store, batch, table)?;
+                let reader = crate::store::parquet::reader(&path, None)?.build()?;
                 let ids = by_table.entry(table.clone()).or_default();
+                let seen = reachable.entry(table.clone()).or_default();
+                let mut at = 0u64;
                 for b in reader {
                     let b = b?;
                     let col = |name: &str| {
@@ -630,21 +699,28 @@ impl StoredPatients {
                     for i in 0..patients.len() {
                         let id = from_slice(patients.value(i));
                         ids.insert(id);
+                        let masked = dv.as_ref().is_some_and(|dv| dv.contains(at + i as u64));
+                        if masked {
+                            continue;
+                        }
+                        seen.insert(id);
                         if let Some(pr) = &practices {
                             registrations.insert((id, from_slice(pr.value(i))));
                         }
                     }
+                    at += patients.len() as u64;
                 }
             }
         }
         Ok(StoredPatients {
             by_table,
+            reachable,
             registrations,
         })
     }
 
-    /// Which of `patients` have a row in any table.
-    fn any_of(&self, patients: &HashSet<Pseudonym>) -> HashSet<Pseudonym> {
+    /// Which of `patients` have a row in the stored bytes of any table.
+    fn stored_of(&self, patients: &HashSet<Pseudonym>) -> HashSet<Pseudonym> {
         self.by_table
             .values()
             .flat_map(|ids| ids.intersection(patients))
@@ -652,13 +728,25 @@ impl StoredPatients {
             .collect()
     }
 
-    /// ": N in patients, M in clinical_events…" for the patients found.
-    fn describe(&self, found: &HashSet<Pseudonym>) -> String {
+    /// Which of `patients` have a row a reader returns, in any table.
+    fn reachable_of(&self, patients: &HashSet<Pseudonym>) -> HashSet<Pseudonym> {
+        self.reachable
+            .values()
+            .flat_map(|ids| ids.intersection(patients))
+            .copied()
+            .collect()
+    }
+
+    /// ": N in patients, M in clinical_events…" for the patients found in `sets`.
+    fn describe(
+        &self,
+        sets: &BTreeMap<String, HashSet<Pseudonym>>,
+        found: &HashSet<Pseudonym>,
+    ) -> String {
         if found.is_empty() {
             return String::new();
         }
-        let parts: Vec<String> = self
-            .by_table
+        let parts: Vec<String> = sets
             .iter()
             .map(|(t, ids)| format!("{} in {t}", ids.intersection(found).count()))
             .collect();
@@ -730,7 +818,8 @@ fn against_truth(
         .filter(|r| r.type1 && collected.contains(r.practice.as_str()))
         .map(|r| r.patient)
         .collect();
-    let found = stored.any_of(&type1);
+    // In the stored bytes: Type 1 dissent at collection is never collected.
+    let found = stored.stored_of(&type1);
     checks.push(check(
         "type1_patients_absent",
         found.is_empty(),
@@ -739,12 +828,13 @@ fn against_truth(
             type1.len(),
             collected.len(),
             found.len(),
-            stored.describe(&found)
+            stored.describe(&stored.by_table, &found)
         ),
     ));
 
-    // Registrations: exactly those of collected practices whose patient is
-    // neither a Type 1 dissenter nor tombstoned.
+    // Registrations readers see (deletion vectors applied): exactly those
+    // of collected practices whose patient is neither a Type 1 dissenter
+    // nor tombstoned.
     let expected: HashSet<(Pseudonym, Pseudonym)> = rows
         .iter()
         .filter(|r| collected.contains(r.practice.as_str()))
@@ -801,7 +891,7 @@ fn linked_match_truth(
         let (rows_want, quarantined_want, patients_want) =
             expected.get(source).cloned().unwrap_or_default();
         let stored: HashSet<Pseudonym> =
-            crate::store::parquet::patient_ids(&store.join(&entry.file.path))?
+            crate::store::parquet::patient_ids(&store.join(&entry.file.path), None)?
                 .into_iter()
                 .collect();
         let receipt: Value = serde_json::from_slice(&std::fs::read(store.join(&entry.receipt))?)?;

@@ -277,7 +277,8 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     progress.stage("5/8 deleting Type 1 opt-outs registered after collection");
     let requests = dir.join("type1-requests.csv");
     write_later_optouts(&extracts.join("truth/patients.csv"), &requests)?;
-    let later = crate::optout::apply::apply(&requests, &store, &key, false, policy.codec)?;
+    // Both phases of erasure: unreachable (deletion vectors), then erased (purge).
+    let later = crate::optout::apply::apply(&requests, &store, &key, false, policy.codec, true)?;
 
     progress.stage("6/8 auditing the store against the ground truth");
     let audit = crate::audit::audit(

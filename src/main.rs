@@ -45,6 +45,7 @@ fn run(command: Command, progress: &Progress) -> anyhow::Result<()> {
         Command::Optout { command } => match command {
             OptoutCommand::Ingest(args) => commands::optout::ingest(args),
             OptoutCommand::Apply(args) => commands::optout::apply(args),
+            OptoutCommand::Purge(args) => commands::optout::purge(args),
             OptoutCommand::Status(args) => commands::optout::status(args),
         },
         Command::Audit(args) => commands::audit::run(args),

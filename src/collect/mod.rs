@@ -584,7 +584,12 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
                 .get(&staged.practice)
                 .is_none_or(|b| b.batch != old.batch)
         {
-            superseded.extend(old.files.values().map(|f| store.path(&f.path)));
+            superseded.extend(
+                old.files
+                    .values()
+                    .chain(old.vectors.values())
+                    .map(|f| store.path(&f.path)),
+            );
         }
         next.batches.insert(
             staged.practice.clone(),
@@ -596,6 +601,7 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
                 receipt: receipt_rel,
                 files,
                 deleted_patients: deleted_here,
+                vectors: BTreeMap::new(),
             },
         );
         // The new batch holds none of this run's dissenters (they were

@@ -11,6 +11,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
         verify_log,
         head,
         expect_head,
+        policy,
         json,
     } = args;
     if verify_log || head {
@@ -43,7 +44,8 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
         (Some(dir), Some(key)) => Some(gpdp::audit::Truth { dir, key }),
         _ => None,
     };
-    let r = gpdp::audit::audit(&store, truth, expect_head.as_ref())?;
+    let erasure = gpdp::policy::CollectionPolicy::load(policy.as_deref())?.erasure;
+    let r = gpdp::audit::audit_with(&store, truth, expect_head.as_ref(), erasure)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

@@ -90,8 +90,12 @@ pub enum OptoutCommand {
     /// store it (only pseudonyms are stored); replaces the previous list.
     Ingest(OptoutIngestArgs),
     /// Delete patients who registered a Type 1 opt-out after collection from
-    /// every table of every practice's batch, with proof in the audit log.
+    /// every table of every practice's batch, with proof in the audit log:
+    /// unreachable at once (deletion vectors), erased by `optout purge`.
     Apply(OptoutApplyArgs),
+    /// Erase the rows later opt-outs made unreachable: rewrite the files
+    /// that carry deletion vectors without them, with proof in the audit log.
+    Purge(OptoutPurgeArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -267,6 +271,11 @@ pub struct AuditArgs {
     /// catches a log and store rolled back together.
     #[arg(long, value_name = "HEAD")]
     pub expect_head: Option<gpdp::store::log::Head>,
+    /// Collection policy whose `[erasure] purge_deadline_days` bounds
+    /// `tombstoned_patients_absent` (default: the built-in
+    /// policies/collection.toml, 30 days).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -441,7 +450,41 @@ pub struct OptoutApplyArgs {
     /// Apply the valid lines even if some are invalid (they stay pending).
     #[arg(long)]
     pub skip_invalid: bool,
+    /// Then purge (as `gpdp optout purge`): the rows are erased from the
+    /// bytes too, in a second commit.
+    #[arg(long)]
+    pub purge: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args)]
+pub struct OptoutPurgeArgs {
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Rewrite only the files whose deleted share (rows masked / rows) is
+    /// at least this (0.0: every file with a deletion vector).
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub min_deleted_share: f64,
+    /// Parquet codec of the rewritten files: zstd(N), lz4, snappy or none
+    /// (default: the built-in collection policy's).
+    #[arg(long, value_parser = codec)]
+    pub codec: Option<gpdp::policy::Codec>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s} is not a share between 0 and 1")),
+    }
+}
+
+fn codec(s: &str) -> Result<gpdp::policy::Codec, String> {
+    gpdp::policy::Codec::parse(s).ok_or_else(|| {
+        format!("{s} is not a codec: zstd, zstd(N) with N from 1 to 22, lz4, snappy or none")
+    })
 }

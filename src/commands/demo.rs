@@ -94,15 +94,26 @@ fn print_later_stages(o: &DemoOutcome) {
         r.registrations_deleted.saturating_sub(r.applied)
     );
     println!(
-        "   {} rows removed ({}), {} files rewritten in {} practice batches, in {:.2} s; proof of deletion in the audit log",
+        "   unreachable: {} rows ({}) masked by {} deletion vectors in {} practice batches, no data file rewritten",
         r.rows_removed.values().sum::<u64>(),
         r.rows_removed
             .iter()
             .map(|(t, n)| format!("{t} {n}"))
             .collect::<Vec<_>>()
             .join(", "),
-        r.files_rewritten,
-        r.batches_rewritten,
+        r.files_masked,
+        r.batches_masked,
+    );
+    if let Some(p) = &r.purge {
+        println!(
+            "   erased: the purge rewrote {} files in {} practice batches without them ({} rows)",
+            p.files_rewritten,
+            p.batches_rewritten,
+            p.rows_erased.values().sum::<u64>()
+        );
+    }
+    println!(
+        "   in {:.2} s; proof of both phases in the audit log",
         r.seconds
     );
     println!();

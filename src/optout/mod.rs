@@ -4,5 +4,6 @@
 pub mod apply;
 pub mod ingest;
 pub mod list;
+pub mod purge;
 pub mod status;
 pub mod type1;

@@ -4,7 +4,8 @@
 //! opt-out work, who can see it?" — answered where the collection key is
 //! (the practice side) and nowhere else: the NHS number is pseudonymised
 //! with the key, then looked up in every table file the manifest has in
-//! force, in the tombstones and in the National Data Opt-out set, and
+//! force (through the store's reader, deletion vectors applied: rows a
+//! later opt-out masked are counted apart, as awaiting the purge), in the tombstones and in the National Data Opt-out set, and
 //! through each project's own views (the TRE's session code, so the answer
 //! is what a researcher on that project could reach). Nothing is written:
 //! not the number, not the pseudonym, not the answer.
@@ -25,10 +26,16 @@ use crate::policy::tre::TrePolicy;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
-    /// Whether any table in force holds a row of this patient.
+    /// Whether any table in force holds a row of this patient that a
+    /// reader can reach.
     pub in_store: bool,
-    /// Rows per table (GP tables, and provider tables linked in).
+    /// Rows a reader can reach, per table (GP tables, and provider tables linked in).
     pub rows: BTreeMap<String, u64>,
+    /// Rows still in the stored bytes that a deletion vector makes
+    /// unreachable (a later opt-out), per GP table: erased by the next
+    /// `gpdp optout purge`. Empty when there are none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rows_awaiting_purge: BTreeMap<String, u64>,
     /// A tombstone in force: why and when (`None`: none).
     pub type1: Option<Type1Status>,
     /// On the National Data Opt-out set held for the store (`None`: no set ingested).
@@ -73,11 +80,26 @@ pub fn status(
     let patient = p.patient(&number);
 
     let mut rows = BTreeMap::new();
-    let gp = manifest.batches.values().flat_map(|b| b.files.iter());
-    let linked = manifest.linked.iter().map(|(s, l)| (s, &l.file));
-    for (table, file) in gp.chain(linked) {
+    let mut rows_awaiting_purge = BTreeMap::new();
+    for batch in manifest.batches.values() {
+        for (table, file) in &batch.files {
+            // Fails closed: a vector that does not verify refuses the file.
+            let dv = crate::store::parquet::vector(store, batch, table)?;
+            let path = store.join(&file.path);
+            let all = matching_rows(&path, &patient, None)?;
+            let reachable = match &dv {
+                Some(dv) => matching_rows(&path, &patient, Some(dv))?,
+                None => all,
+            };
+            *rows.entry(table.clone()).or_insert(0) += reachable;
+            if all > reachable {
+                *rows_awaiting_purge.entry(table.clone()).or_insert(0) += all - reachable;
+            }
+        }
+    }
+    for (table, l) in &manifest.linked {
         *rows.entry(table.clone()).or_insert(0) +=
-            matching_rows(&store.join(&file.path), &patient)?;
+            matching_rows(&store.join(&l.file.path), &patient, None)?;
     }
     let type1 = match &manifest.tombstones {
         Some(t) => crate::store::read_tombstones(&store.join(&t.path))?
@@ -94,7 +116,7 @@ pub fn status(
         None => None,
     };
     let national_data_opt_out = match &manifest.ndoo {
-        Some(n) => Some(matching_rows(&store.join(&n.path), &patient)? > 0),
+        Some(n) => Some(matching_rows(&store.join(&n.path), &patient, None)? > 0),
         None => None,
     };
 
@@ -154,6 +176,7 @@ pub fn status(
     Ok(Status {
         in_store: rows.values().any(|n| *n > 0),
         rows,
+        rows_awaiting_purge,
         type1,
         national_data_opt_out,
         projects,
@@ -161,11 +184,15 @@ pub fn status(
     })
 }
 
-/// Rows of a store file whose `patient_id` is `patient`.
-fn matching_rows(path: &Path, patient: &Pseudonym) -> anyhow::Result<u64> {
+/// Rows of a store file whose `patient_id` is `patient`, those `dv` masks left out.
+fn matching_rows(
+    path: &Path,
+    patient: &Pseudonym,
+    dv: Option<&crate::store::vectors::DeletionVector>,
+) -> anyhow::Result<u64> {
     use parquet::arrow::ProjectionMask;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path)?)?;
+    let builder = crate::store::parquet::reader(path, dv)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let column = builder
         .schema()
         .index_of("patient_id")
@@ -210,7 +237,18 @@ impl Status {
                 self.store_generation
             );
         }
+        let awaiting: u64 = self.rows_awaiting_purge.values().sum();
+        if awaiting > 0 {
+            out += &format!(
+                "Awaiting the purge: {} still in the stored files, unreachable (no reader returns them) until `gpdp optout purge` erases them\n",
+                plural_rows(awaiting)
+            );
+        }
         out += &match &self.type1 {
+            Some(t) if t.kind == "type1_request" && awaiting > 0 => format!(
+                "Type 1 opt-out: applied — records made unreachable after the opt-out recorded {}, erased at the next purge\n",
+                t.recorded_at
+            ),
             Some(t) if t.kind == "type1_request" => format!(
                 "Type 1 opt-out: applied — records deleted after the opt-out recorded {}\n",
                 t.recorded_at

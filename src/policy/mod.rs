@@ -106,7 +106,8 @@ pub enum Codec {
 }
 
 impl Codec {
-    fn parse(s: &str) -> Option<Codec> {
+    /// `none`, `snappy`, `lz4`, `zstd` or `zstd(N)` (N from 1 to 22).
+    pub fn parse(s: &str) -> Option<Codec> {
         match s {
             "none" => Some(Codec::None),
             "snappy" => Some(Codec::Snappy),
@@ -135,6 +136,9 @@ pub struct CollectionPolicy {
     /// When a newer extract, list or provider file is held rather than
     /// taken (`[guards]`).
     pub guards: Guards,
+    /// How long the bytes of a later opt-out may outlive its request
+    /// (`[erasure]`).
+    pub erasure: Erasure,
     /// SHA-256 of the policy text, recorded with every batch it governs.
     pub sha256: String,
 }
@@ -164,6 +168,34 @@ impl Default for Guards {
     }
 }
 
+/// Erasure deadlines (`[erasure]`, optional: the built-in policy leaves it
+/// out and takes the default, so its SHA-256 — recorded with every batch —
+/// did not change when it was added). A later Type 1 opt-out is unreachable as soon as
+/// `gpdp optout apply` commits it (deletion vectors); its rows leave the
+/// bytes when `gpdp optout purge` rewrites their files. `gpdp audit`'s
+/// `tombstoned_patients_absent` fails if a request older than
+/// `purge_deadline_days` still has rows in the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erasure {
+    /// Days from a request to the purge that must have erased it (default
+    /// 30: the UK GDPR's one month to act on an erasure request).
+    pub purge_deadline_days: u32,
+}
+
+impl Default for Erasure {
+    fn default() -> Erasure {
+        Erasure {
+            purge_deadline_days: 30,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawErasure {
+    purge_deadline_days: Option<u32>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawGuards {
@@ -178,6 +210,7 @@ struct RawCollection {
     type1: RawType1,
     output: Option<RawOutput>,
     guards: Option<RawGuards>,
+    erasure: Option<RawErasure>,
     #[serde(default)]
     exclusions: BTreeMap<String, Vec<String>>,
     #[serde(default)]
@@ -295,6 +328,16 @@ impl CollectionPolicy {
             }
         }
 
+        let mut erasure = Erasure::default();
+        if let Some(days) = raw.erasure.as_ref().and_then(|e| e.purge_deadline_days) {
+            if days == 0 {
+                return Err(invalid(
+                    "[erasure] purge_deadline_days = 0: a purge needs at least a day".into(),
+                ));
+            }
+            erasure.purge_deadline_days = days;
+        }
+
         let mut excluded_codes = HashMap::new();
         for (category, codes) in &raw.exclusions {
             for code in codes {
@@ -356,6 +399,7 @@ impl CollectionPolicy {
             actions,
             linked,
             guards,
+            erasure,
             sha256: crate::digest::sha256_hex(text.as_bytes()),
         })
     }

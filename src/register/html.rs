@@ -124,6 +124,27 @@ pub fn render(r: &Register) -> String {
                 )
             ),
             (
+                "of them, patients whose records are also erased from the stored bytes",
+                format!(
+                    "{} (in {} purges; the others no one can read, awaiting the purge)",
+                    o.type1_erased_later, o.purge_runs
+                )
+            ),
+            (
+                "from a request to records no one can read (last run's median / longest)",
+                latency(
+                    o.unreachable_latency_median_seconds_last_run,
+                    o.unreachable_latency_max_seconds
+                )
+            ),
+            (
+                "from a request to records erased (last purge's median / longest)",
+                latency(
+                    o.erased_latency_median_seconds_last_purge,
+                    o.erased_latency_max_seconds
+                )
+            ),
+            (
                 "patients on the National Data Opt-out list, removed from every project it applies to",
                 o.national_data_opt_out_listed
                     .map_or("no list held".into(), |n| n.to_string())
@@ -217,11 +238,19 @@ fn for_patients(r: &Register) -> String {
          <p><b>What is not.</b> Your name, address, postcode, date of birth and anything you or your GP wrote in free text never leave the practice (in full: {}). Your NHS number is replaced at the practice by a code made with a secret key that stays at the practice, so the data cannot be joined back to you by anyone without that key. Records about these never leave the practice at all: {}.</p>\
          <p><b>Who sees it.</b> Nobody downloads the data. Approved researchers, on the projects listed below, send questions to a secure environment and get back only counts and averages over groups of patients; answers about too few people are withheld, and some projects add deliberate noise so that no answer depends on one person. Every question, answered or refused, is listed in this register.</p>\
          <p><b>Hospital and death records.</b> Your hospital admissions (diagnoses and procedures as codes, dates) and, after death, the registered causes of death may be linked to your GP record, on the same code that replaces your NHS number; the hospital's own record number and the exact date of death are not kept.</p>\
-         <p><b>Type 1 opt-out (at your GP practice).</b> Tell your practice you do not want your records shared for purposes other than your care. Then your GP records are not collected from the practice at all; if they had been collected before, they are deleted from every table, and the deletion is recorded with proof. It covers what leaves your practice, not hospital or death records.</p>\
+         <p><b>Type 1 opt-out (at your GP practice).</b> Tell your practice you do not want your records shared for purposes other than your care. Then your GP records are not collected from the practice at all; if they had been collected before, they are deleted from every table (at once no one can read them; a later purge erases them from the stored files), and both steps are recorded with proof. It covers what leaves your practice, not hospital or death records.</p>\
          <p><b>National Data Opt-out (through the NHS).</b> Register at nhs.uk/your-nhs-data-matters or through the NHS App. Your records may still be collected, but no research or planning project sees them — GP, hospital or death records — unless it has a specific legal exemption, which this register shows project by project.</p>\
          <p><b>Asking about your own records.</b> Your GP practice can check, with its key, whether your records are held here, whether an opt-out applies to you, and which projects' data could include you.</p>",
         of(&|a| a == "keep" || a.starts_with("generalise")),
         of(&|a| a == "drop"),
         esc(&codes.join(", ")),
     )
+}
+
+/// "1.2 s / 3.4 s", or "none yet".
+fn latency(median: Option<f64>, max: Option<f64>) -> String {
+    match (median, max) {
+        (Some(m), Some(x)) => format!("{m:.1} s / {x:.1} s"),
+        _ => "none yet".into(),
+    }
 }

@@ -128,6 +128,18 @@ pub struct OptoutFigures {
     pub type1_deleted_later: u64,
     /// Runs of `gpdp optout apply` that deleted records.
     pub deletion_runs: u64,
+    /// Of `type1_deleted_later`, patients whose records are erased from the
+    /// stored bytes too (`gpdp optout purge`); the others are unreachable,
+    /// awaiting the purge.
+    pub type1_erased_later: u64,
+    /// Runs of `gpdp optout purge` that erased records.
+    pub purge_runs: u64,
+    /// Request → unreachable, in seconds: median of the last run, longest of all.
+    pub unreachable_latency_median_seconds_last_run: Option<f64>,
+    pub unreachable_latency_max_seconds: Option<f64>,
+    /// Request → erased, in seconds: median of the last purge, longest of all.
+    pub erased_latency_median_seconds_last_purge: Option<f64>,
+    pub erased_latency_max_seconds: Option<f64>,
     /// Patients on the National Data Opt-out list held for this store.
     pub national_data_opt_out_listed: Option<u64>,
 }
@@ -289,6 +301,12 @@ fn optout_figures(
             .sum(),
         type1_deleted_later: later.patients_deleted,
         deletion_runs: later.runs,
+        type1_erased_later: later.patients_erased,
+        purge_runs: later.purges,
+        unreachable_latency_median_seconds_last_run: later.latency_median_seconds_last_run,
+        unreachable_latency_max_seconds: later.latency_max_seconds,
+        erased_latency_median_seconds_last_purge: later.latency_erased_median_seconds_last_purge,
+        erased_latency_max_seconds: later.latency_erased_max_seconds,
         national_data_opt_out_listed: manifest.ndoo.as_ref().map(|n| n.rows),
     })
 }

@@ -104,7 +104,17 @@ fn collection(r: &Report, h: &mut String) -> anyhow::Result<()> {
                 "rows in (identifiable, practice side)",
                 c.rows_in.to_string()
             ),
-            ("rows stored (de-identified)", c.rows_out.to_string()),
+            (
+                "rows stored (de-identified)",
+                if c.rows_masked_awaiting_purge > 0 {
+                    format!(
+                        "{} (and {} rows of later opt-outs, unreachable, awaiting the purge)",
+                        c.rows_out, c.rows_masked_awaiting_purge
+                    )
+                } else {
+                    c.rows_out.to_string()
+                }
+            ),
             ("patients stored", c.patients_out.to_string()),
             (
                 "rows quarantined (never left the practice)",
@@ -194,21 +204,38 @@ fn optouts(r: &Report, h: &mut String) -> anyhow::Result<()> {
                     .join(", "),
             ),
             (
-                "later Type 1 opt-outs deleted (optout apply)",
+                "later Type 1 opt-outs made unreachable (optout apply)",
                 format!(
                     "{} patients, {} rows, in {} runs",
                     o.later.patients_deleted, o.later.rows_removed, o.later.runs
                 )
             ),
+            (
+                "of them erased from the bytes (optout purge)",
+                format!(
+                    "{} patients, {} rows, in {} purges",
+                    o.later.patients_erased, o.later.rows_erased, o.later.purges
+                )
+            ),
             ("backlog: requests pending", o.later.pending.to_string()),
             (
-                "request to deletion (last run median / longest)",
+                "request to unreachable (last run median / longest)",
                 match (
                     o.later.latency_median_seconds_last_run,
                     o.later.latency_max_seconds
                 ) {
                     (Some(m), Some(x)) => format!("{m:.1} s / {x:.1} s"),
                     _ => "no later opt-outs yet".into(),
+                },
+            ),
+            (
+                "request to erased (last purge median / longest)",
+                match (
+                    o.later.latency_erased_median_seconds_last_purge,
+                    o.later.latency_erased_max_seconds
+                ) {
+                    (Some(m), Some(x)) => format!("{m:.1} s / {x:.1} s"),
+                    _ => "none erased yet".into(),
                 },
             ),
             (

@@ -160,17 +160,19 @@ fn sorted_groups(mut groups: Vec<LinkGroup>) -> Vec<LinkGroup> {
     groups
 }
 
-/// Every stored GP patient, with their GP date of death (if any).
+/// Every stored GP patient readers can reach, with their GP date of death (if any).
 fn gp_patients(
     store: &Path,
     manifest: &Manifest,
 ) -> anyhow::Result<HashMap<Pseudonym, Option<i32>>> {
     let mut out = HashMap::new();
     for batch in manifest.batches.values() {
-        let Some(file) = batch.files.get("patients") else {
+        if !batch.files.contains_key("patients") {
             continue;
-        };
-        for b in read(&store.join(&file.path))? {
+        }
+        // Deletion vectors applied: a masked patient is no longer stored.
+        for b in crate::store::parquet::open(store, batch, "patients")?.build()? {
+            let b = b?;
             let ids = b
                 .column_by_name("patient_id")
                 .context("patients: no patient_id")?

@@ -68,7 +68,11 @@ pub struct Report {
 pub struct Collection {
     pub practices: u64,
     pub rows_in: u64,
+    /// Rows stored and not masked by a deletion vector: what readers see.
     pub rows_out: u64,
+    /// Rows later opt-outs made unreachable that are still in the bytes,
+    /// awaiting `gpdp optout purge`.
+    pub rows_masked_awaiting_purge: u64,
     pub patients_out: u64,
     pub quarantined: BTreeMap<String, u64>,
     pub excluded_codes: BTreeMap<String, u64>,
@@ -414,12 +418,15 @@ fn collection(
     Ok(Collection {
         practices: receipts.len() as u64,
         rows_in: receipts.iter().map(Receipt::rows_in_total).sum(),
+        // Rows readers see: the stored rows less those deletion vectors mask.
         rows_out: manifest
             .batches
             .values()
             .flat_map(|b| b.files.values())
             .map(|f| f.rows)
-            .sum(),
+            .sum::<u64>()
+            - rows_masked(manifest),
+        rows_masked_awaiting_purge: rows_masked(manifest),
         patients_out: receipts.iter().map(|r| r.patients_out).sum(),
         quarantined,
         excluded_codes: excluded,
@@ -544,6 +551,45 @@ fn looks_identifying(v: &str) -> bool {
         && parts[1].len() == 3
         && parts[1].as_bytes()[0].is_ascii_digit()
         && parts[1][1..].chars().all(|c| c.is_ascii_uppercase())
+}
+
+/// Rows the deletion vectors in force mask (a vector's `rows`).
+fn rows_masked(manifest: &Manifest) -> u64 {
+    manifest
+        .batches
+        .values()
+        .flat_map(|b| b.vectors.values())
+        .map(|v| v.rows)
+        .sum()
+}
+
+/// Every `table` file of the store read through the store's reader,
+/// deletion vectors applied (fails closed), as one in-memory table.
+fn masked_table(
+    store: &Path,
+    manifest: &Manifest,
+    table: &str,
+) -> anyhow::Result<Option<datafusion::datasource::MemTable>> {
+    let mut schema = None;
+    let mut batches = Vec::new();
+    for batch in manifest
+        .batches
+        .values()
+        .filter(|b| b.files.contains_key(table))
+    {
+        let reader = crate::store::parquet::open(store, batch, table)?.build()?;
+        schema.get_or_insert_with(|| arrow::array::RecordBatchReader::schema(&reader));
+        for b in reader {
+            batches.push(b?);
+        }
+    }
+    let Some(schema) = schema else {
+        return Ok(None);
+    };
+    Ok(Some(datafusion::datasource::MemTable::try_new(
+        schema,
+        vec![batches],
+    )?))
 }
 
 fn table_files(store: &Path, manifest: &Manifest, table: &str) -> Vec<String> {
@@ -758,13 +804,12 @@ fn natural(s: &str) -> (u64, String) {
 }
 
 fn risk(store: &Path, manifest: &Manifest, rt: &tokio::runtime::Runtime) -> anyhow::Result<Risk> {
-    let files = table_files(store, manifest, Table::Patients.name());
     let qi = QUASI_IDENTIFIERS.join(", ");
     let mut sizes: BTreeMap<u64, u64> = BTreeMap::new();
-    if !files.is_empty() {
+    // The patients readers can reach: deletion vectors applied.
+    if let Some(table) = masked_table(store, manifest, Table::Patients.name())? {
         let ctx = SessionContext::new();
-        let df = rt.block_on(ctx.read_parquet(files, ParquetReadOptions::default()))?;
-        ctx.register_table("stored_patients", df.into_view())?;
+        ctx.register_table("stored_patients", std::sync::Arc::new(table))?;
         // One record per patient and profile: a patient who moved keeps one
         // record unless their area changed.
         let sql = format!(

@@ -1,13 +1,20 @@
 //! Deleting patients from committed batches, with proof.
 //!
 //! Used by collection (a dissent at one practice deletes the patient from
-//! every other practice's batch) and by `gpdp optout apply` (a later Type 1
-//! opt-out). Only batches that hold one of the patients are touched, and of
-//! those only the files that lose rows are replaced: each is copied without
-//! the patients' rows under a new name, and the new name goes into the next
-//! manifest, so nothing changes until that manifest is committed. Every
-//! replaced file yields a proof entry for the audit log: rows and SHA-256
-//! before and after.
+//! every other practice's batch), by `gpdp optout apply` (a later Type 1
+//! opt-out) and by `gpdp optout purge`. Only batches that hold one of the
+//! patients are touched, and of those only the files that lose rows.
+//!
+//! Two ways to delete. [`Deleter::delete_from_batches`] copies each file
+//! without the patients' rows under a new name (and without the rows its
+//! deletion vector masked: the copy carries no vector). [`Deleter::mask_in_batches`]
+//! leaves the data files as they are and writes, per file, a new deletion
+//! vector — the old one's positions and the patients' — under a new name
+//! ([`super::vectors`]); `gpdp optout purge` erases the bytes later. Either
+//! way the new names go into the next manifest, so nothing changes until
+//! that manifest is committed, and every file yields a proof entry for the
+//! audit log: rows and SHA-256 before and after, or the rows masked, the
+//! vector's SHA-256 and the data file's it is bound to.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -15,7 +22,10 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::parquet::{Rewrite, patient_ids, rewrite_without};
+use super::parquet::{
+    Rewrite, masked_patients, patient_ids, positions_of, rewrite_without, vector,
+};
+use super::vectors::{self, DeletionVector};
 use super::{FileEntry, Manifest, Store, StoreError, Tombstone, pq_err};
 use crate::deid::pseudonym::{Pseudonym, patient_key};
 use crate::digest::hex;
@@ -41,7 +51,8 @@ pub struct BatchMembers {
 impl BatchMembers {
     /// Reads the members of the committed batches of the practices `wanted`
     /// picks from their `patients` files (every row of a batch belongs to a
-    /// patient in it: collection quarantines the rest).
+    /// patient in it: collection quarantines the rest). A patient whose rows
+    /// a deletion vector masks is no longer a member.
     pub fn load(store: &Store, wanted: impl Fn(&str) -> bool) -> Result<BatchMembers, StoreError> {
         let mut members = BatchMembers::default();
         for (practice, entry) in &store.manifest.batches {
@@ -52,7 +63,8 @@ impl BatchMembers {
                 continue;
             };
             let path = store.path(&file.path);
-            let ids = patient_ids(&path).map_err(pq_err(&path))?;
+            let dv = vector(store.root(), entry, Table::Patients.name())?;
+            let ids = patient_ids(&path, dv.as_ref()).map_err(pq_err(&path))?;
             let mut keys: Vec<i64> = ids.iter().map(patient_key).collect();
             keys.sort_unstable();
             keys.dedup();
@@ -131,16 +143,29 @@ impl<'a> Deleter<'a> {
 
     /// Copies the store file `relative` of `table` without the rows of
     /// `remove`, under a new, unique name (a file may be rewritten twice
-    /// before one commit); returns that name and the row counts.
+    /// before one commit); returns that name and the row counts. If the
+    /// manifest in force gives the file a deletion vector, its masked rows
+    /// are dropped too (the copy needs no vector).
     pub fn rewrite(
         &mut self,
         relative: &str,
         table: &str,
         remove: &HashSet<Pseudonym>,
     ) -> Result<(String, Rewrite), StoreError> {
+        let dv = match self
+            .store
+            .manifest
+            .batches
+            .values()
+            .find(|b| b.files.get(table).is_some_and(|f| f.path == relative))
+        {
+            Some(batch) => vector(self.store.root(), batch, table)?,
+            None => None,
+        };
         let new_rel = self.next_name(relative, table);
         let (src, dst) = (self.store.path(relative), self.store.path(&new_rel));
-        let rw = rewrite_without(&src, &dst, remove, self.codec).map_err(pq_err(&dst))?;
+        let rw =
+            rewrite_without(&src, &dst, remove, dv.as_ref(), self.codec).map_err(pq_err(&dst))?;
         Ok((new_rel, rw))
     }
 
@@ -159,6 +184,168 @@ impl<'a> Deleter<'a> {
         )
     }
 
+    /// Makes `remove` unreachable in every batch of `next` without
+    /// rewriting a data file: each file of a batch that holds one of them
+    /// gets a new deletion vector, the union of its old one and the
+    /// positions of their rows, written and fsynced under a new name
+    /// (`tables/<table>/<data-file-stem>.v<generation>.dv`). `members` is
+    /// kept up to date; each affected batch records the pseudonyms deleted
+    /// from it. Files are scanned in parallel, one per worker.
+    pub fn mask_in_batches(
+        &mut self,
+        next: &mut Manifest,
+        members: &mut BatchMembers,
+        remove: &HashSet<Pseudonym>,
+    ) -> Result<Masked, StoreError> {
+        let mut masked = Masked::default();
+        if remove.is_empty() {
+            return Ok(masked);
+        }
+        let mut hits: BTreeMap<String, HashSet<Pseudonym>> = BTreeMap::new();
+        let mut tasks: Vec<(String, String, FileEntry, Option<DeletionVector>)> = Vec::new();
+        for (practice, entry) in &next.batches {
+            let hit = members.held(practice, remove);
+            if hit.is_empty() {
+                continue;
+            }
+            for (table, file) in &entry.files {
+                let dv = vector(self.store.root(), entry, table)?;
+                tasks.push((practice.clone(), table.clone(), file.clone(), dv));
+            }
+            hits.insert(practice.clone(), hit);
+        }
+        let store = self.store;
+        let generation = self.generation;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let results = crate::parallel(&tasks, threads, |(practice, table, file, old)| {
+            let path = store.path(&file.path);
+            let found = positions_of(&path, &hits[practice]).map_err(pq_err(&path))?;
+            let corrupt = || StoreError::Corrupt {
+                path: path.clone(),
+                message: "a row position past the file's footer row count".into(),
+            };
+            let dv = match old {
+                Some(old) => old.with(found).ok_or_else(corrupt)?,
+                None => DeletionVector::new(file, found).ok_or_else(corrupt)?,
+            };
+            let added = dv.len() - old.as_ref().map_or(0, DeletionVector::len);
+            if added == 0 {
+                return Ok(None);
+            }
+            let relative = vector_name(&file.path, table, generation);
+            let entry = vectors::write(store.root(), &relative, &dv)?;
+            Ok::<_, StoreError>(Some((entry, added, dv.len())))
+        });
+        for ((practice, table, file, _), result) in tasks.into_iter().zip(results) {
+            let Some((new, added, total)) = result? else {
+                continue;
+            };
+            let entry = next.batches.get_mut(&practice).expect("planned from next");
+            *masked.rows_masked.entry(table.clone()).or_default() += added;
+            let mut proof = json!({
+                "practice": practice, "table": table,
+                "rows": file.rows, "rows_masked": added, "rows_masked_total": total,
+                "sha256": file.sha256,
+                "vector": new.path, "vector_sha256": new.sha256,
+            });
+            if let Some(old) = entry.vectors.insert(table.clone(), new) {
+                proof["vector_sha256_before"] = json!(old.sha256);
+            }
+            masked.proof.push(proof);
+        }
+        for (practice, hit) in hits {
+            masked.patients += hit.len() as u64;
+            if let Some(entry) = next.batches.get_mut(&practice) {
+                entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
+            }
+            members.remove(&practice, &hit);
+        }
+        Ok(masked)
+    }
+
+    /// Erases the rows the deletion vectors of `next` mask: every file
+    /// whose vector masks at least `min_share` of its rows is rewritten
+    /// without them, under a new name, and loses its vector; the others
+    /// keep theirs. Files are rewritten in parallel, one per worker.
+    pub fn purge(&mut self, next: &mut Manifest, min_share: f64) -> Result<Purged, StoreError> {
+        let mut tasks: Vec<(String, String, String, String, DeletionVector)> = Vec::new();
+        let mut kept: Vec<(String, DeletionVector)> = Vec::new();
+        for (practice, entry) in &next.batches {
+            for table in entry.vectors.keys() {
+                let Some(dv) = vector(self.store.root(), entry, table)? else {
+                    continue;
+                };
+                let file = &entry.files[table];
+                if dv.deleted_share() >= min_share {
+                    let new_rel = self.next_name(&file.path, table);
+                    tasks.push((
+                        practice.clone(),
+                        table.clone(),
+                        file.path.clone(),
+                        new_rel,
+                        dv,
+                    ));
+                } else {
+                    kept.push((file.path.clone(), dv));
+                }
+            }
+        }
+        let store = self.store;
+        let codec = self.codec;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let results = crate::parallel(&tasks, threads, |(_, _, src, dst, dv)| {
+            let (src, dst) = (store.path(src), store.path(dst));
+            let who = masked_patients(&src, dv).map_err(pq_err(&src))?;
+            let rw = rewrite_without(&src, &dst, &HashSet::new(), Some(dv), codec)
+                .map_err(pq_err(&dst))?;
+            Ok::<_, StoreError>((rw, who))
+        });
+        // The patients some vector still masks are not erased yet.
+        let still = crate::parallel(&kept, threads, |(src, dv)| {
+            let src = store.path(src);
+            masked_patients(&src, dv).map_err(pq_err(&src))
+        });
+        let mut purged = Purged {
+            vectors_kept: kept.len() as u64,
+            ..Purged::default()
+        };
+        let mut batches = HashSet::new();
+        for ((practice, table, _, new_rel, _), result) in tasks.into_iter().zip(results) {
+            let (rw, who) = result?;
+            purged.erased.extend(who);
+            let entry = next.batches.get_mut(&practice).expect("planned from next");
+            let vector = entry
+                .vectors
+                .remove(&table)
+                .expect("planned from its vector");
+            let file = entry.files.get_mut(&table).expect("planned from next");
+            *purged.rows_erased.entry(table.clone()).or_default() += rw.rows_masked;
+            purged.proof.push(json!({
+                "practice": practice, "table": table,
+                "rows_before": rw.rows_before, "rows_after": rw.rows_after,
+                "rows_masked": rw.rows_masked,
+                "sha256_before": file.sha256, "sha256_after": rw.sha256,
+                "vector_sha256_before": vector.sha256,
+            }));
+            let new = FileEntry {
+                path: new_rel,
+                rows: rw.rows_after,
+                bytes: rw.bytes,
+                sha256: rw.sha256,
+            };
+            purged.replaced.push(std::mem::replace(file, new).path);
+            purged.replaced.push(vector.path);
+            batches.insert(practice);
+        }
+        for s in still {
+            for p in s? {
+                purged.erased.remove(&p);
+            }
+        }
+        purged.batches = batches.len() as u64;
+        Ok(purged)
+    }
+
     /// Deletes `remove` from every batch of `next` but `except`'s. `members`
     /// (the patients of each batch) is kept up to date; each affected
     /// batch records the pseudonyms deleted from it. The files are rewritten
@@ -175,9 +362,10 @@ impl<'a> Deleter<'a> {
             return Ok(deleted);
         }
         // Plan: which batches hold which of the patients (from `members`,
-        // without reading the data files), and every file of those batches.
+        // without reading the data files), and every file of those batches
+        // with its deletion vector (a rewrite drops the masked rows too).
         let mut hits: BTreeMap<String, HashSet<Pseudonym>> = BTreeMap::new();
-        let mut tasks: Vec<(String, String, String, String)> = Vec::new();
+        let mut tasks: Vec<(String, String, String, String, Option<DeletionVector>)> = Vec::new();
         for (practice, entry) in &next.batches {
             if except == Some(practice.as_str()) {
                 continue;
@@ -187,8 +375,15 @@ impl<'a> Deleter<'a> {
                 continue;
             }
             for (table, file) in &entry.files {
+                let dv = vector(self.store.root(), entry, table)?;
                 let new_rel = self.next_name(&file.path, table);
-                tasks.push((practice.clone(), table.clone(), file.path.clone(), new_rel));
+                tasks.push((
+                    practice.clone(),
+                    table.clone(),
+                    file.path.clone(),
+                    new_rel,
+                    dv,
+                ));
             }
             hits.insert(practice.clone(), hit);
         }
@@ -196,17 +391,16 @@ impl<'a> Deleter<'a> {
         let store = self.store;
         let codec = self.codec;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let results = crate::parallel(&tasks, threads, |(practice, _, src, dst)| {
+        let results = crate::parallel(&tasks, threads, |(practice, _, src, dst, dv)| {
             let (src, dst) = (store.path(src), store.path(dst));
-            rewrite_without(&src, &dst, &hits[practice], codec).map_err(pq_err(&dst))
+            rewrite_without(&src, &dst, &hits[practice], dv.as_ref(), codec).map_err(pq_err(&dst))
         });
         // Apply, in order.
-        for ((practice, table, _, new_rel), result) in tasks.into_iter().zip(results) {
+        for ((practice, table, _, new_rel, _), result) in tasks.into_iter().zip(results) {
             let rw = result?;
             let entry = next.batches.get_mut(&practice).expect("planned from next");
-            let file = entry.files.get_mut(&table).expect("planned from next");
-            if rw.rows_after == rw.rows_before {
-                // None of them in this file: keep it as it is.
+            if rw.rows_removed() == 0 {
+                // None of them in this file: keep it as it is (with its vector).
                 let unused = store.path(&new_rel);
                 std::fs::remove_file(&unused).map_err(|e| StoreError::Io {
                     path: unused,
@@ -214,13 +408,20 @@ impl<'a> Deleter<'a> {
                 })?;
                 continue;
             }
-            *deleted.rows_removed.entry(table.clone()).or_default() +=
-                rw.rows_before - rw.rows_after;
-            deleted.proof.push(json!({
+            *deleted.rows_removed.entry(table.clone()).or_default() += rw.rows_removed();
+            // The old file's vector goes with it: its masked rows are erased.
+            let old_vector = entry.vectors.remove(&table);
+            let file = entry.files.get_mut(&table).expect("planned from next");
+            let mut proof = json!({
                 "practice": practice, "table": table,
                 "rows_before": rw.rows_before, "rows_after": rw.rows_after,
                 "sha256_before": file.sha256, "sha256_after": rw.sha256,
-            }));
+            });
+            if let Some(old) = old_vector {
+                proof["rows_masked"] = json!(rw.rows_masked);
+                proof["vector_sha256_before"] = json!(old.sha256);
+            }
+            deleted.proof.push(proof);
             let new = FileEntry {
                 path: new_rel,
                 rows: rw.rows_after,
@@ -238,6 +439,50 @@ impl<'a> Deleter<'a> {
         }
         Ok(deleted)
     }
+}
+
+/// A deletion vector's store-relative name: beside its data file, named
+/// after it and the generation that commits it (vectors are immutable: a
+/// later opt-out in the same file writes a new one).
+pub fn vector_name(data: &str, table: &str, generation: u64) -> String {
+    let stem = Path::new(data)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".parquet"))
+        .unwrap_or("batch");
+    format!("tables/{table}/{stem}.v{generation}.dv")
+}
+
+/// What one masking changed.
+#[derive(Debug, Default)]
+pub struct Masked {
+    /// Patient-batch pairs made unreachable (a patient in two batches counts twice).
+    pub patients: u64,
+    /// Rows newly masked, by table.
+    pub rows_masked: BTreeMap<String, u64>,
+    /// One entry per new vector: practice, table, the data file's rows and
+    /// SHA-256, rows masked (new and in all), the vector's path and SHA-256
+    /// (and its predecessor's).
+    pub proof: Vec<Value>,
+}
+
+/// What one purge changed.
+#[derive(Debug, Default)]
+pub struct Purged {
+    /// Practice batches with a file rewritten.
+    pub batches: u64,
+    /// Masked rows erased, by table.
+    pub rows_erased: BTreeMap<String, u64>,
+    /// One entry per rewritten file: practice, table, rows and SHA-256
+    /// before and after, rows masked, and the dropped vector's SHA-256.
+    pub proof: Vec<Value>,
+    /// Store-relative paths of the files and vectors replaced.
+    pub replaced: Vec<String>,
+    /// Patients whose masked rows are now all erased (none left under a
+    /// vector the purge kept).
+    pub erased: HashSet<Pseudonym>,
+    /// Vectors left in force (below the threshold).
+    pub vectors_kept: u64,
 }
 
 /// The tombstones, indexed for the commit path: by (source, patient) in

@@ -4,6 +4,7 @@
 //! ```text
 //! STORE/manifest.json                      the commit point: batches, files, checksums, key id, generation
 //! STORE/tables/<table>/<batch>[.gN].parquet immutable data files (patients, clinical_events, medications)
+//! STORE/tables/<table>/<stem>.v<gen>.dv    deletion vectors: rows of one data file later opt-outs made unreachable
 //! STORE/optouts/tombstones-<gen>.parquet   deleted pseudonyms: when, why, from where
 //! STORE/optouts/tombstones.parquet         a link to the current tombstones file
 //! STORE/receipts/<batch>.json              one per practice collection
@@ -18,6 +19,13 @@
 //! carries the audit entries of its own commit, so if a crash falls between
 //! the rename and the log append, the next writer appends them.
 //!
+//! **Two-phase erasure.** A later opt-out is first masked: a deletion
+//! vector per affected data file ([`vectors`]), which every reader applies
+//! ([`parquet::open`]); a purge later rewrites the files without the masked
+//! rows ([`delete`]). Vectors are files in force like any other
+//! ([`Manifest::all_files`]): written and fsynced before the manifest that
+//! names them, removed by the next writer when no manifest does.
+//!
 //! **One writer.** Writers hold an exclusive lock on `STORE/.lock` for their
 //! whole run; readers (the TRE) need no lock because files are never
 //! modified in place.
@@ -27,6 +35,7 @@ pub mod guard;
 pub mod log;
 pub mod parquet;
 pub mod schema;
+pub mod vectors;
 pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -71,12 +80,16 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error("deletion vector {0}")]
+    Vector(#[from] vectors::VectorError),
 }
 
 impl Classify for StoreError {
     fn exit_status(&self) -> ExitStatus {
         match self {
             StoreError::NotAStore(_) | StoreError::KeyMismatch { .. } => ExitStatus::BadInput,
+            // Fail closed: the file it masks is refused, never read unmasked.
+            StoreError::Vector(_) => ExitStatus::Refused,
             StoreError::Io { source, .. } => crate::error::io_status(source),
             _ => ExitStatus::Internal,
         }
@@ -123,6 +136,11 @@ pub struct BatchEntry {
     /// extract is no longer a no-op: the patient comes back.
     #[serde(default)]
     pub deleted_patients: BTreeSet<String>,
+    /// Deletion vectors, by table: the rows of that table's data file that
+    /// later opt-outs made unreachable and no purge has erased yet
+    /// ([`vectors`]). Every reader of the data file must skip them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vectors: BTreeMap<String, FileEntry>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -166,7 +184,8 @@ impl Manifest {
     }
 
     /// Every file this manifest puts in force — GP and provider data files,
-    /// the tombstones and the NDOO set — as path → SHA-256.
+    /// their deletion vectors, the tombstones and the NDOO set — as path →
+    /// SHA-256.
     pub fn files_in_force(&self) -> BTreeMap<String, String> {
         self.all_files()
             .map(|f| (f.path.clone(), f.sha256.clone()))
@@ -177,7 +196,7 @@ impl Manifest {
     pub fn all_files(&self) -> impl Iterator<Item = &FileEntry> {
         self.batches
             .values()
-            .flat_map(|b| b.files.values())
+            .flat_map(|b| b.files.values().chain(b.vectors.values()))
             .chain(self.linked.values().map(|l| &l.file))
             .chain(self.tombstones.iter())
             .chain(self.ndoo.iter())

@@ -1,6 +1,12 @@
 //! Parquet files of the store: how they are written (codec, per-column
 //! settings), read back, and rewritten without deleted patients.
 //!
+//! Every read of a GP data file outside the TRE goes through [`open`],
+//! which applies the file's deletion vector ([`super::vectors`]) as a row
+//! selection: a masked row is never returned, and a vector that does not
+//! verify refuses the file. Rewrites ([`rewrite_without`]) drop masked rows
+//! too, so a rewrite for one patient never brings another masked one back.
+//!
 //! Pseudonym columns are random bytes, but rows come grouped by patient, so
 //! dictionary encoding shrinks them a great deal; min/max statistics would
 //! publish two real pseudonyms per row group in the file footer, so
@@ -17,9 +23,12 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::errors::ParquetError;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
+use super::vectors::{self, DeletionVector};
+use super::{BatchEntry, StoreError, io_err, pq_err};
 use crate::deid::pseudonym::{Pseudonym, from_slice};
 use crate::policy::Codec;
 
@@ -98,19 +107,141 @@ impl Writer {
     }
 }
 
-/// Every `patient_id` in a file.
-pub fn patient_ids(path: &Path) -> parquet::errors::Result<Vec<Pseudonym>> {
+/// A reader of `path` that returns only the rows `dv` does not mask (all
+/// rows without one). The vector must describe this file: its row count
+/// must be the footer's, or the file is refused.
+pub fn reader(
+    path: &Path,
+    dv: Option<&DeletionVector>,
+) -> parquet::errors::Result<ParquetRecordBatchReaderBuilder<File>> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    let Some(dv) = dv else {
+        return Ok(builder);
+    };
+    let rows = builder.metadata().file_metadata().num_rows() as u64;
+    if rows != dv.rows {
+        return Err(ParquetError::General(format!(
+            "its deletion vector is for a file of {} rows, it has {rows}",
+            dv.rows
+        )));
+    }
+    Ok(builder.with_row_selection(dv.selection()))
+}
+
+/// The deletion vector of `batch`'s `table` file, loaded and verified
+/// ([`vectors::load`]: checksum, binding to the data file in force), or
+/// `None` if the file has none.
+pub fn vector(
+    root: &Path,
+    batch: &BatchEntry,
+    table: &str,
+) -> Result<Option<DeletionVector>, StoreError> {
+    let (Some(entry), Some(data)) = (batch.vectors.get(table), batch.files.get(table)) else {
+        return Ok(None);
+    };
+    vectors::load(root, entry, data).map(Some)
+}
+
+/// The shared reader of a GP data file: `batch`'s `table` file with its
+/// deletion vector applied, failing closed (a vector that does not verify
+/// is an error naming it, never an unmasked read).
+pub fn open(
+    root: &Path,
+    batch: &BatchEntry,
+    table: &str,
+) -> Result<ParquetRecordBatchReaderBuilder<File>, StoreError> {
+    let Some(file) = batch.files.get(table) else {
+        let path = root.join("tables").join(table);
+        return Err(io_err(&path)(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("batch {} has no {table} file", batch.batch),
+        )));
+    };
+    let dv = vector(root, batch, table)?;
+    let path = root.join(&file.path);
+    reader(&path, dv.as_ref()).map_err(pq_err(&path))
+}
+
+/// Every `patient_id` in a file that `dv` does not mask (every one without
+/// a vector).
+pub fn patient_ids(
+    path: &Path,
+    dv: Option<&DeletionVector>,
+) -> parquet::errors::Result<Vec<Pseudonym>> {
+    let builder = reader(path, dv)?;
     let index = builder
         .schema()
         .index_of("patient_id")
-        .map_err(|e| parquet::errors::ParquetError::General(e.to_string()))?;
+        .map_err(|e| ParquetError::General(e.to_string()))?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
     let mut out = Vec::new();
     for batch in builder.with_projection(mask).build()? {
         let batch = batch?;
         let ids = pseudonyms(&batch)?;
         out.extend((0..ids.len()).map(|i| from_slice(ids.value(i))));
+    }
+    Ok(out)
+}
+
+/// The positions (0-based, absolute in the file, in order) of the rows of
+/// `patients` in a file, masked or not: what a deletion vector for them lists.
+pub fn positions_of(
+    path: &Path,
+    patients: &HashSet<Pseudonym>,
+) -> parquet::errors::Result<Vec<u64>> {
+    let builder = reader(path, None)?;
+    let index = builder
+        .schema()
+        .index_of("patient_id")
+        .map_err(|e| ParquetError::General(e.to_string()))?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
+    let prefixes: HashSet<u64, ahash::RandomState> = patients.iter().map(|p| prefix(p)).collect();
+    let (mut out, mut at) = (Vec::new(), 0u64);
+    for batch in builder.with_projection(mask).build()? {
+        let batch = batch?;
+        let ids = pseudonyms(&batch)?;
+        for i in 0..ids.len() {
+            let id = ids.value(i);
+            if prefixes.contains(&prefix(id)) && patients.contains(id) {
+                out.push(at + i as u64);
+            }
+        }
+        at += ids.len() as u64;
+    }
+    Ok(out)
+}
+
+/// The patients whose rows `dv` masks in a file (their `patient_id`s at
+/// the vector's positions).
+pub fn masked_patients(
+    path: &Path,
+    dv: &DeletionVector,
+) -> parquet::errors::Result<HashSet<Pseudonym>> {
+    let builder = reader(path, None)?;
+    let rows = builder.metadata().file_metadata().num_rows() as u64;
+    if rows != dv.rows {
+        return Err(ParquetError::General(format!(
+            "its deletion vector is for a file of {} rows, it has {rows}",
+            dv.rows
+        )));
+    }
+    let index = builder
+        .schema()
+        .index_of("patient_id")
+        .map_err(|e| ParquetError::General(e.to_string()))?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
+    let (mut out, mut at) = (HashSet::new(), 0u64);
+    let positions = dv.positions();
+    let mut next = 0usize;
+    for batch in builder.with_projection(mask).build()? {
+        let batch = batch?;
+        let ids = pseudonyms(&batch)?;
+        let end = at + ids.len() as u64;
+        while next < positions.len() && positions[next] < end {
+            out.insert(from_slice(ids.value((positions[next] - at) as usize)));
+            next += 1;
+        }
+        at = end;
     }
     Ok(out)
 }
@@ -131,26 +262,53 @@ fn prefix(id: &[u8]) -> u64 {
 /// Rows before and after a rewrite, and the new file's SHA-256 and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewrite {
+    /// Rows stored in the old file (masked ones included).
     pub rows_before: u64,
+    /// Of those, rows its deletion vector masked: dropped whoever they are.
+    pub rows_masked: u64,
     pub rows_after: u64,
     pub sha256: String,
     pub bytes: u64,
 }
 
-/// Copies `src` to `dst` without the rows of `remove`, streaming batch by batch.
+impl Rewrite {
+    /// Rows of the patients asked for that the rewrite removed (not
+    /// counting the masked rows it dropped).
+    pub fn rows_removed(&self) -> u64 {
+        self.rows_before - self.rows_masked - self.rows_after
+    }
+}
+
+/// Copies `src` to `dst` without the rows of `remove` and without the rows
+/// `dv` masks (a rewrite never brings a masked row back; the new file needs
+/// no vector), streaming batch by batch.
 pub fn rewrite_without(
     src: &Path,
     dst: &Path,
     remove: &HashSet<Pseudonym>,
+    dv: Option<&DeletionVector>,
     codec: Codec,
 ) -> parquet::errors::Result<Rewrite> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(src)?)?.build()?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(src)?)?;
+    if let Some(dv) = dv {
+        let rows = builder.metadata().file_metadata().num_rows() as u64;
+        if rows != dv.rows {
+            return Err(ParquetError::General(format!(
+                "{}: its deletion vector is for a file of {} rows, it has {rows}",
+                src.display(),
+                dv.rows
+            )));
+        }
+    }
+    let reader = builder.build()?;
     let schema: SchemaRef = reader.schema();
     let mut writer = Writer::create(dst, schema, codec)?;
     let (mut before, mut after) = (0u64, 0u64);
     // Rows are checked on the pseudonym's first 8 bytes with a fast hash,
     // and only a match is compared in full: most rows cost one lookup.
     let prefixes: HashSet<u64, ahash::RandomState> = remove.iter().map(|p| prefix(p)).collect();
+    let masked = dv.map_or(&[][..], |dv| dv.positions());
+    let mut next = 0usize;
     for batch in reader {
         let batch = batch?;
         let ids = pseudonyms(&batch)?;
@@ -158,13 +316,25 @@ pub fn rewrite_without(
             let id = ids.value(i);
             prefixes.contains(&prefix(id)) && remove.contains(id)
         };
-        let kept = if (0..ids.len()).any(hit) {
-            let keep: BooleanArray = (0..ids.len()).map(|i| Some(!hit(i))).collect();
+        // The masked rows of this batch, as offsets in it.
+        let end = before + ids.len() as u64;
+        let first = next;
+        while next < masked.len() && masked[next] < end {
+            next += 1;
+        }
+        let masked_here: HashSet<usize> = masked[first..next]
+            .iter()
+            .map(|p| (p - before) as usize)
+            .collect();
+        let kept = if !masked_here.is_empty() || (0..ids.len()).any(hit) {
+            let keep: BooleanArray = (0..ids.len())
+                .map(|i| Some(!masked_here.contains(&i) && !hit(i)))
+                .collect();
             arrow::compute::filter_record_batch(&batch, &keep)?
         } else {
             batch.clone()
         };
-        before += batch.num_rows() as u64;
+        before = end;
         after += kept.num_rows() as u64;
         if kept.num_rows() > 0 {
             writer.write(&kept)?;
@@ -173,6 +343,7 @@ pub fn rewrite_without(
     let (sha256, bytes) = writer.finish()?;
     Ok(Rewrite {
         rows_before: before,
+        rows_masked: masked.len() as u64,
         rows_after: after,
         sha256,
         bytes,

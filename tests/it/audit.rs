@@ -4,7 +4,7 @@
 //! The audit is an information-governance auditor's independent evidence,
 //! so a check that always passed would be worse than none. Each test below
 //! copies one small store (collected, NDOO ingested, provider data linked,
-//! a refused query logged, a later opt-out applied), tampers with the copy
+//! a refused query logged, a later opt-out applied and purged), tampers with the copy
 //! as a real regression or a hand edit would — a Type 1 patient's events
 //! written, a registration lost, the NDOO list short of a patient, a
 //! receipt's counts wrong, a provider record dropped, the log edited or
@@ -41,12 +41,13 @@ const KEY: u8 = 77;
 /// Every check `gpdp audit` runs given the truth and a published head, in
 /// its order. Each has a test below that sees it fail; a new check fails
 /// the positive control until it gets one.
-const CHECKS: [&str; 12] = [
+const CHECKS: [&str; 13] = [
     "audit_log_intact",
     "no_rollback",
     "log_extends_head",
     "privacy_budgets_respected",
     "files_match_manifest",
+    "tombstoned_patients_unreachable",
     "tombstoned_patients_absent",
     "type1_patients_absent",
     "registrations_match_truth",
@@ -100,6 +101,9 @@ struct Base {
     /// Their practice's clinical_events file as it was before the deletion.
     events_before: Vec<u8>,
     erased_practice: String,
+    /// Another patient of that kind (one practice, events, no opt-out
+    /// list), still stored, for the tampers that opt them out.
+    spare: String,
 }
 
 fn base() -> &'static Base {
@@ -127,15 +131,14 @@ fn base() -> &'static Base {
             *registrations.entry(&p.nhs).or_default() += 1;
         }
         let events = stored(&c.store, "clinical_events");
-        let erased = people
-            .iter()
-            .find(|p| {
-                !p.type1_anywhere
-                    && !p.ndoo
-                    && registrations[p.nhs.as_str()] == 1
-                    && events.contains(&pseudonym(KEY, &p.nhs))
-            })
-            .expect("a patient to opt out later");
+        let mut candidates = people.iter().filter(|p| {
+            !p.type1_anywhere
+                && !p.ndoo
+                && registrations[p.nhs.as_str()] == 1
+                && events.contains(&pseudonym(KEY, &p.nhs))
+        });
+        let erased = candidates.next().expect("a patient to opt out later");
+        let spare = candidates.next().expect("a second one").nhs.clone();
         let m = manifest(&c.store);
         let events_path = m["batches"][&erased.practice]["files"]["clinical_events"]["path"]
             .as_str()
@@ -154,6 +157,7 @@ fn base() -> &'static Base {
             .arg(&c.store)
             .arg("--key")
             .arg(&c.key)
+            .arg("--purge")
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
@@ -164,6 +168,7 @@ fn base() -> &'static Base {
             erased: pseudonym(KEY, &erased.nhs),
             erased_practice: erased.practice.clone(),
             events_before,
+            spare,
             c,
         }
     })
@@ -448,6 +453,7 @@ fn files_match_manifest_fails_when_a_row_is_removed_behind_the_manifest() {
         &copy.store,
         &[
             "files_match_manifest",
+            "tombstoned_patients_unreachable",
             "tombstoned_patients_absent",
             "type1_patients_absent",
             "registrations_match_truth",
@@ -489,10 +495,12 @@ fn no_rollback_fails_when_the_manifest_is_edited_to_a_file_the_log_never_committ
     assert_fails_exactly(&copy.store, &["no_rollback"]);
 }
 
-/// `tombstoned_patients_absent`: a later commit puts back the events file
-/// from before a later opt-out's deletion (under a new name, committed, so
-/// the log and checksums agree). The patient opted out after the extract,
-/// so the truth's Type 1 check has nothing to say about them.
+/// `tombstoned_patients_unreachable` and `tombstoned_patients_absent`: a
+/// later commit puts back the events file from before a later opt-out's
+/// deletion (under a new name, committed, so the log and checksums agree):
+/// the patient is readable again, and in the bytes long after their
+/// request. The patient opted out after the extract, so the truth's Type 1
+/// check has nothing to say about them.
 #[test]
 fn tombstoned_patients_absent_fails_when_a_commit_brings_back_deleted_events() {
     let b = base();
@@ -510,19 +518,107 @@ fn tombstoned_patients_absent_fails_when_a_commit_brings_back_deleted_events() {
             .insert("clinical_events".into(), entry);
     });
     assert!(stored(&copy.store, "clinical_events").contains(&b.erased));
+    assert_fails_exactly(
+        &copy.store,
+        &[
+            "tombstoned_patients_unreachable",
+            "tombstoned_patients_absent",
+        ],
+    );
+}
+
+/// `gpdp optout apply` (no purge) on a copy of the base for the spare
+/// patient, requested at `date` (`None`: now).
+fn apply_spare(store: &Path, date: Option<&str>) -> [u8; 32] {
+    let b = base();
+    let list = store.with_file_name("spare.csv");
+    std::fs::write(
+        &list,
+        format!(
+            "nhs_number,requested_at\n{},{}\n",
+            b.spare,
+            date.unwrap_or("")
+        ),
+    )
+    .unwrap();
+    let o = gpdp()
+        .args(["optout", "apply", "--type1"])
+        .arg(&list)
+        .arg("--store")
+        .arg(store)
+        .arg("--key")
+        .arg(&b.c.key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    pseudonym(KEY, &b.spare)
+}
+
+/// `tombstoned_patients_unreachable` alone: a later opt-out applied today
+/// (unreachable, in the bytes within the purge deadline: the audit passes),
+/// then a commit drops the deletion vector of their events file — a reader
+/// would return their events again. Their patients row stays masked, so
+/// the registrations still match the truth.
+#[test]
+fn tombstoned_patients_unreachable_fails_when_a_commit_drops_a_deletion_vector() {
+    let copy = copy_of_base();
+    let id = apply_spare(&copy.store, None);
+    let (code, _, failed, report) = audit(&copy.store);
+    assert!(failed.is_empty() && code == Some(0), "{report}");
+    assert!(stored(&copy.store, "clinical_events").contains(&id));
+    commit(&copy.store, |_, next| {
+        let batch = next
+            .batches
+            .values_mut()
+            .find(|b| b.vectors.contains_key("clinical_events"))
+            .expect("the events file got a vector");
+        batch.vectors.remove("clinical_events");
+    });
+    assert_fails_exactly(&copy.store, &["tombstoned_patients_unreachable"]);
+}
+
+/// `tombstoned_patients_absent` alone: a later opt-out requested long
+/// before the purge deadline, applied but never purged — unreachable, and
+/// still in the bytes.
+#[test]
+fn tombstoned_patients_absent_fails_when_an_old_request_is_not_purged() {
+    let copy = copy_of_base();
+    let id = apply_spare(&copy.store, Some("2026-01-02"));
+    assert!(stored(&copy.store, "clinical_events").contains(&id));
     assert_fails_exactly(&copy.store, &["tombstoned_patients_absent"]);
+    // A deadline longer than the request's age lets it pass.
+    let b = base();
+    let policy = copy.store.with_file_name("collection.toml");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/collection.toml"),
+    )
+    .unwrap();
+    std::fs::write(&policy, text + "\n[erasure]\npurge_deadline_days = 3650\n").unwrap();
+    let o = gpdp()
+        .args(["audit", "--store"])
+        .arg(&copy.store)
+        .arg("--truth")
+        .arg(b.c.extract.join("truth"))
+        .arg("--key")
+        .arg(&b.c.key)
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
 
 /// `type1_patients_absent`, as a regression leaves it: a Type 1 patient's
 /// events written to the store (committed), while collection still
-/// recorded their tombstone — so the tombstone check fails beside it.
+/// recorded their tombstone — so the tombstone check fails beside it (the
+/// reachable one: the tombstone is younger than the purge deadline).
 #[test]
 fn type1_patients_absent_fails_when_a_type1_patients_events_are_stored() {
     let copy = copy_of_base();
     leak_type1_events(&copy.store, false);
     assert_fails_exactly(
         &copy.store,
-        &["tombstoned_patients_absent", "type1_patients_absent"],
+        &["tombstoned_patients_unreachable", "type1_patients_absent"],
     );
 }
 

@@ -40,7 +40,8 @@ fn later_opt_outs(c: &Collected, n: usize) -> Vec<String> {
     out
 }
 
-/// Runs `gpdp optout apply` for `numbers`.
+/// Runs `gpdp optout apply --purge` for `numbers`: unreachable, then
+/// erased (two commits).
 fn apply_later(c: &Collected, numbers: &[String]) {
     let list = c._dir.path().join("type1-requests.csv");
     std::fs::write(&list, format!("nhs_number\n{}\n", numbers.join("\n"))).unwrap();
@@ -53,6 +54,7 @@ fn apply_later(c: &Collected, numbers: &[String]) {
         c.store.to_str().unwrap(),
         "--key",
         c.key.to_str().unwrap(),
+        "--purge",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
@@ -131,9 +133,10 @@ fn a_store_restored_from_before_a_deletion_is_caught_with_its_generation_and_fil
     let failed = line(&out, "no_rollback");
     assert!(failed.contains("FAIL"), "{failed}");
     assert!(
+        // Two generations: the deletion (vectors) and its purge.
         failed.contains(&format!(
             "manifest in force is generation {before_generation}"
-        )) && failed.contains(&format!("generation {}", before_generation + 1))
+        )) && failed.contains(&format!("generation {}", before_generation + 2))
             && failed.contains("restored from an older copy"),
         "{failed}"
     );
@@ -145,6 +148,7 @@ fn a_store_restored_from_before_a_deletion_is_caught_with_its_generation_and_fil
     // The rest of the audit cannot see it: every other check passes.
     for check in [
         "files_match_manifest",
+        "tombstoned_patients_unreachable",
         "tombstoned_patients_absent",
         "type1_patients_absent",
     ] {
@@ -197,18 +201,18 @@ fn a_store_restored_from_before_a_deletion_is_caught_with_its_generation_and_fil
     let failed = line(&out, "no_rollback");
     assert!(
         failed.contains("FAIL")
-            && failed.contains(&format!("generation {}", before_generation + 1)),
+            && failed.contains(&format!("generation {}", before_generation + 2)),
         "{failed}"
     );
 
-    // The manifest edited by hand to put a pre-deletion file back in force
+    // The manifest edited by hand to put a pre-purge file back in force
     // (with its true checksum, so files_match_manifest passes).
     copy_dir(&after, &c.store);
     let entries: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone())
         .collect();
-    let delete = entries.iter().find(|e| e["event"] == "delete").unwrap();
+    let delete = entries.iter().find(|e| e["event"] == "purge").unwrap();
     let proof = &delete["proof"][0];
     let (practice, table) = (
         proof["practice"].as_str().unwrap(),
@@ -383,6 +387,15 @@ fn the_register_lists_what_was_asked_and_holds_no_identifier() {
     );
     assert_eq!(released[1]["result_sha256"].as_str().unwrap().len(), 64);
     assert_eq!(r["optouts"]["type1_deleted_later"], 4);
+    // Both phases ran (apply --purge): erased too, with both latencies.
+    assert_eq!(r["optouts"]["type1_erased_later"], 4);
+    assert_eq!(r["optouts"]["purge_runs"], 1);
+    for k in [
+        "unreachable_latency_max_seconds",
+        "erased_latency_max_seconds",
+    ] {
+        assert!(r["optouts"][k].as_f64().is_some(), "{k}: {}", r["optouts"]);
+    }
     assert!(
         r["optouts"]["national_data_opt_out_listed"]
             .as_u64()

@@ -3,7 +3,9 @@
 //! applied at once) / withdraw / move practice / ingest the NDOO, on a small
 //! hand-built world of 8 patients and 3 practices. After every step the store
 //! must equal a simple model of what each practice's batch should hold, no
-//! opted-out patient may have a row anywhere, the research project's views
+//! opted-out patient may have a row any reader returns (a request masks
+//! them with deletion vectors; every other one is purged at once, and the
+//! store is read as its readers read it), the research project's views
 //! must exclude exactly the NDOO patients, and the audit log must verify.
 //!
 //! The model's rules (docs/design.md §3–4, in words):
@@ -241,6 +243,9 @@ impl World {
             &self.key(),
             false,
             gpdp::policy::Codec::Zstd(1),
+            // Every other request purged at once: masked and erased
+            // patients must look the same to every reader.
+            self.day.is_multiple_of(2),
         )
         .unwrap();
         self.requests.entry(patient).or_insert(self.day);
@@ -306,7 +311,7 @@ impl World {
     fn check(&self, rt: &tokio::runtime::Runtime) -> Result<(), String> {
         let store = self.store();
         let id = |p: usize| pseudonym(KEY, &self.nhs[p]);
-        let patients = read_table(&store, "patients");
+        let patients = read_table_reachable(&store, "patients");
         let found: BTreeSet<([u8; 32], [u8; 32])> = patient_ids(&patients)
             .into_iter()
             .zip(pseudonym_column(&patients, "practice_id"))
@@ -339,7 +344,7 @@ impl World {
         }
         let blocked: HashSet<[u8; 32]> = self.blocked().into_iter().map(id).collect();
         for table in ["clinical_events", "medications"] {
-            let ids: HashSet<[u8; 32]> = patient_ids(&read_table(&store, table))
+            let ids: HashSet<[u8; 32]> = patient_ids(&read_table_reachable(&store, table))
                 .into_iter()
                 .collect();
             if !ids.is_disjoint(&blocked) {

@@ -1,6 +1,8 @@
 //! The opt-out lifecycle as a user drives it: `gpdp optout apply` for Type 1
-//! opt-outs registered after collection (movers included), re-applying,
-//! crashing, withdrawing, and `gpdp audit` against the truth.
+//! opt-outs registered after collection (movers included) — unreachable at
+//! once through deletion vectors — and `gpdp optout purge`, which erases
+//! them from the bytes; re-applying, re-purging, crashing, withdrawing, and
+//! `gpdp audit` against the truth.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -71,6 +73,24 @@ fn audit(c: &Collected) -> std::process::Output {
     gpdp().arg("audit").args(c.truth_args()).output().unwrap()
 }
 
+/// `gpdp optout purge` on the test's store, ready to run.
+fn purge_command(store: &Path) -> std::process::Command {
+    let mut cmd = gpdp();
+    cmd.args(["optout", "purge", "--store"]).arg(store);
+    cmd
+}
+
+fn purge(c: &Collected, extra: &[&str]) -> std::process::Output {
+    purge_command(&c.store).args(extra).output().unwrap()
+}
+
+/// The line of the audit table for `check`.
+fn line_of<'a>(out: &'a str, check: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(check))
+        .unwrap_or_else(|| panic!("no {check} line in\n{out}"))
+}
+
 /// Every pseudonym with a row in any table.
 fn stored_patients(store: &Path) -> HashSet<[u8; 32]> {
     ["patients", "clinical_events", "medications"]
@@ -116,16 +136,29 @@ fn later_opt_outs_are_deleted_everywhere_with_proof_and_the_audit_passes() {
     // Movers are deleted from both practices.
     assert_eq!(report["registrations_deleted"], 13, "{report}");
     assert!(report["latency_max_seconds"].as_f64().unwrap() > 0.0);
+    // No data file rewritten: one deletion vector per file that held them.
+    assert_eq!(report["files_rewritten"], 0, "{report}");
+    assert!(report["files_masked"].as_u64().unwrap() >= 3, "{report}");
 
-    let after = stored_patients(&c.store);
+    // Unreachable through the store's readers, still in the bytes.
+    let reachable = reachable_patients(&c.store);
     assert!(
-        after.is_disjoint(&targets),
-        "a deleted patient still has rows"
+        reachable.is_disjoint(&targets),
+        "a deleted patient is reachable"
     );
     assert_eq!(
-        before.len() - after.len(),
+        before.len() - reachable.len(),
         targets.len(),
         "others were deleted too"
+    );
+    assert_eq!(
+        stored_patients(&c.store),
+        before,
+        "apply rewrote a data file"
+    );
+    assert_eq!(
+        manifest(&c.store)["batches"][practice.as_str()]["files"]["clinical_events"]["path"],
+        old_path.as_str()
     );
 
     // The proof is in the audit log, with counts, never numbers.
@@ -138,15 +171,84 @@ fn later_opt_outs_are_deleted_everywhere_with_proof_and_the_audit_passes() {
     assert_eq!(commit["entry"]["event"], "commit");
     assert_eq!(commit["entry"]["generation"], last["entry"]["generation"]);
     assert_eq!(last["entry"]["reason"], "type1_request");
+    assert_eq!(last["entry"]["erasure"], "deletion_vectors");
+    let m = manifest(&c.store);
+    for p in last["entry"]["proof"].as_array().unwrap() {
+        let batch = &m["batches"][p["practice"].as_str().unwrap()];
+        let table = p["table"].as_str().unwrap();
+        assert!(p["rows_masked"].as_u64().unwrap() > 0);
+        // Bound to the data file in force, and the vector in force.
+        assert_eq!(p["sha256"], batch["files"][table]["sha256"]);
+        assert_eq!(p["vector_sha256"], batch["vectors"][table]["sha256"]);
+        assert_eq!(p["rows_masked_total"], batch["vectors"][table]["rows"]);
+    }
+    assert!(numbers.iter().all(|n| !log.contains(n.as_str())));
+
+    // The requests are older than the purge deadline (30 days): the audit
+    // sees them unreachable but still in the bytes, and fails that alone.
+    let o = audit(&c);
+    assert_eq!(o.status.code(), Some(3), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        line_of(&out, "tombstoned_patients_unreachable").contains("pass"),
+        "{out}"
+    );
+    assert!(
+        line_of(&out, "tombstoned_patients_absent").contains("FAIL"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" FAIL ")).count(),
+        1,
+        "{out}"
+    );
+
+    // The purge erases them: every file with a vector rewritten, no vector left.
+    let o = purge(&c, &["--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["files_rewritten"], report["files_masked"], "{r}");
+    assert_eq!(r["patients_erased"], 10, "{r}");
+    assert!(r["latency_erased_max_seconds"].as_f64().unwrap() > 0.0);
+    let after = stored_patients(&c.store);
+    assert!(
+        after.is_disjoint(&targets),
+        "a purged patient is still in the bytes"
+    );
+    assert_eq!(after, reachable);
+    let m = manifest(&c.store);
+    assert!(
+        m["batches"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|b| b.get("vectors").is_none()),
+        "{m}"
+    );
+    let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let last: serde_json::Value = serde_json::from_str(lines[lines.len() - 2]).unwrap();
+    assert_eq!(last["entry"]["event"], "purge");
     for p in last["entry"]["proof"].as_array().unwrap() {
         assert!(p["rows_after"].as_u64() < p["rows_before"].as_u64());
         assert_ne!(p["sha256_before"], p["sha256_after"]);
+        assert!(p["vector_sha256_before"].is_string());
     }
-    assert!(numbers.iter().all(|n| !log.contains(n.as_str())));
 
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("every check passed"));
+
+    // Purging again rewrites nothing.
+    let generation = manifest(&c.store)["generation"].clone();
+    let o = purge(&c, &["--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (r["unchanged"].clone(), r["files_rewritten"].clone()),
+        (true.into(), 0.into())
+    );
+    assert_eq!(manifest(&c.store)["generation"], generation);
 
     // Re-applying changes nothing.
     let generation = manifest(&c.store)["generation"].clone();
@@ -155,7 +257,7 @@ fn later_opt_outs_are_deleted_everywhere_with_proof_and_the_audit_passes() {
     assert!(stdout(&o).contains("already applied"), "{}", stdout(&o));
     assert_eq!(manifest(&c.store)["generation"], generation);
 
-    // Undo the deletion by hand: put the old events file back under the new name.
+    // Undo the deletion by hand: put the old events file back under the purged one's name.
     let m = manifest(&c.store);
     let new_path = m["batches"][practice.as_str()]["files"]["clinical_events"]["path"]
         .as_str()
@@ -166,7 +268,11 @@ fn later_opt_outs_are_deleted_everywhere_with_proof_and_the_audit_passes() {
     let o = audit(&c);
     assert_eq!(o.status.code(), Some(3), "{}", stdout(&o));
     let out = stdout(&o);
-    for check in ["files_match_manifest", "tombstoned_patients_absent"] {
+    for check in [
+        "files_match_manifest",
+        "tombstoned_patients_unreachable",
+        "tombstoned_patients_absent",
+    ] {
         let line = out.lines().find(|l| l.starts_with(check)).unwrap();
         assert!(line.contains("FAIL"), "{line}");
     }
@@ -218,7 +324,7 @@ fn invalid_requests_change_nothing_unless_skipped_and_then_stay_pending() {
 }
 
 #[test]
-fn a_crash_during_apply_leaves_no_half_deleted_state_and_a_rerun_completes() {
+fn a_crash_during_apply_or_purge_leaves_no_half_deleted_state_and_a_rerun_completes() {
     let c = setup();
     let numbers = later_opt_outs(&c.extract, 2, 4);
     let list = c._dir.path().join("requests.csv");
@@ -228,7 +334,7 @@ fn a_crash_during_apply_leaves_no_half_deleted_state_and_a_rerun_completes() {
     {
         let targets: HashSet<[u8; 32]> = group.iter().map(|n| pseudonym(5, n)).collect();
         write_requests(&list, group, "2026-04-01");
-        let before = stored_patients(&c.store);
+        let before = reachable_patients(&c.store);
         let manifest_before = std::fs::read(c.store.join("manifest.json")).unwrap();
         let o = apply_command(&c, &list)
             .env("GPDP_FAILPOINT", failpoint)
@@ -238,7 +344,7 @@ fn a_crash_during_apply_leaves_no_half_deleted_state_and_a_rerun_completes() {
             !o.status.success(),
             "the failpoint {failpoint} did not fire"
         );
-        let now = stored_patients(&c.store);
+        let now = reachable_patients(&c.store);
         if failpoint == "before-manifest-swap" {
             // Nothing visible changed.
             assert_eq!(
@@ -250,8 +356,37 @@ fn a_crash_during_apply_leaves_no_half_deleted_state_and_a_rerun_completes() {
             // All of it is visible: never some of it.
             assert!(now.is_disjoint(&targets));
         }
-        // Re-running completes (or finds it complete), and the audit passes.
+        // Re-running completes (or finds it complete).
         let o = apply(&c, &list, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(reachable_patients(&c.store).is_disjoint(&targets));
+        assert!(targets.is_subset(&stored_patients(&c.store)));
+
+        // The purge, crashed at the same point.
+        let manifest_before = std::fs::read(c.store.join("manifest.json")).unwrap();
+        let o = purge_command(&c.store)
+            .env("GPDP_FAILPOINT", failpoint)
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "the failpoint {failpoint} did not fire in purge"
+        );
+        let stored = stored_patients(&c.store);
+        if failpoint == "before-manifest-swap" {
+            assert_eq!(
+                std::fs::read(c.store.join("manifest.json")).unwrap(),
+                manifest_before
+            );
+            assert!(targets.is_subset(&stored), "erased before the commit");
+        } else {
+            assert!(
+                stored.is_disjoint(&targets),
+                "some rows left after the commit"
+            );
+        }
+        assert!(reachable_patients(&c.store).is_disjoint(&targets));
+        let o = purge(&c, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stored_patients(&c.store).is_disjoint(&targets));
         let o = audit(&c);
@@ -286,8 +421,30 @@ fn a_withdrawal_recorded_after_the_request_brings_the_patient_back() {
         text += &format!("{n},{date},827261000000102,,\n");
         std::fs::write(&events, text).unwrap();
     }
+    // The opt-outs left deletion vectors in their practices' batches.
+    let vectors: Vec<String> = manifest(&c.store)["batches"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|b| b["vectors"].as_object().into_iter().flatten())
+        .map(|(_, v)| v["path"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!vectors.is_empty());
     let o = collect(&c.extract, &c.store, &c.key);
     assert!(o.status.success(), "{}", stderr(&o));
+    // Re-collecting those batches dropped the vectors with the old files.
+    let m = manifest(&c.store);
+    assert!(
+        m["batches"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|b| b.get("vectors").is_none()),
+        "{m}"
+    );
+    for v in &vectors {
+        assert!(!c.store.join(v).exists(), "{v} left behind");
+    }
     let now = stored_patients(&c.store);
     assert!(
         now.contains(&pseudonym(5, &numbers[0])),
@@ -317,6 +474,56 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
     let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
     let list = c._dir.path().join("requests.csv");
     write_requests(&list, &numbers, "2026-04-01");
+    // Apply's deletion: the patients unreachable.
+    kill_during(
+        &c,
+        &targets,
+        &|store| apply_command_at(store, &c.key, &list),
+        &|store| reachable_patients(store),
+    );
+    let o = apply(&c, &list, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(reachable_patients(&c.store).is_disjoint(&targets));
+    let o = purge(&c, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = audit(&c);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
+/// The same for `gpdp optout purge` after the apply: the patients' rows
+/// are all in the bytes or all erased, and never reachable meanwhile.
+#[test]
+fn killing_purge_at_any_moment_never_shows_a_half_erasure() {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 5, 45);
+    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &numbers, "2026-04-01");
+    let o = apply(&c, &list, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    kill_during(&c, &targets, &purge_command, &|store| {
+        assert!(
+            reachable_patients(store).is_disjoint(&targets),
+            "a purge made a patient reachable again"
+        );
+        stored_patients(store)
+    });
+    let o = purge(&c, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stored_patients(&c.store).is_disjoint(&targets));
+    let o = audit(&c);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
+/// Twelve runs of `command` on the test's store, each killed at a moment
+/// spread over an uninterrupted run; `seen` is the set of patients the
+/// deletion is judged by (reachable, or in the bytes).
+fn kill_during(
+    c: &Collected,
+    targets: &HashSet<[u8; 32]>,
+    command: &dyn Fn(&Path) -> std::process::Command,
+    seen: &dyn Fn(&Path) -> HashSet<[u8; 32]>,
+) {
     let pristine = c._dir.path().join("pristine");
     copy_dir(&c.store, &pristine);
     // The shorter of two uninterrupted runs, each on a copy.
@@ -325,24 +532,24 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
         let timed = c._dir.path().join("timed");
         copy_dir(&c.store, &timed);
         let started = Instant::now();
-        let o = apply_command_at(&timed, &c.key, &list).output().unwrap();
+        let o = command(&timed).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         run_time = run_time.min(started.elapsed());
     }
 
     let mut landings = Vec::new();
     for i in 0..12u32 {
-        if targets.is_disjoint(&stored_patients(&c.store)) {
+        if targets.is_disjoint(&seen(&c.store)) {
             copy_dir(&pristine, &c.store);
         }
-        let pending = targets.is_subset(&stored_patients(&c.store));
+        let pending = targets.is_subset(&seen(&c.store));
         let staged_before = unreferenced_files(&c.store);
         // From the start of a run to a little past its end.
         let at = run_time.mul_f64((f64::from(i % 6) + 0.5) * 1.2 / 6.0);
-        let mut cmd = apply_command(&c, &list);
+        let mut cmd = command(&c.store);
         cmd.stdout(std::process::Stdio::null());
         let (killed, took) = kill_at(&mut cmd, at);
-        let now = stored_patients(&c.store);
+        let now = seen(&c.store);
         let left = targets.intersection(&now).count();
         assert!(
             left == 0 || left == targets.len(),
@@ -351,7 +558,8 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
         );
         let m = manifest(&c.store);
         for batch in m["batches"].as_object().unwrap().values() {
-            for file in batch["files"].as_object().unwrap().values() {
+            let vectors = batch["vectors"].as_object().into_iter().flatten();
+            for (_, file) in batch["files"].as_object().unwrap().iter().chain(vectors) {
                 assert!(c.store.join(file["path"].as_str().unwrap()).exists());
             }
         }
@@ -383,14 +591,9 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
         landings.len(),
         report.join("\n")
     );
-    let o = apply(&c, &list, &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stored_patients(&c.store).is_disjoint(&targets));
-    let o = audit(&c);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
 
-/// Where one SIGKILL of `gpdp optout apply` landed.
+/// Where one SIGKILL of `gpdp optout apply` or `purge` landed.
 struct Landing {
     at: Duration,
     /// The process was still running when the signal came.
@@ -458,7 +661,13 @@ fn unreferenced_files(store: &Path) -> HashSet<String> {
         .as_object()
         .unwrap()
         .values()
-        .flat_map(|b| b["files"].as_object().unwrap().values())
+        .flat_map(|b| {
+            let vectors = b["vectors"]
+                .as_object()
+                .into_iter()
+                .flat_map(|v| v.values());
+            b["files"].as_object().unwrap().values().chain(vectors)
+        })
         .chain(
             m["linked"]
                 .as_object()
@@ -496,4 +705,318 @@ fn copy_dir(from: &Path, to: &Path) {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A link of provider data into the test's store (the report's linkage
+/// section reads the GP patients beside it).
+fn link(c: &Collected) {
+    let o = gpdp()
+        .args(["link", "--extract"])
+        .arg(&c.extract)
+        .arg("--store")
+        .arg(&c.store)
+        .arg("--key")
+        .arg(&c.key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `gpdp report --json` figures of the test's store.
+fn report(c: &Collected, name: &str) -> serde_json::Value {
+    let out = c._dir.path().join(name);
+    let o = gpdp()
+        .arg("report")
+        .args(c.truth_args())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// Per patient, through every reader outside the TRE: after `apply` the
+/// patient is unreachable — `optout status`, the audit and the report
+/// (collection rows, re-identification risk, linkage) read what they read
+/// after the purge — while their rows are still in the bytes; the same
+/// list again is a no-op; after `purge` the bytes hold none of them.
+#[test]
+fn after_apply_every_reader_sees_what_it_sees_after_the_purge() {
+    let c = setup();
+    link(&c);
+    let numbers = later_opt_outs(&c.extract, 2, 3);
+    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
+    let list = c._dir.path().join("requests.csv");
+    // Requested now: within the purge deadline, so the audit passes.
+    write_requests(&list, &numbers, "");
+    let stored_rows: u64 = {
+        let m = manifest(&c.store);
+        m["batches"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|b| b["files"].as_object().unwrap().values())
+            .map(|f| f["rows"].as_u64().unwrap())
+            .sum()
+    };
+    let o = apply(&c, &list, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("no data file rewritten"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        targets.is_subset(&stored_patients(&c.store)),
+        "apply erased bytes"
+    );
+    assert!(reachable_patients(&c.store).is_disjoint(&targets));
+
+    // The same list again: nothing to do (a masked patient is not held).
+    let generation = manifest(&c.store)["generation"].clone();
+    let o = apply(&c, &list, &["--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (r["unchanged"].clone(), r["files_masked"].clone()),
+        (true.into(), 0.into()),
+        "{r}"
+    );
+    assert_eq!(manifest(&c.store)["generation"], generation);
+
+    // (Their hospital records, linked, stay: Type 1 covers GP data only.)
+    let gp = ["patients", "clinical_events", "medications"];
+    for n in &numbers {
+        let s = optout_status(&c, n);
+        assert!(gp.iter().all(|t| s["rows"][t] == 0), "{s}");
+        assert!(
+            s["rows_awaiting_purge"]
+                .as_object()
+                .unwrap()
+                .values()
+                .any(|v| v.as_u64() > Some(0)),
+            "{s}"
+        );
+        // No project's GP views include them.
+        assert!(
+            s["projects"].as_array().unwrap().iter().all(|p| {
+                let because = p["because"].as_str().unwrap();
+                !gp.iter().any(|t| because.contains(&format!("{t} (")))
+            }),
+            "{s}"
+        );
+    }
+    let o = audit(&c);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let masked = report(&c, "report-masked");
+
+    let o = purge(&c, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("request to erased"), "{}", stdout(&o));
+    assert!(stored_patients(&c.store).is_disjoint(&targets));
+    for n in &numbers {
+        let s = optout_status(&c, n);
+        assert!(gp.iter().all(|t| s["rows"][t] == 0), "{s}");
+        assert!(s.get("rows_awaiting_purge").is_none(), "{s}");
+    }
+    let o = audit(&c);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let purged = report(&c, "report-purged");
+
+    let masked_rows = masked["collection"]["rows_masked_awaiting_purge"]
+        .as_u64()
+        .unwrap();
+    assert!(masked_rows > 0);
+    assert_eq!(
+        masked["collection"]["rows_out"].as_u64().unwrap() + masked_rows,
+        stored_rows
+    );
+    assert_eq!(purged["collection"]["rows_masked_awaiting_purge"], 0);
+    for section in ["reidentification", "linkage", "representativeness"] {
+        assert!(!masked[section].is_null(), "{section}");
+        assert_eq!(masked[section], purged[section], "{section}");
+    }
+    assert_eq!(
+        masked["collection"]["rows_out"],
+        purged["collection"]["rows_out"]
+    );
+    let later = |r: &serde_json::Value, k: &str| r["optouts"]["later"][k].clone();
+    assert_eq!(later(&masked, "patients_deleted"), 5);
+    assert_eq!(later(&masked, "patients_erased"), 0);
+    assert!(later(&masked, "latency_erased_max_seconds").is_null());
+    assert_eq!(later(&purged, "patients_erased"), 5);
+    assert_eq!(later(&purged, "purges"), 1);
+    assert!(
+        later(&purged, "latency_erased_max_seconds")
+            .as_f64()
+            .is_some()
+    );
+}
+
+/// Fail closed: a deletion vector whose bytes are not what the manifest
+/// recorded refuses its file in every reader — exit status 3 and the
+/// vector named — and is never read as if there were none.
+#[test]
+fn a_reader_given_a_vector_whose_checksum_does_not_match_refuses_the_file() {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 1, 2);
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &numbers, "");
+    assert!(apply(&c, &list, &[]).status.success());
+    let m = manifest(&c.store);
+    let vector = m["batches"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find_map(|b| b["vectors"]["patients"]["path"].as_str())
+        .unwrap()
+        .to_owned();
+    // One position moved by one row: a valid vector, for the wrong rows.
+    let path = c.store.join(&vector);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 8;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let refused = |o: std::process::Output, what: &str| {
+        assert_eq!(
+            o.status.code(),
+            Some(3),
+            "{what}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        assert!(stderr(&o).contains(&vector), "{what}: {}", stderr(&o));
+    };
+    refused(
+        run(&[
+            "optout",
+            "status",
+            "--nhs-number",
+            &numbers[0],
+            "--store",
+            c.store.to_str().unwrap(),
+            "--key",
+            c.key.to_str().unwrap(),
+        ]),
+        "optout status",
+    );
+    refused(purge(&c, &[]), "optout purge");
+    let more = later_opt_outs(&c.extract, 0, 5);
+    write_requests(&list, &more[3..], "");
+    refused(apply(&c, &list, &[]), "optout apply");
+    let out = c._dir.path().join("report");
+    refused(
+        gpdp()
+            .arg("report")
+            .args(c.truth_args())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap(),
+        "report",
+    );
+    let o = audit(&c);
+    assert_eq!(o.status.code(), Some(3));
+    let line = line_of(&stdout(&o), "files_match_manifest").to_owned();
+    assert!(line.contains("FAIL") && line.contains(&vector), "{line}");
+    // The store's own reader, as a library, refuses it too.
+    let store = gpdp::store::read_manifest(&c.store).unwrap();
+    let batch = store
+        .batches
+        .values()
+        .find(|b| b.vectors.get("patients").is_some_and(|v| v.path == vector))
+        .unwrap();
+    let e = gpdp::store::parquet::open(&c.store, batch, "patients").unwrap_err();
+    assert!(e.to_string().contains(&vector), "{e}");
+}
+
+/// Rewrites keep masked rows out. A collection deleting a Type 1 mover
+/// from another practice's batch rewrites that batch's files, which carry
+/// a later opt-out's vectors: the new files hold neither patient and need
+/// no vector. And `Deleter::rewrite` of a file with a vector drops its
+/// masked rows.
+#[test]
+fn a_rewrite_of_a_file_with_a_vector_keeps_the_masked_rows_out() {
+    let c = setup();
+    let recs = Csv::read(&c.extract.join("truth/patients.csv")).records();
+    let mut practices: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in recs.iter().filter(|r| r["type1_anywhere"] == "false") {
+        practices
+            .entry(r["nhs_number"].clone())
+            .or_default()
+            .push(r["practice"].clone());
+    }
+    let (mover, at) = practices.iter().find(|(_, p)| p.len() == 2).unwrap();
+    let (dissent_at, other) = (at[0].clone(), at[1].clone());
+    let masked = practices
+        .iter()
+        .find(|(n, p)| *n != mover && p.len() == 1 && p[0] == other)
+        .unwrap()
+        .0
+        .clone();
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, std::slice::from_ref(&masked), "");
+    assert!(apply(&c, &list, &[]).status.success());
+    let m = manifest(&c.store);
+    assert!(
+        m["batches"][&other]["vectors"]["patients"].is_object(),
+        "{m}"
+    );
+
+    // Deleter::rewrite, as the library's callers use it.
+    {
+        let store = gpdp::store::Store::open_for_write(&c.store, false).unwrap();
+        let file = store.manifest.batches[&other].files["patients"]
+            .path
+            .clone();
+        let mut deleter = gpdp::store::delete::Deleter::new(&store, gpdp::policy::Codec::Zstd(1));
+        let (new, rw) = deleter
+            .rewrite(&file, "patients", &std::collections::HashSet::new())
+            .unwrap();
+        assert!(rw.rows_masked > 0 && rw.rows_after == rw.rows_before - rw.rows_masked);
+        let ids: HashSet<[u8; 32]> = patient_ids(&read_parquet(&store.path(&new)))
+            .into_iter()
+            .collect();
+        assert!(
+            !ids.contains(&pseudonym(5, &masked)),
+            "a rewrite resurrected a masked patient"
+        );
+    }
+
+    // The mover dissents at one practice: collection deletes them from the other's batch.
+    let events = c
+        .extract
+        .join(format!("practices/{dissent_at}/clinical_events.csv"));
+    let mut text = std::fs::read_to_string(&events).unwrap();
+    text += &format!("{mover},2026-06-01,827241000000103,,\n");
+    std::fs::write(&events, text).unwrap();
+    let o = collect(&c.extract, &c.store, &c.key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = manifest(&c.store);
+    assert!(m["batches"][&other].get("vectors").is_none(), "{m}");
+    let stored = stored_patients(&c.store);
+    assert!(!stored.contains(&pseudonym(5, mover)));
+    assert!(
+        !stored.contains(&pseudonym(5, &masked)),
+        "the rewrite brought a masked patient back into the bytes"
+    );
+    let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+    let delete: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone())
+        .rfind(|e| e["event"] == "delete" && e["reason"] == "type1_dissent")
+        .unwrap();
+    assert!(
+        delete["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["practice"] == other.as_str() && p["vector_sha256_before"].is_string()),
+        "{delete}"
+    );
+    // Without the truth: the extract was edited, the truth was not.
+    let o = run(&["audit", "--store", c.store.to_str().unwrap()]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }

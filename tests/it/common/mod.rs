@@ -180,6 +180,29 @@ pub fn read_table(store: &Path, table: &str) -> Vec<arrow::array::RecordBatch> {
     out
 }
 
+/// Every record batch of `table` as readers see it: through the store's
+/// reader, deletion vectors applied (`read_table` reads the stored bytes).
+pub fn read_table_reachable(store: &Path, table: &str) -> Vec<arrow::array::RecordBatch> {
+    let m = gpdp::store::read_manifest(store).unwrap();
+    let mut out = Vec::new();
+    for batch in m.batches.values() {
+        let reader = gpdp::store::parquet::open(store, batch, table)
+            .unwrap()
+            .build()
+            .unwrap();
+        out.extend(reader.map(|b| b.unwrap()));
+    }
+    out
+}
+
+/// Every pseudonym with a row a reader returns (deletion vectors applied), in any GP table.
+pub fn reachable_patients(store: &Path) -> std::collections::HashSet<[u8; 32]> {
+    ["patients", "clinical_events", "medications"]
+        .iter()
+        .flat_map(|t| patient_ids(&read_table_reachable(store, t)))
+        .collect()
+}
+
 /// Every record batch of one Parquet file.
 pub fn read_parquet(path: &Path) -> Vec<arrow::array::RecordBatch> {
     let file = std::fs::File::open(path).unwrap();
