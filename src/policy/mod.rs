@@ -182,6 +182,22 @@ pub struct Erasure {
     pub purge_deadline_days: u32,
 }
 
+impl Erasure {
+    /// The `[erasure]` section, or the defaults without one.
+    fn from_raw(raw: Option<&RawErasure>) -> Result<Erasure, String> {
+        let mut erasure = Erasure::default();
+        if let Some(days) = raw.and_then(|e| e.purge_deadline_days) {
+            if days == 0 {
+                return Err(
+                    "[erasure] purge_deadline_days = 0: a purge needs at least a day".into(),
+                );
+            }
+            erasure.purge_deadline_days = days;
+        }
+        Ok(erasure)
+    }
+}
+
 impl Default for Erasure {
     fn default() -> Erasure {
         Erasure {
@@ -328,15 +344,7 @@ impl CollectionPolicy {
             }
         }
 
-        let mut erasure = Erasure::default();
-        if let Some(days) = raw.erasure.as_ref().and_then(|e| e.purge_deadline_days) {
-            if days == 0 {
-                return Err(invalid(
-                    "[erasure] purge_deadline_days = 0: a purge needs at least a day".into(),
-                ));
-            }
-            erasure.purge_deadline_days = days;
-        }
+        let erasure = Erasure::from_raw(raw.erasure.as_ref()).map_err(invalid)?;
 
         let mut excluded_codes = HashMap::new();
         for (category, codes) in &raw.exclusions {
