@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use self::practice::{Context, Exclusions, Inputs, Staged, collect_practice, scan_inputs};
+use self::practice::{Context, Inputs, Staged, collect_practice, scan_inputs};
 use self::receipt::Receipt;
 use crate::deid::generalise::{LookupError, PostcodeLookup};
 use crate::deid::key::{CollectionKey, KeyError};
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
+use crate::deid::row::Exclusions;
 use crate::digest::hex;
 use crate::error::{Classify, ExitStatus};
 use crate::extract::{ExtractError, PracticeExtract, Table, TableReader};
