@@ -10,11 +10,16 @@
 //! 1. [`synth`] — synthetic GP extracts plus the ground truth to audit against.
 //! 2. [`extract`] — the tables of a GP extract and a streaming reader.
 //! 3. [`policy`] — the typed, validated policies from `policies/`.
-//! 4. [`deid`] — the collection key, keyed pseudonyms, generalisation.
+//! 4. [`deid`] — the de-identification engine both senders run rows
+//!    through: the plan from the policy, the row checks and the Arrow
+//!    builders, with the collection key, keyed pseudonyms and
+//!    generalisation.
 //! 5. [`collect`] — de-identification on collection, per practice.
-//! 6. [`store`] — Parquet batches, manifest, tombstones, hash-chained audit log.
-//! 7. [`optout`] — the Type 1 and National Data Opt-out rules.
-//! 8. [`demo`] — every stage on an embedded default.
+//! 6. [`link`] — provider files (hospital spells, death registrations),
+//!    de-identified at their provider with the same key.
+//! 7. [`store`] — Parquet batches, manifest, tombstones, hash-chained audit log.
+//! 8. [`optout`] — the Type 1 and National Data Opt-out rules.
+//! 9. [`demo`] — every stage on an embedded default.
 //!
 //! [`nhs_number`], [`calendar`] and [`digest`] (hex and SHA-256) are shared
 //! by several stages.

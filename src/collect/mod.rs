@@ -1,10 +1,13 @@
 //! `gpdp collect`: de-identification on collection (docs/design.md §3).
 //!
 //! Each practice is collected as its own batch, as every practice would run
-//! its own collector: [`practice`] does the work (Type 1 at source,
-//! pseudonymise, generalise, drop, exclude, quarantine) in parallel, one
-//! practice per worker; this module commits each finished batch to the store
-//! one at a time, so a batch becomes visible all at once or not at all.
+//! its own collector: [`practice`] does the work (Type 1 at source, then
+//! each row through the de-identification engine, [`crate::deid`], which
+//! `gpdp link` shares: pseudonymise, generalise, drop, quarantine; then the
+//! exclusion lists) in parallel, one practice per worker; this module
+//! commits each finished batch to the store one at a time, so a batch
+//! becomes visible all at once or not at all. Commits are grouped: what is
+//! staged within a second goes into one manifest swap.
 //!
 //! Committing a batch also honours tombstones both ways: patients who dissent
 //! at this practice are deleted from every other practice's batch (closing

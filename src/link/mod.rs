@@ -3,16 +3,20 @@
 //! Hospital spells (`linked/apcs.csv`) and death registrations
 //! (`linked/ons_deaths.csv`) arrive from their providers, not from
 //! practices. Each is de-identified where it is, as GP extracts are at the
-//! practice: the NHS number is pseudonymised with the **same key and domain**
-//! as collection, so `patient_id` joins the GP tables inside the TRE and
-//! nowhere else; every column gets the action the collection policy's
-//! `[linked.<source>]` section names (the spell identifier is dropped, the
-//! date of death generalised to its month); a row that cannot be
-//! de-identified — no NHS number, an invalid one, an unreadable date, a
-//! code that is not ICD-10 or OPCS-4 — is quarantined on the provider side
-//! (`line,reason` only), never stored. The source's Parquet file, its
-//! receipt and its audit entry are committed at once, like a practice's
-//! batch; linking the same extract again changes nothing.
+//! practice, and by the same engine ([`crate::deid`]): the NHS number is
+//! pseudonymised with the **same key and domain** as collection, so
+//! `patient_id` joins the GP tables inside the TRE and nowhere else; every
+//! column gets the action the collection policy's `[linked.<source>]`
+//! section names (the spell identifier is dropped, the date of death
+//! generalised to its month) and is stored typed as GP columns are (a
+//! number as `Float64`); a row that cannot be de-identified — no NHS
+//! number, an invalid one, an unreadable date, a code that is not ICD-10
+//! or OPCS-4, a count that is not a whole number — is quarantined on the
+//! provider side (`line,reason` only), never stored. This module keeps
+//! what is the provider's own: reading its file (fields trimmed, the
+//! header matched by name), the shrink guards, and committing the
+//! source's Parquet file, its receipt and its audit entry at once, like a
+//! practice's batch; linking the same extract again changes nothing.
 //!
 //! Opt-outs: a Type 1 opt-out stops data leaving the GP *practice*; it does
 //! not cover hospital or death records, which are linked whatever the GP
