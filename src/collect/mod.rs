@@ -234,7 +234,14 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
     // Opt-outs applied by request (`gpdp optout apply`) end when a practice
     // collected now records a withdrawal on or after the request's date.
     let withdrawn = withdrawn_requests(&store, &practices, &inputs, &changed, &pseudonymiser);
-    let blocked = blocked(&store, &practices, &inputs, &changed, &withdrawn, &pseudonymiser);
+    let blocked = blocked(
+        &store,
+        &practices,
+        &inputs,
+        &changed,
+        &withdrawn,
+        &pseudonymiser,
+    );
     // Who is in the batches this run does not collect again: this run's
     // dissenters are deleted from those (the rest hold them back at source).
     let mut members = BatchMembers::load(&store, |practice| !changed.contains(practice))?;

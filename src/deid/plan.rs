@@ -227,3 +227,76 @@ impl Plan {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::CollectionPolicy;
+
+    fn names_and_types(plan: &Plan) -> Vec<(String, DataType)> {
+        plan.schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect()
+    }
+
+    /// The stored schemas under the built-in policy: what the TRE's views
+    /// and every reader of the store rely on.
+    #[test]
+    fn the_builtin_policy_stores_these_columns() {
+        use DataType::{Date32, FixedSizeBinary, Float64, Int64, UInt8, Utf8};
+        let policy = CollectionPolicy::load(None).unwrap();
+        let table = |t| names_and_types(&Plan::table(t, policy.actions(t)));
+        let source = |s| names_and_types(&Plan::source(s, policy.linked_actions(s).unwrap()));
+        let expect = |cols: &[(&str, DataType)]| -> Vec<(String, DataType)> {
+            [("patient_id", FixedSizeBinary(32)), ("patient_key", Int64)]
+                .iter()
+                .chain(cols)
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect()
+        };
+        assert_eq!(
+            table(Table::Patients),
+            expect(&[
+                ("practice_id", FixedSizeBinary(32)),
+                ("birth_month", Date32),
+                ("sex", Utf8),
+                ("lsoa_code", Utf8),
+                ("imd_decile", UInt8),
+                ("ethnicity", Utf8),
+                ("registration_start", Date32),
+                ("registration_end", Date32),
+                ("date_of_death", Date32),
+            ])
+        );
+        assert_eq!(
+            table(Table::ClinicalEvents),
+            expect(&[
+                ("date", Date32),
+                ("snomedct_code", Utf8),
+                ("numeric_value", Float64)
+            ])
+        );
+        assert_eq!(
+            table(Table::Medications),
+            expect(&[("date", Date32), ("dmd_code", Utf8), ("quantity", Float64)])
+        );
+        // One numeric type for one kind of value, whoever sends it.
+        assert_eq!(
+            source(Source::Apcs),
+            expect(&[
+                ("admission_date", Date32),
+                ("discharge_date", Date32),
+                ("admission_method", Utf8),
+                ("primary_diagnosis", Utf8),
+                ("all_diagnoses", Utf8),
+                ("all_procedures", Utf8),
+                ("days_in_critical_care", Float64),
+                ("discharge_destination", Utf8),
+            ])
+        );
+        assert_eq!(source(Source::OnsDeaths)[2], ("date".to_owned(), Date32));
+        assert_eq!(source(Source::OnsDeaths).len(), 2 + 18);
+    }
+}

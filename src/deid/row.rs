@@ -249,6 +249,136 @@ impl Exclusions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::extract::{Source, Table};
+
+    const NHS: &str = "9434765919";
+
+    /// Checks one row of `columns`, given as `column=value` pairs (the
+    /// rest empty).
+    fn check<'p>(
+        plan: &'p Plan,
+        columns: &[crate::extract::Column],
+        pairs: &[(&str, &str)],
+    ) -> Result<Vec<Value<'p>>, Reason> {
+        let row: Vec<&'static str> = columns
+            .iter()
+            .map(|c| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == c.name)
+                    .map_or("", |(_, v)| v.to_string().leak())
+            })
+            .collect();
+        let mut checker = Checker::new(plan, None);
+        let mut values = Vec::new();
+        checker
+            .check(true, |i| row[i].as_bytes(), &mut values)
+            .map(|_| values)
+    }
+
+    fn default_actions(t: Table) -> Vec<crate::policy::Action> {
+        CollectionPolicy::load(None).unwrap().actions(t).to_vec()
+    }
+
+    fn linked_actions(s: Source) -> Vec<crate::policy::Action> {
+        let policy = CollectionPolicy::load(None).unwrap();
+        policy.linked_actions(s).unwrap().to_vec()
+    }
+
+    #[test]
+    fn practice_rows_are_checked_as_gp_exports_are() {
+        let t = Table::ClinicalEvents;
+        let events = Plan::table(t, &default_actions(t));
+        let row = |code: &str, value: &str| {
+            check(
+                &events,
+                t.columns(),
+                &[
+                    ("nhs_number", NHS),
+                    ("date", "2024-02-29"),
+                    ("snomedct_code", code),
+                    ("numeric_value", value),
+                ],
+            )
+        };
+        assert_eq!(
+            row("73211009", "2.5"),
+            Ok(vec![
+                Value::Date(crate::calendar::parse_date(b"2024-02-29")),
+                Value::Text(Some("73211009")),
+                Value::Number(Some(2.5)),
+            ])
+        );
+        assert_eq!(row("7321a", "1"), Err("invalid_code"));
+        assert_eq!(row("73211009", "inf"), Err("invalid_number"));
+        assert_eq!(row("", "1"), Err("missing_value"));
+        let t = Table::Patients;
+        let patients = Plan::table(t, &default_actions(t));
+        let base = [
+            ("nhs_number", NHS),
+            ("date_of_birth", "1970-06-15"),
+            ("registration_start", "2000-01-01"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            check(&patients, t.columns(), &[&base[..], extra].concat())
+        };
+        assert_eq!(with(&[("sex", "X")]), Err("invalid_value"));
+        assert_eq!(
+            with(&[("sex", "F"), ("date_of_death", "2021-02-30")]),
+            Err("malformed_date")
+        );
+        assert!(with(&[("sex", "F")]).is_ok());
+        assert_eq!(
+            check(&patients, t.columns(), &[("nhs_number", "123")]),
+            Err("malformed_nhs_number")
+        );
+        assert_eq!(
+            check(&patients, t.columns(), &[]),
+            Err("missing_nhs_number")
+        );
+    }
+
+    #[test]
+    fn provider_rows_are_checked_as_provider_files_are() {
+        let s = Source::Apcs;
+        let apcs = Plan::source(s, &linked_actions(s));
+        let row = |admitted: &str, diagnosis: &str, days: &str, destination: &str| {
+            check(
+                &apcs,
+                s.columns(),
+                &[
+                    ("nhs_number", NHS),
+                    ("admission_date", admitted),
+                    ("primary_diagnosis", diagnosis),
+                    ("days_in_critical_care", days),
+                    ("discharge_destination", destination),
+                ],
+            )
+        };
+        let ok = row("2024-03-05", "I10X", "3", "19").expect("a valid row");
+        assert!(ok.contains(&Value::Number(Some(3.0))));
+        assert_eq!(row("2024-03-05", "I10.X", "3", "19"), Err("malformed_code"));
+        assert_eq!(
+            row("2024-03-05", "I10X", "2.5", "19"),
+            Err("malformed_number")
+        );
+        assert_eq!(
+            row("2024-03-05", "I10X", "-1", "19"),
+            Err("malformed_number")
+        );
+        assert_eq!(row("", "I10X", "3", "19"), Err("missing_date"));
+        assert_eq!(row("2024-03-05", "", "3", "19"), Err("missing_value"));
+        let long = "x".repeat(65);
+        assert_eq!(
+            row("2024-03-05", "I10X", "3", &long),
+            Err("malformed_value")
+        );
+        assert_eq!(
+            check(&apcs, s.columns(), &[("nhs_number", "123")]),
+            Err("invalid_nhs_number")
+        );
+        assert_eq!(check(&apcs, s.columns(), &[]), Err("missing_nhs_number"));
+    }
 
     #[test]
     fn clinical_codes_are_icd10_or_opcs4_without_dots() {

@@ -444,8 +444,8 @@ fn write_source(
         width,
         index,
     } = file;
-    let mut writer = Writer::create(out, plan.schema.clone(), codec)
-        .map_err(|e| write_err(e.to_string()))?;
+    let mut writer =
+        Writer::create(out, plan.schema.clone(), codec).map_err(|e| write_err(e.to_string()))?;
     let mut builders = Builders::new(plan, None);
     let mut checker = Checker::new(plan, None);
     // A patient has several spells: one HMAC each, not one a row.
@@ -453,10 +453,12 @@ fn write_source(
     let mut record = csv::StringRecord::new();
     let mut line = 1u64;
     loop {
-        let more = reader.read_record(&mut record).map_err(|e| LinkError::Input {
-            path: path.clone(),
-            message: format!("line {}: {e}", line + 1),
-        })?;
+        let more = reader
+            .read_record(&mut record)
+            .map_err(|e| LinkError::Input {
+                path: path.clone(),
+                message: format!("line {}: {e}", line + 1),
+            })?;
         if !more {
             break;
         }
