@@ -11,11 +11,16 @@
 //! 2. [`extract`] — the tables of a GP extract and a streaming reader.
 //! 3. [`policy`] — the typed, validated policies from `policies/`, and the
 //!    cell key method's perturbation table a TRE rule set's parameters define.
-//! 4. [`deid`] — the collection key, keyed pseudonyms, generalisation.
+//! 4. [`deid`] — the de-identification engine both senders run rows
+//!    through: the plan from the policy, the row checks and the Arrow
+//!    builders, with the collection key, keyed pseudonyms and
+//!    generalisation.
 //! 5. [`collect`] — de-identification on collection, per practice.
-//! 6. [`link`] — provider files collected at their provider with the same key.
+//! 6. [`link`] — provider files (hospital spells, death registrations),
+//!    de-identified at their provider with the same key.
 //! 7. [`store`] — Parquet batches, manifest, tombstones, hash-chained audit log.
-//! 8. [`optout`] — the Type 1 and National Data Opt-out rules.
+//! 8. [`optout`] — the Type 1 and National Data Opt-out rules; later
+//!    opt-outs made unreachable, then erased.
 //! 9. [`tre`] — the TRE boundary, started as a [`tre::Boundary`]: the policy,
 //!    and beside it the operator's perturbation key and ledger directory.
 //! 10. [`serve`] — the boundary over Arrow Flight SQL.

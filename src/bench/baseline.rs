@@ -98,7 +98,7 @@ fn convert(
         schema.clone(),
         codec,
     )?;
-    let batch_rows = crate::collect::practice::BATCH_ROWS;
+    let batch_rows = crate::deid::builders::BATCH_ROWS;
     let mut builders: Vec<StringBuilder> = names
         .iter()
         .map(|_| StringBuilder::with_capacity(batch_rows, batch_rows * 12))

@@ -1,10 +1,13 @@
 //! `gpdp collect`: de-identification on collection (docs/design.md §3).
 //!
 //! Each practice is collected as its own batch, as every practice would run
-//! its own collector: [`practice`] does the work (Type 1 at source,
-//! pseudonymise, generalise, drop, exclude, quarantine) in parallel, one
-//! practice per worker; this module commits each finished batch to the store
-//! one at a time, so a batch becomes visible all at once or not at all.
+//! its own collector: [`practice`] does the work (Type 1 at source, then
+//! each row through the de-identification engine, [`crate::deid`], which
+//! `gpdp link` shares: pseudonymise, generalise, drop, quarantine; then the
+//! exclusion lists) in parallel, one practice per worker; this module
+//! commits each finished batch to the store one at a time, so a batch
+//! becomes visible all at once or not at all. Commits are grouped: what is
+//! staged within a second goes into one manifest swap.
 //!
 //! Committing a batch also honours tombstones both ways: patients who dissent
 //! at this practice are deleted from every other practice's batch (closing
@@ -27,11 +30,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use self::practice::{Context, Exclusions, Inputs, Staged, collect_practice, scan_inputs};
+use self::practice::{Context, Inputs, Staged, collect_practice, scan_inputs};
 use self::receipt::Receipt;
 use crate::deid::generalise::PostcodeLookup;
 use crate::deid::key::CollectionKey;
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
+use crate::deid::row::Exclusions;
 use crate::digest::hex;
 use crate::extract::{PracticeExtract, Table, TableReader};
 use crate::nhs_number::NhsNumber;
@@ -161,10 +165,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
     let scanned = crate::parallel(&practices, threads, |p| {
         scan_inputs(&scan_ctx, p, &reference_sha)
     });
-    let mut inputs = Vec::with_capacity(practices.len());
-    for r in scanned {
-        inputs.push(r?);
-    }
+    let inputs = scanned.into_iter().collect::<Result<Vec<_>, _>>()?;
     let changed: HashSet<&str> = practices
         .iter()
         .zip(&inputs)
@@ -174,8 +175,71 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
     // Opt-outs applied by request (`gpdp optout apply`) end when a practice
     // collected now records a withdrawal on or after the request's date.
     let withdrawn = withdrawn_requests(&store, &practices, &inputs, &changed, &pseudonymiser);
-    // Tombstones as they will be once this run's practices are in: those of
-    // practices collected again are replaced by their new dissents.
+    let blocked = blocked(
+        &store,
+        &practices,
+        &inputs,
+        &changed,
+        &withdrawn,
+        &pseudonymiser,
+    );
+    // Who is in the batches this run does not collect again: this run's
+    // dissenters are deleted from those (the rest hold them back at source).
+    let mut members = BatchMembers::load(&store, |practice| !changed.contains(practice))?;
+
+    let ctx = Context {
+        blocked: &blocked,
+        ..scan_ctx
+    };
+    let bar = progress.bar(practices.len() as u64, "practices");
+    let (mut outcomes, work) = unchanged(&practices, inputs, &current, &blocked);
+    bar.inc(outcomes.len() as u64);
+
+    // Phase 2 (parallel): collect each practice; commit each batch (serially)
+    // as soon as it is staged.
+    let committer = Committer {
+        store: &mut store,
+        book: TombstoneBook::new(&[]),
+        current: &current,
+        withdrawn: &withdrawn,
+        members: &mut members,
+        opts,
+        key_id: &key_id,
+        practices: &practices,
+        outcomes: &mut outcomes,
+        bar: &bar,
+        seconds: 0.0,
+    };
+    let collected = collect_and_commit(&ctx, work, threads, committer);
+    bar.finish_and_clear();
+    let commit_seconds = match collected {
+        Ok(seconds) => seconds,
+        Err(e) => {
+            // Staged files of uncommitted batches are unreferenced: remove them.
+            let _ = store.collect_garbage();
+            return Err(e);
+        }
+    };
+    outcomes.sort_by(|a, b| practice_of(a).cmp(practice_of(b)));
+    Ok(CollectSummary {
+        outcomes,
+        seconds: started.elapsed().as_secs_f64(),
+        commit_seconds,
+        generation: store.manifest.generation,
+    })
+}
+
+/// Tombstones as they will be once this run's practices are in: those of
+/// practices collected again are replaced by their new dissents, and
+/// request tombstones withdrawn since end.
+fn blocked(
+    store: &Store,
+    practices: &[PracticeExtract],
+    inputs: &[Inputs],
+    changed: &HashSet<&str>,
+    withdrawn: &HashSet<Pseudonym>,
+    pseudonymiser: &Pseudonymiser,
+) -> HashSet<Pseudonym> {
     let mut blocked: HashSet<Pseudonym> = store
         .tombstones
         .iter()
@@ -187,7 +251,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
         .filter(|t| !(t.source == REQUEST_SOURCE && withdrawn.contains(&t.patient_id)))
         .map(|t| t.patient_id)
         .collect();
-    for (p, i) in practices.iter().zip(&inputs) {
+    for (p, i) in practices.iter().zip(inputs) {
         if changed.contains(p.code.as_str()) {
             blocked.extend(
                 i.type1
@@ -198,21 +262,23 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
             );
         }
     }
-    let blocked_hex: HashSet<String> = blocked.iter().map(|p| hex(p)).collect();
-    // Who is in the batches this run does not collect again: this run's
-    // dissenters are deleted from those (the rest hold them back at source).
-    let mut members = BatchMembers::load(&store, |practice| !changed.contains(practice))?;
+    blocked
+}
 
-    let ctx = Context {
-        blocked: &blocked,
-        ..scan_ctx
-    };
-    let bar = progress.bar(practices.len() as u64, "practices");
+/// Splits the practices into those the store already holds as they are
+/// (their outcomes) and those to collect: unchanged means the same
+/// extract, and nobody deleted from it has had their tombstone lifted
+/// since (else they must come back).
+fn unchanged<'p>(
+    practices: &'p [PracticeExtract],
+    inputs: Vec<Inputs>,
+    current: &HashMap<String, BatchEntry>,
+    blocked: &HashSet<Pseudonym>,
+) -> (Vec<Outcome>, Vec<(&'p PracticeExtract, Inputs)>) {
+    let blocked_hex: HashSet<String> = blocked.iter().map(|p| hex(p)).collect();
     let mut outcomes = Vec::new();
-    let mut work: Vec<(&PracticeExtract, Inputs)> = Vec::new();
+    let mut work = Vec::new();
     for (p, i) in practices.iter().zip(inputs) {
-        // Unchanged: the same extract, and nobody deleted from it has had
-        // their tombstone lifted since (else they must come back).
         let unchanged = current.get(&p.code).is_some_and(|e| {
             e.batch == i.batch && e.deleted_patients.iter().all(|d| blocked_hex.contains(d))
         });
@@ -221,25 +287,80 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
                 practice: p.code.clone(),
                 batch: i.batch,
             });
-            bar.inc(1);
         } else {
             work.push((p, i));
         }
     }
+    (outcomes, work)
+}
 
-    // Phase 2 (parallel): collect each practice; commit each batch (serially)
-    // as soon as it is staged.
+/// What committing staged batches needs, and what it has done.
+struct Committer<'a> {
+    store: &'a mut Store,
+    book: TombstoneBook,
+    current: &'a HashMap<String, BatchEntry>,
+    withdrawn: &'a HashSet<Pseudonym>,
+    members: &'a mut BatchMembers,
+    opts: &'a CollectOptions,
+    key_id: &'a str,
+    practices: &'a [PracticeExtract],
+    outcomes: &'a mut Vec<Outcome>,
+    bar: &'a indicatif::ProgressBar,
+    /// Time spent committing.
+    seconds: f64,
+}
+
+impl Committer<'_> {
+    /// Commits a group of staged batches, the shrink guards first.
+    fn commit(&mut self, pending: Vec<Staged>) -> Result<(), CollectError> {
+        let t = Instant::now();
+        let n = pending.len() as u64;
+        let (take, held) = guard_batches(
+            self.store,
+            self.current,
+            pending,
+            &self.opts.policy.guards,
+            self.opts.accept_shrink,
+            self.practices,
+        );
+        self.outcomes.extend(held);
+        let group = Group {
+            store: self.store,
+            book: &mut self.book,
+            withdrawn: self.withdrawn,
+            members: self.members,
+            codec: self.opts.policy.codec,
+            key_id: self.key_id,
+        };
+        let committed = commit_group(group, take);
+        self.seconds += t.elapsed().as_secs_f64();
+        self.bar.inc(n);
+        self.outcomes.extend(committed?);
+        Ok(())
+    }
+}
+
+/// Collects the practices of `work` on `threads` workers and commits each
+/// staged batch as it arrives. Group commit: whatever is staged within a
+/// second goes into one manifest swap (fewer fsyncs and tombstone rewrites
+/// on big runs). The first error stops the workers and is returned.
+fn collect_and_commit(
+    ctx: &Context,
+    work: Vec<(&PracticeExtract, Inputs)>,
+    threads: usize,
+    mut committer: Committer,
+) -> Result<f64, CollectError> {
+    committer.book = TombstoneBook::new(&committer.store.tombstones);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let work: Vec<Mutex<Option<(&PracticeExtract, Inputs)>>> =
         work.into_iter().map(|w| Mutex::new(Some(w))).collect();
     let (tx, rx) = mpsc::channel::<Result<Box<Staged>, CollectError>>();
-    let mut commit_seconds = 0.0;
     let mut first_error = None;
     std::thread::scope(|scope| {
         for _ in 0..threads.min(work.len()) {
             let tx = tx.clone();
-            let (ctx, work, next, stop) = (&ctx, &work, &next, &stop);
+            let (work, next, stop) = (&work, &next, &stop);
             scope.spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -261,9 +382,6 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
             });
         }
         drop(tx);
-        // Group commit: whatever is staged within a second goes into one
-        // manifest swap (fewer fsyncs and tombstone rewrites on big runs).
-        let mut book = TombstoneBook::new(&store.tombstones);
         let mut pending: Vec<Staged> = Vec::new();
         let mut last_commit = Instant::now();
         loop {
@@ -275,44 +393,19 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
             };
             match received {
                 Some(Ok(s)) if first_error.is_none() => pending.push(*s),
-                Some(Ok(_)) => {}
+                Some(Ok(_)) | None => {}
                 Some(Err(e)) => {
                     stop.store(true, Ordering::Relaxed);
                     first_error.get_or_insert(e);
                 }
-                None => {}
             }
             let due =
                 closed || last_commit.elapsed() >= Duration::from_secs(1) || pending.len() >= 64;
             if due && !pending.is_empty() && first_error.is_none() {
-                let t = Instant::now();
-                let n = pending.len() as u64;
-                let group = Group {
-                    store: &mut store,
-                    book: &mut book,
-                    withdrawn: &withdrawn,
-                    members: &mut members,
-                    codec: opts.policy.codec,
-                    key_id: &key_id,
-                };
-                let (take, held) = guard_batches(
-                    group.store,
-                    &current,
-                    std::mem::take(&mut pending),
-                    &opts.policy.guards,
-                    opts.accept_shrink,
-                    &practices,
-                );
-                outcomes.extend(held);
-                match commit_group(group, take) {
-                    Ok(o) => outcomes.extend(o),
-                    Err(e) => {
-                        stop.store(true, Ordering::Relaxed);
-                        first_error.get_or_insert(e);
-                    }
+                if let Err(e) = committer.commit(std::mem::take(&mut pending)) {
+                    stop.store(true, Ordering::Relaxed);
+                    first_error.get_or_insert(e);
                 }
-                commit_seconds += t.elapsed().as_secs_f64();
-                bar.inc(n);
                 last_commit = Instant::now();
             }
             if closed {
@@ -320,19 +413,10 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
             }
         }
     });
-    bar.finish_and_clear();
-    if let Some(e) = first_error {
-        // Staged files of uncommitted batches are unreferenced: remove them.
-        let _ = store.collect_garbage();
-        return Err(e);
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(committer.seconds),
     }
-    outcomes.sort_by(|a, b| practice_of(a).cmp(practice_of(b)));
-    Ok(CollectSummary {
-        outcomes,
-        seconds: started.elapsed().as_secs_f64(),
-        commit_seconds,
-        generation: store.manifest.generation,
-    })
 }
 
 /// Patients with a request tombstone whose opt-out a practice collected in

@@ -3,16 +3,20 @@
 //! Hospital spells (`linked/apcs.csv`) and death registrations
 //! (`linked/ons_deaths.csv`) arrive from their providers, not from
 //! practices. Each is de-identified where it is, as GP extracts are at the
-//! practice: the NHS number is pseudonymised with the **same key and domain**
-//! as collection, so `patient_id` joins the GP tables inside the TRE and
-//! nowhere else; every column gets the action the collection policy's
-//! `[linked.<source>]` section names (the spell identifier is dropped, the
-//! date of death generalised to its month); a row that cannot be
-//! de-identified — no NHS number, an invalid one, an unreadable date, a
-//! code that is not ICD-10 or OPCS-4 — is quarantined on the provider side
-//! (`line,reason` only), never stored. The source's Parquet file, its
-//! receipt and its audit entry are committed at once, like a practice's
-//! batch; linking the same extract again changes nothing.
+//! practice, and by the same engine ([`crate::deid`]): the NHS number is
+//! pseudonymised with the **same key and domain** as collection, so
+//! `patient_id` joins the GP tables inside the TRE and nowhere else; every
+//! column gets the action the collection policy's `[linked.<source>]`
+//! section names (the spell identifier is dropped, the date of death
+//! generalised to its month) and is stored typed as GP columns are (a
+//! number as `Float64`); a row that cannot be de-identified — no NHS
+//! number, an invalid one, an unreadable date, a code that is not ICD-10
+//! or OPCS-4, a count that is not a whole number — is quarantined on the
+//! provider side (`line,reason` only), never stored. This module keeps
+//! what is the provider's own: reading its file (fields trimmed, the
+//! header matched by name), the shrink guards, and committing the
+//! source's Parquet file, its receipt and its audit entry at once, like a
+//! practice's batch; linking the same extract again changes nothing.
 //!
 //! Opt-outs: a Type 1 opt-out stops data leaving the GP *practice*; it does
 //! not cover hospital or death records, which are linked whatever the GP
@@ -23,28 +27,22 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{
-    ArrayRef, Date32Builder, FixedSizeBinaryBuilder, Int64Builder, RecordBatch, StringBuilder,
-};
-use arrow::datatypes::SchemaRef;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::calendar::{Day, parse_date};
+use crate::deid::builders::Builders;
 use crate::deid::key::{CollectionKey, KeyError};
-use crate::deid::pseudonym::{Pseudonymiser, patient_key};
+use crate::deid::plan::Plan;
+use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
+use crate::deid::row::Checker;
 use crate::error::{BadInput, Classify, ExitStatus};
-use crate::extract::{Column, Kind, Source};
-use crate::nhs_number::NhsNumber;
-use crate::policy::{Action, CollectionPolicy, Rule};
+use crate::extract::Source;
+use crate::policy::{Action, CollectionPolicy};
 use crate::store::guard;
+use crate::store::parquet::Writer;
 use crate::store::{FileEntry, LinkedEntry, Store, StoreError, now_rfc3339};
-
-/// Rows per Arrow record batch written.
-const BATCH_ROWS: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -189,19 +187,14 @@ fn link_source(
     let path = input(extract, source);
     let (input_sha, _) = crate::store::sha256_file(&path)?;
     let batch = batch_id(p, policy, source, &input_sha);
+    let plan = Plan::source(source, actions);
     let mut receipt = LinkReceipt {
         source: source.name().into(),
         batch: batch.clone(),
         key_id: p.key_id(),
         policy_sha256: policy.sha256.clone(),
         input_sha256: input_sha,
-        dropped_columns: source
-            .columns()
-            .iter()
-            .zip(actions)
-            .filter(|(_, a)| **a == Action::Drop)
-            .map(|(c, _)| c.name.to_owned())
-            .collect(),
+        dropped_columns: plan.dropped.clone(),
         generation: store.manifest.generation,
         ..LinkReceipt::default()
     };
@@ -218,16 +211,9 @@ fn link_source(
     let relative = format!("tables/{}/{batch}.parquet", source.name());
     let out = store.path(&relative);
     let mut lines = Vec::new();
-    let written = write_source(
-        &path,
-        &out,
-        source,
-        actions,
-        p,
-        policy.codec,
-        &mut receipt,
-        &mut lines,
-    );
+    let written = open(&path, source, &mut receipt).and_then(|file| {
+        write_source(file, &out, &plan, p, policy.codec, &mut receipt, &mut lines)
+    });
     let (sha256, bytes) = match written {
         Ok(w) => w,
         Err(e) => {
@@ -235,43 +221,13 @@ fn link_source(
             return Err(e);
         }
     };
-    // The shrink guards: a provider file cut short, mostly quarantined, or
-    // with far fewer rows than the one in force is held, and the source in
-    // force stays (crate::store::guard).
-    let quarantined: u64 = receipt.quarantined.values().sum();
-    let in_force = store
-        .manifest
-        .linked
-        .get(source.name())
-        .map(|l| l.file.rows);
-    let held = guard::truncated([path.as_path()])?
-        .or_else(|| guard::quarantine_share(&policy.guards, receipt.rows_in, quarantined))
-        .or_else(|| {
-            in_force
-                .and_then(|before| guard::shrink(&policy.guards, "rows", before, receipt.rows_out))
-        });
-    if let Some(held) = &held {
-        store
-            .audit()
-            .append(&[json!({
-                "event": if opts.accept_shrink { "link_accepted_shrink" } else { "link_held" },
-                "time": now_rfc3339(),
-                "source": source.name(),
-                "batch": batch,
-                "rule": held.rule,
-                "detail": held.detail,
-                "rows_in_force": in_force,
-                "rows_in": receipt.rows_in,
-                "rows_out": receipt.rows_out,
-                "quarantined": quarantined,
-            })])
-            .map_err(StoreError::from)?;
-        if !opts.accept_shrink {
-            let _ = std::fs::remove_file(&out);
-            receipt.held = Some(held.clone());
-            receipt.seconds = started.elapsed().as_secs_f64();
-            return Ok(receipt);
-        }
+    if let Some(held) = guard(store, opts, source, &path, &receipt)?
+        && !opts.accept_shrink
+    {
+        let _ = std::fs::remove_file(&out);
+        receipt.held = Some(held);
+        receipt.seconds = started.elapsed().as_secs_f64();
+        return Ok(receipt);
     }
     std::fs::create_dir_all(quarantine_dir).map_err(|e| LinkError::Write {
         path: quarantine_dir.to_owned(),
@@ -288,6 +244,69 @@ fn link_source(
     receipt.changed = true;
     receipt.seconds = started.elapsed().as_secs_f64();
     receipt.rows_per_second = receipt.rows_in as f64 / receipt.seconds.max(1e-9);
+    let file = FileEntry {
+        path: relative,
+        rows: receipt.rows_out,
+        bytes,
+        sha256,
+    };
+    commit(store, p, policy, file, &mut receipt)?;
+    Ok(receipt)
+}
+
+/// The shrink guards: a provider file cut short, mostly quarantined, or
+/// with far fewer rows than the one in force is held, and the source in
+/// force stays (crate::store::guard). A hold (or, with `accept_shrink`, a
+/// take despite one) is recorded in the audit log with the counts.
+fn guard(
+    store: &mut Store,
+    opts: &LinkOptions,
+    source: Source,
+    path: &Path,
+    receipt: &LinkReceipt,
+) -> Result<Option<guard::Held>, LinkError> {
+    let guards = &opts.policy.guards;
+    let quarantined: u64 = receipt.quarantined.values().sum();
+    let in_force = store
+        .manifest
+        .linked
+        .get(source.name())
+        .map(|l| l.file.rows);
+    let held = guard::truncated([path])?
+        .or_else(|| guard::quarantine_share(guards, receipt.rows_in, quarantined))
+        .or_else(|| {
+            in_force.and_then(|before| guard::shrink(guards, "rows", before, receipt.rows_out))
+        });
+    if let Some(held) = &held {
+        store
+            .audit()
+            .append(&[json!({
+                "event": if opts.accept_shrink { "link_accepted_shrink" } else { "link_held" },
+                "time": now_rfc3339(),
+                "source": source.name(),
+                "batch": receipt.batch,
+                "rule": held.rule,
+                "detail": held.detail,
+                "rows_in_force": in_force,
+                "rows_in": receipt.rows_in,
+                "rows_out": receipt.rows_out,
+                "quarantined": quarantined,
+            })])
+            .map_err(StoreError::from)?;
+    }
+    Ok(held)
+}
+
+/// Commits a written source: its receipt, its manifest entry (replacing
+/// the source in force) and its audit entry, at once.
+fn commit(
+    store: &mut Store,
+    p: &Pseudonymiser,
+    policy: &CollectionPolicy,
+    file: FileEntry,
+    receipt: &mut LinkReceipt,
+) -> Result<(), LinkError> {
+    let batch = receipt.batch.clone();
     let receipt_rel = format!("receipts/{batch}.json");
     let receipt_path = store.path(&receipt_rel);
     let mut next = store.manifest.clone();
@@ -301,25 +320,21 @@ fn link_source(
         message: e.to_string(),
     })?;
     next.key_id.get_or_insert_with(|| p.key_id());
+    let sha256 = file.sha256.clone();
     next.linked.insert(
-        source.name().into(),
+        receipt.source.clone(),
         LinkedEntry {
             batch: batch.clone(),
             policy_sha256: policy.sha256.clone(),
             linked_at: now_rfc3339(),
             receipt: receipt_rel,
-            file: FileEntry {
-                path: relative,
-                rows: receipt.rows_out,
-                bytes,
-                sha256: sha256.clone(),
-            },
+            file,
         },
     );
     next.commit_log = vec![json!({
         "event": "link",
         "time": now_rfc3339(),
-        "source": source.name(),
+        "source": receipt.source,
         "batch": batch,
         "rows_in": receipt.rows_in,
         "rows_out": receipt.rows_out,
@@ -330,7 +345,7 @@ fn link_source(
         "sha256": sha256,
     })];
     store.commit(next)?;
-    Ok(receipt)
+    Ok(())
 }
 
 /// The batch name: the key id, the policy and the input's checksum, so the
@@ -349,95 +364,20 @@ fn batch_id(p: &Pseudonymiser, policy: &CollectionPolicy, source: Source, input:
     )
 }
 
-/// One column being built.
-enum Builder {
-    Date(Date32Builder),
-    Number(Int64Builder),
-    Text(StringBuilder),
+/// A provider file opened: its reader, the number of fields a row has, and
+/// where each column of the format is in it.
+struct ProviderFile {
+    path: PathBuf,
+    reader: csv::Reader<std::fs::File>,
+    width: usize,
+    index: Vec<usize>,
 }
 
-/// One row's value of a kept column, checked.
-enum Value<'a> {
-    Date(Option<Day>),
-    Number(Option<i64>),
-    Text(Option<&'a str>),
-}
-
-/// Checks one field; `Err` is the quarantine reason.
-fn check<'a>(c: &Column, raw: &'a str, rule: Option<Rule>) -> Result<Value<'a>, &'static str> {
-    let raw = raw.trim();
-    if raw.is_empty() {
-        return if c.required {
-            Err(match c.kind {
-                Kind::Date => "missing_date",
-                _ => "missing_value",
-            })
-        } else {
-            Ok(match c.kind {
-                Kind::Date | Kind::BirthDate => Value::Date(None),
-                Kind::Number => Value::Number(None),
-                _ => Value::Text(None),
-            })
-        };
-    }
-    Ok(match c.kind {
-        Kind::Date | Kind::BirthDate => {
-            let day = parse_date(raw.as_bytes()).ok_or("malformed_date")?;
-            Value::Date(Some(match rule {
-                Some(Rule::Month) => crate::calendar::month_start(day),
-                Some(Rule::Year) => crate::calendar::year_start_of(day),
-                _ => day,
-            }))
-        }
-        Kind::Number => Value::Number(Some(
-            raw.parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .ok_or("malformed_number")?,
-        )),
-        Kind::Code => {
-            if !raw.split(';').all(is_clinical_code) {
-                return Err("malformed_code");
-            }
-            Value::Text(Some(raw))
-        }
-        _ => {
-            if raw.len() > 64 {
-                return Err("malformed_value");
-            }
-            Value::Text(Some(raw))
-        }
-    })
-}
-
-/// ICD-10 (`E119`, `I10X`) or OPCS-4 (`W371`) without dots: a capital
-/// letter, two digits, and at most two more digits or `X`.
-fn is_clinical_code(code: &str) -> bool {
-    let b = code.as_bytes();
-    (3..=5).contains(&b.len())
-        && b[0].is_ascii_uppercase()
-        && b[1].is_ascii_digit()
-        && b[2].is_ascii_digit()
-        && b[3..].iter().all(|c| c.is_ascii_digit() || *c == b'X')
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_source(
-    path: &Path,
-    out: &Path,
-    source: Source,
-    actions: &[Action],
-    p: &Pseudonymiser,
-    codec: crate::policy::Codec,
-    receipt: &mut LinkReceipt,
-    quarantine: &mut Vec<u8>,
-) -> Result<(String, u64), LinkError> {
+/// Opens a provider file and finds the format's columns in its header;
+/// header columns the format does not define are recorded as dropped.
+fn open(path: &Path, source: Source, receipt: &mut LinkReceipt) -> Result<ProviderFile, LinkError> {
     let bad_input = |message: String| LinkError::Input {
         path: path.to_owned(),
-        message,
-    };
-    let write_err = |message: String| LinkError::Write {
-        path: out.to_owned(),
         message,
     };
     let mut reader = csv::ReaderBuilder::new()
@@ -472,159 +412,98 @@ fn write_source(
                 .push(format!("{h} (not in the format)"));
         }
     }
-    let schema = crate::store::schema::linked_schema(source, actions);
-    let mut writer = crate::store::parquet::Writer::create(out, schema.clone(), codec)
-        .map_err(|e| write_err(e.to_string()))?;
-    let kept: Vec<(usize, &Column, Option<Rule>)> = columns
-        .iter()
-        .zip(actions)
-        .enumerate()
-        .filter_map(|(i, (c, a))| match a {
-            Action::Keep => Some((i, c, None)),
-            Action::Generalise(rule) => Some((i, c, Some(*rule))),
-            _ => None,
-        })
-        .collect();
-    let new_builders = || -> Vec<Builder> {
-        kept.iter()
-            .map(|(_, c, _)| match c.kind {
-                Kind::Date | Kind::BirthDate => Builder::Date(Date32Builder::new()),
-                Kind::Number => Builder::Number(Int64Builder::new()),
-                _ => Builder::Text(StringBuilder::new()),
-            })
-            .collect()
+    Ok(ProviderFile {
+        path: path.to_owned(),
+        reader,
+        width: header.len(),
+        index,
+    })
+}
+
+/// De-identifies a provider file into `out` through the engine
+/// ([`crate::deid`]): each row checked against the plan (fields trimmed
+/// first: provider files are assembled by hand more often than exported),
+/// quarantined (`line,reason` into `quarantine`) or stored under its
+/// pseudonym. Returns the written file's SHA-256 and size.
+fn write_source(
+    file: ProviderFile,
+    out: &Path,
+    plan: &Plan,
+    p: &Pseudonymiser,
+    codec: crate::policy::Codec,
+    receipt: &mut LinkReceipt,
+    quarantine: &mut Vec<u8>,
+) -> Result<(String, u64), LinkError> {
+    let write_err = |message: String| LinkError::Write {
+        path: out.to_owned(),
+        message,
     };
-    let mut ids = FixedSizeBinaryBuilder::new(32);
-    let mut keys = Int64Builder::new();
-    let mut builders = new_builders();
-    let mut pseudonyms: HashMap<[u8; 10], [u8; 32]> = HashMap::new();
+    let ProviderFile {
+        path,
+        mut reader,
+        width,
+        index,
+    } = file;
+    let mut writer =
+        Writer::create(out, plan.schema.clone(), codec).map_err(|e| write_err(e.to_string()))?;
+    let mut builders = Builders::new(plan, None);
+    let mut checker = Checker::new(plan, None);
+    // A patient has several spells: one HMAC each, not one a row.
+    let mut pseudonyms: HashMap<[u8; 10], Pseudonym> = HashMap::new();
     let mut record = csv::StringRecord::new();
     let mut line = 1u64;
-    let mut pending = 0usize;
-    let nhs_at = columns
-        .iter()
-        .position(|c| c.kind == Kind::NhsNumber)
-        .unwrap_or(0);
     loop {
         let more = reader
             .read_record(&mut record)
-            .map_err(|e| bad_input(format!("line {}: {e}", line + 1)))?;
-        if !more || pending == BATCH_ROWS {
-            if pending > 0 {
-                flush(
-                    &schema,
-                    &mut ids,
-                    &mut keys,
-                    &mut builders,
-                    &mut writer,
-                    &write_err,
-                )?;
-                pending = 0;
-            }
-            if !more {
-                break;
-            }
+            .map_err(|e| LinkError::Input {
+                path: path.clone(),
+                message: format!("line {}: {e}", line + 1),
+            })?;
+        if !more {
+            break;
         }
         line += 1;
         receipt.rows_in += 1;
-        let mut reason: Option<&'static str> = None;
-        if record.len() != header.len() {
-            reason = Some("wrong_column_count");
-        }
-        let raw_nhs = record.get(index[nhs_at]).unwrap_or("").trim();
-        let nhs = if reason.is_some() {
-            None
-        } else if raw_nhs.is_empty() {
-            reason = Some("missing_nhs_number");
-            None
-        } else {
-            match NhsNumber::parse(raw_nhs.as_bytes()) {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    reason = Some("invalid_nhs_number");
-                    None
-                }
+        let mut values = Vec::with_capacity(plan.fills.len());
+        let field = |i: usize| record.get(index[i]).unwrap_or("").trim().as_bytes();
+        let nhs = match checker.check(record.len() == width, field, &mut values) {
+            Ok(nhs) => nhs,
+            Err(r) => {
+                *receipt.quarantined.entry(r.to_owned()).or_default() += 1;
+                quarantine.extend_from_slice(format!("{line},{r}\n").as_bytes());
+                continue;
             }
         };
-        let mut values: Vec<Value> = Vec::with_capacity(kept.len());
-        if reason.is_none() {
-            for (i, c, rule) in &kept {
-                match check(c, record.get(index[*i]).unwrap_or(""), *rule) {
-                    Ok(v) => values.push(v),
-                    Err(r) => {
-                        reason = Some(r);
-                        break;
-                    }
-                }
-            }
-        }
-        let (Some(nhs), None) = (nhs, reason) else {
-            let r = reason.unwrap_or("invalid_nhs_number");
-            *receipt.quarantined.entry(r.to_owned()).or_default() += 1;
-            quarantine.extend_from_slice(format!("{line},{r}\n").as_bytes());
-            continue;
-        };
-        // A patient has several spells: one HMAC each, not one a row.
         let id = *pseudonyms
             .entry(*nhs.as_bytes())
             .or_insert_with(|| p.patient(&nhs));
-        ids.append_value(id).map_err(|e| write_err(e.to_string()))?;
-        keys.append_value(patient_key(&id));
-        for (b, v) in builders.iter_mut().zip(values.drain(..)) {
-            match (b, v) {
-                (Builder::Date(b), Value::Date(d)) => b.append_option(d),
-                (Builder::Number(b), Value::Number(n)) => b.append_option(n),
-                (Builder::Text(b), Value::Text(t)) => b.append_option(t),
-                _ => return Err(write_err("a value of the wrong type".into())),
-            }
+        if builders
+            .append(&id, &values)
+            .map_err(|e| write_err(e.to_string()))?
+        {
+            write(&mut builders, &mut writer, out)?;
         }
         receipt.rows_out += 1;
-        pending += 1;
     }
+    write(&mut builders, &mut writer, out)?;
     receipt.patients_out = pseudonyms.len() as u64;
     writer.finish().map_err(|e| write_err(e.to_string()))
 }
 
-fn flush(
-    schema: &SchemaRef,
-    ids: &mut FixedSizeBinaryBuilder,
-    keys: &mut Int64Builder,
-    builders: &mut [Builder],
-    writer: &mut crate::store::parquet::Writer,
-    write_err: &dyn Fn(String) -> LinkError,
-) -> Result<(), LinkError> {
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(ids.finish()), Arc::new(keys.finish())];
-    for b in builders.iter_mut() {
-        columns.push(match b {
-            Builder::Date(b) => Arc::new(b.finish()),
-            Builder::Number(b) => Arc::new(b.finish()),
-            Builder::Text(b) => Arc::new(b.finish()),
-        });
+/// Writes the rows built so far (if any) as one record batch.
+fn write(builders: &mut Builders, writer: &mut Writer, out: &Path) -> Result<(), LinkError> {
+    let write_err = |message: String| LinkError::Write {
+        path: out.to_owned(),
+        message,
+    };
+    match builders.finish().map_err(|e| write_err(e.to_string()))? {
+        Some(batch) => writer.write(&batch).map_err(|e| write_err(e.to_string())),
+        None => Ok(()),
     }
-    let batch =
-        RecordBatch::try_new(schema.clone(), columns).map_err(|e| write_err(e.to_string()))?;
-    writer.write(&batch).map_err(|e| write_err(e.to_string()))
 }
 
 /// `--source` values.
 pub fn parse_source(name: &str) -> Result<Source, BadInput> {
     Source::from_name(name)
         .ok_or_else(|| BadInput(format!("--source {name:?}: not apcs or ons_deaths")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clinical_codes_are_icd10_or_opcs4_without_dots() {
-        for ok in [
-            "E119", "I10X", "W371", "J46X", "C61X", "X599", "F03X", "O800",
-        ] {
-            assert!(is_clinical_code(ok), "{ok}");
-        }
-        for bad in ["E11.9", "e119", "E1", "", "9434765919", "E119 ", "ABCD"] {
-            assert!(!is_clinical_code(bad), "{bad}");
-        }
-    }
 }
