@@ -95,14 +95,14 @@ const FLIGHT_SQL: &str = "SELECT age_band, count(*) AS patients FROM patients WH
 
 /// Starts `gpdp serve` on a free loopback port, asks one question with the
 /// Rust Flight SQL client (handshake as dana@demo-research), and stops it.
-fn ask_over_flight(store: &Path, policy: &TrePolicy) -> anyhow::Result<FlightAnswer> {
+fn ask_over_flight(store: &Path, tre: &crate::tre::Boundary) -> anyhow::Result<FlightAnswer> {
     let rt = crate::tre::runtime(Some(2))?;
     rt.block_on(async {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(crate::serve::serve(
             store.to_owned(),
-            policy.clone(),
+            tre.clone(),
             crate::serve::Listen::new("127.0.0.1:0".parse()?, false, None)?,
             move |addr| {
                 let _ = addr_tx.send(addr);
@@ -198,24 +198,7 @@ const QUESTIONS: [(&str, &str, &str); 10] = [
 ];
 
 pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<DemoOutcome> {
-    if dir.exists() {
-        if !dir.join(MARKER).exists()
-            && std::fs::read_dir(dir)
-                .map(|mut d| d.next().is_some())
-                .unwrap_or(true)
-        {
-            return Err(BadInput(format!(
-                "{} exists and was not made by gpdp demo; pass --out with a new directory",
-                dir.display()
-            ))
-            .into());
-        }
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("removing the previous demo in {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join(MARKER), "made by gpdp demo; safe to delete\n")
-        .with_context(|| format!("writing into {}", dir.display()))?;
+    prepare(dir)?;
 
     let extracts = dir.join("extracts");
     progress.stage("1/8 generating synthetic GP extracts");
@@ -278,38 +261,9 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     // held on the TRE side only; never the collection key.
     let perturbation_key = dir.join("perturbation.key");
     crate::deid::key::generate(&perturbation_key)?;
-    let mut tre_policy = TrePolicy::load(None)?;
-    let manifest = crate::store::read_manifest(&store)?;
-    tre_policy.record_keys = Some(
-        crate::tre::aggregates::record_keys::RecordKeys::load(
-            &perturbation_key,
-            manifest.key_id.as_deref().unwrap_or(""),
-        )
-        .map_err(|e| BadInput(e.to_string()))?,
-    );
-    let questions = QUESTIONS
-        .iter()
-        .map(|(title, project, sql)| {
-            let sql = sql.replace("DIABETES", DIABETES);
-            // Each project's demo researcher of policies/tre.toml (demo
-            // credentials only).
-            let (user, token) = researcher_for(project).unwrap_or(("", ""));
-            let request = crate::tre::Request {
-                store: store.clone(),
-                user: user.into(),
-                token: Some(token.into()),
-                project: (*project).into(),
-                sql: sql.clone(),
-            };
-            Question {
-                title,
-                project,
-                user,
-                sql,
-                answer: crate::tre::query_blocking(&tre_policy, &request),
-            }
-        })
-        .collect();
+    let tre = boundary(&store, &perturbation_key)?;
+    let tre_policy = &tre.policy;
+    let questions = ask(&tre, &store);
     let guarantees = tre_policy
         .researchers
         .iter()
@@ -337,7 +291,7 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
     )?;
 
     progress.stage("7/8 the TRE as a service: one question over Arrow Flight SQL");
-    let flight = ask_over_flight(&store, &tre_policy)?;
+    let flight = ask_over_flight(&store, &tre)?;
 
     progress.stage("8/8 writing the report and the public register");
     let built = crate::report::build(
@@ -348,15 +302,15 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         }),
         None,
     )?;
-    let (_, page) = crate::report::write(&built, &dir.join("report"))?;
-    let register = crate::register::build(&store, &tre_policy)?;
-    let (_, register_page) = crate::register::write(&register, &dir.join("register"))?;
+    let (_, page) = crate::report::html::write(&built, &dir.join("report"))?;
+    let register = crate::register::build(&store, tre_policy)?;
+    let (_, register_page) = crate::register::html::write(&register, &dir.join("register"))?;
     let first_request = std::fs::read_to_string(&requests)?
         .lines()
         .nth(1)
         .unwrap_or_default()
         .to_owned();
-    let status = crate::optout::status::status(&first_request, &store, &key, &tre_policy)?;
+    let status = crate::optout::status::status(&first_request, &store, &key, tre_policy)?;
     Ok(DemoOutcome {
         register_page,
         head: register.log_head,
@@ -378,6 +332,75 @@ pub fn run(dir: &Path, threads: usize, progress: &Progress) -> anyhow::Result<De
         later,
         audit,
     })
+}
+
+/// Refuses a directory gpdp demo did not make; otherwise starts it afresh,
+/// with the marker that says it may be replaced.
+fn prepare(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        if !dir.join(MARKER).exists()
+            && std::fs::read_dir(dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
+            return Err(BadInput(format!(
+                "{} exists and was not made by gpdp demo; pass --out with a new directory",
+                dir.display()
+            ))
+            .into());
+        }
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing the previous demo in {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), "made by gpdp demo; safe to delete\n")
+        .with_context(|| format!("writing into {}", dir.display()))?;
+    Ok(())
+}
+
+/// The demo's TRE: the shipped policy, and beside it (never in it) the
+/// record keys from the perturbation key, bound to the store's collection
+/// key id.
+fn boundary(store: &Path, perturbation_key: &Path) -> anyhow::Result<crate::tre::Boundary> {
+    let manifest = crate::store::read_manifest(store)?;
+    Ok(crate::tre::Boundary {
+        record_keys: Some(
+            crate::tre::aggregates::record_keys::RecordKeys::load(
+                perturbation_key,
+                manifest.key_id.as_deref().unwrap_or(""),
+            )
+            .map_err(|e| BadInput(e.to_string()))?,
+        ),
+        ..crate::tre::Boundary::new(TrePolicy::load(None)?)
+    })
+}
+
+/// Each of the demo's questions, asked by its project's demo researcher
+/// through the boundary.
+fn ask(tre: &crate::tre::Boundary, store: &Path) -> Vec<Question> {
+    QUESTIONS
+        .iter()
+        .map(|(title, project, sql)| {
+            let sql = sql.replace("DIABETES", DIABETES);
+            // Each project's demo researcher of policies/tre.toml (demo
+            // credentials only).
+            let (user, token) = researcher_for(project).unwrap_or(("", ""));
+            let request = crate::tre::Request {
+                store: store.to_owned(),
+                user: user.into(),
+                token: Some(token.into()),
+                project: (*project).into(),
+                sql: sql.clone(),
+            };
+            Question {
+                title,
+                project,
+                user,
+                sql,
+                answer: crate::tre::query_blocking(tre, &request),
+            }
+        })
+        .collect()
 }
 
 /// A request list of patients who opt out (Type 1) after collection: some

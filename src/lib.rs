@@ -9,15 +9,27 @@
 //!
 //! 1. [`synth`] — synthetic GP extracts plus the ground truth to audit against.
 //! 2. [`extract`] — the tables of a GP extract and a streaming reader.
-//! 3. [`policy`] — the typed, validated policies from `policies/`.
+//! 3. [`policy`] — the typed, validated policies from `policies/`, and the
+//!    cell key method's perturbation table a TRE rule set's parameters define.
 //! 4. [`deid`] — the collection key, keyed pseudonyms, generalisation.
 //! 5. [`collect`] — de-identification on collection, per practice.
-//! 6. [`store`] — Parquet batches, manifest, tombstones, hash-chained audit log.
-//! 7. [`optout`] — the Type 1 and National Data Opt-out rules.
-//! 8. [`demo`] — every stage on an embedded default.
+//! 6. [`link`] — provider files collected at their provider with the same key.
+//! 7. [`store`] — Parquet batches, manifest, tombstones, hash-chained audit log.
+//! 8. [`optout`] — the Type 1 and National Data Opt-out rules.
+//! 9. [`tre`] — the TRE boundary, started as a [`tre::Boundary`]: the policy,
+//!    and beside it the operator's perturbation key and ledger directory.
+//! 10. [`serve`] — the boundary over Arrow Flight SQL.
+//! 11. [`audit`], [`report`], [`register`] — the independent checks, the
+//!     evidence page, the public data-uses register.
+//! 12. [`bench`](mod@bench) measures it all; [`demo`] runs every stage on an embedded
+//!     default.
 //!
 //! [`nhs_number`], [`calendar`] and [`digest`] (hex and SHA-256) are shared
-//! by several stages.
+//! by several stages; [`page`] by the HTML pages.
+//!
+//! Imports point one way: no two modules name each other, directly or
+//! round a longer circle, at any level (`scripts/import-circles`, run by
+//! the integration tests).
 //!
 //! [`error`] defines the exit statuses of the interface contract and the
 //! [`error::Classify`] trait by which each layer's error names its status

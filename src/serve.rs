@@ -52,7 +52,6 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::BadInput;
-use crate::policy::tre::TrePolicy;
 use crate::store::log::AuditLog;
 use crate::tre::{self, TreError};
 
@@ -81,7 +80,7 @@ type Prepared = (String, [u8; 32]);
 
 pub struct TreFlightService {
     store: PathBuf,
-    policy: Arc<TrePolicy>,
+    tre: Arc<tre::Boundary>,
     /// SHA-256 of a session token → the caller it stands for.
     sessions: Mutex<HashMap<[u8; 32], Caller>>,
     /// Prepared statement handle → the statement and who may use it.
@@ -124,10 +123,10 @@ fn status(e: TreError) -> Status {
 }
 
 impl TreFlightService {
-    pub fn new(store: PathBuf, policy: TrePolicy) -> TreFlightService {
+    pub fn new(store: PathBuf, tre: tre::Boundary) -> TreFlightService {
         TreFlightService {
             store,
-            policy: Arc::new(policy),
+            tre: Arc::new(tre),
             sessions: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
         }
@@ -175,7 +174,7 @@ impl TreFlightService {
         {
             return Ok(c.clone());
         }
-        let Some(user) = tre::auth::researcher_of_token(&self.policy, token) else {
+        let Some(user) = tre::auth::researcher_of_token(&self.tre.policy, token) else {
             return Err(self.refuse(None, project.as_deref(), "unknown or wrong token"));
         };
         let Some(project) = project else {
@@ -227,7 +226,7 @@ impl TreFlightService {
         caller: &Caller,
         sql: String,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let released = tre::query(&self.policy, &self.request(caller, sql))
+        let released = tre::query(&self.tre, &self.request(caller, sql))
             .await
             .map_err(status)?;
         let batch = released.result.batch;
@@ -253,7 +252,7 @@ impl TreFlightService {
     /// The project's views and their schemas, for catalog requests.
     async fn views(&self, caller: &Caller) -> Result<Vec<(String, Schema)>, Status> {
         let project = tre::auth::authorise(
-            &self.policy,
+            &self.tre.policy,
             &caller.user,
             Some(&caller.token),
             &caller.project,
@@ -261,7 +260,7 @@ impl TreFlightService {
         .map_err(|r| status(TreError::Refused(r)))?;
         let manifest =
             crate::store::read_manifest(&self.store).map_err(|e| status(TreError::Store(e)))?;
-        let session = tre::session::open(&self.store, &manifest, &self.policy, project)
+        let session = tre::session::open(&self.store, &manifest, &self.tre.policy, project)
             .await
             .map_err(status)?;
         let mut out: Vec<(String, Schema)> = session
@@ -304,7 +303,7 @@ impl FlightSqlService for TreFlightService {
         let Some((user, project)) = login.rsplit_once('@') else {
             return Err(self.refuse(Some(login), None, "the user name must be USER@PROJECT"));
         };
-        if let Err(r) = tre::auth::authorise(&self.policy, user, Some(token), project) {
+        if let Err(r) = tre::auth::authorise(&self.tre.policy, user, Some(token), project) {
             return Err(if r.rule == "authentication" {
                 self.refuse(Some(user), Some(project), "unknown user or wrong token")
             } else {
@@ -342,7 +341,7 @@ impl FlightSqlService for TreFlightService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = self.caller(request.metadata())?;
-        let schema = tre::describe(&self.policy, &self.request(&caller, query.query.clone()))
+        let schema = tre::describe(&self.tre, &self.request(&caller, query.query.clone()))
             .await
             .map_err(status)?;
         let ticket = TicketStatementQuery {
@@ -369,7 +368,7 @@ impl FlightSqlService for TreFlightService {
     ) -> Result<Response<FlightInfo>, Status> {
         let caller = self.caller(request.metadata())?;
         let sql = self.prepared_sql(&caller, &cmd.prepared_statement_handle)?;
-        let schema = tre::describe(&self.policy, &self.request(&caller, sql))
+        let schema = tre::describe(&self.tre, &self.request(&caller, sql))
             .await
             .map_err(status)?;
         Self::info(&schema, cmd, request.into_inner())
@@ -402,7 +401,7 @@ impl FlightSqlService for TreFlightService {
         request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let caller = self.caller(request.metadata())?;
-        let schema = tre::describe(&self.policy, &self.request(&caller, query.query.clone()))
+        let schema = tre::describe(&self.tre, &self.request(&caller, query.query.clone()))
             .await
             .map_err(status)?;
         let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
@@ -598,7 +597,7 @@ impl Listen {
 /// `ready` gets the bound address (the port may have been 0).
 pub async fn serve(
     store: PathBuf,
-    policy: TrePolicy,
+    tre: tre::Boundary,
     listen: Listen,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -620,7 +619,7 @@ pub async fn serve(
         .await
         .map_err(|e| crate::error::BadInput(format!("cannot listen on {listen}: {e}")))?;
     ready(listener.local_addr()?);
-    let service = TreFlightService::new(store, policy);
+    let service = TreFlightService::new(store, tre);
     server
         .add_service(FlightServiceServer::new(service))
         .serve_with_incoming_shutdown(

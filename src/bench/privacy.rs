@@ -41,7 +41,7 @@ use arrow::datatypes::Int64Type;
 use serde::Serialize;
 
 use crate::policy::tre::TrePolicy;
-use crate::tre::{Request, TreError};
+use crate::tre::{Boundary, Request, TreError};
 
 /// A target: their quasi-identifiers (sex, age band, ethnicity, IMD
 /// decile) and whether they have the attribute.
@@ -210,7 +210,7 @@ impl Measured {
 /// approved for the project.
 pub struct Attacker<'a> {
     pub store: &'a Path,
-    pub policy: &'a TrePolicy,
+    pub tre: &'a Boundary,
     pub project: &'a str,
 }
 
@@ -227,6 +227,7 @@ impl Attacker<'_> {
         // The first researcher the policy approves for the project, with
         // the shipped policy's demo token for them.
         let user = self
+            .tre
             .policy
             .researchers
             .iter()
@@ -239,7 +240,7 @@ impl Attacker<'_> {
             project: self.project.into(),
             sql: format!("SELECT count(DISTINCT patient_id) FROM patients WHERE {clause}"),
         };
-        match crate::tre::query_blocking(self.policy, &request) {
+        match crate::tre::query_blocking(self.tre, &request) {
             Ok(r) => {
                 let c = r.result.batch.column(0).as_primitive::<Int64Type>();
                 Ok(Ok((!c.is_empty() && c.is_valid(0)).then(|| c.value(0))))
@@ -300,7 +301,7 @@ pub fn any_answer_moved(
         }
         right += usize::from(moved == t.has);
     }
-    let rule_set = a.policy.projects[a.project].disclosure.name;
+    let rule_set = a.tre.policy.projects[a.project].disclosure.name;
     Ok(Measured::new(rule_set, paddings.len(), targets, right))
 }
 
@@ -371,7 +372,7 @@ pub fn averaged_with(
             }
         }
     }
-    let project = &a.policy.projects[a.project];
+    let project = &a.tre.policy.projects[a.project];
     let mut m = Measured::new(project.disclosure.name, repeats, &all[..asked], right);
     m.stopped_by_budget = stopped;
     m.seen = seen;
@@ -407,15 +408,15 @@ pub fn normal_cdf(x: f64) -> f64 {
 /// exhausts, over `targets` targets.
 pub fn by_budget(store: &Path, targets: usize) -> anyhow::Result<Vec<Measured>> {
     let world = world(store)?;
-    let policy = super::tre::bench_policy()?;
+    let tre = super::tre::bench_boundary()?;
     let ckm = Attacker {
         store,
-        policy: &policy,
+        tre: &tre,
         project: "demo-planning-exempt",
     };
     let dp = Attacker {
         store,
-        policy: &policy,
+        tre: &tre,
         project: "demo-research",
     };
     let mut out = vec![any_answer_moved(&ckm, &world, targets, &PADDINGS)?];
@@ -676,7 +677,7 @@ pub fn reconstruct(
     checkpoints: &[usize],
     seed: u64,
 ) -> anyhow::Result<Reconstruction> {
-    let rule_set = a.policy.projects[a.project].disclosure.name;
+    let rule_set = a.tre.policy.projects[a.project].disclosure.name;
     reconstruct_with(
         rule_set,
         |clause| a.released(clause),
@@ -871,13 +872,13 @@ pub fn by_queries(
     runs: usize,
 ) -> anyhow::Result<Vec<Reconstruction>> {
     let population = population(store, sizes)?;
-    let policy = super::tre::bench_policy()?;
+    let tre = super::tre::bench_boundary()?;
     ["demo-planning-exempt", "demo-opensafely"]
         .into_iter()
         .map(|project| {
             let a = Attacker {
                 store,
-                policy: &policy,
+                tre: &tre,
                 project,
             };
             let each = (1..=runs.max(1) as u64)

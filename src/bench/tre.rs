@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::policy::tre::TrePolicy;
+use crate::tre::Boundary;
 
 /// The queries: (name, SQL) over a project's views.
 pub const QUERIES: [(&str, &str); 4] = [
@@ -50,13 +51,10 @@ pub const RULE_SETS: [&str; 3] = ["demo-opensafely", "demo-planning-exempt", "de
 
 /// The shipped policy, ready for any of its projects to be measured (here
 /// and by [`super::privacy`]): a fixed perturbation key for the cell key
-/// method and a privacy budget a benchmark cannot spend (each charge is
-/// still a line of the audit log).
-pub(crate) fn bench_policy() -> anyhow::Result<TrePolicy> {
+/// method beside it, and a privacy budget a benchmark cannot spend (each
+/// charge is still a line of the audit log).
+pub(crate) fn bench_boundary() -> anyhow::Result<Boundary> {
     let mut policy = TrePolicy::load(None)?;
-    policy.record_keys = Some(crate::tre::aggregates::record_keys::RecordKeys::from_bytes(
-        &[0x5a; 32],
-    ));
     // The benchmark asks the same questions many times: no cell budget.
     for p in policy.projects.values_mut() {
         p.disclosure.cell_budget = None;
@@ -64,7 +62,12 @@ pub(crate) fn bench_policy() -> anyhow::Result<TrePolicy> {
     for r in &mut policy.researchers {
         r.rho_budget = f64::MAX / 4.0;
     }
-    Ok(policy)
+    Ok(Boundary {
+        record_keys: Some(crate::tre::aggregates::record_keys::RecordKeys::from_bytes(
+            &[0x5a; 32],
+        )),
+        ..Boundary::new(policy)
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -76,7 +79,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn ask(
     rt: &tokio::runtime::Runtime,
-    policy: &TrePolicy,
+    tre: &Boundary,
     store: &Path,
     project: &str,
     sql: &str,
@@ -91,7 +94,7 @@ fn ask(
         project: project.into(),
         sql: sql.into(),
     };
-    rt.block_on(crate::tre::query(policy, &request))?;
+    rt.block_on(crate::tre::query(tre, &request))?;
     Ok(t.elapsed().as_secs_f64() * 1000.0)
 }
 
@@ -107,7 +110,8 @@ pub fn measure_project(
     runs: usize,
     project_name: &str,
 ) -> anyhow::Result<Vec<QueryLatency>> {
-    let policy = bench_policy()?;
+    let tre = bench_boundary()?;
+    let policy = &tre.policy;
     let project = policy
         .projects
         .get(project_name)
@@ -117,14 +121,14 @@ pub fn measure_project(
     let manifest = crate::store::read_manifest(store)?;
     let direct = rt
         .block_on(crate::tre::session::open(
-            store, &manifest, &policy, &project,
+            store, &manifest, policy, &project,
         ))?
         .ctx;
     let mut out = Vec::new();
     for (name, sql) in QUERIES {
         let (mut boundary, mut plain) = (Vec::new(), Vec::new());
         for _ in 0..runs.max(1) {
-            boundary.push(ask(&rt, &policy, store, project_name, sql)?);
+            boundary.push(ask(&rt, &tre, store, project_name, sql)?);
             let t = Instant::now();
             rt.block_on(async { direct.sql(sql).await?.collect().await })?;
             plain.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -157,14 +161,14 @@ pub struct RuleSetCost {
 /// OpenSAFELY's rules over the same queries, interleaved run by run so
 /// that the machine's drift falls on all of them alike.
 pub fn measure_rule_sets(store: &Path, runs: usize) -> anyhow::Result<Vec<RuleSetCost>> {
-    let policy = bench_policy()?;
+    let tre = bench_boundary()?;
     let rt = runtime()?;
     let mut out = Vec::new();
     for (name, sql) in QUERIES {
         let mut times: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
         for _ in 0..runs.max(1) {
             for project in RULE_SETS {
-                let ms = ask(&rt, &policy, store, project, sql)?;
+                let ms = ask(&rt, &tre, store, project, sql)?;
                 times.entry(project).or_default().push(ms);
             }
         }

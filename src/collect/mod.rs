@@ -13,11 +13,14 @@
 //! this batch. A patient whose dissent at this practice has been withdrawn has
 //! this practice's tombstone lifted.
 
+mod error;
 pub mod practice;
 pub mod receipt;
 
+pub use error::CollectError;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -26,80 +29,18 @@ use serde_json::{Value, json};
 
 use self::practice::{Context, Exclusions, Inputs, Staged, collect_practice, scan_inputs};
 use self::receipt::Receipt;
-use crate::deid::generalise::{LookupError, PostcodeLookup};
-use crate::deid::key::{CollectionKey, KeyError};
+use crate::deid::generalise::PostcodeLookup;
+use crate::deid::key::CollectionKey;
 use crate::deid::pseudonym::{Pseudonym, Pseudonymiser};
 use crate::digest::hex;
-use crate::error::{Classify, ExitStatus};
-use crate::extract::{ExtractError, PracticeExtract, Table, TableReader};
+use crate::extract::{PracticeExtract, Table, TableReader};
 use crate::nhs_number::NhsNumber;
 use crate::optout::apply::REQUEST_SOURCE;
 use crate::policy::{Action, CollectionPolicy, Rule};
 use crate::progress::Progress;
 use crate::store::delete::{BatchMembers, Deleter, TombstoneBook};
 use crate::store::guard::{self, Held};
-use crate::store::{BatchEntry, Store, StoreError, now_rfc3339};
-
-#[derive(Debug, thiserror::Error)]
-pub enum CollectError {
-    #[error(transparent)]
-    Key(#[from] KeyError),
-    #[error(transparent)]
-    Extract(#[from] ExtractError),
-    #[error(transparent)]
-    Lookup(#[from] LookupError),
-    #[error(transparent)]
-    Store(Box<StoreError>),
-    #[error("writing {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("writing {}: {message}", path.display())]
-    Write { path: PathBuf, message: String },
-}
-
-impl From<StoreError> for CollectError {
-    fn from(e: StoreError) -> Self {
-        CollectError::Store(Box::new(e))
-    }
-}
-
-impl CollectError {
-    fn io(path: &Path, source: std::io::Error) -> CollectError {
-        CollectError::Io {
-            path: path.to_owned(),
-            source,
-        }
-    }
-
-    fn parquet(path: &Path, e: parquet::errors::ParquetError) -> CollectError {
-        CollectError::Write {
-            path: path.to_owned(),
-            message: e.to_string(),
-        }
-    }
-
-    fn arrow(path: &Path, e: arrow::error::ArrowError) -> CollectError {
-        CollectError::Write {
-            path: path.to_owned(),
-            message: e.to_string(),
-        }
-    }
-}
-
-impl Classify for CollectError {
-    fn exit_status(&self) -> ExitStatus {
-        match self {
-            CollectError::Key(e) => e.exit_status(),
-            CollectError::Extract(e) => e.exit_status(),
-            CollectError::Lookup(e) => e.exit_status(),
-            CollectError::Store(e) => e.exit_status(),
-            CollectError::Io { .. } | CollectError::Write { .. } => ExitStatus::Internal,
-        }
-    }
-}
+use crate::store::{BatchEntry, Store, now_rfc3339};
 
 pub struct CollectOptions {
     pub extract: PathBuf,

@@ -61,20 +61,27 @@ fn default_threads(threads: Option<usize>) -> usize {
     threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// The TRE policy, with the perturbation key's record keys when one is given
-/// (checked against the store's collection key id) and the ledgers' place.
-fn tre_policy(tre: cli::TreArgs, store: &Path) -> anyhow::Result<gpdp::policy::tre::TrePolicy> {
-    let mut policy = gpdp::policy::tre::TrePolicy::load(tre.policy.as_deref())?;
-    policy.ledger_dir = tre.ledger;
-    if let Some(path) = tre.perturbation_key.as_deref() {
-        let manifest = gpdp::store::read_manifest(store)?;
-        policy.record_keys = Some(
-            gpdp::tre::aggregates::record_keys::RecordKeys::load(
-                path,
-                manifest.key_id.as_deref().unwrap_or(""),
+/// The TRE as the operator starts it: the policy, and beside it the
+/// perturbation key's record keys when one is given (checked against the
+/// store's collection key id) and the ledgers' place.
+fn tre_boundary(tre: cli::TreArgs, store: &Path) -> anyhow::Result<gpdp::tre::Boundary> {
+    let policy = gpdp::policy::tre::TrePolicy::load(tre.policy.as_deref())?;
+    let record_keys = match tre.perturbation_key.as_deref() {
+        Some(path) => {
+            let manifest = gpdp::store::read_manifest(store)?;
+            Some(
+                gpdp::tre::aggregates::record_keys::RecordKeys::load(
+                    path,
+                    manifest.key_id.as_deref().unwrap_or(""),
+                )
+                .map_err(|e| gpdp::error::BadInput(e.to_string()))?,
             )
-            .map_err(|e| gpdp::error::BadInput(e.to_string()))?,
-        );
-    }
-    Ok(policy)
+        }
+        None => None,
+    };
+    Ok(gpdp::tre::Boundary {
+        policy,
+        record_keys,
+        ledger_dir: tre.ledger,
+    })
 }

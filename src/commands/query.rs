@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::cli::{Format, QueryArgs};
-use super::tre_policy;
+use super::tre_boundary;
 
 pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     let QueryArgs {
@@ -22,7 +22,7 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
         (None, Some(file)) => read_sql(&file)?,
         (None, None) => unreachable!("clap requires SQL or --sql-file"),
     };
-    let policy = tre_policy(tre, &store)?;
+    let boundary = tre_boundary(tre, &store)?;
     let request = gpdp::tre::Request {
         store,
         user,
@@ -30,7 +30,7 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
         project,
         sql,
     };
-    let released = gpdp::tre::query_blocking(&policy, &request)?;
+    let released = gpdp::tre::query_blocking(&boundary, &request)?;
     match format {
         Format::Table => print!("{}", gpdp::tre::output::to_table(&released)),
         Format::Csv => print!("{}", gpdp::tre::output::to_csv(&released.result)),

@@ -7,7 +7,7 @@ pub fn run(args: RegisterArgs) -> anyhow::Result<()> {
     let RegisterArgs { store, policy, out } = args;
     let policy = gpdp::policy::tre::TrePolicy::load(policy.as_deref())?;
     let r = gpdp::register::build(&store, &policy)?;
-    let (json, html) = gpdp::register::write(&r, &out)?;
+    let (json, html) = gpdp::register::html::write(&r, &out)?;
     println!(
         "wrote {} and {}: {} projects, {} released questions; publish the log head with it:\n{}",
         html.display(),

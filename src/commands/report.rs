@@ -15,7 +15,7 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         key: key.as_deref(),
     });
     let r = gpdp::report::build(&store, input, privacy.as_deref())?;
-    let (json, html) = gpdp::report::write(&r, &out)?;
+    let (json, html) = gpdp::report::html::write(&r, &out)?;
     println!(
         "wrote {} and {} ({:.2} s); audit: {}",
         html.display(),

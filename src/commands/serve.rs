@@ -2,7 +2,7 @@
 //! ask, then the TRE served over Arrow Flight SQL until Ctrl-C or SIGTERM.
 
 use super::cli::ServeArgs;
-use super::tre_policy;
+use super::tre_boundary;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let ServeArgs {
@@ -19,7 +19,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let listen = gpdp::serve::Listen::new(listen, allow_remote, tls)?;
     let scheme = listen.scheme();
-    let policy = tre_policy(tre, &store)?;
+    let boundary = tre_boundary(tre, &store)?;
     // Every file the manifest records, before anyone can ask: the
     // operator is told which file is wrong (researchers never are).
     let manifest = gpdp::store::read_manifest(&store)?;
@@ -40,7 +40,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let rt = gpdp::tre::runtime(None)?;
     rt.block_on(gpdp::serve::serve(
         store.clone(),
-        policy,
+        boundary,
         listen,
         |addr| {
             println!(

@@ -4,6 +4,12 @@
 //! these values, never raw TOML. Errors carry the file and line so that an
 //! information-governance officer editing a policy can fix it without
 //! reading code.
+//!
+//! [`tre`] is the TRE policy; [`ptable`], the cell key method's
+//! perturbation table, is here too because it follows from a TRE rule
+//! set's parameters alone and a policy whose table cannot exist is refused
+//! at load. A policy holds no secret: the TRE's perturbation key is handed
+//! to the boundary beside it ([`crate::tre::Boundary`]).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub mod ptable;
 pub mod tre;
 
 use crate::error::{Classify, ExitStatus};

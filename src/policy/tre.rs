@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::ptable::{PTable, Params};
 use super::{PolicyError, read_or_default, syntax_error};
 use crate::digest::sha256_hex;
 
@@ -150,7 +151,7 @@ pub struct Disclosure {
     pub p_percent: Option<f64>,
     /// The cell key method: counts are perturbed from this table's
     /// parameters, by each statistic's cell key, before the threshold.
-    pub ckm: Option<crate::tre::control::ckm::ptable::Params>,
+    pub ckm: Option<Params>,
     /// Differential privacy: contribution bounds, value bounds and the
     /// privacy cost of each statistic ([`crate::tre::control::dp`]).
     pub dp: Option<DpParams>,
@@ -331,16 +332,12 @@ pub struct Researcher {
     pub rho_budget: f64,
 }
 
+/// The TRE policy as the file says it, and nothing else: no secret and
+/// nothing of one run. What the operator hands the TRE when starting it
+/// (the perturbation key, where the ledgers live) comes beside the policy,
+/// in [`crate::tre::Boundary`].
 #[derive(Debug, Clone)]
 pub struct TrePolicy {
-    /// The TRE's record-key function for the cell key method, from the
-    /// perturbation key the operator passes (`--perturbation-key`); never
-    /// from the policy file. Projects under `ckm` are refused without it.
-    pub record_keys: Option<crate::tre::aggregates::record_keys::RecordKeys>,
-    /// Where the privacy ledgers live, one per population
-    /// ([`crate::tre::control::dp::ledger_path`]): `--ledger DIR` (or
-    /// `GPDP_LEDGER`); never from the policy file. `None`: beside the store.
-    pub ledger_dir: Option<std::path::PathBuf>,
     pub age_on: chrono::NaiveDate,
     pub memory_mb: usize,
     pub timeout_seconds: u64,
@@ -493,6 +490,10 @@ impl TrePolicy {
         TrePolicy::parse(&text, &path)
     }
 
+    /// Reads a policy's text (`path` names it in errors): its settings,
+    /// then its rule sets, the projects under them, the researchers
+    /// approved for those, and the keys' public domains, each checked in
+    /// that order; the first error found is returned.
     pub fn parse(text: &str, path: &Path) -> Result<TrePolicy, PolicyError> {
         let raw: Raw = toml::from_str(text).map_err(|e| syntax_error(e, text, path))?;
         let invalid = |message: String| PolicyError::Invalid {
@@ -521,281 +522,17 @@ impl TrePolicy {
         }
         let mut rule_sets = BTreeMap::new();
         for (name, d) in &raw.disclosure {
-            if d.round_to == 0 {
-                return Err(invalid(format!(
-                    "[disclosure.{name}] round_to must be at least 1"
-                )));
-            }
-            let dominance = match (d.dominance_n, d.dominance_k) {
-                (None, None) => None,
-                (Some(n), Some(k)) if n >= 1 && k > 0.0 && k <= 1.0 => Some(Dominance { n, k }),
-                _ => {
-                    return Err(invalid(format!(
-                        "[disclosure.{name}] dominance_n (at least 1) and dominance_k (in (0, 1]) go together"
-                    )));
-                }
-            };
-            if d.p_percent.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
-                return Err(invalid(format!(
-                    "[disclosure.{name}] p_percent must be a fraction in (0, 1), e.g. 0.1"
-                )));
-            }
-            let method = d.method.as_deref().unwrap_or("threshold");
-            if !matches!(method, "threshold" | "ckm" | "dp") {
-                return Err(invalid(format!(
-                    "[disclosure.{name}] method must be \"threshold\", \"ckm\" or \"dp\", not {method:?}"
-                )));
-            }
-            let ckm_keys = d.max_perturbation.is_some()
-                || d.variance.is_some()
-                || d.small_values.is_some()
-                || d.magnitude.is_some();
-            let dp_keys = d.rho_per_statistic.is_some()
-                || d.max_groups.is_some()
-                || d.max_rows.is_some()
-                || d.delta.is_some()
-                || d.value_bounds.is_some();
-            if ckm_keys && method != "ckm" {
-                return Err(invalid(format!(
-                    "[disclosure.{name}] max_perturbation, variance, small_values and magnitude need method = \"ckm\""
-                )));
-            }
-            if dp_keys && method != "dp" {
-                return Err(invalid(format!(
-                    "[disclosure.{name}] rho_per_statistic, max_groups, max_rows, delta and value_bounds need method = \"dp\""
-                )));
-            }
-            if method != "threshold"
-                && (d.round_to != 1 || dominance.is_some() || d.p_percent.is_some())
-            {
-                return Err(invalid(format!(
-                    "[disclosure.{name}] method = \"{method}\" adds noise instead of rounding and checks no dominance: set round_to = 1 and no dominance or p% rule"
-                )));
-            }
-            if d.cell_budget == Some(0) || (d.cell_budget.is_some() && method == "dp") {
-                return Err(invalid(format!(
-                    "[disclosure.{name}] cell_budget must be at least 1, and is for rule sets without a privacy budget (dp has rho_budget)"
-                )));
-            }
-            let (mut ckm, mut dp) = (None, None);
-            match method {
-                "ckm" => {
-                    let params = crate::tre::control::ckm::ptable::Params {
-                        max_perturbation: d.max_perturbation.unwrap_or(5),
-                        variance: d.variance.unwrap_or(3.0),
-                        small_values: d.small_values.unwrap_or(4),
-                        magnitude: d.magnitude.unwrap_or(0.5),
-                    };
-                    crate::tre::control::ckm::ptable::PTable::new(params)
-                        .map_err(|e| invalid(format!("[disclosure.{name}] {e}")))?;
-                    ckm = Some(params);
-                }
-                "dp" => {
-                    dp = Some(
-                        dp_params(d).map_err(|m| invalid(format!("[disclosure.{name}] {m}")))?,
-                    )
-                }
-                // "threshold": nothing more to build.
-                _ => {}
-            }
-            rule_sets.insert(
-                name.clone(),
-                Disclosure {
-                    name: leak(name),
-                    redact_at_or_below: d.redact_at_or_below,
-                    round_to: d.round_to,
-                    dominance,
-                    p_percent: d.p_percent,
-                    ckm,
-                    dp,
-                    cell_budget: d.cell_budget,
-                },
-            );
+            rule_sets.insert(name.clone(), rule_set(name, d).map_err(invalid)?);
         }
         let mut projects = BTreeMap::new();
         for (id, p) in raw.projects {
-            let at = |m: String| invalid(format!("[projects.{id}] {m}"));
-            let ndoo_applies = match p.ndoo.as_str() {
-                "applies" => true,
-                "exempt" if p.exemption.as_deref().is_some_and(|e| !e.trim().is_empty()) => false,
-                "exempt" => {
-                    return Err(at(
-                        "ndoo = \"exempt\" needs an `exemption` naming its legal basis".into(),
-                    ));
-                }
-                other => {
-                    return Err(at(format!(
-                        "ndoo must be \"applies\" or \"exempt\", not {other:?}"
-                    )));
-                }
-            };
-            if ndoo_applies && p.exemption.is_some() {
-                return Err(at("has an exemption but ndoo = \"applies\"; say ndoo = \"exempt\" or remove the exemption".into()));
-            }
-            if !ndoo_applies
-                && matches!(p.purpose.as_str(), "research" | "planning")
-                && p.exemption.is_none()
-            {
-                return Err(at("the National Data Opt-out applies to research and planning unless an exemption is recorded".into()));
-            }
-            if let Some(t) = p.tables.iter().find(|t| !TABLES.contains(&t.as_str())) {
-                return Err(at(format!(
-                    "table {t:?} is not a TRE view ({})",
-                    TABLES.join(", ")
-                )));
-            }
-            let in_tables = |c: &str| p.tables.iter().any(|t| view_columns(t).contains(&c));
-            // Defaults (docs/design.md §5.2): filters on the group keys, codes, event
-            // years and dates and the values; values: those of the tables.
-            let value_columns = p.value_columns.clone().unwrap_or_else(|| {
-                VALUE_COLUMNS
-                    .iter()
-                    .filter(|c| in_tables(c))
-                    .map(|c| (*c).to_owned())
-                    .collect()
-            });
-            let filter_columns = p.filter_columns.clone().unwrap_or_else(|| {
-                let mut f: Vec<String> = p.group_keys.clone();
-                for c in ["snomedct_code", "dmd_code", "event_year"]
-                    .iter()
-                    .chain(&FILTER_ONLY)
-                    .chain(&VALUE_COLUMNS)
-                {
-                    if in_tables(c) && !f.iter().any(|x| x == c) {
-                        f.push((*c).to_owned());
-                    }
-                }
-                f
-            });
-            let filterable = filterable();
-            for (list, name, universe) in [
-                (&p.group_keys, "group key", &GROUPABLE[..]),
-                (&filter_columns, "filter column", &filterable[..]),
-                (&value_columns, "value column", &VALUE_COLUMNS[..]),
-            ] {
-                for c in list {
-                    if NEVER.contains(&c.as_str()) {
-                        return Err(at(format!(
-                            "{name} {c:?} may never be released or tested: it identifies a patient, a practice, a small area or an exact date"
-                        )));
-                    }
-                    if !universe.contains(&c.as_str()) {
-                        return Err(at(format!(
-                            "{name} {c:?} is not allowed (allowed: {})",
-                            universe.join(", ")
-                        )));
-                    }
-                    if !in_tables(c) {
-                        return Err(at(format!(
-                            "{name} {c:?} is not a column of the project's tables ({})",
-                            p.tables.join(", ")
-                        )));
-                    }
-                }
-            }
-            let disclosure = *rule_sets.get(&p.disclosure).ok_or_else(|| {
-                at(format!(
-                    "disclosure {:?} is not a [disclosure.*] rule set",
-                    p.disclosure
-                ))
-            })?;
-            projects.insert(
-                id.clone(),
-                Project {
-                    id,
-                    title: p.title,
-                    purpose: p.purpose,
-                    ndoo_applies,
-                    exemption: p.exemption,
-                    legal_basis: p.legal_basis,
-                    tables: p.tables,
-                    group_keys: p.group_keys,
-                    filter_columns,
-                    value_columns,
-                    disclosure,
-                },
-            );
+            let project = project(id.clone(), p, &rule_sets).map_err(invalid)?;
+            projects.insert(id, project);
         }
         let mut researchers = Vec::new();
         for r in raw.researchers {
-            let hash = decode_hex32(&r.token_sha256).ok_or_else(|| {
-                invalid(format!(
-                    "researcher {}: token_sha256 must be 64 hex digits",
-                    r.user
-                ))
-            })?;
-            if let Some(p) = r.projects.iter().find(|p| !projects.contains_key(*p)) {
-                return Err(invalid(format!(
-                    "researcher {}: unknown project {p}",
-                    r.user
-                )));
-            }
-            if researchers.iter().any(|x: &Researcher| x.user == r.user) {
-                return Err(invalid(format!("researcher {} is listed twice", r.user)));
-            }
-            let kind = |applies: bool| {
-                r.projects
-                    .iter()
-                    .find(|p| projects[*p].ndoo_applies == applies)
-            };
-            let reason = r
-                .cross_ndoo_reason
-                .as_ref()
-                .filter(|why| !why.trim().is_empty());
-            if let (Some(applies), Some(exempt), None) = (kind(true), kind(false), reason) {
-                return Err(invalid(format!(
-                    "researcher {}: approved for {applies} (National Data Opt-out applies) and {exempt} (exempt from it): the same question in both tells who opted out; record why this is needed as cross_ndoo_reason = \"…\", or approve one kind only",
-                    r.user
-                )));
-            }
-            // A `dp` project beside one under another rule set over the
-            // same people: the other's answers are not charged to the
-            // budget, and differencing them reads what `dp` protects.
-            let mixed_reason = r
-                .mixed_rules_reason
-                .as_ref()
-                .filter(|why| !why.trim().is_empty());
-            let dp_project = r
-                .projects
-                .iter()
-                .map(|p| &projects[p])
-                .find(|p| p.disclosure.protection() == Protection::RhoBounded);
-            if let (Some(dp), None) = (dp_project, mixed_reason) {
-                let others: Vec<String> = r
-                    .projects
-                    .iter()
-                    .map(|p| &projects[p])
-                    .filter(|p| {
-                        p.disclosure.protection() != Protection::RhoBounded
-                            && same_population(dp, p)
-                    })
-                    .map(|p| format!("{} (rule set {})", p.id, p.disclosure.name))
-                    .collect();
-                if !others.is_empty() {
-                    return Err(invalid(format!(
-                        "researcher {}: approved for {} (rule set {}: differential privacy, charged to a ρ budget) and for {} over the same patients: answers under those rules are not charged to the budget, so differencing them reads what the budget protects, and the researcher's guarantee is only the weakest rule set's; record why this is needed as mixed_rules_reason = \"…\", or approve `dp` projects only",
-                        r.user,
-                        dp.id,
-                        dp.disclosure.name,
-                        others.join(", ")
-                    )));
-                }
-            }
-            let rho_budget = r.rho_budget.unwrap_or(0.0);
-            if !(rho_budget.is_finite() && rho_budget >= 0.0) {
-                return Err(invalid(format!(
-                    "researcher {}: rho_budget must be a number ≥ 0",
-                    r.user
-                )));
-            }
-            researchers.push(Researcher {
-                user: r.user,
-                token_sha256: hash,
-                projects: r.projects,
-                cross_ndoo_reason: r.cross_ndoo_reason,
-                mixed_rules_reason: r.mixed_rules_reason,
-                rho_budget,
-            });
+            let researcher = researcher(r, &projects, &researchers).map_err(invalid)?;
+            researchers.push(researcher);
         }
         let mut domains = BTreeMap::new();
         for (key, d) in raw.domains {
@@ -809,8 +546,6 @@ impl TrePolicy {
             domains.insert(key, values);
         }
         Ok(TrePolicy {
-            record_keys: None,
-            ledger_dir: None,
             age_on,
             memory_mb: raw.settings.memory_mb,
             timeout_seconds: raw.settings.timeout_seconds,
@@ -822,6 +557,277 @@ impl TrePolicy {
             rules_sha256: rules_sha256(text, path)?,
         })
     }
+}
+
+/// One `[disclosure.NAME]` rule set, checked; the error is the message
+/// (with its `[disclosure.NAME]` prefix).
+fn rule_set(name: &str, d: &RawDisclosure) -> Result<Disclosure, String> {
+    if d.round_to == 0 {
+        return Err(format!("[disclosure.{name}] round_to must be at least 1"));
+    }
+    let dominance = match (d.dominance_n, d.dominance_k) {
+        (None, None) => None,
+        (Some(n), Some(k)) if n >= 1 && k > 0.0 && k <= 1.0 => Some(Dominance { n, k }),
+        _ => {
+            return Err(format!(
+                "[disclosure.{name}] dominance_n (at least 1) and dominance_k (in (0, 1]) go together"
+            ));
+        }
+    };
+    if d.p_percent.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
+        return Err(format!(
+            "[disclosure.{name}] p_percent must be a fraction in (0, 1), e.g. 0.1"
+        ));
+    }
+    let method = d.method.as_deref().unwrap_or("threshold");
+    if !matches!(method, "threshold" | "ckm" | "dp") {
+        return Err(format!(
+            "[disclosure.{name}] method must be \"threshold\", \"ckm\" or \"dp\", not {method:?}"
+        ));
+    }
+    let ckm_keys = d.max_perturbation.is_some()
+        || d.variance.is_some()
+        || d.small_values.is_some()
+        || d.magnitude.is_some();
+    let dp_keys = d.rho_per_statistic.is_some()
+        || d.max_groups.is_some()
+        || d.max_rows.is_some()
+        || d.delta.is_some()
+        || d.value_bounds.is_some();
+    if ckm_keys && method != "ckm" {
+        return Err(format!(
+            "[disclosure.{name}] max_perturbation, variance, small_values and magnitude need method = \"ckm\""
+        ));
+    }
+    if dp_keys && method != "dp" {
+        return Err(format!(
+            "[disclosure.{name}] rho_per_statistic, max_groups, max_rows, delta and value_bounds need method = \"dp\""
+        ));
+    }
+    if method != "threshold" && (d.round_to != 1 || dominance.is_some() || d.p_percent.is_some()) {
+        return Err(format!(
+            "[disclosure.{name}] method = \"{method}\" adds noise instead of rounding and checks no dominance: set round_to = 1 and no dominance or p% rule"
+        ));
+    }
+    if d.cell_budget == Some(0) || (d.cell_budget.is_some() && method == "dp") {
+        return Err(format!(
+            "[disclosure.{name}] cell_budget must be at least 1, and is for rule sets without a privacy budget (dp has rho_budget)"
+        ));
+    }
+    let (mut ckm, mut dp) = (None, None);
+    match method {
+        "ckm" => {
+            let params = Params {
+                max_perturbation: d.max_perturbation.unwrap_or(5),
+                variance: d.variance.unwrap_or(3.0),
+                small_values: d.small_values.unwrap_or(4),
+                magnitude: d.magnitude.unwrap_or(0.5),
+            };
+            // The table itself, not only its parameters: the solver can
+            // fail where `Params::check` passes.
+            PTable::new(params).map_err(|e| format!("[disclosure.{name}] {e}"))?;
+            ckm = Some(params);
+        }
+        "dp" => dp = Some(dp_params(d).map_err(|m| format!("[disclosure.{name}] {m}"))?),
+        // "threshold": nothing more to build.
+        _ => {}
+    }
+    Ok(Disclosure {
+        name: leak(name),
+        redact_at_or_below: d.redact_at_or_below,
+        round_to: d.round_to,
+        dominance,
+        p_percent: d.p_percent,
+        ckm,
+        dp,
+        cell_budget: d.cell_budget,
+    })
+}
+
+/// One `[projects.ID]`, checked, under its rule set from `rule_sets`; the
+/// error is the message (with its `[projects.ID]` prefix).
+fn project(
+    id: String,
+    p: RawProject,
+    rule_sets: &BTreeMap<String, Disclosure>,
+) -> Result<Project, String> {
+    let at = |m: String| format!("[projects.{id}] {m}");
+    let ndoo_applies = match p.ndoo.as_str() {
+        "applies" => true,
+        "exempt" if p.exemption.as_deref().is_some_and(|e| !e.trim().is_empty()) => false,
+        "exempt" => {
+            return Err(at(
+                "ndoo = \"exempt\" needs an `exemption` naming its legal basis".into(),
+            ));
+        }
+        other => {
+            return Err(at(format!(
+                "ndoo must be \"applies\" or \"exempt\", not {other:?}"
+            )));
+        }
+    };
+    if ndoo_applies && p.exemption.is_some() {
+        return Err(at("has an exemption but ndoo = \"applies\"; say ndoo = \"exempt\" or remove the exemption".into()));
+    }
+    if !ndoo_applies
+        && matches!(p.purpose.as_str(), "research" | "planning")
+        && p.exemption.is_none()
+    {
+        return Err(at("the National Data Opt-out applies to research and planning unless an exemption is recorded".into()));
+    }
+    if let Some(t) = p.tables.iter().find(|t| !TABLES.contains(&t.as_str())) {
+        return Err(at(format!(
+            "table {t:?} is not a TRE view ({})",
+            TABLES.join(", ")
+        )));
+    }
+    let in_tables = |c: &str| p.tables.iter().any(|t| view_columns(t).contains(&c));
+    // Defaults (docs/design.md §5.2): filters on the group keys, codes, event
+    // years and dates and the values; values: those of the tables.
+    let value_columns = p.value_columns.clone().unwrap_or_else(|| {
+        VALUE_COLUMNS
+            .iter()
+            .filter(|c| in_tables(c))
+            .map(|c| (*c).to_owned())
+            .collect()
+    });
+    let filter_columns = p.filter_columns.clone().unwrap_or_else(|| {
+        let mut f: Vec<String> = p.group_keys.clone();
+        for c in ["snomedct_code", "dmd_code", "event_year"]
+            .iter()
+            .chain(&FILTER_ONLY)
+            .chain(&VALUE_COLUMNS)
+        {
+            if in_tables(c) && !f.iter().any(|x| x == c) {
+                f.push((*c).to_owned());
+            }
+        }
+        f
+    });
+    let filterable = filterable();
+    for (list, name, universe) in [
+        (&p.group_keys, "group key", &GROUPABLE[..]),
+        (&filter_columns, "filter column", &filterable[..]),
+        (&value_columns, "value column", &VALUE_COLUMNS[..]),
+    ] {
+        for c in list {
+            if NEVER.contains(&c.as_str()) {
+                return Err(at(format!(
+                    "{name} {c:?} may never be released or tested: it identifies a patient, a practice, a small area or an exact date"
+                )));
+            }
+            if !universe.contains(&c.as_str()) {
+                return Err(at(format!(
+                    "{name} {c:?} is not allowed (allowed: {})",
+                    universe.join(", ")
+                )));
+            }
+            if !in_tables(c) {
+                return Err(at(format!(
+                    "{name} {c:?} is not a column of the project's tables ({})",
+                    p.tables.join(", ")
+                )));
+            }
+        }
+    }
+    let disclosure = *rule_sets.get(&p.disclosure).ok_or_else(|| {
+        at(format!(
+            "disclosure {:?} is not a [disclosure.*] rule set",
+            p.disclosure
+        ))
+    })?;
+    Ok(Project {
+        id,
+        title: p.title,
+        purpose: p.purpose,
+        ndoo_applies,
+        exemption: p.exemption,
+        legal_basis: p.legal_basis,
+        tables: p.tables,
+        group_keys: p.group_keys,
+        filter_columns,
+        value_columns,
+        disclosure,
+    })
+}
+
+/// One `[[researchers]]` entry, checked against the projects and the
+/// researchers listed before it; the error is the message.
+fn researcher(
+    r: RawResearcher,
+    projects: &BTreeMap<String, Project>,
+    before: &[Researcher],
+) -> Result<Researcher, String> {
+    let hash = decode_hex32(&r.token_sha256)
+        .ok_or_else(|| format!("researcher {}: token_sha256 must be 64 hex digits", r.user))?;
+    if let Some(p) = r.projects.iter().find(|p| !projects.contains_key(*p)) {
+        return Err(format!("researcher {}: unknown project {p}", r.user));
+    }
+    if before.iter().any(|x| x.user == r.user) {
+        return Err(format!("researcher {} is listed twice", r.user));
+    }
+    let kind = |applies: bool| {
+        r.projects
+            .iter()
+            .find(|p| projects[*p].ndoo_applies == applies)
+    };
+    let reason = r
+        .cross_ndoo_reason
+        .as_ref()
+        .filter(|why| !why.trim().is_empty());
+    if let (Some(applies), Some(exempt), None) = (kind(true), kind(false), reason) {
+        return Err(format!(
+            "researcher {}: approved for {applies} (National Data Opt-out applies) and {exempt} (exempt from it): the same question in both tells who opted out; record why this is needed as cross_ndoo_reason = \"…\", or approve one kind only",
+            r.user
+        ));
+    }
+    // A `dp` project beside one under another rule set over the
+    // same people: the other's answers are not charged to the
+    // budget, and differencing them reads what `dp` protects.
+    let mixed_reason = r
+        .mixed_rules_reason
+        .as_ref()
+        .filter(|why| !why.trim().is_empty());
+    let dp_project = r
+        .projects
+        .iter()
+        .map(|p| &projects[p])
+        .find(|p| p.disclosure.protection() == Protection::RhoBounded);
+    if let (Some(dp), None) = (dp_project, mixed_reason) {
+        let others: Vec<String> = r
+            .projects
+            .iter()
+            .map(|p| &projects[p])
+            .filter(|p| {
+                p.disclosure.protection() != Protection::RhoBounded && same_population(dp, p)
+            })
+            .map(|p| format!("{} (rule set {})", p.id, p.disclosure.name))
+            .collect();
+        if !others.is_empty() {
+            return Err(format!(
+                "researcher {}: approved for {} (rule set {}: differential privacy, charged to a ρ budget) and for {} over the same patients: answers under those rules are not charged to the budget, so differencing them reads what the budget protects, and the researcher's guarantee is only the weakest rule set's; record why this is needed as mixed_rules_reason = \"…\", or approve `dp` projects only",
+                r.user,
+                dp.id,
+                dp.disclosure.name,
+                others.join(", ")
+            ));
+        }
+    }
+    let rho_budget = r.rho_budget.unwrap_or(0.0);
+    if !(rho_budget.is_finite() && rho_budget >= 0.0) {
+        return Err(format!(
+            "researcher {}: rho_budget must be a number ≥ 0",
+            r.user
+        ));
+    }
+    Ok(Researcher {
+        user: r.user,
+        token_sha256: hash,
+        projects: r.projects,
+        cross_ndoo_reason: r.cross_ndoo_reason,
+        mixed_rules_reason: r.mixed_rules_reason,
+        rho_budget,
+    })
 }
 
 /// SHA-256 of `text`'s TOML, read and written back canonically.
@@ -1141,7 +1147,7 @@ mod tests {
         assert_eq!((ckm.redact_at_or_below, ckm.round_to), (7, 1));
         assert_eq!(
             ckm.ckm,
-            Some(crate::tre::control::ckm::ptable::Params {
+            Some(crate::policy::ptable::Params {
                 max_perturbation: 5,
                 variance: 3.0,
                 small_values: 4,

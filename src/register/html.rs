@@ -1,11 +1,27 @@
 //! The register as one self-contained HTML page (inline CSS, no scripts,
 //! nothing fetched), written for patients first and auditors second. Every
-//! figure is also in `register.json`.
+//! figure is also in `register.json`, which [`write()`] writes beside it.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use super::Register;
 use crate::page::{STYLE, esc, kv_table};
+
+/// Writes `register.json` (the [`Register`] serialised) and `register.html` (its
+/// page) into `out`; returns their paths.
+pub fn write(register: &Register, out: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join("register.json");
+    std::fs::write(&json, serde_json::to_string_pretty(register)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    let page = out.join("register.html");
+    std::fs::write(&page, render(register))
+        .with_context(|| format!("writing {}", page.display()))?;
+    Ok((json, page))
+}
 
 /// The whole page.
 pub fn render(r: &Register) -> String {

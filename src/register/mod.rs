@@ -26,7 +26,7 @@
 pub mod html;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -187,18 +187,6 @@ pub fn build(store: &Path, policy: &TrePolicy) -> anyhow::Result<Register> {
         released_queries,
         optouts: optout_figures(store, &manifest, &verified.entries)?,
     })
-}
-
-/// Writes `register.json` and `register.html` into `out`; returns their paths.
-pub fn write(register: &Register, out: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let json = out.join("register.json");
-    std::fs::write(&json, serde_json::to_string_pretty(register)? + "\n")
-        .with_context(|| format!("writing {}", json.display()))?;
-    let page = out.join("register.html");
-    std::fs::write(&page, html::render(register))
-        .with_context(|| format!("writing {}", page.display()))?;
-    Ok((json, page))
 }
 
 fn projects(policy: &TrePolicy) -> Vec<ProjectEntry> {

@@ -1,13 +1,29 @@
 //! The report as one self-contained HTML page: inline CSS, SVG charts drawn
 //! with plotters, no scripts and nothing fetched, so it reads offline and
 //! prints. Every number comes from the [`Report`] that is also written as
-//! `report.json`.
+//! `report.json`; [`write()`] writes the two side by side.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use super::Report;
 use crate::audit::Check;
 use crate::page::{STYLE, bar_chart, esc, kv_table};
+
+/// Writes `report.json` (the [`Report`] serialised) and `report.html` (its
+/// page) into `out`; returns their paths.
+pub fn write(report: &Report, out: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join("report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    let page = out.join("report.html");
+    std::fs::write(&page, render(report)?)
+        .with_context(|| format!("writing {}", page.display()))?;
+    Ok((json, page))
+}
 
 fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)

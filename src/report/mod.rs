@@ -4,8 +4,8 @@
 //! tombstones, audit log, Parquet files and the TRE's own views) and, when
 //! given, the generator's truth; [`html`] renders the same [`Report`] as a
 //! self-contained HTML page with SVG charts, and `report.json` is the same
-//! struct serialised — the numbers on the page and in the JSON cannot
-//! disagree.
+//! struct serialised ([`html::write`] writes both) — the numbers on the
+//! page and in the JSON cannot disagree.
 //!
 //! `report.json` (schema `gpdp-report/1`): `collection` (rows in and out,
 //! quarantine by reason, excluded codes, the policy's column actions and
@@ -25,7 +25,7 @@ pub mod linkage;
 pub mod privacy;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -359,18 +359,6 @@ pub fn build(
         privacy_attacks,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// Writes `report.json` and `report.html` into `out`; returns their paths.
-pub fn write(report: &Report, out: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let json = out.join("report.json");
-    std::fs::write(&json, serde_json::to_string_pretty(report)? + "\n")
-        .with_context(|| format!("writing {}", json.display()))?;
-    let page = out.join("report.html");
-    std::fs::write(&page, html::render(report)?)
-        .with_context(|| format!("writing {}", page.display()))?;
-    Ok((json, page))
 }
 
 /// The audit log's entries, read as they are (the chain is checked separately).

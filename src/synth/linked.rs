@@ -136,10 +136,6 @@ pub fn ons_deaths_header() -> String {
     h + ",place"
 }
 
-/// The share of people registered at no practice in the extract, on top
-/// of the registered population.
-pub const UNREGISTERED_SHARE: f64 = 0.02;
-
 /// ICD-10 codes the GP record's conditions show up as in hospital, by
 /// `Condition` index (diabetes, type 1, type 2, hypertension, asthma, COPD,
 /// depression); the first is the one a spell is admitted with.

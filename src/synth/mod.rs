@@ -130,30 +130,7 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SynthError + '_ {
 
 pub fn run(opts: &SynthOptions, progress: &Progress) -> Result<SynthReport, SynthError> {
     let started = Instant::now();
-    let invalid = |m: String| Err(SynthError::InvalidArgument(m));
-    if opts.practices == 0 {
-        return invalid("--practices must be at least 1".into());
-    }
-    if opts.practices > MAX_PRACTICES {
-        return invalid(format!("--practices must be at most {MAX_PRACTICES}"));
-    }
-    if opts.patients < u64::from(opts.practices) {
-        return invalid(format!(
-            "--patients ({}) must be at least --practices ({}): every practice needs a patient",
-            opts.patients, opts.practices
-        ));
-    }
-    if opts.patients > 50_000_000 {
-        return invalid("--patients must be at most 50,000,000".into());
-    }
-    let extract_year = opts.extract_date.year();
-    if !(1950..extract_year).contains(&opts.start_year) {
-        return invalid(format!(
-            "--start-year must be between 1950 and {} (a year before the extract date {})",
-            extract_year - 1,
-            opts.extract_date
-        ));
-    }
+    check_options(opts)?;
     let lists = CodeLists::load().map_err(SynthError::CodeLists)?;
     let staging = prepare_output(&opts.out)?;
     let mut staging = Staging {
@@ -200,7 +177,76 @@ pub fn run(opts: &SynthOptions, progress: &Progress) -> Result<SynthReport, Synt
     }
     write_reference(&layout, &root.join("reference/postcode_lsoa.csv"))?;
 
-    // Practices in parallel; each worker takes the next practice index.
+    let mut tally = write_practices(&world, &dates, &root, opts, progress)?;
+    progress.stage("people in provider data only");
+    let n = layout.practices.len();
+    tally.linked.merge(&write_unregistered(
+        &world,
+        &dates,
+        &root.join(".parts"),
+        n,
+    )?);
+
+    progress.stage("joining national files");
+    join_national(&root, n)?;
+
+    let elapsed = started.elapsed();
+    write_summary(&root, opts, &world, &tally)?;
+
+    // Swap into place: the empty target (if any) goes, the staging dir takes its name.
+    if opts.out.exists() {
+        std::fs::remove_dir(&opts.out).map_err(io_at(&opts.out))?;
+    }
+    std::fs::rename(&root, &opts.out).map_err(io_at(&opts.out))?;
+    staging.done = true;
+    Ok(SynthReport {
+        out: opts.out.clone(),
+        tally,
+        elapsed,
+        warnings,
+    })
+}
+
+/// Refuses options that cannot make a population, before anything is written.
+fn check_options(opts: &SynthOptions) -> Result<(), SynthError> {
+    let invalid = |m: String| Err(SynthError::InvalidArgument(m));
+    if opts.practices == 0 {
+        return invalid("--practices must be at least 1".into());
+    }
+    if opts.practices > MAX_PRACTICES {
+        return invalid(format!("--practices must be at most {MAX_PRACTICES}"));
+    }
+    if opts.patients < u64::from(opts.practices) {
+        return invalid(format!(
+            "--patients ({}) must be at least --practices ({}): every practice needs a patient",
+            opts.patients, opts.practices
+        ));
+    }
+    if opts.patients > 50_000_000 {
+        return invalid("--patients must be at most 50,000,000".into());
+    }
+    let extract_year = opts.extract_date.year();
+    if !(1950..extract_year).contains(&opts.start_year) {
+        return invalid(format!(
+            "--start-year must be between 1950 and {} (a year before the extract date {})",
+            extract_year - 1,
+            opts.extract_date
+        ));
+    }
+    Ok(())
+}
+
+/// Writes every practice's extract, in parallel (each worker takes the next
+/// practice index), and adds up what was written. The first error stops the
+/// other workers at their next practice.
+fn write_practices(
+    world: &World,
+    dates: &DateTable,
+    root: &Path,
+    opts: &SynthOptions,
+    progress: &Progress,
+) -> Result<Tally, SynthError> {
+    let layout = world.layout;
     let bar = progress.bar(opts.patients, "patients");
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -219,8 +265,8 @@ pub fn run(opts: &SynthOptions, progress: &Progress) -> Result<SynthReport, Synt
                     }
                     let dir = root.join("practices").join(&layout.practices[q].code);
                     match write_practice(
-                        &world,
-                        &dates,
+                        world,
+                        dates,
                         q,
                         &dir,
                         &root.join(".parts"),
@@ -251,42 +297,46 @@ pub fn run(opts: &SynthOptions, progress: &Progress) -> Result<SynthReport, Synt
     for (_, t) in tallies.into_inner().unwrap_or_else(|e| e.into_inner()) {
         tally.merge(&t);
     }
-    progress.stage("people in provider data only");
-    let n = layout.practices.len();
-    tally.linked.merge(&write_unregistered(
-        &world,
-        &dates,
-        &root.join(".parts"),
-        n,
-    )?);
+    Ok(tally)
+}
 
-    progress.stage("joining national files");
-    join_linked(&root, n + 1)?;
+/// Joins the per-practice parts (`n` practices) into the national files —
+/// linked provider data, the truth, the National Data Opt-out list and the
+/// bad rows' record — and removes the parts.
+fn join_national(root: &Path, n: usize) -> Result<(), SynthError> {
+    join_linked(root, n + 1)?;
     join_parts(
-        &root,
+        root,
         "truth",
         n,
         &root.join("truth/patients.csv"),
         practice::TRUTH_HEADER,
     )?;
     join_parts(
-        &root,
+        root,
         "ndoo",
         n,
         &root.join("national/ndoo.csv"),
         "nhs_number",
     )?;
     join_parts(
-        &root,
+        root,
         "bad",
         n,
         &root.join("truth/bad_rows.csv"),
         "practice,table,line,reason",
     )?;
     let parts = root.join(".parts");
-    std::fs::remove_dir_all(&parts).map_err(io_at(&parts))?;
+    std::fs::remove_dir_all(&parts).map_err(io_at(&parts))
+}
 
-    let elapsed = started.elapsed();
+/// `truth/summary.json`: how the population was generated and what it holds.
+fn write_summary(
+    root: &Path,
+    opts: &SynthOptions,
+    world: &World,
+    tally: &Tally,
+) -> Result<(), SynthError> {
     let summary = json!({
         "generator": {
             "name": "gpdp synth",
@@ -301,25 +351,12 @@ pub fn run(opts: &SynthOptions, progress: &Progress) -> Result<SynthReport, Synt
             "bad_row_share": practice::BAD_ROW_SHARE,
             "mover_share": population::MOVER_SHARE,
         },
-        "practice_codes": layout.practices.iter().map(|p| p.code.as_str()).collect::<Vec<_>>(),
+        "practice_codes": world.layout.practices.iter().map(|p| p.code.as_str()).collect::<Vec<_>>(),
         "counts": tally.to_json(),
     });
     let path = root.join("truth/summary.json");
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n";
-    std::fs::write(&path, text).map_err(io_at(&path))?;
-
-    // Swap into place: the empty target (if any) goes, the staging dir takes its name.
-    if opts.out.exists() {
-        std::fs::remove_dir(&opts.out).map_err(io_at(&opts.out))?;
-    }
-    std::fs::rename(&root, &opts.out).map_err(io_at(&opts.out))?;
-    staging.done = true;
-    Ok(SynthReport {
-        out: opts.out.clone(),
-        tally,
-        elapsed,
-        warnings,
-    })
+    std::fs::write(&path, text).map_err(io_at(&path))
 }
 
 /// Checks that `out` is absent or an empty directory and creates the

@@ -437,18 +437,39 @@ impl Person {
         }
     }
 
+    /// The clinical record over the person's active period (from the window's
+    /// start or their first registration, to the extract or their leaving):
+    /// chronic conditions with their monitoring and medication, routine
+    /// observations, sensitive events policy must exclude, and acute
+    /// consultations — drawn in that order from one generator, so one seed
+    /// gives one history.
     fn add_clinical_history(&mut self, world: &World, rng: &mut Rng, age: i32, imd: u8) {
-        let lists = world.lists;
-        let extract = world.extract;
-        let record_end = self.record_end(extract);
+        let record_end = self.record_end(world.extract);
         let active_start = world.window_start.max(self.first_start());
         if active_start > record_end {
             return;
         }
+        let active = (active_start, record_end);
+        self.add_chronic_conditions(world, rng, age, imd, active);
+        self.add_routine_observations(world, rng, age, active);
+        self.add_sensitive_events(world, rng, age, active);
+        self.add_acute_consultations(world, rng, age, active);
+    }
+
+    /// Chronic conditions, by their prevalence at the extract date, each
+    /// with its diagnosis code, monitoring and repeat prescriptions.
+    fn add_chronic_conditions(
+        &mut self,
+        world: &World,
+        rng: &mut Rng,
+        age: i32,
+        imd: u8,
+        (active_start, record_end): (Day, Day),
+    ) {
+        let lists = world.lists;
         let adult = age >= 18;
         let deprivation = 1.3 - 0.06 * f64::from(imd - 1);
 
-        // Chronic conditions: prevalence at the extract date.
         let diabetes_p = match age {
             i32::MIN..=17 => 0.002,
             18..=39 => 0.02,
@@ -491,20 +512,10 @@ impl Person {
             };
             self.conditions[Condition::Diabetes as usize] = true;
             self.conditions[which as usize] = true;
-            let day = diag(
-                rng,
-                if which == Condition::DiabetesType1 {
-                    1.0
-                } else {
-                    18.0
-                },
-            );
+            let type1 = which == Condition::DiabetesType1;
+            let day = diag(rng, if type1 { 1.0 } else { 18.0 });
             self.diagnose(world, which, day);
-            let mean = if which == Condition::DiabetesType1 {
-                68.0
-            } else {
-                58.0
-            };
+            let mean = if type1 { 68.0 } else { 58.0 };
             self.series(
                 rng,
                 day.max(active_start),
@@ -518,7 +529,7 @@ impl Person {
                     });
                 },
             );
-            let meds = lists.medications(if which == Condition::DiabetesType1 {
+            let meds = lists.medications(if type1 {
                 Condition::DiabetesType1
             } else {
                 Condition::DiabetesType2
@@ -586,8 +597,18 @@ impl Person {
                 0.0,
             );
         }
+    }
 
-        // Routine observations for adults.
+    /// Routine observations for adults: blood pressure from 40, BMI, smoking status.
+    fn add_routine_observations(
+        &mut self,
+        world: &World,
+        rng: &mut Rng,
+        age: i32,
+        (active_start, record_end): (Day, Day),
+    ) {
+        let lists = world.lists;
+        let adult = age >= 18;
         if adult {
             if !self.conditions[Condition::Hypertension as usize] && age >= 40 {
                 let from = active_start + rng.between(0, 700);
@@ -616,8 +637,19 @@ impl Person {
                 );
             }
         }
+    }
 
-        // Sensitive events that collection policy must exclude.
+    /// Sensitive events (the categories collection policy must exclude),
+    /// each by its rate for the person's age and sex.
+    fn add_sensitive_events(
+        &mut self,
+        world: &World,
+        rng: &mut Rng,
+        age: i32,
+        (active_start, record_end): (Day, Day),
+    ) {
+        let lists = world.lists;
+        let adult = age >= 18;
         let female = self.sex == Sex::Female;
         let sensitive_p = [
             if female && (25..=44).contains(&age) {
@@ -641,8 +673,19 @@ impl Person {
                 self.push_event(day, code, None, Kind::Sensitive(category as u8));
             }
         }
+    }
 
-        // Acute consultations: a Poisson process over the active period.
+    /// Acute consultations: a Poisson process over the active period, at a
+    /// rate by age and sex; some carry free text naming a relative.
+    fn add_acute_consultations(
+        &mut self,
+        world: &World,
+        rng: &mut Rng,
+        age: i32,
+        (active_start, record_end): (Day, Day),
+    ) {
+        let lists = world.lists;
+        let female = self.sex == Sex::Female;
         let rate = match age {
             i32::MIN..=4 => 2.4,
             5..=15 => 0.9,

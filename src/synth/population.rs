@@ -20,6 +20,11 @@ use crate::nhs_number::NhsNumber;
 /// Share of persons who moved practice within the extract window.
 pub const MOVER_SHARE: f64 = 0.08;
 
+/// The share of people registered at no practice in the extract, on top
+/// of the registered population: they appear only in provider data
+/// (hospital spells, death registrations; [`super::linked`]).
+pub const UNREGISTERED_SHARE: f64 = 0.02;
+
 pub struct Practice {
     pub code: String,
     pub lsoas: Range<u32>,
@@ -193,7 +198,7 @@ fn nhs_prefixes(seed: u64, patients: u64) -> Vec<u32> {
 /// How many people registered at no collected practice the providers see,
 /// for a registered population of `patients`.
 fn unregistered(patients: u64) -> u64 {
-    (patients as f64 * super::linked::UNREGISTERED_SHARE).round() as u64
+    (patients as f64 * UNREGISTERED_SHARE).round() as u64
 }
 
 /// How many valid NHS numbers the 999 test range holds.

@@ -28,6 +28,14 @@
 //! - [`aggregates`] — the DataFusion kernels the compiled plan calls by
 //!   name, and the cell key method's record keys.
 //!
+//! The TRE runs as a [`Boundary`]: the policy as loaded from its file,
+//! and beside it what the operator hands in when starting it and the
+//! policy file never holds — the perturbation key's record keys (a secret)
+//! and where the privacy ledgers live. The policy is never patched with
+//! them, so a [`TrePolicy`] is the same value for everyone who loads the
+//! same file, and whatever reads only the policy (sessions, the grammar,
+//! the rule sets, the register and report) cannot reach the secret.
+//!
 //! Imports point one way, pipeline → control → aggregates; the typed query
 //! ([`checked`]) and what a request ends in when nothing is released
 //! ([`Refusal`], [`TreError`]) are used at every level and use nothing of
@@ -57,6 +65,7 @@ use std::time::Instant;
 use arrow::datatypes::SchemaRef;
 use serde_json::json;
 
+use self::aggregates::record_keys::RecordKeys;
 use self::control::{ckm, dp};
 use crate::digest::sha256_hex;
 use crate::policy::tre::{Disclosure, TrePolicy};
@@ -73,6 +82,34 @@ fn scrub(message: &str) -> String {
         .join(" ")
 }
 
+/// The TRE as its operator starts it: the published policy, and beside it
+/// the inputs that are not the policy's to hold.
+#[derive(Debug, Clone)]
+pub struct Boundary {
+    /// The TRE policy, as loaded from its file.
+    pub policy: TrePolicy,
+    /// The cell key method's record-key function, from the perturbation
+    /// key the operator passes (`--perturbation-key`). Projects under
+    /// `ckm` are refused without it (`no_perturbation_key`).
+    pub record_keys: Option<RecordKeys>,
+    /// Where the privacy ledgers live, one per population
+    /// ([`dp::ledger_path`]): `--ledger DIR` (or `GPDP_LEDGER`). `None`:
+    /// beside the store.
+    pub ledger_dir: Option<PathBuf>,
+}
+
+impl Boundary {
+    /// The policy alone: no perturbation key (projects under `ckm` are
+    /// refused) and the ledgers beside the store.
+    pub fn new(policy: TrePolicy) -> Boundary {
+        Boundary {
+            policy,
+            record_keys: None,
+            ledger_dir: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Request {
     pub store: PathBuf,
@@ -83,10 +120,10 @@ pub struct Request {
 }
 
 /// Answers one request through the whole boundary and audits it.
-pub async fn query(policy: &TrePolicy, req: &Request) -> Result<Released, TreError> {
+pub async fn query(tre: &Boundary, req: &Request) -> Result<Released, TreError> {
     let started = Instant::now();
     let mut fingerprint = String::new();
-    let outcome = answer(policy, req, &mut fingerprint).await;
+    let outcome = answer(tre, req, &mut fingerprint).await;
     log_request(
         "query",
         req,
@@ -203,13 +240,14 @@ pub const MAX_SQL_BYTES: usize = 256 * 1024;
 /// path (running, describing, preparing) goes through here, and nothing of
 /// the request has run when it returns.
 async fn guarded(
-    policy: &TrePolicy,
+    tre: &Boundary,
     req: &Request,
     fingerprint: &mut String,
 ) -> Result<Guarded, TreError> {
+    let policy = &tre.policy;
     let project = auth::authorise(policy, &req.user, req.token.as_deref(), &req.project)?;
     grammar::statement::text_bounds(&req.sql, MAX_SQL_BYTES)?;
-    if project.disclosure.ckm.is_some() && policy.record_keys.is_none() {
+    if project.disclosure.ckm.is_some() && tre.record_keys.is_none() {
         return Err(Refusal::new(
             "no_perturbation_key",
             format!(
@@ -223,7 +261,7 @@ async fn guarded(
     grammar::statement::statement_text(&req.sql)?;
     let manifest = crate::store::read_manifest(&req.store)?;
     if project.disclosure.ckm.is_some()
-        && let Some(keys) = &policy.record_keys
+        && let Some(keys) = &tre.record_keys
     {
         ckm::bind(&req.store, keys)?;
     }
@@ -271,10 +309,10 @@ async fn guarded(
 /// The schema a query's released result will have, without running it.
 /// The same grammar as [`query`] decides, and the request is audited
 /// (`event: describe`).
-pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, TreError> {
+pub async fn describe(tre: &Boundary, req: &Request) -> Result<SchemaRef, TreError> {
     let started = Instant::now();
     let mut fingerprint = String::new();
-    let outcome = guarded(policy, req, &mut fingerprint).await.map(|g| {
+    let outcome = guarded(tre, req, &mut fingerprint).await.map(|g| {
         let noise = g.dp.as_ref().map(|p| p.statistics.as_slice());
         control::released_schema(&g.release, noise).0
     });
@@ -289,10 +327,11 @@ pub async fn describe(policy: &TrePolicy, req: &Request) -> Result<SchemaRef, Tr
 }
 
 async fn answer(
-    policy: &TrePolicy,
+    tre: &Boundary,
     req: &Request,
     fingerprint: &mut String,
 ) -> Result<Released, TreError> {
+    let policy = &tre.policy;
     let Guarded {
         state,
         release,
@@ -300,14 +339,9 @@ async fn answer(
         dp,
         generation,
         population,
-    } = guarded(policy, req, fingerprint).await?;
-    let compiled = compile::compile(
-        &release,
-        &disclosure,
-        policy.record_keys.as_ref(),
-        dp.as_ref(),
-    )
-    .map_err(TreError::internal)?;
+    } = guarded(tre, req, fingerprint).await?;
+    let compiled = compile::compile(&release, &disclosure, tre.record_keys.as_ref(), dp.as_ref())
+        .map_err(TreError::internal)?;
     // Under `dp` the budget is charged before anything runs; a refusal
     // costs nothing.
     let ledger = match &dp {
@@ -316,7 +350,7 @@ async fn answer(
             Some(
                 dp::charge(
                     &req.store,
-                    &dp::ledger_path(&req.store, policy.ledger_dir.as_deref(), &population),
+                    &dp::ledger_path(&req.store, tre.ledger_dir.as_deref(), &population),
                     generation,
                     &req.user,
                     &req.project,
@@ -344,7 +378,7 @@ async fn answer(
     if dp.is_none()
         && let Some(budget) = disclosure.cell_budget
     {
-        let ledger = dp::ledger_path(&req.store, policy.ledger_dir.as_deref(), &population);
+        let ledger = dp::ledger_path(&req.store, tre.ledger_dir.as_deref(), &population);
         dp::charge_cells(
             &req.store,
             &ledger,
@@ -385,10 +419,10 @@ pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtim
 
 /// Runs a request on a fresh runtime (for the command line), on one of its
 /// worker threads rather than the caller's (whose stack may be small).
-pub fn query_blocking(policy: &TrePolicy, req: &Request) -> Result<Released, TreError> {
+pub fn query_blocking(tre: &Boundary, req: &Request) -> Result<Released, TreError> {
     let runtime = runtime(Some(2)).map_err(TreError::internal)?;
-    let (policy, req) = (policy.clone(), req.clone());
+    let (tre, req) = (tre.clone(), req.clone());
     runtime
-        .block_on(runtime.spawn(async move { query(&policy, &req).await }))
+        .block_on(runtime.spawn(async move { query(&tre, &req).await }))
         .map_err(TreError::internal)?
 }

@@ -801,7 +801,7 @@ fn released_counts(store: &Path, sql: &str) -> BTreeMap<Vec<String>, u64> {
         project: "demo-opensafely".into(),
         sql: sql.into(),
     };
-    let released = gpdp::tre::query_blocking(&exact_policy(), &request)
+    let released = gpdp::tre::query_blocking(&gpdp::tre::Boundary::new(exact_policy()), &request)
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
     let b = &released.result.batch;
     let text = |c: usize, i: usize| {

@@ -93,6 +93,7 @@ use gpdp::bench::privacy::{
     averaged_with, decode_with, population, reconstruct, reconstruct_with, world,
 };
 use gpdp::policy::tre::TrePolicy;
+use gpdp::tre::Boundary;
 use gpdp::tre::control::dp::discrete_gaussian;
 
 fn store_and_world() -> &'static (Collected, World) {
@@ -107,18 +108,10 @@ fn store_and_world() -> &'static (Collected, World) {
 #[test]
 fn padding_attacks_beat_cell_keys() {
     let (c, w) = store_and_world();
-    let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
-        &[5; 32],
-    ));
-    // What the rule set alone lets through: its budget of released cells
-    // lifted (the budget is what stops this; tests/it/ledger.rs tests it).
-    for p in policy.projects.values_mut() {
-        p.disclosure.cell_budget = None;
-    }
+    let tre = ckm_boundary();
     let attacker = Attacker {
         store: &c.store,
-        policy: &policy,
+        tre: &tre,
         project: "demo-planning-exempt",
     };
     let m = any_answer_moved(&attacker, w, 40, &PADDINGS).unwrap();
@@ -327,9 +320,11 @@ fn padding_attacks_under_dp_stay_near_chance_until_the_budget_stops_them() {
     let sigma = shipped_sigma();
     assert!((sigma - 5.0).abs() < 1e-9, "σ {sigma}");
     assert!(w.targets.len() >= 100, "{} unique targets", w.targets.len());
+    let tre = Boundary::new(policy);
+    let policy = &tre.policy;
     let attacker = Attacker {
         store: &c.store,
-        policy: &policy,
+        tre: &tre,
         project: "demo-research",
     };
     let m = averaged(&attacker, w, w.targets.len(), 1).unwrap();
@@ -401,7 +396,7 @@ fn padding_attacks_under_dp_stay_near_chance_until_the_budget_stops_them() {
         .block_on(gpdp::tre::session::open(
             &c.store,
             &manifest,
-            &policy,
+            policy,
             &policy.projects["demo-research"],
         ))
         .unwrap()
@@ -518,18 +513,20 @@ fn checked_population() -> &'static Population {
     checked(reconstruction_population())
 }
 
-/// The shipped policy with the test's perturbation key.
-fn ckm_policy() -> TrePolicy {
+/// The shipped policy with the test's perturbation key beside it.
+fn ckm_boundary() -> Boundary {
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
-        &[5; 32],
-    ));
     // What the rule set alone lets through: its budget of released cells
     // lifted (the budget is what stops this; tests/it/ledger.rs tests it).
     for p in policy.projects.values_mut() {
         p.disclosure.cell_budget = None;
     }
-    policy
+    Boundary {
+        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+            &[5; 32],
+        )),
+        ..Boundary::new(policy)
+    }
 }
 
 /// Clearly above the base rate b over n members: b + 3·√(b(1 − b)/n), which
@@ -565,10 +562,10 @@ fn cell_keys_fall_to_reconstruction_from_a_few_hundred_counts() {
     let n = p.dates.len();
     let base = p.base_rate();
     let bound = clearly_above(base, n);
-    let policy = ckm_policy();
+    let tre = ckm_boundary();
     let attacker = Attacker {
         store: &c.store,
-        policy: &policy,
+        tre: &tre,
         project: "demo-planning-exempt",
     };
     let r = reconstruct(&attacker, p, &[FAST], 1).unwrap();
@@ -627,7 +624,7 @@ fn cell_keys_fall_to_reconstruction_from_a_few_hundred_counts() {
 #[ignore = "a measurement (about 15 minutes): cargo test --test it -- --ignored differencing::measure_"]
 fn measure_reconstruction_curve_under_cell_keys_and_opensafely() {
     let (c, _) = store_and_world();
-    let policy = ckm_policy();
+    let tre = ckm_boundary();
     let large = checked_population();
     let small = population(&c.store, 25..=40).unwrap();
     let tiny = population(&c.store, 8..=15).unwrap();
@@ -649,7 +646,7 @@ fn measure_reconstruction_curve_under_cell_keys_and_opensafely() {
         for project in ["demo-planning-exempt", "demo-opensafely"] {
             let a = Attacker {
                 store: &c.store,
-                policy: &policy,
+                tre: &tre,
                 project,
             };
             let t = std::time::Instant::now();

@@ -27,6 +27,7 @@ mod cli;
 mod collect;
 mod differencing;
 mod erasure;
+mod layout;
 mod ledger;
 mod lifecycle;
 mod link;

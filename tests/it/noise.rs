@@ -39,7 +39,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use gpdp::policy::tre::TrePolicy;
 use gpdp::tre::control::dp::discrete_gaussian;
-use gpdp::tre::{Request, query_blocking};
+use gpdp::tre::{Boundary, Request, query_blocking};
 
 /// Draws per checked statistic (see the module doc for the sizing).
 const DRAWS: usize = 200;
@@ -118,9 +118,11 @@ fn states(stated: f64, sigma: f64) {
     );
 }
 
+/// `sql` asked through the boundary under `policy` alone (`dp` needs no
+/// perturbation key; the ledger beside the store).
 fn ask(policy: &TrePolicy, sql: &str) -> gpdp::tre::Released {
     query_blocking(
-        policy,
+        &Boundary::new(policy.clone()),
         &Request {
             store: fixture().store.clone(),
             user: "dana".into(),
@@ -589,7 +591,7 @@ fn the_row_limit_is_decided_from_the_domains_at_its_edge() {
     policy.max_rows = cells - 1;
     let (user, token) = researcher_of("demo-research");
     match query_blocking(
-        &policy,
+        &Boundary::new(policy),
         &Request {
             store: fixture().store.clone(),
             user: user.into(),

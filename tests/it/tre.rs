@@ -14,7 +14,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use gpdp::policy::tre::TrePolicy;
 use gpdp::tre::control::ColumnKind;
-use gpdp::tre::{Request, TreError, query_blocking};
+use gpdp::tre::{Boundary, Request, TreError, query_blocking};
 
 /// One extract collected once, with the NDOO list ingested.
 fn fixture() -> &'static Collected {
@@ -22,18 +22,25 @@ fn fixture() -> &'static Collected {
     F.get_or_init(|| collected_with_ndoo(3, 2000, 21, 9))
 }
 
-/// The shipped policy, with a perturbation key for the cell key method and
-/// a privacy budget no test here runs out of.
+/// The shipped policy, with a privacy budget no test here runs out of.
 fn test_policy() -> TrePolicy {
     let mut policy = TrePolicy::load(None).unwrap();
-    policy.record_keys = Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
-        &[3; 32],
-    ));
     for r in &mut policy.researchers {
         r.rho_budget = 1e9;
     }
     unlimited_cells(&mut policy);
     policy
+}
+
+/// [`test_policy`], with a perturbation key for the cell key method beside
+/// it.
+fn test_boundary() -> Boundary {
+    Boundary {
+        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+            &[3; 32],
+        )),
+        ..Boundary::new(test_policy())
+    }
 }
 
 /// The cell key method's budget of released cells lifted: the tests here
@@ -168,10 +175,10 @@ fn the_tests_own_rules_give_the_published_answers() {
 
 /// `sql` asked in `project` as its demo researcher.
 fn ask(project: &str, sql: &str) -> Result<gpdp::tre::Released, TreError> {
-    let policy = test_policy();
+    let tre = test_boundary();
     let (user, token) = researcher_of(project);
     query_blocking(
-        &policy,
+        &tre,
         &Request {
             store: fixture().store.clone(),
             user: user.into(),
@@ -1297,16 +1304,18 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
         project: "demo-planning-exempt".into(),
         sql: sql.into(),
     };
-    let without = TrePolicy::load(None).unwrap();
+    let without = Boundary::new(TrePolicy::load(None).unwrap());
     match query_blocking(&without, &request(sql)) {
         Err(TreError::Refused(r)) => assert_eq!(r.rule, "no_perturbation_key"),
         other => panic!("{other:?}"),
     }
     let with = |byte: u8| {
         let mut p = TrePolicy::load(None).unwrap();
-        p.record_keys = Some(RecordKeys::from_bytes(&[byte; 32]));
         unlimited_cells(&mut p);
-        p
+        Boundary {
+            record_keys: Some(RecordKeys::from_bytes(&[byte; 32])),
+            ..Boundary::new(p)
+        }
     };
     // The fixture's other tests use key 3: the store is bound to it.
     let (one, other) = (with(3), with(8));
@@ -1352,7 +1361,7 @@ fn ckm_counts_are_noisy_bounded_and_the_same_every_time() {
         "the noise depends on the key"
     );
     // Against the same SQL run directly.
-    let policy = &one;
+    let policy = &one.policy;
     let truth = direct(store, policy, &policy.projects["demo-planning-exempt"], sql);
     let key = |b: &arrow::array::RecordBatch, i: usize| {
         (0..3).map(|c| text(b, c, i)).collect::<Vec<_>>().join("|")
@@ -1735,9 +1744,10 @@ fn dp_budget_runs_out_and_refusals_cost_nothing() {
         .unwrap();
     dana.rho_budget = 0.05;
     dana.projects.push("demo-opensafely".into());
+    let tre = Boundary::new(policy);
     let asking = |sql: &str| {
         query_blocking(
-            &policy,
+            &tre,
             &Request {
                 store: c.store.clone(),
                 user: "dana".into(),
@@ -1779,11 +1789,11 @@ fn dp_budget_runs_out_and_refusals_cost_nothing() {
         project: "demo-opensafely".into(),
         sql: one.into(),
     };
-    query_blocking(&policy, &other).unwrap();
+    query_blocking(&tre, &other).unwrap();
     other.project = "demo-research".into();
-    assert_eq!(refused(query_blocking(&policy, &other)), "budget_exhausted");
+    assert_eq!(refused(query_blocking(&tre, &other)), "budget_exhausted");
     // The refusal says what is left, and nothing else.
-    let message = query_blocking(&policy, &other).unwrap_err().to_string();
+    let message = query_blocking(&tre, &other).unwrap_err().to_string();
     assert!(message.contains("0.0100 left"), "{message}");
 }
 
@@ -1800,13 +1810,15 @@ fn dp_bounds_each_patients_cells() {
     for r in &mut policy.researchers {
         r.rho_budget = 1e9;
     }
+    let tre = Boundary::new(policy);
+    let policy = &tre.policy;
     let store = &fixture().store;
     let project = &policy.projects["demo-research"];
     // The released counts of the cells whose first key is at least `from`
     // (the others are empty), and the σ of their sum.
     let total = |sql: &str, from: i64| -> (f64, f64) {
         let r = query_blocking(
-            &policy,
+            &tre,
             &Request {
                 store: store.clone(),
                 user: "dana".into(),
@@ -1830,7 +1842,7 @@ fn dp_bounds_each_patients_cells() {
         (sum as f64, sigma * f64::from(cells).sqrt())
     };
     let one = |sql: &str| -> f64 {
-        direct(store, &policy, project, sql)
+        direct(store, policy, project, sql)
             .column(0)
             .as_primitive::<Int64Type>()
             .value(0) as f64

@@ -10,7 +10,7 @@
 //!   key method, cell by cell;
 //! - [`ckm`] — the cell key method: every statistic perturbed by a key
 //!   fixed by who contributes to it, looked up in its perturbation table
-//!   ([`ckm::ptable`]);
+//!   ([`ptable`](crate::policy::ptable), part of the published policy);
 //! - [`dp`] — differential privacy: the noise plan and the privacy
 //!   ledger's charge fixed before anything runs, then noise on every cell
 //!   of the group keys' public domains.

@@ -25,10 +25,10 @@ use arrow::compute::{concat_batches, take};
 use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
 
-use super::ckm::ptable::PTable;
 use super::{
     ColumnKind, Controlled, OperatorOnly, dominance, ordered_and_limited, released_schema,
 };
+use crate::policy::ptable::PTable;
 use crate::policy::tre::Disclosure;
 use crate::tre::checked::{Item, Release, StatKind};
 

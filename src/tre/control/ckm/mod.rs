@@ -11,7 +11,8 @@
 //! patients ([`weighted`]): the same records give the same key in every
 //! query, session and project; one patient or one row more gives a key
 //! unrelated to the last. The perturbation is then looked up by (count,
-//! cell key) in the [`ptable`].
+//! cell key) in the perturbation table ([`ptable`]), which the policy
+//! derives from the rule set's parameters.
 //!
 //! The compiled plan computes record keys and sums them into cell keys
 //! ([`record_keys`], beside the aggregate kernels that use them). This
@@ -22,8 +23,7 @@
 //!
 //! [`weighted`]: crate::tre::aggregates::record_keys::weighted
 //! [`record_keys`]: crate::tre::aggregates::record_keys
-
-pub mod ptable;
+//! [`ptable`]: crate::policy::ptable
 
 use std::path::Path;
 

@@ -3,8 +3,9 @@
 //!
 //! A count `n` is released as `n + v`, where `v` is drawn from the table's
 //! row for `n` by the cell's key — a number fixed by *who* is in the cell
-//! (`super`, the cell key method). Same contributors, same key, same `v`: asking again, in
-//! another session or project, gains nothing. One patient more or less
+//! ([`crate::tre::control::ckm`], the cell key method). Same contributors,
+//! same key, same `v`: asking again, in another session or project, gains
+//! nothing. One patient more or less
 //! changes the key, and `v` is drawn afresh.
 //!
 //! Each row is the **maximum-entropy** distribution over the perturbations
@@ -25,6 +26,15 @@
 //!
 //! The R `ptable` package (Enderle, Giessing, Tent) builds the same kind of
 //! table; its defaults (D = 2, V = 1, js = 0) are a valid policy here.
+//!
+//! It lives with the policy rather than with the cell key method in the
+//! TRE because it is part of the published rule: the table follows from
+//! the rule set's four parameters alone, by the arithmetic here, with no
+//! secret and nothing of the TRE. The policy builds it once at load, to
+//! refuse parameters for which no table exists (beyond what
+//! [`Params::check`] sees, the solver can fail), and the TRE builds the
+//! same table from the same parameters when a request runs. It imports
+//! nothing of the crate.
 
 use std::fmt;
 
@@ -38,7 +48,7 @@ pub struct Params {
     /// `js`: counts 1..=js are never released (they become 0 or > js).
     pub small_values: u32,
     /// `m`: a sum's perturbation is ±m × the cell's largest contribution
-    /// × (½ to 1½) ([`super::magnitude_perturbation`]).
+    /// × (½ to 1½) ([`crate::tre::control::ckm::magnitude_perturbation`]).
     pub magnitude: f64,
 }
 
