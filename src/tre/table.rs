@@ -19,10 +19,13 @@
 //! - the vectors it is given were loaded and verified by the caller
 //!   ([`crate::store::vectors::load`]: checksum, bound to the data file in
 //!   force);
-//! - **no exact statistics**: the scan states its row count as inexact (the
-//!   manifest's rows less the masked ones) and no column statistics, so
-//!   DataFusion never answers `count(*)`, `min` or `max` from Parquet
-//!   footers, which count and bound the masked rows too;
+//! - **no exact statistics**: the scan states its row count as the
+//!   manifest's rows less the masked ones, and the footers' column
+//!   statistics, all *inexact*, so DataFusion never answers `count(*)`,
+//!   `min` or `max` from Parquet footers (which count and bound the masked
+//!   rows too), while the planner estimates sizes as it did over a
+//!   `ListingTable` (join sides, filter selectivity). No file or file group
+//!   carries statistics of its own (they would be exact);
 //! - `pushdown_filters` stays off (DataFusion's default; `ParquetFormat::default()`
 //!   here): runtime row-group pruning combined with a row selection had a
 //!   family of bugs (DataFusion #24352) that could apply a skip to the
@@ -69,9 +72,8 @@ struct StoreFile {
 pub struct StoreTable {
     schema: SchemaRef,
     files: Vec<StoreFile>,
-    /// Rows a scan returns (the manifest's, less the masked): inexact.
-    rows_live: usize,
-    bytes: usize,
+    /// What the planner is told: all inexact (see the module docs).
+    statistics: Statistics,
 }
 
 impl StoreTable {
@@ -86,13 +88,12 @@ impl StoreTable {
             .runtime_env()
             .object_store(ObjectStoreUrl::local_filesystem())?;
         let mut out = Vec::with_capacity(files.len());
-        let (mut rows_live, mut bytes) = (0u64, 0u64);
+        let mut rows_live = 0u64;
         for (entry, dv) in files {
             let url = ListingTableUrl::parse(store.join(&entry.path).to_string_lossy())?;
             // The real size and modification time: the footer cache checks both.
             let meta = objects.head(url.prefix()).await?;
             rows_live += entry.rows - dv.as_ref().map_or(0, DeletionVector::len);
-            bytes += entry.bytes;
             out.push(StoreFile {
                 meta,
                 keep: dv.map(|dv| dv.selection()),
@@ -107,11 +108,25 @@ impl StoreTable {
             }
             None => Arc::new(Schema::empty()),
         };
+        // The footers' statistics, as ListingTable collects them (through
+        // the same cache), merged and made inexact; the row count is the
+        // manifest's less the masked rows.
+        let format = ParquetFormat::default();
+        let mut per_file = Vec::with_capacity(out.len());
+        for f in &out {
+            per_file.push(
+                format
+                    .infer_stats(state, &objects, schema.clone(), &f.meta)
+                    .await?,
+            );
+        }
+        let statistics = Statistics::try_merge_iter(per_file.iter(), &schema)?
+            .to_inexact()
+            .with_num_rows(Precision::Inexact(rows_live as usize));
         Ok(StoreTable {
             schema,
             files: out,
-            rows_live: rows_live as usize,
-            bytes: bytes as usize,
+            statistics,
         })
     }
 }
@@ -166,11 +181,7 @@ impl TableProvider for StoreTable {
         let source = format.file_source(self.schema.clone().into());
         let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), source)
             .with_file_groups(groups)
-            .with_statistics(
-                Statistics::new_unknown(&self.schema)
-                    .with_num_rows(Precision::Inexact(self.rows_live))
-                    .with_total_byte_size(Precision::Inexact(self.bytes)),
-            )
+            .with_statistics(self.statistics.clone())
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
             .build();

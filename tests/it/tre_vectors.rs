@@ -415,3 +415,75 @@ fn an_edited_deletion_vector_refuses_the_query_and_names_no_patient() {
     std::fs::write(&path, &original).unwrap();
     ask(&store).expect("the vector restored");
 }
+
+/// On a store without vectors, the TRE's tables plan as `ListingTable`s
+/// over the same files did: the same scans, split into the same
+/// partitions, the same operators — except that no `count(*)` is answered
+/// from footer statistics any more (see above).
+#[test]
+fn without_vectors_the_store_tables_plan_as_listing_tables_did() {
+    use datafusion::datasource::file_format::parquet::ParquetFormat;
+    use datafusion::datasource::listing::{
+        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+    };
+    let store = &fixture().store;
+    let manifest = gpdp::store::read_manifest(store).unwrap();
+    let rt = runtime();
+    let config = datafusion::prelude::SessionConfig::new().with_target_partitions(2);
+    let (listing, ours) = (
+        datafusion::prelude::SessionContext::new_with_config(config.clone()),
+        datafusion::prelude::SessionContext::new_with_config(config),
+    );
+    rt.block_on(async {
+        for table in GP_TABLES {
+            let files: Vec<_> = manifest
+                .batches
+                .values()
+                .map(|b| b.files[table].clone())
+                .collect();
+            let urls = files
+                .iter()
+                .map(|f| ListingTableUrl::parse(store.join(&f.path).to_string_lossy()).unwrap())
+                .collect();
+            let config = ListingTableConfig::new_with_multi_paths(urls)
+                .with_listing_options(ListingOptions::new(std::sync::Arc::new(
+                    ParquetFormat::default(),
+                )))
+                .infer_schema(&listing.state())
+                .await
+                .unwrap();
+            listing
+                .register_table(table, std::sync::Arc::new(ListingTable::try_new(config).unwrap()))
+                .unwrap();
+            let files = files.into_iter().map(|f| (f, None)).collect();
+            let provider = gpdp::tre::table::StoreTable::open(&ours.state(), store, files)
+                .await
+                .unwrap();
+            assert_eq!(
+                provider.schema(),
+                listing.table_provider(table).await.unwrap().schema(),
+                "{table}: the same types"
+            );
+            ours.register_table(table, std::sync::Arc::new(provider))
+                .unwrap();
+        }
+    });
+    use datafusion::catalog::TableProvider as _;
+    for sql in [
+        "SELECT sex, count(DISTINCT patient_id) FROM patients GROUP BY sex",
+        "SELECT snomedct_code, count(*), avg(numeric_value) FROM clinical_events WHERE date >= '2020-01-01' GROUP BY snomedct_code",
+        "SELECT p.sex, count(DISTINCT m.patient_id) FROM medications m JOIN patients p ON p.patient_id = m.patient_id WHERE m.dmd_code LIKE '3%' GROUP BY p.sex",
+        "SELECT count(*) FROM clinical_events e WHERE e.patient_id IN (SELECT patient_id FROM medications)",
+        "SELECT patient_key FROM clinical_events WHERE numeric_value > 40 ORDER BY patient_key LIMIT 5",
+    ] {
+        let plan = |ctx: &datafusion::prelude::SessionContext| {
+            let plan = rt
+                .block_on(async { ctx.sql(sql).await?.create_physical_plan().await })
+                .unwrap();
+            datafusion::physical_plan::displayable(plan.as_ref())
+                .indent(false)
+                .to_string()
+        };
+        assert_eq!(plan(&ours), plan(&listing), "{sql}");
+    }
+}
