@@ -38,8 +38,8 @@ use crate::policy::Codec;
 use crate::store::delete::{BatchMembers, Deleter, TombstoneBook};
 use crate::store::{Store, now_rfc3339};
 
-/// The tombstone source of opt-outs applied with `gpdp optout apply`.
-pub const REQUEST_SOURCE: &str = "type1-request";
+pub use super::request::REQUEST_SOURCE;
+use super::request::median_max;
 
 /// What `optout apply` did, and what is left.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -317,15 +317,6 @@ pub fn later_optouts(log: &[Value]) -> LaterOptouts {
         }
     }
     later
-}
-
-/// The median and the longest of `seconds` (sorted here).
-pub(crate) fn median_max(mut seconds: Vec<f64>) -> (Option<f64>, Option<f64>) {
-    seconds.sort_by(f64::total_cmp);
-    (
-        seconds.get(seconds.len() / 2).copied(),
-        seconds.last().copied(),
-    )
 }
 
 #[cfg(test)]

@@ -5,5 +5,6 @@ pub mod apply;
 pub mod ingest;
 pub mod list;
 pub mod purge;
+pub mod request;
 pub mod status;
 pub mod type1;

@@ -25,8 +25,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
 
-use super::apply::{REQUEST_SOURCE, median_max};
 use super::list::OptoutError;
+use super::request::{REQUEST_SOURCE, median_max};
 use crate::policy::Codec;
 use crate::store::delete::Deleter;
 use crate::store::{Store, now_rfc3339};

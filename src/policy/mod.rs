@@ -168,7 +168,9 @@ impl Default for Guards {
     }
 }
 
-/// Erasure deadlines. A later Type 1 opt-out is unreachable as soon as
+/// Erasure deadlines (`[erasure]`, optional: the built-in policy leaves it
+/// out and takes the default, so its SHA-256 — recorded with every batch —
+/// did not change when it was added). A later Type 1 opt-out is unreachable as soon as
 /// `gpdp optout apply` commits it (deletion vectors); its rows leave the
 /// bytes when `gpdp optout purge` rewrites their files. `gpdp audit`'s
 /// `tombstoned_patients_absent` fails if a request older than
@@ -178,6 +180,22 @@ pub struct Erasure {
     /// Days from a request to the purge that must have erased it (default
     /// 30: the UK GDPR's one month to act on an erasure request).
     pub purge_deadline_days: u32,
+}
+
+impl Erasure {
+    /// The `[erasure]` section, or the defaults without one.
+    fn from_raw(raw: Option<&RawErasure>) -> Result<Erasure, String> {
+        let mut erasure = Erasure::default();
+        if let Some(days) = raw.and_then(|e| e.purge_deadline_days) {
+            if days == 0 {
+                return Err(
+                    "[erasure] purge_deadline_days = 0: a purge needs at least a day".into(),
+                );
+            }
+            erasure.purge_deadline_days = days;
+        }
+        Ok(erasure)
+    }
 }
 
 impl Default for Erasure {
@@ -326,15 +344,7 @@ impl CollectionPolicy {
             }
         }
 
-        let mut erasure = Erasure::default();
-        if let Some(days) = raw.erasure.as_ref().and_then(|e| e.purge_deadline_days) {
-            if days == 0 {
-                return Err(invalid(
-                    "[erasure] purge_deadline_days = 0: a purge needs at least a day".into(),
-                ));
-            }
-            erasure.purge_deadline_days = days;
-        }
+        let erasure = Erasure::from_raw(raw.erasure.as_ref()).map_err(invalid)?;
 
         let mut excluded_codes = HashMap::new();
         for (category, codes) in &raw.exclusions {

@@ -31,14 +31,16 @@
 //! modified in place.
 
 pub mod delete;
+pub mod error;
 pub mod guard;
 pub mod log;
+pub mod manifest;
 pub mod parquet;
 pub mod schema;
 pub mod vectors;
 pub mod verify;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,129 +48,16 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, FixedSizeBinaryArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use self::log::{AuditError, AuditLog};
+pub use self::error::StoreError;
+pub(crate) use self::error::{io_err, pq_err};
+use self::log::AuditLog;
+pub use self::manifest::{BatchEntry, FileEntry, LinkedEntry, Manifest};
 use crate::deid::pseudonym::{Pseudonym, patient_key};
 use crate::digest::hex;
-use crate::error::{Classify, ExitStatus};
 use crate::extract::Table;
 use crate::policy::Codec;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{} is not a gpdp store (no manifest.json); run `gpdp collect` into it first", .0.display())]
-    NotAStore(PathBuf),
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: {message}", path.display())]
-    Corrupt { path: PathBuf, message: String },
-    #[error(
-        "this store was collected with key id {store}, but the key given has id {given}: pseudonyms would not match"
-    )]
-    KeyMismatch { store: String, given: String },
-    #[error("parquet file {}: {source}", path.display())]
-    Parquet {
-        path: PathBuf,
-        #[source]
-        source: ::parquet::errors::ParquetError,
-    },
-    #[error(transparent)]
-    Audit(#[from] AuditError),
-    #[error("deletion vector {0}")]
-    Vector(#[from] vectors::VectorError),
-}
-
-impl Classify for StoreError {
-    fn exit_status(&self) -> ExitStatus {
-        match self {
-            StoreError::NotAStore(_) | StoreError::KeyMismatch { .. } => ExitStatus::BadInput,
-            // Fail closed: the file it masks is refused, never read unmasked.
-            StoreError::Vector(_) => ExitStatus::Refused,
-            StoreError::Io { source, .. } => crate::error::io_status(source),
-            _ => ExitStatus::Internal,
-        }
-    }
-}
-
-pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-pub(crate) fn pq_err(
-    path: &Path,
-) -> impl FnOnce(::parquet::errors::ParquetError) -> StoreError + '_ {
-    move |source| StoreError::Parquet {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// A file the manifest references, with what it should hold.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FileEntry {
-    /// Relative to the store root.
-    pub path: String,
-    pub rows: u64,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-/// One practice's current batch.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BatchEntry {
-    pub batch: String,
-    pub practice: String,
-    pub policy_sha256: String,
-    pub collected_at: String,
-    pub receipt: String,
-    pub files: BTreeMap<String, FileEntry>,
-    /// Patients removed from this batch by tombstones since it was collected
-    /// (hex pseudonyms). If a tombstone is lifted, re-collecting the same
-    /// extract is no longer a no-op: the patient comes back.
-    #[serde(default)]
-    pub deleted_patients: BTreeSet<String>,
-    /// Deletion vectors, by table: the rows of that table's data file that
-    /// later opt-outs made unreachable and no purge has erased yet
-    /// ([`vectors`]). Every reader of the data file must skip them.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub vectors: BTreeMap<String, FileEntry>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: u32,
-    pub generation: u64,
-    pub key_id: Option<String>,
-    pub batches: BTreeMap<String, BatchEntry>,
-    pub tombstones: Option<FileEntry>,
-    pub ndoo: Option<FileEntry>,
-    /// Provider extracts linked in (`gpdp link`), by source (`apcs`,
-    /// `ons_deaths`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub linked: BTreeMap<String, LinkedEntry>,
-    /// The audit entries of the commit that made this manifest.
-    #[serde(default)]
-    pub commit_log: Vec<Value>,
-}
-
-/// One provider extract's current batch.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LinkedEntry {
-    pub batch: String,
-    pub policy_sha256: String,
-    pub linked_at: String,
-    pub receipt: String,
-    pub file: FileEntry,
-}
 
 impl Manifest {
     /// A store accepts only the key it was collected with (any key while
@@ -181,25 +70,6 @@ impl Manifest {
             }),
             _ => Ok(()),
         }
-    }
-
-    /// Every file this manifest puts in force — GP and provider data files,
-    /// their deletion vectors, the tombstones and the NDOO set — as path →
-    /// SHA-256.
-    pub fn files_in_force(&self) -> BTreeMap<String, String> {
-        self.all_files()
-            .map(|f| (f.path.clone(), f.sha256.clone()))
-            .collect()
-    }
-
-    /// Every file entry this manifest references.
-    pub fn all_files(&self) -> impl Iterator<Item = &FileEntry> {
-        self.batches
-            .values()
-            .flat_map(|b| b.files.values().chain(b.vectors.values()))
-            .chain(self.linked.values().map(|l| &l.file))
-            .chain(self.tombstones.iter())
-            .chain(self.ndoo.iter())
     }
 }
 

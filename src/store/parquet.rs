@@ -27,8 +27,9 @@ use parquet::errors::ParquetError;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
+use super::error::{StoreError, io_err, pq_err};
+use super::manifest::BatchEntry;
 use super::vectors::{self, DeletionVector};
-use super::{BatchEntry, StoreError, io_err, pq_err};
 use crate::deid::pseudonym::{Pseudonym, from_slice};
 use crate::policy::Codec;
 
@@ -139,7 +140,7 @@ pub fn vector(
     let (Some(entry), Some(data)) = (batch.vectors.get(table), batch.files.get(table)) else {
         return Ok(None);
     };
-    vectors::load(root, entry, data).map(Some)
+    Ok(Some(vectors::load(root, entry, data)?))
 }
 
 /// The shared reader of a GP data file: `batch`'s `table` file with its

@@ -34,15 +34,21 @@ use std::path::Path;
 
 use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
 
-use super::{FileEntry, StoreError, io_err};
+use super::manifest::FileEntry;
 use crate::digest::hex;
 
 const MAGIC: &[u8; 8] = b"GPDPDV1\0";
 const HEADER: usize = 56;
 
 /// Why a deletion vector was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum VectorError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: its SHA-256 is {found}, the manifest says {expected}")]
     Checksum {
         path: String,
@@ -192,12 +198,12 @@ impl DeletionVector {
 
 /// Writes a vector to `path` (a new name: vectors are immutable), fsynced,
 /// and returns its manifest entry (`rows` = positions masked).
-pub fn write(root: &Path, relative: &str, dv: &DeletionVector) -> Result<FileEntry, StoreError> {
+pub fn write(root: &Path, relative: &str, dv: &DeletionVector) -> Result<FileEntry, VectorError> {
     let path = root.join(relative);
     let bytes = dv.encode();
-    let mut file = std::fs::File::create(&path).map_err(io_err(&path))?;
-    file.write_all(&bytes).map_err(io_err(&path))?;
-    file.sync_all().map_err(io_err(&path))?;
+    let mut file = std::fs::File::create(&path).map_err(io_at(relative))?;
+    file.write_all(&bytes).map_err(io_at(relative))?;
+    file.sync_all().map_err(io_at(relative))?;
     Ok(FileEntry {
         path: relative.to_owned(),
         rows: dv.len(),
@@ -213,17 +219,16 @@ pub fn load(
     root: &Path,
     entry: &FileEntry,
     data: &FileEntry,
-) -> Result<DeletionVector, StoreError> {
+) -> Result<DeletionVector, VectorError> {
     let path = root.join(&entry.path);
-    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    let bytes = std::fs::read(&path).map_err(io_at(&entry.path))?;
     let found = crate::digest::sha256_hex(&bytes);
     if found != entry.sha256 {
         return Err(VectorError::Checksum {
             path: entry.path.clone(),
             expected: entry.sha256.clone(),
             found,
-        }
-        .into());
+        });
     }
     let dv = DeletionVector::decode(&entry.path, &bytes)?;
     let wrong = |why: &str| VectorError::WrongFile {
@@ -232,12 +237,19 @@ pub fn load(
         why: why.to_owned(),
     };
     if dv.data_sha256 != data.sha256 {
-        return Err(wrong("its data checksum differs").into());
+        return Err(wrong("its data checksum differs"));
     }
     if dv.rows != data.rows {
-        return Err(wrong("its row count differs").into());
+        return Err(wrong("its row count differs"));
     }
     Ok(dv)
+}
+
+fn io_at(path: &str) -> impl FnOnce(std::io::Error) -> VectorError + '_ {
+    move |source| VectorError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
@@ -304,7 +316,7 @@ mod tests {
         };
         assert!(matches!(
             load(dir.path(), &entry, &other),
-            Err(StoreError::Vector(VectorError::WrongFile { .. }))
+            Err(VectorError::WrongFile { .. })
         ));
         let longer = FileEntry {
             rows: 6,
@@ -312,7 +324,7 @@ mod tests {
         };
         assert!(matches!(
             load(dir.path(), &entry, &longer),
-            Err(StoreError::Vector(VectorError::WrongFile { .. }))
+            Err(VectorError::WrongFile { .. })
         ));
 
         // One bit flipped: the checksum no longer matches.
@@ -321,7 +333,7 @@ mod tests {
         std::fs::write(dir.path().join("v.dv"), &bytes).unwrap();
         assert!(matches!(
             load(dir.path(), &entry, &d),
-            Err(StoreError::Vector(VectorError::Checksum { .. }))
+            Err(VectorError::Checksum { .. })
         ));
     }
 

@@ -593,11 +593,7 @@ fn tombstoned_patients_absent_fails_when_an_old_request_is_not_purged() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/collection.toml"),
     )
     .unwrap();
-    std::fs::write(
-        &policy,
-        text.replace("purge_deadline_days = 30", "purge_deadline_days = 3650"),
-    )
-    .unwrap();
+    std::fs::write(&policy, text + "\n[erasure]\npurge_deadline_days = 3650\n").unwrap();
     let o = gpdp()
         .args(["audit", "--store"])
         .arg(&copy.store)
