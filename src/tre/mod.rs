@@ -54,6 +54,7 @@ pub mod grammar;
 pub mod output;
 mod release;
 pub mod session;
+pub mod table;
 pub mod views;
 
 pub use error::{EXECUTION_FAILED, Refusal, TreError};

@@ -9,6 +9,14 @@
 //! For projects the National Data Opt-out applies to, the NDOO filter is part
 //! of every view, so no query can get around it; tombstoned patients are
 //! filtered in every view as a second line of defence.
+//!
+//! The three GP tables are [`super::table::StoreTable`]s: each data file's
+//! deletion vector is loaded here ([`crate::store::vectors::load`]) and
+//! applied at scan, so a patient a later opt-out masked is unreachable even
+//! without the tombstone anti-join. A vector that does not load refuses the
+//! request (`store_corrupt`), as a data file that does not match the
+//! manifest does. Tombstones, the NDOO list and linked files carry no
+//! vectors and stay `ListingTable`s.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,7 +36,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use super::error::{Refusal, TreError};
 use crate::policy::tre::{Project, TrePolicy};
-use crate::store::Manifest;
+use crate::store::{FileEntry, Manifest};
+use crate::store::vectors::DeletionVector;
 
 /// A researcher's session and the plans of its views (the guard trusts
 /// exactly these subtrees).
@@ -209,7 +218,9 @@ pub fn verify(store: &Path, manifest: &Manifest, project: &Project) -> Result<()
     let mut files: Vec<&crate::store::FileEntry> = manifest
         .batches
         .values()
-        .flat_map(|b| b.files.values())
+        // Deletion vectors too: a vector that is not the one committed must
+        // not decide which rows are read.
+        .flat_map(|b| b.files.values().chain(b.vectors.values()))
         .chain(&manifest.tombstones)
         .collect();
     if project.ndoo_applies {
@@ -226,19 +237,62 @@ pub fn verify(store: &Path, manifest: &Manifest, project: &Project) -> Result<()
     if bad.is_empty() {
         return Ok(());
     }
+    Err(corrupt(
+        store,
+        manifest,
+        bad.iter().map(ToString::to_string).collect(),
+    ))
+}
+
+/// The `store_corrupt` refusal for `bad` files (each `path (problem)`):
+/// the details go to the audit log, the researcher is told only how many.
+fn corrupt(store: &Path, manifest: &Manifest, bad: Vec<String>) -> TreError {
+    let n = bad.len();
     let _ = crate::store::log::AuditLog::at(store).append(&[serde_json::json!({
         "event": "store_corrupt",
         "time": crate::store::now_rfc3339(),
         "generation": manifest.generation,
-        "files": bad.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "files": bad,
     })]);
-    Err(TreError::Refused(Refusal::new(
+    TreError::Refused(Refusal::new(
         "store_corrupt",
         format!(
-            "{} of the store's files do not match what its manifest recorded, so nothing was read; the TRE operator has the details in the audit log and must run `gpdp audit`",
-            bad.len()
+            "{n} of the store's files do not match what its manifest recorded, so nothing was read; the TRE operator has the details in the audit log and must run `gpdp audit`"
         ),
-    )))
+    ))
+}
+
+/// Every batch's `table` file with its deletion vector, loaded and
+/// verified ([`crate::store::vectors::load`]: the bytes read hash to the
+/// manifest's SHA-256 and are bound to the data file in force). Fails
+/// closed: any vector that does not load refuses the request
+/// (`store_corrupt`), never a read of its file unmasked; a vector named
+/// for a table the batch has no file of is refused too.
+fn gp_files(
+    store: &Path,
+    manifest: &Manifest,
+    table: &str,
+) -> Result<Vec<(FileEntry, Option<DeletionVector>)>, TreError> {
+    let (mut files, mut bad) = (Vec::new(), Vec::new());
+    for batch in manifest.batches.values() {
+        let vector = batch.vectors.get(table);
+        let Some(data) = batch.files.get(table) else {
+            if let Some(v) = vector {
+                bad.push(format!("{} (a deletion vector for no data file)", v.path));
+            }
+            continue;
+        };
+        match vector.map(|v| crate::store::vectors::load(store, v, data)) {
+            None => files.push((data.clone(), None)),
+            Some(Ok(dv)) => files.push((data.clone(), Some(dv))),
+            Some(Err(e)) => bad.push(e.to_string()),
+        }
+    }
+    if bad.is_empty() {
+        Ok(files)
+    } else {
+        Err(corrupt(store, manifest, bad))
+    }
 }
 
 /// Builds the session for one request.
@@ -254,16 +308,12 @@ pub async fn open(
     verify(store, manifest, project)?;
     let internal = new_context(policy)?;
     for table in ["patients", "clinical_events", "medications"] {
-        let files: Vec<String> = manifest
-            .batches
-            .values()
-            .filter_map(|b| b.files.get(table).map(|f| f.path.clone()))
-            .collect();
+        let files = gp_files(store, manifest, table)?;
+        let provider = super::table::StoreTable::open(&internal.state(), store, files)
+            .await
+            .map_err(TreError::internal)?;
         internal
-            .register_table(
-                format!("raw_{table}"),
-                listing(&internal, store, &files).await?,
-            )
+            .register_table(format!("raw_{table}"), Arc::new(provider))
             .map_err(TreError::internal)?;
     }
     internal.register_udf(super::views::year());

@@ -38,3 +38,4 @@ mod report;
 mod serve;
 mod synth;
 mod tre;
+mod tre_vectors;

@@ -72,6 +72,15 @@
 //! common code they do not have), `hba1c_date`, `hba1c_year`,
 //! `hba1c_value`, `dmd_code`, `med_date`, `pseudonym` (hex), `patient_key`,
 //! `nhs_number`, `lsoa`, `birth_month`.
+//!
+//! World B is a store after `gpdp optout apply`: the target's rows are
+//! still in the files, masked by deletion vectors and filtered by the
+//! tombstone anti-join. [`after_optout`] attacks that state by itself: a
+//! differencing attack that finds patients who are there must find none
+//! of the opted-out, as applied and with the vectors alone (the tombstone
+//! list removed in the test), and finds them once both lines are removed.
+
+mod after_optout;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
