@@ -155,6 +155,107 @@ pub(crate) fn line_chart(
     Ok(svg)
 }
 
+/// One group in a [`difference_chart`]: its label, its difference from the
+/// overall rate in percentage points, and how many it counts (shown beside
+/// the label, so a large difference in a small group reads as such).
+pub(crate) struct Difference<'a> {
+    pub label: &'a str,
+    pub points: f64,
+    pub count: u64,
+}
+
+/// A diverging bar chart as an SVG element: one row per group, each bar
+/// drawn from 0 to the group's difference from the overall rate in
+/// percentage points (left, in red, for under-represented; right, in blue,
+/// for over-represented), with the group's label and count on the left and
+/// the difference at the bar's end. Rows are a fixed height apart and
+/// labels are horizontal, so no two labels can overlap; the axis is
+/// symmetric around 0 and spans every bar (at least ±1 point).
+pub(crate) fn difference_chart(title: &str, unit: &str, groups: &[Difference]) -> String {
+    const ROW: f64 = 24.0;
+    const LABELS: f64 = 230.0;
+    const PLOT: f64 = 460.0;
+    const TOP: f64 = 46.0;
+    let width = LABELS + PLOT + 70.0;
+    let height = TOP + ROW * groups.len().max(1) as f64 + 40.0;
+    let span = groups
+        .iter()
+        .map(|g| g.points.abs())
+        .filter(|p| p.is_finite())
+        .fold(1.0f64, f64::max);
+    // Round the axis out to a step that gives 2 to 5 ticks each side.
+    let step = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 25.0, 50.0]
+        .into_iter()
+        .find(|s| span / s <= 4.0)
+        .unwrap_or(100.0);
+    let half = (span / step).ceil() * step;
+    let x = |v: f64| LABELS + PLOT / 2.0 + v / half * (PLOT / 2.0);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" role="img"><title>{t}</title><rect width="100%" height="100%" fill="white"/><text x="{cx}" y="22" text-anchor="middle" font-size="16">{t}</text>"#,
+        t = esc(title),
+        cx = width / 2.0,
+    );
+    let axis_y = TOP + ROW * groups.len().max(1) as f64;
+    let mut tick = -half;
+    while tick <= half + step / 2.0 {
+        let _ = write!(
+            svg,
+            r##"<line x1="{p:.1}" y1="{TOP}" x2="{p:.1}" y2="{axis_y}" stroke="#e3e9ec"/><text x="{p:.1}" y="{ty}" text-anchor="middle" font-size="11">{label}</text>"##,
+            p = x(tick),
+            ty = axis_y + 14.0,
+            label = if tick.abs() < step / 2.0 {
+                "0".to_owned()
+            } else {
+                format!("{tick:+}")
+            },
+        );
+        tick += step;
+    }
+    let _ = write!(
+        svg,
+        r##"<line x1="{z:.1}" y1="{top}" x2="{z:.1}" y2="{axis_y}" stroke="#1d2a33" stroke-width="1.5"/><text x="{cx}" y="{uy}" text-anchor="middle" font-size="11">{unit}</text>"##,
+        z = x(0.0),
+        top = TOP - 6.0,
+        cx = LABELS + PLOT / 2.0,
+        uy = axis_y + 32.0,
+        unit = esc(unit),
+    );
+    for (i, g) in groups.iter().enumerate() {
+        let y = TOP + ROW * i as f64;
+        let v = if g.points.is_finite() { g.points } else { 0.0 };
+        let (from, to) = (x(0.0).min(x(v)), x(0.0).max(x(v)));
+        let colour = if v < 0.0 { "#b3261e" } else { "#2e6f8e" };
+        let (end, anchor) = if v < 0.0 {
+            (from - 4.0, "end")
+        } else {
+            (to + 4.0, "start")
+        };
+        let _ = write!(
+            svg,
+            r#"<text x="{lx}" y="{ty:.1}" text-anchor="end" font-size="11">{label} (n={count})</text><rect x="{from:.1}" y="{by:.1}" width="{w:.1}" height="{bh}" fill="{colour}"/><text x="{end:.1}" y="{ty:.1}" text-anchor="{anchor}" font-size="11">{v:+.1}</text>"#,
+            lx = LABELS - 8.0,
+            ty = y + ROW / 2.0 + 4.0,
+            label = esc(&truncate(g.label, 28)),
+            count = g.count,
+            by = y + 4.0,
+            w = (to - from).max(0.5),
+            bh = ROW - 8.0,
+        );
+    }
+    svg + "</svg>"
+}
+
+/// At most `n` characters, with an ellipsis when cut.
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
+}
+
 fn chart_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing a chart: {e:?}")
 }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use super::Report;
 use crate::audit::Check;
-use crate::page::{STYLE, bar_chart, esc, kv_table};
+use crate::page::{Difference, STYLE, bar_chart, difference_chart, esc, kv_table};
 
 fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
@@ -227,7 +227,7 @@ fn representativeness(r: &Report, h: &mut String) -> anyhow::Result<()> {
     let rep = &r.representativeness;
     let _ = write!(
         h,
-        "<h2>3. Representativeness of the research population</h2><p>The research population (registered patients in <code>{}</code>'s views: after Type 1, the NDOO and later opt-outs) against {}: {} of {} retained ({}). A bar below the line is a group that opt-outs left under-represented.</p>",
+        "<h2>3. Representativeness of the research population</h2><p>The research population (registered patients in <code>{}</code>'s views: after Type 1, the NDOO and later opt-outs) against {}: {} of {} retained ({}). Each bar is a group's retained share minus the overall share, in percentage points: a bar to the left (red) is a group that opt-outs left under-represented.</p>",
         esc(&rep.research_project),
         esc(&rep.baseline),
         rep.research,
@@ -235,19 +235,24 @@ fn representativeness(r: &Report, h: &mut String) -> anyhow::Result<()> {
         pct(rep.retained_share)
     );
     for d in &rep.dimensions {
-        let labels: Vec<String> = d.groups.iter().map(|g| g.value.clone()).collect();
-        let values: Vec<f64> = d.groups.iter().map(|g| 100.0 * g.retained_share).collect();
-        *h += &bar_chart(
+        let groups: Vec<Difference> = d
+            .groups
+            .iter()
+            .map(|g| Difference {
+                label: &g.value,
+                points: g.difference_pp,
+                count: g.population,
+            })
+            .collect();
+        *h += &difference_chart(
             &format!(
-                "Share retained by {} (line: overall {})",
+                "Retained by {}: difference from the overall {}",
                 d.name,
                 pct(rep.retained_share)
             ),
-            &labels,
-            &values,
-            "% retained",
-            Some(100.0 * rep.retained_share),
-        )?;
+            "percentage points (n = the group's population)",
+            &groups,
+        );
         *h += "<table><tr><th>group</th><th>population</th><th>research</th><th>retained</th><th>difference</th></tr>";
         for g in &d.groups {
             let _ = write!(
