@@ -556,7 +556,7 @@ impl BenchReport {
                 series(&|m| m.peak_memory_mib),
             ),
         ] {
-            page += &crate::page::bar_chart(title, &labels, &values, unit, None)?;
+            page += &crate::page::bar_chart(title, &labels, &values, unit, None);
         }
         if self.thread_scaling.len() > 1 {
             let labels: Vec<String> = self
@@ -575,7 +575,7 @@ impl BenchReport {
                 &values,
                 "M rows/s",
                 None,
-            )?;
+            );
         }
         if !self.privacy.is_empty() {
             let labels: Vec<String> = self
@@ -593,7 +593,7 @@ impl BenchReport {
                 &values,
                 "% of targets right",
                 self.privacy.first().map(|m| 100.0 * m.chance),
-            )?;
+            );
         }
         page += &format!(
             "<pre>{}</pre></body></html>\n",

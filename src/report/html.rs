@@ -1,5 +1,5 @@
-//! The report as one self-contained HTML page: inline CSS, SVG charts drawn
-//! with plotters, no scripts and nothing fetched, so it reads offline and
+//! The report as one self-contained HTML page: inline CSS, SVG charts
+//! (`crate::page`), no scripts and nothing fetched, so it reads offline and
 //! prints. Every number comes from the [`Report`] that is also written as
 //! `report.json`.
 
@@ -109,7 +109,7 @@ fn collection(r: &Report, h: &mut String) -> anyhow::Result<()> {
         &values,
         "rows",
         None,
-    )?;
+    );
     let labels: Vec<String> = c.excluded_codes.keys().cloned().collect();
     let values: Vec<f64> = c.excluded_codes.values().map(|v| *v as f64).collect();
     if !labels.is_empty() {
@@ -119,7 +119,7 @@ fn collection(r: &Report, h: &mut String) -> anyhow::Result<()> {
             &values,
             "rows",
             None,
-        )?;
+        );
     }
     *h += "<p>What the policy does with every column";
     if !c.policy_is_builtin {
@@ -216,7 +216,7 @@ fn optouts(r: &Report, h: &mut String) -> anyhow::Result<()> {
         &values,
         "patients",
         None,
-    )?;
+    );
     *h += "<p>The audit:</p>";
     *h += &checks_table(&audit.checks);
     Ok(())
@@ -311,7 +311,7 @@ fn reidentification(r: &Report, h: &mut String) -> anyhow::Result<()> {
         &values,
         "% of records",
         None,
-    )?;
+    );
     *h += "<p class=\"note\">These records never leave the TRE: researchers get aggregates only, with disclosure control. The figures say how much the boundary has to protect.</p>";
     Ok(())
 }
@@ -360,7 +360,7 @@ fn tre(r: &Report, h: &mut String) -> anyhow::Result<()> {
         &values,
         "queries",
         None,
-    )?;
+    );
     *h += "<h3>Researchers' effective guarantees</h3><table><tr><th>researcher</th><th>projects (rule set)</th><th>effective guarantee</th></tr>";
     for res in &t.researchers {
         let projects: Vec<String> = res
