@@ -24,9 +24,9 @@ pub(crate) fn kv_table(rows: &[(&str, String)]) -> String {
     t + "</table>"
 }
 
-pub(crate) const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2a33;line-height:1.45}\
+pub(crate) const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2a33;line-height:1.45;overflow-wrap:break-word}\
 h1{font-size:1.6em}h2{border-bottom:2px solid #2e6f8e;padding-bottom:.2em;margin-top:2em}\
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em}td,th{border:1px solid #c9d4da;padding:.3em .6em;text-align:left;vertical-align:top}\
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em;display:block;max-width:100%;overflow-x:auto}td,th{border:1px solid #c9d4da;padding:.3em .6em;text-align:left;vertical-align:top}.hash{overflow-wrap:anywhere}\
 th{background:#eef3f6}.pass{color:#1f7a3a;font-weight:600}.fail{color:#b3261e;font-weight:700}\
 .verdict{font-size:1.15em;padding:.6em 1em;border-radius:6px;display:inline-block}.ok{background:#e3f4e8}.bad{background:#fbe4e2}\
 figure.chart{margin:1.2em 0}figcaption{font-weight:600;margin-bottom:.3em}figure.chart svg{width:100%;max-width:560px;height:auto;display:block}.note{color:#56656f;font-size:.9em}\

@@ -541,7 +541,7 @@ impl BenchReport {
                 .collect()
         };
         let mut page = String::from(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gpdp bench</title></head><body style=\"font-family:sans-serif;max-width:960px;margin:2em auto\"><h1>gpdp bench</h1>",
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>gpdp bench</title></head><body style=\"font-family:sans-serif;max-width:960px;margin:2em auto\"><h1>gpdp bench</h1>",
         );
         for (title, unit, values) in [
             ("Wall time by scale", "seconds", series(&|m| m.wall_seconds)),

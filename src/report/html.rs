@@ -46,7 +46,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
 fn header(r: &Report, h: &mut String) {
     let _ = write!(
         h,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gpdp report</title><style>{STYLE}</style></head><body>"
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>gpdp report</title><style>{STYLE}</style></head><body>"
     );
     let audit = &r.optouts.audit;
     let _ = write!(
