@@ -1,182 +1,15 @@
 //! The pieces shared by gpdp's self-contained HTML pages (the report, the
 //! public register, the benchmark's charts): escaping, key-value tables,
-//! the stylesheet, and SVG bar and line charts drawn with plotters. No
+//! the stylesheet, and the charts ([`chart`]: SVG written by hand). No
 //! scripts and nothing fetched, so every page reads offline and prints.
+
+mod chart;
+mod escape;
 
 use std::fmt::Write as _;
 
-use plotters::prelude::*;
-
-/// One bar chart as an SVG element, with an optional horizontal reference line.
-pub(crate) fn bar_chart(
-    title: &str,
-    labels: &[String],
-    values: &[f64],
-    y_desc: &str,
-    reference: Option<f64>,
-) -> anyhow::Result<String> {
-    let mut svg = String::new();
-    let width = (140 + 90 * labels.len() as u32).clamp(420, 900);
-    {
-        let root = SVGBackend::with_string(&mut svg, (width, 300)).into_drawing_area();
-        root.fill(&WHITE).map_err(chart_err)?;
-        let top = values
-            .iter()
-            .copied()
-            .chain(reference)
-            .fold(0.0f64, f64::max)
-            .max(1e-9)
-            * 1.15;
-        let n = labels.len().max(1);
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            // A segmented range a..b has a slot for b too: end it at the
-            // last bar, so no empty slot is drawn after it.
-            .build_cartesian_2d((0..n.max(2) - 1).into_segmented(), 0.0..top)
-            .map_err(chart_err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n)
-            .x_label_formatter(&|x| match x {
-                SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
-                _ => String::new(),
-            })
-            .y_desc(y_desc)
-            .y_label_formatter(&|y| format_axis(*y))
-            .label_style(("sans-serif", 11))
-            .draw()
-            .map_err(chart_err)?;
-        chart
-            .draw_series(
-                Histogram::vertical(&chart)
-                    .style(RGBColor(46, 111, 142).filled())
-                    .margin(8)
-                    .data(values.iter().enumerate().map(|(i, v)| (i, *v))),
-            )
-            .map_err(chart_err)?;
-        if let Some(r) = reference {
-            chart
-                .draw_series(LineSeries::new(
-                    [(SegmentValue::Exact(0), r), (SegmentValue::Last, r)],
-                    RGBColor(200, 80, 40).stroke_width(2),
-                ))
-                .map_err(chart_err)?;
-        }
-        root.present().map_err(chart_err)?;
-    }
-    Ok(svg)
-}
-
-/// One line chart as an SVG element: each series a labelled line with
-/// points, each reference a labelled dashed horizontal line; the y axis
-/// spans `y_range`.
-pub(crate) fn line_chart(
-    title: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-    references: &[(String, f64)],
-    (x_desc, y_desc): (&str, &str),
-    y_range: std::ops::Range<f64>,
-) -> anyhow::Result<String> {
-    const COLOURS: [RGBColor; 4] = [
-        RGBColor(46, 111, 142),
-        RGBColor(200, 80, 40),
-        RGBColor(90, 140, 60),
-        RGBColor(120, 80, 150),
-    ];
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (720, 340)).into_drawing_area();
-        root.fill(&WHITE).map_err(chart_err)?;
-        let x_max = series
-            .iter()
-            .flat_map(|(_, points)| points.iter().map(|p| p.0))
-            .fold(1.0f64, f64::max);
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_max * 1.02, y_range)
-            .map_err(chart_err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .x_label_formatter(&|x| format_axis(*x))
-            .y_label_formatter(&|y| format_axis(*y))
-            .label_style(("sans-serif", 11))
-            .draw()
-            .map_err(chart_err)?;
-        for (i, (label, points)) in series.iter().enumerate() {
-            let colour = COLOURS[i % COLOURS.len()];
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().copied(),
-                    colour.stroke_width(2),
-                ))
-                .map_err(chart_err)?
-                .label(label.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2))
-                });
-            chart
-                .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
-                .map_err(chart_err)?;
-        }
-        for (i, (label, y)) in references.iter().enumerate() {
-            let colour = COLOURS[i % COLOURS.len()].mix(0.6);
-            chart
-                .draw_series(DashedLineSeries::new(
-                    [(0.0, *y), (x_max * 1.02, *y)],
-                    6,
-                    4,
-                    colour.stroke_width(1),
-                ))
-                .map_err(chart_err)?
-                .label(label.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(1))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(201, 212, 218))
-            .label_font(("sans-serif", 11))
-            .draw()
-            .map_err(chart_err)?;
-        root.present().map_err(chart_err)?;
-    }
-    Ok(svg)
-}
-
-fn chart_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow::anyhow!("drawing a chart: {e:?}")
-}
-
-fn format_axis(y: f64) -> String {
-    if y.abs() >= 1e6 {
-        format!("{:.1}M", y / 1e6)
-    } else if y.abs() >= 1e4 {
-        format!("{:.0}k", y / 1e3)
-    } else if y.fract() == 0.0 {
-        format!("{y:.0}")
-    } else {
-        format!("{y:.1}")
-    }
-}
-
-pub(crate) fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+pub(crate) use chart::{Difference, bar_chart, difference_chart, line_chart};
+pub(crate) use escape::esc;
 
 pub(crate) fn kv_table(rows: &[(&str, String)]) -> String {
     let mut t = String::from("<table>");
@@ -186,10 +19,10 @@ pub(crate) fn kv_table(rows: &[(&str, String)]) -> String {
     t + "</table>"
 }
 
-pub(crate) const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2a33;line-height:1.45}\
+pub(crate) const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2a33;line-height:1.45;overflow-wrap:break-word}\
 h1{font-size:1.6em}h2{border-bottom:2px solid #2e6f8e;padding-bottom:.2em;margin-top:2em}\
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em}td,th{border:1px solid #c9d4da;padding:.3em .6em;text-align:left;vertical-align:top}\
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em;display:block;max-width:100%;overflow-x:auto}td,th{border:1px solid #c9d4da;padding:.3em .6em;text-align:left;vertical-align:top}.hash{overflow-wrap:anywhere}\
 th{background:#eef3f6}.pass{color:#1f7a3a;font-weight:600}.fail{color:#b3261e;font-weight:700}\
 .verdict{font-size:1.15em;padding:.6em 1em;border-radius:6px;display:inline-block}.ok{background:#e3f4e8}.bad{background:#fbe4e2}\
-svg{max-width:100%;height:auto;display:block;margin:.6em 0}.note{color:#56656f;font-size:.9em}\
+figure.chart{margin:1.2em 0}figcaption{font-weight:600;margin-bottom:.3em}figure.chart svg{width:100%;max-width:560px;height:auto;display:block}.note{color:#56656f;font-size:.9em}\
 @media print{h2{page-break-after:avoid}svg{page-break-inside:avoid}}";

@@ -541,7 +541,7 @@ impl BenchReport {
                 .collect()
         };
         let mut page = String::from(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gpdp bench</title></head><body style=\"font-family:sans-serif;max-width:960px;margin:2em auto\"><h1>gpdp bench</h1>",
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>gpdp bench</title></head><body style=\"font-family:sans-serif;max-width:960px;margin:2em auto\"><h1>gpdp bench</h1>",
         );
         for (title, unit, values) in [
             ("Wall time by scale", "seconds", series(&|m| m.wall_seconds)),
@@ -556,7 +556,7 @@ impl BenchReport {
                 series(&|m| m.peak_memory_mib),
             ),
         ] {
-            page += &crate::page::bar_chart(title, &labels, &values, unit, None)?;
+            page += &crate::page::bar_chart(title, &labels, &values, unit, None);
         }
         if self.thread_scaling.len() > 1 {
             let labels: Vec<String> = self
@@ -575,7 +575,7 @@ impl BenchReport {
                 &values,
                 "M rows/s",
                 None,
-            )?;
+            );
         }
         if !self.privacy.is_empty() {
             let labels: Vec<String> = self
@@ -593,7 +593,7 @@ impl BenchReport {
                 &values,
                 "% of targets right",
                 self.privacy.first().map(|m| 100.0 * m.chance),
-            )?;
+            );
         }
         page += &format!(
             "<pre>{}</pre></body></html>\n",

@@ -28,7 +28,7 @@ pub fn render(r: &Register) -> String {
     let mut h = String::new();
     let _ = write!(
         h,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>GP data for research: who uses it, and how</title><style>{STYLE}</style></head><body>\
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>GP data for research: who uses it, and how</title><style>{STYLE}</style></head><body>\
          <h1>GP data for research: who uses it, and how</h1>\
          <p class=\"note\">The public data-uses register of this store, made {} at store generation {}. Every figure here is also in <code>register.json</code> ({}).</p>",
         esc(&r.generated_at),
@@ -97,7 +97,7 @@ pub fn render(r: &Register) -> String {
             };
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td>{}</td><td>{sql}</td><td>{}</td><td><code>{}</code></td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{sql}</td><td>{}</td><td><code class=\"hash\">{}</code></td></tr>",
                 esc(&q.time),
                 esc(&q.project),
                 q.rows,

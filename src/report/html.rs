@@ -1,5 +1,5 @@
-//! The report as one self-contained HTML page: inline CSS, SVG charts drawn
-//! with plotters, no scripts and nothing fetched, so it reads offline and
+//! The report as one self-contained HTML page: inline CSS, SVG charts
+//! (`crate::page`), no scripts and nothing fetched, so it reads offline and
 //! prints. Every number comes from the [`Report`] that is also written as
 //! `report.json`; [`write()`] writes the two side by side.
 
@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use super::Report;
 use crate::audit::Check;
-use crate::page::{STYLE, bar_chart, esc, kv_table};
+use crate::page::{Difference, STYLE, bar_chart, difference_chart, esc, kv_table};
 
 /// Writes `report.json` (the [`Report`] serialised) and `report.html` (its
 /// page) into `out`; returns their paths.
@@ -62,7 +62,7 @@ pub fn render(r: &Report) -> anyhow::Result<String> {
 fn header(r: &Report, h: &mut String) {
     let _ = write!(
         h,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gpdp report</title><style>{STYLE}</style></head><body>"
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>gpdp report</title><style>{STYLE}</style></head><body>"
     );
     let audit = &r.optouts.audit;
     let _ = write!(
@@ -135,7 +135,7 @@ fn collection(r: &Report, h: &mut String) -> anyhow::Result<()> {
         &values,
         "rows",
         None,
-    )?;
+    );
     let labels: Vec<String> = c.excluded_codes.keys().cloned().collect();
     let values: Vec<f64> = c.excluded_codes.values().map(|v| *v as f64).collect();
     if !labels.is_empty() {
@@ -145,7 +145,7 @@ fn collection(r: &Report, h: &mut String) -> anyhow::Result<()> {
             &values,
             "rows",
             None,
-        )?;
+        );
     }
     *h += "<p>What the policy does with every column";
     if !c.policy_is_builtin {
@@ -259,7 +259,7 @@ fn optouts(r: &Report, h: &mut String) -> anyhow::Result<()> {
         &values,
         "patients",
         None,
-    )?;
+    );
     *h += "<p>The audit:</p>";
     *h += &checks_table(&audit.checks);
     Ok(())
@@ -270,7 +270,7 @@ fn representativeness(r: &Report, h: &mut String) -> anyhow::Result<()> {
     let rep = &r.representativeness;
     let _ = write!(
         h,
-        "<h2>3. Representativeness of the research population</h2><p>The research population (registered patients in <code>{}</code>'s views: after Type 1, the NDOO and later opt-outs) against {}: {} of {} retained ({}). A bar below the line is a group that opt-outs left under-represented.</p>",
+        "<h2>3. Representativeness of the research population</h2><p>The research population (registered patients in <code>{}</code>'s views: after Type 1, the NDOO and later opt-outs) against {}: {} of {} retained ({}). Each bar is a group's retained share minus the overall share, in percentage points: a bar to the left (red) is a group that opt-outs left under-represented.</p>",
         esc(&rep.research_project),
         esc(&rep.baseline),
         rep.research,
@@ -278,19 +278,24 @@ fn representativeness(r: &Report, h: &mut String) -> anyhow::Result<()> {
         pct(rep.retained_share)
     );
     for d in &rep.dimensions {
-        let labels: Vec<String> = d.groups.iter().map(|g| g.value.clone()).collect();
-        let values: Vec<f64> = d.groups.iter().map(|g| 100.0 * g.retained_share).collect();
-        *h += &bar_chart(
+        let groups: Vec<Difference> = d
+            .groups
+            .iter()
+            .map(|g| Difference {
+                label: &g.value,
+                points: g.difference_pp,
+                count: g.population,
+            })
+            .collect();
+        *h += &difference_chart(
             &format!(
-                "Share retained by {} (line: overall {})",
+                "Retained by {}: difference from the overall {}",
                 d.name,
                 pct(rep.retained_share)
             ),
-            &labels,
-            &values,
-            "% retained",
-            Some(100.0 * rep.retained_share),
-        )?;
+            "percentage points (n = the group's population)",
+            &groups,
+        );
         *h += "<table><tr><th>group</th><th>population</th><th>research</th><th>retained</th><th>difference</th></tr>";
         for g in &d.groups {
             let _ = write!(
@@ -349,7 +354,7 @@ fn reidentification(r: &Report, h: &mut String) -> anyhow::Result<()> {
         &values,
         "% of records",
         None,
-    )?;
+    );
     *h += "<p class=\"note\">These records never leave the TRE: researchers get aggregates only, with disclosure control. The figures say how much the boundary has to protect.</p>";
     Ok(())
 }
@@ -398,7 +403,7 @@ fn tre(r: &Report, h: &mut String) -> anyhow::Result<()> {
         &values,
         "queries",
         None,
-    )?;
+    );
     *h += "<h3>Researchers' effective guarantees</h3><table><tr><th>researcher</th><th>projects (rule set)</th><th>effective guarantee</th></tr>";
     for res in &t.researchers {
         let projects: Vec<String> = res

@@ -266,7 +266,7 @@ fn deaths(
 
 /// The section of the page.
 pub fn render(l: &Linkage) -> anyhow::Result<String> {
-    use crate::page::{bar_chart, esc, kv_table};
+    use crate::page::{Difference, difference_chart, esc, kv_table};
     use std::fmt::Write as _;
     let mut h = String::from(
         "<h2>7. Linked data: linkage quality and its bias</h2><p>Hospital spells (<code>apcs</code>) and death registrations (<code>ons_deaths</code>) are linked on the pseudonym of the NHS number the provider recorded. A record <i>should</i> link when its person's GP data is in the store; it does when that number was recorded validly. The records that do not are not missed at random: whatever a researcher estimates from linked data inherits this.</p>",
@@ -292,15 +292,25 @@ pub fn render(l: &Linkage) -> anyhow::Result<String> {
             if d.name == "sex" {
                 continue;
             }
-            let labels: Vec<String> = d.groups.iter().map(|g| g.value.clone()).collect();
-            let values: Vec<f64> = d.groups.iter().map(|g| 100.0 * g.linked_share).collect();
-            h += &bar_chart(
-                &format!("{}: records that link, by {}", s.source, d.name),
-                &labels,
-                &values,
-                "% linked",
-                Some(100.0 * s.linked_share),
-            )?;
+            let groups: Vec<Difference> = d
+                .groups
+                .iter()
+                .map(|g| Difference {
+                    label: &g.value,
+                    points: 100.0 * (g.linked_share - s.linked_share),
+                    count: g.of_stored_patients,
+                })
+                .collect();
+            h += &difference_chart(
+                &format!(
+                    "{}: records that link by {}, difference from the overall {:.2}%",
+                    s.source,
+                    d.name,
+                    100.0 * s.linked_share
+                ),
+                "percentage points (n = the group's records)",
+                &groups,
+            );
         }
     }
     if let Some(d) = &l.deaths {

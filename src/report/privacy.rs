@@ -171,7 +171,7 @@ pub fn render(shown: &Shown) -> anyhow::Result<String> {
             &values,
             "% of targets right",
             m.by_budget.first().map(|a| 100.0 * a.chance),
-        )?;
+        );
     }
     if !m.reconstruction.is_empty() {
         let series: Vec<(String, Vec<(f64, f64)>)> = m
@@ -205,7 +205,7 @@ pub fn render(shown: &Shown) -> anyhow::Result<String> {
             &references,
             ("counts asked", "% of members right"),
             (low - 10.0).clamp(0.0, 90.0).floor()..100.5,
-        )?;
+        );
         h += "<table><tr><th>rule set</th><th>members</th><th>attacks averaged</th><th>guessing</th><th>above guessing from</th><th>right after the last count</th></tr>";
         for c in &m.reconstruction {
             let last = c.points.last().map_or(0.0, |p| p.1);

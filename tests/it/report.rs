@@ -245,9 +245,7 @@ fn the_report_shows_the_attacks_measured_and_whether_under_the_policy_in_force()
     );
     assert!(m.html.contains("Reconstruction of a small group"));
     // Both curves, and the table of their crossings.
-    assert!(
-        m.html.contains("the cell key method (") && m.html.contains("OpenSAFELY&apos;s rules (")
-    );
+    assert!(m.html.contains("the cell key method (") && m.html.contains("OpenSAFELY's rules ("));
     assert!(
         m.html.contains("<td>the cell key method</td>")
             && m.html.contains("<td>OpenSAFELY's rules</td>")
