@@ -36,8 +36,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use super::error::{Refusal, TreError};
 use crate::policy::tre::{Project, TrePolicy};
-use crate::store::{FileEntry, Manifest};
 use crate::store::vectors::DeletionVector;
+use crate::store::{FileEntry, Manifest};
 
 /// A researcher's session and the plans of its views (the guard trusts
 /// exactly these subtrees).

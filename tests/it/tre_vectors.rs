@@ -113,10 +113,12 @@ fn target() -> &'static Target {
     static T: OnceLock<Target> = OnceLock::new();
     T.get_or_init(|| {
         let c = fixture();
-        let events: HashSet<[u8; 32]> =
-            patient_ids(&read_table(&c.store, "clinical_events")).into_iter().collect();
-        let meds: HashSet<[u8; 32]> =
-            patient_ids(&read_table(&c.store, "medications")).into_iter().collect();
+        let events: HashSet<[u8; 32]> = patient_ids(&read_table(&c.store, "clinical_events"))
+            .into_iter()
+            .collect();
+        let meds: HashSet<[u8; 32]> = patient_ids(&read_table(&c.store, "medications"))
+            .into_iter()
+            .collect();
         let key_of = gpdp::deid::pseudonym::patient_key;
         let id = *events
             .intersection(&meds)
@@ -197,10 +199,13 @@ fn has_vectors(store: &Path) -> bool {
 }
 
 fn tombstoned(store: &Path) -> bool {
-    gpdp::store::read_manifest(store).unwrap().tombstones.is_some_and(|t| {
-        let bytes = read_parquet(&store.join(&t.path));
-        patient_ids(&bytes).contains(&target().pseudonym)
-    })
+    gpdp::store::read_manifest(store)
+        .unwrap()
+        .tombstones
+        .is_some_and(|t| {
+            let bytes = read_parquet(&store.join(&t.path));
+            patient_ids(&bytes).contains(&target().pseudonym)
+        })
 }
 
 /// (a) A vector alone — no tombstone — makes the patient unreachable in
@@ -232,7 +237,10 @@ fn a_deletion_vector_alone_makes_a_patient_unreachable_in_every_view() {
         );
         let first = ints(
             &masked,
-            &format!("SELECT patient_key FROM {table} WHERE patient_key >= {} ORDER BY patient_key LIMIT 3", t.key),
+            &format!(
+                "SELECT patient_key FROM {table} WHERE patient_key >= {} ORDER BY patient_key LIMIT 3",
+                t.key
+            ),
         );
         assert!(
             !first.contains(&t.key),
@@ -263,14 +271,23 @@ fn a_deletion_vector_alone_makes_a_patient_unreachable_in_every_view() {
     assert!(!has_vectors(&control) && !tombstoned(&control));
     for table in GP_TABLES {
         let (all, theirs) = stored_rows(&control, table);
-        assert_eq!(count(&control, &format!("SELECT count(*) FROM {table}")), all);
+        assert_eq!(
+            count(&control, &format!("SELECT count(*) FROM {table}")),
+            all
+        );
         let sql = format!("SELECT count(*) FROM {table} WHERE patient_key = {}", t.key);
         assert_eq!(count(&control, &sql), theirs, "{table}: control");
         let first = ints(
             &control,
-            &format!("SELECT patient_key FROM {table} WHERE patient_key >= {} ORDER BY patient_key LIMIT 3", t.key),
+            &format!(
+                "SELECT patient_key FROM {table} WHERE patient_key >= {} ORDER BY patient_key LIMIT 3",
+                t.key
+            ),
         );
-        assert_eq!(first[0], t.key, "{table}: the control's first row is the target's");
+        assert_eq!(
+            first[0], t.key,
+            "{table}: the control's first row is the target's"
+        );
     }
 }
 
@@ -318,7 +335,11 @@ fn the_tombstone_anti_join_alone_hides_a_patient_the_files_still_hold() {
     strip(&store, false, true);
     assert!(!has_vectors(&store) && !tombstoned(&store));
     for table in GP_TABLES {
-        assert_eq!(theirs(&store, table), stored_rows(&store, table).1, "{table}");
+        assert_eq!(
+            theirs(&store, table),
+            stored_rows(&store, table).1,
+            "{table}"
+        );
     }
 }
 
@@ -453,7 +474,10 @@ fn without_vectors_the_store_tables_plan_as_listing_tables_did() {
                 .await
                 .unwrap();
             listing
-                .register_table(table, std::sync::Arc::new(ListingTable::try_new(config).unwrap()))
+                .register_table(
+                    table,
+                    std::sync::Arc::new(ListingTable::try_new(config).unwrap()),
+                )
                 .unwrap();
             let files = files.into_iter().map(|f| (f, None)).collect();
             let provider = gpdp::tre::table::StoreTable::open(&ours.state(), store, files)
