@@ -33,6 +33,7 @@ mod lifecycle;
 mod link;
 mod noise;
 mod optout;
+mod pages;
 mod properties;
 mod report;
 mod serve;
