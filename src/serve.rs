@@ -260,9 +260,15 @@ impl TreFlightService {
         .map_err(|r| status(TreError::Refused(r)))?;
         let manifest =
             crate::store::read_manifest(&self.store).map_err(|e| status(TreError::Store(e)))?;
-        let session = tre::session::open(&self.store, &manifest, &self.tre.policy, project)
-            .await
-            .map_err(status)?;
+        let session = tre::session::open_split(
+            &self.store,
+            &manifest,
+            &self.tre.policy,
+            project,
+            self.tre.partitions,
+        )
+        .await
+        .map_err(status)?;
         let mut out: Vec<(String, Schema)> = session
             .views
             .iter()

@@ -80,8 +80,8 @@ fn tre_boundary(tre: cli::TreArgs, store: &Path) -> anyhow::Result<gpdp::tre::Bo
         None => None,
     };
     Ok(gpdp::tre::Boundary {
-        policy,
         record_keys,
         ledger_dir: tre.ledger,
+        ..gpdp::tre::Boundary::new(policy)
     })
 }

@@ -51,7 +51,7 @@ use datafusion::prelude::lit;
 use super::aggregates::bounded::{Adds, Spec, bounded};
 use super::aggregates::contributors::{contributors, unpack};
 use super::aggregates::patients::patients_at_least;
-use super::aggregates::record_keys::RecordKeys;
+use super::aggregates::record_keys::{RecordKeys, value_key_udf};
 use super::checked::{JoinKind, Predicate, Release, Source, SourceNode, StatKind, Statistic};
 use super::control::dominance::dominance;
 use super::control::dp::Plan as DpPlan;
@@ -323,6 +323,7 @@ fn per_patient(
     record_keys: Option<&RecordKeys>,
 ) -> Result<Compiled> {
     let record_key = record_keys.map(|k| Arc::new(k.udf()));
+    let value_key = value_key_udf();
     let schema = input.schema().clone();
     let patient = Expr::Column(hidden_patient(&schema)?);
     let keys = release.keys.len();
@@ -332,15 +333,21 @@ fn per_patient(
     for s in &release.statistics {
         let f = s.filter.as_ref().map(predicate).transpose()?;
         let n = inner.push(rows_of(s, f.as_ref())?);
-        let (mut total, mut squares, mut minimum) = (None, None, None);
+        let (mut total, mut squares, mut minimum, mut values) = (None, None, None, None);
         if let (false, Some(c)) = (s.kind.is_count(), s.column.as_ref()) {
             total = Some(inner.push(filtered(sum(as_f64(c)), f.as_ref())?));
+            // What keys the patient's contribution: a sum of integers,
+            // the same in any order (their total's bits are not).
+            if record_key.is_some() {
+                let keyed = value_key.call(vec![as_f64(c)]);
+                values = Some(inner.push(filtered(sum(keyed), f.as_ref())?));
+            }
             minimum = Some(inner.push(filtered(min(as_f64(c)), f.as_ref())?));
             if matches!(s.kind, StatKind::Variance | StatKind::StdDev) {
                 squares = Some(inner.push(filtered(sum(as_f64(c) * as_f64(c)), f.as_ref())?));
             }
         }
-        inner_parts.push((n, total, squares, minimum));
+        inner_parts.push((n, total, squares, minimum, values));
     }
     let mut group = group_exprs(release);
     group.push(patient);
@@ -352,7 +359,7 @@ fn per_patient(
     // Outer: per cell, over patients.
     let mut out = Outputs::new(keys);
     let mut parts = Vec::with_capacity(release.statistics.len());
-    for (s, &(n, total, squares, minimum)) in release.statistics.iter().zip(&inner_parts) {
+    for (s, &(n, total, squares, minimum, values)) in release.statistics.iter().zip(&inner_parts) {
         let contributes = at(n).gt(lit(0i64));
         let patients = out.push(filtered(count(lit(1i64)), Some(&contributes))?);
         // The cell key: the record keys of this statistic's own contributors
@@ -369,7 +376,7 @@ fn per_patient(
                 let mut args = vec![at(keys)];
                 if s.kind != StatKind::Patients {
                     args.push(at(n));
-                    args.extend(total.map(&at));
+                    args.extend(values.map(&at));
                 }
                 keyed(&mut out, udf, args)
             })

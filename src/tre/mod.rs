@@ -97,6 +97,11 @@ pub struct Boundary {
     /// ([`dp::ledger_path`]): `--ledger DIR` (or `GPDP_LEDGER`). `None`:
     /// beside the store.
     pub ledger_dir: Option<PathBuf>,
+    /// How many partitions a query's scan is split into: the engine's
+    /// parallelism, [`session::PARTITIONS`] unless a caller chooses.
+    /// Nothing released depends on it: the same question gets the same
+    /// answer, noise and all, however the work is split.
+    pub partitions: usize,
 }
 
 impl Boundary {
@@ -107,6 +112,7 @@ impl Boundary {
             policy,
             record_keys: None,
             ledger_dir: None,
+            partitions: session::PARTITIONS,
         }
     }
 }
@@ -266,7 +272,8 @@ async fn guarded(
     {
         ckm::bind(&req.store, keys)?;
     }
-    let session = session::open(&req.store, &manifest, policy, project).await?;
+    let session =
+        session::open_split(&req.store, &manifest, policy, project, tre.partitions).await?;
     let state = session.ctx.state();
     let plan = state.create_logical_plan(&req.sql).await.map_err(|e| {
         let message = scrub(&e.to_string());

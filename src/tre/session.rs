@@ -64,9 +64,13 @@ fn shared_caches() -> Result<CacheManagerConfig, TreError> {
         .with_file_metadata_cache(Some(caches.get_file_metadata_cache())))
 }
 
-fn new_context(policy: &TrePolicy) -> Result<SessionContext, TreError> {
+/// The partitions a query's scan is split into by default (one per core
+/// of the machine gpdp was measured on).
+pub const PARTITIONS: usize = 2;
+
+fn new_context(policy: &TrePolicy, partitions: usize) -> Result<SessionContext, TreError> {
     let config = SessionConfig::new()
-        .with_target_partitions(2)
+        .with_target_partitions(partitions.max(1))
         .with_information_schema(false);
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(FairSpillPool::new(policy.memory_mb << 20)))
@@ -295,18 +299,30 @@ fn gp_files(
     }
 }
 
-/// Builds the session for one request.
+/// Builds the session for one request, its scans split into
+/// [`PARTITIONS`].
 pub async fn open(
     store: &Path,
     manifest: &Manifest,
     policy: &TrePolicy,
     project: &Project,
 ) -> Result<Session, TreError> {
+    open_split(store, manifest, policy, project, PARTITIONS).await
+}
+
+/// [`open`], its scans split into `partitions`.
+pub async fn open_split(
+    store: &Path,
+    manifest: &Manifest,
+    policy: &TrePolicy,
+    project: &Project,
+    partitions: usize,
+) -> Result<Session, TreError> {
     if manifest.batches.is_empty() {
         return Err(TreError::NoData);
     }
     verify(store, manifest, project)?;
-    let internal = new_context(policy)?;
+    let internal = new_context(policy, partitions)?;
     for table in ["patients", "clinical_events", "medications"] {
         let files = gp_files(store, manifest, table)?;
         let provider = super::table::StoreTable::open(&internal.state(), store, files)
@@ -377,7 +393,7 @@ pub async fn open(
             .map_err(TreError::internal)?;
     }
 
-    let ctx = new_context(policy)?;
+    let ctx = new_context(policy, partitions)?;
     let mut views = HashMap::new();
     for table in &project.tables {
         let linked = crate::extract::Source::from_name(table).is_some();

@@ -111,9 +111,10 @@ impl RecordKeys {
         h.finish() as u32
     }
 
-    /// `gpdp_record_key(patient_key [, rows [, sum]])`: the record key, or
-    /// with a contribution its [`weighted`] key, as an Int64 (summed in the
-    /// plan; disclosure control folds the sum to 32 bits).
+    /// `gpdp_record_key(patient_key [, rows [, values]])`: the record key,
+    /// or with a contribution its [`weighted`] key, as an Int64 (summed in
+    /// the plan; disclosure control folds the sum to 32 bits). `values` is
+    /// the patient's sum of [`value_key`]s.
     pub fn udf(&self) -> ScalarUDF {
         use datafusion::logical_expr::TypeSignature::Exact;
         ScalarUDF::new_from_impl(RecordKeyUdf {
@@ -122,7 +123,7 @@ impl RecordKeys {
                 vec![
                     Exact(vec![DataType::Int64]),
                     Exact(vec![DataType::Int64, DataType::Int64]),
-                    Exact(vec![DataType::Int64, DataType::Int64, DataType::Float64]),
+                    Exact(vec![DataType::Int64, DataType::Int64, DataType::Int64]),
                 ],
                 Volatility::Immutable,
             ),
@@ -142,8 +143,17 @@ impl RecordKeys {
 /// diagnosis of one patient. Keyed by who and how much, every change in
 /// what a statistic is computed from draws fresh noise, and the same rows
 /// still give the same answer every time. The mixing is SplitMix64's
-/// finaliser over the secret record key and the contribution (a
-/// sum's bits, -0 as 0).
+/// finaliser over the secret record key and the contribution: the number
+/// of rows and, for sums and means, `values` — the wrapping sum of the
+/// patient's [`value_key`]s.
+///
+/// Not the bits of the patient's floating-point total: a total is added
+/// up in whatever order the engine meets the rows (partial states merged
+/// as partitions finish, rows passed through when partial aggregation is
+/// skipped), and `(a + b) + c` need not equal `a + (b + c)` to the last
+/// bit. A key of those bits drew fresh noise for the same records from
+/// one run to the next, so asking the same mean again and averaging would
+/// have worn the noise away. A sum of integers is the same in any order.
 ///
 /// One row and no sum is the record key itself: a patient who contributes
 /// one row contributes exactly what a count of patients counts, so a count
@@ -153,16 +163,63 @@ impl RecordKeys {
 /// per patient would be two independent draws of one number, and their
 /// average would halve the noise's variance (docs/design.md: one draw per set of
 /// records, whatever statistic names them).
-pub fn weighted(record_key: u32, rows: u64, sum: Option<f64>) -> u32 {
-    if rows == 1 && sum.is_none() {
+pub fn weighted(record_key: u32, rows: u64, values: Option<i64>) -> u32 {
+    if rows == 1 && values.is_none() {
         return record_key;
     }
-    let bits = sum.map_or(0, |s| if s == 0.0 { 0 } else { s.to_bits() });
+    let bits = values.map_or(0, |v| v as u64);
     let mut z = ((u64::from(record_key) << 32) | (rows & 0xFFFF_FFFF))
         ^ bits.rotate_left(17).wrapping_mul(0xD6E8_FEB8_6659_FD93);
     z = mix(z);
     z = mix(z ^ rows.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     (z >> 32) as u32
+}
+
+/// One value's part of a patient's contribution to a cell key: 32 bits
+/// mixed from the value (-0 as 0, every NaN as one), summed per patient in
+/// the plan as an Int64 — exactly, in any order, for fewer than 2³¹ rows.
+/// It needs no secret: [`weighted`] mixes the sum with the record key.
+pub fn value_key(value: f64) -> i64 {
+    let bits = if value == 0.0 {
+        0
+    } else if value.is_nan() {
+        f64::NAN.to_bits()
+    } else {
+        value.to_bits()
+    };
+    (mix(bits ^ 0xA076_1D64_78BD_642F) >> 32) as i64
+}
+
+/// `gpdp_value_key(value)`: [`value_key`] of a Float64 column, null for
+/// null (so a patient's sum of them covers exactly the values their total
+/// does).
+pub fn value_key_udf() -> ScalarUDF {
+    ScalarUDF::new_from_impl(ValueKeyUdf {
+        signature: Signature::exact(vec![DataType::Float64], Volatility::Immutable),
+    })
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ValueKeyUdf {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for ValueKeyUdf {
+    fn name(&self) -> &str {
+        "gpdp_value_key"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let values = arrays[0].as_primitive::<Float64Type>();
+        let out: Int64Array = values.iter().map(|v| v.map(value_key)).collect();
+        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
+    }
 }
 
 /// SplitMix64's finaliser: a bijection of 64 bits, well mixed.
@@ -192,7 +249,7 @@ impl ScalarUDFImpl for RecordKeyUdf {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let keys = arrays[0].as_primitive::<Int64Type>();
         let rows = arrays.get(1).map(|a| a.as_primitive::<Int64Type>());
-        let sums = arrays.get(2).map(|a| a.as_primitive::<Float64Type>());
+        let values = arrays.get(2).map(|a| a.as_primitive::<Int64Type>());
         let out: Int64Array = (0..keys.len())
             .map(|i| {
                 let rk = self
@@ -202,8 +259,8 @@ impl ScalarUDFImpl for RecordKeyUdf {
                     return Some(i64::from(rk));
                 };
                 let n = rows.is_valid(i).then(|| rows.value(i))?;
-                let s = sums.and_then(|s| s.is_valid(i).then(|| s.value(i)));
-                Some(i64::from(weighted(rk, n as u64, s)))
+                let v = values.and_then(|v| v.is_valid(i).then(|| v.value(i)));
+                Some(i64::from(weighted(rk, n as u64, v)))
             })
             .collect();
         Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
@@ -219,9 +276,37 @@ mod tests {
         for rk in [0u32, 1, 0xDEAD_BEEF, u32::MAX] {
             assert_eq!(weighted(rk, 1, None), rk);
             assert_ne!(weighted(rk, 2, None), rk);
-            assert_ne!(weighted(rk, 1, Some(3.0)), rk);
+            assert_ne!(weighted(rk, 1, Some(value_key(3.0))), rk);
             assert_ne!(weighted(rk, 2, None), weighted(rk, 3, None));
         }
+    }
+
+    /// The same values give the same key in any order; their
+    /// floating-point total need not (the positive control: a key of the
+    /// total's bits, as before, drew fresh noise for the same records).
+    #[test]
+    fn a_patients_values_key_the_same_in_any_order() {
+        let values = [0.1, 0.2, 0.3, 1e16, -1e16, 7.25];
+        let key = |order: &[usize]| -> (i64, u64) {
+            let keys = order.iter().map(|&i| value_key(values[i])).sum();
+            let total: f64 = order.iter().map(|&i| values[i]).sum();
+            (keys, total.to_bits())
+        };
+        let (first, first_total) = key(&[0, 1, 2, 3, 4, 5]);
+        let mut totals = std::collections::HashSet::new();
+        for order in [[5, 4, 3, 2, 1, 0], [2, 0, 1, 4, 3, 5], [3, 0, 4, 1, 2, 5]] {
+            let (keys, total) = key(&order);
+            assert_eq!(keys, first, "{order:?}");
+            totals.insert(total);
+        }
+        totals.insert(first_total);
+        assert!(
+            totals.len() > 1,
+            "the control: the totals' bits differ by order"
+        );
+        assert_eq!(value_key(0.0), value_key(-0.0));
+        assert_ne!(value_key(1.0), value_key(2.0));
+        assert!((0..1 << 32).contains(&value_key(-3.5)));
     }
 
     #[test]
