@@ -185,7 +185,7 @@ pub fn run(opts: &CollectOptions, progress: &Progress) -> Result<CollectSummary,
     );
     // Who is in the batches this run does not collect again: this run's
     // dissenters are deleted from those (the rest hold them back at source).
-    let mut members = BatchMembers::load(&store, |practice| !changed.contains(practice))?;
+    let mut members = BatchMembers::load(&store, |practice| !changed.contains(practice), None)?;
 
     let ctx = Context {
         blocked: &blocked,

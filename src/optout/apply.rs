@@ -164,7 +164,7 @@ fn apply_only(
         added.extend(book.add(REQUEST_SOURCE, &[*patient], &rfc3339(*at)));
     }
     let remove: HashSet<Pseudonym> = requested.keys().copied().collect();
-    let mut members = BatchMembers::load(&store, |_| true)?;
+    let mut members = BatchMembers::load(&store, |_| true, Some(&remove))?;
     let mut next = store.manifest.clone();
     next.key_id = Some(p.key_id());
     let mut deleter = Deleter::new(&store, codec);

@@ -23,10 +23,10 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::parquet::{
-    Rewrite, masked_patients, patient_ids, positions_of, rewrite_without, vector,
+    Rewrite, masked_patients, patient_keys, positions_of, rewrite_without, vector,
 };
 use super::vectors::{self, DeletionVector};
-use super::{FileEntry, Manifest, Store, StoreError, Tombstone, pq_err};
+use super::{BatchEntry, FileEntry, Manifest, Store, StoreError, Tombstone, pq_err};
 use crate::deid::pseudonym::{Pseudonym, patient_key};
 use crate::digest::hex;
 use crate::extract::Table;
@@ -51,24 +51,41 @@ pub struct BatchMembers {
 impl BatchMembers {
     /// Reads the members of the committed batches of the practices `wanted`
     /// picks from their `patients` files (every row of a batch belongs to a
-    /// patient in it: collection quarantines the rest). A patient whose rows
-    /// a deletion vector masks is no longer a member.
-    pub fn load(store: &Store, wanted: impl Fn(&str) -> bool) -> Result<BatchMembers, StoreError> {
-        let mut members = BatchMembers::default();
-        for (practice, entry) in &store.manifest.batches {
-            if !wanted(practice) {
-                continue;
-            }
-            let Some(file) = entry.files.get(Table::Patients.name()) else {
-                continue;
-            };
+    /// patient in it: collection quarantines the rest), one file per
+    /// worker. A patient whose rows a deletion vector masks is no longer a
+    /// member. With `only`, just those patients are kept: a deletion of a
+    /// few patients need not hold, nor sort, every patient's key.
+    pub fn load(
+        store: &Store,
+        wanted: impl Fn(&str) -> bool,
+        only: Option<&HashSet<Pseudonym>>,
+    ) -> Result<BatchMembers, StoreError> {
+        let only: Option<HashSet<i64>> = only.map(|o| o.iter().map(patient_key).collect());
+        let files: Vec<(&String, &BatchEntry)> = store
+            .manifest
+            .batches
+            .iter()
+            .filter(|(practice, entry)| {
+                wanted(practice) && entry.files.contains_key(Table::Patients.name())
+            })
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let read = crate::parallel(&files, threads, |&(practice, entry)| {
+            let file = &entry.files[Table::Patients.name()];
             let path = store.path(&file.path);
             let dv = vector(store.root(), entry, Table::Patients.name())?;
-            let ids = patient_ids(&path, dv.as_ref()).map_err(pq_err(&path))?;
-            let mut keys: Vec<i64> = ids.iter().map(patient_key).collect();
+            let mut keys = patient_keys(&path, dv.as_ref()).map_err(pq_err(&path))?;
+            if let Some(only) = &only {
+                keys.retain(|k| only.contains(k));
+            }
             keys.sort_unstable();
             keys.dedup();
-            members.by_practice.insert(practice.clone(), keys);
+            Ok::<_, StoreError>((practice.clone(), keys))
+        });
+        let mut members = BatchMembers::default();
+        for r in read {
+            let (practice, keys) = r?;
+            members.by_practice.insert(practice, keys);
         }
         Ok(members)
     }
