@@ -25,7 +25,7 @@ use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use gpdp::policy::tre::TrePolicy;
 use gpdp::store::vectors::{self, DeletionVector};
-use gpdp::tre::{Boundary, Request, TreError};
+use gpdp::tre::{Request, TreError};
 
 const KEY_BYTE: u8 = 13;
 const PROJECT: &str = "demo-planning-exempt";
@@ -343,23 +343,10 @@ fn the_tombstone_anti_join_alone_hides_a_patient_the_files_still_hold() {
     }
 }
 
-fn boundary() -> Boundary {
-    let mut policy = TrePolicy::load(None).unwrap();
-    for p in policy.projects.values_mut() {
-        p.disclosure.cell_budget = None;
-    }
-    Boundary {
-        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
-            &[5; 32],
-        )),
-        ..Boundary::new(policy)
-    }
-}
-
 fn ask(store: &Path) -> Result<gpdp::tre::Released, TreError> {
     let (user, token) = researcher_of(PROJECT);
     gpdp::tre::query_blocking(
-        &boundary(),
+        &ckm_boundary(),
         &Request {
             store: store.to_owned(),
             user: user.into(),

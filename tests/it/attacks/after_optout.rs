@@ -22,25 +22,11 @@
 
 use super::*;
 use gpdp::bench::privacy::{Attacker, PADDINGS, World, any_answer_moved, world};
-use gpdp::policy::tre::TrePolicy;
 use gpdp::tre::Boundary;
 
 const KEY: u8 = 17;
 const TARGETS: usize = 6;
 const PROJECT: &str = "demo-planning-exempt";
-
-fn ckm_boundary() -> Boundary {
-    let mut policy = TrePolicy::load(None).unwrap();
-    for p in policy.projects.values_mut() {
-        p.disclosure.cell_budget = None;
-    }
-    Boundary {
-        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
-            &[5; 32],
-        )),
-        ..Boundary::new(policy)
-    }
-}
 
 /// How many of `w`'s targets the padding attack detects in `store`.
 fn detected(store: &Path, tre: &Boundary, w: &World) -> usize {

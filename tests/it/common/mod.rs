@@ -345,6 +345,23 @@ pub fn researcher_of(project: &str) -> (&'static str, &'static str) {
     gpdp::demo::researcher_for(project).unwrap_or(("alice", "demo-alice-token"))
 }
 
+/// The shipped TRE policy with a perturbation key for the cell key method
+/// beside it (32 bytes of 5), and each project's budget of released cells
+/// lifted: what the rule set alone lets through (the budget is what stops
+/// repeated questions; tests/it/ledger.rs tests it).
+pub fn ckm_boundary() -> gpdp::tre::Boundary {
+    let mut policy = gpdp::policy::tre::TrePolicy::load(None).unwrap();
+    for p in policy.projects.values_mut() {
+        p.disclosure.cell_budget = None;
+    }
+    gpdp::tre::Boundary {
+        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+            &[5; 32],
+        )),
+        ..gpdp::tre::Boundary::new(policy)
+    }
+}
+
 /// What each researcher of a TRE policy may rely on, worked out here from
 /// the policy's text (read as TOML, not through gpdp's parser): the
 /// weakest rule set among their projects, in the order dp (ρ-bounded) >
