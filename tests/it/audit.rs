@@ -110,15 +110,7 @@ fn base() -> &'static Base {
     static B: OnceLock<Base> = OnceLock::new();
     B.get_or_init(|| {
         let c = collected_with_ndoo(2, 400, 26, KEY);
-        let o = gpdp()
-            .args(["link", "--extract"])
-            .arg(&c.extract)
-            .arg("--store")
-            .arg(&c.store)
-            .arg("--key")
-            .arg(&c.key)
-            .output()
-            .unwrap();
+        let o = link(&c, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
         // A refused query, so that the log holds one to tamper with.
         let o = query_as_alice(&c.store, &["SELECT patient_id FROM patients"]);

@@ -9,19 +9,6 @@ use std::path::Path;
 
 use crate::common::*;
 
-fn link(c: &Collected, extra: &[&str]) -> std::process::Output {
-    gpdp()
-        .args(["link", "--extract"])
-        .arg(&c.extract)
-        .arg("--store")
-        .arg(&c.store)
-        .arg("--key")
-        .arg(&c.key)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
 /// The truth's provider records of `source`, by reason.
 fn truth_rows(extract: &Path, source: &str) -> Vec<BTreeMap<String, String>> {
     Csv::read(&extract.join("truth/linkage.csv"))

@@ -321,15 +321,7 @@ fn screenshot(page: &Path, width: u32, height: u64, png: &Path) -> Result<(), St
 /// refused; then `report.html` and `register.html` written from it.
 fn pages() -> (Collected, Vec<(&'static str, PathBuf)>) {
     let c = collected_with_ndoo(3, 1200, 23, 5);
-    let o = gpdp()
-        .args(["link", "--quiet", "--extract"])
-        .arg(&c.extract)
-        .arg("--store")
-        .arg(&c.store)
-        .arg("--key")
-        .arg(&c.key)
-        .output()
-        .unwrap();
+    let o = link(&c, &["--quiet"]);
     assert!(o.status.success(), "{}", stderr(&o));
     for sql in [
         "SELECT sex, count(*) AS n FROM patients GROUP BY sex",

@@ -320,6 +320,21 @@ impl Collected {
     }
 }
 
+/// `gpdp link` of the provider data in `c`'s extract into its store, with
+/// `extra`.
+pub fn link(c: &Collected, extra: &[&str]) -> Output {
+    gpdp()
+        .args(["link", "--extract"])
+        .arg(&c.extract)
+        .arg("--store")
+        .arg(&c.store)
+        .arg("--key")
+        .arg(&c.key)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// `gpdp optout status --json` for one NHS number, at the practice.
 pub fn optout_status(c: &Collected, nhs: &str) -> serde_json::Value {
     let o = run(&[
