@@ -708,15 +708,9 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// `gpdp report --json` figures of the test's store.
-fn report(c: &Collected, name: &str) -> serde_json::Value {
+fn report_figures(c: &Collected, name: &str) -> serde_json::Value {
     let out = c._dir.path().join(name);
-    let o = gpdp()
-        .arg("report")
-        .args(c.truth_args())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = report(c, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
 }
@@ -797,7 +791,7 @@ fn after_apply_every_reader_sees_what_it_sees_after_the_purge() {
     }
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let masked = report(&c, "report-masked");
+    let masked = report_figures(&c, "report-masked");
 
     let o = purge(&c, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -810,7 +804,7 @@ fn after_apply_every_reader_sees_what_it_sees_after_the_purge() {
     }
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let purged = report(&c, "report-purged");
+    let purged = report_figures(&c, "report-purged");
 
     let masked_rows = masked["collection"]["rows_masked_awaiting_purge"]
         .as_u64()
@@ -895,16 +889,7 @@ fn a_reader_given_a_vector_whose_checksum_does_not_match_refuses_the_file() {
     write_requests(&list, &more[3..], "");
     refused(apply(&c, &list, &[]), "optout apply");
     let out = c._dir.path().join("report");
-    refused(
-        gpdp()
-            .arg("report")
-            .args(c.truth_args())
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap(),
-        "report",
-    );
+    refused(report(&c, &out, &[]), "report");
     let o = audit(&c);
     assert_eq!(o.status.code(), Some(3));
     let line = line_of(&stdout(&o), "files_match_manifest").to_owned();

@@ -330,13 +330,8 @@ fn pages() -> (Collected, Vec<(&'static str, PathBuf)>) {
     ] {
         let _ = query_as_alice(&c.store, &[sql]);
     }
-    let report = c._dir.path().join("report");
-    let o = gpdp()
-        .arg("report")
-        .args(c.truth_args())
-        .args(["--out", report.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let report_dir = c._dir.path().join("report");
+    let o = report(&c, &report_dir, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let register = c._dir.path().join("register");
     let o = run(&[
@@ -348,7 +343,7 @@ fn pages() -> (Collected, Vec<(&'static str, PathBuf)>) {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let pages = vec![
-        ("report", report.join("report.html")),
+        ("report", report_dir.join("report.html")),
         ("register", register.join("register.html")),
     ];
     (c, pages)

@@ -335,6 +335,18 @@ pub fn link(c: &Collected, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `gpdp report` of `c`'s store against its truth into `out`, with `extra`.
+pub fn report(c: &Collected, out: &Path, extra: &[&str]) -> Output {
+    gpdp()
+        .arg("report")
+        .args(c.truth_args())
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// `gpdp optout status --json` for one NHS number, at the practice.
 pub fn optout_status(c: &Collected, nhs: &str) -> serde_json::Value {
     let o = run(&[
