@@ -50,19 +50,7 @@ fn write_requests(path: &Path, numbers: &[String], date: &str) {
 
 /// `gpdp optout apply` of `list` on the test's store, ready to run.
 fn apply_command(c: &Collected, list: &Path) -> std::process::Command {
-    apply_command_at(&c.store, &c.key, list)
-}
-
-/// `gpdp optout apply` of `list` on `store`, ready to run.
-fn apply_command_at(store: &Path, key: &Path, list: &Path) -> std::process::Command {
-    let mut cmd = gpdp();
-    cmd.args(["optout", "apply", "--type1"])
-        .arg(list)
-        .arg("--store")
-        .arg(store)
-        .arg("--key")
-        .arg(key);
-    cmd
+    optout_apply(&c.store, &c.key, list)
 }
 
 fn apply(c: &Collected, list: &Path, extra: &[&str]) -> std::process::Output {
@@ -478,7 +466,7 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
     kill_during(
         &c,
         &targets,
-        &|store| apply_command_at(store, &c.key, &list),
+        &|store| optout_apply(store, &c.key, &list),
         &|store| reachable_patients(store),
     );
     let o = apply(&c, &list, &[]);

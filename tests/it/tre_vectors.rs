@@ -304,13 +304,7 @@ fn the_tombstone_anti_join_alone_hides_a_patient_the_files_still_hold() {
         format!("nhs_number,requested_at\n{},2024-06-01\n", target().nhs),
     )
     .unwrap();
-    let o = gpdp()
-        .args(["optout", "apply", "--type1"])
-        .arg(&list)
-        .arg("--store")
-        .arg(&store)
-        .arg("--key")
-        .arg(&fixture().key)
+    let o = optout_apply(&store, &fixture().key, &list)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));

@@ -79,16 +79,7 @@ fn a_patient_opted_out_after_collection_cannot_be_detected_by_differencing() {
     copy_tree(&c.store, &applied);
     let list = dir.path().join("type1.csv");
     std::fs::write(&list, format!("nhs_number\n{}\n", numbers.join("\n"))).unwrap();
-    let o = run(&[
-        "optout",
-        "apply",
-        "--type1",
-        list.to_str().unwrap(),
-        "--store",
-        applied.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-    ]);
+    let o = optout_apply(&applied, &c.key, &list).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let m = gpdp::store::read_manifest(&applied).unwrap();
     assert!(m.batches.values().any(|b| !b.vectors.is_empty()));

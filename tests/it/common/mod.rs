@@ -347,6 +347,18 @@ pub fn report(c: &Collected, out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `gpdp optout apply --type1 LIST` on `store` with `key`, ready to run.
+pub fn optout_apply(store: &Path, key: &Path, list: &Path) -> Command {
+    let mut cmd = gpdp();
+    cmd.args(["optout", "apply", "--type1"])
+        .arg(list)
+        .arg("--store")
+        .arg(store)
+        .arg("--key")
+        .arg(key);
+    cmd
+}
+
 /// `gpdp optout status --json` for one NHS number, at the practice.
 pub fn optout_status(c: &Collected, nhs: &str) -> serde_json::Value {
     let o = run(&[
