@@ -5,7 +5,7 @@
 //! `gpdp audit` against the truth.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -457,11 +457,7 @@ fn a_withdrawal_recorded_after_the_request_brings_the_patient_back() {
 /// (re-applying a finished deletion is a no-op).
 #[test]
 fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
-    let c = setup();
-    let numbers = later_opt_outs(&c.extract, 5, 45);
-    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
-    let list = c._dir.path().join("requests.csv");
-    write_requests(&list, &numbers, "2026-04-01");
+    let (c, targets, list) = kill_setup();
     // Apply's deletion: the patients unreachable.
     kill_during(
         &c,
@@ -482,11 +478,7 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
 /// are all in the bytes or all erased, and never reachable meanwhile.
 #[test]
 fn killing_purge_at_any_moment_never_shows_a_half_erasure() {
-    let c = setup();
-    let numbers = later_opt_outs(&c.extract, 5, 45);
-    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
-    let list = c._dir.path().join("requests.csv");
-    write_requests(&list, &numbers, "2026-04-01");
+    let (c, targets, list) = kill_setup();
     let o = apply(&c, &list, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     kill_during(&c, &targets, &purge_command, &|store| {
@@ -501,6 +493,17 @@ fn killing_purge_at_any_moment_never_shows_a_half_erasure() {
     assert!(stored_patients(&c.store).is_disjoint(&targets));
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
+/// The kill tests' store and deletion: 5 movers and 45 others opted out
+/// on 1 April 2026, their pseudonyms, and the requests list.
+fn kill_setup() -> (Collected, HashSet<[u8; 32]>, PathBuf) {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 5, 45);
+    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &numbers, "2026-04-01");
+    (c, targets, list)
 }
 
 /// Twelve runs of `command` on the test's store, each killed at a moment
