@@ -256,6 +256,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Parameters D (`max_perturbation`), V (`variance`) and js
+    /// (`small_values`), at magnitude 0.5.
+    fn params(max_perturbation: u32, variance: f64, small_values: u32) -> Params {
+        Params {
+            max_perturbation,
+            variance,
+            small_values,
+            magnitude: 0.5,
+        }
+    }
+
     fn stats(row: &[(i64, f64)]) -> (f64, f64, f64) {
         let total: f64 = row.iter().map(|(_, p)| p).sum();
         let mean: f64 = row.iter().map(|(v, p)| *v as f64 * p).sum();
@@ -268,13 +279,7 @@ mod tests {
 
     #[test]
     fn large_counts_have_the_target_variance_and_maximum_entropy_shape() {
-        let t = PTable::new(Params {
-            max_perturbation: 5,
-            variance: 3.0,
-            small_values: 4,
-            magnitude: 0.5,
-        })
-        .unwrap();
+        let t = PTable::new(params(5, 3.0, 4)).unwrap();
         let (n, last) = t.rows().last().unwrap();
         assert_eq!(n, 10, "js + D + 1");
         let (total, mean, var) = stats(&last);
@@ -290,13 +295,7 @@ mod tests {
 
     #[test]
     fn small_counts_never_come_out_small_and_zero_stays_zero() {
-        let t = PTable::new(Params {
-            max_perturbation: 5,
-            variance: 3.0,
-            small_values: 4,
-            magnitude: 0.5,
-        })
-        .unwrap();
+        let t = PTable::new(params(5, 3.0, 4)).unwrap();
         for key in (0..u32::MAX).step_by(9_999_991) {
             assert_eq!(t.perturb(0, key), 0);
             for n in 1..40 {
@@ -309,13 +308,7 @@ mod tests {
 
     #[test]
     fn the_cell_key_chooses_by_the_cumulative_distribution() {
-        let t = PTable::new(Params {
-            max_perturbation: 2,
-            variance: 1.0,
-            small_values: 0,
-            magnitude: 0.5,
-        })
-        .unwrap();
+        let t = PTable::new(params(2, 1.0, 0)).unwrap();
         // Frequencies over evenly spread keys match the row.
         let (_, row) = t.rows().nth(10.min(t.rows().count() - 1)).unwrap();
         let keys = 1_000_000u64;
@@ -332,15 +325,7 @@ mod tests {
 
     #[test]
     fn impossible_parameters_are_refused() {
-        let bad = |d, v, js| {
-            PTable::new(Params {
-                max_perturbation: d,
-                variance: v,
-                small_values: js,
-                magnitude: 0.5,
-            })
-            .is_err()
-        };
+        let bad = |d, v, js| PTable::new(params(d, v, js)).is_err();
         assert!(bad(0, 1.0, 0));
         assert!(bad(3, 1.0, 3), "a count of 1 could not leave 1..=3 upwards");
         assert!(bad(2, 0.0, 0));
@@ -354,7 +339,7 @@ mod tests {
         ) {
             let js = ((f64::from(d) - 1.0) * js_frac).floor() as u32;
             let variance = v_frac * f64::from(d * d);
-            let t = PTable::new(Params { max_perturbation: d, variance, small_values: js, magnitude: 0.5 }).unwrap();
+            let t = PTable::new(params(d, variance, js)).unwrap();
             for (n, row) in t.rows() {
                 let (total, mean, _) = stats(&row);
                 prop_assert!((total - 1.0).abs() < 1e-9);

@@ -270,13 +270,7 @@ impl<'a> Deleter<'a> {
             }
             masked.proof.push(proof);
         }
-        for (practice, hit) in hits {
-            masked.patients += hit.len() as u64;
-            if let Some(entry) = next.batches.get_mut(&practice) {
-                entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
-            }
-            members.remove(&practice, &hit);
-        }
+        masked.patients = record_deleted(next, members, hits);
         Ok(masked)
     }
 
@@ -344,12 +338,7 @@ impl<'a> Deleter<'a> {
                 "sha256_before": file.sha256, "sha256_after": rw.sha256,
                 "vector_sha256_before": vector.sha256,
             }));
-            let new = FileEntry {
-                path: new_rel,
-                rows: rw.rows_after,
-                bytes: rw.bytes,
-                sha256: rw.sha256,
-            };
+            let new = rewritten(new_rel, rw);
             purged.replaced.push(std::mem::replace(file, new).path);
             purged.replaced.push(vector.path);
             batches.insert(practice);
@@ -439,22 +428,40 @@ impl<'a> Deleter<'a> {
                 proof["vector_sha256_before"] = json!(old.sha256);
             }
             deleted.proof.push(proof);
-            let new = FileEntry {
-                path: new_rel,
-                rows: rw.rows_after,
-                bytes: rw.bytes,
-                sha256: rw.sha256,
-            };
+            let new = rewritten(new_rel, rw);
             deleted.replaced.push(std::mem::replace(file, new).path);
         }
-        for (practice, hit) in hits {
-            deleted.patients += hit.len() as u64;
-            if let Some(entry) = next.batches.get_mut(&practice) {
-                entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
-            }
-            members.remove(&practice, &hit);
-        }
+        deleted.patients = record_deleted(next, members, hits);
         Ok(deleted)
+    }
+}
+
+/// Records in `next` that each batch of `hits` lost its patients there,
+/// and forgets them as members of it in `members`; returns the
+/// patient-batch pairs (a patient in two batches counts twice).
+fn record_deleted(
+    next: &mut Manifest,
+    members: &mut BatchMembers,
+    hits: BTreeMap<String, HashSet<Pseudonym>>,
+) -> u64 {
+    let mut pairs = 0;
+    for (practice, hit) in hits {
+        pairs += hit.len() as u64;
+        if let Some(entry) = next.batches.get_mut(&practice) {
+            entry.deleted_patients.extend(hit.iter().map(|p| hex(p)));
+        }
+        members.remove(&practice, &hit);
+    }
+    pairs
+}
+
+/// The manifest entry of a file rewritten as `path`.
+fn rewritten(path: String, rw: Rewrite) -> FileEntry {
+    FileEntry {
+        path,
+        rows: rw.rows_after,
+        bytes: rw.bytes,
+        sha256: rw.sha256,
     }
 }
 

@@ -110,15 +110,7 @@ fn base() -> &'static Base {
     static B: OnceLock<Base> = OnceLock::new();
     B.get_or_init(|| {
         let c = collected_with_ndoo(2, 400, 26, KEY);
-        let o = gpdp()
-            .args(["link", "--extract"])
-            .arg(&c.extract)
-            .arg("--store")
-            .arg(&c.store)
-            .arg("--key")
-            .arg(&c.key)
-            .output()
-            .unwrap();
+        let o = link(&c, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
         // A refused query, so that the log holds one to tamper with.
         let o = query_as_alice(&c.store, &["SELECT patient_id FROM patients"]);
@@ -150,13 +142,7 @@ fn base() -> &'static Base {
             format!("nhs_number,requested_at\n{},2026-04-01\n", erased.nhs),
         )
         .unwrap();
-        let o = gpdp()
-            .args(["optout", "apply", "--type1"])
-            .arg(&list)
-            .arg("--store")
-            .arg(&c.store)
-            .arg("--key")
-            .arg(&c.key)
+        let o = optout_apply(&c.store, &c.key, &list)
             .arg("--purge")
             .output()
             .unwrap();
@@ -541,15 +527,7 @@ fn apply_spare(store: &Path, date: Option<&str>) -> [u8; 32] {
         ),
     )
     .unwrap();
-    let o = gpdp()
-        .args(["optout", "apply", "--type1"])
-        .arg(&list)
-        .arg("--store")
-        .arg(store)
-        .arg("--key")
-        .arg(&b.c.key)
-        .output()
-        .unwrap();
+    let o = optout_apply(store, &b.c.key, &list).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     pseudonym(KEY, &b.spare)
 }

@@ -513,22 +513,6 @@ fn checked_population() -> &'static Population {
     checked(reconstruction_population())
 }
 
-/// The shipped policy with the test's perturbation key beside it.
-fn ckm_boundary() -> Boundary {
-    let mut policy = TrePolicy::load(None).unwrap();
-    // What the rule set alone lets through: its budget of released cells
-    // lifted (the budget is what stops this; tests/it/ledger.rs tests it).
-    for p in policy.projects.values_mut() {
-        p.disclosure.cell_budget = None;
-    }
-    Boundary {
-        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
-            &[5; 32],
-        )),
-        ..Boundary::new(policy)
-    }
-}
-
 /// Clearly above the base rate b over n members: b + 3·√(b(1 − b)/n), which
 /// a guesser right about each member with probability b passes with
 /// probability about 0.1%.

@@ -45,17 +45,10 @@ fn later_opt_outs(c: &Collected, n: usize) -> Vec<String> {
 fn apply_later(c: &Collected, numbers: &[String]) {
     let list = c._dir.path().join("type1-requests.csv");
     std::fs::write(&list, format!("nhs_number\n{}\n", numbers.join("\n"))).unwrap();
-    let o = run(&[
-        "optout",
-        "apply",
-        "--type1",
-        list.to_str().unwrap(),
-        "--store",
-        c.store.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-        "--purge",
-    ]);
+    let o = optout_apply(&c.store, &c.key, &list)
+        .arg("--purge")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
 

@@ -9,19 +9,6 @@ use std::path::Path;
 
 use crate::common::*;
 
-fn link(c: &Collected, extra: &[&str]) -> std::process::Output {
-    gpdp()
-        .args(["link", "--extract"])
-        .arg(&c.extract)
-        .arg("--store")
-        .arg(&c.store)
-        .arg("--key")
-        .arg(&c.key)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
 /// The truth's provider records of `source`, by reason.
 fn truth_rows(extract: &Path, source: &str) -> Vec<BTreeMap<String, String>> {
     Csv::read(&extract.join("truth/linkage.csv"))
@@ -288,13 +275,7 @@ fn the_report_measures_linkage_and_its_bias_against_the_truth() {
     let c = collected_with_ndoo(4, 2500, 87, 8);
     assert!(link(&c, &[]).status.success());
     let out = c._dir.path().join("report");
-    let o = gpdp()
-        .arg("report")
-        .args(c.truth_args())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = report(&c, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();

@@ -5,7 +5,7 @@
 //! `gpdp audit` against the truth.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -50,19 +50,7 @@ fn write_requests(path: &Path, numbers: &[String], date: &str) {
 
 /// `gpdp optout apply` of `list` on the test's store, ready to run.
 fn apply_command(c: &Collected, list: &Path) -> std::process::Command {
-    apply_command_at(&c.store, &c.key, list)
-}
-
-/// `gpdp optout apply` of `list` on `store`, ready to run.
-fn apply_command_at(store: &Path, key: &Path, list: &Path) -> std::process::Command {
-    let mut cmd = gpdp();
-    cmd.args(["optout", "apply", "--type1"])
-        .arg(list)
-        .arg("--store")
-        .arg(store)
-        .arg("--key")
-        .arg(key);
-    cmd
+    optout_apply(&c.store, &c.key, list)
 }
 
 fn apply(c: &Collected, list: &Path, extra: &[&str]) -> std::process::Output {
@@ -469,16 +457,12 @@ fn a_withdrawal_recorded_after_the_request_brings_the_patient_back() {
 /// (re-applying a finished deletion is a no-op).
 #[test]
 fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
-    let c = setup();
-    let numbers = later_opt_outs(&c.extract, 5, 45);
-    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
-    let list = c._dir.path().join("requests.csv");
-    write_requests(&list, &numbers, "2026-04-01");
+    let (c, targets, list) = kill_setup();
     // Apply's deletion: the patients unreachable.
     kill_during(
         &c,
         &targets,
-        &|store| apply_command_at(store, &c.key, &list),
+        &|store| optout_apply(store, &c.key, &list),
         &|store| reachable_patients(store),
     );
     let o = apply(&c, &list, &[]);
@@ -494,11 +478,7 @@ fn killing_apply_at_any_moment_never_shows_a_half_deletion() {
 /// are all in the bytes or all erased, and never reachable meanwhile.
 #[test]
 fn killing_purge_at_any_moment_never_shows_a_half_erasure() {
-    let c = setup();
-    let numbers = later_opt_outs(&c.extract, 5, 45);
-    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
-    let list = c._dir.path().join("requests.csv");
-    write_requests(&list, &numbers, "2026-04-01");
+    let (c, targets, list) = kill_setup();
     let o = apply(&c, &list, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     kill_during(&c, &targets, &purge_command, &|store| {
@@ -513,6 +493,17 @@ fn killing_purge_at_any_moment_never_shows_a_half_erasure() {
     assert!(stored_patients(&c.store).is_disjoint(&targets));
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
+/// The kill tests' store and deletion: 5 movers and 45 others opted out
+/// on 1 April 2026, their pseudonyms, and the requests list.
+fn kill_setup() -> (Collected, HashSet<[u8; 32]>, PathBuf) {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 5, 45);
+    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &numbers, "2026-04-01");
+    (c, targets, list)
 }
 
 /// Twelve runs of `command` on the test's store, each killed at a moment
@@ -707,31 +698,10 @@ fn copy_dir(from: &Path, to: &Path) {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-/// A link of provider data into the test's store (the report's linkage
-/// section reads the GP patients beside it).
-fn link(c: &Collected) {
-    let o = gpdp()
-        .args(["link", "--extract"])
-        .arg(&c.extract)
-        .arg("--store")
-        .arg(&c.store)
-        .arg("--key")
-        .arg(&c.key)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-}
-
 /// `gpdp report --json` figures of the test's store.
-fn report(c: &Collected, name: &str) -> serde_json::Value {
+fn report_figures(c: &Collected, name: &str) -> serde_json::Value {
     let out = c._dir.path().join(name);
-    let o = gpdp()
-        .arg("report")
-        .args(c.truth_args())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = report(c, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
 }
@@ -744,7 +714,10 @@ fn report(c: &Collected, name: &str) -> serde_json::Value {
 #[test]
 fn after_apply_every_reader_sees_what_it_sees_after_the_purge() {
     let c = setup();
-    link(&c);
+    // A link of provider data (the report's linkage section reads the GP
+    // patients beside it).
+    let o = link(&c, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let numbers = later_opt_outs(&c.extract, 2, 3);
     let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
     let list = c._dir.path().join("requests.csv");
@@ -809,7 +782,7 @@ fn after_apply_every_reader_sees_what_it_sees_after_the_purge() {
     }
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let masked = report(&c, "report-masked");
+    let masked = report_figures(&c, "report-masked");
 
     let o = purge(&c, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -822,7 +795,7 @@ fn after_apply_every_reader_sees_what_it_sees_after_the_purge() {
     }
     let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    let purged = report(&c, "report-purged");
+    let purged = report_figures(&c, "report-purged");
 
     let masked_rows = masked["collection"]["rows_masked_awaiting_purge"]
         .as_u64()
@@ -907,16 +880,7 @@ fn a_reader_given_a_vector_whose_checksum_does_not_match_refuses_the_file() {
     write_requests(&list, &more[3..], "");
     refused(apply(&c, &list, &[]), "optout apply");
     let out = c._dir.path().join("report");
-    refused(
-        gpdp()
-            .arg("report")
-            .args(c.truth_args())
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap(),
-        "report",
-    );
+    refused(report(&c, &out, &[]), "report");
     let o = audit(&c);
     assert_eq!(o.status.code(), Some(3));
     let line = line_of(&stdout(&o), "files_match_manifest").to_owned();

@@ -321,15 +321,7 @@ fn screenshot(page: &Path, width: u32, height: u64, png: &Path) -> Result<(), St
 /// refused; then `report.html` and `register.html` written from it.
 fn pages() -> (Collected, Vec<(&'static str, PathBuf)>) {
     let c = collected_with_ndoo(3, 1200, 23, 5);
-    let o = gpdp()
-        .args(["link", "--quiet", "--extract"])
-        .arg(&c.extract)
-        .arg("--store")
-        .arg(&c.store)
-        .arg("--key")
-        .arg(&c.key)
-        .output()
-        .unwrap();
+    let o = link(&c, &["--quiet"]);
     assert!(o.status.success(), "{}", stderr(&o));
     for sql in [
         "SELECT sex, count(*) AS n FROM patients GROUP BY sex",
@@ -338,13 +330,8 @@ fn pages() -> (Collected, Vec<(&'static str, PathBuf)>) {
     ] {
         let _ = query_as_alice(&c.store, &[sql]);
     }
-    let report = c._dir.path().join("report");
-    let o = gpdp()
-        .arg("report")
-        .args(c.truth_args())
-        .args(["--out", report.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let report_dir = c._dir.path().join("report");
+    let o = report(&c, &report_dir, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let register = c._dir.path().join("register");
     let o = run(&[
@@ -356,7 +343,7 @@ fn pages() -> (Collected, Vec<(&'static str, PathBuf)>) {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let pages = vec![
-        ("report", report.join("report.html")),
+        ("report", report_dir.join("report.html")),
         ("register", register.join("register.html")),
     ];
     (c, pages)

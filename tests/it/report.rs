@@ -17,12 +17,7 @@ struct Made {
 fn made() -> Made {
     let c = collected_with_ndoo(3, 1200, 17, 7);
     let out = c._dir.path().join("report");
-    let o = gpdp()
-        .arg("report")
-        .args(c.truth_args())
-        .args(["--out", out.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = report(&c, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let json = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
@@ -256,13 +251,7 @@ fn the_report_shows_the_attacks_measured_and_whether_under_the_policy_in_force()
     let out = m.c._dir.path().join("report-other");
     let report_with = |measurement: &serde_json::Value| {
         std::fs::write(&file, measurement.to_string()).unwrap();
-        gpdp()
-            .arg("report")
-            .args(m.c.truth_args())
-            .args(["--out", out.to_str().unwrap()])
-            .args(["--privacy", file.to_str().unwrap()])
-            .output()
-            .unwrap()
+        report(&m.c, &out, &["--privacy", file.to_str().unwrap()])
     };
     let mut other: serde_json::Value = shown["measurement"].clone();
     other["tre_policy_rules_sha256"] = serde_json::json!("0".repeat(64));

@@ -25,7 +25,7 @@ use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use gpdp::policy::tre::TrePolicy;
 use gpdp::store::vectors::{self, DeletionVector};
-use gpdp::tre::{Boundary, Request, TreError};
+use gpdp::tre::{Request, TreError};
 
 const KEY_BYTE: u8 = 13;
 const PROJECT: &str = "demo-planning-exempt";
@@ -304,13 +304,7 @@ fn the_tombstone_anti_join_alone_hides_a_patient_the_files_still_hold() {
         format!("nhs_number,requested_at\n{},2024-06-01\n", target().nhs),
     )
     .unwrap();
-    let o = gpdp()
-        .args(["optout", "apply", "--type1"])
-        .arg(&list)
-        .arg("--store")
-        .arg(&store)
-        .arg("--key")
-        .arg(&fixture().key)
+    let o = optout_apply(&store, &fixture().key, &list)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -343,23 +337,10 @@ fn the_tombstone_anti_join_alone_hides_a_patient_the_files_still_hold() {
     }
 }
 
-fn boundary() -> Boundary {
-    let mut policy = TrePolicy::load(None).unwrap();
-    for p in policy.projects.values_mut() {
-        p.disclosure.cell_budget = None;
-    }
-    Boundary {
-        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
-            &[5; 32],
-        )),
-        ..Boundary::new(policy)
-    }
-}
-
 fn ask(store: &Path) -> Result<gpdp::tre::Released, TreError> {
     let (user, token) = researcher_of(PROJECT);
     gpdp::tre::query_blocking(
-        &boundary(),
+        &ckm_boundary(),
         &Request {
             store: store.to_owned(),
             user: user.into(),

@@ -22,25 +22,11 @@
 
 use super::*;
 use gpdp::bench::privacy::{Attacker, PADDINGS, World, any_answer_moved, world};
-use gpdp::policy::tre::TrePolicy;
 use gpdp::tre::Boundary;
 
 const KEY: u8 = 17;
 const TARGETS: usize = 6;
 const PROJECT: &str = "demo-planning-exempt";
-
-fn ckm_boundary() -> Boundary {
-    let mut policy = TrePolicy::load(None).unwrap();
-    for p in policy.projects.values_mut() {
-        p.disclosure.cell_budget = None;
-    }
-    Boundary {
-        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
-            &[5; 32],
-        )),
-        ..Boundary::new(policy)
-    }
-}
 
 /// How many of `w`'s targets the padding attack detects in `store`.
 fn detected(store: &Path, tre: &Boundary, w: &World) -> usize {
@@ -93,16 +79,7 @@ fn a_patient_opted_out_after_collection_cannot_be_detected_by_differencing() {
     copy_tree(&c.store, &applied);
     let list = dir.path().join("type1.csv");
     std::fs::write(&list, format!("nhs_number\n{}\n", numbers.join("\n"))).unwrap();
-    let o = run(&[
-        "optout",
-        "apply",
-        "--type1",
-        list.to_str().unwrap(),
-        "--store",
-        applied.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-    ]);
+    let o = optout_apply(&applied, &c.key, &list).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let m = gpdp::store::read_manifest(&applied).unwrap();
     assert!(m.batches.values().any(|b| !b.vectors.is_empty()));

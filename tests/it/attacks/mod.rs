@@ -470,16 +470,7 @@ fn build_worlds() -> Worlds {
         copy_tree(&a.store, &store);
         let requests = dir.path().join(format!("type1-{}.csv", targets.len()));
         std::fs::write(&requests, format!("nhs_number\n{nhs}\n")).unwrap();
-        let o = run(&[
-            "optout",
-            "apply",
-            "--type1",
-            requests.to_str().unwrap(),
-            "--store",
-            store.to_str().unwrap(),
-            "--key",
-            a.key.to_str().unwrap(),
-        ]);
+        let o = optout_apply(&store, &a.key, &requests).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         b.push(store);
     }

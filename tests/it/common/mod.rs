@@ -320,6 +320,45 @@ impl Collected {
     }
 }
 
+/// `gpdp link` of the provider data in `c`'s extract into its store, with
+/// `extra`.
+pub fn link(c: &Collected, extra: &[&str]) -> Output {
+    gpdp()
+        .args(["link", "--extract"])
+        .arg(&c.extract)
+        .arg("--store")
+        .arg(&c.store)
+        .arg("--key")
+        .arg(&c.key)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// `gpdp report` of `c`'s store against its truth into `out`, with `extra`.
+pub fn report(c: &Collected, out: &Path, extra: &[&str]) -> Output {
+    gpdp()
+        .arg("report")
+        .args(c.truth_args())
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// `gpdp optout apply --type1 LIST` on `store` with `key`, ready to run.
+pub fn optout_apply(store: &Path, key: &Path, list: &Path) -> Command {
+    let mut cmd = gpdp();
+    cmd.args(["optout", "apply", "--type1"])
+        .arg(list)
+        .arg("--store")
+        .arg(store)
+        .arg("--key")
+        .arg(key);
+    cmd
+}
+
 /// `gpdp optout status --json` for one NHS number, at the practice.
 pub fn optout_status(c: &Collected, nhs: &str) -> serde_json::Value {
     let o = run(&[
@@ -343,6 +382,23 @@ pub fn optout_status(c: &Collected, nhs: &str) -> serde_json::Value {
 /// the policy does not have.
 pub fn researcher_of(project: &str) -> (&'static str, &'static str) {
     gpdp::demo::researcher_for(project).unwrap_or(("alice", "demo-alice-token"))
+}
+
+/// The shipped TRE policy with a perturbation key for the cell key method
+/// beside it (32 bytes of 5), and each project's budget of released cells
+/// lifted: what the rule set alone lets through (the budget is what stops
+/// repeated questions; tests/it/ledger.rs tests it).
+pub fn ckm_boundary() -> gpdp::tre::Boundary {
+    let mut policy = gpdp::policy::tre::TrePolicy::load(None).unwrap();
+    for p in policy.projects.values_mut() {
+        p.disclosure.cell_budget = None;
+    }
+    gpdp::tre::Boundary {
+        record_keys: Some(gpdp::tre::aggregates::record_keys::RecordKeys::from_bytes(
+            &[5; 32],
+        )),
+        ..gpdp::tre::Boundary::new(policy)
+    }
 }
 
 /// What each researcher of a TRE policy may rely on, worked out here from
