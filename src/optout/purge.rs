@@ -18,10 +18,11 @@
 //! without the masked rows. That commit's log then holds a `purge` entry
 //! with `"by": "collect"` ([`by_collection`]): the rows erased, the
 //! patients whose last masked row went with them and their request →
-//! erased latency, as a purge's (the files' proof is in the `collect` and
-//! `delete` entries beside it).
+//! erased latency, as a purge's; its proof names each dropped vector and
+//! the data file it masked (the files that replace them are in the
+//! `collect` and `delete` entries beside it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
@@ -141,8 +142,7 @@ pub fn by_collection<'a>(
         return Ok(None);
     }
     let requests: Vec<(Pseudonym, &str)> = requests.collect();
-    let requested: std::collections::HashSet<Pseudonym> =
-        requests.iter().map(|(p, _)| *p).collect();
+    let requested: HashSet<Pseudonym> = requests.iter().map(|(p, _)| *p).collect();
     dropped.erased.retain(|p| requested.contains(p));
     let (median, max) = erased_latencies(requests.into_iter(), &dropped.erased, Utc::now());
     Ok(Some(json!({
