@@ -702,6 +702,12 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
     if tombstones_changed {
         next.tombstones = Some(store.write_tombstones(&tombstones, g.codec)?);
     }
+    // Masked rows erased with the files this takes out of force: logged
+    // in the same commit, with the requests they finish erasing.
+    let requests = g.book.of_source(REQUEST_SOURCE);
+    if let Some(erased) = crate::optout::purge::by_collection(store, &next, requests, &now)? {
+        log.push(erased);
+    }
     next.commit_log = log;
     store.commit(next)?;
     for path in superseded {

@@ -38,6 +38,7 @@ use crate::policy::Codec;
 use crate::store::delete::{BatchMembers, Deleter, TombstoneBook};
 use crate::store::{Store, now_rfc3339};
 
+use super::purge::ERASED_BY_COLLECTION;
 pub use super::request::REQUEST_SOURCE;
 use super::request::median_max;
 
@@ -253,18 +254,23 @@ pub struct LaterOptouts {
     pub latency_max_seconds: Option<f64>,
     /// `gpdp optout purge` runs that erased rows.
     pub purges: u64,
-    /// Patients whose rows are all erased from the bytes (a run of a gpdp
-    /// that rewrote files at once counts its patients here too).
+    /// Patients whose rows are all erased from the bytes: by a purge, or by
+    /// a collection whose commit took the last files masking them out of
+    /// force (a `purge` entry `"by": "collect"`); a run of a gpdp that
+    /// rewrote files at once counts its patients here too.
     pub patients_erased: u64,
-    /// Rows erased from the bytes.
+    /// Rows erased from the bytes (by purges and collections alike).
     pub rows_erased: u64,
-    /// Request → erased: the median of the last purge, the longest of all.
+    /// Request → erased: the median of the last erasure that erased a
+    /// patient (a purge's or a collection's), the longest of all.
     pub latency_erased_median_seconds_last_purge: Option<f64>,
     pub latency_erased_max_seconds: Option<f64>,
 }
 
 /// Type 1 opt-outs applied after collection, from the log's `delete` and
-/// `purge` entries (also the public register's figures).
+/// `purge` entries — a collection's `purge` entry (`"by": "collect"`)
+/// counts its erasures and latencies but not as a purge run — (also the
+/// public register's figures).
 pub fn later_optouts(log: &[Value]) -> LaterOptouts {
     let mut later = LaterOptouts::default();
     let max = |into: &mut Option<f64>, v: Option<f64>| {
@@ -301,7 +307,10 @@ pub fn later_optouts(log: &[Value]) -> LaterOptouts {
                 );
             }
         } else if e["event"] == "purge" {
-            later.purges += 1;
+            // A collection that erased masked rows counts as erasure, not as a purge run.
+            if e["by"] != ERASED_BY_COLLECTION {
+                later.purges += 1;
+            }
             later.patients_erased += e["patients_erased"].as_u64().unwrap_or(0);
             later.rows_erased += e["rows_erased"]
                 .as_object()
@@ -338,8 +347,20 @@ mod tests {
             json!({"event": "purge", "reason": "type1_request", "patients_erased": 3,
                    "rows_erased": {"patients": 3, "clinical_events": 7},
                    "latency_erased_median_seconds": 60.0, "latency_erased_max_seconds": 61.0}),
+            // Collection erased the rest of a masked run: erasure, not a purge run.
+            json!({"event": "delete", "reason": "type1_request", "tombstones_added": 1,
+                   "rows_removed": {"patients": 1}, "pending": 0,
+                   "erasure": ERASURE_BY_VECTORS,
+                   "latency_median_seconds": 3.0, "latency_max_seconds": 3.0}),
+            json!({"event": "purge", "reason": "type1_request", "by": ERASED_BY_COLLECTION,
+                   "patients_erased": 1, "rows_erased": {"patients": 1},
+                   "latency_erased_median_seconds": 70.0, "latency_erased_max_seconds": 70.0}),
+            // A collection that dropped vectors of patients still masked elsewhere.
+            json!({"event": "purge", "reason": "type1_request", "by": ERASED_BY_COLLECTION,
+                   "patients_erased": 0, "rows_erased": {"clinical_events": 2},
+                   "latency_erased_median_seconds": null, "latency_erased_max_seconds": null}),
         ];
-        let l = later_optouts(&log);
+        let l = later_optouts(&log[..4]);
         assert_eq!(
             (l.runs, l.patients_deleted, l.rows_removed, l.pending),
             (2, 5, 12, 1)
@@ -355,6 +376,17 @@ mod tests {
                 l.latency_erased_max_seconds
             ),
             (Some(60.0), Some(61.0))
+        );
+        // A collection's erasure counts, with its latency, but is no purge run.
+        let l = later_optouts(&log);
+        assert_eq!((l.runs, l.patients_deleted), (3, 6));
+        assert_eq!((l.purges, l.patients_erased, l.rows_erased), (1, 6, 15));
+        assert_eq!(
+            (
+                l.latency_erased_median_seconds_last_purge,
+                l.latency_erased_max_seconds
+            ),
+            (Some(70.0), Some(70.0))
         );
         // Before the purge, the masked run is unreachable, not erased.
         let l = later_optouts(&log[..3]);

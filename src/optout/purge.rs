@@ -12,24 +12,30 @@
 //! whose last masked row it erased (a patient some kept vector still masks
 //! is not erased yet). A purge with nothing to rewrite changes nothing.
 //!
-//! Rows that a later rewrite of the same file erases first — a collection's
-//! deletion of another patient, which drops masked rows with the file's
-//! vector — are erased too, and proven in that `delete` entry; their
-//! request → erased latency is not recorded (only a purge records it).
+//! Collection erases masked rows too, without a purge: collecting a
+//! practice again takes its old batch's files (and vectors) out of force,
+//! and deleting a dissenting patient from another batch rewrites its files
+//! without the masked rows. That commit's log then holds a `purge` entry
+//! with `"by": "collect"` ([`by_collection`]): the rows erased, the
+//! patients whose last masked row went with them and their request →
+//! erased latency, as a purge's; its proof names each dropped vector and
+//! the data file it masked (the files that replace them are in the
+//! `collect` and `delete` entries beside it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::list::OptoutError;
-use super::request::{REQUEST_SOURCE, median_max};
+use super::request::{REQUEST_SOURCE, erased_latencies};
+use crate::deid::pseudonym::Pseudonym;
 use crate::policy::Codec;
-use crate::store::delete::Deleter;
-use crate::store::{Store, now_rfc3339};
+use crate::store::delete::{Deleter, dropped_vectors};
+use crate::store::{Manifest, Store, StoreError, now_rfc3339};
 
 /// What `optout purge` did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -87,23 +93,12 @@ pub fn purge_store(
         return Ok(report);
     }
     // Request → erased, for the requests whose last masked row this erases.
-    let done = Utc::now();
-    let mut requested: BTreeMap<_, DateTime<Utc>> = BTreeMap::new();
-    for t in store
+    let requests = store
         .tombstones
         .iter()
-        .filter(|t| t.source == REQUEST_SOURCE && purged.erased.contains(&t.patient_id))
-    {
-        if let Ok(at) = DateTime::parse_from_rfc3339(&t.recorded_at) {
-            requested.insert(t.patient_id, at.with_timezone(&Utc));
-        }
-    }
-    let (median, max) = median_max(
-        requested
-            .values()
-            .map(|at| (done - *at).num_milliseconds().max(0) as f64 / 1000.0)
-            .collect(),
-    );
+        .filter(|t| t.source == REQUEST_SOURCE)
+        .map(|t| (t.patient_id, t.recorded_at.as_str()));
+    let (median, max) = erased_latencies(requests, &purged.erased, Utc::now());
     report.latency_erased_median_seconds = median;
     report.latency_erased_max_seconds = max;
     next.commit_log = vec![json!({
@@ -124,4 +119,42 @@ pub fn purge_store(
     report.generation = store.manifest.generation;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// What `by` says in a `purge` entry that a collection's commit logged.
+pub const ERASED_BY_COLLECTION: &str = "collect";
+
+/// The `purge` entry (`"by": "collect"`) for a collection commit that
+/// takes `next` in force, if it drops deletion vectors
+/// ([`dropped_vectors`]; call it before the commit, while the dropped files
+/// are on disk): the masked rows erased with their files, and the patients
+/// of `requests` (patient and `recorded_at` of each request tombstone in
+/// force after the commit) left with no masked row anywhere, with their
+/// request → erased latency.
+pub fn by_collection<'a>(
+    store: &Store,
+    next: &Manifest,
+    requests: impl Iterator<Item = (Pseudonym, &'a str)>,
+    time: &str,
+) -> Result<Option<Value>, StoreError> {
+    let mut dropped = dropped_vectors(store, next)?;
+    if dropped.proof.is_empty() {
+        return Ok(None);
+    }
+    let requests: Vec<(Pseudonym, &str)> = requests.collect();
+    let requested: HashSet<Pseudonym> = requests.iter().map(|(p, _)| *p).collect();
+    dropped.erased.retain(|p| requested.contains(p));
+    let (median, max) = erased_latencies(requests.into_iter(), &dropped.erased, Utc::now());
+    Ok(Some(json!({
+        "event": "purge",
+        "time": time,
+        "reason": "type1_request",
+        "by": ERASED_BY_COLLECTION,
+        "vectors_dropped": dropped.proof.len(),
+        "rows_erased": dropped.rows_erased,
+        "patients_erased": dropped.erased.len(),
+        "latency_erased_median_seconds": median,
+        "latency_erased_max_seconds": max,
+        "proof": dropped.proof,
+    })))
 }

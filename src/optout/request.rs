@@ -1,6 +1,13 @@
 //! A later opt-out request, as both phases of erasure see it: the
 //! tombstone source that marks it, and how its latencies are summarised
-//! (apply: request → unreachable; purge: request → erased).
+//! (apply: request → unreachable; purge, or a collection that drops the
+//! files their vectors masked: request → erased).
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+
+use crate::deid::pseudonym::Pseudonym;
 
 /// The tombstone source of opt-outs applied with `gpdp optout apply`.
 pub const REQUEST_SOURCE: &str = "type1-request";
@@ -11,5 +18,27 @@ pub(crate) fn median_max(mut seconds: Vec<f64>) -> (Option<f64>, Option<f64>) {
     (
         seconds.get(seconds.len() / 2).copied(),
         seconds.last().copied(),
+    )
+}
+
+/// The median and the longest of the seconds from each of `erased`'s
+/// request (`requests`: patient and `recorded_at` of their request
+/// tombstone; a patient without one is not counted) to `done`.
+pub(crate) fn erased_latencies<'a>(
+    requests: impl Iterator<Item = (Pseudonym, &'a str)>,
+    erased: &HashSet<Pseudonym>,
+    done: DateTime<Utc>,
+) -> (Option<f64>, Option<f64>) {
+    let mut requested: std::collections::BTreeMap<_, DateTime<Utc>> = Default::default();
+    for (p, at) in requests.filter(|(p, _)| erased.contains(p)) {
+        if let Ok(at) = DateTime::parse_from_rfc3339(at) {
+            requested.insert(p, at.with_timezone(&Utc));
+        }
+    }
+    median_max(
+        requested
+            .values()
+            .map(|at| (done - *at).num_milliseconds().max(0) as f64 / 1000.0)
+            .collect(),
     )
 }

@@ -15,6 +15,12 @@
 //! that manifest is committed, and every file yields a proof entry for the
 //! audit log: rows and SHA-256 before and after, or the rows masked, the
 //! vector's SHA-256 and the data file's it is bound to.
+//!
+//! A commit that takes a data file with a vector out of force — the
+//! batch collected again, or the file rewritten — erases the rows the
+//! vector masked with it; [`dropped_vectors`] says which, and which
+//! patients that leaves with no masked row anywhere, for the same commit's
+//! log.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -475,6 +481,101 @@ pub fn vector_name(data: &str, table: &str, generation: u64) -> String {
         .and_then(|n| n.strip_suffix(".parquet"))
         .unwrap_or("batch");
     format!("tables/{table}/{stem}.v{generation}.dv")
+}
+
+/// The deletion vectors of the manifest in force whose data files `next`
+/// no longer has in force — a batch collected again, or a file rewritten
+/// without its patients (and the rows its vector masked) — and who they
+/// erase: the masked rows are gone with those files, so a patient masked
+/// there and by no vector of `next` has no row left anywhere. Only the
+/// dropped vectors' files are read, and of the vectors `next` keeps only
+/// those of batches whose `deleted_patients` name one of those patients
+/// (a vector masks only patients deleted from its batch). Relies on the
+/// dropped files still being on disk: call it before `next` is committed.
+pub fn dropped_vectors(store: &Store, next: &Manifest) -> Result<Dropped, StoreError> {
+    let mut dropped = Dropped::default();
+    let mut tasks: Vec<(String, String, FileEntry, FileEntry, DeletionVector)> = Vec::new();
+    for (practice, entry) in &store.manifest.batches {
+        for (table, vector_file) in &entry.vectors {
+            let data = &entry.files[table];
+            let in_force = next
+                .batches
+                .get(practice)
+                .and_then(|b| b.files.get(table))
+                .is_some_and(|f| f.path == data.path);
+            if in_force {
+                // Same data file: its vector is kept (or grown), not dropped.
+                continue;
+            }
+            let Some(dv) = vector(store.root(), entry, table)? else {
+                continue;
+            };
+            tasks.push((
+                practice.clone(),
+                table.clone(),
+                data.clone(),
+                vector_file.clone(),
+                dv,
+            ));
+        }
+    }
+    if tasks.is_empty() {
+        return Ok(dropped);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let results = crate::parallel(&tasks, threads, |(_, _, data, _, dv)| {
+        let path = store.path(&data.path);
+        masked_patients(&path, dv).map_err(pq_err(&path))
+    });
+    for ((practice, table, data, vector_file, dv), result) in tasks.into_iter().zip(results) {
+        dropped.erased.extend(result?);
+        *dropped.rows_erased.entry(table.clone()).or_default() += dv.len();
+        dropped.proof.push(json!({
+            "practice": practice, "table": table,
+            "rows": data.rows, "rows_masked": dv.len(), "sha256": data.sha256,
+            "vector_sha256_before": vector_file.sha256,
+        }));
+    }
+    // The patients some vector of `next` still masks are not erased yet.
+    let erased_hex: Vec<String> = dropped.erased.iter().map(|p| hex(p)).collect();
+    let mut kept: Vec<(String, DeletionVector)> = Vec::new();
+    for entry in next.batches.values() {
+        if entry.vectors.is_empty()
+            || !erased_hex
+                .iter()
+                .any(|h| entry.deleted_patients.contains(h))
+        {
+            continue;
+        }
+        for table in entry.vectors.keys() {
+            if let Some(dv) = vector(store.root(), entry, table)? {
+                kept.push((entry.files[table].path.clone(), dv));
+            }
+        }
+    }
+    let still = crate::parallel(&kept, threads, |(src, dv)| {
+        let src = store.path(src);
+        masked_patients(&src, dv).map_err(pq_err(&src))
+    });
+    for s in still {
+        for p in s? {
+            dropped.erased.remove(&p);
+        }
+    }
+    Ok(dropped)
+}
+
+/// What the vectors a commit drops erased ([`dropped_vectors`]).
+#[derive(Debug, Default)]
+pub struct Dropped {
+    /// Masked rows erased with their files, by table.
+    pub rows_erased: BTreeMap<String, u64>,
+    /// One entry per dropped vector: practice, table, the data file's rows
+    /// and SHA-256, the rows it masked and the vector's SHA-256.
+    pub proof: Vec<Value>,
+    /// Patients whose masked rows are now all erased (none left under a
+    /// vector `next` keeps).
+    pub erased: HashSet<Pseudonym>,
 }
 
 /// What one masking changed.

@@ -980,7 +980,137 @@ fn a_rewrite_of_a_file_with_a_vector_keeps_the_masked_rows_out() {
             .any(|p| p["practice"] == other.as_str() && p["vector_sha256_before"].is_string()),
         "{delete}"
     );
+    // The masked patient's last masked rows went with the rewrite: erased,
+    // in the same commit, with their request → erased latency.
+    let erased: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone())
+        .rfind(|e| e["event"] == "purge")
+        .unwrap_or_else(|| panic!("no purge entry by collect in the log"));
+    assert_eq!(erased["by"], "collect", "{erased}");
+    assert_eq!(erased["generation"], delete["generation"], "{erased}");
+    assert_eq!(erased["patients_erased"], 1, "{erased}");
+    assert!(erased["latency_erased_max_seconds"].as_f64().is_some());
     // Without the truth: the extract was edited, the truth was not.
     let o = run(&["audit", "--store", c.store.to_str().unwrap()]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
+/// Collection erases masked rows without a purge: collecting a practice
+/// again takes its old batch's files, vectors and all, out of force. That
+/// commit logs a `purge` entry `"by": "collect"` with the patients left with
+/// no masked row anywhere and their request → erased latency, and the
+/// report counts them as erased, not awaiting the purge; a mover still
+/// masked at their other practice waits for the purge.
+#[test]
+fn collecting_a_practice_again_erases_its_masked_patients_and_logs_them() {
+    let c = setup();
+    let recs = Csv::read(&c.extract.join("truth/patients.csv")).records();
+    let mut practices: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in recs.iter().filter(|r| r["type1_anywhere"] == "false") {
+        practices
+            .entry(r["nhs_number"].clone())
+            .or_default()
+            .push(r["practice"].clone());
+    }
+    // A mover (masked at two practices) and a patient of only one of them.
+    let (mover, at) = practices.iter().find(|(_, p)| p.len() == 2).unwrap();
+    let again = at[0].clone();
+    let single = practices
+        .iter()
+        .find(|(n, p)| *n != mover && p.len() == 1 && p[0] == again)
+        .unwrap()
+        .0
+        .clone();
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &[mover.clone(), single.clone()], "");
+    assert!(apply(&c, &list, &[]).status.success());
+    assert!(manifest(&c.store)["batches"][&again]["vectors"].is_object());
+
+    // The practice's extract changes (a row of another patient twice): collected again.
+    let events = c
+        .extract
+        .join(format!("practices/{again}/clinical_events.csv"));
+    let text = std::fs::read_to_string(&events).unwrap();
+    let row = text
+        .lines()
+        .skip(1)
+        .find(|l| !l.starts_with(mover.as_str()) && !l.starts_with(single.as_str()))
+        .unwrap()
+        .to_owned();
+    std::fs::write(&events, format!("{text}{row}\n")).unwrap();
+    let o = collect(&c.extract, &c.store, &c.key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = manifest(&c.store);
+    assert!(m["batches"][&again].get("vectors").is_none(), "{m}");
+    assert!(
+        m["batches"][&at[1]]["vectors"].is_object(),
+        "the mover's other practice keeps its vectors"
+    );
+    let stored = stored_patients(&c.store);
+    assert!(!stored.contains(&pseudonym(5, &single)));
+    assert!(
+        stored.contains(&pseudonym(5, mover)),
+        "still in the bytes at the other practice"
+    );
+
+    let r = report(&c, "report-collected");
+    let later = |r: &serde_json::Value, k: &str| r["optouts"]["later"][k].clone();
+    assert_eq!(later(&r, "patients_deleted"), 2);
+    assert_eq!(later(&r, "patients_erased"), 1, "{}", r["optouts"]);
+    assert_eq!(later(&r, "purges"), 0);
+    assert!(later(&r, "latency_erased_max_seconds").as_f64().is_some());
+
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(c.store.join("audit/log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone())
+        .collect();
+    let collected = log
+        .iter()
+        .rfind(|e| e["event"] == "collect" && e["practice"] == again.as_str())
+        .unwrap();
+    let erased = log
+        .iter()
+        .rfind(|e| e["event"] == "purge")
+        .unwrap_or_else(|| panic!("no purge entry by collect in the log"));
+    assert_eq!(erased["by"], "collect", "{erased}");
+    assert_eq!(erased["reason"], "type1_request");
+    assert_eq!(
+        erased["generation"], collected["generation"],
+        "logged in the commit that erased them"
+    );
+    assert_eq!(erased["patients_erased"], 1, "{erased}");
+    assert!(
+        erased["rows_erased"]["patients"].as_u64().unwrap() >= 2,
+        "{erased}"
+    );
+    assert!(erased["latency_erased_max_seconds"].as_f64().unwrap() >= 0.0);
+    assert!(
+        erased["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["practice"] == again.as_str())
+    );
+
+    let s = optout_status(&c, &single);
+    assert_eq!(s["in_store"], false, "{s}");
+    assert!(s.get("rows_awaiting_purge").is_none(), "{s}");
+    let o = audit(&c);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        line_of(&stdout(&o), "tombstoned_patients_absent").contains("pass"),
+        "{}",
+        stdout(&o)
+    );
+
+    // The purge erases the mover: two erased in all, one purge run.
+    let o = purge(&c, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&c, "report-purged");
+    assert_eq!(later(&r, "patients_erased"), 2, "{}", r["optouts"]);
+    assert_eq!(later(&r, "purges"), 1);
+    let o = audit(&c);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
