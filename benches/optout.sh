@@ -53,21 +53,41 @@ cp -r "$work/store" "$work/store-clustered"
   "$bin" optout apply --type1 "$work/clustered.csv" --store "$work/store-clustered" --key "$work/key" --json > "$work/clustered.json"
 /usr/bin/time -f "%e %M" -o "$work/clustered-purge.time" \
   "$bin" optout purge --store "$work/store-clustered" --json > "$work/clustered-purge.json"
+PATIENTS="$patients" PRACTICES="$practices" COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
 python3 - "$work" "$optouts" <<'PY'
-import json, sys
+import datetime, json, os, platform, sys
 work, n = sys.argv[1], int(sys.argv[2])
+rows = []
 c_s, c_kb = open(f"{work}/collect.time").read().split()
 print(f"{'run':66} {'wall s':>7} {'peak':>8} {'vs re-collection':>17}  written")
 print(f"{'full re-collection':66} {float(c_s):7.2f} {int(c_kb) // 1024:5d} MiB {1:16.2f}x")
+rows.append(("full re-collection (`gpdp collect` of the whole extract)", float(c_s), int(c_kb) // 1024, 1.0, "everything"))
 for name in ("spread", "clustered"):
     a_s, a_kb = open(f"{work}/{name}.time").read().split()
     r = json.load(open(f"{work}/{name}.json"))
     label = f"optout apply (unreachable), {n} {name} ({r['registrations_deleted']} registrations)"
     print(f"{label:66} {float(a_s):7.2f} {int(a_kb) // 1024:5d} MiB {float(a_s) / float(c_s):16.2f}x  "
           f"{r['files_masked']} vectors in {r['batches_masked']} batches, {sum(r['rows_removed'].values())} rows masked")
+    rows.append((f"`optout apply` (unreachable), {n:,} {name} ({r['registrations_deleted']:,} registrations)",
+                 float(a_s), int(a_kb) // 1024, float(a_s) / float(c_s),
+                 f"{r['files_masked']} vectors in {r['batches_masked']} batches, {sum(r['rows_removed'].values()):,} rows masked; no data file"))
     p_s, p_kb = open(f"{work}/{name}-purge.time").read().split()
     p = json.load(open(f"{work}/{name}-purge.json"))
     label = f"optout purge (erased), the same {n} {name}"
     print(f"{label:66} {float(p_s):7.2f} {int(p_kb) // 1024:5d} MiB {float(p_s) / float(c_s):16.2f}x  "
           f"{p['files_rewritten']} files in {p['batches_rewritten']} batches, {sum(p['rows_erased'].values())} rows erased")
+    rows.append((f"`optout purge` (erased), the same {n:,} {name}", float(p_s), int(p_kb) // 1024, float(p_s) / float(c_s),
+                 f"{p['files_rewritten']} files in {p['batches_rewritten']} batches rewritten, {sum(p['rows_erased'].values()):,} rows erased"))
+# The same figures as Markdown, dated, for docs/benchmarks.md to link to
+# (copy bench-data/optout.md to docs/measurements/optout-PATIENTS.md).
+patients, practices = int(os.environ["PATIENTS"]), os.environ["PRACTICES"]
+md = [f"# Later opt-outs against a re-collection, {patients:,} patients ({practices} practices)", "",
+      f"Written by `bash benches/optout.sh {patients} {practices} {n}` on "
+      f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC at commit {os.environ['COMMIT']}, "
+      f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}; one run of each, every figure from one run of the script.", "",
+      "| run | wall s | peak memory | vs full re-collection | written |", "| --- | --- | --- | --- | --- |"]
+md += [f"| {label} | {s:.2f} | {mib} MiB | {ratio:.2f}× | {what} |" for label, s, mib, ratio, what in rows]
+os.makedirs("bench-data", exist_ok=True)
+open("bench-data/optout.md", "w").write("\n".join(md) + "\n")
+print("\nwrote bench-data/optout.md")
 PY
