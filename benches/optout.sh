@@ -87,6 +87,15 @@ md = [f"# Later opt-outs against a re-collection, {patients:,} patients ({practi
       f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}; one run of each, every figure from one run of the script.", "",
       "| run | wall s | peak memory | vs full re-collection | written |", "| --- | --- | --- | --- | --- |"]
 md += [f"| {label} | {s:.2f} | {mib} MiB | {ratio:.2f}× | {what} |" for label, s, mib, ratio, what in rows]
+# The latencies the audit log records for these requests (dated when
+# `optout apply` read them, as a list without `requested_at` is; the purge
+# runs straight after).
+md += ["", "| requests | request → unreachable (median, longest) | request → erased (median, longest) |", "| --- | --- | --- |"]
+for name in ("spread", "clustered"):
+    r = json.load(open(f"{work}/{name}.json"))
+    p = json.load(open(f"{work}/{name}-purge.json"))
+    md.append(f"| {n:,} {name} | {r['latency_median_seconds']:.2f} s, {r['latency_max_seconds']:.2f} s "
+              f"| {p['latency_erased_median_seconds']:.2f} s, {p['latency_erased_max_seconds']:.2f} s |")
 os.makedirs("bench-data", exist_ok=True)
 open("bench-data/optout.md", "w").write("\n".join(md) + "\n")
 print("\nwrote bench-data/optout.md")
