@@ -44,7 +44,7 @@ use crate::policy::{Action, CollectionPolicy, Rule};
 use crate::progress::Progress;
 use crate::store::delete::{BatchMembers, Deleter, TombstoneBook};
 use crate::store::guard::{self, Held};
-use crate::store::{BatchEntry, Store, now_rfc3339};
+use crate::store::{BatchEntry, FileEntry, Manifest, Store, now_rfc3339};
 
 pub struct CollectOptions {
     pub extract: PathBuf,
@@ -641,14 +641,14 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
             "key_id": g.key_id,
             "policy_sha256": r.policy_sha256,
             "rows_in": r.rows_in,
-            "rows_out": files.iter().map(|(t, f)| (t.clone(), json!(f.rows))).collect::<serde_json::Map<_, _>>(),
+            "rows_out": per_table(&files, |f| json!(f.rows)),
             "patients_out": patients_out,
             "type1_excluded_patients": r.type1_excluded_patients,
             "quarantined": r.quarantined,
             "excluded_codes": r.excluded_codes,
             "tombstones_added": added.len(),
             "tombstones_lifted": lifted,
-            "files": files.iter().map(|(t, f)| (t.clone(), json!(f.sha256))).collect::<serde_json::Map<_, _>>(),
+            "files": per_table(&files, |f| json!(f.sha256)),
         }));
         if !proof.is_empty() {
             log.push(json!({
@@ -660,21 +660,7 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
                 "proof": proof,
             }));
         }
-        // A batch staged in this same group and now replaced never reaches a manifest.
-        if let Some(old) = next.batches.get(&staged.practice)
-            && store
-                .manifest
-                .batches
-                .get(&staged.practice)
-                .is_none_or(|b| b.batch != old.batch)
-        {
-            superseded.extend(
-                old.files
-                    .values()
-                    .chain(old.vectors.values())
-                    .map(|f| store.path(&f.path)),
-            );
-        }
+        superseded.extend(staged_and_replaced(store, &next, &staged.practice));
         next.batches.insert(
             staged.practice.clone(),
             BatchEntry {
@@ -717,6 +703,36 @@ pub fn commit_group(g: Group, staged: Vec<Staged>) -> Result<Vec<Outcome>, Colle
     }
     store.tombstones = tombstones;
     Ok(outcomes)
+}
+
+/// One value per table of a batch's files, as the log records them.
+fn per_table(
+    files: &BTreeMap<String, FileEntry>,
+    value: impl Fn(&FileEntry) -> Value,
+) -> serde_json::Map<String, Value> {
+    files.iter().map(|(t, f)| (t.clone(), value(f))).collect()
+}
+
+/// The files of `practice`'s batch in `next` when that batch was staged in
+/// this same group (it is about to be replaced, and never reaches a
+/// manifest): none when it is the committed one.
+fn staged_and_replaced(store: &Store, next: &Manifest, practice: &str) -> Vec<PathBuf> {
+    match next.batches.get(practice) {
+        Some(old)
+            if store
+                .manifest
+                .batches
+                .get(practice)
+                .is_none_or(|b| b.batch != old.batch) =>
+        {
+            old.files
+                .values()
+                .chain(old.vectors.values())
+                .map(|f| store.path(&f.path))
+                .collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Totals over the committed receipts, for the command's summary.

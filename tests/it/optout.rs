@@ -1054,7 +1054,7 @@ fn collecting_a_practice_again_erases_its_masked_patients_and_logs_them() {
         "still in the bytes at the other practice"
     );
 
-    let r = report(&c, "report-collected");
+    let r = report_figures(&c, "report-collected");
     let later = |r: &serde_json::Value, k: &str| r["optouts"]["later"][k].clone();
     assert_eq!(later(&r, "patients_deleted"), 2);
     assert_eq!(later(&r, "patients_erased"), 1, "{}", r["optouts"]);
@@ -1108,7 +1108,7 @@ fn collecting_a_practice_again_erases_its_masked_patients_and_logs_them() {
     // The purge erases the mover: two erased in all, one purge run.
     let o = purge(&c, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let r = report(&c, "report-purged");
+    let r = report_figures(&c, "report-purged");
     assert_eq!(later(&r, "patients_erased"), 2, "{}", r["optouts"]);
     assert_eq!(later(&r, "purges"), 1);
     let o = audit(&c);
