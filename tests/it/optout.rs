@@ -830,6 +830,64 @@ fn after_apply_every_reader_sees_what_it_sees_after_the_purge() {
 /// Fail closed: a deletion vector whose bytes are not what the manifest
 /// recorded refuses its file in every reader — exit status 3 and the
 /// vector named — and is never read as if there were none.
+/// A later opt-out whose rows sit in a file that already carries a
+/// deletion vector gets a new vector, the union of the old one and its
+/// rows: the second list's patients are as unreachable as the first's,
+/// and no earlier patient comes back.
+#[test]
+fn a_second_list_masks_its_patients_in_files_that_already_have_vectors() {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 0, 40);
+    let (first, second) = numbers.split_at(20);
+    let pseudonyms =
+        |ns: &[String]| -> HashSet<[u8; 32]> { ns.iter().map(|n| pseudonym(5, n)).collect() };
+    for (name, list) in [("first.csv", first), ("second.csv", second)] {
+        let path = c._dir.path().join(name);
+        write_requests(&path, list, "");
+        let before = manifest(&c.store);
+        let o = apply(&c, &path, &["--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert!(r["files_masked"].as_u64().unwrap() > 0, "{name}: {r}");
+        let after = manifest(&c.store);
+        // Every vector in force grew by what this run masked in its file.
+        let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        let entry: serde_json::Value = serde_json::from_str(lines[lines.len() - 2]).unwrap();
+        let mut grown = 0;
+        for p in entry["entry"]["proof"].as_array().unwrap() {
+            let (practice, table) = (
+                p["practice"].as_str().unwrap(),
+                p["table"].as_str().unwrap(),
+            );
+            let old = before["batches"][practice]["vectors"][table]["rows"]
+                .as_u64()
+                .unwrap_or(0);
+            let new = after["batches"][practice]["vectors"][table]["rows"]
+                .as_u64()
+                .unwrap();
+            assert_eq!(
+                new,
+                old + p["rows_masked"].as_u64().unwrap(),
+                "{name}: {practice} {table}"
+            );
+            grown += usize::from(old > 0);
+        }
+        if name == "second.csv" {
+            assert!(grown > 0, "no file of the second list had a vector already");
+        }
+    }
+    let reachable = reachable_patients(&c.store);
+    assert!(
+        reachable.is_disjoint(&pseudonyms(first)),
+        "a first-list patient came back"
+    );
+    assert!(
+        reachable.is_disjoint(&pseudonyms(second)),
+        "a second-list patient is reachable"
+    );
+}
+
 #[test]
 fn a_reader_given_a_vector_whose_checksum_does_not_match_refuses_the_file() {
     let c = setup();
