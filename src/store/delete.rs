@@ -251,13 +251,13 @@ impl<'a> Deleter<'a> {
                 Some(old) => old.with(found).ok_or_else(corrupt)?,
                 None => DeletionVector::new(file, found).ok_or_else(corrupt)?,
             };
-            let added = dv.len() - old.as_ref().map_or(0, DeletionVector::len);
+            let added = dv.masked_rows() - old.as_ref().map_or(0, DeletionVector::masked_rows);
             if added == 0 {
                 return Ok(None);
             }
             let relative = vector_name(&file.path, table, generation);
             let entry = vectors::write(store.root(), &relative, &dv)?;
-            Ok::<_, StoreError>(Some((entry, added, dv.len())))
+            Ok::<_, StoreError>(Some((entry, added, dv.masked_rows())))
         });
         for ((practice, table, file, _), result) in tasks.into_iter().zip(results) {
             let Some((new, added, total)) = result? else {
@@ -529,10 +529,10 @@ pub fn dropped_vectors(store: &Store, next: &Manifest) -> Result<Dropped, StoreE
     });
     for ((practice, table, data, vector_file, dv), result) in tasks.into_iter().zip(results) {
         dropped.erased.extend(result?);
-        *dropped.rows_erased.entry(table.clone()).or_default() += dv.len();
+        *dropped.rows_erased.entry(table.clone()).or_default() += dv.masked_rows();
         dropped.proof.push(json!({
             "practice": practice, "table": table,
-            "rows": data.rows, "rows_masked": dv.len(), "sha256": data.sha256,
+            "rows": data.rows, "rows_masked": dv.masked_rows(), "sha256": data.sha256,
             "vector_sha256_before": vector_file.sha256,
         }));
     }

@@ -98,12 +98,8 @@ impl DeletionVector {
     }
 
     /// Rows masked.
-    pub fn len(&self) -> u64 {
+    pub fn masked_rows(&self) -> u64 {
         self.positions.len() as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.positions.is_empty()
     }
 
     /// The share of the file's rows masked (0 for an empty file).
@@ -206,7 +202,7 @@ pub fn write(root: &Path, relative: &str, dv: &DeletionVector) -> Result<FileEnt
     file.sync_all().map_err(io_at(relative))?;
     Ok(FileEntry {
         path: relative.to_owned(),
-        rows: dv.len(),
+        rows: dv.masked_rows(),
         bytes: bytes.len() as u64,
         sha256: crate::digest::sha256_hex(&bytes),
     })
@@ -335,6 +331,19 @@ mod tests {
             load(dir.path(), &entry, &d),
             Err(VectorError::Checksum { .. })
         ));
+    }
+
+    /// What a purge's `--min-deleted-share` compares: masked rows over the
+    /// file's rows, and 0 for a file of no rows (never NaN, which no
+    /// threshold would pass).
+    #[test]
+    fn the_deleted_share_is_masked_rows_over_the_files_rows() {
+        let dv = DeletionVector::new(&data(8), vec![1, 2]).unwrap();
+        assert_eq!((dv.masked_rows(), dv.deleted_share()), (2, 0.25));
+        let all = DeletionVector::new(&data(3), vec![0, 1, 2]).unwrap();
+        assert_eq!(all.deleted_share(), 1.0);
+        let none = DeletionVector::new(&data(0), vec![]).unwrap();
+        assert_eq!((none.masked_rows(), none.deleted_share()), (0, 0.0));
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl StoreTable {
             let url = ListingTableUrl::parse(store.join(&entry.path).to_string_lossy())?;
             // The real size and modification time: the footer cache checks both.
             let meta = objects.head(url.prefix()).await?;
-            rows_live += entry.rows - dv.as_ref().map_or(0, DeletionVector::len);
+            rows_live += entry.rows - dv.as_ref().map_or(0, DeletionVector::masked_rows);
             out.push(StoreFile {
                 meta,
                 keep: dv.map(|dv| dv.selection()),

@@ -888,6 +888,68 @@ fn a_second_list_masks_its_patients_in_files_that_already_have_vectors() {
     );
 }
 
+/// `gpdp optout purge --min-deleted-share F` rewrites exactly the files
+/// whose vector masks at least that share of their rows, and keeps the
+/// others' vectors in force; a purge without it then rewrites the rest.
+#[test]
+fn a_purge_with_a_minimum_share_rewrites_only_the_files_past_it() {
+    let c = setup();
+    let numbers = later_opt_outs(&c.extract, 2, 30);
+    let list = c._dir.path().join("requests.csv");
+    write_requests(&list, &numbers, "");
+    let o = apply(&c, &list, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Each vector's share of its file's rows, as the manifest records them.
+    let shares = |m: &serde_json::Value| -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for (practice, b) in m["batches"].as_object().unwrap() {
+            // (A batch with no vector leaves the field out.)
+            for (table, v) in b["vectors"].as_object().into_iter().flatten() {
+                let rows = b["files"][table]["rows"].as_f64().unwrap();
+                out.push((
+                    format!("{practice}/{table}"),
+                    v["rows"].as_f64().unwrap() / rows,
+                ));
+            }
+        }
+        out
+    };
+    let before = shares(&manifest(&c.store));
+    let mut sorted: Vec<f64> = before.iter().map(|(_, s)| *s).collect();
+    sorted.sort_by(f64::total_cmp);
+    // A threshold between two shares, so some files pass it and some not.
+    let at = sorted.len() / 2;
+    assert!(sorted[at - 1] < sorted[at], "shares too alike: {sorted:?}");
+    let threshold = (sorted[at - 1] + sorted[at]) / 2.0;
+    let passing = before.iter().filter(|(_, s)| *s >= threshold).count();
+    let o = purge(
+        &c,
+        &["--min-deleted-share", &threshold.to_string(), "--json"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["files_rewritten"], passing, "{r}");
+    assert_eq!(r["vectors_kept"], before.len() - passing, "{r}");
+    let kept = shares(&manifest(&c.store));
+    assert!(
+        !kept.is_empty() && kept.iter().all(|(_, s)| *s < threshold),
+        "{kept:?}"
+    );
+    // Masked patients stay unreachable whichever file holds their rows.
+    let targets: HashSet<[u8; 32]> = numbers.iter().map(|n| pseudonym(5, n)).collect();
+    assert!(reachable_patients(&c.store).is_disjoint(&targets));
+    assert!(
+        !stored_patients(&c.store).is_disjoint(&targets),
+        "all erased already"
+    );
+    let o = purge(&c, &["--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["files_rewritten"], before.len() - passing, "{r}");
+    assert!(shares(&manifest(&c.store)).is_empty());
+    assert!(stored_patients(&c.store).is_disjoint(&targets));
+}
+
 #[test]
 fn a_reader_given_a_vector_whose_checksum_does_not_match_refuses_the_file() {
     let c = setup();
