@@ -296,6 +296,10 @@ mod tests {
         assert_eq!(dv.with([9, 1]).unwrap().positions(), &[0, 1, 3, 4, 7, 9]);
         assert!(dv.with([10]).is_none(), "past the last row");
         assert!(DeletionVector::new(&d, vec![10]).is_none());
+        // A vector of no positions is its header alone, and reads back.
+        let empty = DeletionVector::new(&d, vec![]).unwrap();
+        assert_eq!(empty.encode().len(), HEADER);
+        assert_eq!(DeletionVector::decode("x", &empty.encode()).unwrap(), empty);
     }
 
     #[test]
