@@ -172,11 +172,7 @@ pub fn patient_ids(
     dv: Option<&DeletionVector>,
 ) -> parquet::errors::Result<Vec<Pseudonym>> {
     let builder = reader(path, dv)?;
-    let index = builder
-        .schema()
-        .index_of("patient_id")
-        .map_err(|e| ParquetError::General(e.to_string()))?;
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
+    let mask = only(&builder, "patient_id")?;
     let mut out = Vec::new();
     for batch in builder.with_projection(mask).build()? {
         let batch = batch?;
@@ -192,20 +188,10 @@ pub fn patient_ids(
 /// a file holds.
 pub fn patient_keys(path: &Path, dv: Option<&DeletionVector>) -> parquet::errors::Result<Vec<i64>> {
     let builder = reader(path, dv)?;
-    let index = builder
-        .schema()
-        .index_of("patient_key")
-        .map_err(|e| ParquetError::General(e.to_string()))?;
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
+    let mask = only(&builder, "patient_key")?;
     let mut out = Vec::new();
     for batch in builder.with_projection(mask).build()? {
-        let batch = batch?;
-        let keys = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .ok_or_else(|| ParquetError::General("patient_key is not Int64".into()))?;
-        out.extend_from_slice(keys.values());
+        out.extend_from_slice(keys(&batch?)?.values());
     }
     Ok(out)
 }
@@ -231,22 +217,14 @@ pub fn positions_of(
     }
     let builder = reader(path, None)?;
     let rows = builder.metadata().file_metadata().num_rows() as usize;
-    let column = |name: &str| {
-        builder
-            .schema()
-            .index_of(name)
-            .map(|i| ProjectionMask::roots(builder.parquet_schema(), [i]))
-            .map_err(|e| ParquetError::General(e.to_string()))
-    };
-    let (keys, ids) = (column("patient_key")?, column("patient_id")?);
+    let (by_key, ids) = (
+        only(&builder, "patient_key")?,
+        only(&builder, "patient_id")?,
+    );
     let (mut candidates, mut at) = (Vec::new(), 0usize);
-    for batch in builder.with_projection(keys).build()? {
+    for batch in builder.with_projection(by_key).build()? {
         let batch = batch?;
-        let keys = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .ok_or_else(|| ParquetError::General("patient_key is not Int64".into()))?;
+        let keys = keys(&batch)?;
         for (i, k) in keys.values().iter().enumerate() {
             let low = (*k as u64 & 0xFFFF) as usize;
             if maybe[low >> 6] & (1 << (low & 63)) != 0 && wanted.contains(k) {
@@ -300,11 +278,7 @@ pub fn masked_patients(
             dv.rows
         )));
     }
-    let index = builder
-        .schema()
-        .index_of("patient_id")
-        .map_err(|e| ParquetError::General(e.to_string()))?;
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
+    let mask = only(&builder, "patient_id")?;
     let (mut out, mut at) = (HashSet::new(), 0u64);
     let positions = dv.positions();
     let mut next = 0usize;
@@ -319,6 +293,25 @@ pub fn masked_patients(
         at = end;
     }
     Ok(out)
+}
+
+/// A projection of `builder`'s file to its one column `name`.
+fn only(
+    builder: &ParquetRecordBatchReaderBuilder<File>,
+    name: &str,
+) -> parquet::errors::Result<ProjectionMask> {
+    let index = builder
+        .schema()
+        .index_of(name)
+        .map_err(|e| ParquetError::General(e.to_string()))?;
+    Ok(ProjectionMask::roots(builder.parquet_schema(), [index]))
+}
+
+fn keys(batch: &RecordBatch) -> parquet::errors::Result<&Int64Array> {
+    batch
+        .column_by_name("patient_key")
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+        .ok_or_else(|| ParquetError::General("patient_key is not Int64".into()))
 }
 
 fn pseudonyms(batch: &RecordBatch) -> parquet::errors::Result<&FixedSizeBinaryArray> {
