@@ -16,20 +16,28 @@ fn setup() -> Collected {
     collected_with_ndoo(3, 1500, 31, 5)
 }
 
+/// The practices each patient with no Type 1 code anywhere is registered
+/// at, by NHS number, from the extract's truth.
+fn practices_of(extract: &Path) -> BTreeMap<String, Vec<String>> {
+    let recs = Csv::read(&extract.join("truth/patients.csv")).records();
+    let mut practices: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in recs.iter().filter(|r| r["type1_anywhere"] == "false") {
+        practices
+            .entry(r["nhs_number"].clone())
+            .or_default()
+            .push(r["practice"].clone());
+    }
+    practices
+}
+
 /// Patients with no Type 1 code anywhere: `movers` registered at two
 /// practices, then `others` registered at one.
 fn later_opt_outs(extract: &Path, movers: usize, others: usize) -> Vec<String> {
-    let recs = Csv::read(&extract.join("truth/patients.csv")).records();
-    let mut practices: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &recs {
-        if r["type1_anywhere"] == "false" {
-            *practices.entry(r["nhs_number"].clone()).or_default() += 1;
-        }
-    }
+    let practices = practices_of(extract);
     let pick = |moved: bool, n: usize| {
         practices
             .iter()
-            .filter(|(_, k)| (**k > 1) == moved)
+            .filter(|(_, k)| (k.len() > 1) == moved)
             .map(|(nhs, _)| nhs.clone())
             .take(n)
             .collect::<Vec<_>>()
@@ -1024,14 +1032,7 @@ fn a_reader_given_a_vector_whose_checksum_does_not_match_refuses_the_file() {
 #[test]
 fn a_rewrite_of_a_file_with_a_vector_keeps_the_masked_rows_out() {
     let c = setup();
-    let recs = Csv::read(&c.extract.join("truth/patients.csv")).records();
-    let mut practices: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in recs.iter().filter(|r| r["type1_anywhere"] == "false") {
-        practices
-            .entry(r["nhs_number"].clone())
-            .or_default()
-            .push(r["practice"].clone());
-    }
+    let practices = practices_of(&c.extract);
     let (mover, at) = practices.iter().find(|(_, p)| p.len() == 2).unwrap();
     let (dissent_at, other) = (at[0].clone(), at[1].clone());
     let masked = practices
@@ -1125,14 +1126,7 @@ fn a_rewrite_of_a_file_with_a_vector_keeps_the_masked_rows_out() {
 #[test]
 fn collecting_a_practice_again_erases_its_masked_patients_and_logs_them() {
     let c = setup();
-    let recs = Csv::read(&c.extract.join("truth/patients.csv")).records();
-    let mut practices: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in recs.iter().filter(|r| r["type1_anywhere"] == "false") {
-        practices
-            .entry(r["nhs_number"].clone())
-            .or_default()
-            .push(r["practice"].clone());
-    }
+    let practices = practices_of(&c.extract);
     // A mover (masked at two practices) and a patient of only one of them.
     let (mover, at) = practices.iter().find(|(_, p)| p.len() == 2).unwrap();
     let again = at[0].clone();
