@@ -306,6 +306,16 @@ mod tests {
         );
         assert_eq!(value_key(0.0), value_key(-0.0));
         assert_ne!(value_key(1.0), value_key(2.0));
+        // Every bit of a value reaches its key: values one bit apart (a
+        // value edited in its last digit) never share one, or two
+        // questions differing only in that value would share their noise.
+        let base = 72.5f64.to_bits();
+        for bit in 0..64 {
+            let other = f64::from_bits(base ^ (1 << bit));
+            if !other.is_nan() {
+                assert_ne!(value_key(other), value_key(72.5), "bit {bit}");
+            }
+        }
         assert!((0..1 << 32).contains(&value_key(-3.5)));
     }
 
