@@ -68,7 +68,8 @@ pub enum Command {
     /// what was released, opt-out figures, the audit log's head, and a
     /// plain-English section for patients (no pseudonym, key or NHS number).
     Register(RegisterArgs),
-    /// Make a new 32-byte collection key (file mode 0600; never overwrites).
+    /// Make a new 32-byte key: a collection key (practice side) or a TRE
+    /// perturbation key (file mode 0600; never overwrites).
     Keygen(KeygenArgs),
     /// Change the perturbation key a store's cell-key answers are drawn with.
     ///

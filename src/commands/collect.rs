@@ -111,7 +111,8 @@ pub fn print_collect_totals(s: &CollectSummary) {
                     .collect::<Vec<_>>()
                     .join(", ")
             })
-            .unwrap_or_default()
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| "none".to_string())
     };
     println!(
         "  {} rows in, {} out in {:.2}s ({:.2} M rows/s); {} patients out",

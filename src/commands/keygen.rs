@@ -1,4 +1,6 @@
-//! `gpdp keygen`: a new collection key, and where it must stay.
+//! `gpdp keygen`: a new key — a collection key or the TRE's perturbation
+//! key (the same kind of secret; the role is where it is used) — and where
+//! each must stay.
 
 use anyhow::Context;
 
@@ -7,10 +9,10 @@ use super::cli::KeygenArgs;
 pub fn run(args: KeygenArgs) -> anyhow::Result<()> {
     let KeygenArgs { out } = args;
     gpdp::deid::key::generate(&out).with_context(|| "gpdp keygen".to_string())?;
+    println!("wrote a new 32-byte key to {} (mode 0600)", out.display());
     println!(
-        "wrote a new 32-byte collection key to {} (mode 0600)",
-        out.display()
+        "as a collection key, keep it on the practice side: never copy it into the store or the TRE;"
     );
-    println!("keep it on the practice side: it must never be copied into the store or the TRE");
+    println!("as a perturbation key, keep it on the TRE side: it never leaves the TRE");
     Ok(())
 }

@@ -26,6 +26,7 @@ mod bench;
 mod cli;
 mod collect;
 mod differencing;
+mod docs;
 mod erasure;
 mod layout;
 mod ledger;
