@@ -418,3 +418,38 @@ pub async fn open_split(
     }
     Ok(Session { ctx, views })
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::execution::memory_pool::MemoryLimit;
+
+    use super::*;
+
+    /// The session a question runs in holds the TRE's limits: the policy's
+    /// memory pool (a query past it fails, and fails closed, rather than
+    /// taking the machine's memory), the partitions asked for, and no table
+    /// functions or `information_schema` (the grammar refuses both first;
+    /// this is the second line).
+    #[tokio::test]
+    async fn the_session_holds_the_policys_limits() {
+        let mut policy = TrePolicy::load(None).unwrap();
+        policy.memory_mb = 3;
+        let ctx = new_context(&policy, 5).unwrap();
+        let MemoryLimit::Finite(bytes) = ctx.runtime_env().memory_pool.memory_limit() else {
+            panic!("the pool must be the policy's, bounded");
+        };
+        assert_eq!(bytes, 3 << 20);
+        assert_eq!(ctx.state().config().target_partitions(), 5);
+        for sql in [
+            "SELECT * FROM generate_series(1, 3)",
+            "SELECT * FROM range(3)",
+            "SELECT * FROM information_schema.tables",
+        ] {
+            let answered = match ctx.sql(sql).await {
+                Ok(df) => df.collect().await.is_ok(),
+                Err(_) => false,
+            };
+            assert!(!answered, "{sql} must not run in a TRE session");
+        }
+    }
+}

@@ -1969,3 +1969,40 @@ fn dp_bounds_each_patients_cells() {
         "{got} vs {bounded} (unbounded {unbounded})"
     );
 }
+
+/// The memory pool is in force end to end: a question whose aggregate needs
+/// more than the policy's `memory_mb` is refused by `execution_failed`,
+/// releases nothing, tells the researcher only that it could not be
+/// completed, and leaves DataFusion's reason to the audit log; under the
+/// shipped pool the same question is answered.
+#[test]
+fn a_question_past_the_memory_pool_fails_closed() {
+    let c = collected_with_ndoo(2, 2000, 83, 23);
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/tre.toml"))
+            .unwrap();
+    assert!(shipped.contains("memory_mb = 2048"));
+    let tiny = dir.path().join("tre.toml");
+    std::fs::write(&tiny, shipped.replace("memory_mb = 2048", "memory_mb = 1")).unwrap();
+    let sql = "SELECT snomedct_code, count(DISTINCT patient_id) AS n FROM clinical_events GROUP BY snomedct_code";
+
+    let o = query_as_alice(&c.store, &[sql]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = query_as_alice(&c.store, &["--policy", tiny.to_str().unwrap(), sql]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    let said = stderr(&o);
+    assert!(said.contains("refused by rule execution_failed"), "{said}");
+    assert!(!said.contains("Resources exhausted"), "{said}");
+    let log = std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["entry"]["outcome"], "failed", "{last}");
+    assert!(
+        last["entry"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("Resources exhausted")),
+        "{last}"
+    );
+}
