@@ -39,13 +39,16 @@ if "$venv/bin/python" -c "import polars" >/dev/null 2>&1; then
   measure peer "$venv/bin/python" benches/peers/collect_peer.py --extract "$data" --out "$work/peer" --key "$work/key" && peer=ok
 fi
 
-python3 - "$work" "$rows_in" "$mb_in" "$peer" <<'PY'
+python3 - "$work" "$rows_in" "$mb_in" "$peer" "$patients" "$practices" "$threads" <<'PY'
 import sys
 work, rows, mb, peer = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+patients, practices, threads = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 def t(name):
     s, kib = open(f"{work}/{name}.time").read().split()
     return float(s), int(kib) / 1024
 runs = [("baseline (CSV->Parquet, no de-id)", "baseline"), ("gpdp collect", "gpdp")]
+labels = {"baseline": "baseline: plain CSV → Parquet, same crates, no de-identification",
+          "gpdp": "**gpdp collect**", "peer": "Python peer (polars + hmac, `benches/peers/`)"}
 if peer == "ok":
     runs.append(("python peer (polars + hmac)", "peer"))
 g, _ = t("gpdp")
@@ -53,4 +56,17 @@ print(f"{'run':38} {'wall s':>7} {'M rows/s':>9} {'MB/s':>7} {'peak MiB':>9} {'g
 for label, name in runs:
     s, mib = t(name)
     print(f"{label:38} {s:7.2f} {rows/s/1e6:9.2f} {mb/s:7.0f} {mib:9.0f} {s/g:12.2f}x")
+# The same figures as Markdown, for docs/benchmarks.md to include
+# (benches/measured.py heads them with the command, date, commit and machine).
+md = [f"{patients:,} patients, {practices} practices: {rows:,} rows, {mb:,.0f} MB of CSV (`practices/`), {threads} threads.", "",
+      "| run | wall s | M rows/s | MB/s | peak memory | gpdp collect's time ÷ this |", "| --- | --- | --- | --- | --- | --- |"]
+for _, name in runs:
+    s, mib = t(name)
+    md.append(f"| {labels[name]} | {s:.2f} | {rows / s / 1e6:.2f} | {mb / s:.0f} | {mib:.0f} MiB | {g / s:.2f}× |")
+if peer != "ok":
+    md += ["", "The Python peer did not run (its requirements could not be installed)."]
+sys.path.insert(0, "benches")
+import measured
+measured.write(f"collect-{patients}", f"Collection against its peers, {patients:,} patients ({practices} practices)",
+               f"bash benches/collect.sh {patients} {practices}", "one run of each, on one extract", md)
 PY

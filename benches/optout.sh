@@ -53,9 +53,9 @@ cp -r "$work/store" "$work/store-clustered"
   "$bin" optout apply --type1 "$work/clustered.csv" --store "$work/store-clustered" --key "$work/key" --json > "$work/clustered.json"
 /usr/bin/time -f "%e %M" -o "$work/clustered-purge.time" \
   "$bin" optout purge --store "$work/store-clustered" --json > "$work/clustered-purge.json"
-PATIENTS="$patients" PRACTICES="$practices" COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+PATIENTS="$patients" PRACTICES="$practices" \
 python3 - "$work" "$optouts" <<'PY'
-import datetime, json, os, platform, sys
+import json, os, sys
 work, n = sys.argv[1], int(sys.argv[2])
 rows = []
 c_s, c_kb = open(f"{work}/collect.time").read().split()
@@ -78,14 +78,10 @@ for name in ("spread", "clustered"):
           f"{p['files_rewritten']} files in {p['batches_rewritten']} batches, {sum(p['rows_erased'].values())} rows erased")
     rows.append((f"`optout purge` (erased), the same {n:,} {name}", float(p_s), int(p_kb) // 1024, float(p_s) / float(c_s),
                  f"{p['files_rewritten']} files in {p['batches_rewritten']} batches rewritten, {sum(p['rows_erased'].values()):,} rows erased"))
-# The same figures as Markdown, dated, for docs/benchmarks.md to link to
-# (copy bench-data/optout.md to docs/measurements/optout-PATIENTS.md).
+# The same figures as Markdown, for docs/benchmarks.md to include
+# (benches/measured.py heads them with the command, date, commit and machine).
 patients, practices = int(os.environ["PATIENTS"]), os.environ["PRACTICES"]
-md = [f"# Later opt-outs against a re-collection, {patients:,} patients ({practices} practices)", "",
-      f"Written by `bash benches/optout.sh {patients} {practices} {n}` on "
-      f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC at commit {os.environ['COMMIT']}, "
-      f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}; one run of each, every figure from one run of the script.", "",
-      "| run | wall s | peak memory | vs full re-collection | written |", "| --- | --- | --- | --- | --- |"]
+md = ["| run | wall s | peak memory | vs full re-collection | written |", "| --- | --- | --- | --- | --- |"]
 md += [f"| {label} | {s:.2f} | {mib} MiB | {ratio:.2f}× | {what} |" for label, s, mib, ratio, what in rows]
 # The latencies the audit log records for these requests (dated when
 # `optout apply` read them, as a list without `requested_at` is; the purge
@@ -96,7 +92,8 @@ for name in ("spread", "clustered"):
     p = json.load(open(f"{work}/{name}-purge.json"))
     md.append(f"| {n:,} {name} | {r['latency_median_seconds']:.2f} s, {r['latency_max_seconds']:.2f} s "
               f"| {p['latency_erased_median_seconds']:.2f} s, {p['latency_erased_max_seconds']:.2f} s |")
-os.makedirs("bench-data", exist_ok=True)
-open("bench-data/optout.md", "w").write("\n".join(md) + "\n")
-print("\nwrote bench-data/optout.md")
+sys.path.insert(0, "benches")
+import measured
+measured.write(f"optout-{patients}", f"Later opt-outs against a re-collection, {patients:,} patients ({practices} practices)",
+               f"bash benches/optout.sh {patients} {practices} {n}", "one run of each", md)
 PY

@@ -28,7 +28,7 @@ else
   : > bench-data/tre_duckdb.jsonl
 fi
 PATIENTS="$patients" PRACTICES="$practices" RUNS="$runs" python3 - <<'PY'
-import json, os, platform, datetime
+import json, os, sys
 g = {r["query"]: r for r in map(json.loads, open("bench-data/tre_gpdp.jsonl"))}
 d = {r["query"]: r for r in map(json.loads, open("bench-data/tre_duckdb.jsonl"))}
 print(f"{'query':22} {'boundary p50':>13} {'p95':>7} {'direct p50':>11} {'overhead':>9} {'duckdb p50':>11} {'vs duckdb':>10}")
@@ -57,14 +57,10 @@ print(f"store verification ({v['files']} files, {v['bytes'] / 1e6:.0f} MB): hash
       f"a new process's check {v['warm_p50_ms']:.2f} ms = {100 * v['warm_share_of_fastest_query']:.2f}% of the fastest query ({v['fastest_query_p50_ms']:.1f} ms); "
       f"a server's, per request, {v['in_process_p50_ms']:.2f} ms")
 
-# The same figures as Markdown, dated, for docs/benchmarks.md to link to
-# (copy bench-data/tre.md to docs/measurements/tre-PATIENTS.md).
+# The same figures as Markdown, for docs/benchmarks.md to include
+# (benches/measured.py heads them with the command, date, commit and machine).
 n, runs = int(os.environ["PATIENTS"]), os.environ["RUNS"]
-md = [f"# TRE latency, {n:,} patients ({os.environ['PRACTICES']} practices)", "",
-      f"Written by `bash benches/tre.sh {n} {os.environ['PRACTICES']} {runs}` on "
-      f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
-      f"{platform.system()} {platform.machine()}; p50 of {runs} runs, every figure from one run of the script.", "",
-      "## Through the boundary (OpenSAFELY's rules), directly, and DuckDB", "",
+md = ["## Through the boundary (OpenSAFELY's rules), directly, and DuckDB", "",
       "| query | boundary p50 | direct DataFusion p50 | boundary overhead | DuckDB p50 | boundary / DuckDB |",
       "| --- | --- | --- | --- | --- | --- |"]
 for q, r in g.items():
@@ -86,6 +82,8 @@ md += ["", "## Verifying the store against its manifest", "",
        f"{100 * v['warm_share_of_fastest_query']:.2f}% of the fastest query's boundary p50 ({v['fastest_query_p50_ms']:.0f} ms). "
        f"A long-running server's check per request (it remembers what it verified; stat each file): {v['in_process_p50_ms']:.2f} ms, "
        f"{100 * v['in_process_p50_ms'] / v['fastest_query_p50_ms']:.2f}% of the fastest query.", ""]
-open("bench-data/tre.md", "w").write("\n".join(md))
-print("\nwrote bench-data/tre.md")
+sys.path.insert(0, "benches")
+import measured
+measured.write(f"tre-{n}", f"TRE latency, {n:,} patients ({os.environ['PRACTICES']} practices)",
+               f"bash benches/tre.sh {n} {os.environ['PRACTICES']} {runs}", f"p50 of {runs} runs", md)
 PY

@@ -19,6 +19,12 @@
 //!   demo) makes the store its later examples use.
 //!   `GPDP_DOCS=complete cargo test --test it -- docs::` writes in the output
 //!   of every example that shows none (review it, and elide what varies).
+//! - **Measurements**: a figure in a table is written by the script that
+//!   measured it. The bench scripts write `docs/measurements/<name>.md`
+//!   (`benches/measured.py`: the command, date, commit and machine above the
+//!   tables); a page includes one between `<!-- measured: measurements/<name>.md -->`
+//!   and `<!-- end measured -->`, and the copy must be the file as written
+//!   (`GPDP_DOCS=complete` copies the files in).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -196,6 +202,116 @@ fn the_docs_examples_print_what_they_show() {
         failures.len(),
         failures.join("\n\n")
     );
+}
+
+/// Where a page includes a measurement file: `(start, end, file)`, the
+/// lines (0-based) of the opening and closing markers and the file named.
+fn includes(text: &str) -> Vec<(usize, usize, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut open: Option<(usize, String)> = None;
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(rest) = line.strip_prefix("<!-- measured: ") {
+            assert!(
+                open.is_none(),
+                "line {}: a measured block inside another",
+                i + 1
+            );
+            let file = rest
+                .strip_suffix(" -->")
+                .unwrap_or_else(|| panic!("line {}: `<!-- measured: FILE -->`", i + 1));
+            open = Some((i, file.to_string()));
+        } else if line.trim_end() == "<!-- end measured -->" {
+            let (start, file) = open
+                .take()
+                .unwrap_or_else(|| panic!("line {}: an end without a start", i + 1));
+            out.push((start, i, file));
+        }
+    }
+    assert!(open.is_none(), "a measured block is not closed");
+    out
+}
+
+/// What a page shows of a measurement file: all of it but its title.
+fn included(file: &str) -> String {
+    let body = match file.split_once('\n') {
+        Some((first, rest)) if first.starts_with("# ") => rest.trim_start_matches('\n'),
+        _ => file,
+    };
+    body.trim_end().to_string()
+}
+
+/// Every measurement a page includes is the file its script wrote, unedited;
+/// and every measurement file is included somewhere or linked, so none is
+/// left behind as the docs move on.
+#[test]
+fn the_docs_include_the_measurements_as_written() {
+    let complete = std::env::var("GPDP_DOCS").is_ok_and(|v| v == "complete");
+    let mut stale = Vec::new();
+    let mut shown = std::collections::BTreeSet::new();
+    for page in pages() {
+        let text = std::fs::read_to_string(&page).unwrap();
+        let dir = page.parent().unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let mut changed = false;
+        for (start, end, file) in includes(&text).into_iter().rev() {
+            let path = dir.join(&file);
+            let written = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {file}: {e}", page.display()));
+            shown.insert(path.canonicalize().unwrap());
+            let copy = lines[start + 1..end].join("\n").trim().to_string();
+            if copy != included(&written) {
+                if complete {
+                    lines.splice(
+                        start + 1..end,
+                        ["".to_string(), included(&written), "".to_string()],
+                    );
+                    changed = true;
+                } else {
+                    stale.push(format!("{} line {}: {file}", page.display(), start + 1));
+                }
+            }
+        }
+        for target in markdown_links(&text) {
+            let file = target.split('#').next().unwrap();
+            if file.contains("measurements/") && !file.contains("://") {
+                if let Ok(p) = dir.join(file).canonicalize() {
+                    shown.insert(p);
+                }
+            }
+        }
+        if changed {
+            std::fs::write(&page, lines.join("\n") + "\n").unwrap();
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "a page's copy of a measurement differs from the file its script wrote (GPDP_DOCS=complete copies them in):\n{}",
+        stale.join("\n")
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for e in std::fs::read_dir(root.join("docs/measurements")).unwrap() {
+        let p = e.unwrap().path().canonicalize().unwrap();
+        assert!(
+            shown.contains(&p),
+            "{} is neither included nor linked by any page",
+            p.display()
+        );
+    }
+}
+
+#[test]
+fn measured_blocks_are_found_and_their_titles_left_out() {
+    let page = "a\n<!-- measured: measurements/x.md -->\nold\n<!-- end measured -->\nb\n";
+    assert_eq!(
+        includes(page),
+        vec![(1, 3, "measurements/x.md".to_string())]
+    );
+    assert_eq!(
+        included("# Title\n\nWritten by x.\n\n| a |\n"),
+        "Written by x.\n\n| a |"
+    );
+    assert!(std::panic::catch_unwind(|| includes("<!-- measured: x.md -->\n")).is_err());
 }
 
 /// The parser reads commands, continuations, statuses and outputs, and a
