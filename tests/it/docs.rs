@@ -31,6 +31,8 @@ use std::process::Command;
 
 use snapbox::IntoData;
 
+use crate::common::{gpdp, stdout};
+
 /// The pages whose examples and links are checked: README.md and docs/*.md.
 fn pages() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -312,6 +314,87 @@ fn measured_blocks_are_found_and_their_titles_left_out() {
         "Written by x.\n\n| a |"
     );
     assert!(std::panic::catch_unwind(|| includes("<!-- measured: x.md -->\n")).is_err());
+}
+
+/// The `--flag`s of a text, in order, once each.
+fn flags(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+        if word.len() > 2
+            && word.starts_with("--")
+            && word.as_bytes()[2].is_ascii_lowercase()
+            && !out.iter().any(|f| f == word)
+        {
+            out.push(word.to_string());
+        }
+    }
+    out
+}
+
+/// Each command's synopsis in the guide (a plain block starting `gpdp
+/// <command>`) names exactly the flags its `--help` lists, so a flag added,
+/// renamed or removed shows up in the guide too (`--help`, `--quiet` and
+/// `--version` apply to every command and are said once, above them).
+#[test]
+fn the_guides_synopses_name_every_flag_and_no_other() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guide = std::fs::read_to_string(root.join("docs/guide.md")).unwrap();
+    let lines: Vec<&str> = guide.lines().collect();
+    let mut checked = Vec::new();
+    let mut wrong = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i] != "```" || !lines.get(i + 1).is_some_and(|l| l.starts_with("gpdp ")) {
+            i += 1;
+            continue;
+        }
+        let start = i + 1;
+        i = start;
+        while !lines[i].starts_with("```") {
+            i += 1;
+        }
+        let block = lines[start..i].join("\n");
+        i += 1;
+        // A synopsis shows placeholders (`FILE`, `[--json]`); an example
+        // names real paths and is run by the examples' test instead.
+        if !block.contains('[') && !block.chars().any(|c| c.is_ascii_uppercase()) {
+            continue;
+        }
+        let command: Vec<&str> = block
+            .split_whitespace()
+            .skip(1)
+            .take_while(|w| {
+                w.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !w.starts_with('-')
+            })
+            .collect();
+        let help = gpdp().args(&command).arg("--help").output().unwrap();
+        assert!(help.status.success(), "gpdp {} --help", command.join(" "));
+        // The options clap lists: lines that start with a flag, indented as
+        // an option is (a description's wrapped lines are indented further).
+        let options: String = stdout(&help)
+            .lines()
+            .filter(|l| l.trim_start().starts_with('-') && l.len() - l.trim_start().len() <= 6)
+            .map(|l| l.trim_start().split("  ").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let listed: Vec<String> = flags(&options)
+            .into_iter()
+            .filter(|f| !["--help", "--quiet", "--version"].contains(&f.as_str()))
+            .collect();
+        let shown = flags(&block);
+        let missing: Vec<&String> = listed.iter().filter(|f| !shown.contains(f)).collect();
+        let unknown: Vec<&String> = shown.iter().filter(|f| !listed.contains(f)).collect();
+        if !missing.is_empty() || !unknown.is_empty() {
+            wrong.push(format!(
+                "docs/guide.md line {}: gpdp {}: not in the synopsis {missing:?}; not a flag of the command {unknown:?}",
+                start + 1,
+                command.join(" ")
+            ));
+        }
+        checked.push(command.join(" "));
+    }
+    assert!(checked.len() >= 15, "only {checked:?} synopses found");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 /// The parser reads commands, continuations, statuses and outputs, and a
