@@ -492,3 +492,52 @@ fn without_vectors_the_store_tables_plan_as_listing_tables_did() {
         assert_eq!(plan(&ours), plan(&listing), "{sql}");
     }
 }
+
+/// The row count the scan states to the planner is each table's live rows
+/// — the manifest's rows less those its vectors mask — and inexact, so
+/// that it guides the plan and answers nothing.
+#[test]
+fn the_scan_states_its_live_rows_and_only_as_an_estimate() {
+    use datafusion::common::stats::Precision;
+    use datafusion::datasource::TableProvider;
+    use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
+    let dir = tempfile::tempdir().unwrap();
+    let store = copy_store(dir.path(), "statistics");
+    mask_by_vector_alone(&store);
+    let manifest = gpdp::store::read_manifest(&store).unwrap();
+    let rt = runtime();
+    let ctx = datafusion::prelude::SessionContext::new();
+    rt.block_on(async {
+        for table in GP_TABLES {
+            let (mut rows, mut masked) = (0u64, 0u64);
+            let mut files = Vec::new();
+            for b in manifest.batches.values() {
+                let data = b.files[table].clone();
+                let dv = b
+                    .vectors
+                    .get(table)
+                    .map(|v| vectors::load(&store, v, &data).unwrap());
+                rows += data.rows;
+                masked += dv.as_ref().map_or(0, DeletionVector::masked_rows);
+                files.push((data, dv));
+            }
+            assert!(
+                masked > 0 || table == "patients",
+                "{table}: the target's rows are masked"
+            );
+            let provider = gpdp::tre::table::StoreTable::open(&ctx.state(), &store, files)
+                .await
+                .unwrap();
+            let scan = provider.scan(&ctx.state(), None, &[], None).await.unwrap();
+            let stated = StatisticsContext::new()
+                .compute(scan.as_ref(), &StatisticsArgs::new())
+                .unwrap()
+                .num_rows;
+            assert_eq!(
+                stated,
+                Precision::Inexact((rows - masked) as usize),
+                "{table}: {rows} rows, {masked} masked"
+            );
+        }
+    });
+}
