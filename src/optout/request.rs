@@ -42,3 +42,21 @@ pub(crate) fn erased_latencies<'a>(
             .collect(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The median is the middle of the sorted seconds (the upper of the two
+    /// middles of an even count), the longest the last; none of nothing.
+    #[test]
+    fn the_median_and_the_longest_of_latencies() {
+        assert_eq!(median_max(vec![]), (None, None));
+        assert_eq!(median_max(vec![4.0]), (Some(4.0), Some(4.0)));
+        assert_eq!(median_max(vec![9.5, 0.25, 3.0]), (Some(3.0), Some(9.5)));
+        assert_eq!(
+            median_max(vec![7.0, 2.0, 40.0, 5.0]),
+            (Some(7.0), Some(40.0))
+        );
+    }
+}

@@ -62,3 +62,56 @@ pub(crate) fn pq_err(
         source,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Error, ErrorKind};
+
+    use super::*;
+
+    fn io(kind: ErrorKind) -> StoreError {
+        StoreError::Io {
+            path: "store/manifest.json".into(),
+            source: Error::from(kind),
+        }
+    }
+
+    /// Each store error's exit status, as the binary's edge reports it: the
+    /// operator's mistakes are bad input (2), a vector that does not verify
+    /// refuses its file (3, fail closed), and what is nobody's input is
+    /// internal (1).
+    #[test]
+    fn each_store_error_exits_with_its_status() {
+        let cases = [
+            (StoreError::NotAStore("stroe".into()), ExitStatus::BadInput),
+            (
+                StoreError::KeyMismatch {
+                    store: "a".into(),
+                    given: "b".into(),
+                },
+                ExitStatus::BadInput,
+            ),
+            (
+                StoreError::Vector(VectorError::Checksum {
+                    path: "x.dv".into(),
+                    expected: "0".into(),
+                    found: "1".into(),
+                }),
+                ExitStatus::Refused,
+            ),
+            (io(ErrorKind::PermissionDenied), ExitStatus::BadInput),
+            (io(ErrorKind::ReadOnlyFilesystem), ExitStatus::BadInput),
+            (io(ErrorKind::NotFound), ExitStatus::Internal),
+            (
+                StoreError::Corrupt {
+                    path: "m".into(),
+                    message: "bad".into(),
+                },
+                ExitStatus::Internal,
+            ),
+        ];
+        for (error, status) in cases {
+            assert_eq!(error.exit_status(), status, "{error}");
+        }
+    }
+}
