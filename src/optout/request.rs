@@ -59,4 +59,35 @@ mod tests {
             (Some(7.0), Some(40.0))
         );
     }
+
+    /// Request → erased counts each erased patient once, from their
+    /// request's `recorded_at` to `done`, in seconds to the millisecond; a
+    /// patient not erased, or whose request time cannot be read, is not
+    /// counted, and a clock that went backwards counts 0, never less.
+    #[test]
+    fn request_to_erased_is_measured_for_the_erased_patients_alone() {
+        let done = DateTime::parse_from_rfc3339("2026-12-08T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let requests = [
+            ([1u8; 32], "2026-12-08T09:59:58.500Z"),
+            ([2u8; 32], "2026-12-08T09:00:00Z"),
+            ([3u8; 32], "2026-12-08T09:59:30Z"),
+            ([4u8; 32], "2026-12-07T10:00:00Z"),
+            ([5u8; 32], "not a time"),
+            ([6u8; 32], "2026-12-08T10:00:05Z"),
+        ];
+        let erased: HashSet<Pseudonym> =
+            [[1u8; 32], [2u8; 32], [3u8; 32], [5u8; 32], [6u8; 32]].into();
+        // Erased and readable: 1.5 s, 3,600 s, 30 s, and 0 (a request after `done`).
+        assert_eq!(
+            erased_latencies(requests.iter().map(|(p, at)| (*p, *at)), &erased, done),
+            (Some(30.0), Some(3600.0))
+        );
+        let none: HashSet<Pseudonym> = HashSet::new();
+        assert_eq!(
+            erased_latencies(requests.iter().map(|(p, at)| (*p, *at)), &none, done),
+            (None, None)
+        );
+    }
 }
