@@ -803,6 +803,61 @@ fn unknown_columns_are_dropped_and_reported() {
     );
 }
 
+/// A postcode the reference lookup does not know leaves its area empty and
+/// is counted in the practice's receipt (`unmatched_postcodes`), one per
+/// row: the generator's postcodes are all in its reference (0 before), and
+/// three registrations moved to a postcode outside it are counted 3.
+#[test]
+fn postcodes_outside_the_reference_are_counted_in_the_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let extract = dir.path().join("extract");
+    synth(&extract, 1, 100, 4);
+    let key = key_file(dir.path(), KEY);
+    let unmatched = |store: &Path| -> u64 {
+        let o = gpdp()
+            .args(collect_args(&extract, store, &key))
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        out["receipts"][0]["unmatched_postcodes"].as_u64().unwrap()
+    };
+    assert_eq!(unmatched(&dir.path().join("before")), 0);
+
+    let p = &practice_dirs(&extract)[0];
+    let practice = p.file_name().unwrap().to_str().unwrap().to_owned();
+    let bad = bad_row_lines(&extract);
+    let path = p.join("patients.csv");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let column = fields(text.lines().next().unwrap())
+        .iter()
+        .position(|c| c == "postcode")
+        .unwrap();
+    let mut moved = 0;
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            // Rows well clear of the deliberately bad ones (whichever way
+            // their lines are counted), which never reach the lookup.
+            let clear = i > 0
+                && (i.saturating_sub(1)..=i + 1)
+                    .all(|n| !bad.contains(&(practice.clone(), "patients".into(), n)));
+            if moved == 3 || !clear || l.contains('"') {
+                return l.to_string();
+            }
+            let mut f = fields(l);
+            f[column] = "ZZ9 9ZZ".into();
+            moved += 1;
+            f.join(",")
+        })
+        .collect();
+    assert_eq!(moved, 3);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    assert_eq!(unmatched(&dir.path().join("after")), 3);
+}
+
 /// Killing collection at any moment never leaves partial or duplicated data
 /// visible, and a re-run then gives the same store as an uninterrupted run.
 /// Each kill's landing is recorded — still running or already finished,
