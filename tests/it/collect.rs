@@ -803,6 +803,32 @@ fn unknown_columns_are_dropped_and_reported() {
     );
 }
 
+/// Each practice's receipt times collection's stages: no stage's seconds
+/// are negative, and the stages every batch goes through — reading, checking
+/// and generalising, writing Parquet — took some time.
+#[test]
+fn every_receipt_times_its_stages() {
+    let f = fixture();
+    let mut practices = 0;
+    for batch in manifest(&f.store)["batches"].as_object().unwrap().values() {
+        let receipt: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(f.store.join(batch["receipt"].as_str().unwrap())).unwrap(),
+        )
+        .unwrap();
+        let Some(stages) = receipt["stage_seconds"].as_object() else {
+            continue;
+        };
+        practices += 1;
+        for (stage, seconds) in stages {
+            assert!(seconds.as_f64().unwrap() >= 0.0, "{stage}: {seconds}");
+        }
+        for stage in ["read_parse", "validate_generalise", "parquet_write"] {
+            assert!(stages[stage].as_f64().unwrap() > 0.0, "{stage}: {receipt}");
+        }
+    }
+    assert!(practices > 0);
+}
+
 /// A postcode the reference lookup does not know leaves its area empty and
 /// is counted in the practice's receipt (`unmatched_postcodes`), one per
 /// row: the generator's postcodes are all in its reference (0 before), and
