@@ -1117,6 +1117,49 @@ fn a_rewrite_of_a_file_with_a_vector_keeps_the_masked_rows_out() {
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
 
+/// A mover who dissents at one practice while both their practices are
+/// collected again in the same run is withheld at source by both new
+/// batches: no batch that stays holds them, so the run deletes from none
+/// (no `delete` entry; the old batches go out of force whole), and the
+/// audit passes.
+#[test]
+fn a_dissent_found_while_both_practices_are_collected_again_deletes_from_no_batch() {
+    let c = setup();
+    let practices = practices_of(&c.extract);
+    let (mover, at) = practices.iter().find(|(_, p)| p.len() == 2).unwrap();
+    let batch_of = |practice: &str| manifest(&c.store)["batches"][practice]["batch"].clone();
+    let before: Vec<_> = at.iter().map(|p| batch_of(p)).collect();
+    let logged = || std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
+    let lines_before = logged().lines().count();
+    // The dissent at one practice; at the other, one event row more (its
+    // first, again), so that both are collected again.
+    let events = |p: &str| c.extract.join(format!("practices/{p}/clinical_events.csv"));
+    let mut text = std::fs::read_to_string(events(&at[0])).unwrap();
+    text += &format!("{mover},2026-06-01,827241000000103,,\n");
+    std::fs::write(events(&at[0]), text).unwrap();
+    let text = std::fs::read_to_string(events(&at[1])).unwrap();
+    let first = text.lines().nth(1).unwrap().to_owned();
+    std::fs::write(events(&at[1]), format!("{text}{first}\n")).unwrap();
+
+    let o = collect(&c.extract, &c.store, &c.key);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (p, old) in at.iter().zip(&before) {
+        assert_ne!(&batch_of(p), old, "{p} was not collected again");
+    }
+    assert!(!stored_patients(&c.store).contains(&pseudonym(5, mover)));
+    let new: Vec<serde_json::Value> = logged()
+        .lines()
+        .skip(lines_before)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone())
+        .collect();
+    assert!(
+        new.iter().all(|e| e["event"] != "delete"),
+        "a deletion from a batch this run replaced: {new:?}"
+    );
+    let o = run(&["audit", "--store", c.store.to_str().unwrap()]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
 /// Collection erases masked rows without a purge: collecting a practice
 /// again takes its old batch's files, vectors and all, out of force. That
 /// commit logs a `purge` entry `"by": "collect"` with the patients left with
