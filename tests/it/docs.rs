@@ -276,10 +276,11 @@ fn the_docs_include_the_measurements_as_written() {
         }
         for target in markdown_links(&text) {
             let file = target.split('#').next().unwrap();
-            if file.contains("measurements/") && !file.contains("://") {
-                if let Ok(p) = dir.join(file).canonicalize() {
-                    shown.insert(p);
-                }
+            if file.contains("measurements/")
+                && !file.contains("://")
+                && let Ok(p) = dir.join(file).canonicalize()
+            {
+                shown.insert(p);
             }
         }
         if changed {
