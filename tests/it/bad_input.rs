@@ -27,14 +27,6 @@ fn generation(store: &Path) -> u64 {
     manifest(store)["generation"].as_u64().unwrap()
 }
 
-fn log_events(store: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(store.join("audit/log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone())
-        .collect()
-}
-
 fn ingest(c: &Collected, list: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "optout",

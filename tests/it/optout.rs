@@ -1129,8 +1129,7 @@ fn a_dissent_found_while_both_practices_are_collected_again_deletes_from_no_batc
     let (mover, at) = practices.iter().find(|(_, p)| p.len() == 2).unwrap();
     let batch_of = |practice: &str| manifest(&c.store)["batches"][practice]["batch"].clone();
     let before: Vec<_> = at.iter().map(|p| batch_of(p)).collect();
-    let logged = || std::fs::read_to_string(c.store.join("audit/log.jsonl")).unwrap();
-    let lines_before = logged().lines().count();
+    let logged_before = log_events(&c.store).len();
     // The dissent at one practice; at the other, one event row more (its
     // first, again), so that both are collected again.
     let events = |p: &str| c.extract.join(format!("practices/{p}/clinical_events.csv"));
@@ -1147,11 +1146,7 @@ fn a_dissent_found_while_both_practices_are_collected_again_deletes_from_no_batc
         assert_ne!(&batch_of(p), old, "{p} was not collected again");
     }
     assert!(!stored_patients(&c.store).contains(&pseudonym(5, mover)));
-    let new: Vec<serde_json::Value> = logged()
-        .lines()
-        .skip(lines_before)
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone())
-        .collect();
+    let new = &log_events(&c.store)[logged_before..];
     assert!(
         new.iter().all(|e| e["event"] != "delete"),
         "a deletion from a batch this run replaced: {new:?}"

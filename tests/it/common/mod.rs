@@ -593,3 +593,12 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// The entries of a store's audit log, in order.
+pub fn log_events(store: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(store.join("audit/log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"].clone())
+        .collect()
+}
